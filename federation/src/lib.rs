@@ -1,0 +1,16 @@
+//! The Isthmus control plane: identities and trust domains, the federated service
+//! catalog model, discovery sources, the peering protocol and the DNS server.
+//!
+//! This crate knows nothing about Pingora; the data plane (`isthmus-gateway`) reads
+//! what this crate publishes. Every name that crosses a trust boundary (configuration,
+//! peering messages, DNS) is parsed into a checked newtype here, so the rest of the
+//! code never handles an unvalidated string.
+#![forbid(unsafe_code)]
+
+pub mod identity;
+pub mod locality;
+pub mod names;
+
+pub use identity::{TrustDomain, TrustDomainError};
+pub use locality::{Locality, LocalityError};
+pub use names::{ClusterName, GatewayName, NameError};

@@ -1,0 +1,184 @@
+//! The admin HTTP API (default `127.0.0.1:15000`), served by a Pingora listener:
+//!
+//! | path | answer |
+//! | --- | --- |
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /healthz` | 200 while the process runs |
+//! | `GET /readyz` | 200 when ready, 503 otherwise; JSON with every condition |
+//! | `GET /debug/config` | the effective configuration as JSON |
+//!
+//! Routing is a pure function ([`route`]) so it is tested without sockets.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode, header};
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use prometheus::{IntCounterVec, Registry};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::health::{Drain, Readiness};
+use crate::metrics;
+
+/// What an admin request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `/metrics`
+    Metrics,
+    /// `/healthz`
+    Healthz,
+    /// `/readyz`
+    Readyz,
+    /// `/debug/config`
+    DebugConfig,
+    /// A known path with a method other than GET or HEAD.
+    MethodNotAllowed,
+    /// Anything else.
+    NotFound,
+}
+
+impl Route {
+    /// The label used for this route in metrics (bounded: never the raw path).
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::Metrics => "/metrics",
+            Route::Healthz => "/healthz",
+            Route::Readyz => "/readyz",
+            Route::DebugConfig => "/debug/config",
+            Route::MethodNotAllowed => "method_not_allowed",
+            Route::NotFound => "not_found",
+        }
+    }
+}
+
+/// Maps a method and path (query ignored) to a [`Route`].
+pub fn route(method: &Method, path: &str) -> Route {
+    let known = match path {
+        "/metrics" => Route::Metrics,
+        "/healthz" => Route::Healthz,
+        "/readyz" => Route::Readyz,
+        "/debug/config" => Route::DebugConfig,
+        _ => return Route::NotFound,
+    };
+    if method == Method::GET || method == Method::HEAD {
+        known
+    } else {
+        Route::MethodNotAllowed
+    }
+}
+
+/// Shared state the admin API reads.
+pub struct AdminState {
+    /// The process metrics registry.
+    pub registry: Registry,
+    /// Process readiness.
+    pub readiness: Arc<Readiness>,
+    /// The configuration in force (swapped on reload).
+    pub config: Arc<ArcSwap<Config>>,
+    /// In-flight tracking for graceful drain.
+    pub drain: Arc<Drain>,
+}
+
+/// The admin HTTP application.
+pub struct AdminApp {
+    state: Arc<AdminState>,
+    requests: IntCounterVec,
+}
+
+impl AdminApp {
+    /// Creates the app and registers its metrics.
+    pub fn new(state: Arc<AdminState>) -> Self {
+        let requests = metrics::counter_vec(
+            &state.registry,
+            "admin_requests_total",
+            "Admin API requests by route and status code.",
+            &["route", "code"],
+        );
+        Self { state, requests }
+    }
+
+    fn respond(&self, route: Route) -> (StatusCode, &'static str, Vec<u8>) {
+        const JSON: &str = "application/json";
+        match route {
+            Route::Metrics => (
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics::render(&self.state.registry),
+            ),
+            Route::Healthz => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            Route::Readyz => {
+                let report = self.state.readiness.report();
+                let code = if report.ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (code, JSON, to_json(&report))
+            }
+            Route::DebugConfig => (StatusCode::OK, JSON, to_json(&**self.state.config.load())),
+            Route::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                JSON,
+                to_json(&serde_json::json!({"error": "only GET and HEAD are allowed"})),
+            ),
+            Route::NotFound => (
+                StatusCode::NOT_FOUND,
+                JSON,
+                to_json(&serde_json::json!({
+                    "error": "not found",
+                    "paths": ["/metrics", "/healthz", "/readyz", "/debug/config"],
+                })),
+            ),
+        }
+    }
+}
+
+fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    let mut body = serde_json::to_vec_pretty(value)
+        .unwrap_or_else(|e| format!("{{\"error\":\"cannot serialize: {e}\"}}").into_bytes());
+    body.push(b'\n');
+    body
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let _in_flight = self.state.drain.track();
+        let req = session.req_header();
+        let route = route(&req.method, req.uri.path());
+        let is_head = req.method == Method::HEAD;
+        let (status, content_type, body) = self.respond(route);
+        self.requests
+            .with_label_values(&[route.label(), status.as_str()])
+            .inc();
+        let builder = Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, content_type)
+            .header(header::CONTENT_LENGTH, body.len())
+            .header(header::CACHE_CONTROL, "no-store");
+        let body = if is_head { Vec::new() } else { body };
+        builder.body(body).unwrap_or_else(|_| {
+            let mut r = Response::new(Vec::new());
+            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            r
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_known_paths_and_methods() {
+        assert_eq!(route(&Method::GET, "/metrics"), Route::Metrics);
+        assert_eq!(route(&Method::HEAD, "/readyz"), Route::Readyz);
+        assert_eq!(route(&Method::GET, "/debug/config"), Route::DebugConfig);
+        assert_eq!(route(&Method::POST, "/healthz"), Route::MethodNotAllowed);
+        assert_eq!(route(&Method::GET, "/metrics/"), Route::NotFound);
+        assert_eq!(route(&Method::GET, "/"), Route::NotFound);
+    }
+}

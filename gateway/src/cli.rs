@@ -1,0 +1,178 @@
+//! The `isthmus` command line. Exit codes follow sysexits(3), as DESIGN.md fixes:
+//! 0 ok, 64 bad command line, 78 invalid configuration (and 1 for a failure at run
+//! time, such as a port already in use).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, ConfigErrors};
+
+/// Exit code for a command line that cannot be parsed (EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+/// Exit code for an invalid configuration (EX_CONFIG).
+pub const EXIT_CONFIG: u8 = 78;
+/// Exit code for any other failure.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// Where the packages install the configuration.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/isthmus/isthmus.toml";
+
+/// Isthmus: a multi-cluster mesh gateway.
+#[derive(Debug, Parser)]
+#[command(name = "isthmus", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway until SIGTERM or SIGINT.
+    Run(ConfigArg),
+    /// Validate a configuration file (with environment overrides) and exit.
+    CheckConfig(ConfigArg),
+    /// Print the effective configuration after environment overrides, as TOML.
+    PrintConfig(ConfigArg),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
+    /// Configuration file (TOML). Keys can be overridden as ISTHMUS__SECTION__KEY.
+    #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            // clap writes help/version to stdout and errors to stderr.
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli.command {
+        Command::Run(arg) => crate::server::run(&arg.config),
+        Command::CheckConfig(arg) => check_config(&arg.config),
+        Command::PrintConfig(arg) => print_config(&arg.config),
+        Command::Version => {
+            print_stdout(&version_text());
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn version_text() -> String {
+    format!(
+        "isthmus {} (rustc {}, {} build)\n",
+        env!("CARGO_PKG_VERSION"),
+        env!("ISTHMUS_RUSTC_VERSION"),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    )
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    match config::load(path) {
+        Ok(c) => {
+            print_stdout(&format!(
+                "{}: configuration is valid (gateway {}, cluster {}, {})\n",
+                path.display(),
+                c.gateway.name,
+                c.gateway.cluster,
+                c.spiffe_id()
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            print_config_errors(path, &errors);
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn print_config(path: &Path) -> ExitCode {
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            print_config_errors(path, &errors);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match toml::to_string_pretty(&config) {
+        Ok(text) => {
+            print_stdout(&format!(
+                "# Effective configuration of {} after environment overrides.\n{text}",
+                path.display()
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("isthmus: cannot print the configuration: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Prints each problem as `dotted.path: what is wrong`, one per line, on stderr.
+pub fn print_config_errors(path: &Path, errors: &ConfigErrors) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(
+        err,
+        "isthmus: {} has {} problem{}:",
+        path.display(),
+        errors.0.len(),
+        if errors.0.len() == 1 { "" } else { "s" }
+    );
+    for e in &errors.0 {
+        let _ = writeln!(err, "{e}");
+    }
+}
+
+/// Writes to stdout, ignoring a closed pipe (`isthmus print-config | head`).
+fn print_stdout(text: &str) {
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_command_lines_are_usage_errors() {
+        for args in [
+            &["isthmus"][..],
+            &["isthmus", "frobnicate"],
+            &["isthmus", "run", "--bogus"],
+            &["isthmus", "check-config", "--config"],
+        ] {
+            let e = Cli::try_parse_from(args).expect_err("should not parse");
+            assert!(e.use_stderr(), "{args:?} should be an error, not help");
+        }
+    }
+
+    #[test]
+    fn config_defaults_to_the_packaged_path() {
+        let cli = Cli::try_parse_from(["isthmus", "run"]).unwrap();
+        let Command::Run(arg) = cli.command else {
+            panic!()
+        };
+        assert_eq!(arg.config, Path::new(DEFAULT_CONFIG_PATH));
+    }
+}

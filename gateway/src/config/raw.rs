@@ -1,0 +1,90 @@
+//! Stage one: the file's shape, as serde sees it.
+//!
+//! Every table denies unknown keys. Every leaf is optional and kept in its most
+//! general form (strings for addresses, durations and names) so that stage two,
+//! [`super::model`], can report every missing or malformed value at once with its
+//! path instead of stopping at the first.
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// `[gateway]`: who this gateway is.
+    #[serde(default)]
+    pub gateway: RawGateway,
+    /// `[admin]`: the admin HTTP API.
+    #[serde(default)]
+    pub admin: RawAdmin,
+    /// `[log]`: logging.
+    #[serde(default)]
+    pub log: RawLog,
+    /// `[runtime]`: threads.
+    #[serde(default)]
+    pub runtime: RawRuntime,
+    /// `[shutdown]`: draining on stop.
+    #[serde(default)]
+    pub shutdown: RawShutdown,
+}
+
+/// `[gateway]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    /// `gateway.name`
+    pub name: Option<String>,
+    /// `gateway.cluster`
+    pub cluster: Option<String>,
+    /// `gateway.trust_domain`
+    pub trust_domain: Option<String>,
+    /// `[gateway.locality]`
+    #[serde(default)]
+    pub locality: RawLocality,
+}
+
+/// `[gateway.locality]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLocality {
+    /// `gateway.locality.region`
+    pub region: Option<String>,
+    /// `gateway.locality.zone`
+    pub zone: Option<String>,
+    /// `gateway.locality.subzone`
+    pub subzone: Option<String>,
+}
+
+/// `[admin]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// `admin.listen`
+    pub listen: Option<String>,
+}
+
+/// `[log]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// `log.level`
+    pub level: Option<String>,
+    /// `log.format`
+    pub format: Option<String>,
+}
+
+/// `[runtime]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntime {
+    /// `runtime.threads`
+    pub threads: Option<i64>,
+}
+
+/// `[shutdown]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShutdown {
+    /// `shutdown.drain_timeout`
+    pub drain_timeout: Option<String>,
+}

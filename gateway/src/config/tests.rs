@@ -1,0 +1,314 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+const NO_ENV: [(String, String); 0] = [];
+
+const MINIMAL: &str = r#"
+[gateway]
+name = "gw-1"
+cluster = "east"
+trust_domain = "east.example.org"
+[gateway.locality]
+region = "us-east"
+"#;
+
+fn shipped_files() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+    let mut files = vec![root.join("isthmus.toml")];
+    let examples = std::fs::read_dir(root.join("examples")).expect("config/examples exists");
+    for entry in examples {
+        let path = entry.expect("readable directory entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            files.push(path);
+        }
+    }
+    assert!(files.len() >= 3, "expected the packaged file and examples");
+    files
+}
+
+fn errors_of(text: &str) -> ConfigErrors {
+    parse_with_env(text, "test.toml", NO_ENV).expect_err("configuration should be rejected")
+}
+
+/// `MINIMAL` with `line` added to `[section]` (appended as a new table when absent).
+fn with(section: &str, line: &str) -> String {
+    let mut table: toml::Table = MINIMAL.parse().expect("MINIMAL is TOML");
+    let (key, value) = line.split_once('=').expect("key = value");
+    let value: toml::Value = format!("v = {value}")
+        .parse::<toml::Table>()
+        .expect("value")["v"]
+        .clone();
+    let mut node = &mut table;
+    for part in section.split('.') {
+        node = node
+            .entry(part)
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .expect("a table");
+    }
+    node.insert(key.trim().to_owned(), value);
+    toml::to_string(&table).expect("serializable")
+}
+
+fn assert_rejects(section: &str, line: &str, path: &str) {
+    let errors = errors_of(&with(section, line));
+    assert!(
+        errors.mentions(path),
+        "expected an error at {path} for `{line}` in [{section}], got:\n{errors}"
+    );
+}
+
+#[test]
+fn every_shipped_file_validates() {
+    for file in shipped_files() {
+        if let Err(e) = load_with_env(&file, NO_ENV) {
+            panic!("{} is invalid:\n{e}", file.display());
+        }
+    }
+}
+
+/// Every table of every shipped file, with an unknown key injected, is rejected
+/// with an error naming exactly that key's path.
+#[test]
+fn unknown_key_in_every_table_is_rejected_with_its_path() {
+    fn tables(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+        out.push(prefix.to_owned());
+        for (k, v) in table {
+            if let toml::Value::Table(t) = v {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                tables(&path, t, out);
+            }
+        }
+    }
+    let mut checked = 0;
+    for file in shipped_files() {
+        let text = std::fs::read_to_string(&file).expect("readable");
+        let doc: toml::Table = text.parse().expect("shipped file is TOML");
+        let mut paths = Vec::new();
+        tables("", &doc, &mut paths);
+        for table_path in paths {
+            let mut doc = doc.clone();
+            let mut node = &mut doc;
+            for part in table_path.split('.').filter(|p| !p.is_empty()) {
+                node = node[part].as_table_mut().expect("table");
+            }
+            node.insert("no_such_key".into(), toml::Value::Integer(1));
+            let text = toml::to_string(&doc).expect("serializable");
+            let errors = parse_with_env(&text, "t.toml", NO_ENV).expect_err("unknown key accepted");
+            let expected = if table_path.is_empty() {
+                "no_such_key".to_owned()
+            } else {
+                format!("{table_path}.no_such_key")
+            };
+            assert_eq!(errors.0.len(), 1, "{}: {errors}", file.display());
+            assert_eq!(errors.0[0].path, expected, "{}: {errors}", file.display());
+            assert!(errors.0[0].message.contains("unknown key"), "{errors}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 15, "only {checked} tables checked");
+}
+
+#[test]
+fn minimal_file_gets_documented_defaults() {
+    let c = parse_with_env(MINIMAL, "t", NO_ENV).expect("valid");
+    assert_eq!(c.admin.listen, model::DEFAULT_ADMIN_LISTEN.parse().unwrap());
+    assert_eq!(c.log.level, model::DEFAULT_LOG_LEVEL);
+    assert_eq!(c.log.format, model::LogFormat::Auto);
+    assert_eq!(c.shutdown.drain_timeout, model::DEFAULT_DRAIN_TIMEOUT);
+    assert!(c.runtime.threads >= 1);
+    assert_eq!(
+        c.spiffe_id(),
+        "spiffe://east.example.org/isthmus/gateway/gw-1"
+    );
+}
+
+#[test]
+fn env_overrides_nested_values() {
+    let env = [
+        (
+            "ISTHMUS__GATEWAY__LOCALITY__ZONE".to_owned(),
+            "us-east-1c".to_owned(),
+        ),
+        (
+            "ISTHMUS__ADMIN__LISTEN".to_owned(),
+            "127.0.0.1:9999".to_owned(),
+        ),
+        ("ISTHMUS__RUNTIME__THREADS".to_owned(), "3".to_owned()),
+        // Not ours: ignored.
+        ("ISTHMUSX__ADMIN__LISTEN".to_owned(), "garbage".to_owned()),
+        ("PATH".to_owned(), "/bin".to_owned()),
+    ];
+    let c = parse_with_env(MINIMAL, "t", env).expect("valid");
+    assert_eq!(c.gateway.locality.zone(), Some("us-east-1c"));
+    assert_eq!(c.admin.listen.port(), 9999);
+    assert_eq!(c.runtime.threads, 3);
+}
+
+#[test]
+fn env_override_is_validated_like_the_file() {
+    let env = [
+        (
+            "ISTHMUS__ADMIN__LISTEN".to_owned(),
+            "not-an-address".to_owned(),
+        ),
+        ("ISTHMUS__ADMIN__BOGUS".to_owned(), "1".to_owned()),
+    ];
+    let errors = parse_with_env(MINIMAL, "t", env).expect_err("invalid");
+    assert!(errors.mentions("admin.listen"), "{errors}");
+    assert!(errors.mentions("admin.bogus"), "{errors}");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = r#"
+unknown_top = 1
+[gateway]
+name = "Bad_Name"
+trust_domain = "spiffe://x"
+extra = true
+[gateway.locality]
+zone = "z"
+[admin]
+listen = "nowhere"
+[log]
+level = "loud=="
+format = "xml"
+[runtime]
+threads = 0
+[shutdown]
+drain_timeout = "forever"
+"#;
+    let errors = errors_of(text);
+    for path in [
+        "unknown_top",
+        "gateway.name",
+        "gateway.cluster",
+        "gateway.trust_domain",
+        "gateway.extra",
+        "gateway.locality.region",
+        "admin.listen",
+        "log.level",
+        "log.format",
+        "runtime.threads",
+        "shutdown.drain_timeout",
+    ] {
+        assert!(errors.mentions(path), "no error for {path} in:\n{errors}");
+    }
+    assert_eq!(errors.0.len(), 11, "{errors}");
+    // Each line reads `dotted.path: what is wrong`.
+    for line in errors.to_string().lines() {
+        let (path, what) = line.split_once(": ").expect("path: message");
+        assert!(!path.contains(' ') && !what.is_empty(), "{line}");
+    }
+}
+
+#[test]
+fn each_rule_has_a_failing_case() {
+    assert_rejects("gateway", r#"name = "-gw""#, "gateway.name");
+    assert_rejects(
+        "gateway",
+        &format!("name = \"{}\"", "a".repeat(64)),
+        "gateway.name",
+    );
+    assert_rejects("gateway", r#"cluster = "East""#, "gateway.cluster");
+    assert_rejects(
+        "gateway",
+        r#"trust_domain = "Example.org""#,
+        "gateway.trust_domain",
+    );
+    assert_rejects("gateway", r#"trust_domain = """#, "gateway.trust_domain");
+    assert_rejects(
+        "gateway.locality",
+        r#"region = "eu_west""#,
+        "gateway.locality.region",
+    );
+    assert_rejects("gateway.locality", r#"zone = "Z""#, "gateway.locality.zone");
+    assert_rejects(
+        "gateway.locality",
+        r#"subzone = "rack""#,
+        "gateway.locality.subzone",
+    );
+    assert_rejects("admin", r#"listen = "localhost:15000""#, "admin.listen");
+    assert_rejects("admin", r#"listen = "127.0.0.1""#, "admin.listen");
+    assert_rejects("admin", "listen = 15000", "admin.listen");
+    assert_rejects("log", r#"level = "info,=,""#, "log.level");
+    assert_rejects("log", r#"format = "yaml""#, "log.format");
+    assert_rejects("runtime", "threads = 0", "runtime.threads");
+    assert_rejects("runtime", "threads = 5000", "runtime.threads");
+    assert_rejects("runtime", r#"threads = "many""#, "runtime.threads");
+    assert_rejects(
+        "shutdown",
+        r#"drain_timeout = "10""#,
+        "shutdown.drain_timeout",
+    );
+    assert_rejects(
+        "shutdown",
+        r#"drain_timeout = "2h""#,
+        "shutdown.drain_timeout",
+    );
+    assert_rejects("gateway", "locality = 3", "gateway.locality");
+}
+
+#[test]
+fn missing_required_fields_are_named() {
+    let errors = errors_of("");
+    for path in [
+        "gateway.name",
+        "gateway.cluster",
+        "gateway.trust_domain",
+        "gateway.locality.region",
+    ] {
+        assert!(errors.mentions(path), "{errors}");
+    }
+}
+
+#[test]
+fn syntax_errors_name_the_file() {
+    let errors = errors_of("[gateway\nname=");
+    assert_eq!(errors.0.len(), 1);
+    assert_eq!(errors.0[0].path, "test.toml");
+    assert!(errors.0[0].message.contains("TOML"), "{errors}");
+    assert_eq!(
+        errors.to_string().lines().count(),
+        1,
+        "one line per problem: {errors}"
+    );
+}
+
+#[test]
+fn unreadable_file_is_a_config_error() {
+    let errors = load_with_env(Path::new("/nonexistent/isthmus.toml"), NO_ENV).unwrap_err();
+    assert_eq!(errors.0[0].path, "/nonexistent/isthmus.toml");
+    assert!(errors.0[0].message.contains("cannot be read"));
+}
+
+#[test]
+fn effective_config_round_trips_through_toml() {
+    let c = parse_with_env(
+        &with("shutdown", r#"drain_timeout = "1m 30s""#),
+        "t",
+        NO_ENV,
+    )
+    .unwrap();
+    assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(90));
+    let printed = toml::to_string(&c).expect("serializable");
+    let again = parse_with_env(&printed, "printed", NO_ENV).expect("printed config is valid");
+    assert_eq!(c, again);
+}
+
+#[test]
+fn a_table_of_the_wrong_type_is_one_error() {
+    let errors = errors_of(&with("gateway", "locality = 3"));
+    assert_eq!(errors.0.len(), 1, "{errors}");
+    assert_eq!(
+        errors.0[0].to_string(),
+        "gateway.locality: invalid type: integer `3`, expected a table"
+    );
+}

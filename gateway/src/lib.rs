@@ -1,0 +1,21 @@
+//! The Isthmus data plane on Pingora and the `isthmus` binary's building blocks:
+//! typed configuration, the admin API, metrics, logging and process lifecycle.
+//!
+//! Module map:
+//! - [`cli`]: the command line and exit codes;
+//! - [`config`]: two-stage typed configuration (file + environment);
+//! - [`server`]: `isthmus run`, assembling Pingora services from the config;
+//! - [`lifecycle`]: signals, reload, drain, systemd notification;
+//! - [`health`]: readiness conditions and in-flight tracking;
+//! - [`admin`]: the admin HTTP API; [`metrics`]: the Prometheus registry;
+//! - [`logging`]: JSON / text / journald output for `tracing` and `log`.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod health;
+pub mod lifecycle;
+pub mod logging;
+pub mod metrics;
+pub mod server;
