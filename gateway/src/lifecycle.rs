@@ -224,6 +224,17 @@ fn monotonic_now() -> NotifyState<'static> {
     NotifyState::monotonic_usec_now().unwrap_or(NotifyState::MonotonicUsec(0))
 }
 
+/// The watchdog timeout systemd asks for, as libsystemd's `sd_watchdog_enabled`
+/// reads it: `WATCHDOG_USEC` set and `WATCHDOG_PID` either absent or our pid.
+/// (The sd-notify crate insists on `WATCHDOG_PID` being present.)
+pub fn watchdog_timeout(usec: Option<&str>, pid: Option<&str>) -> Option<Duration> {
+    let usec: u64 = usec?.parse().ok().filter(|&u| u > 0)?;
+    match pid {
+        Some(pid) if pid.parse::<u32>().ok() != Some(std::process::id()) => None,
+        _ => Some(Duration::from_micros(usec)),
+    }
+}
+
 /// Where to connect to reach a listener bound to `addr` from this host.
 pub fn probe_address(addr: SocketAddr) -> SocketAddr {
     let ip = match addr.ip() {
@@ -269,11 +280,13 @@ impl BackgroundService for Startup {
         info!("isthmus is ready");
         notify_systemd(&[NotifyState::Ready, NotifyState::Status("ready")]);
 
-        let mut usec = 0;
-        if !sd_notify::watchdog_enabled(false, &mut usec) {
+        let Some(timeout) = watchdog_timeout(
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+        ) else {
             return;
-        }
-        let period = Duration::from_micros(usec / 2);
+        };
+        let period = timeout / 2;
         info!(period = ?period, "feeding the systemd watchdog");
         let mut ticks = tokio::time::interval(period);
         loop {
@@ -288,6 +301,23 @@ impl BackgroundService for Startup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watchdog_follows_libsystemd_rules() {
+        let me = std::process::id().to_string();
+        assert_eq!(watchdog_timeout(None, None), None);
+        assert_eq!(watchdog_timeout(Some("0"), None), None);
+        assert_eq!(watchdog_timeout(Some("x"), None), None);
+        assert_eq!(
+            watchdog_timeout(Some("2000000"), None),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            watchdog_timeout(Some("2000000"), Some(&me)),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(watchdog_timeout(Some("2000000"), Some("1")), None);
+    }
 
     #[test]
     fn probes_unspecified_addresses_on_loopback() {

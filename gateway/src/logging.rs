@@ -23,14 +23,6 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 use crate::config::model::{LogConfig, LogFormat};
 
-/// Modules whose routine noise is capped below the configured level: Pingora logs
-/// every failed downstream handshake (a port scan) at ERROR. Our own code counts
-/// and logs those events once, with context.
-const QUIET_MODULES: &[&str] = &[
-    "pingora_core::listeners=warn",
-    "pingora_core::protocols=off",
-];
-
 /// Error setting up logging.
 #[derive(Debug, thiserror::Error)]
 pub enum LoggingError {
@@ -62,12 +54,8 @@ impl LogHandle {
 }
 
 fn build_filter(level: &str) -> EnvFilter {
-    let mut directives = QUIET_MODULES.join(",");
-    // The configured level comes last so that an explicit module directive in
-    // `log.level` overrides our defaults.
-    directives.push(',');
-    directives.push_str(level);
-    EnvFilter::builder().parse_lossy(directives)
+    // `level` was validated by the config; parse_lossy cannot meet a bad directive.
+    EnvFilter::builder().parse_lossy(level)
 }
 
 /// The output chosen for `log.format = "auto"` in this process's surroundings.
@@ -96,9 +84,9 @@ pub enum Output {
 pub fn init(config: &LogConfig) -> Result<LogHandle, LoggingError> {
     let (filter, handle) = reload::Layer::new(build_filter(&config.level));
     let output: Box<dyn Layer<_> + Send + Sync> = match resolve_format(config.format) {
-        Output::Json => Box::new(FieldsLayer::new(Sink::Json(Mutex::new(
+        Output::Json => Box::new(FieldsLayer::new(Sink::Json(Mutex::new(Box::new(
             std::io::LineWriter::new(std::io::stdout()),
-        )))),
+        ))))),
         Output::Journald => Box::new(FieldsLayer::new(Sink::Journal(
             systemd_journal_logger::JournalLog::new()?.with_syslog_identifier("isthmus".to_owned()),
         ))),
@@ -151,7 +139,7 @@ impl Visit for JsonVisitor<'_> {
 }
 
 enum Sink {
-    Json(Mutex<std::io::LineWriter<std::io::Stdout>>),
+    Json(Mutex<Box<dyn std::io::Write + Send>>),
     Journal(systemd_journal_logger::JournalLog),
 }
 
@@ -292,9 +280,38 @@ mod tests {
         assert!(line.starts_with("{\"timestamp\""), "{line}");
     }
 
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
-    fn configured_level_overrides_quiet_defaults() {
-        let f = build_filter("debug,pingora_core::protocols=info").to_string();
-        assert!(f.contains("pingora_core::protocols=info"), "{f}");
+    fn span_fields_are_flattened_into_each_event_line() {
+        let buffer = Buffer::default();
+        let layer = FieldsLayer::new(Sink::Json(Mutex::new(Box::new(buffer.clone()))));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            let outer = tracing::info_span!("request", request_id = "req-1", trace_id = "t-1");
+            let _o = outer.enter();
+            let inner = tracing::info_span!("upstream", request_id = tracing::field::Empty);
+            let _i = inner.enter();
+            inner.record("request_id", "req-2");
+            tracing::warn!(attempt = 2, "retrying");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let v: Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(v["message"], "retrying");
+        assert_eq!(v["level"], "WARN");
+        assert_eq!(v["attempt"], 2);
+        assert_eq!(v["trace_id"], "t-1");
+        assert_eq!(v["request_id"], "req-2", "the innermost span wins");
     }
 }

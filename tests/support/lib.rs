@@ -1,1 +1,255 @@
-//! x
+//! Test support for Isthmus end-to-end tests: locating (and building) the real
+//! `isthmus` binary, free loopback ports, and a [`Gateway`] harness that runs the
+//! binary with a generated configuration and talks to it with real clients.
+//!
+//! Synchronisation is by polling an observable condition (a port answering, a log
+//! line appearing) with a deadline, never by fixed sleeps.
+#![forbid(unsafe_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The `isthmus` binary under test: `$ISTHMUS_BIN` when set (e.g. an installed
+/// package), otherwise the workspace's debug build, built once per test process
+/// so it is never stale.
+pub fn isthmus_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("ISTHMUS_BIN") {
+            return PathBuf::from(bin);
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "isthmus-gateway",
+                "--bin",
+                "isthmus",
+            ])
+            .current_dir(workspace_root())
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the isthmus binary failed");
+        workspace_root().join("target/debug/isthmus")
+    })
+}
+
+/// The workspace root (parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// A loopback address with a port that was free a moment ago. The kernel does not
+/// hand the same ephemeral port out again right away, so collisions between
+/// parallel tests are unlikely; a test that loses the race fails loudly at bind.
+pub fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
+    l.local_addr().expect("local address")
+}
+
+/// Runs `isthmus ARGS` to completion.
+pub fn isthmus(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(isthmus_bin());
+    cmd.args(args)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("JOURNAL_STREAM");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("isthmus runs")
+}
+
+/// Polls `f` every few milliseconds until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// An HTTP response as curl saw it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// Status code (0 when the connection failed).
+    pub status: u16,
+    /// Body as text.
+    pub body: String,
+}
+
+/// `GET url` with curl; status 0 when nothing answered.
+pub fn curl_get(url: &str) -> HttpResponse {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-w", "\n%{http_code}", url])
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    HttpResponse {
+        status: code.trim().parse().unwrap_or(0),
+        body: body.to_owned(),
+    }
+}
+
+/// Minimal valid configuration text for a gateway whose admin API is on `admin`.
+pub fn minimal_config(name: &str, admin: SocketAddr) -> String {
+    format!(
+        r#"[gateway]
+name = "{name}"
+cluster = "test-cluster"
+trust_domain = "test.example.org"
+
+[gateway.locality]
+region = "test-region"
+zone = "test-zone"
+
+[admin]
+listen = "{admin}"
+
+[log]
+level = "info"
+format = "json"
+
+[runtime]
+threads = 1
+
+[shutdown]
+drain_timeout = "3s"
+"#
+    )
+}
+
+/// A running `isthmus run` process with its own directory, config and log.
+pub struct Gateway {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    /// The admin API address.
+    pub admin: SocketAddr,
+}
+
+impl Gateway {
+    /// Writes `config` and starts `isthmus run` on it with `env` added.
+    pub fn start(config: &str, admin: SocketAddr, env: &[(&str, &str)]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config_path = dir.path().join("isthmus.toml");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(dir.path().join("isthmus.log"))?;
+        let mut cmd = Command::new(isthmus_bin());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().context("spawning isthmus")?;
+        Ok(Self {
+            child: Some(child),
+            dir,
+            admin,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// The configuration file the gateway runs on.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("isthmus.toml")
+    }
+
+    /// Everything the gateway logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("isthmus.log")).unwrap_or_default()
+    }
+
+    /// The log as parsed JSON lines (non-JSON lines, e.g. a panic, are skipped).
+    pub fn log_json(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// `GET path` on the admin API.
+    pub fn admin_get(&self, path: &str) -> HttpResponse {
+        curl_get(&format!("http://{}{path}", self.admin))
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let r = wait_for(timeout, "/readyz to answer 200", || {
+            if let Some(status) = self.try_exit_status() {
+                return Some(Err(anyhow::anyhow!("isthmus exited early with {status}")));
+            }
+            (self.admin_get("/readyz").status == 200).then_some(Ok(()))
+        });
+        r.and_then(|inner| inner)
+            .with_context(|| format!("gateway log:\n{}", self.log()))
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> Result<()> {
+        wait_for(timeout, &format!("log line containing {needle:?}"), || {
+            self.log().contains(needle).then_some(())
+        })
+        .with_context(|| format!("gateway log:\n{}", self.log()))
+    }
+
+    /// Sends `signal` (e.g. "HUP", "TERM") with kill(1).
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} failed");
+        }
+        Ok(())
+    }
+
+    fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// Waits for the process to exit; returns its status and how long it took.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<(ExitStatus, Duration)> {
+        let start = Instant::now();
+        let status = wait_for(timeout, "isthmus to exit", || self.try_exit_status())
+            .with_context(|| format!("gateway log:\n{}", self.log()))?;
+        self.child = None;
+        Ok((status, start.elapsed()))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
