@@ -1,4 +1,5 @@
 //! The `isthmus` command line as a user runs it: exit codes, messages, overrides.
+#![allow(clippy::unwrap_used)] // a panic is how a test reports failure
 
 use std::net::TcpListener;
 use std::time::Duration;
