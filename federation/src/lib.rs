@@ -10,7 +10,8 @@
 pub mod identity;
 pub mod locality;
 pub mod names;
+pub mod trust;
 
-pub use identity::{TrustDomain, TrustDomainError};
+pub use identity::{SpiffeId, SpiffeIdError, TrustDomain, TrustDomainError};
 pub use locality::{Locality, LocalityError};
 pub use names::{ClusterName, GatewayName, NameError};

@@ -1,0 +1,222 @@
+//! Development PKI: a trust domain CA and X509-SVIDs issued from it, with rcgen
+//! (ECDSA P-256). Behind `isthmus ca init` / `isthmus ca issue`, the demo and the
+//! tests. Production deployments bring SVIDs from their own CA (SPIRE,
+//! cert-manager, ...); nothing else in Isthmus depends on this module.
+
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::PrivateKeyDer;
+use rustls_pki_types::pem::PemObject;
+
+use super::x509::CertInfo;
+use crate::{SpiffeId, TrustDomain};
+
+/// Default validity of a development CA.
+pub const DEFAULT_CA_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Default validity of a development SVID.
+pub const DEFAULT_SVID_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Backdating of `not_before`, so a peer whose clock runs a little behind accepts
+/// a freshly issued certificate.
+const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// Error creating or using development PKI.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// rcgen refused the parameters.
+    #[error("cannot create certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// The CA certificate or key could not be read.
+    #[error("invalid CA material: {0}")]
+    InvalidCa(String),
+}
+
+/// A CA certificate and its key, both PEM.
+#[derive(Debug, Clone)]
+pub struct CaMaterial {
+    /// The CA certificate (also the trust bundle of its trust domain).
+    pub cert_pem: String,
+    /// The CA's private key (PKCS#8).
+    pub key_pem: String,
+}
+
+/// An issued SVID: certificate chain (leaf first) and key, both PEM.
+#[derive(Debug, Clone)]
+pub struct IssuedSvid {
+    /// Leaf certificate.
+    pub cert_pem: String,
+    /// Private key (PKCS#8).
+    pub key_pem: String,
+}
+
+/// Every knob of a leaf certificate, for tests that need broken ones too.
+#[derive(Debug, Clone)]
+pub struct LeafSpec {
+    /// URI SANs; a valid SVID has exactly one SPIFFE ID.
+    pub uris: Vec<String>,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// Mark the leaf as a CA (invalid for an SVID).
+    pub is_ca: bool,
+}
+
+impl LeafSpec {
+    /// A valid SVID spec for `id`, valid from a few minutes ago for `validity`.
+    pub fn svid(id: &SpiffeId, validity: Duration) -> Self {
+        let now = SystemTime::now();
+        Self {
+            uris: vec![id.to_string()],
+            not_before: now - CLOCK_SKEW,
+            not_after: now + validity,
+            is_ca: false,
+        }
+    }
+}
+
+/// Creates a self-signed CA for `trust_domain`: `CA:TRUE`, keyCertSign, and the
+/// URI SAN `spiffe://<td>` as X509-SVID §3.2 allows for signing certificates.
+pub fn create_ca(trust_domain: &TrustDomain, validity: Duration) -> Result<CaMaterial, CaError> {
+    let key = KeyPair::generate()?;
+    let params = ca_params(trust_domain, SystemTime::now(), validity)?;
+    let cert = params.self_signed(&key)?;
+    Ok(CaMaterial {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+fn ca_params(
+    trust_domain: &TrustDomain,
+    now: SystemTime,
+    validity: Duration,
+) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, trust_domain.as_str());
+    dn.push(DnType::CommonName, "Isthmus development CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
+    params.not_before = (now - CLOCK_SKEW).into();
+    params.not_after = (now + validity).into();
+    Ok(params)
+}
+
+/// Rebuilds the issuer of an existing CA from its certificate's subject and its
+/// key; the authority key identifier is derived from the key, so it matches the
+/// CA's subject key identifier.
+fn issuer(ca: &CaMaterial) -> Result<Issuer<'static, KeyPair>, CaError> {
+    let key =
+        KeyPair::from_pem(&ca.key_pem).map_err(|e| CaError::InvalidCa(format!("key: {e}")))?;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(ca.cert_pem.as_bytes())
+        .map_err(|e| CaError::InvalidCa(format!("certificate: {e}")))?;
+    let info = CertInfo::parse(&der).map_err(|e| CaError::InvalidCa(format!("certificate {e}")))?;
+    if !info.is_ca {
+        return Err(CaError::InvalidCa("certificate is not a CA".into()));
+    }
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    for (name, value) in &info.subject_attributes {
+        match name.as_str() {
+            "O" => dn.push(DnType::OrganizationName, value.as_str()),
+            "CN" => dn.push(DnType::CommonName, value.as_str()),
+            "OU" => dn.push(DnType::OrganizationalUnitName, value.as_str()),
+            "C" => dn.push(DnType::CountryName, value.as_str()),
+            other => {
+                return Err(CaError::InvalidCa(format!(
+                    "unsupported subject attribute {other} in CA certificate"
+                )));
+            }
+        }
+    }
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(Issuer::new(params, key))
+}
+
+/// Issues an X509-SVID for `id` from `ca`.
+pub fn issue_svid(
+    ca: &CaMaterial,
+    id: &SpiffeId,
+    validity: Duration,
+) -> Result<IssuedSvid, CaError> {
+    issue_leaf(ca, &LeafSpec::svid(id, validity))
+}
+
+/// Issues a leaf certificate exactly as `spec` says, valid or not.
+pub fn issue_leaf(ca: &CaMaterial, spec: &LeafSpec) -> Result<IssuedSvid, CaError> {
+    let issuer = issuer(ca)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    if let Some(uri) = spec.uris.first() {
+        dn.push(DnType::CommonName, uri.rsplit('/').next().unwrap_or(uri));
+    }
+    params.distinguished_name = dn;
+    params.subject_alt_names = spec
+        .uris
+        .iter()
+        .map(|u| Ok(SanType::URI(u.as_str().try_into()?)))
+        .collect::<Result<_, rcgen::Error>>()?;
+    params.is_ca = if spec.is_ca {
+        IsCa::Ca(BasicConstraints::Unconstrained)
+    } else {
+        IsCa::ExplicitNoCa
+    };
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_before = spec.not_before.into();
+    params.not_after = spec.not_after.into();
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(IssuedSvid {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Checks that `pem` holds a private key rcgen or rustls can use.
+pub fn is_private_key_pem(pem: &[u8]) -> bool {
+    PrivateKeyDer::from_pem_slice(pem).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trust::TrustBundle;
+
+    #[test]
+    fn ca_and_svid_have_the_spiffe_shape() {
+        let td: TrustDomain = "ca-test.example".parse().unwrap();
+        let ca = create_ca(&td, DEFAULT_CA_VALIDITY).unwrap();
+        let bundle = TrustBundle::parse(td.clone(), ca.cert_pem.as_bytes()).unwrap();
+        assert_eq!(bundle.authorities.len(), 1);
+        let ca_info = CertInfo::parse(&bundle.authorities[0]).unwrap();
+        assert!(ca_info.is_ca);
+        assert_eq!(ca_info.uri_sans, vec!["spiffe://ca-test.example"]);
+
+        let id: SpiffeId = "spiffe://ca-test.example/isthmus/gateway/gw"
+            .parse()
+            .unwrap();
+        let svid = issue_svid(&ca, &id, DEFAULT_SVID_VALIDITY).unwrap();
+        let der =
+            rustls_pki_types::CertificateDer::from_pem_slice(svid.cert_pem.as_bytes()).unwrap();
+        let leaf = CertInfo::parse(&der).unwrap();
+        assert!(!leaf.is_ca);
+        assert_eq!(leaf.spiffe_id().unwrap(), id);
+        assert!(is_private_key_pem(svid.key_pem.as_bytes()));
+    }
+}

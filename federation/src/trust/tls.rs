@@ -1,0 +1,613 @@
+//! SPIFFE authentication for rustls.
+//!
+//! Peers are authenticated by SPIFFE ID, never by DNS name:
+//! - the leaf must carry exactly one URI SAN, a SPIFFE ID;
+//! - its chain must validate against the bundle of *that ID's* trust domain, and
+//!   only that one (bundles are never merged, so one domain's CA cannot vouch for
+//!   another domain's identities);
+//! - the ID must then be allowed by a [`PeerPolicy`] (exact IDs or whole trust
+//!   domains).
+//!
+//! Pingora's rustls connector checks hostnames only and its listener has no
+//! per-handshake hooks for this, so the checks live here, as rustls verifiers, and
+//! every handshake outcome is counted by [`SpiffeAcceptor`] / [`SpiffeConnector`].
+//! Certificates and bundles are read from [`TlsMaterial`] on each handshake, so a
+//! rotation applies to the next handshake while established connections go on.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prometheus::{IntCounterVec, Opts, Registry};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, verify_server_cert_signed_by_trust_anchor};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, OtherError,
+    ServerConfig, SignatureScheme,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::store::TrustStore;
+use super::svid::Svid;
+use super::x509::{CertError, spiffe_id_of};
+use crate::{SpiffeId, TrustDomain};
+
+/// The process's crypto provider: ring, the one Pingora installs.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// This gateway's SVID and the trust store, each swappable at run time.
+#[derive(Debug)]
+pub struct TlsMaterial {
+    svid: ArcSwap<Svid>,
+    trust: ArcSwap<TrustStore>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl TlsMaterial {
+    /// Material with `svid` and `trust`.
+    pub fn new(svid: Svid, trust: TrustStore, provider: Arc<CryptoProvider>) -> Arc<Self> {
+        Arc::new(Self {
+            svid: ArcSwap::from_pointee(svid),
+            trust: ArcSwap::from_pointee(trust),
+            provider,
+        })
+    }
+
+    /// The SVID in use now.
+    pub fn svid(&self) -> Arc<Svid> {
+        self.svid.load_full()
+    }
+
+    /// Replaces the SVID for new handshakes.
+    pub fn set_svid(&self, svid: Svid) {
+        self.svid.store(Arc::new(svid));
+    }
+
+    /// The trust store in use now.
+    pub fn trust(&self) -> Arc<TrustStore> {
+        self.trust.load_full()
+    }
+
+    /// Applies `f` to the trust store atomically (concurrent updates retry).
+    pub fn update_trust(&self, f: impl Fn(&TrustStore) -> TrustStore) {
+        self.trust.rcu(|current| Arc::new(f(current)));
+    }
+
+    /// The crypto provider.
+    pub fn provider(&self) -> &Arc<CryptoProvider> {
+        &self.provider
+    }
+}
+
+/// Which authenticated peers are allowed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerPolicy {
+    ids: BTreeSet<SpiffeId>,
+    trust_domains: BTreeSet<TrustDomain>,
+}
+
+impl PeerPolicy {
+    /// Allows exactly `id`.
+    pub fn exact(id: SpiffeId) -> Self {
+        Self {
+            ids: BTreeSet::from([id]),
+            trust_domains: BTreeSet::new(),
+        }
+    }
+
+    /// Allows `ids` and every identity of `trust_domains`.
+    pub fn new(
+        ids: impl IntoIterator<Item = SpiffeId>,
+        trust_domains: impl IntoIterator<Item = TrustDomain>,
+    ) -> Self {
+        Self {
+            ids: ids.into_iter().collect(),
+            trust_domains: trust_domains.into_iter().collect(),
+        }
+    }
+
+    /// Whether `id` is allowed.
+    pub fn allows(&self, id: &SpiffeId) -> bool {
+        self.ids.contains(id) || self.trust_domains.contains(id.trust_domain_str())
+    }
+}
+
+/// Why a peer certificate was refused by the SPIFFE checks (beyond the chain
+/// checks rustls/webpki report themselves).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SpiffeVerifyError {
+    /// The leaf does not carry exactly one valid SPIFFE ID.
+    #[error("peer certificate {0}")]
+    NoSpiffeId(CertError),
+    /// No bundle is known for the peer's trust domain.
+    #[error("no trust bundle for trust domain {0:?}")]
+    UnknownTrustDomain(String),
+    /// Authenticated, but not allowed.
+    #[error("{0} is not allowed by policy")]
+    Unauthorized(SpiffeId),
+}
+
+impl SpiffeVerifyError {
+    fn into_rustls(self) -> Error {
+        Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(self))))
+    }
+
+    /// The metric label for this refusal.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NoSpiffeId(CertError::NoUriSan) => "no_uri_san",
+            Self::NoSpiffeId(CertError::MultipleUriSans(_)) => "multiple_uri_sans",
+            Self::NoSpiffeId(_) => "bad_spiffe_id",
+            Self::UnknownTrustDomain(_) => "unknown_trust_domain",
+            Self::Unauthorized(_) => "unauthorized",
+        }
+    }
+}
+
+/// The SPIFFE ID of `leaf` and the trust of its domain.
+fn identify<'a>(
+    trust: &'a TrustStore,
+    leaf: &CertificateDer<'_>,
+) -> Result<(SpiffeId, &'a super::store::DomainTrust), Error> {
+    let id = spiffe_id_of(leaf).map_err(|e| SpiffeVerifyError::NoSpiffeId(e).into_rustls())?;
+    let domain = trust.get(id.trust_domain_str()).ok_or_else(|| {
+        SpiffeVerifyError::UnknownTrustDomain(id.trust_domain_str().to_owned()).into_rustls()
+    })?;
+    Ok((id, domain))
+}
+
+/// Server side: requires a client certificate and authenticates it by SPIFFE ID.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    material: Arc<TlsMaterial>,
+    policy: Arc<ArcSwap<PeerPolicy>>,
+}
+
+impl SpiffeClientVerifier {
+    /// A verifier reading trust from `material` and authorising with `policy`.
+    pub fn new(material: Arc<TlsMaterial>, policy: Arc<ArcSwap<PeerPolicy>>) -> Self {
+        Self { material, policy }
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Advertising CA names would leak the federation's topology; SPIFFE
+        // clients present their one SVID regardless.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let trust = self.material.trust();
+        let (id, domain) = identify(&trust, end_entity)?;
+        domain
+            .client_verifier
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if !self.policy.load().allows(&id) {
+            return Err(SpiffeVerifyError::Unauthorized(id).into_rustls());
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.material.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.material.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.material
+            .provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Client side: authenticates the server by SPIFFE ID, ignoring the SNI name
+/// (which names the service, not the peer).
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    material: Arc<TlsMaterial>,
+    expected: PeerPolicy,
+}
+
+impl SpiffeServerVerifier {
+    /// A verifier accepting servers allowed by `expected`.
+    pub fn new(material: Arc<TlsMaterial>, expected: PeerPolicy) -> Self {
+        Self { material, expected }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let trust = self.material.trust();
+        let (id, domain) = identify(&trust, end_entity)?;
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &domain.roots,
+            intermediates,
+            now,
+            self.material.provider.signature_verification_algorithms.all,
+        )?;
+        if !self.expected.allows(&id) {
+            return Err(SpiffeVerifyError::Unauthorized(id).into_rustls());
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.material.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.material.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.material
+            .provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Presents the current SVID, as a server and as a client.
+#[derive(Debug)]
+pub struct SvidResolver(Arc<TlsMaterial>);
+
+impl SvidResolver {
+    /// A resolver for `material`'s SVID.
+    pub fn new(material: Arc<TlsMaterial>) -> Self {
+        Self(material)
+    }
+}
+
+impl ResolvesServerCert for SvidResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.svid().certified_key.clone())
+    }
+}
+
+impl ResolvesClientCert for SvidResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.svid().certified_key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// TLS versions offered: 1.3, and 1.2 for older mesh peers.
+const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// A server config requiring SPIFFE-authenticated clients allowed by `policy`.
+pub fn mtls_server_config(
+    material: &Arc<TlsMaterial>,
+    policy: Arc<ArcSwap<PeerPolicy>>,
+    alpn: Vec<Vec<u8>>,
+) -> Result<ServerConfig, Error> {
+    let mut config = ServerConfig::builder_with_provider(material.provider.clone())
+        .with_protocol_versions(VERSIONS)?
+        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(
+            material.clone(),
+            policy,
+        )))
+        .with_cert_resolver(Arc::new(SvidResolver::new(material.clone())));
+    config.alpn_protocols = alpn;
+    Ok(config)
+}
+
+/// A server config presenting the SVID without asking clients for certificates
+/// (the SPIFFE bundle endpoint's `https_spiffe` profile).
+pub fn svid_server_config(material: &Arc<TlsMaterial>) -> Result<ServerConfig, Error> {
+    Ok(
+        ServerConfig::builder_with_provider(material.provider.clone())
+            .with_protocol_versions(VERSIONS)?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(SvidResolver::new(material.clone()))),
+    )
+}
+
+/// A client config presenting the SVID (when `present_svid`) and accepting only
+/// servers allowed by `expected`.
+pub fn spiffe_client_config(
+    material: &Arc<TlsMaterial>,
+    expected: PeerPolicy,
+    present_svid: bool,
+    alpn: Vec<Vec<u8>>,
+) -> Result<ClientConfig, Error> {
+    let builder = ClientConfig::builder_with_provider(material.provider.clone())
+        .with_protocol_versions(VERSIONS)?
+        .dangerous()
+        // Not a weakening: SpiffeServerVerifier checks the chain against the
+        // expected trust domain's bundle and the SPIFFE ID instead of a DNS name.
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+            material.clone(),
+            expected,
+        )));
+    let mut config = if present_svid {
+        builder.with_client_cert_resolver(Arc::new(SvidResolver::new(material.clone())))
+    } else {
+        builder.with_no_client_auth()
+    };
+    config.alpn_protocols = alpn;
+    Ok(config)
+}
+
+/// The metric label for a failed handshake.
+pub fn classify(error: &Error) -> &'static str {
+    match error {
+        Error::NoCertificatesPresented => "no_client_cert",
+        Error::InvalidCertificate(e) => match e {
+            CertificateError::UnknownIssuer => "unknown_ca",
+            // An issuer with a trusted CA's name but not its key.
+            CertificateError::BadSignature => "bad_signature",
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_yet_valid"
+            }
+            CertificateError::Other(OtherError(inner)) => inner
+                .downcast_ref::<SpiffeVerifyError>()
+                .map_or("bad_certificate", SpiffeVerifyError::label),
+            _ => "bad_certificate",
+        },
+        Error::AlertReceived(_) => "peer_rejected",
+        Error::InvalidMessage(_) | Error::InappropriateMessage { .. } => "malformed",
+        Error::PeerIncompatible(_) => "incompatible",
+        _ => "protocol_error",
+    }
+}
+
+/// The metric label for a failed handshake reported as an I/O error (as
+/// tokio-rustls does).
+pub fn classify_io(error: &std::io::Error) -> &'static str {
+    match error.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
+        Some(e) => classify(e),
+        None if error.kind() == std::io::ErrorKind::UnexpectedEof => "eof",
+        None if error.kind() == std::io::ErrorKind::TimedOut => "timeout",
+        None => "io_error",
+    }
+}
+
+/// `isthmus_tls_handshakes_total{side, result}`.
+#[derive(Debug, Clone)]
+pub struct HandshakeMetrics {
+    handshakes: IntCounterVec,
+}
+
+impl HandshakeMetrics {
+    /// Registers the metric in `registry`.
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let handshakes = IntCounterVec::new(
+            Opts::new(
+                "isthmus_tls_handshakes_total",
+                "TLS handshakes by side (server, client) and result (ok or why it failed).",
+            ),
+            &["side", "result"],
+        )?;
+        registry.register(Box::new(handshakes.clone()))?;
+        Ok(Self { handshakes })
+    }
+
+    /// Counts one outcome.
+    pub fn record(&self, side: &str, result: &str) {
+        self.handshakes.with_label_values(&[side, result]).inc();
+    }
+
+    /// Count so far (for tests and debug output).
+    pub fn count(&self, side: &str, result: &str) -> u64 {
+        self.handshakes.with_label_values(&[side, result]).get()
+    }
+}
+
+/// A failed handshake: its metric label and the message to log.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS handshake failed ({result}): {message}")]
+pub struct HandshakeError {
+    /// The metric label.
+    pub result: &'static str,
+    /// Details for the log.
+    pub message: String,
+}
+
+impl HandshakeError {
+    fn from_io(e: &std::io::Error) -> Self {
+        Self {
+            result: classify_io(e),
+            message: e.to_string(),
+        }
+    }
+
+    fn timeout(after: Duration) -> Self {
+        Self {
+            result: "timeout",
+            message: format!("no handshake within {after:?}"),
+        }
+    }
+}
+
+/// The SPIFFE ID of the peer of an established connection.
+fn peer_id(certs: Option<&[CertificateDer<'static>]>) -> Result<SpiffeId, HandshakeError> {
+    let leaf = certs.and_then(<[_]>::first).ok_or(HandshakeError {
+        result: "no_client_cert",
+        message: "peer presented no certificate".into(),
+    })?;
+    spiffe_id_of(leaf).map_err(|e| HandshakeError {
+        result: "bad_spiffe_id",
+        message: e.to_string(),
+    })
+}
+
+/// Accepts mTLS connections from SPIFFE peers, counting every outcome.
+#[derive(Clone)]
+pub struct SpiffeAcceptor {
+    acceptor: tokio_rustls::TlsAcceptor,
+    metrics: HandshakeMetrics,
+    timeout: Duration,
+}
+
+impl SpiffeAcceptor {
+    /// An acceptor for `config` that gives up on handshakes after `timeout`.
+    pub fn new(config: Arc<ServerConfig>, metrics: HandshakeMetrics, timeout: Duration) -> Self {
+        Self {
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            metrics,
+            timeout,
+        }
+    }
+
+    /// Runs the server handshake on `io`; returns the stream and the peer's ID.
+    pub async fn accept<IO>(
+        &self,
+        io: IO,
+    ) -> Result<(tokio_rustls::server::TlsStream<IO>, Option<SpiffeId>), HandshakeError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let outcome = match tokio::time::timeout(self.timeout, self.acceptor.accept(io)).await {
+            Err(_) => Err(HandshakeError::timeout(self.timeout)),
+            Ok(Err(e)) => Err(HandshakeError::from_io(&e)),
+            Ok(Ok(stream)) => {
+                let certs = stream.get_ref().1.peer_certificates();
+                // Without client auth there is no peer identity to report.
+                match certs {
+                    None => Ok((stream, None)),
+                    Some(certs) => peer_id(Some(certs)).map(|id| (stream, Some(id))),
+                }
+            }
+        };
+        self.metrics.record(
+            "server",
+            outcome.as_ref().map_or_else(|e| e.result, |_| "ok"),
+        );
+        outcome
+    }
+}
+
+/// Opens mTLS connections to SPIFFE peers, counting every outcome.
+#[derive(Clone)]
+pub struct SpiffeConnector {
+    material: Arc<TlsMaterial>,
+    metrics: HandshakeMetrics,
+    timeout: Duration,
+    alpn: Vec<Vec<u8>>,
+}
+
+impl SpiffeConnector {
+    /// A connector presenting `material`'s SVID.
+    pub fn new(
+        material: Arc<TlsMaterial>,
+        metrics: HandshakeMetrics,
+        timeout: Duration,
+        alpn: Vec<Vec<u8>>,
+    ) -> Self {
+        Self {
+            material,
+            metrics,
+            timeout,
+            alpn,
+        }
+    }
+
+    /// Runs the client handshake on `io`, sending `sni` and accepting only a
+    /// server allowed by `expected`.
+    pub async fn connect<IO>(
+        &self,
+        io: IO,
+        sni: ServerName<'static>,
+        expected: PeerPolicy,
+    ) -> Result<(tokio_rustls::client::TlsStream<IO>, SpiffeId), HandshakeError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let outcome: Result<_, HandshakeError> = async {
+            let config = spiffe_client_config(&self.material, expected, true, self.alpn.clone())
+                .map_err(|e| HandshakeError {
+                    result: "config_error",
+                    message: e.to_string(),
+                })?;
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+            let stream = tokio::time::timeout(self.timeout, connector.connect(sni, io))
+                .await
+                .map_err(|_| HandshakeError::timeout(self.timeout))?
+                .map_err(|e| HandshakeError::from_io(&e))?;
+            let id = peer_id(stream.get_ref().1.peer_certificates())?;
+            Ok((stream, id))
+        }
+        .await;
+        self.metrics.record(
+            "client",
+            outcome.as_ref().map_or_else(|e| e.result, |_| "ok"),
+        );
+        outcome
+    }
+}
