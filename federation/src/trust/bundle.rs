@@ -269,3 +269,173 @@ fn key_type(der: &[u8]) -> &'static str {
         _ => "EC",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trust::ca;
+
+    fn td() -> TrustDomain {
+        "example.com".parse().unwrap()
+    }
+
+    fn ca_der() -> (String, Vec<u8>) {
+        let ca = ca::create_ca(&td(), Duration::from_secs(3600)).unwrap();
+        let der = CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap();
+        (ca.cert_pem, der.to_vec())
+    }
+
+    fn b64(der: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(der)
+    }
+
+    /// The shape of the specification's Appendix A, trust bundle #1 and #2.
+    #[test]
+    fn spec_appendix_a_bundles() {
+        let (_, cert1) = ca_der();
+        let (_, cert2) = ca_der();
+        let bundle1 = format!(
+            r#"{{"spiffe_sequence": 1, "spiffe_refresh_hint": 2419200,
+                "keys": [{{"kty": "RSA", "use": "x509-svid", "x5c": ["{}"], "n": "AQAB", "e": "AQAB"}}]}}"#,
+            b64(&cert1)
+        );
+        let b = TrustBundle::parse(td(), bundle1.as_bytes()).unwrap();
+        assert_eq!(b.sequence, Some(1));
+        assert_eq!(b.refresh_hint, Some(Duration::from_secs(2_419_200)));
+        assert_eq!(b.authorities, vec![CertificateDer::from(cert1.clone())]);
+
+        let bundle2 = format!(
+            r#"{{"spiffe_sequence": 2, "spiffe_refresh_hint": 2419200, "keys": [
+                {{"kty": "RSA", "use": "x509-svid", "x5c": ["{}"], "n": "x", "e": "AQAB"}},
+                {{"kty": "RSA", "use": "x509-svid", "x5c": ["{}"], "n": "y", "e": "AQAB"}}]}}"#,
+            b64(&cert1),
+            b64(&cert2)
+        );
+        let b = TrustBundle::parse(td(), bundle2.as_bytes()).unwrap();
+        assert_eq!(b.sequence, Some(2));
+        assert_eq!(b.authorities.len(), 2);
+    }
+
+    #[test]
+    fn unknown_kty_and_use_are_ignored_jwt_keys_too() {
+        let (_, cert) = ca_der();
+        let doc = format!(
+            r#"{{"keys": [
+                {{"kty": "EC", "use": "jwt-svid", "kid": "k1", "crv": "P-256", "x": "a", "y": "b"}},
+                {{"kty": "EC", "use": "something-new", "x5c": ["!!"]}},
+                {{"kty": "PQ", "use": "x509-svid", "x5c": ["!!"]}},
+                {{"use": "x509-svid", "x5c": ["!!"]}},
+                {{"kty": "EC", "x5c": ["!!"]}},
+                {{"kty": "EC", "use": "x509-svid", "x5c": ["{}"], "extra": true}}
+            ], "unknown_top_level": 1}}"#,
+            b64(&cert)
+        );
+        let b = TrustBundle::parse(td(), doc.as_bytes()).unwrap();
+        assert_eq!(b.authorities.len(), 1);
+        assert_eq!(b.sequence, None);
+        assert_eq!(b.refresh_hint, None);
+    }
+
+    #[test]
+    fn malformed_bundles_are_rejected_with_a_reason() {
+        let (_, cert) = ca_der();
+        let leaf = {
+            let ca = ca::create_ca(&td(), Duration::from_secs(3600)).unwrap();
+            let id = "spiffe://example.com/leaf".parse().unwrap();
+            let svid = ca::issue_svid(&ca, &id, Duration::from_secs(3600)).unwrap();
+            CertificateDer::from_pem_slice(svid.cert_pem.as_bytes())
+                .unwrap()
+                .to_vec()
+        };
+        let c = b64(&cert);
+        let key = |x5c: &str| {
+            format!(r#"{{"keys": [{{"kty": "EC", "use": "x509-svid", "x5c": {x5c}}}]}}"#)
+        };
+        let cases: Vec<(String, &str)> = vec![
+            ("{}".into(), "no \"keys\""),
+            (r#"{"keys": 3}"#.into(), "not a valid SPIFFE bundle"),
+            (r#"{"keys": [1]}"#.into(), "keys[0] is not an object"),
+            ("{\"keys\": [".into(), "not a valid SPIFFE bundle"),
+            (key("[]"), "exactly one certificate in \"x5c\", found 0"),
+            (key(&format!(r#"["{c}", "{c}"]"#)), "found 2"),
+            (
+                r#"{"keys": [{"kty": "EC", "use": "x509-svid"}]}"#.into(),
+                "found 0",
+            ),
+            (key(r#"["%%%"]"#), "keys[0].x5c[0] is not base64"),
+            (
+                key(&format!(r#"["{}"]"#, b64(b"not a certificate"))),
+                "keys[0] is not a valid X.509",
+            ),
+            (
+                key(&format!(r#"["{}"]"#, b64(&leaf))),
+                "keys[0] is not a CA",
+            ),
+            (
+                r#"{"keys": [], "spiffe_sequence": -1}"#.into(),
+                "spiffe_sequence",
+            ),
+            (
+                r#"{"keys": [], "spiffe_sequence": "1"}"#.into(),
+                "spiffe_sequence",
+            ),
+            (
+                r#"{"keys": [], "spiffe_refresh_hint": 0}"#.into(),
+                "spiffe_refresh_hint",
+            ),
+            (
+                r#"{"keys": [], "spiffe_refresh_hint": 1.5}"#.into(),
+                "spiffe_refresh_hint",
+            ),
+            (r#"{"keys": []}"#.into(), "no X.509 authorities"),
+            (
+                r#"{"keys": [{"kty": "EC", "use": "jwt-svid", "kid": "a"}]}"#.into(),
+                "no X.509 authorities",
+            ),
+            ("".into(), "no X.509 authorities"),
+            ("just text".into(), "no X.509 authorities"),
+            (
+                "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".into(),
+                "private key",
+            ),
+            (" ".repeat(MAX_BUNDLE_BYTES + 1), "at most"),
+        ];
+        for (doc, want) in cases {
+            let err =
+                TrustBundle::parse(td(), doc.as_bytes()).expect_err(&doc[..doc.len().min(80)]);
+            assert!(
+                err.to_string().contains(want),
+                "{doc:.80}: got {err}, want {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn pem_bundles_load_every_ca_and_refuse_leaves() {
+        let (pem1, _) = ca_der();
+        let (pem2, _) = ca_der();
+        let b = TrustBundle::parse(td(), format!("{pem1}\n# comment\n{pem2}").as_bytes()).unwrap();
+        assert_eq!(b.authorities.len(), 2);
+        assert_eq!(b.sequence, None);
+    }
+
+    #[test]
+    fn spiffe_json_round_trips() {
+        let (pem, _) = ca_der();
+        let b = TrustBundle::parse(td(), pem.as_bytes()).unwrap();
+        let json = b.to_spiffe_json(7, Some(Duration::from_secs(300)));
+        let v: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["keys"][0]["use"], "x509-svid");
+        assert_eq!(v["keys"][0]["kty"], "EC");
+        let again = TrustBundle::parse(td(), json.as_bytes()).unwrap();
+        assert_eq!(again.authorities, b.authorities);
+        assert_eq!(again.sequence, Some(7));
+        assert_eq!(again.refresh_hint, Some(Duration::from_secs(300)));
+        assert_eq!(
+            TrustBundle::parse(td(), b.to_pem().as_bytes())
+                .unwrap()
+                .authorities,
+            b.authorities
+        );
+    }
+}

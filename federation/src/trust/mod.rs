@@ -16,3 +16,8 @@ pub use svid::{Svid, SvidError};
 pub use tls::{
     HandshakeError, HandshakeMetrics, PeerPolicy, SpiffeAcceptor, SpiffeConnector, TlsMaterial,
 };
+pub mod files;
+
+pub use files::{
+    BundleFile, BundleRole, FileMaterial, MaterialError, MaterialFiles, MaterialMetrics,
+};

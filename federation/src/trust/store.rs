@@ -25,6 +25,7 @@ pub enum BundleSource {
 }
 
 /// One trust domain's bundle and what verification needs from it.
+#[derive(Clone)]
 pub struct DomainTrust {
     /// The bundle.
     pub bundle: TrustBundle,
