@@ -21,3 +21,6 @@ pub mod files;
 pub use files::{
     BundleFile, BundleRole, FileMaterial, MaterialError, MaterialFiles, MaterialMetrics,
 };
+pub mod endpoint;
+
+pub use endpoint::{BundleEndpoint, BundleFetcher, EndpointProfile, FetchError, FetchMetrics};
