@@ -6,7 +6,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use clap::{Parser, Subcommand};
+use isthmus_federation::{SpiffeId, TrustDomain};
 
 use crate::config::{self, ConfigErrors};
 
@@ -36,8 +39,48 @@ enum Command {
     CheckConfig(ConfigArg),
     /// Print the effective configuration after environment overrides, as TOML.
     PrintConfig(ConfigArg),
+    /// Development PKI: trust domain CAs and SVIDs (not for production use).
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Print the version.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a CA for a trust domain: ca.crt, ca.key, bundle.pem, bundle.json.
+    Init {
+        /// The trust domain, e.g. cluster-a.example.org.
+        #[arg(long, value_name = "TD")]
+        trust_domain: TrustDomain,
+        /// Directory to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Validity of the CA certificate.
+        #[arg(long, value_name = "DURATION", default_value = "365d", value_parser = humantime::parse_duration)]
+        validity: Duration,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue an X509-SVID from a CA directory: svid.crt, svid.key.
+    Issue {
+        /// Directory made by `isthmus ca init`.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The SPIFFE ID, e.g. spiffe://cluster-a.example.org/isthmus/gateway/gw-1.
+        #[arg(long, value_name = "ID")]
+        spiffe_id: SpiffeId,
+        /// Directory to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Validity of the SVID.
+        #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = humantime::parse_duration)]
+        validity: Duration,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -62,9 +105,42 @@ pub fn main() -> ExitCode {
         Command::Run(arg) => crate::server::run(&arg.config),
         Command::CheckConfig(arg) => check_config(&arg.config),
         Command::PrintConfig(arg) => print_config(&arg.config),
+        Command::Ca(command) => ca(command),
         Command::Version => {
             print_stdout(&version_text());
             ExitCode::SUCCESS
+        }
+    }
+}
+
+fn ca(command: CaCommand) -> ExitCode {
+    let written = match command {
+        CaCommand::Init {
+            trust_domain,
+            out,
+            validity,
+            force,
+        } => crate::devpki::init(&trust_domain, &out, validity, force),
+        CaCommand::Issue {
+            ca,
+            spiffe_id,
+            out,
+            validity,
+            force,
+        } => crate::devpki::issue(&ca, &spiffe_id, &out, validity, force),
+    };
+    match written {
+        Ok(paths) => {
+            let list: String = paths
+                .iter()
+                .map(|p| format!("wrote {}\n", p.display()))
+                .collect();
+            print_stdout(&list);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("isthmus: {e}");
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }

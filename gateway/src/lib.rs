@@ -2,7 +2,7 @@
 //! typed configuration, the admin API, metrics, logging and process lifecycle.
 //!
 //! Module map:
-//! - [`cli`]: the command line and exit codes;
+//! - [`cli`]: the command line and exit codes; [`devpki`]: `isthmus ca`;
 //! - [`config`]: two-stage typed configuration (file + environment);
 //! - [`server`]: `isthmus run`, assembling Pingora services from the config;
 //! - [`lifecycle`]: signals, reload, drain, systemd notification;
@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod devpki;
 pub mod health;
 pub mod lifecycle;
 pub mod logging;

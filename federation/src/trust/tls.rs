@@ -87,11 +87,15 @@ impl TlsMaterial {
     }
 }
 
+/// Path prefix of gateway SPIFFE IDs: `spiffe://<td>/isthmus/gateway/<name>`.
+pub const GATEWAY_PATH_PREFIX: &str = "/isthmus/gateway/";
+
 /// Which authenticated peers are allowed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PeerPolicy {
     ids: BTreeSet<SpiffeId>,
     trust_domains: BTreeSet<TrustDomain>,
+    gateways_of: BTreeSet<TrustDomain>,
 }
 
 impl PeerPolicy {
@@ -99,7 +103,16 @@ impl PeerPolicy {
     pub fn exact(id: SpiffeId) -> Self {
         Self {
             ids: BTreeSet::from([id]),
-            trust_domains: BTreeSet::new(),
+            ..Self::default()
+        }
+    }
+
+    /// Allows the gateways (`/isthmus/gateway/*`) of `trust_domains`, and nothing
+    /// else: the default for the east-west and federation listeners.
+    pub fn gateways_of(trust_domains: impl IntoIterator<Item = TrustDomain>) -> Self {
+        Self {
+            gateways_of: trust_domains.into_iter().collect(),
+            ..Self::default()
         }
     }
 
@@ -111,12 +124,16 @@ impl PeerPolicy {
         Self {
             ids: ids.into_iter().collect(),
             trust_domains: trust_domains.into_iter().collect(),
+            gateways_of: BTreeSet::new(),
         }
     }
 
     /// Whether `id` is allowed.
     pub fn allows(&self, id: &SpiffeId) -> bool {
-        self.ids.contains(id) || self.trust_domains.contains(id.trust_domain_str())
+        self.ids.contains(id)
+            || self.trust_domains.contains(id.trust_domain_str())
+            || (self.gateways_of.contains(id.trust_domain_str())
+                && id.path().starts_with(GATEWAY_PATH_PREFIX))
     }
 }
 
@@ -609,5 +626,27 @@ impl SpiffeConnector {
             outcome.as_ref().map_or_else(|e| e.result, |_| "ok"),
         );
         outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_match_ids_domains_and_gateways() {
+        let id = |s: &str| s.parse::<SpiffeId>().unwrap();
+        let td = |s: &str| s.parse::<TrustDomain>().unwrap();
+        let exact = PeerPolicy::exact(id("spiffe://a/x"));
+        assert!(exact.allows(&id("spiffe://a/x")));
+        assert!(!exact.allows(&id("spiffe://a/x/y")));
+        let domains = PeerPolicy::new([], [td("b")]);
+        assert!(domains.allows(&id("spiffe://b/anything")));
+        assert!(!domains.allows(&id("spiffe://bb/anything")));
+        let gateways = PeerPolicy::gateways_of([td("c")]);
+        assert!(gateways.allows(&id("spiffe://c/isthmus/gateway/gw-1")));
+        assert!(!gateways.allows(&id("spiffe://c/ns/default/sa/app")));
+        assert!(!gateways.allows(&id("spiffe://c/isthmus/gatewayx")));
+        assert!(!gateways.allows(&id("spiffe://d/isthmus/gateway/gw-1")));
     }
 }

@@ -49,7 +49,14 @@ pub fn load_with_env(
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigError::new(path.display().to_string(), format!("cannot be read: {e}"))
     })?;
-    parse_with_env(&text, &path.display().to_string(), env)
+    let mut config = parse_with_env(&text, &path.display().to_string(), env)?;
+    let base = path
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    config.resolve_paths(&base);
+    Ok(config)
 }
 
 /// Parses configuration `text` (named `origin` in errors) with environment overrides.
@@ -152,23 +159,56 @@ fn describe(e: &config::ConfigError) -> String {
     msg.to_owned()
 }
 
-/// Removes the value at dotted `path` from `tree`; false if it is not there.
+/// Removes the value at `path` (dotted keys, `[i]` for array elements, as
+/// serde_path_to_error writes them) from `tree`; false if it is not there.
 fn remove_path(tree: &mut Value, path: &str) -> bool {
+    let steps: Vec<Step<'_>> = path.split('.').flat_map(Step::parse).collect();
+    let Some((last, parents)) = steps.split_last() else {
+        return false;
+    };
     let mut node = tree;
-    let mut segments = path.split('.').peekable();
-    while let Some(segment) = segments.next() {
-        let ValueKind::Table(table) = &mut node.kind else {
-            return false;
+    for step in parents {
+        let child = match (step, &mut node.kind) {
+            (Step::Key(k), ValueKind::Table(t)) => t.get_mut(*k),
+            (Step::Index(i), ValueKind::Array(a)) => a.get_mut(*i),
+            _ => None,
         };
-        if segments.peek().is_none() {
-            return table.remove(segment).is_some();
-        }
-        match table.get_mut(segment) {
-            Some(child) => node = child,
+        match child {
+            Some(c) => node = c,
             None => return false,
         }
     }
-    false
+    match (last, &mut node.kind) {
+        (Step::Key(k), ValueKind::Table(t)) => t.remove(*k).is_some(),
+        (Step::Index(i), ValueKind::Array(a)) if *i < a.len() => {
+            a.remove(*i);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// One step of a path: a table key or an array index.
+enum Step<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+impl<'a> Step<'a> {
+    /// `federated[2]` → `Key("federated"), Index(2)`.
+    fn parse(segment: &'a str) -> Vec<Self> {
+        let mut parts = segment.split('[');
+        let mut steps = Vec::new();
+        if let Some(key) = parts.next().filter(|k| !k.is_empty()) {
+            steps.push(Step::Key(key));
+        }
+        for index in parts {
+            if let Ok(i) = index.trim_end_matches(']').parse() {
+                steps.push(Step::Index(i));
+            }
+        }
+        steps
+    }
 }
 
 #[cfg(test)]

@@ -4,16 +4,23 @@
 //! with its dotted path, and only returns a [`Config`] when there is none. Defaults
 //! are the named constants below; the shipped `config/isthmus.toml` documents them.
 
+use std::collections::BTreeSet;
 use std::fmt::Display;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use isthmus_federation::{ClusterName, GatewayName, Locality, LocalityError, TrustDomain};
+use isthmus_federation::{
+    ClusterName, GatewayName, Locality, LocalityError, SpiffeId, TrustDomain,
+};
 use serde::Serialize;
 
 use super::error::{ConfigError, ConfigErrors};
-use super::raw::{RawAdmin, RawConfig, RawGateway, RawLocality, RawLog, RawRuntime, RawShutdown};
+use super::raw::{
+    RawAdmin, RawBundleEndpoint, RawConfig, RawFederated, RawGateway, RawIdentity, RawLocality,
+    RawLog, RawRuntime, RawShutdown, RawTrust,
+};
 
 /// Default admin listener: loopback only, so metrics and debug data stay on the host.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15000";
@@ -25,6 +32,14 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
 /// Upper bound for `runtime.threads`.
 pub const MAX_THREADS: i64 = 1024;
+/// Default interval between fetches of a federated bundle without a refresh hint
+/// (SPIFFE Trust Domain and Bundle §6.2 suggests five minutes).
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
+/// Default `spiffe_refresh_hint` this gateway's bundle endpoint publishes.
+pub const DEFAULT_REFRESH_HINT: Duration = Duration::from_secs(300);
+/// Bounds of refresh intervals and hints.
+pub const REFRESH_BOUNDS: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(24 * 3600));
 
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -39,6 +54,89 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// Draining on stop.
     pub shutdown: ShutdownConfig,
+    /// This gateway's SVID and bundle; without it the gateway runs no mTLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityConfig>,
+    /// Peers and federated trust domains.
+    pub trust: TrustConfig,
+}
+
+/// `[identity]`: file paths, never key material.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IdentityConfig {
+    /// X509-SVID certificate chain, PEM, leaf first.
+    pub cert: PathBuf,
+    /// Its private key, PEM.
+    pub key: PathBuf,
+    /// This trust domain's bundle, PEM or SPIFFE JSON.
+    pub bundle: PathBuf,
+}
+
+/// `[trust]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TrustConfig {
+    /// SPIFFE IDs allowed to connect to this gateway.
+    pub allow_ids: Vec<SpiffeId>,
+    /// Trust domains whose every identity may connect to this gateway.
+    pub allow_trust_domains: Vec<TrustDomain>,
+    /// Fetch interval for bundles that carry no refresh hint.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    /// Federated trust domains.
+    pub federated: Vec<FederatedDomain>,
+    /// This gateway's SPIFFE bundle endpoint, if served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle_endpoint: Option<BundleEndpointConfig>,
+}
+
+/// `[[trust.federated]]`: a foreign trust domain and where its bundle comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FederatedDomain {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// A static bundle file, or the bootstrap bundle for `https_spiffe`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<PathBuf>,
+    /// Its bundle endpoint, if fetched.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<FederationEndpoint>,
+}
+
+/// A bundle endpoint to fetch from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FederationEndpoint {
+    /// `https://host[:port][/path]`.
+    pub endpoint_url: String,
+    /// How it is authenticated.
+    #[serde(flatten)]
+    pub profile: EndpointProfileConfig,
+}
+
+/// SPIFFE bundle endpoint profiles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "endpoint_profile", rename_all = "snake_case")]
+pub enum EndpointProfileConfig {
+    /// The endpoint presents an X509-SVID with this ID.
+    HttpsSpiffe {
+        /// The endpoint's SPIFFE ID.
+        endpoint_spiffe_id: SpiffeId,
+    },
+    /// Web PKI, against `endpoint_ca` or the system's roots.
+    HttpsWeb {
+        /// Roots for the endpoint's certificate; the system's when absent.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        endpoint_ca: Option<PathBuf>,
+    },
+}
+
+/// `[trust.bundle_endpoint]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BundleEndpointConfig {
+    /// Listen address (HTTPS, `https_spiffe` profile).
+    pub listen: SocketAddr,
+    /// `spiffe_refresh_hint` published with the bundle.
+    #[serde(with = "humantime_serde")]
+    pub refresh_hint: Duration,
 }
 
 /// `[gateway]`: the identity of this gateway in the federation.
@@ -190,8 +288,20 @@ impl Config {
         let log = log(&mut check, &raw.log);
         let runtime = runtime(&mut check, &raw.runtime);
         let shutdown = shutdown(&mut check, &raw.shutdown);
-        match (gateway, admin, log, runtime, shutdown) {
-            (Some(gateway), Some(admin), Some(log), Some(runtime), Some(shutdown))
+        let identity = raw.identity.as_ref().and_then(|i| identity(&mut check, i));
+        let own_td = gateway.as_ref().map(|g| &g.trust_domain);
+        let trust = trust(&mut check, &raw.trust, own_td, raw.identity.is_some());
+        if let (Some(admin), Some(trust)) = (&admin, &trust)
+            && let Some(endpoint) = &trust.bundle_endpoint
+            && endpoint.listen == admin.listen
+        {
+            check.errors.push(ConfigError::new(
+                "trust.bundle_endpoint.listen",
+                format!("{} is already admin.listen", endpoint.listen),
+            ));
+        }
+        match (gateway, admin, log, runtime, shutdown, trust) {
+            (Some(gateway), Some(admin), Some(log), Some(runtime), Some(shutdown), Some(trust))
                 if check.errors.is_empty() =>
             {
                 Ok(Self {
@@ -200,6 +310,8 @@ impl Config {
                     log,
                     runtime,
                     shutdown,
+                    identity,
+                    trust,
                 })
             }
             _ => Err(ConfigErrors(check.errors)),
@@ -207,11 +319,39 @@ impl Config {
     }
 
     /// The SPIFFE ID this gateway presents: `spiffe://<td>/isthmus/gateway/<name>`.
-    pub fn spiffe_id(&self) -> String {
-        format!(
-            "spiffe://{}/isthmus/gateway/{}",
-            self.gateway.trust_domain, self.gateway.name
-        )
+    pub fn spiffe_id(&self) -> SpiffeId {
+        SpiffeId::gateway(&self.gateway.trust_domain, &self.gateway.name)
+    }
+
+    /// Makes every relative file path absolute, relative to `base` (the
+    /// configuration file's directory), so the effective configuration says
+    /// exactly which files are used whatever the working directory.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(identity) = &mut self.identity {
+            resolve(&mut identity.cert);
+            resolve(&mut identity.key);
+            resolve(&mut identity.bundle);
+        }
+        for fed in &mut self.trust.federated {
+            if let Some(bundle) = &mut fed.bundle {
+                resolve(bundle);
+            }
+            if let Some(FederationEndpoint {
+                profile:
+                    EndpointProfileConfig::HttpsWeb {
+                        endpoint_ca: Some(ca),
+                    },
+                ..
+            }) = &mut fed.endpoint
+            {
+                resolve(ca);
+            }
+        }
     }
 }
 
@@ -302,6 +442,282 @@ fn runtime(check: &mut Check, raw: &RawRuntime) -> Option<RuntimeConfig> {
         }
     };
     Some(RuntimeConfig { threads })
+}
+
+fn parse_path(s: &str) -> Result<PathBuf, &'static str> {
+    if s.trim().is_empty() {
+        Err("must not be empty")
+    } else {
+        Ok(PathBuf::from(s))
+    }
+}
+
+fn identity(check: &mut Check, raw: &RawIdentity) -> Option<IdentityConfig> {
+    let cert = check.required("identity.cert", raw.cert.as_deref(), parse_path);
+    let key = check.required("identity.key", raw.key.as_deref(), parse_path);
+    let bundle = check.required("identity.bundle", raw.bundle.as_deref(), parse_path);
+    Some(IdentityConfig {
+        cert: cert?,
+        key: key?,
+        bundle: bundle?,
+    })
+}
+
+/// Parses each element of a list, recording errors as `path[i]`.
+fn list<T, E: Display>(
+    check: &mut Check,
+    path: &str,
+    values: Option<&[String]>,
+    parse: impl Fn(&str) -> Result<T, E>,
+) -> Vec<T> {
+    values
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| check.parsed(&format!("{path}[{i}]"), parse(v)))
+        .collect()
+}
+
+fn trust(
+    check: &mut Check,
+    raw: &RawTrust,
+    own_td: Option<&TrustDomain>,
+    has_identity: bool,
+) -> Option<TrustConfig> {
+    let errors_before = check.errors.len();
+    let allow_ids = list(
+        check,
+        "trust.allow_ids",
+        raw.allow_ids.as_deref(),
+        SpiffeId::from_str,
+    );
+    let allow_trust_domains = list(
+        check,
+        "trust.allow_trust_domains",
+        raw.allow_trust_domains.as_deref(),
+        TrustDomain::from_str,
+    );
+    let refresh_interval = match raw.refresh_interval.as_deref() {
+        None => Some(DEFAULT_REFRESH_INTERVAL),
+        Some(s) => check.parsed("trust.refresh_interval", parse_refresh(s)),
+    };
+    let mut federated = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (i, f) in raw.federated.iter().flatten().enumerate() {
+        if let Some(fed) = federated_domain(check, &format!("trust.federated[{i}]"), f, own_td) {
+            if !seen.insert(fed.trust_domain.clone()) {
+                check.errors.push(ConfigError::new(
+                    format!("trust.federated[{i}].trust_domain"),
+                    format!(
+                        "{} is listed twice; a trust domain has one bundle",
+                        fed.trust_domain
+                    ),
+                ));
+            }
+            federated.push(fed);
+        }
+    }
+    // Every trust domain allowed in must have a bundle to authenticate it with.
+    for (i, td) in allow_trust_domains.iter().enumerate() {
+        if Some(td) != own_td && !seen.contains(td) {
+            check.errors.push(ConfigError::new(
+                format!("trust.allow_trust_domains[{i}]"),
+                format!("{td} has no bundle: add it to [[trust.federated]]"),
+            ));
+        }
+    }
+    for (i, id) in allow_ids.iter().enumerate() {
+        let td = id.trust_domain();
+        if Some(&td) != own_td && !seen.contains(&td) {
+            check.errors.push(ConfigError::new(
+                format!("trust.allow_ids[{i}]"),
+                format!("trust domain {td} has no bundle: add it to [[trust.federated]]"),
+            ));
+        }
+    }
+    let bundle_endpoint = raw
+        .bundle_endpoint
+        .as_ref()
+        .and_then(|b| bundle_endpoint(check, b));
+    if !has_identity {
+        for (present, path) in [
+            (!federated.is_empty(), "trust.federated"),
+            (raw.bundle_endpoint.is_some(), "trust.bundle_endpoint"),
+            (!allow_ids.is_empty(), "trust.allow_ids"),
+            (!allow_trust_domains.is_empty(), "trust.allow_trust_domains"),
+        ] {
+            if present {
+                check.errors.push(ConfigError::new(
+                    path,
+                    "needs [identity]: this gateway has no SVID to authenticate with",
+                ));
+            }
+        }
+    }
+    if check.errors.len() > errors_before {
+        return None;
+    }
+    Some(TrustConfig {
+        allow_ids,
+        allow_trust_domains,
+        refresh_interval: refresh_interval?,
+        federated,
+        bundle_endpoint,
+    })
+}
+
+fn parse_refresh(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s, REFRESH_BOUNDS.1)?;
+    if d < REFRESH_BOUNDS.0 {
+        return Err(format!("{s:?} is shorter than the minimum of 1s"));
+    }
+    Ok(d)
+}
+
+fn parse_https_url(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("https") || uri.host().is_none() {
+        return Err(format!("{s:?} must be an https:// URL with a host"));
+    }
+    Ok(s.to_owned())
+}
+
+fn federated_domain(
+    check: &mut Check,
+    path: &str,
+    raw: &RawFederated,
+    own_td: Option<&TrustDomain>,
+) -> Option<FederatedDomain> {
+    let at = |field: &str| format!("{path}.{field}");
+    let errors_before = check.errors.len();
+    let trust_domain = check.required(
+        &at("trust_domain"),
+        raw.trust_domain.as_deref(),
+        TrustDomain::from_str,
+    );
+    if let (Some(td), Some(own)) = (&trust_domain, own_td)
+        && td == own
+    {
+        check.errors.push(ConfigError::new(
+            at("trust_domain"),
+            format!("{td} is this gateway's own trust domain; its bundle is identity.bundle"),
+        ));
+    }
+    let bundle = raw
+        .bundle
+        .as_deref()
+        .and_then(|b| check.parsed(&at("bundle"), parse_path(b)));
+    let url = raw
+        .endpoint_url
+        .as_deref()
+        .and_then(|u| check.parsed(&at("endpoint_url"), parse_https_url(u)));
+    let endpoint_id = raw
+        .endpoint_spiffe_id
+        .as_deref()
+        .and_then(|id| check.parsed(&at("endpoint_spiffe_id"), SpiffeId::from_str(id)));
+    let endpoint_ca = raw
+        .endpoint_ca
+        .as_deref()
+        .and_then(|c| check.parsed(&at("endpoint_ca"), parse_path(c)));
+    let endpoint = if raw.endpoint_url.is_none() {
+        for (set, field) in [
+            (raw.endpoint_profile.is_some(), "endpoint_profile"),
+            (raw.endpoint_spiffe_id.is_some(), "endpoint_spiffe_id"),
+            (raw.endpoint_ca.is_some(), "endpoint_ca"),
+        ] {
+            if set {
+                check
+                    .errors
+                    .push(ConfigError::new(at(field), "needs endpoint_url"));
+            }
+        }
+        if raw.bundle.is_none() {
+            check.errors.push(ConfigError::new(
+                at("bundle"),
+                "is required unless endpoint_url is set",
+            ));
+        }
+        None
+    } else {
+        match raw.endpoint_profile.as_deref().unwrap_or("https_spiffe") {
+            "https_spiffe" => {
+                if raw.endpoint_spiffe_id.is_none() {
+                    check.errors.push(ConfigError::new(
+                        at("endpoint_spiffe_id"),
+                        "is required for endpoint_profile \"https_spiffe\"",
+                    ));
+                }
+                if raw.bundle.is_none() {
+                    check.errors.push(ConfigError::new(
+                        at("bundle"),
+                        "is required for endpoint_profile \"https_spiffe\": the bootstrap bundle that authenticates the endpoint until its first fetch",
+                    ));
+                }
+                if raw.endpoint_ca.is_some() {
+                    check.errors.push(ConfigError::new(
+                        at("endpoint_ca"),
+                        "applies to endpoint_profile \"https_web\" only",
+                    ));
+                }
+                if let (Some(id), Some(td)) = (&endpoint_id, &trust_domain)
+                    && id.trust_domain_str() != td.as_str()
+                {
+                    check.errors.push(ConfigError::new(
+                        at("endpoint_spiffe_id"),
+                        format!("{id} is not in trust domain {td}"),
+                    ));
+                }
+                endpoint_id.map(|endpoint_spiffe_id| EndpointProfileConfig::HttpsSpiffe {
+                    endpoint_spiffe_id,
+                })
+            }
+            "https_web" => {
+                if raw.endpoint_spiffe_id.is_some() {
+                    check.errors.push(ConfigError::new(
+                        at("endpoint_spiffe_id"),
+                        "applies to endpoint_profile \"https_spiffe\" only",
+                    ));
+                }
+                Some(EndpointProfileConfig::HttpsWeb { endpoint_ca })
+            }
+            other => {
+                check.errors.push(ConfigError::new(
+                    at("endpoint_profile"),
+                    format!("unknown profile {other:?}; expected \"https_spiffe\" or \"https_web\""),
+                ));
+                None
+            }
+        }
+        .zip(url)
+        .map(|(profile, endpoint_url)| FederationEndpoint {
+            endpoint_url,
+            profile,
+        })
+    };
+    if check.errors.len() > errors_before {
+        return None;
+    }
+    Some(FederatedDomain {
+        trust_domain: trust_domain?,
+        bundle,
+        endpoint,
+    })
+}
+
+fn bundle_endpoint(check: &mut Check, raw: &RawBundleEndpoint) -> Option<BundleEndpointConfig> {
+    let listen = check.required(
+        "trust.bundle_endpoint.listen",
+        raw.listen.as_deref(),
+        parse_socket_addr,
+    );
+    let refresh_hint = match raw.refresh_hint.as_deref() {
+        None => Some(DEFAULT_REFRESH_HINT),
+        Some(s) => check.parsed("trust.bundle_endpoint.refresh_hint", parse_refresh(s)),
+    };
+    Some(BundleEndpointConfig {
+        listen: listen?,
+        refresh_hint: refresh_hint?,
+    })
 }
 
 fn shutdown(check: &mut Check, raw: &RawShutdown) -> Option<ShutdownConfig> {

@@ -26,6 +26,67 @@ pub struct RawConfig {
     /// `[shutdown]`: draining on stop.
     #[serde(default)]
     pub shutdown: RawShutdown,
+    /// `[identity]`: this gateway's X509-SVID and trust bundle.
+    pub identity: Option<RawIdentity>,
+    /// `[trust]`: peers, federated trust domains, the bundle endpoint.
+    #[serde(default)]
+    pub trust: RawTrust,
+}
+
+/// `[identity]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    /// `identity.cert`
+    pub cert: Option<String>,
+    /// `identity.key`
+    pub key: Option<String>,
+    /// `identity.bundle`
+    pub bundle: Option<String>,
+}
+
+/// `[trust]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrust {
+    /// `trust.allow_ids`
+    pub allow_ids: Option<Vec<String>>,
+    /// `trust.allow_trust_domains`
+    pub allow_trust_domains: Option<Vec<String>>,
+    /// `trust.refresh_interval`
+    pub refresh_interval: Option<String>,
+    /// `[[trust.federated]]`
+    pub federated: Option<Vec<RawFederated>>,
+    /// `[trust.bundle_endpoint]`
+    pub bundle_endpoint: Option<RawBundleEndpoint>,
+}
+
+/// `[[trust.federated]]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFederated {
+    /// `trust.federated[].trust_domain`
+    pub trust_domain: Option<String>,
+    /// `trust.federated[].bundle`
+    pub bundle: Option<String>,
+    /// `trust.federated[].endpoint_url`
+    pub endpoint_url: Option<String>,
+    /// `trust.federated[].endpoint_profile`
+    pub endpoint_profile: Option<String>,
+    /// `trust.federated[].endpoint_spiffe_id`
+    pub endpoint_spiffe_id: Option<String>,
+    /// `trust.federated[].endpoint_ca`
+    pub endpoint_ca: Option<String>,
+}
+
+/// `[trust.bundle_endpoint]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBundleEndpoint {
+    /// `trust.bundle_endpoint.listen`
+    pub listen: Option<String>,
+    /// `trust.bundle_endpoint.refresh_hint`
+    pub refresh_hint: Option<String>,
 }
 
 /// `[gateway]`

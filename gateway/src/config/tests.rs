@@ -96,7 +96,15 @@ fn unknown_key_in_every_table_is_rejected_with_its_path() {
             let mut doc = doc.clone();
             let mut node = &mut doc;
             for part in table_path.split('.').filter(|p| !p.is_empty()) {
-                node = node[part].as_table_mut().expect("table");
+                node = match part.split_once('[') {
+                    None => node[part].as_table_mut().expect("table"),
+                    Some((key, index)) => {
+                        let i: usize = index.trim_end_matches(']').parse().expect("index");
+                        node[key].as_array_mut().expect("array")[i]
+                            .as_table_mut()
+                            .expect("table")
+                    }
+                };
             }
             node.insert("no_such_key".into(), toml::Value::Integer(1));
             let text = toml::to_string(&doc).expect("serializable");
@@ -112,7 +120,7 @@ fn unknown_key_in_every_table_is_rejected_with_its_path() {
             checked += 1;
         }
     }
-    assert!(checked >= 15, "only {checked} tables checked");
+    assert!(checked >= 25, "only {checked} tables checked");
 }
 
 #[test]
@@ -124,7 +132,7 @@ fn minimal_file_gets_documented_defaults() {
     assert_eq!(c.shutdown.drain_timeout, model::DEFAULT_DRAIN_TIMEOUT);
     assert!(c.runtime.threads >= 1);
     assert_eq!(
-        c.spiffe_id(),
+        c.spiffe_id().as_str(),
         "spiffe://east.example.org/isthmus/gateway/gw-1"
     );
 }
@@ -311,4 +319,218 @@ fn a_table_of_the_wrong_type_is_one_error() {
         errors.0[0].to_string(),
         "gateway.locality: invalid type: integer `3`, expected a table"
     );
+}
+
+const WITH_TRUST: &str = r#"
+[gateway]
+name = "gw-1"
+cluster = "east"
+trust_domain = "east.example.org"
+[gateway.locality]
+region = "us-east"
+[identity]
+cert = "tls/svid.crt"
+key = "tls/svid.key"
+bundle = "/etc/isthmus/tls/bundle.pem"
+[trust]
+allow_ids = ["spiffe://west.example.org/isthmus/gateway/gw-w"]
+allow_trust_domains = ["web.example.org"]
+refresh_interval = "1m"
+[[trust.federated]]
+trust_domain = "west.example.org"
+bundle = "west-bootstrap.pem"
+endpoint_url = "https://127.0.0.1:15013/"
+endpoint_spiffe_id = "spiffe://west.example.org/isthmus/gateway/gw-w"
+[[trust.federated]]
+trust_domain = "web.example.org"
+endpoint_url = "https://bundles.example.org/web"
+endpoint_profile = "https_web"
+endpoint_ca = "web-roots.pem"
+[[trust.federated]]
+trust_domain = "static.example.org"
+bundle = "static.json"
+[trust.bundle_endpoint]
+listen = "127.0.0.1:15013"
+refresh_hint = "30s"
+"#;
+
+#[test]
+fn identity_and_trust_sections_parse_into_typed_values() {
+    let c = parse_with_env(WITH_TRUST, "t", NO_ENV).expect("valid");
+    let identity = c.identity.as_ref().expect("identity");
+    assert_eq!(identity.cert, Path::new("tls/svid.crt"));
+    assert_eq!(c.trust.refresh_interval, Duration::from_secs(60));
+    assert_eq!(c.trust.federated.len(), 3);
+    let west = &c.trust.federated[0];
+    assert!(matches!(
+        &west.endpoint.as_ref().unwrap().profile,
+        model::EndpointProfileConfig::HttpsSpiffe { endpoint_spiffe_id }
+            if endpoint_spiffe_id.as_str() == "spiffe://west.example.org/isthmus/gateway/gw-w"
+    ));
+    assert!(c.trust.federated[2].endpoint.is_none());
+    let endpoint = c.trust.bundle_endpoint.as_ref().unwrap();
+    assert_eq!(endpoint.refresh_hint, Duration::from_secs(30));
+    // Round trip through print-config's TOML.
+    let again = parse_with_env(&toml::to_string(&c).unwrap(), "printed", NO_ENV).unwrap();
+    assert_eq!(c, again);
+}
+
+#[test]
+fn relative_paths_are_resolved_against_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("isthmus.toml");
+    std::fs::write(&file, WITH_TRUST).unwrap();
+    let c = load_with_env(&file, NO_ENV).unwrap();
+    let base = dir.path().canonicalize().unwrap();
+    let identity = c.identity.unwrap();
+    assert_eq!(identity.cert, base.join("tls/svid.crt"));
+    assert_eq!(identity.bundle, Path::new("/etc/isthmus/tls/bundle.pem"));
+    assert_eq!(
+        c.trust.federated[0].bundle.as_deref(),
+        Some(base.join("west-bootstrap.pem").as_path())
+    );
+}
+
+/// `WITH_TRUST` with `from` replaced by `to`; must be rejected at `path`.
+fn assert_trust_rejects(from: &str, to: &str, path: &str) {
+    assert!(WITH_TRUST.contains(from), "{from}");
+    let errors = errors_of(&WITH_TRUST.replacen(from, to, 1));
+    assert!(
+        errors.mentions(path),
+        "expected {path} for {to:?}, got:\n{errors}"
+    );
+}
+
+#[test]
+fn each_trust_rule_has_a_failing_case() {
+    assert_trust_rejects("cert = \"tls/svid.crt\"\n", "", "identity.cert");
+    assert_trust_rejects("key = \"tls/svid.key\"", "key = \" \"", "identity.key");
+    assert_trust_rejects(
+        "bundle = \"/etc/isthmus/tls/bundle.pem\"\n",
+        "",
+        "identity.bundle",
+    );
+    assert_trust_rejects(
+        "spiffe://west.example.org/isthmus/gateway/gw-w\"]",
+        "west\"]",
+        "trust.allow_ids[0]",
+    );
+    assert_trust_rejects(
+        "[\"web.example.org\"]",
+        "[\"Web\"]",
+        "trust.allow_trust_domains[0]",
+    );
+    assert_trust_rejects(
+        "[\"web.example.org\"]",
+        "[\"nobundle.example.org\"]",
+        "trust.allow_trust_domains[0]",
+    );
+    assert_trust_rejects(
+        "spiffe://west.example.org/isthmus/gateway/gw-w\"]",
+        "spiffe://x.org/gw\"]",
+        "trust.allow_ids[0]",
+    );
+    assert_trust_rejects(
+        "refresh_interval = \"1m\"",
+        "refresh_interval = \"100ms\"",
+        "trust.refresh_interval",
+    );
+    assert_trust_rejects(
+        "refresh_interval = \"1m\"",
+        "refresh_interval = \"2d\"",
+        "trust.refresh_interval",
+    );
+    assert_trust_rejects(
+        "trust_domain = \"west.example.org\"",
+        "trust_domain = \"east.example.org\"",
+        "trust.federated[0].trust_domain",
+    );
+    assert_trust_rejects(
+        "trust_domain = \"static.example.org\"",
+        "trust_domain = \"west.example.org\"",
+        "trust.federated[2].trust_domain",
+    );
+    assert_trust_rejects(
+        "trust_domain = \"west.example.org\"\n",
+        "",
+        "trust.federated[0].trust_domain",
+    );
+    assert_trust_rejects(
+        "bundle = \"west-bootstrap.pem\"\n",
+        "",
+        "trust.federated[0].bundle",
+    );
+    assert_trust_rejects("bundle = \"static.json\"", "", "trust.federated[2].bundle");
+    assert_trust_rejects(
+        "https://127.0.0.1:15013/",
+        "http://127.0.0.1:15013/",
+        "trust.federated[0].endpoint_url",
+    );
+    assert_trust_rejects(
+        "https://127.0.0.1:15013/",
+        "not a url",
+        "trust.federated[0].endpoint_url",
+    );
+    assert_trust_rejects(
+        "endpoint_spiffe_id = \"spiffe://west.example.org/isthmus/gateway/gw-w\"\n",
+        "",
+        "trust.federated[0].endpoint_spiffe_id",
+    );
+    assert_trust_rejects(
+        "endpoint_spiffe_id = \"spiffe://west.example.org/isthmus/gateway/gw-w\"\n",
+        "endpoint_spiffe_id = \"spiffe://other.org/gw\"\n",
+        "trust.federated[0].endpoint_spiffe_id",
+    );
+    assert_trust_rejects(
+        "endpoint_profile = \"https_web\"",
+        "endpoint_profile = \"ftp\"",
+        "trust.federated[1].endpoint_profile",
+    );
+    assert_trust_rejects(
+        "endpoint_profile = \"https_web\"",
+        "endpoint_profile = \"https_spiffe\"",
+        "trust.federated[1].endpoint_ca",
+    );
+    assert_trust_rejects(
+        "bundle = \"static.json\"",
+        "bundle = \"static.json\"\nendpoint_profile = \"https_web\"",
+        "trust.federated[2].endpoint_profile",
+    );
+    assert_trust_rejects(
+        "listen = \"127.0.0.1:15013\"",
+        "listen = \"127.0.0.1:15000\"",
+        "trust.bundle_endpoint.listen",
+    );
+    assert_trust_rejects(
+        "listen = \"127.0.0.1:15013\"",
+        "",
+        "trust.bundle_endpoint.listen",
+    );
+    assert_trust_rejects(
+        "refresh_hint = \"30s\"",
+        "refresh_hint = \"0s\"",
+        "trust.bundle_endpoint.refresh_hint",
+    );
+    assert_trust_rejects(
+        "[[trust.federated]]\ntrust_domain = \"static.example.org\"",
+        "[[trust.federated]]\nbogus = 1\ntrust_domain = \"static.example.org\"",
+        "trust.federated[2].bogus",
+    );
+}
+
+#[test]
+fn trust_without_identity_is_rejected() {
+    let text = WITH_TRUST.replace("[identity]", "[not_identity]");
+    let start = text.find("[not_identity]").unwrap();
+    let end = text.find("[trust]").unwrap();
+    let text = format!("{}{}", &text[..start], &text[end..]);
+    let errors = errors_of(&text);
+    for path in [
+        "trust.federated",
+        "trust.bundle_endpoint",
+        "trust.allow_ids",
+        "trust.allow_trust_domains",
+    ] {
+        assert!(errors.mentions(path), "{path}: {errors}");
+    }
 }
