@@ -6,6 +6,7 @@
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when ready, 503 otherwise; JSON with every condition |
 //! | `GET /debug/config` | the effective configuration as JSON |
+//! | `GET /debug/trust` | SVID, trust bundles per trust domain, peer policy |
 //!
 //! Routing is a pure function ([`route`]) so it is tested without sockets.
 
@@ -34,6 +35,8 @@ pub enum Route {
     Readyz,
     /// `/debug/config`
     DebugConfig,
+    /// `/debug/trust`
+    DebugTrust,
     /// A known path with a method other than GET or HEAD.
     MethodNotAllowed,
     /// Anything else.
@@ -48,6 +51,7 @@ impl Route {
             Route::Healthz => "/healthz",
             Route::Readyz => "/readyz",
             Route::DebugConfig => "/debug/config",
+            Route::DebugTrust => "/debug/trust",
             Route::MethodNotAllowed => "method_not_allowed",
             Route::NotFound => "not_found",
         }
@@ -61,6 +65,7 @@ pub fn route(method: &Method, path: &str) -> Route {
         "/healthz" => Route::Healthz,
         "/readyz" => Route::Readyz,
         "/debug/config" => Route::DebugConfig,
+        "/debug/trust" => Route::DebugTrust,
         _ => return Route::NotFound,
     };
     if method == Method::GET || method == Method::HEAD {
@@ -80,6 +85,8 @@ pub struct AdminState {
     pub config: Arc<ArcSwap<Config>>,
     /// In-flight tracking for graceful drain.
     pub drain: Arc<Drain>,
+    /// Identity and trust, when configured.
+    pub trust: Option<Arc<crate::trust::Trust>>,
 }
 
 /// The admin HTTP application.
@@ -119,6 +126,11 @@ impl AdminApp {
                 (code, JSON, to_json(&report))
             }
             Route::DebugConfig => (StatusCode::OK, JSON, to_json(&**self.state.config.load())),
+            Route::DebugTrust => (
+                StatusCode::OK,
+                JSON,
+                to_json(&crate::trust::debug_json(self.state.trust.as_deref())),
+            ),
             Route::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 JSON,
@@ -129,7 +141,7 @@ impl AdminApp {
                 JSON,
                 to_json(&serde_json::json!({
                     "error": "not found",
-                    "paths": ["/metrics", "/healthz", "/readyz", "/debug/config"],
+                    "paths": ["/metrics", "/healthz", "/readyz", "/debug/config", "/debug/trust"],
                 })),
             ),
         }
@@ -177,6 +189,7 @@ mod tests {
         assert_eq!(route(&Method::GET, "/metrics"), Route::Metrics);
         assert_eq!(route(&Method::HEAD, "/readyz"), Route::Readyz);
         assert_eq!(route(&Method::GET, "/debug/config"), Route::DebugConfig);
+        assert_eq!(route(&Method::GET, "/debug/trust"), Route::DebugTrust);
         assert_eq!(route(&Method::POST, "/healthz"), Route::MethodNotAllowed);
         assert_eq!(route(&Method::GET, "/metrics/"), Route::NotFound);
         assert_eq!(route(&Method::GET, "/"), Route::NotFound);

@@ -158,9 +158,27 @@ fn version_text() -> String {
     )
 }
 
+/// Loads the configuration and, with `[identity]`, every certificate, key and
+/// bundle file it names; file problems are configuration errors too.
+pub fn load_all(
+    path: &Path,
+    registry: &prometheus::Registry,
+) -> Result<(config::Config, Option<crate::trust::Trust>), ConfigErrors> {
+    let config = config::load(path)?;
+    let trust = crate::trust::load(&config, registry).map_err(|errors| {
+        ConfigErrors(
+            errors
+                .into_iter()
+                .map(|e| config::ConfigError::new(e.field, e.message))
+                .collect(),
+        )
+    })?;
+    Ok((config, trust))
+}
+
 fn check_config(path: &Path) -> ExitCode {
-    match config::load(path) {
-        Ok(c) => {
+    match load_all(path, &prometheus::Registry::new()) {
+        Ok((c, _)) => {
             print_stdout(&format!(
                 "{}: configuration is valid (gateway {}, cluster {}, {})\n",
                 path.display(),

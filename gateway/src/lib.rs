@@ -7,11 +7,14 @@
 //! - [`server`]: `isthmus run`, assembling Pingora services from the config;
 //! - [`lifecycle`]: signals, reload, drain, systemd notification;
 //! - [`health`]: readiness conditions and in-flight tracking;
+//! - [`trust`]: SVID, bundles, peer policy at run time; [`bundle_endpoint`]: the
+//!   SPIFFE bundle endpoint;
 //! - [`admin`]: the admin HTTP API; [`metrics`]: the Prometheus registry;
 //! - [`logging`]: JSON / text / journald output for `tracing` and `log`.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod bundle_endpoint;
 pub mod cli;
 pub mod config;
 pub mod devpki;
@@ -20,3 +23,4 @@ pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod server;
+pub mod trust;

@@ -23,6 +23,7 @@ use pingora_core::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora_core::services::background::BackgroundService;
 use prometheus::{IntCounterVec, IntGauge, Registry};
 use sd_notify::NotifyState;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -46,6 +47,7 @@ pub struct Reloader {
     path: PathBuf,
     config: Arc<ArcSwap<Config>>,
     log: Option<LogHandle>,
+    trust: Option<Arc<crate::trust::Trust>>,
     reloads: IntCounterVec,
     last_success: IntGauge,
 }
@@ -56,6 +58,7 @@ impl Reloader {
         path: PathBuf,
         config: Arc<ArcSwap<Config>>,
         log: Option<LogHandle>,
+        trust: Option<Arc<crate::trust::Trust>>,
         registry: &Registry,
     ) -> Self {
         let reloads = metrics::counter_vec(
@@ -74,13 +77,27 @@ impl Reloader {
             path,
             config,
             log,
+            trust,
             reloads,
             last_success,
         }
     }
 
-    /// Loads the file again; on success swaps it in, on failure keeps the old one.
+    /// Re-reads the configuration file, then every certificate, key and bundle
+    /// file (which apply or are rejected one by one, see `FileMaterial`).
     pub fn reload(&self) -> Result<(), ConfigErrors> {
+        let result = self.reload_config();
+        if let Some(trust) = &self.trust {
+            let report = trust.files.reload();
+            if report.applied.is_empty() && report.rejected.is_empty() {
+                info!("certificates and bundles unchanged");
+            }
+        }
+        result
+    }
+
+    /// Loads the file again; on success swaps it in, on failure keeps the old one.
+    fn reload_config(&self) -> Result<(), ConfigErrors> {
         let mut next = match config::load(&self.path) {
             Ok(next) => next,
             Err(errors) => {
@@ -105,6 +122,13 @@ impl Reloader {
         if next.runtime != current.runtime {
             warn!("runtime.threads changed; it takes effect on restart");
             next.runtime = current.runtime.clone();
+        }
+        // Which files hold the identity and which trust domains are federated are
+        // fixed at start; their *contents* rotate without a restart.
+        if next.identity != current.identity || next.trust != current.trust {
+            warn!("identity or trust settings changed; they take effect on restart");
+            next.identity = current.identity.clone();
+            next.trust = current.trust.clone();
         }
         if next.log.format != current.log.format {
             warn!("log.format changed; it takes effect on restart");
@@ -245,14 +269,65 @@ pub fn probe_address(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, addr.port())
 }
 
+/// A listener to probe before declaring readiness.
+pub struct Probe {
+    /// Its configuration path, e.g. `admin.listen`.
+    pub name: &'static str,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// For TLS listeners, a client config that completes a real handshake, so the
+    /// probe neither trips the listener's handshake-error log nor passes while
+    /// the listener cannot present its certificate.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// For HTTP listeners, a path to GET: the probe passes on any HTTP answer.
+    pub http_path: Option<&'static str>,
+}
+
+impl Probe {
+    async fn succeeds(&self) -> bool {
+        let Ok(tcp) = tokio::net::TcpStream::connect(probe_address(self.addr)).await else {
+            return false;
+        };
+        match &self.tls {
+            None => self.exchange(tcp).await,
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::try_from("isthmus-readiness-probe")
+                    .unwrap_or_else(|_| unreachable!("a valid DNS name"));
+                match tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, tcp)
+                    .await
+                {
+                    Ok(tls) => self.exchange(tls).await,
+                    Err(_) => false,
+                }
+            }
+        }
+    }
+
+    /// Sends one HTTP request when the listener speaks HTTP, so the probe is a
+    /// well-behaved client rather than a connection dropped mid-request.
+    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(&self, mut stream: S) -> bool {
+        let Some(path) = self.http_path else {
+            return true;
+        };
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        if stream.write_all(request.as_bytes()).await.is_err() {
+            return false;
+        }
+        let mut head = [0u8; 9];
+        stream.read_exact(&mut head).await.is_ok() && head.starts_with(b"HTTP/1.")
+    }
+}
+
 /// Background service that turns `listeners` ready once each one accepts a
 /// connection, sends `READY=1` when the whole process is ready, then keeps the
 /// systemd watchdog fed.
 pub struct Startup {
     /// Process readiness.
     pub readiness: Arc<Readiness>,
-    /// Every TCP listener, by config path, that must accept before we are ready.
-    pub listeners: Vec<(&'static str, SocketAddr)>,
+    /// Every listener that must accept before we are ready.
+    pub listeners: Vec<Probe>,
 }
 
 /// Delay between attempts to reach our own listeners while they start.
@@ -262,12 +337,11 @@ const PROBE_RETRY: Duration = Duration::from_millis(20);
 impl BackgroundService for Startup {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let ready = async {
-            for (name, addr) in &self.listeners {
-                let target = probe_address(*addr);
-                while tokio::net::TcpStream::connect(target).await.is_err() {
+            for probe in &self.listeners {
+                while !probe.succeeds().await {
                     tokio::time::sleep(PROBE_RETRY).await;
                 }
-                info!(listener = name, %addr, "listener accepting connections");
+                info!(listener = probe.name, addr = %probe.addr, "listener accepting connections");
             }
             self.readiness
                 .set("listeners", true, "all listeners accept connections");

@@ -53,9 +53,33 @@ impl LogHandle {
     }
 }
 
+/// Defaults placed before `log.level`, which can override them. Pingora's
+/// `ServeHttp` glue (our admin API and bundle endpoint) logs every client that
+/// disconnects early or sends garbage at ERROR, and nothing else: any client
+/// could flood the log with it.
+const DEFAULT_DIRECTIVES: &[&str] = &["pingora_core::apps::http_app=off"];
+
 fn build_filter(level: &str) -> EnvFilter {
     // `level` was validated by the config; parse_lossy cannot meet a bad directive.
-    EnvFilter::builder().parse_lossy(level)
+    // A bare level must come first: it sets the default for every module.
+    let (default, modules) = match level.split_once(',') {
+        Some((first, rest)) if !first.contains('=') => (first, rest),
+        _ if !level.contains('=') => (level, ""),
+        _ => ("", level),
+    };
+    // A default yields to any directive of the configuration for the same target.
+    let defaults = DEFAULT_DIRECTIVES.iter().copied().filter(|d| {
+        let target = d.split('=').next().unwrap_or(d);
+        !modules
+            .split(',')
+            .any(|m| m.split('=').next() == Some(target))
+    });
+    let directives: Vec<&str> = std::iter::once(default)
+        .chain(defaults)
+        .chain(std::iter::once(modules))
+        .filter(|d| !d.is_empty())
+        .collect();
+    EnvFilter::builder().parse_lossy(directives.join(","))
 }
 
 /// The output chosen for `log.format = "auto"` in this process's surroundings.
@@ -278,6 +302,16 @@ mod tests {
         assert_eq!(v["request_id"], "abc");
         assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
         assert!(line.starts_with("{\"timestamp\""), "{line}");
+    }
+
+    #[test]
+    fn quiet_defaults_apply_unless_the_configured_level_overrides_them() {
+        let f = build_filter("info").to_string();
+        assert!(f.contains("pingora_core::apps::http_app=off"), "{f}");
+        assert!(f.contains("info"), "{f}");
+        let f = build_filter("debug,pingora_core::apps::http_app=error").to_string();
+        assert!(f.contains("pingora_core::apps::http_app=error"), "{f}");
+        assert!(!f.contains("=off"), "{f}");
     }
 
     #[derive(Clone, Default)]

@@ -19,11 +19,17 @@ use pingora_core::services::listening::Service;
 use socket2::{Domain, Socket, Type};
 use tracing::{error, info};
 
+use isthmus_federation::trust::PeerPolicy;
+use isthmus_federation::trust::tls::{SvidResolver, spiffe_client_config};
+use pingora_core::listeners::tls::TlsSettings;
+
 use crate::admin::{AdminApp, AdminState};
+use crate::bundle_endpoint::BundleEndpointApp;
 use crate::cli::{EXIT_CONFIG, EXIT_FAILURE};
-use crate::config::{self, Config};
+use crate::config::Config;
 use crate::health::{Drain, Readiness};
-use crate::lifecycle::{Reloader, Signals, Startup};
+use crate::lifecycle::{Probe, Reloader, Signals, Startup};
+use crate::trust::{Trust, TrustService};
 use crate::{logging, metrics};
 
 /// Seconds Pingora waits for service runtimes after listeners close; our drain
@@ -32,13 +38,15 @@ const RUNTIME_SHUTDOWN_TIMEOUT_SECS: u64 = 2;
 
 /// Runs the gateway; returns the process exit code.
 pub fn run(config_path: &Path) -> ExitCode {
-    let config = match config::load(config_path) {
-        Ok(c) => c,
+    let registry = metrics::new_registry();
+    let (config, trust) = match crate::cli::load_all(config_path, &registry) {
+        Ok(loaded) => loaded,
         Err(errors) => {
             crate::cli::print_config_errors(config_path, &errors);
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let trust = trust.map(Arc::new);
     let log = match logging::init(&config.log) {
         Ok(handle) => handle,
         Err(e) => {
@@ -56,13 +64,23 @@ pub fn run(config_path: &Path) -> ExitCode {
         "isthmus starting"
     );
 
-    let listeners = listeners(&config);
+    let listeners = match listeners(&config, trust.as_deref()) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(error = %e, "cannot build the TLS readiness probe");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
     if let Err((path, addr, e)) = check_bindable(&listeners) {
         error!(%addr, error = %e, "{path}: cannot listen on {addr}: {e}");
         return ExitCode::from(EXIT_FAILURE);
     }
+    if let Some(trust) = &trust {
+        let svid = trust.material().svid();
+        info!(spiffe_id = %svid.spiffe_id, fingerprint = %svid.fingerprint,
+            trust_domains = trust.material().trust().iter().count(), "identity loaded");
+    }
 
-    let registry = metrics::new_registry();
     let readiness = Arc::new(Readiness::default());
     readiness.set(
         "config",
@@ -84,12 +102,42 @@ pub fn run(config_path: &Path) -> ExitCode {
         readiness: readiness.clone(),
         config: config.clone(),
         drain: drain.clone(),
+        trust: trust.clone(),
     }));
     let mut admin_service = Service::new("admin".to_owned(), admin);
     admin_service.add_tcp(&admin_addr.to_string());
     // The admin API is light; keep its runtime small whatever `runtime.threads` says.
     admin_service.threads = Some(1);
     server.add_service(admin_service);
+    if let Some(trust) = &trust {
+        if let Some(endpoint) = &config.load().trust.bundle_endpoint {
+            let app = BundleEndpointApp {
+                material: trust.material().clone(),
+                trust_domain: config.load().gateway.trust_domain.clone(),
+                refresh_hint: endpoint.refresh_hint,
+            };
+            let mut service = Service::new("bundle endpoint".to_owned(), app);
+            // The rustls listener takes our resolver, so SVID rotation applies to
+            // the next handshake; the certificate paths are then unused.
+            let mut tls = match TlsSettings::intermediate("", "") {
+                Ok(tls) => tls,
+                Err(e) => {
+                    error!(error = %e, "cannot configure the bundle endpoint's TLS");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            tls.set_cert_resolver(Arc::new(SvidResolver::new(trust.material().clone())));
+            service.add_tls_with_settings(&endpoint.listen.to_string(), None, tls);
+            service.threads = Some(1);
+            server.add_service(service);
+        }
+        server.add_service(background_service(
+            "trust",
+            TrustService {
+                trust: trust.clone(),
+            },
+        ));
+    }
     server.add_service(background_service(
         "startup",
         Startup {
@@ -98,7 +146,13 @@ pub fn run(config_path: &Path) -> ExitCode {
         },
     ));
 
-    let reloader = Reloader::new(config_path.to_owned(), config.clone(), Some(log), &registry);
+    let reloader = Reloader::new(
+        config_path.to_owned(),
+        config.clone(),
+        Some(log),
+        trust,
+        &registry,
+    );
     let signals = Signals {
         reloader: Arc::new(reloader),
         readiness,
@@ -112,9 +166,30 @@ pub fn run(config_path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Every TCP listener the configuration asks for, named by its config path.
-fn listeners(config: &Config) -> Vec<(&'static str, SocketAddr)> {
-    vec![("admin.listen", config.admin.listen)]
+/// Every listener the configuration asks for, named by its config path.
+fn listeners(config: &Config, trust: Option<&Trust>) -> Result<Vec<Probe>, rustls::Error> {
+    let mut probes = vec![Probe {
+        name: "admin.listen",
+        addr: config.admin.listen,
+        tls: None,
+        http_path: Some("/healthz"),
+    }];
+    if let (Some(trust), Some(endpoint)) = (trust, &config.trust.bundle_endpoint) {
+        // The gateway checks it serves its own SVID, as its peers will.
+        let tls = spiffe_client_config(
+            trust.material(),
+            PeerPolicy::exact(config.spiffe_id()),
+            false,
+            vec![b"http/1.1".to_vec()],
+        )?;
+        probes.push(Probe {
+            name: "trust.bundle_endpoint.listen",
+            addr: endpoint.listen,
+            tls: Some(Arc::new(tls)),
+            http_path: Some("/"),
+        });
+    }
+    Ok(probes)
 }
 
 fn pingora_conf(threads: usize) -> ServerConf {
@@ -130,10 +205,11 @@ fn pingora_conf(threads: usize) -> ServerConf {
 
 /// Binds and releases each address the way Pingora will (SO_REUSEADDR), to turn
 /// "address in use" or "cannot assign address" into an error before start-up.
-fn check_bindable(
-    listeners: &[(&'static str, SocketAddr)],
-) -> Result<(), (&'static str, SocketAddr, std::io::Error)> {
-    for &(path, addr) in listeners {
+fn check_bindable(listeners: &[Probe]) -> Result<(), (&'static str, SocketAddr, std::io::Error)> {
+    for &Probe {
+        name: path, addr, ..
+    } in listeners
+    {
         let bind = || -> std::io::Result<()> {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
             socket.set_reuse_address(true)?;

@@ -5,15 +5,9 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use isthmus_tests::{Gateway, free_addr, minimal_config, wait_for};
+use isthmus_tests::{Gateway, free_addr, metric_value, minimal_config, wait_for};
 
 const START: Duration = Duration::from_secs(20);
-
-fn metric_value(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-}
 
 #[test]
 fn serves_survives_a_bad_reload_applies_a_good_one_and_stops_on_sigterm() {

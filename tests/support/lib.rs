@@ -136,6 +136,100 @@ drain_timeout = "3s"
     )
 }
 
+/// Development PKI made with the real `isthmus ca` commands.
+pub struct DevPki {
+    dir: tempfile::TempDir,
+}
+
+impl DevPki {
+    /// An empty PKI directory.
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temporary directory"),
+        }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `isthmus ca init` for `td` into `<dir>/<name>`; returns that directory.
+    pub fn ca(&self, name: &str, td: &str) -> PathBuf {
+        let out = self.dir.path().join(name);
+        run_ok(&[
+            "ca",
+            "init",
+            "--trust-domain",
+            td,
+            "--out",
+            out.to_str().expect("utf-8"),
+        ]);
+        out
+    }
+
+    /// `isthmus ca issue` of `spiffe_id` from `ca` into `<dir>/<name>`.
+    pub fn issue(&self, ca: &Path, spiffe_id: &str, name: &str) -> PathBuf {
+        let out = self.dir.path().join(name);
+        run_ok(&[
+            "ca",
+            "issue",
+            "--ca",
+            ca.to_str().expect("utf-8"),
+            "--spiffe-id",
+            spiffe_id,
+            "--out",
+            out.to_str().expect("utf-8"),
+            "--force",
+        ]);
+        out
+    }
+}
+
+impl Default for DevPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn run_ok(args: &[&str]) {
+    let out = isthmus(args, &[]);
+    assert!(
+        out.status.success(),
+        "isthmus {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Replaces `path` the way deployment tools do: write aside, then rename.
+pub fn replace_file(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension("isthmus-test-tmp");
+    std::fs::write(&tmp, contents).expect("write temporary file");
+    std::fs::rename(&tmp, path).expect("rename over the target");
+}
+
+/// `openssl s_client` to `addr`, verifying against `ca_file`; returns its output.
+pub fn openssl_s_client(addr: SocketAddr, ca_file: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string(), "-CAfile"])
+        .arg(ca_file)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl is installed");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The value of the Prometheus series `series` (name with labels) in `metrics`.
+pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
 /// A running `isthmus run` process with its own directory, config and log.
 pub struct Gateway {
     child: Option<Child>,
@@ -197,6 +291,13 @@ impl Gateway {
     /// `GET path` on the admin API.
     pub fn admin_get(&self, path: &str) -> HttpResponse {
         curl_get(&format!("http://{}{path}", self.admin))
+    }
+
+    /// `GET path` on the admin API, parsed as JSON.
+    pub fn admin_json(&self, path: &str) -> serde_json::Value {
+        let r = self.admin_get(path);
+        serde_json::from_str(&r.body)
+            .unwrap_or_else(|e| panic!("{path} is not JSON ({e}): {}", r.body))
     }
 
     /// Waits until `/readyz` answers 200.

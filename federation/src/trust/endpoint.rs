@@ -12,8 +12,9 @@
 //! A fetched bundle replaces the current one only if its `spiffe_sequence` is
 //! newer; an older sequence is refused as a rollback. The next fetch follows the
 //! bundle's `spiffe_refresh_hint` (clamped), or the configured interval. On
-//! failure the last good bundle stays and the fetch is retried at the next
-//! interval, but no later than [`MAX_RETRY_AFTER_FAILURE`].
+//! failure the last good bundle stays and the fetch is retried with exponential
+//! backoff from [`FIRST_RETRY`], never later than the next interval nor
+//! [`MAX_RETRY_AFTER_FAILURE`]: a peer that starts after us is picked up at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,14 @@ pub const MIN_REFRESH: Duration = Duration::from_secs(1);
 pub const MAX_REFRESH: Duration = Duration::from_secs(24 * 3600);
 /// A failed fetch is retried at most this long after the failure.
 pub const MAX_RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
+/// The first retry after a failure; each further failure doubles it.
+pub const FIRST_RETRY: Duration = Duration::from_secs(1);
+
+/// How long to wait after `failures` consecutive failures (at least one).
+pub fn retry_delay(failures: u32, interval: Duration) -> Duration {
+    let backoff = FIRST_RETRY.saturating_mul(1 << failures.saturating_sub(1).min(16));
+    backoff.min(MAX_RETRY_AFTER_FAILURE).min(interval)
+}
 
 /// How the bundle endpoint is authenticated.
 #[derive(Debug, Clone)]
@@ -358,13 +367,20 @@ impl BundleFetcher {
 
     /// Fetches now and then on schedule until `stop` fires.
     pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut failures = 0;
         loop {
             let wait = match self.fetch_once().await {
-                Ok(_) => self.next_interval(),
+                Ok(_) => {
+                    failures = 0;
+                    self.next_interval()
+                }
                 Err(e) => {
+                    failures += 1;
+                    let wait = retry_delay(failures, self.next_interval());
                     warn!(trust_domain = %self.endpoint.trust_domain, url = %self.endpoint.url,
-                        error = %e, "bundle endpoint fetch failed; keeping the last good bundle");
-                    self.next_interval().min(MAX_RETRY_AFTER_FAILURE)
+                        error = %e, retry_in = ?wait,
+                        "bundle endpoint fetch failed; keeping the last good bundle");
+                    wait
                 }
             };
             tokio::select! {
@@ -372,5 +388,26 @@ impl BundleFetcher {
                 _ = stop.changed() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_back_off_exponentially_within_bounds() {
+        let hour = Duration::from_secs(3600);
+        let secs = |n| Duration::from_secs(n);
+        assert_eq!(retry_delay(1, hour), secs(1));
+        assert_eq!(retry_delay(2, hour), secs(2));
+        assert_eq!(retry_delay(5, hour), secs(16));
+        assert_eq!(retry_delay(6, hour), secs(30));
+        assert_eq!(retry_delay(u32::MAX, hour), secs(30));
+        assert_eq!(
+            retry_delay(5, secs(3)),
+            secs(3),
+            "never later than the next interval"
+        );
     }
 }

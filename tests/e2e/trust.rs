@@ -1,0 +1,309 @@
+//! Identity and trust with real processes: PKI from `isthmus ca`, two gateways
+//! federating through a SPIFFE bundle endpoint, `openssl s_client` as an outside
+//! client, rotation through files, and bad files rejected while serving goes on.
+#![allow(clippy::unwrap_used)] // a panic is how a test reports failure
+
+use std::path::Path;
+use std::time::Duration;
+
+use isthmus_tests::{
+    DevPki, Gateway, free_addr, isthmus, metric_value, openssl_s_client, replace_file, wait_for,
+};
+
+const START: Duration = Duration::from_secs(20);
+
+fn gateway_config(
+    name: &str,
+    td: &str,
+    admin: std::net::SocketAddr,
+    tls_dir: &Path,
+    bundle: &Path,
+    extra: &str,
+) -> String {
+    format!(
+        r#"[gateway]
+name = "{name}"
+cluster = "{name}-cluster"
+trust_domain = "{td}"
+[gateway.locality]
+region = "test"
+[identity]
+cert = "{cert}"
+key = "{key}"
+bundle = "{bundle}"
+[admin]
+listen = "{admin}"
+[log]
+format = "json"
+[runtime]
+threads = 1
+{extra}
+"#,
+        cert = tls_dir.join("svid.crt").display(),
+        key = tls_dir.join("svid.key").display(),
+        bundle = bundle.display(),
+    )
+}
+
+fn authorities(debug: &serde_json::Value, td: &str) -> Option<usize> {
+    debug["trust_domains"]
+        .as_array()?
+        .iter()
+        .find(|d| d["trust_domain"] == td)
+        .and_then(|d| d["authorities"].as_array().map(Vec::len))
+}
+
+#[test]
+fn federation_through_bundle_endpoints_with_rotation() {
+    let pki = DevPki::new();
+    let ca_a = pki.ca("ca-a", "a.example");
+    let ca_b = pki.ca("ca-b", "b.example");
+    let tls_a = pki.issue(&ca_a, "spiffe://a.example/isthmus/gateway/gw-a", "tls-a");
+    let tls_b = pki.issue(&ca_b, "spiffe://b.example/isthmus/gateway/gw-b", "tls-b");
+    // A's bundle lives in its own file so it can be rotated.
+    let bundle_a = pki.path().join("a-bundle.pem");
+    std::fs::copy(ca_a.join("bundle.pem"), &bundle_a).unwrap();
+
+    let (admin_a, endpoint_a, admin_b) = (free_addr(), free_addr(), free_addr());
+    let config_a = gateway_config(
+        "gw-a",
+        "a.example",
+        admin_a,
+        &tls_a,
+        &bundle_a,
+        &format!(
+            "[[trust.federated]]\ntrust_domain = \"b.example\"\nbundle = \"{}\"\n\
+             [trust.bundle_endpoint]\nlisten = \"{endpoint_a}\"\nrefresh_hint = \"1s\"\n",
+            ca_b.join("bundle.json").display()
+        ),
+    );
+    let config_b = gateway_config(
+        "gw-b",
+        "b.example",
+        admin_b,
+        &tls_b,
+        &ca_b.join("bundle.pem"),
+        &format!(
+            "[[trust.federated]]\ntrust_domain = \"a.example\"\nbundle = \"{}\"\n\
+             endpoint_url = \"https://{endpoint_a}/\"\n\
+             endpoint_spiffe_id = \"spiffe://a.example/isthmus/gateway/gw-a\"\n",
+            ca_a.join("bundle.pem").display()
+        ),
+    );
+    let mut a = Gateway::start(&config_a, admin_a, &[]).unwrap();
+    let mut b = Gateway::start(&config_b, admin_b, &[]).unwrap();
+    a.wait_ready(START).unwrap();
+    b.wait_ready(START).unwrap();
+
+    // An outside client verifies A's bundle endpoint with A's CA.
+    let s_client = openssl_s_client(endpoint_a, &ca_a.join("ca.crt"));
+    assert!(
+        s_client.contains("Verify return code: 0 (ok)"),
+        "{s_client}"
+    );
+    let debug_a = a.admin_json("/debug/trust");
+    assert_eq!(
+        debug_a["identity"]["spiffe_id"],
+        "spiffe://a.example/isthmus/gateway/gw-a"
+    );
+    let first_fingerprint = debug_a["identity"]["fingerprint_sha256"].clone();
+
+    // B replaced its bootstrap bundle for a.example with the endpoint's.
+    wait_for(
+        Duration::from_secs(10),
+        "B to fetch a.example's bundle",
+        || {
+            let debug = b.admin_json("/debug/trust");
+            let a_domain = debug["trust_domains"]
+                .as_array()?
+                .iter()
+                .find(|d| d["trust_domain"] == "a.example")?
+                .clone();
+            a_domain["source"].get("endpoint").map(|_| ())
+        },
+    )
+    .unwrap();
+
+    // Rotate A's root: publish old + new root, then an SVID from the new root.
+    let ca_a2 = pki.ca("ca-a2", "a.example");
+    let mut both = std::fs::read(ca_a.join("ca.crt")).unwrap();
+    both.extend(std::fs::read(ca_a2.join("ca.crt")).unwrap());
+    replace_file(&bundle_a, &both);
+    wait_for(
+        Duration::from_secs(10),
+        "A to load the two-root bundle",
+        || (authorities(&a.admin_json("/debug/trust"), "a.example") == Some(2)).then_some(()),
+    )
+    .unwrap();
+    // Peers must learn the new root (one refresh hint) before A uses it, or they
+    // could not authenticate A any more: B follows through the endpoint.
+    wait_for(
+        Duration::from_secs(10),
+        "B to learn a.example's new root",
+        || (authorities(&b.admin_json("/debug/trust"), "a.example") == Some(2)).then_some(()),
+    )
+    .unwrap();
+    let rotated = pki.issue(&ca_a2, "spiffe://a.example/isthmus/gateway/gw-a", "tls-a2");
+    replace_file(
+        &tls_a.join("svid.key"),
+        &std::fs::read(rotated.join("svid.key")).unwrap(),
+    );
+    replace_file(
+        &tls_a.join("svid.crt"),
+        &std::fs::read(rotated.join("svid.crt")).unwrap(),
+    );
+    wait_for(Duration::from_secs(10), "A to present the new SVID", || {
+        let fp = a.admin_json("/debug/trust")["identity"]["fingerprint_sha256"].clone();
+        (fp != first_fingerprint).then_some(())
+    })
+    .unwrap();
+    // New handshakes carry the new SVID: it verifies with the new root only.
+    let s_client = openssl_s_client(endpoint_a, &ca_a2.join("ca.crt"));
+    assert!(
+        s_client.contains("Verify return code: 0 (ok)"),
+        "{s_client}"
+    );
+    let s_client = openssl_s_client(endpoint_a, &ca_a.join("ca.crt"));
+    assert!(
+        !s_client.contains("Verify return code: 0 (ok)"),
+        "{s_client}"
+    );
+    // B still authenticates A's endpoint after A's switch: it keeps fetching.
+    let fetched = |gw: &Gateway| {
+        metric_value(
+            &gw.admin_get("/metrics").body,
+            "isthmus_trust_bundle_fetches_total{result=\"unchanged\",trust_domain=\"a.example\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let before = fetched(&b);
+    wait_for(
+        Duration::from_secs(10),
+        "B to fetch from the rotated endpoint",
+        || (fetched(&b) > before).then_some(()),
+    )
+    .unwrap();
+
+    // A corrupted bundle file is rejected, logged and counted; nothing changes.
+    replace_file(
+        &bundle_a,
+        b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    );
+    a.wait_log(
+        "bundle rejected; the previous bundle stays in use",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let metrics = a.admin_get("/metrics").body;
+    assert!(
+        metric_value(&metrics, "isthmus_tls_reload_errors_total{kind=\"bundle\"}") >= Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        authorities(&a.admin_json("/debug/trust"), "a.example"),
+        Some(2)
+    );
+    assert_eq!(a.admin_get("/readyz").status, 200);
+    let s_client = openssl_s_client(endpoint_a, &ca_a2.join("ca.crt"));
+    assert!(
+        s_client.contains("Verify return code: 0 (ok)"),
+        "{s_client}"
+    );
+
+    // SIGHUP re-reads the files too.
+    a.signal("HUP").unwrap();
+    a.wait_log("configuration reloaded", Duration::from_secs(5))
+        .unwrap();
+
+    for gw in [&mut a, &mut b] {
+        gw.signal("TERM").unwrap();
+        let (status, _) = gw.wait_exit(Duration::from_secs(5)).unwrap();
+        assert_eq!(status.code(), Some(0));
+    }
+}
+
+#[test]
+fn bad_identity_files_are_configuration_errors() {
+    let pki = DevPki::new();
+    let ca = pki.ca("ca", "a.example");
+    let other_ca = pki.ca("other", "a.example");
+    let tls = pki.issue(&ca, "spiffe://a.example/isthmus/gateway/gw-a", "tls");
+    let wrong_id = pki.issue(
+        &ca,
+        "spiffe://a.example/isthmus/gateway/somebody-else",
+        "wrong",
+    );
+    let admin = free_addr();
+    let check = |config: &str| {
+        let file = pki.path().join("check.toml");
+        std::fs::write(&file, config).unwrap();
+        let out = isthmus(&["check-config", "--config", file.to_str().unwrap()], &[]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let good = gateway_config("gw-a", "a.example", admin, &tls, &ca.join("bundle.pem"), "");
+    assert_eq!(check(&good).0, Some(0), "{}", check(&good).1);
+
+    let (code, err) = check(&good.replace("svid.crt", "missing.crt"));
+    assert_eq!(code, Some(78));
+    assert!(
+        err.contains("identity.cert:") && err.contains("cannot be read"),
+        "{err}"
+    );
+
+    let (code, err) = check(&gateway_config(
+        "gw-a",
+        "a.example",
+        admin,
+        &wrong_id,
+        &ca.join("bundle.pem"),
+        "",
+    ));
+    assert_eq!(code, Some(78));
+    assert!(
+        err.contains("identity.cert:") && err.contains("somebody-else"),
+        "{err}"
+    );
+
+    let (code, err) = check(&gateway_config(
+        "gw-a",
+        "a.example",
+        admin,
+        &tls,
+        &other_ca.join("bundle.pem"),
+        "",
+    ));
+    assert_eq!(code, Some(78));
+    assert!(
+        err.contains("does not validate against the bundle"),
+        "{err}"
+    );
+
+    // A key that is not the certificate's.
+    let mixed = pki.path().join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    std::fs::copy(tls.join("svid.crt"), mixed.join("svid.crt")).unwrap();
+    std::fs::copy(wrong_id.join("svid.key"), mixed.join("svid.key")).unwrap();
+    let (code, err) = check(&gateway_config(
+        "gw-a",
+        "a.example",
+        admin,
+        &mixed,
+        &ca.join("bundle.pem"),
+        "",
+    ));
+    assert_eq!(code, Some(78));
+    assert!(
+        err.contains("identity.key:") && err.contains("does not match"),
+        "{err}"
+    );
+
+    // The same problems stop `isthmus run` before it binds anything.
+    let file = pki.path().join("run.toml");
+    std::fs::write(&file, good.replace("svid.crt", "missing.crt")).unwrap();
+    let out = isthmus(&["run", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(78));
+    std::net::TcpListener::bind(admin).expect("admin port still free");
+}
