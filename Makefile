@@ -1,12 +1,18 @@
-# Entry points for people and CI. `make demo`-style targets install what the build
-# needs on a fresh Debian machine first (cmake: Pingora builds zlib-ng with it;
-# curl: the end-to-end tests use it as their HTTP client).
+# Entry points for people and CI. Targets install what the build needs on a fresh
+# Debian machine first (cmake: Pingora builds zlib-ng with it; curl and openssl:
+# the end-to-end tests use them as outside clients).
 
 CARGO ?= cargo
-CONFIG ?= config/examples/edge-vm.toml
-APT_PACKAGES := cmake curl
+APT_PACKAGES := cmake curl openssl
+ISTHMUS := target/debug/isthmus
+# Development PKI for `make run`, made once with `isthmus ca`.
+DEV_PKI := target/dev-pki
+DEV_ID := spiffe://cluster.local/isthmus/gateway/isthmus
+FUZZ_SECONDS ?= 20
+FUZZ_TARGETS := bundle spiffe_id
 
-.PHONY: deps run test lint ci
+SHELL := /bin/bash
+.PHONY: deps run test lint fuzz
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
@@ -16,9 +22,18 @@ deps:
 	fi
 	@command -v cargo-nextest >/dev/null || $(CARGO) install --locked cargo-nextest
 
-# Run the gateway with a shipped example configuration (Ctrl-C stops it).
+# Run the gateway with the packaged configuration plus a development identity
+# (overridden from the environment) and its SPIFFE bundle endpoint on :15013.
+# Ctrl-C stops it.
 run: deps
-	$(CARGO) run -p isthmus-gateway --bin isthmus -- run --config $(CONFIG)
+	$(CARGO) build -p isthmus-gateway --bin isthmus
+	@test -f $(DEV_PKI)/ca/ca.crt || $(ISTHMUS) ca init --trust-domain cluster.local --out $(DEV_PKI)/ca
+	@test -f $(DEV_PKI)/gw/svid.crt || $(ISTHMUS) ca issue --ca $(DEV_PKI)/ca --spiffe-id $(DEV_ID) --out $(DEV_PKI)/gw
+	ISTHMUS__IDENTITY__CERT=$(CURDIR)/$(DEV_PKI)/gw/svid.crt \
+	ISTHMUS__IDENTITY__KEY=$(CURDIR)/$(DEV_PKI)/gw/svid.key \
+	ISTHMUS__IDENTITY__BUNDLE=$(CURDIR)/$(DEV_PKI)/ca/bundle.pem \
+	ISTHMUS__TRUST__BUNDLE_ENDPOINT__LISTEN=127.0.0.1:15013 \
+		$(ISTHMUS) run --config config/isthmus.toml
 
 # The whole test suite: unit, integration and end-to-end (starts real processes).
 test: deps
@@ -27,3 +42,17 @@ test: deps
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Build every fuzz target and run each for FUZZ_SECONDS from its seeds. The
+# stable toolchain builds them with RUSTC_BOOTSTRAP=1 (cargo-fuzz needs -Z flags).
+fuzz: deps
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build --fuzz-dir federation/fuzz
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p federation/fuzz/corpus/$$t; \
+		echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --fuzz-dir federation/fuzz $$t \
+			federation/fuzz/corpus/$$t federation/fuzz/seeds/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 2>&1 | grep -E '^(Done|#[0-9]+ +DONE)|ERROR|panicked' ; \
+		test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	done
