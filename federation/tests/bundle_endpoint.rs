@@ -3,12 +3,15 @@
 //! `https_spiffe` and `https_web` profiles.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test reports failure
 
+mod common;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use common::{HOUR, domain, id, svid, td};
 use http::{Response, Uri};
 use http_body_util::Full;
 use hyper::service::service_fn;
@@ -17,46 +20,15 @@ use isthmus_federation::trust::ca::{self, CaMaterial};
 use isthmus_federation::trust::endpoint::FetchOutcome;
 use isthmus_federation::trust::tls::{crypto_provider, svid_server_config};
 use isthmus_federation::trust::{
-    BundleEndpoint, BundleFetcher, BundleSource, DomainTrust, EndpointProfile, FetchError,
-    FetchMetrics, Svid, TlsMaterial, TrustBundle, TrustStore,
+    BundleEndpoint, BundleFetcher, BundleSource, EndpointProfile, FetchError, FetchMetrics,
+    TlsMaterial, TrustBundle, TrustStore,
 };
-use isthmus_federation::{SpiffeId, TrustDomain};
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 
-const HOUR: Duration = Duration::from_secs(3600);
 const ENDPOINT_ID: &str = "spiffe://remote.example/isthmus/gateway/gw-remote";
-
-fn td(s: &str) -> TrustDomain {
-    s.parse().unwrap()
-}
-
-fn id(s: &str) -> SpiffeId {
-    s.parse().unwrap()
-}
-
-fn domain(name: &str, pem: &str) -> DomainTrust {
-    let bundle = TrustBundle::parse(td(name), pem.as_bytes()).unwrap();
-    DomainTrust::new(
-        bundle,
-        BundleSource::File(format!("{name}.pem")),
-        &crypto_provider(),
-    )
-    .unwrap()
-}
-
-fn svid(ca: &CaMaterial, spiffe_id: &str) -> Svid {
-    let issued = ca::issue_svid(ca, &id(spiffe_id), HOUR).unwrap();
-    Svid::from_pem(
-        issued.cert_pem.as_bytes(),
-        issued.key_pem.as_bytes(),
-        None,
-        &crypto_provider(),
-    )
-    .unwrap()
-}
 
 /// Serves whatever `doc` holds at any path, over TLS with `config`.
 async fn serve(config: ServerConfig, doc: Arc<ArcSwap<String>>) -> std::net::SocketAddr {
@@ -100,7 +72,7 @@ async fn https_spiffe_bootstraps_follows_rotation_and_refuses_rollback() {
     // The remote endpoint serves with an SVID from its first root.
     let remote_material = TlsMaterial::new(
         svid(&remote1, ENDPOINT_ID),
-        TrustStore::default().with(domain("remote.example", &remote1.cert_pem)),
+        TrustStore::default().with(domain("remote.example", &[&remote1])),
         crypto_provider(),
     );
     let doc = Arc::new(ArcSwap::from_pointee(bundle_json(
@@ -114,8 +86,8 @@ async fn https_spiffe_bootstraps_follows_rotation_and_refuses_rollback() {
     let local = TlsMaterial::new(
         svid(&local_ca, "spiffe://local.example/isthmus/gateway/gw"),
         TrustStore::default()
-            .with(domain("local.example", &local_ca.cert_pem))
-            .with(domain("remote.example", &remote1.cert_pem)),
+            .with(domain("local.example", &[&local_ca]))
+            .with(domain("remote.example", &[&remote1])),
         crypto_provider(),
     );
     let metrics = FetchMetrics::new(&prometheus::Registry::new()).unwrap();
@@ -209,14 +181,14 @@ async fn the_fetch_loop_honours_the_refresh_hint() {
     let remote = ca::create_ca(&td("remote.example"), HOUR).unwrap();
     let remote_material = TlsMaterial::new(
         svid(&remote, ENDPOINT_ID),
-        TrustStore::default().with(domain("remote.example", &remote.cert_pem)),
+        TrustStore::default().with(domain("remote.example", &[&remote])),
         crypto_provider(),
     );
     let doc = Arc::new(ArcSwap::from_pointee(bundle_json(&[&remote], 1, 1)));
     let addr = serve(svid_server_config(&remote_material).unwrap(), doc.clone()).await;
     let local = TlsMaterial::new(
         svid(&local_ca, "spiffe://local.example/isthmus/gateway/gw"),
-        TrustStore::default().with(domain("remote.example", &remote.cert_pem)),
+        TrustStore::default().with(domain("remote.example", &[&remote])),
         crypto_provider(),
     );
     let metrics = FetchMetrics::new(&prometheus::Registry::new()).unwrap();

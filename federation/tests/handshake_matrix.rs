@@ -3,57 +3,24 @@
 //! accepting valid peers after each.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test reports failure
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use common::{HOUR, id, store, svid, td};
 use isthmus_federation::trust::ca::{self, CaMaterial, LeafSpec};
 use isthmus_federation::trust::tls::{SpiffeServerVerifier, crypto_provider, mtls_server_config};
 use isthmus_federation::trust::{
-    BundleSource, DomainTrust, HandshakeMetrics, PeerPolicy, SpiffeAcceptor, SpiffeConnector, Svid,
-    TlsMaterial, TrustBundle, TrustStore,
+    HandshakeMetrics, PeerPolicy, SpiffeAcceptor, SpiffeConnector, TlsMaterial,
 };
-use isthmus_federation::{SpiffeId, TrustDomain};
 use rustls::ClientConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-
-/// A certificate and its key, PEM.
-type CertAndKey = (String, String);
-
-const HOUR: Duration = Duration::from_secs(3600);
-
-fn td(s: &str) -> TrustDomain {
-    s.parse().unwrap()
-}
-
-fn id(s: &str) -> SpiffeId {
-    s.parse().unwrap()
-}
-
-fn store(cas: &[(&str, &CaMaterial)]) -> TrustStore {
-    let provider = crypto_provider();
-    cas.iter().fold(TrustStore::default(), |store, (name, ca)| {
-        let bundle = TrustBundle::parse(td(name), ca.cert_pem.as_bytes()).unwrap();
-        store.with(
-            DomainTrust::new(bundle, BundleSource::File(format!("{name}.pem")), &provider).unwrap(),
-        )
-    })
-}
-
-fn svid(ca: &CaMaterial, spiffe_id: &str) -> Svid {
-    let issued = ca::issue_svid(ca, &id(spiffe_id), HOUR).unwrap();
-    Svid::from_pem(
-        issued.cert_pem.as_bytes(),
-        issued.key_pem.as_bytes(),
-        None,
-        &crypto_provider(),
-    )
-    .unwrap()
-}
 
 struct Pki {
     a: CaMaterial,
@@ -73,6 +40,9 @@ impl Pki {
         }
     }
 }
+
+/// A certificate and its key, PEM.
+type CertAndKey = (String, String);
 
 const SERVER_ID: &str = "spiffe://a.example/isthmus/gateway/server";
 const PEER_B: &str = "spiffe://b.example/isthmus/gateway/gw-b";

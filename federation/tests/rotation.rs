@@ -4,35 +4,27 @@
 //! new material; corrupted replacement files change nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test reports failure
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use common::{HOUR, domain, id, svid, td};
 use isthmus_federation::trust::ca::{self, CaMaterial};
 use isthmus_federation::trust::tls::{crypto_provider, mtls_server_config};
 use isthmus_federation::trust::{
-    BundleFile, BundleRole, BundleSource, DomainTrust, FileMaterial, HandshakeMetrics,
-    MaterialFiles, MaterialMetrics, PeerPolicy, SpiffeAcceptor, SpiffeConnector, Svid, TlsMaterial,
-    TrustBundle, TrustStore,
+    BundleFile, BundleRole, FileMaterial, HandshakeMetrics, MaterialFiles, MaterialMetrics,
+    PeerPolicy, SpiffeAcceptor, SpiffeConnector, Svid, TlsMaterial, TrustStore,
 };
-use isthmus_federation::{SpiffeId, TrustDomain};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const HOUR: Duration = Duration::from_secs(3600);
 const SERVER_ID: &str = "spiffe://a.example/isthmus/gateway/server";
 const CLIENT_ID: &str = "spiffe://b.example/isthmus/gateway/client";
-
-fn td(s: &str) -> TrustDomain {
-    s.parse().unwrap()
-}
-
-fn id(s: &str) -> SpiffeId {
-    s.parse().unwrap()
-}
 
 /// Writes like real tools do: a temporary file renamed over the target.
 fn replace(path: &Path, contents: &str) {
@@ -52,22 +44,10 @@ async fn eventually(what: &str, cond: impl Fn() -> bool) {
 
 /// A client of b.example whose view of a.example's bundle is `a_roots`.
 fn client(b: &CaMaterial, a_roots: &[&CaMaterial], metrics: &HandshakeMetrics) -> SpiffeConnector {
-    let provider = crypto_provider();
-    let issued = ca::issue_svid(b, &id(CLIENT_ID), HOUR).unwrap();
-    let svid = Svid::from_pem(
-        issued.cert_pem.as_bytes(),
-        issued.key_pem.as_bytes(),
-        None,
-        &provider,
-    )
-    .unwrap();
-    let pem: String = a_roots.iter().map(|c| c.cert_pem.as_str()).collect();
-    let a_bundle = TrustBundle::parse(td("a.example"), pem.as_bytes()).unwrap();
-    let b_bundle = TrustBundle::parse(td("b.example"), b.cert_pem.as_bytes()).unwrap();
     let store = TrustStore::default()
-        .with(DomainTrust::new(a_bundle, BundleSource::File("a".into()), &provider).unwrap())
-        .with(DomainTrust::new(b_bundle, BundleSource::File("b".into()), &provider).unwrap());
-    let material = TlsMaterial::new(svid, store, provider);
+        .with(domain("a.example", a_roots))
+        .with(domain("b.example", &[b]));
+    let material = TlsMaterial::new(svid(b, CLIENT_ID), store, crypto_provider());
     SpiffeConnector::new(material, metrics.clone(), Duration::from_secs(5), vec![])
 }
 
@@ -234,14 +214,7 @@ async fn root_rotation_mid_traffic() {
             &provider,
         )
         .unwrap();
-        let store = TrustStore::default().with(
-            DomainTrust::new(
-                TrustBundle::parse(td("a.example"), ca2.cert_pem.as_bytes()).unwrap(),
-                BundleSource::File("a".into()),
-                &provider,
-            )
-            .unwrap(),
-        );
+        let store = TrustStore::default().with(domain("a.example", &[&ca2]));
         let c = SpiffeConnector::new(
             TlsMaterial::new(svid, store, provider),
             metrics.clone(),

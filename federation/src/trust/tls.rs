@@ -22,7 +22,9 @@ use arc_swap::ArcSwap;
 use prometheus::{IntCounterVec, Opts, Registry};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, verify_server_cert_signed_by_trust_anchor};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::crypto::{
+    CryptoProvider, WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature,
+};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert};
@@ -84,6 +86,11 @@ impl TlsMaterial {
     /// The crypto provider.
     pub fn provider(&self) -> &Arc<CryptoProvider> {
         &self.provider
+    }
+
+    /// The provider's signature verification algorithms.
+    fn algorithms(&self) -> &WebPkiSupportedAlgorithms {
+        &self.provider.signature_verification_algorithms
     }
 }
 
@@ -225,12 +232,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.material.provider.signature_verification_algorithms,
-        )
+        verify_tls12_signature(message, cert, dss, self.material.algorithms())
     }
 
     fn verify_tls13_signature(
@@ -239,19 +241,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.material.provider.signature_verification_algorithms,
-        )
+        verify_tls13_signature(message, cert, dss, self.material.algorithms())
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.material
-            .provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.material.algorithms().supported_schemes()
     }
 }
 
@@ -287,7 +281,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             &domain.roots,
             intermediates,
             now,
-            self.material.provider.signature_verification_algorithms.all,
+            self.material.algorithms().all,
         )?;
         if !self.expected.allows(&id) {
             return Err(SpiffeVerifyError::Unauthorized(id).into_rustls());
@@ -301,12 +295,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.material.provider.signature_verification_algorithms,
-        )
+        verify_tls12_signature(message, cert, dss, self.material.algorithms())
     }
 
     fn verify_tls13_signature(
@@ -315,19 +304,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.material.provider.signature_verification_algorithms,
-        )
+        verify_tls13_signature(message, cert, dss, self.material.algorithms())
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.material
-            .provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.material.algorithms().supported_schemes()
     }
 }
 

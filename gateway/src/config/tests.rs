@@ -5,14 +5,21 @@ use super::*;
 
 const NO_ENV: [(String, String); 0] = [];
 
-const MINIMAL: &str = r#"
+/// The smallest valid configuration, as a macro so other constants can extend it.
+macro_rules! minimal {
+    () => {
+        r#"
 [gateway]
 name = "gw-1"
 cluster = "east"
 trust_domain = "east.example.org"
 [gateway.locality]
 region = "us-east"
-"#;
+"#
+    };
+}
+
+const MINIMAL: &str = minimal!();
 
 fn shipped_files() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
@@ -321,14 +328,9 @@ fn a_table_of_the_wrong_type_is_one_error() {
     );
 }
 
-const WITH_TRUST: &str = r#"
-[gateway]
-name = "gw-1"
-cluster = "east"
-trust_domain = "east.example.org"
-[gateway.locality]
-region = "us-east"
-[identity]
+const WITH_TRUST: &str = concat!(
+    minimal!(),
+    r#"[identity]
 cert = "tls/svid.crt"
 key = "tls/svid.key"
 bundle = "/etc/isthmus/tls/bundle.pem"
@@ -352,7 +354,8 @@ bundle = "static.json"
 [trust.bundle_endpoint]
 listen = "127.0.0.1:15013"
 refresh_hint = "30s"
-"#;
+"#
+);
 
 #[test]
 fn identity_and_trust_sections_parse_into_typed_values() {
