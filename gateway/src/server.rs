@@ -110,26 +110,16 @@ pub fn run(config_path: &Path) -> ExitCode {
     admin_service.threads = Some(1);
     server.add_service(admin_service);
     if let Some(trust) = &trust {
-        if let Some(endpoint) = &config.load().trust.bundle_endpoint {
-            let app = BundleEndpointApp {
-                material: trust.material().clone(),
-                trust_domain: config.load().gateway.trust_domain.clone(),
-                refresh_hint: endpoint.refresh_hint,
-            };
-            let mut service = Service::new("bundle endpoint".to_owned(), app);
-            // The rustls listener takes our resolver, so SVID rotation applies to
-            // the next handshake; the certificate paths are then unused.
-            let mut tls = match TlsSettings::intermediate("", "") {
-                Ok(tls) => tls,
+        if let Some(service) = bundle_endpoint_service(&config.load(), trust) {
+            match service {
+                Ok(service) => {
+                    server.add_service(service);
+                }
                 Err(e) => {
                     error!(error = %e, "cannot configure the bundle endpoint's TLS");
                     return ExitCode::from(EXIT_FAILURE);
                 }
-            };
-            tls.set_cert_resolver(Arc::new(SvidResolver::new(trust.material().clone())));
-            service.add_tls_with_settings(&endpoint.listen.to_string(), None, tls);
-            service.threads = Some(1);
-            server.add_service(service);
+            }
         }
         server.add_service(background_service(
             "trust",
@@ -164,6 +154,31 @@ pub fn run(config_path: &Path) -> ExitCode {
     });
     info!("isthmus stopped");
     ExitCode::SUCCESS
+}
+
+/// The SPIFFE bundle endpoint's listening service, when configured.
+fn bundle_endpoint_service(
+    config: &Config,
+    trust: &Trust,
+) -> Option<pingora_error::Result<Service<BundleEndpointApp>>> {
+    let endpoint = config.trust.bundle_endpoint.as_ref()?;
+    let app = BundleEndpointApp {
+        material: trust.material().clone(),
+        trust_domain: config.gateway.trust_domain.clone(),
+        refresh_hint: endpoint.refresh_hint,
+    };
+    let mut service = Service::new("bundle endpoint".to_owned(), app);
+    // Pingora builds the listener's rustls config once; our resolver reads the
+    // live SVID on every handshake, so rotation needs no rebuild. The
+    // certificate paths are unused when a resolver is set.
+    let mut tls = match TlsSettings::intermediate("", "") {
+        Ok(tls) => tls,
+        Err(e) => return Some(Err(e)),
+    };
+    tls.set_cert_resolver(Arc::new(SvidResolver::new(trust.material().clone())));
+    service.add_tls_with_settings(&endpoint.listen.to_string(), None, tls);
+    service.threads = Some(1);
+    Some(Ok(service))
 }
 
 /// Every listener the configuration asks for, named by its config path.

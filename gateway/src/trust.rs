@@ -41,7 +41,8 @@ pub struct Trust {
     pub refresh_interval: Duration,
     /// `isthmus_trust_bundle_*` fetch metrics.
     pub fetch_metrics: FetchMetrics,
-    /// `isthmus_tls_handshakes_total`.
+    /// `isthmus_tls_handshakes_total`, recorded by the mTLS listeners and
+    /// connectors of the data plane.
     pub handshake_metrics: HandshakeMetrics,
 }
 
@@ -176,15 +177,12 @@ pub fn load(config: &Config, registry: &Registry) -> Result<Option<Trust>, Vec<M
     let Some(identity) = &config.identity else {
         return Ok(None);
     };
-    let metric = |e: prometheus::Error| {
-        vec![MaterialError {
-            field: "metrics".into(),
-            message: e.to_string(),
-        }]
-    };
-    let material_metrics = MaterialMetrics::new(registry).map_err(metric)?;
-    let fetch_metrics = FetchMetrics::new(registry).map_err(metric)?;
-    let handshake_metrics = HandshakeMetrics::new(registry).map_err(metric)?;
+    // Registration fails only on a duplicate metric name: a programming error
+    // that every test building a gateway would catch.
+    const UNIQUE: &str = "metric names are unique within the process";
+    let material_metrics = MaterialMetrics::new(registry).expect(UNIQUE);
+    let fetch_metrics = FetchMetrics::new(registry).expect(UNIQUE);
+    let handshake_metrics = HandshakeMetrics::new(registry).expect(UNIQUE);
     let files = FileMaterial::load(
         material_files(config, identity),
         crypto_provider(),
