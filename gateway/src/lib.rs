@@ -21,6 +21,7 @@ pub mod devpki;
 pub mod health;
 pub mod lifecycle;
 pub mod logging;
+pub mod mesh;
 pub mod metrics;
 pub mod server;
 pub mod trust;
