@@ -7,11 +7,13 @@
 //! code never handles an unvalidated string.
 #![forbid(unsafe_code)]
 
+pub mod catalog;
 pub mod identity;
 pub mod locality;
 pub mod names;
 pub mod trust;
 
+pub use catalog::{Catalog, ServiceKey};
 pub use identity::{SpiffeId, SpiffeIdError, TrustDomain, TrustDomainError};
 pub use locality::{Locality, LocalityError};
-pub use names::{ClusterName, GatewayName, NameError};
+pub use names::{ClusterName, GatewayName, NameError, Namespace, ServiceName};

@@ -102,6 +102,15 @@ label_newtype!(
     /// `spiffe://<trust-domain>/isthmus/gateway/<name>`.
     GatewayName
 );
+label_newtype!(
+    /// A namespace; with namespace sameness (MCS), the same namespace in every
+    /// cluster is one namespace.
+    Namespace
+);
+label_newtype!(
+    /// A service name within its namespace.
+    ServiceName
+);
 
 #[cfg(test)]
 mod tests {

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use isthmus_federation::catalog::{
+    Catalog, Protocol, RemoteGateway, ServiceEntry, ServiceKey, ServicePort,
+};
 use isthmus_federation::{
     ClusterName, GatewayName, Locality, LocalityError, SpiffeId, TrustDomain,
 };
@@ -18,8 +21,8 @@ use serde::Serialize;
 
 use super::error::{ConfigError, ConfigErrors};
 use super::raw::{
-    RawAdmin, RawBundleEndpoint, RawConfig, RawFederated, RawGateway, RawIdentity, RawLocality,
-    RawLog, RawRuntime, RawShutdown, RawTrust,
+    RawAdmin, RawBundleEndpoint, RawConfig, RawFederated, RawGateway, RawIdentity, RawListeners,
+    RawLocality, RawLog, RawPeer, RawRuntime, RawService, RawShutdown, RawTrust,
 };
 
 /// Default admin listener: loopback only, so metrics and debug data stay on the host.
@@ -59,6 +62,72 @@ pub struct Config {
     pub identity: Option<IdentityConfig>,
     /// Peers and federated trust domains.
     pub trust: TrustConfig,
+    /// Data plane listeners.
+    pub listeners: ListenersConfig,
+    /// Services of this cluster (and ports of services served by peers).
+    pub services: Vec<ServiceConfig>,
+    /// Peer gateways (static until federation discovers them).
+    pub peers: Vec<PeerConfig>,
+}
+
+/// `[listeners]`: each is off unless given an address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListenersConfig {
+    /// Plain HTTP (HTTP/1.1 and h2c) for local workloads, routed by Host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbound: Option<SocketAddr>,
+    /// mTLS from peer gateways, routed by SNI (needs `[identity]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub east_west: Option<SocketAddr>,
+}
+
+/// `[[services]]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceConfig {
+    /// Namespace.
+    pub namespace: isthmus_federation::Namespace,
+    /// Name.
+    pub name: isthmus_federation::ServiceName,
+    /// Ports.
+    pub ports: Vec<PortConfig>,
+    /// Endpoints in this cluster.
+    pub endpoints: Vec<SocketAddr>,
+    /// Visible to peer gateways.
+    pub export: bool,
+}
+
+/// `services[].ports[]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PortConfig {
+    /// Port number.
+    pub port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+}
+
+/// `[[peers]]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerConfig {
+    /// The peer's cluster.
+    pub cluster: ClusterName,
+    /// The SPIFFE ID it must present.
+    pub spiffe_id: SpiffeId,
+    /// Its east-west listener.
+    pub address: SocketAddr,
+    /// Where it runs, `region[/zone[/subzone]]`.
+    #[serde(serialize_with = "serialize_display")]
+    pub locality: Locality,
+    /// Services it serves, `namespace/name`.
+    #[serde(serialize_with = "serialize_keys")]
+    pub services: Vec<ServiceKey>,
+}
+
+fn serialize_display<S: serde::Serializer, T: Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn serialize_keys<S: serde::Serializer>(keys: &[ServiceKey], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(keys.iter().map(ToString::to_string))
 }
 
 /// `[identity]`: file paths, never key material.
@@ -291,29 +360,39 @@ impl Config {
         let identity = raw.identity.as_ref().and_then(|i| identity(&mut check, i));
         let own_td = gateway.as_ref().map(|g| &g.trust_domain);
         let trust = trust(&mut check, &raw.trust, own_td, raw.identity.is_some());
-        if let (Some(admin), Some(trust)) = (&admin, &trust)
-            && let Some(endpoint) = &trust.bundle_endpoint
-            && endpoint.listen == admin.listen
-        {
-            check.errors.push(ConfigError::new(
-                "trust.bundle_endpoint.listen",
-                format!("{} is already admin.listen", endpoint.listen),
-            ));
+        let listeners = listeners(&mut check, &raw.listeners, raw.identity.is_some());
+        let services = services(&mut check, raw.services.as_deref().unwrap_or_default());
+        let peers = peers(
+            &mut check,
+            raw.peers.as_deref().unwrap_or_default(),
+            &services,
+            own_td,
+            trust.as_ref(),
+        );
+        if let (Some(admin), Some(trust), Some(listeners)) = (&admin, &trust, &listeners) {
+            distinct_listeners(&mut check, admin, trust, listeners);
         }
-        match (gateway, admin, log, runtime, shutdown, trust) {
-            (Some(gateway), Some(admin), Some(log), Some(runtime), Some(shutdown), Some(trust))
-                if check.errors.is_empty() =>
-            {
-                Ok(Self {
-                    gateway,
-                    admin,
-                    log,
-                    runtime,
-                    shutdown,
-                    identity,
-                    trust,
-                })
-            }
+        match (gateway, admin, log, runtime, shutdown, trust, listeners) {
+            (
+                Some(gateway),
+                Some(admin),
+                Some(log),
+                Some(runtime),
+                Some(shutdown),
+                Some(trust),
+                Some(listeners),
+            ) if check.errors.is_empty() => Ok(Self {
+                gateway,
+                admin,
+                log,
+                runtime,
+                shutdown,
+                identity,
+                trust,
+                listeners,
+                services,
+                peers,
+            }),
             _ => Err(ConfigErrors(check.errors)),
         }
     }
@@ -321,6 +400,42 @@ impl Config {
     /// The SPIFFE ID this gateway presents: `spiffe://<td>/isthmus/gateway/<name>`.
     pub fn spiffe_id(&self) -> SpiffeId {
         SpiffeId::gateway(&self.gateway.trust_domain, &self.gateway.name)
+    }
+
+    /// The static service catalog: local endpoints from `[[services]]`, remote
+    /// gateways from `[[peers]]`.
+    pub fn catalog(&self) -> Catalog {
+        Catalog::new(self.services.iter().map(|svc| {
+            let key = ServiceKey {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+            };
+            let remote = self
+                .peers
+                .iter()
+                .filter(|p| p.services.contains(&key))
+                .map(|p| RemoteGateway {
+                    cluster: p.cluster.clone(),
+                    spiffe_id: p.spiffe_id.clone(),
+                    address: p.address,
+                    locality: p.locality.clone(),
+                })
+                .collect();
+            ServiceEntry {
+                key,
+                ports: svc
+                    .ports
+                    .iter()
+                    .map(|p| ServicePort {
+                        port: p.port,
+                        protocol: p.protocol,
+                    })
+                    .collect(),
+                endpoints: svc.endpoints.clone(),
+                remote,
+                exported: svc.export,
+            }
+        }))
     }
 
     /// Makes every relative file path absolute, relative to `base` (the
@@ -718,6 +833,198 @@ fn bundle_endpoint(check: &mut Check, raw: &RawBundleEndpoint) -> Option<BundleE
         listen: listen?,
         refresh_hint: refresh_hint?,
     })
+}
+
+fn listeners(check: &mut Check, raw: &RawListeners, has_identity: bool) -> Option<ListenersConfig> {
+    let before = check.errors.len();
+    let outbound = raw
+        .outbound
+        .as_deref()
+        .and_then(|a| check.parsed("listeners.outbound", parse_socket_addr(a)));
+    let east_west = raw
+        .east_west
+        .as_deref()
+        .and_then(|a| check.parsed("listeners.east_west", parse_socket_addr(a)));
+    if raw.east_west.is_some() && !has_identity {
+        check.errors.push(ConfigError::new(
+            "listeners.east_west",
+            "needs [identity]: peers authenticate this gateway by its SVID",
+        ));
+    }
+    (check.errors.len() == before).then_some(ListenersConfig {
+        outbound,
+        east_west,
+    })
+}
+
+/// No two listeners on the same address.
+fn distinct_listeners(
+    check: &mut Check,
+    admin: &AdminConfig,
+    trust: &TrustConfig,
+    listeners: &ListenersConfig,
+) {
+    let mut seen: Vec<(&str, SocketAddr)> = vec![("admin.listen", admin.listen)];
+    let others = [
+        (
+            "trust.bundle_endpoint.listen",
+            trust.bundle_endpoint.as_ref().map(|b| b.listen),
+        ),
+        ("listeners.outbound", listeners.outbound),
+        ("listeners.east_west", listeners.east_west),
+    ];
+    for (path, addr) in others {
+        let Some(addr) = addr else { continue };
+        if let Some((other, _)) = seen.iter().find(|(_, a)| *a == addr) {
+            check
+                .errors
+                .push(ConfigError::new(path, format!("{addr} is already {other}")));
+        }
+        seen.push((path, addr));
+    }
+}
+
+fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConfig> {
+    let mut out: Vec<ServiceConfig> = Vec::new();
+    for (i, svc) in raw.iter().enumerate() {
+        let at = |field: &str| format!("services[{i}].{field}");
+        let before = check.errors.len();
+        let namespace = check.required(&at("namespace"), svc.namespace.as_deref(), str::parse);
+        let name = check.required(&at("name"), svc.name.as_deref(), str::parse);
+        let mut ports: Vec<PortConfig> = Vec::new();
+        let raw_ports = svc.ports.as_deref().unwrap_or_default();
+        if raw_ports.is_empty() {
+            check
+                .errors
+                .push(ConfigError::new(at("ports"), "needs at least one port"));
+        }
+        for (j, p) in raw_ports.iter().enumerate() {
+            let port = match p.port {
+                Some(n) if (1..=65535).contains(&n) => Some(n as u16),
+                Some(n) => {
+                    check.errors.push(ConfigError::new(
+                        at(&format!("ports[{j}].port")),
+                        format!("{n} is not a port number (1-65535)"),
+                    ));
+                    None
+                }
+                None => {
+                    check.errors.push(ConfigError::new(
+                        at(&format!("ports[{j}].port")),
+                        "is required",
+                    ));
+                    None
+                }
+            };
+            let protocol = check.or_default(
+                &at(&format!("ports[{j}].protocol")),
+                p.protocol.as_deref(),
+                "http",
+                Protocol::from_str,
+            );
+            if let (Some(port), Some(protocol)) = (port, protocol) {
+                if ports.iter().any(|q| q.port == port) {
+                    check.errors.push(ConfigError::new(
+                        at(&format!("ports[{j}].port")),
+                        format!("{port} is listed twice"),
+                    ));
+                }
+                ports.push(PortConfig { port, protocol });
+            }
+        }
+        let endpoints = list(
+            check,
+            &at("endpoints"),
+            svc.endpoints.as_deref(),
+            parse_socket_addr,
+        );
+        if check.errors.len() > before {
+            continue;
+        }
+        let (Some(namespace), Some(name)) = (namespace, name) else {
+            continue;
+        };
+        if out
+            .iter()
+            .any(|s| s.namespace == namespace && s.name == name)
+        {
+            check.errors.push(ConfigError::new(
+                at("name"),
+                format!("{namespace}/{name} is listed twice"),
+            ));
+            continue;
+        }
+        out.push(ServiceConfig {
+            namespace,
+            name,
+            ports,
+            endpoints,
+            export: svc.export.unwrap_or(false),
+        });
+    }
+    out
+}
+
+fn peers(
+    check: &mut Check,
+    raw: &[RawPeer],
+    services: &[ServiceConfig],
+    own_td: Option<&TrustDomain>,
+    trust: Option<&TrustConfig>,
+) -> Vec<PeerConfig> {
+    let mut out = Vec::new();
+    for (i, p) in raw.iter().enumerate() {
+        let at = |field: &str| format!("peers[{i}].{field}");
+        let before = check.errors.len();
+        let cluster = check.required(&at("cluster"), p.cluster.as_deref(), ClusterName::from_str);
+        let spiffe_id =
+            check.required(&at("spiffe_id"), p.spiffe_id.as_deref(), SpiffeId::from_str);
+        let address = check.required(&at("address"), p.address.as_deref(), parse_socket_addr);
+        let locality = check.required(&at("locality"), p.locality.as_deref(), Locality::from_str);
+        let keys = list(
+            check,
+            &at("services"),
+            p.services.as_deref(),
+            ServiceKey::from_str,
+        );
+        for (j, key) in keys.iter().enumerate() {
+            if !services
+                .iter()
+                .any(|s| s.namespace == key.namespace && s.name == key.name)
+            {
+                check.errors.push(ConfigError::new(
+                    format!("peers[{i}].services[{j}]"),
+                    format!("{key} is not in [[services]], which gives its ports"),
+                ));
+            }
+        }
+        if let Some(id) = &spiffe_id {
+            let td = id.trust_domain();
+            let known = Some(&td) == own_td
+                || trust.is_some_and(|t| t.federated.iter().any(|f| f.trust_domain == td));
+            if !known {
+                check.errors.push(ConfigError::new(
+                    at("spiffe_id"),
+                    format!("trust domain {td} has no bundle: add it to [[trust.federated]]"),
+                ));
+            }
+        }
+        if check.errors.len() > before {
+            continue;
+        }
+        if let (Some(cluster), Some(spiffe_id), Some(address), Some(locality)) =
+            (cluster, spiffe_id, address, locality)
+        {
+            out.push(PeerConfig {
+                cluster,
+                spiffe_id,
+                address,
+                locality,
+                services: keys,
+            });
+        }
+    }
+    out
 }
 
 fn shutdown(check: &mut Check, raw: &RawShutdown) -> Option<ShutdownConfig> {

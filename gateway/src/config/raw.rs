@@ -31,6 +31,65 @@ pub struct RawConfig {
     /// `[trust]`: peers, federated trust domains, the bundle endpoint.
     #[serde(default)]
     pub trust: RawTrust,
+    /// `[listeners]`: the data plane's listeners.
+    #[serde(default)]
+    pub listeners: RawListeners,
+    /// `[[services]]`: services and their endpoints in this cluster.
+    pub services: Option<Vec<RawService>>,
+    /// `[[peers]]`: peer gateways and the services they serve.
+    pub peers: Option<Vec<RawPeer>>,
+}
+
+/// `[listeners]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListeners {
+    /// `listeners.outbound`
+    pub outbound: Option<String>,
+    /// `listeners.east_west`
+    pub east_west: Option<String>,
+}
+
+/// `[[services]]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    /// `services[].namespace`
+    pub namespace: Option<String>,
+    /// `services[].name`
+    pub name: Option<String>,
+    /// `services[].ports`
+    pub ports: Option<Vec<RawPort>>,
+    /// `services[].endpoints`
+    pub endpoints: Option<Vec<String>>,
+    /// `services[].export`
+    pub export: Option<bool>,
+}
+
+/// `services[].ports[]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPort {
+    /// `services[].ports[].port`
+    pub port: Option<i64>,
+    /// `services[].ports[].protocol`
+    pub protocol: Option<String>,
+}
+
+/// `[[peers]]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPeer {
+    /// `peers[].cluster`
+    pub cluster: Option<String>,
+    /// `peers[].spiffe_id`
+    pub spiffe_id: Option<String>,
+    /// `peers[].address`
+    pub address: Option<String>,
+    /// `peers[].locality`
+    pub locality: Option<String>,
+    /// `peers[].services`
+    pub services: Option<Vec<String>>,
 }
 
 /// `[identity]`

@@ -537,3 +537,156 @@ fn trust_without_identity_is_rejected() {
         assert!(errors.mentions(path), "{path}: {errors}");
     }
 }
+
+const WITH_DATA_PLANE: &str = concat!(
+    minimal!(),
+    r#"[identity]
+cert = "svid.crt"
+key = "svid.key"
+bundle = "bundle.pem"
+[[trust.federated]]
+trust_domain = "west.example.org"
+bundle = "west.pem"
+[listeners]
+outbound = "127.0.0.1:15001"
+east_west = "127.0.0.1:15443"
+[[services]]
+namespace = "shop"
+name = "web"
+ports = [{ port = 8080 }, { port = 9090, protocol = "grpc" }]
+endpoints = ["127.0.0.1:9001", "127.0.0.1:9002"]
+export = true
+[[services]]
+namespace = "shop"
+name = "cart"
+ports = [{ port = 80 }]
+[[peers]]
+cluster = "west"
+spiffe_id = "spiffe://west.example.org/isthmus/gateway/gw-w"
+address = "127.0.0.1:25443"
+locality = "eu-west/eu-west-1a"
+services = ["shop/cart", "shop/web"]
+"#
+);
+
+#[test]
+fn data_plane_sections_build_the_static_catalog() {
+    let c = parse_with_env(WITH_DATA_PLANE, "t", NO_ENV).expect("valid");
+    assert_eq!(c.listeners.outbound.unwrap().port(), 15001);
+    let catalog = c.catalog();
+    let web = catalog.get(&"shop/web".parse().unwrap()).unwrap();
+    assert_eq!(web.endpoints.len(), 2);
+    assert_eq!(
+        web.ports[1].protocol,
+        isthmus_federation::catalog::Protocol::Grpc
+    );
+    assert!(web.exported);
+    let cart = catalog.get(&"shop/cart".parse().unwrap()).unwrap();
+    assert!(cart.endpoints.is_empty() && !cart.exported);
+    assert_eq!(cart.remote.len(), 1);
+    assert_eq!(cart.remote[0].locality.to_string(), "eu-west/eu-west-1a");
+    let again = parse_with_env(&toml::to_string(&c).unwrap(), "printed", NO_ENV).unwrap();
+    assert_eq!(c, again);
+}
+
+fn assert_data_plane_rejects(from: &str, to: &str, path: &str) {
+    assert!(WITH_DATA_PLANE.contains(from), "{from}");
+    let errors = errors_of(&WITH_DATA_PLANE.replacen(from, to, 1));
+    assert!(
+        errors.mentions(path),
+        "expected {path} for {to:?}, got:\n{errors}"
+    );
+}
+
+#[test]
+fn each_data_plane_rule_has_a_failing_case() {
+    assert_data_plane_rejects(
+        "outbound = \"127.0.0.1:15001\"",
+        "outbound = \"x\"",
+        "listeners.outbound",
+    );
+    assert_data_plane_rejects(
+        "outbound = \"127.0.0.1:15001\"",
+        "outbound = \"127.0.0.1:15443\"",
+        "listeners.east_west",
+    );
+    assert_data_plane_rejects(
+        "outbound = \"127.0.0.1:15001\"",
+        "outbound = \"127.0.0.1:15000\"",
+        "listeners.outbound",
+    );
+    assert_data_plane_rejects(
+        "namespace = \"shop\"\nname = \"web\"",
+        "namespace = \"Shop\"\nname = \"web\"",
+        "services[0].namespace",
+    );
+    assert_data_plane_rejects("name = \"web\"", "name = \"cart\"", "services[1].name");
+    assert_data_plane_rejects(
+        "{ port = 8080 }",
+        "{ port = 0 }",
+        "services[0].ports[0].port",
+    );
+    assert_data_plane_rejects(
+        "{ port = 8080 }",
+        "{ port = 9090 }",
+        "services[0].ports[1].port",
+    );
+    assert_data_plane_rejects(
+        "protocol = \"grpc\"",
+        "protocol = \"udp\"",
+        "services[0].ports[1].protocol",
+    );
+    assert_data_plane_rejects("ports = [{ port = 80 }]", "ports = []", "services[1].ports");
+    assert_data_plane_rejects(
+        "\"127.0.0.1:9002\"",
+        "\"somewhere\"",
+        "services[0].endpoints[1]",
+    );
+    assert_data_plane_rejects(
+        "cluster = \"west\"",
+        "cluster = \"West\"",
+        "peers[0].cluster",
+    );
+    assert_data_plane_rejects("gw-w\"\naddress", "gw-w/\"\naddress", "peers[0].spiffe_id");
+    assert_data_plane_rejects(
+        "spiffe://west.example.org/isthmus/gateway/gw-w\"\naddress",
+        "spiffe://north.example.org/isthmus/gateway/gw-w\"\naddress",
+        "peers[0].spiffe_id",
+    );
+    assert_data_plane_rejects(
+        "address = \"127.0.0.1:25443\"",
+        "address = \"west:1\"",
+        "peers[0].address",
+    );
+    assert_data_plane_rejects(
+        "locality = \"eu-west/eu-west-1a\"",
+        "locality = \"a/b/c/d\"",
+        "peers[0].locality",
+    );
+    assert_data_plane_rejects(
+        "\"shop/cart\", \"shop/web\"",
+        "\"shop/cart\", \"shop/nope\"",
+        "peers[0].services[1]",
+    );
+    assert_data_plane_rejects(
+        "\"shop/cart\", \"shop/web\"",
+        "\"cart\"",
+        "peers[0].services[0]",
+    );
+    assert_data_plane_rejects(
+        "[[services]]\nnamespace = \"shop\"\nname = \"web\"",
+        "[[services]]\nnamespace = \"shop\"\nname = \"web\"\nweight = 1",
+        "services[0].weight",
+    );
+    // The east-west listener needs an identity.
+    let no_identity = WITH_DATA_PLANE
+        .replace(
+            "[identity]\ncert = \"svid.crt\"\nkey = \"svid.key\"\nbundle = \"bundle.pem\"\n",
+            "",
+        )
+        .replace(
+            "[[trust.federated]]\ntrust_domain = \"west.example.org\"\nbundle = \"west.pem\"\n",
+            "",
+        );
+    assert!(errors_of(&no_identity).mentions("listeners.east_west"));
+}

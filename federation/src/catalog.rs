@@ -1,0 +1,317 @@
+//! The service catalog: what the gateway can route to, published as immutable
+//! snapshots the data plane reads without locks.
+//!
+//! A service is `(namespace, name)`; the same name in the same namespace in
+//! every cluster is the same service (MCS namespace sameness). Each entry holds
+//! the ports, the endpoints in this cluster, and the peer gateways that serve it
+//! in other clusters. Until federation (issue 5) feeds it, the catalog is built
+//! from static configuration; consumers only see [`Catalog`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+use crate::names::NameError;
+use crate::{ClusterName, Locality, Namespace, ServiceName, SpiffeId};
+
+/// The zone of multi-cluster service names (MCS DNS spec).
+pub const CLUSTERSET_ZONE: &str = "svc.clusterset.local";
+/// The zone of Istio-style east-west SNI names.
+pub const CLUSTER_ZONE: &str = "svc.cluster.local";
+
+/// A service's identity across clusters: `(namespace, name)`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServiceKey {
+    /// Its namespace.
+    pub namespace: Namespace,
+    /// Its name.
+    pub name: ServiceName,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Why `namespace/name` is not a service key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceKeyError {
+    /// No `/` separating the two.
+    #[error("must be written namespace/name")]
+    Shape,
+    /// The namespace is invalid.
+    #[error("namespace {0}")]
+    Namespace(NameError),
+    /// The name is invalid.
+    #[error("name {0}")]
+    Name(NameError),
+}
+
+/// Parses `namespace/name`.
+impl FromStr for ServiceKey {
+    type Err = ServiceKeyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (ns, name) = s.split_once('/').ok_or(ServiceKeyError::Shape)?;
+        Ok(Self {
+            namespace: ns.parse().map_err(ServiceKeyError::Namespace)?,
+            name: name.parse().map_err(ServiceKeyError::Name)?,
+        })
+    }
+}
+
+/// The application protocol of a service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 or HTTP/2.
+    Http,
+    /// gRPC (HTTP/2).
+    Grpc,
+    /// Opaque TCP.
+    Tcp,
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "http" => Ok(Self::Http),
+            "grpc" => Ok(Self::Grpc),
+            "tcp" => Ok(Self::Tcp),
+            other => Err(format!(
+                "unknown protocol {other:?}; expected \"http\", \"grpc\" or \"tcp\""
+            )),
+        }
+    }
+}
+
+/// One port of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    /// Its port number, the same in every cluster.
+    pub port: u16,
+    /// Its protocol.
+    pub protocol: Protocol,
+}
+
+/// A peer gateway that serves a service in another cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RemoteGateway {
+    /// The cluster behind it.
+    pub cluster: ClusterName,
+    /// The SPIFFE ID it must present.
+    pub spiffe_id: SpiffeId,
+    /// Its east-west listener.
+    pub address: SocketAddr,
+    /// Where it runs.
+    pub locality: Locality,
+}
+
+/// Everything known about one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceEntry {
+    /// Its key.
+    pub key: ServiceKey,
+    /// Its ports.
+    pub ports: Vec<ServicePort>,
+    /// Endpoints in this cluster.
+    pub endpoints: Vec<SocketAddr>,
+    /// Peer gateways serving it elsewhere.
+    pub remote: Vec<RemoteGateway>,
+    /// Visible to peer gateways (MCS ServiceExport).
+    pub exported: bool,
+}
+
+impl ServiceEntry {
+    /// The port numbered `port`, or the only port when `port` is `None`.
+    pub fn port(&self, port: Option<u16>) -> Option<&ServicePort> {
+        match port {
+            Some(p) => self.ports.iter().find(|sp| sp.port == p),
+            None if self.ports.len() == 1 => self.ports.first(),
+            None => None,
+        }
+    }
+}
+
+/// An immutable catalog snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Catalog {
+    services: BTreeMap<ServiceKey, ServiceEntry>,
+}
+
+impl Catalog {
+    /// A catalog of `entries`.
+    pub fn new(entries: impl IntoIterator<Item = ServiceEntry>) -> Self {
+        Self {
+            services: entries.into_iter().map(|e| (e.key.clone(), e)).collect(),
+        }
+    }
+
+    /// The entry for `key`.
+    pub fn get(&self, key: &ServiceKey) -> Option<&ServiceEntry> {
+        self.services.get(key)
+    }
+
+    /// Every entry.
+    pub fn iter(&self) -> impl Iterator<Item = &ServiceEntry> {
+        self.services.values()
+    }
+}
+
+/// A service name as a client addresses it, with its port if given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Addressed {
+    /// The service.
+    pub key: ServiceKey,
+    /// The port, if the name carried one.
+    pub port: Option<u16>,
+}
+
+/// Parses an HTTP `Host`/`:authority`: `<svc>.<ns>.svc.clusterset.local[:port]`
+/// (also `<svc>.<ns>[.svc][:port]` and a trailing dot, as clients search domains
+/// produce). `None` when it names no service.
+pub fn parse_authority(authority: &str) -> Option<Addressed> {
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.contains(']') && !h.is_empty() => (h, Some(p.parse::<u16>().ok()?)),
+        _ => (authority, None),
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let stem = host
+        .strip_suffix(&format!(".{CLUSTERSET_ZONE}"))
+        .or_else(|| host.strip_suffix(".svc"))
+        .unwrap_or(&host);
+    let (name, namespace) = stem.split_once('.')?;
+    if namespace.contains('.') {
+        return None;
+    }
+    Some(Addressed {
+        key: ServiceKey {
+            namespace: namespace.parse().ok()?,
+            name: name.parse().ok()?,
+        },
+        port,
+    })
+}
+
+/// The east-west SNI for a service port, Istio-compatible:
+/// `outbound_.<port>_.<subset>_.<svc>.<ns>.svc.cluster.local` (`_` for no subset).
+pub fn east_west_sni(key: &ServiceKey, port: u16, subset: Option<&str>) -> String {
+    format!(
+        "outbound_.{port}_.{}_.{}.{}.{CLUSTER_ZONE}",
+        subset.unwrap_or(""),
+        key.name,
+        key.namespace
+    )
+}
+
+/// What an east-west SNI names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniTarget {
+    /// The service.
+    pub key: ServiceKey,
+    /// The port.
+    pub port: u16,
+    /// The subset, if any.
+    pub subset: Option<String>,
+}
+
+/// Parses an east-west SNI; `None` when it is not one.
+pub fn parse_east_west_sni(sni: &str) -> Option<SniTarget> {
+    let rest = sni.strip_prefix("outbound_.")?;
+    let (port, rest) = rest.split_once("_.")?;
+    let (subset, rest) = rest.split_once("_.")?;
+    let stem = rest.strip_suffix(&format!(".{CLUSTER_ZONE}"))?;
+    let (name, namespace) = stem.split_once('.')?;
+    if namespace.contains('.') {
+        return None;
+    }
+    Some(SniTarget {
+        key: ServiceKey {
+            namespace: namespace.parse().ok()?,
+            name: name.parse().ok()?,
+        },
+        port: port.parse().ok()?,
+        subset: (!subset.is_empty()).then(|| subset.to_owned()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> ServiceKey {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn authorities_name_services() {
+        let a = parse_authority("web.shop.svc.clusterset.local:8080").unwrap();
+        assert_eq!((a.key, a.port), (key("shop/web"), Some(8080)));
+        assert_eq!(
+            parse_authority("web.shop.svc.clusterset.local.")
+                .unwrap()
+                .port,
+            None
+        );
+        assert_eq!(
+            parse_authority("WEB.Shop.svc").unwrap().key,
+            key("shop/web")
+        );
+        assert_eq!(parse_authority("web.shop").unwrap().key, key("shop/web"));
+        for bad in [
+            "web",
+            "web.shop.example.com",
+            "web.shop:x",
+            "-x.shop",
+            "[::1]:80",
+            "",
+        ] {
+            assert_eq!(parse_authority(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn east_west_sni_round_trips_in_istio_format() {
+        let k = key("shop/web");
+        assert_eq!(
+            east_west_sni(&k, 8080, None),
+            "outbound_.8080_._.web.shop.svc.cluster.local"
+        );
+        assert_eq!(
+            east_west_sni(&k, 9090, Some("v2")),
+            "outbound_.9090_.v2_.web.shop.svc.cluster.local"
+        );
+        let t = parse_east_west_sni("outbound_.8080_._.web.shop.svc.cluster.local").unwrap();
+        assert_eq!((t.key, t.port, t.subset), (k.clone(), 8080, None));
+        let t = parse_east_west_sni("outbound_.9090_.v2_.web.shop.svc.cluster.local").unwrap();
+        assert_eq!(t.subset.as_deref(), Some("v2"));
+        for bad in [
+            "web.shop.svc.cluster.local",
+            "outbound_.x_._.web.shop.svc.cluster.local",
+            "outbound_.80_._.web.shop.svc.cluster.example",
+            "outbound_.80_._.web.shop.extra.svc.cluster.local",
+        ] {
+            assert_eq!(parse_east_west_sni(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_single_port_is_the_default() {
+        let entry = ServiceEntry {
+            key: key("shop/web"),
+            ports: vec![ServicePort {
+                port: 80,
+                protocol: Protocol::Http,
+            }],
+            endpoints: vec![],
+            remote: vec![],
+            exported: true,
+        };
+        assert_eq!(entry.port(None).unwrap().port, 80);
+        assert!(entry.port(Some(81)).is_none());
+    }
+}
