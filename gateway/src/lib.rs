@@ -23,5 +23,6 @@ pub mod lifecycle;
 pub mod logging;
 pub mod mesh;
 pub mod metrics;
+pub mod proxy;
 pub mod server;
 pub mod trust;

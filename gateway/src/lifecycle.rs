@@ -48,6 +48,7 @@ pub struct Reloader {
     config: Arc<ArcSwap<Config>>,
     log: Option<LogHandle>,
     trust: Option<Arc<crate::trust::Trust>>,
+    catalog: Arc<ArcSwap<isthmus_federation::Catalog>>,
     reloads: IntCounterVec,
     last_success: IntGauge,
 }
@@ -59,6 +60,7 @@ impl Reloader {
         config: Arc<ArcSwap<Config>>,
         log: Option<LogHandle>,
         trust: Option<Arc<crate::trust::Trust>>,
+        catalog: Arc<ArcSwap<isthmus_federation::Catalog>>,
         registry: &Registry,
     ) -> Self {
         let reloads = metrics::counter_vec(
@@ -78,6 +80,7 @@ impl Reloader {
             config,
             log,
             trust,
+            catalog,
             reloads,
             last_success,
         }
@@ -129,6 +132,19 @@ impl Reloader {
             warn!("identity or trust settings changed; they take effect on restart");
             next.identity = current.identity.clone();
             next.trust = current.trust.clone();
+        }
+        if next.listeners != current.listeners {
+            warn!("listeners changed; they take effect on restart");
+            next.listeners = current.listeners.clone();
+        }
+        // Services and peers are the static catalog source: they apply at once.
+        if next.services != current.services || next.peers != current.peers {
+            self.catalog.store(Arc::new(next.catalog()));
+            info!(
+                services = next.services.len(),
+                peers = next.peers.len(),
+                "service catalog updated"
+            );
         }
         if next.log.format != current.log.format {
             warn!("log.format changed; it takes effect on restart");

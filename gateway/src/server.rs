@@ -19,8 +19,12 @@ use pingora_core::services::listening::Service;
 use socket2::{Domain, Socket, Type};
 use tracing::{error, info};
 
-use isthmus_federation::trust::PeerPolicy;
-use isthmus_federation::trust::tls::{SvidResolver, spiffe_client_config};
+use std::time::Duration;
+
+use isthmus_federation::Catalog;
+use isthmus_federation::trust::tls::{SvidResolver, mtls_server_config, spiffe_client_config};
+use isthmus_federation::trust::{PeerPolicy, SpiffeAcceptor, SpiffeConnector};
+use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
 
 use crate::admin::{AdminApp, AdminState};
@@ -29,6 +33,10 @@ use crate::cli::{EXIT_CONFIG, EXIT_FAILURE};
 use crate::config::Config;
 use crate::health::{Drain, Readiness};
 use crate::lifecycle::{Probe, Reloader, Signals, Startup};
+use crate::mesh::MeshRelay;
+use crate::proxy::ProxyMetrics;
+use crate::proxy::east_west::{Callers, EastWestApp, EastWestProxy};
+use crate::proxy::outbound::{CONNECT_TIMEOUT, OutboundProxy};
 use crate::trust::{Trust, TrustService};
 use crate::{logging, metrics};
 
@@ -95,6 +103,17 @@ pub fn run(config_path: &Path) -> ExitCode {
 
     let mut server = Server::new_with_opt_and_conf(None, pingora_conf(threads));
     server.bootstrap();
+    let catalog = Arc::new(ArcSwap::from_pointee(config.load().catalog()));
+    if let Err(e) = add_data_plane(
+        &mut server,
+        &config.load(),
+        trust.as_ref(),
+        &catalog,
+        &registry,
+    ) {
+        error!(error = %e, "cannot set up the data plane");
+        return ExitCode::from(EXIT_FAILURE);
+    }
 
     let admin_addr = config.load().admin.listen;
     let admin = AdminApp::new(Arc::new(AdminState {
@@ -141,6 +160,7 @@ pub fn run(config_path: &Path) -> ExitCode {
         config.clone(),
         Some(log),
         trust,
+        catalog,
         &registry,
     );
     let signals = Signals {
@@ -154,6 +174,116 @@ pub fn run(config_path: &Path) -> ExitCode {
     });
     info!("isthmus stopped");
     ExitCode::SUCCESS
+}
+
+/// How long a peer gateway has to complete the east-west handshake.
+const EAST_WEST_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// ALPN offered and accepted on the east-west hop.
+fn east_west_alpn() -> Vec<Vec<u8>> {
+    vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+}
+
+/// Adds the outbound and east-west listeners and the mesh relay.
+fn add_data_plane(
+    server: &mut Server,
+    config: &Config,
+    trust: Option<&Arc<Trust>>,
+    catalog: &Arc<ArcSwap<Catalog>>,
+    registry: &prometheus::Registry,
+) -> Result<(), String> {
+    let conf = server.configuration.clone();
+    let metrics = ProxyMetrics::new(registry);
+    let cluster = config.gateway.cluster.clone();
+    let threads = config.runtime.threads;
+
+    // The relay opens east-west connections for the outbound listener.
+    let relay = match trust {
+        Some(trust) if config.listeners.outbound.is_some() => {
+            let connector = SpiffeConnector::new(
+                trust.material().clone(),
+                trust.handshake_metrics.clone(),
+                EAST_WEST_HANDSHAKE_TIMEOUT,
+                vec![b"h2".to_vec()],
+            );
+            let relay = MeshRelay::bind(connector, CONNECT_TIMEOUT)
+                .map_err(|e| format!("mesh relay: {e}"))?;
+            let path = relay.path();
+            server.add_service(background_service("mesh relay", RelayService::new(relay)));
+            Some(path)
+        }
+        _ => None,
+    };
+
+    if let Some(addr) = config.listeners.outbound {
+        let mut proxy = pingora_proxy::http_proxy(
+            &conf,
+            OutboundProxy::new(catalog.clone(), metrics.clone(), cluster.clone(), relay),
+        );
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        proxy.server_options = Some(options);
+        let mut service = Service::new("outbound".to_owned(), proxy);
+        service.add_tcp(&addr.to_string());
+        service.threads = Some(threads);
+        server.add_service(service);
+    }
+
+    if let (Some(addr), Some(trust)) = (config.listeners.east_west, trust) {
+        let tls = mtls_server_config(trust.material(), trust.policy.clone(), east_west_alpn())
+            .map_err(|e| format!("east-west TLS: {e}"))?;
+        let acceptor = SpiffeAcceptor::new(
+            Arc::new(tls),
+            trust.handshake_metrics.clone(),
+            EAST_WEST_HANDSHAKE_TIMEOUT,
+        );
+        let peer_clusters = config
+            .peers
+            .iter()
+            .map(|p| (p.spiffe_id.clone(), p.cluster.clone()))
+            .collect();
+        let callers = Arc::new(Callers::default());
+        let proxy = pingora_proxy::http_proxy(
+            &conf,
+            EastWestProxy::new(
+                catalog.clone(),
+                metrics,
+                cluster,
+                config.spiffe_id(),
+                peer_clusters,
+                callers.clone(),
+            ),
+        );
+        let mut service = Service::new(
+            "east-west".to_owned(),
+            EastWestApp::new(acceptor, proxy, callers),
+        );
+        service.add_tcp(&addr.to_string());
+        service.threads = Some(threads);
+        server.add_service(service);
+    }
+    Ok(())
+}
+
+/// Runs the mesh relay as a Pingora background service.
+struct RelayService(std::sync::Mutex<Option<MeshRelay>>);
+
+impl RelayService {
+    fn new(relay: MeshRelay) -> Self {
+        Self(std::sync::Mutex::new(Some(relay)))
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora_core::services::background::BackgroundService for RelayService {
+    async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
+        let relay = self.0.lock().ok().and_then(|mut r| r.take());
+        let Some(relay) = relay else { return };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let serve = tokio::spawn(relay.serve(stop_rx));
+        let _ = shutdown.changed().await;
+        let _ = stop_tx.send(true);
+        let _ = serve.await;
+    }
 }
 
 /// The SPIFFE bundle endpoint's listening service, when configured.
@@ -189,6 +319,32 @@ fn listeners(config: &Config, trust: Option<&Trust>) -> Result<Vec<Probe>, rustl
         tls: None,
         http_path: Some("/healthz"),
     }];
+    if let Some(addr) = config.listeners.outbound {
+        probes.push(Probe {
+            name: "listeners.outbound",
+            addr,
+            tls: None,
+            // A TCP connect only: an HTTP probe would be routed and counted.
+            http_path: None,
+        });
+    }
+    if let (Some(trust), Some(addr)) = (trust, config.listeners.east_west) {
+        // The gateway reaches its own east-west port as a peer would. HTTP/1.1
+        // only: closing after the handshake is then an ordinary idle client,
+        // where an h2 connection without a preface is logged as an error.
+        let tls = spiffe_client_config(
+            trust.material(),
+            PeerPolicy::exact(config.spiffe_id()),
+            true,
+            vec![b"http/1.1".to_vec()],
+        )?;
+        probes.push(Probe {
+            name: "listeners.east_west",
+            addr,
+            tls: Some(Arc::new(tls)),
+            http_path: None,
+        });
+    }
     if let (Some(trust), Some(endpoint)) = (trust, &config.trust.bundle_endpoint) {
         // The gateway checks it serves its own SVID, as its peers will.
         let tls = spiffe_client_config(

@@ -3,47 +3,14 @@
 //! client, rotation through files, and bad files rejected while serving goes on.
 #![allow(clippy::unwrap_used)] // a panic is how a test reports failure
 
-use std::path::Path;
 use std::time::Duration;
 
 use isthmus_tests::{
-    DevPki, Gateway, free_addr, isthmus, metric_value, openssl_s_client, replace_file, wait_for,
+    DevPki, Gateway, free_addr, gateway_config, isthmus, metric_value, openssl_s_client,
+    replace_file, wait_for,
 };
 
 const START: Duration = Duration::from_secs(20);
-
-fn gateway_config(
-    name: &str,
-    td: &str,
-    admin: std::net::SocketAddr,
-    tls_dir: &Path,
-    bundle: &Path,
-    extra: &str,
-) -> String {
-    format!(
-        r#"[gateway]
-name = "{name}"
-cluster = "{name}-cluster"
-trust_domain = "{td}"
-[gateway.locality]
-region = "test"
-[identity]
-cert = "{cert}"
-key = "{key}"
-bundle = "{bundle}"
-[admin]
-listen = "{admin}"
-[log]
-format = "json"
-[runtime]
-threads = 1
-{extra}
-"#,
-        cert = tls_dir.join("svid.crt").display(),
-        key = tls_dir.join("svid.key").display(),
-        bundle = bundle.display(),
-    )
-}
 
 fn authorities(debug: &serde_json::Value, td: &str) -> Option<usize> {
     debug["trust_domains"]

@@ -96,16 +96,7 @@ pub struct HttpResponse {
 
 /// `GET url` with curl; status 0 when nothing answered.
 pub fn curl_get(url: &str) -> HttpResponse {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "5", "-w", "\n%{http_code}", url])
-        .output()
-        .expect("curl is installed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    HttpResponse {
-        status: code.trim().parse().unwrap_or(0),
-        body: body.to_owned(),
-    }
+    curl(&[url])
 }
 
 /// Minimal valid configuration text for a gateway whose admin API is on `admin`.
@@ -134,6 +125,100 @@ threads = 1
 drain_timeout = "3s"
 "#
     )
+}
+
+/// An HTTP/1.1 upstream on loopback that answers every request with JSON
+/// describing it: `served_by`, `method`, `path`, `headers` (lowercase names) and
+/// `body_len`. Keep-alive is honoured. It runs until the test process ends.
+pub struct EchoServer {
+    /// Its address.
+    pub addr: SocketAddr,
+}
+
+impl EchoServer {
+    /// Starts an echo server that names itself `name`.
+    pub fn start(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind echo server");
+        let addr = listener.local_addr().expect("local address");
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || echo_connection(conn, &name));
+            }
+        });
+        Self { addr }
+    }
+}
+
+fn echo_connection(conn: std::net::TcpStream, name: &str) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut writer = match conn.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = request_line.split_whitespace();
+        let (method, path) = (
+            parts.next().unwrap_or("").to_owned(),
+            parts.next().unwrap_or("").to_owned(),
+        );
+        let mut headers = serde_json::Map::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().into());
+            }
+        }
+        let body_len: usize = headers
+            .get("content-length")
+            .and_then(|v| v.as_str()?.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; body_len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let close = headers.get("connection").and_then(|v| v.as_str()) == Some("close");
+        let doc = serde_json::json!({
+            "served_by": name, "method": method, "path": path,
+            "headers": headers, "body_len": body_len,
+        })
+        .to_string();
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{doc}",
+            doc.len()
+        );
+        if writer.write_all(response.as_bytes()).is_err() || close {
+            return;
+        }
+    }
+}
+
+/// Runs curl with `args`; returns (status code, body).
+pub fn curl(args: &[&str]) -> HttpResponse {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    HttpResponse {
+        status: code.trim().parse().unwrap_or(0),
+        body: body.to_owned(),
+    }
 }
 
 /// Development PKI made with the real `isthmus ca` commands.
@@ -228,6 +313,42 @@ pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// A configuration for gateway `name` (cluster `<name>-cluster`) of trust domain
+/// `td` with the SVID in `tls_dir` (`svid.crt`, `svid.key`), its domain's
+/// `bundle`, the admin API on `admin`, and `extra` TOML appended.
+pub fn gateway_config(
+    name: &str,
+    td: &str,
+    admin: SocketAddr,
+    tls_dir: &Path,
+    bundle: &Path,
+    extra: &str,
+) -> String {
+    format!(
+        r#"[gateway]
+name = "{name}"
+cluster = "{name}-cluster"
+trust_domain = "{td}"
+[gateway.locality]
+region = "test"
+[identity]
+cert = "{cert}"
+key = "{key}"
+bundle = "{bundle}"
+[admin]
+listen = "{admin}"
+[log]
+format = "json"
+[runtime]
+threads = 1
+{extra}
+"#,
+        cert = tls_dir.join("svid.crt").display(),
+        key = tls_dir.join("svid.key").display(),
+        bundle = bundle.display(),
+    )
 }
 
 /// A running `isthmus run` process with its own directory, config and log.

@@ -1,0 +1,209 @@
+//! The east-west listener: SPIFFE mTLS from peer gateways, terminated here and
+//! routed to endpoints of exported services in this cluster.
+//!
+//! The listener is a plain TCP Pingora service whose app runs our
+//! `SpiffeAcceptor` (every handshake outcome counted, the caller authenticated
+//! by SPIFFE ID and allowed by the peer policy), then hands the stream to
+//! Pingora's HTTP proxy (h2 or HTTP/1.1 by ALPN). Requests go only to endpoints
+//! in this cluster, never onwards, so nothing loops between gateways.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use isthmus_federation::trust::SpiffeAcceptor;
+use isthmus_federation::{Catalog, ClusterName, SpiffeId};
+use pingora_core::apps::ServerApp;
+use pingora_core::protocols::{Ssl, Stream};
+use pingora_core::server::ShutdownWatch;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, Result};
+use pingora_http::RequestHeader;
+use pingora_proxy::{HttpProxy, ProxyHttp, Session};
+use tracing::debug;
+
+use super::metrics::ProxyMetrics;
+use super::outbound::{Common, RequestCtx};
+use crate::mesh::MeshTlsStream;
+
+/// The SPIFFE ID behind each peer certificate seen (by SHA-256 of the leaf).
+///
+/// Pingora hands proxy phases the connection's TLS digest but no way to attach
+/// our data to it, so the caller's ID is looked up by the certificate digest.
+/// Entries are added only after a successful authentication; reads are
+/// lock-free; the map holds one entry per distinct peer certificate.
+#[derive(Default)]
+pub struct Callers {
+    by_cert: ArcSwap<HashMap<Vec<u8>, SpiffeId>>,
+}
+
+/// Most certificates remembered before the map starts over (rotations add
+/// entries; a peer reconnecting simply adds its current one back).
+const MAX_CALLERS: usize = 4096;
+
+impl Callers {
+    fn remember(&self, cert_digest: &[u8], id: &SpiffeId) {
+        if self.by_cert.load().get(cert_digest) == Some(id) {
+            return;
+        }
+        self.by_cert.rcu(|map| {
+            let mut map = if map.len() >= MAX_CALLERS {
+                HashMap::new()
+            } else {
+                HashMap::clone(map)
+            };
+            map.insert(cert_digest.to_vec(), id.clone());
+            map
+        });
+    }
+
+    fn lookup(&self, cert_digest: &[u8]) -> Option<SpiffeId> {
+        self.by_cert.load().get(cert_digest).cloned()
+    }
+}
+
+/// The east-west proxy's routing.
+pub struct EastWestProxy {
+    common: Common,
+    callers: Arc<Callers>,
+    own_id: SpiffeId,
+    /// Cluster of each peer gateway, for metrics.
+    peer_clusters: HashMap<SpiffeId, ClusterName>,
+}
+
+impl EastWestProxy {
+    /// A proxy to endpoints of exported services in `catalog`.
+    pub fn new(
+        catalog: Arc<ArcSwap<Catalog>>,
+        metrics: ProxyMetrics,
+        cluster: ClusterName,
+        own_id: SpiffeId,
+        peer_clusters: HashMap<SpiffeId, ClusterName>,
+        callers: Arc<Callers>,
+    ) -> Self {
+        Self {
+            common: Common::new(catalog, metrics, cluster),
+            callers,
+            own_id,
+            peer_clusters,
+        }
+    }
+
+    fn caller(&self, session: &Session) -> Option<SpiffeId> {
+        let digest = session.digest()?.ssl_digest.as_ref()?;
+        self.callers.lookup(&digest.cert_digest)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for EastWestProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        self.common.new_ctx()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        self.common.route(session, ctx, true).await
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        // No relay: east-west traffic goes to this cluster's endpoints only.
+        self.common.next_peer(ctx, None)
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.common.stamp(upstream, ctx)?;
+        // Tell the workload who called, as Envoy does; never trust one sent in.
+        upstream.remove_header("x-forwarded-client-cert");
+        if let Some(caller) = self.caller(session) {
+            upstream.insert_header(
+                "x-forwarded-client-cert",
+                format!("By={};URI={caller}", self.own_id),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        self.common.connect_failed(ctx, e)
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let caller = self.caller(session);
+        let source = caller
+            .as_ref()
+            .and_then(|id| self.peer_clusters.get(id))
+            .map(|c| c.as_str().to_owned())
+            .or_else(|| caller.map(|id| id.trust_domain_str().to_owned()))
+            .unwrap_or_default();
+        self.common.log("east_west", session, e, ctx, &source);
+    }
+}
+
+/// The east-west listener's app: SPIFFE handshake, then Pingora's HTTP proxy.
+pub struct EastWestApp {
+    acceptor: SpiffeAcceptor,
+    proxy: Arc<HttpProxy<EastWestProxy>>,
+    callers: Arc<Callers>,
+}
+
+impl EastWestApp {
+    /// An app accepting with `acceptor` and proxying with `proxy`.
+    pub fn new(
+        acceptor: SpiffeAcceptor,
+        proxy: HttpProxy<EastWestProxy>,
+        callers: Arc<Callers>,
+    ) -> Self {
+        Self {
+            acceptor,
+            proxy: Arc::new(proxy),
+            callers,
+        }
+    }
+}
+
+#[async_trait]
+impl ServerApp for EastWestApp {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let (tls, caller) = match self.acceptor.accept(stream).await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Counted by the acceptor; a scan must not flood the log.
+                debug!(result = e.result, error = %e.message, "east-west handshake refused");
+                return None;
+            }
+        };
+        let caller = caller?;
+        let mesh = MeshTlsStream::new(tls, caller.clone());
+        if let Some(digest) = mesh.get_ssl_digest() {
+            self.callers.remember(&digest.cert_digest, &caller);
+        }
+        // HTTP/1.1 keep-alive hands the stream back after each request; HTTP/2
+        // serves the whole connection in one call.
+        let mut stream: Stream = Box::new(mesh);
+        loop {
+            stream = self.proxy.process_new(stream, shutdown).await?;
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Request metrics of the data plane.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Registry};
+
+use crate::metrics;
+
+/// Labels shared by the request metrics.
+const LABELS: &[&str] = &[
+    "listener",
+    "service",
+    "namespace",
+    "source_cluster",
+    "destination_cluster",
+];
+
+/// `isthmus_requests_total` and `isthmus_request_duration_seconds`.
+#[derive(Clone)]
+pub struct ProxyMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+}
+
+/// The labels of one request.
+pub(crate) struct RequestLabels<'a> {
+    pub(crate) listener: &'a str,
+    pub(crate) service: &'a str,
+    pub(crate) namespace: &'a str,
+    pub(crate) source_cluster: &'a str,
+    pub(crate) destination_cluster: &'a str,
+}
+
+impl ProxyMetrics {
+    /// Registers the metrics in `registry`.
+    pub fn new(registry: &Registry) -> Self {
+        let mut labels = LABELS.to_vec();
+        labels.push("code");
+        let requests = metrics::counter_vec(
+            registry,
+            "requests_total",
+            "HTTP requests by listener, service, namespace, source and destination cluster, and status code.",
+            &labels,
+        );
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "request_duration_seconds",
+                "Time from request to the end of the response, by listener, service, namespace, source and destination cluster.",
+            )
+            .namespace(metrics::NAMESPACE)
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            LABELS,
+        )
+        .expect("static metric definition is valid");
+        metrics::register(registry, duration.clone());
+        Self { requests, duration }
+    }
+
+    pub(crate) fn record(&self, labels: &RequestLabels<'_>, code: u16, seconds: f64) {
+        let base = [
+            labels.listener,
+            labels.service,
+            labels.namespace,
+            labels.source_cluster,
+            labels.destination_cluster,
+        ];
+        let code = code.to_string();
+        let mut with_code = base.to_vec();
+        with_code.push(&code);
+        self.requests.with_label_values(&with_code).inc();
+        self.duration.with_label_values(&base).observe(seconds);
+    }
+}

@@ -1,0 +1,187 @@
+//! The data plane through two real gateways: curl → gateway A (outbound) →
+//! SPIFFE mTLS → gateway B (east-west) → an upstream in B's cluster.
+#![allow(clippy::unwrap_used)] // a panic is how a test reports failure
+
+use std::time::Duration;
+
+use isthmus_tests::{DevPki, EchoServer, Gateway, curl, free_addr, gateway_config, metric_value};
+
+const START: Duration = Duration::from_secs(20);
+
+struct TwoClusters {
+    a: Gateway,
+    b: Gateway,
+    outbound_a: std::net::SocketAddr,
+    _pki: DevPki,
+}
+
+/// A has an outbound listener and knows B serves shop/web; B serves shop/web
+/// from `upstream` (exported) and shop/hidden (not exported).
+fn two_clusters(upstream: std::net::SocketAddr) -> TwoClusters {
+    let pki = DevPki::new();
+    let ca_a = pki.ca("ca-a", "a.example");
+    let ca_b = pki.ca("ca-b", "b.example");
+    let tls_a = pki.issue(&ca_a, "spiffe://a.example/isthmus/gateway/gw-a", "tls-a");
+    let tls_b = pki.issue(&ca_b, "spiffe://b.example/isthmus/gateway/gw-b", "tls-b");
+    let (admin_a, admin_b, outbound_a, east_west_b) =
+        (free_addr(), free_addr(), free_addr(), free_addr());
+    let a = gateway_config(
+        "gw-a",
+        "a.example",
+        admin_a,
+        &tls_a,
+        &ca_a.join("bundle.pem"),
+        &format!(
+            r#"[[trust.federated]]
+trust_domain = "b.example"
+bundle = "{b_bundle}"
+[listeners]
+outbound = "{outbound_a}"
+[[services]]
+namespace = "shop"
+name = "web"
+ports = [{{ port = 8080 }}]
+[[services]]
+namespace = "shop"
+name = "hidden"
+ports = [{{ port = 80 }}]
+[[peers]]
+cluster = "gw-b-cluster"
+spiffe_id = "spiffe://b.example/isthmus/gateway/gw-b"
+address = "{east_west_b}"
+locality = "test"
+services = ["shop/web", "shop/hidden"]
+"#,
+            b_bundle = ca_b.join("bundle.pem").display()
+        ),
+    );
+    let b = gateway_config(
+        "gw-b",
+        "b.example",
+        admin_b,
+        &tls_b,
+        &ca_b.join("bundle.pem"),
+        &format!(
+            r#"[[trust.federated]]
+trust_domain = "a.example"
+bundle = "{a_bundle}"
+[listeners]
+east_west = "{east_west_b}"
+[[services]]
+namespace = "shop"
+name = "web"
+ports = [{{ port = 8080 }}]
+endpoints = ["{upstream}"]
+export = true
+[[services]]
+namespace = "shop"
+name = "hidden"
+ports = [{{ port = 80 }}]
+endpoints = ["{upstream}"]
+[[peers]]
+cluster = "gw-a-cluster"
+spiffe_id = "spiffe://a.example/isthmus/gateway/gw-a"
+address = "{outbound_a}"
+locality = "test"
+"#,
+            a_bundle = ca_a.join("bundle.pem").display()
+        ),
+    );
+    let mut b = Gateway::start(&b, admin_b, &[]).unwrap();
+    let mut a = Gateway::start(&a, admin_a, &[]).unwrap();
+    b.wait_ready(START).unwrap();
+    a.wait_ready(START).unwrap();
+    TwoClusters {
+        a,
+        b,
+        outbound_a,
+        _pki: pki,
+    }
+}
+
+#[test]
+fn http1_and_h2c_cross_two_gateways_over_spiffe_mtls() {
+    let upstream = EchoServer::start("pod-in-b");
+    let c = two_clusters(upstream.addr);
+    let url = format!("http://{}/cart?x=1", c.outbound_a);
+    let host = "Host: web.shop.svc.clusterset.local:8080";
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    for (proto, extra) in [("HTTP/1.1", None), ("h2c", Some("--http2-prior-knowledge"))] {
+        let mut args = vec![
+            "-H",
+            host,
+            "-H",
+            "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ];
+        args.extend(extra);
+        args.push(&url);
+        let r = curl(&args);
+        assert_eq!(r.status, 200, "{proto}: {}", r.body);
+        let echo: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(echo["served_by"], "pod-in-b", "{proto}");
+        assert_eq!(echo["path"], "/cart?x=1", "{proto}");
+        let headers = &echo["headers"];
+        assert_eq!(
+            headers["x-forwarded-client-cert"],
+            "By=spiffe://b.example/isthmus/gateway/gw-b;URI=spiffe://a.example/isthmus/gateway/gw-a",
+            "{proto}: B says who called"
+        );
+        assert_eq!(headers["traceparent"], trace, "{proto}: trace propagated");
+        assert_eq!(
+            headers["x-request-id"].as_str().unwrap().len(),
+            32,
+            "{proto}: request id added"
+        );
+    }
+
+    // A request id from the client is kept; a forged XFCC is replaced.
+    let r = curl(&[
+        "-H",
+        host,
+        "-H",
+        "x-request-id: client-chosen-id",
+        "-H",
+        "x-forwarded-client-cert: By=evil",
+        &url,
+    ]);
+    let echo: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(echo["headers"]["x-request-id"], "client-chosen-id");
+    assert!(
+        echo["headers"]["x-forwarded-client-cert"]
+            .as_str()
+            .unwrap()
+            .starts_with("By=spiffe://b.example")
+    );
+    // A traceparent that is not W3C-valid is replaced by a new trace.
+    let r = curl(&["-H", host, "-H", "traceparent: garbage", &url]);
+    let echo: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_ne!(echo["headers"]["traceparent"], "garbage");
+
+    // Unknown names are 404 at A; a service B does not export is 404 at B.
+    assert_eq!(
+        curl(&["-H", "Host: nope.shop.svc.clusterset.local", &url]).status,
+        404
+    );
+    assert_eq!(
+        curl(&["-H", "Host: hidden.shop.svc.clusterset.local", &url]).status,
+        404
+    );
+
+    // Both sides counted, labelled with source and destination clusters.
+    let metrics_a = c.a.admin_get("/metrics").body;
+    let series_a = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"outbound\",namespace=\"shop\",service=\"web\",source_cluster=\"gw-a-cluster\"}";
+    assert_eq!(metric_value(&metrics_a, series_a), Some(4.0), "{metrics_a}");
+    let metrics_b = c.b.admin_get("/metrics").body;
+    let series_b = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"east_west\",namespace=\"shop\",service=\"web\",source_cluster=\"gw-a-cluster\"}";
+    assert_eq!(metric_value(&metrics_b, series_b), Some(4.0), "{metrics_b}");
+    // The gateways multiplex over pooled mTLS: far fewer handshakes than requests.
+    let handshakes = metric_value(
+        &metrics_a,
+        "isthmus_tls_handshakes_total{result=\"ok\",side=\"client\"}",
+    )
+    .unwrap();
+    assert!(handshakes <= 2.0, "{handshakes} handshakes for 6 requests");
+    // Access log lines carry the request id.
+    assert!(c.a.log().contains("\"request_id\":\"client-chosen-id\""));
+}
