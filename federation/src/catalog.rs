@@ -124,6 +124,9 @@ pub struct ServiceEntry {
     pub remote: Vec<RemoteGateway>,
     /// Visible to peer gateways (MCS ServiceExport).
     pub exported: bool,
+    /// Callers (peer gateways) allowed to reach it through the east-west
+    /// listener; `None` admits every peer the listener admits.
+    pub allowed_callers: Option<crate::trust::PeerPolicy>,
 }
 
 impl ServiceEntry {
@@ -310,6 +313,7 @@ mod tests {
             endpoints: vec![],
             remote: vec![],
             exported: true,
+            allowed_callers: None,
         };
         assert_eq!(entry.port(None).unwrap().port, 80);
         assert!(entry.port(Some(81)).is_none());

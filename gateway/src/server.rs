@@ -251,6 +251,7 @@ fn add_data_plane(
                 config.spiffe_id(),
                 peer_clusters,
                 callers.clone(),
+                registry,
             ),
         );
         let mut service = Service::new(

@@ -45,12 +45,16 @@ ports = [{{ port = 8080 }}]
 namespace = "shop"
 name = "hidden"
 ports = [{{ port = 80 }}]
+[[services]]
+namespace = "shop"
+name = "admin"
+ports = [{{ port = 80 }}]
 [[peers]]
 cluster = "gw-b-cluster"
 spiffe_id = "spiffe://b.example/isthmus/gateway/gw-b"
 address = "{east_west_b}"
 locality = "test"
-services = ["shop/web", "shop/hidden"]
+services = ["shop/web", "shop/hidden", "shop/admin"]
 "#,
             b_bundle = ca_b.join("bundle.pem").display()
         ),
@@ -78,6 +82,13 @@ namespace = "shop"
 name = "hidden"
 ports = [{{ port = 80 }}]
 endpoints = ["{upstream}"]
+[[services]]
+namespace = "shop"
+name = "admin"
+ports = [{{ port = 80 }}]
+endpoints = ["{upstream}"]
+export = true
+allow_ids = ["spiffe://a.example/isthmus/gateway/ops"]
 [[peers]]
 cluster = "gw-a-cluster"
 spiffe_id = "spiffe://a.example/isthmus/gateway/gw-a"
@@ -168,6 +179,13 @@ fn http1_and_h2c_cross_two_gateways_over_spiffe_mtls() {
         404
     );
 
+    // A service exported only to another caller: refused at B, logged, counted.
+    let r = curl(&["-H", "Host: admin.shop.svc.clusterset.local", &url]);
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("not allowed"), "{}", r.body);
+    c.b.wait_log("east-west request denied", Duration::from_secs(5))
+        .unwrap();
+
     // Both sides counted, labelled with source and destination clusters.
     let metrics_a = c.a.admin_get("/metrics").body;
     let series_a = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"outbound\",namespace=\"shop\",service=\"web\",source_cluster=\"gw-a-cluster\"}";
@@ -175,13 +193,21 @@ fn http1_and_h2c_cross_two_gateways_over_spiffe_mtls() {
     let metrics_b = c.b.admin_get("/metrics").body;
     let series_b = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"east_west\",namespace=\"shop\",service=\"web\",source_cluster=\"gw-a-cluster\"}";
     assert_eq!(metric_value(&metrics_b, series_b), Some(4.0), "{metrics_b}");
-    // The gateways multiplex over pooled mTLS: far fewer handshakes than requests.
+    let denied =
+        "isthmus_authz_denied_total{caller_trust_domain=\"a.example\",service=\"shop/admin\"}";
+    assert_eq!(metric_value(&metrics_b, denied), Some(1.0), "{metrics_b}");
+    // The gateways multiplex over pooled mTLS: one connection per service (the
+    // SNI names the service, so each has its own pool), not one per request:
+    // 8 requests to 3 services.
     let handshakes = metric_value(
         &metrics_a,
         "isthmus_tls_handshakes_total{result=\"ok\",side=\"client\"}",
     )
     .unwrap();
-    assert!(handshakes <= 2.0, "{handshakes} handshakes for 6 requests");
+    assert_eq!(
+        handshakes, 3.0,
+        "{handshakes} handshakes for 8 requests to 3 services"
+    );
     // Access log lines carry the request id.
     assert!(c.a.log().contains("\"request_id\":\"client-chosen-id\""));
 }

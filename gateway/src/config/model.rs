@@ -14,6 +14,7 @@ use std::time::Duration;
 use isthmus_federation::catalog::{
     Catalog, Protocol, RemoteGateway, ServiceEntry, ServiceKey, ServicePort,
 };
+use isthmus_federation::trust::PeerPolicy;
 use isthmus_federation::{
     ClusterName, GatewayName, Locality, LocalityError, SpiffeId, TrustDomain,
 };
@@ -94,6 +95,13 @@ pub struct ServiceConfig {
     pub endpoints: Vec<SocketAddr>,
     /// Visible to peer gateways.
     pub export: bool,
+    /// Callers allowed through the east-west listener (with
+    /// `allow_trust_domains`); both empty: every admitted peer.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow_ids: Vec<SpiffeId>,
+    /// Trust domains whose every gateway and workload may call it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow_trust_domains: Vec<TrustDomain>,
 }
 
 /// `services[].ports[]`
@@ -434,6 +442,13 @@ impl Config {
                 endpoints: svc.endpoints.clone(),
                 remote,
                 exported: svc.export,
+                allowed_callers: (!svc.allow_ids.is_empty() || !svc.allow_trust_domains.is_empty())
+                    .then(|| {
+                        PeerPolicy::new(
+                            svc.allow_ids.iter().cloned(),
+                            svc.allow_trust_domains.iter().cloned(),
+                        )
+                    }),
             }
         }))
     }
@@ -938,6 +953,18 @@ fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConfig> {
             svc.endpoints.as_deref(),
             parse_socket_addr,
         );
+        let allow_ids = list(
+            check,
+            &at("allow_ids"),
+            svc.allow_ids.as_deref(),
+            SpiffeId::from_str,
+        );
+        let allow_trust_domains = list(
+            check,
+            &at("allow_trust_domains"),
+            svc.allow_trust_domains.as_deref(),
+            TrustDomain::from_str,
+        );
         if check.errors.len() > before {
             continue;
         }
@@ -960,6 +987,8 @@ fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConfig> {
             ports,
             endpoints,
             export: svc.export.unwrap_or(false),
+            allow_ids,
+            allow_trust_domains,
         });
     }
     out

@@ -64,6 +64,10 @@ pub struct RawService {
     pub endpoints: Option<Vec<String>>,
     /// `services[].export`
     pub export: Option<bool>,
+    /// `services[].allow_ids`
+    pub allow_ids: Option<Vec<String>>,
+    /// `services[].allow_trust_domains`
+    pub allow_trust_domains: Option<Vec<String>>,
 }
 
 /// `services[].ports[]`

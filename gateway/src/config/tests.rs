@@ -583,6 +583,10 @@ fn data_plane_sections_build_the_static_catalog() {
     assert!(web.exported);
     let cart = catalog.get(&"shop/cart".parse().unwrap()).unwrap();
     assert!(cart.endpoints.is_empty() && !cart.exported);
+    assert!(
+        web.allowed_callers.is_none(),
+        "no allow lists: every admitted peer"
+    );
     assert_eq!(cart.remote.len(), 1);
     assert_eq!(cart.remote[0].locality.to_string(), "eu-west/eu-west-1a");
     let again = parse_with_env(&toml::to_string(&c).unwrap(), "printed", NO_ENV).unwrap();

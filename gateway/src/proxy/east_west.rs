@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use isthmus_federation::trust::SpiffeAcceptor;
+use isthmus_federation::trust::{PeerPolicy, SpiffeAcceptor};
 use isthmus_federation::{Catalog, ClusterName, SpiffeId};
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::{Ssl, Stream};
@@ -21,7 +21,8 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, Result};
 use pingora_http::RequestHeader;
 use pingora_proxy::{HttpProxy, ProxyHttp, Session};
-use tracing::debug;
+use prometheus::IntCounterVec;
+use tracing::{debug, warn};
 
 use super::metrics::ProxyMetrics;
 use super::outbound::{Common, RequestCtx};
@@ -63,9 +64,23 @@ impl Callers {
     }
 }
 
+/// Whether `caller` may reach a service whose allowed callers are `policy`.
+pub fn authorize(
+    policy: Option<&PeerPolicy>,
+    caller: Option<&SpiffeId>,
+) -> Result<(), &'static str> {
+    match (policy, caller) {
+        (None, _) => Ok(()),
+        (Some(_), None) => Err("caller identity unknown"),
+        (Some(p), Some(c)) if p.allows(c) => Ok(()),
+        (Some(_), Some(_)) => Err("caller not allowed for this service"),
+    }
+}
+
 /// The east-west proxy's routing.
 pub struct EastWestProxy {
     common: Common,
+    denied: IntCounterVec,
     callers: Arc<Callers>,
     own_id: SpiffeId,
     /// Cluster of each peer gateway, for metrics.
@@ -81,9 +96,17 @@ impl EastWestProxy {
         own_id: SpiffeId,
         peer_clusters: HashMap<SpiffeId, ClusterName>,
         callers: Arc<Callers>,
+        registry: &prometheus::Registry,
     ) -> Self {
+        let denied = crate::metrics::counter_vec(
+            registry,
+            "authz_denied_total",
+            "East-west requests refused by a service's allowed callers, by service and caller trust domain.",
+            &["service", "caller_trust_domain"],
+        );
         Self {
             common: Common::new(catalog, metrics, cluster),
+            denied,
             callers,
             own_id,
             peer_clusters,
@@ -105,7 +128,41 @@ impl ProxyHttp for EastWestProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        self.common.route(session, ctx, true).await
+        if self.common.route(session, ctx, true).await? {
+            return Ok(true);
+        }
+        let caller = self.caller(session);
+        let policy = ctx.routed().and_then(|r| r.entry.allowed_callers.as_ref());
+        match authorize(policy, caller.as_ref()) {
+            Ok(()) => Ok(false),
+            Err(reason) => {
+                let service = ctx
+                    .routed()
+                    .map(|r| r.entry.key.to_string())
+                    .unwrap_or_default();
+                warn!(
+                    request_id = %ctx.request_id(),
+                    caller = caller.as_ref().map(ToString::to_string),
+                    service,
+                    reason,
+                    "east-west request denied"
+                );
+                let caller_td = caller.as_ref().map_or("", |c| c.trust_domain_str());
+                self.denied
+                    .with_label_values(&[service.as_str(), caller_td])
+                    .inc();
+                let body = serde_json::json!({
+                    "error": "forbidden",
+                    "reason": reason,
+                    "request_id": ctx.request_id(),
+                })
+                .to_string();
+                session
+                    .respond_error_with_body(403, bytes::Bytes::from(body))
+                    .await?;
+                Ok(true)
+            }
+        }
     }
 
     async fn upstream_peer(
@@ -205,5 +262,35 @@ impl ServerApp for EastWestApp {
         loop {
             stream = self.proxy.process_new(stream, shutdown).await?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorization_needs_a_known_allowed_caller_when_a_policy_is_set() {
+        let id = |s: &str| s.parse::<SpiffeId>().unwrap();
+        let policy = PeerPolicy::new([id("spiffe://a.example/isthmus/gateway/gw")], []);
+        assert_eq!(authorize(None, None), Ok(()));
+        assert_eq!(
+            authorize(
+                Some(&policy),
+                Some(&id("spiffe://a.example/isthmus/gateway/gw"))
+            ),
+            Ok(())
+        );
+        assert!(
+            authorize(
+                Some(&policy),
+                Some(&id("spiffe://a.example/isthmus/gateway/other"))
+            )
+            .is_err()
+        );
+        assert!(
+            authorize(Some(&policy), None).is_err(),
+            "unknown caller is refused, not waved through"
+        );
     }
 }

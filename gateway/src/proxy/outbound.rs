@@ -44,6 +44,11 @@ impl RequestCtx {
     pub fn request_id(&self) -> &str {
         &self.request_id
     }
+
+    /// The routed service, once routed.
+    pub fn routed(&self) -> Option<&Routed> {
+        self.routed.as_ref()
+    }
 }
 
 /// Shared by the outbound and east-west proxies.

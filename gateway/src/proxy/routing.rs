@@ -108,6 +108,7 @@ mod tests {
                 })
                 .collect(),
             exported: true,
+            allowed_callers: None,
         }
     }
 
