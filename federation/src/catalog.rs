@@ -127,6 +127,9 @@ pub struct ServiceEntry {
     /// Callers (peer gateways) allowed to reach it through the east-west
     /// listener; `None` admits every peer the listener admits.
     pub allowed_callers: Option<crate::trust::PeerPolicy>,
+    /// East-west mode: `true` routes peers' TLS by SNI to the endpoints
+    /// without terminating it (workloads doing their own mTLS).
+    pub passthrough: bool,
 }
 
 impl ServiceEntry {
@@ -314,6 +317,7 @@ mod tests {
             remote: vec![],
             exported: true,
             allowed_callers: None,
+            passthrough: false,
         };
         assert_eq!(entry.port(None).unwrap().port, 80);
         assert!(entry.port(Some(81)).is_none());

@@ -34,9 +34,9 @@ use crate::config::Config;
 use crate::health::{Drain, Readiness};
 use crate::lifecycle::{Probe, Reloader, Signals, Startup};
 use crate::mesh::MeshRelay;
-use crate::proxy::ProxyMetrics;
 use crate::proxy::east_west::{Callers, EastWestApp, EastWestProxy};
 use crate::proxy::outbound::{CONNECT_TIMEOUT, OutboundProxy};
+use crate::proxy::{ProxyMetrics, TcpMetrics};
 use crate::trust::{Trust, TrustService};
 use crate::{logging, metrics};
 
@@ -254,10 +254,14 @@ fn add_data_plane(
                 registry,
             ),
         );
-        let mut service = Service::new(
-            "east-west".to_owned(),
-            EastWestApp::new(acceptor, proxy, callers),
+        let app = EastWestApp::new(
+            acceptor,
+            proxy,
+            callers,
+            catalog.clone(),
+            TcpMetrics::new(registry),
         );
+        let mut service = Service::new("east-west".to_owned(), app);
         service.add_tcp(&addr.to_string());
         service.threads = Some(threads);
         server.add_service(service);

@@ -211,3 +211,155 @@ fn http1_and_h2c_cross_two_gateways_over_spiffe_mtls() {
     // Access log lines carry the request id.
     assert!(c.a.log().contains("\"request_id\":\"client-chosen-id\""));
 }
+
+/// `openssl s_server` on a free loopback port with `tls_dir`'s certificate,
+/// reversing each line it receives; killed on drop.
+struct OpensslServer {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl OpensslServer {
+    fn start(tls_dir: &std::path::Path) -> Self {
+        let addr = free_addr();
+        let child = std::process::Command::new("openssl")
+            .args([
+                "s_server",
+                "-quiet",
+                "-rev",
+                "-accept",
+                &addr.to_string(),
+                "-cert",
+            ])
+            .arg(tls_dir.join("svid.crt"))
+            .arg("-key")
+            .arg(tls_dir.join("svid.key"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl is installed");
+        isthmus_tests::wait_for(
+            Duration::from_secs(10),
+            "openssl s_server to listen",
+            || std::net::TcpStream::connect(addr).ok().map(|_| ()),
+        )
+        .unwrap();
+        Self { child, addr }
+    }
+}
+
+impl Drop for OpensslServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn passthrough_routes_the_workloads_own_tls_by_sni() {
+    let pki = DevPki::new();
+    let ca_b = pki.ca("ca-b", "b.example");
+    let ca_a = pki.ca("ca-a", "a.example");
+    let tls_b = pki.issue(&ca_b, "spiffe://b.example/isthmus/gateway/gw-b", "tls-b");
+    // The workload's own identity, which only the workload presents.
+    let workload = pki.issue(&ca_b, "spiffe://b.example/ns/shop/sa/ledger", "workload");
+    let server = OpensslServer::start(&workload);
+    let (admin_b, east_west_b) = (free_addr(), free_addr());
+    let config = gateway_config(
+        "gw-b",
+        "b.example",
+        admin_b,
+        &tls_b,
+        &ca_b.join("bundle.pem"),
+        &format!(
+            r#"[[trust.federated]]
+trust_domain = "a.example"
+bundle = "{a_bundle}"
+[listeners]
+east_west = "{east_west_b}"
+[[services]]
+namespace = "shop"
+name = "ledger"
+ports = [{{ port = 8443, protocol = "tcp" }}]
+endpoints = ["{upstream}"]
+export = true
+mode = "passthrough"
+"#,
+            a_bundle = ca_a.join("bundle.pem").display(),
+            upstream = server.addr,
+        ),
+    );
+    let mut b = Gateway::start(&config, admin_b, &[]).unwrap();
+    b.wait_ready(START).unwrap();
+
+    let s_client = |sni: &str| {
+        let mut child = std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &east_west_b.to_string(),
+                "-servername",
+                sni,
+                "-CAfile",
+            ])
+            .arg(ca_b.join("ca.crt"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"isthmus\n").unwrap();
+        // Give the reply time to arrive before closing our side.
+        std::thread::sleep(Duration::from_millis(500));
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+
+    // The workload's certificate comes back through B, verified end to end, and
+    // data flows both ways.
+    let out = s_client("outbound_.8443_._.ledger.shop.svc.cluster.local");
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
+    assert!(
+        out.contains("CN = ledger"),
+        "the workload's certificate, not B's: {out}"
+    );
+    assert!(
+        out.contains("sumhtsi"),
+        "the workload echoed our line reversed: {out}"
+    );
+
+    // Another SNI is not passed through: B terminates and wants a client SVID.
+    let out = s_client("outbound_.80_._.web.shop.svc.cluster.local");
+    assert!(!out.contains("sumhtsi"), "{out}");
+
+    let metrics = b.admin_get("/metrics").body;
+    let ok = "isthmus_tcp_connections_total{namespace=\"shop\",result=\"ok\",service=\"ledger\"}";
+    assert_eq!(metric_value(&metrics, ok), Some(1.0), "{metrics}");
+    let passthrough = "isthmus_tls_handshakes_total{result=\"passthrough\",side=\"server\"}";
+    assert_eq!(metric_value(&metrics, passthrough), Some(1.0), "{metrics}");
+    let no_cert = "isthmus_tls_handshakes_total{result=\"no_client_cert\",side=\"server\"}";
+    assert_eq!(metric_value(&metrics, no_cert), Some(1.0), "{metrics}");
+
+    // Garbage instead of a ClientHello is refused and counted; B keeps serving.
+    let mut tcp = std::net::TcpStream::connect(east_west_b).unwrap();
+    std::io::Write::write_all(&mut tcp, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    isthmus_tests::wait_for(Duration::from_secs(5), "the garbage to be counted", || {
+        let m = b.admin_get("/metrics").body;
+        metric_value(
+            &m,
+            "isthmus_tls_handshakes_total{result=\"malformed\",side=\"server\"}",
+        )
+        .map(|_| ())
+    })
+    .unwrap();
+    let out = s_client("outbound_.8443_._.ledger.shop.svc.cluster.local");
+    assert!(out.contains("sumhtsi"), "{out}");
+}

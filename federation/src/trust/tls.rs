@@ -506,9 +506,13 @@ fn peer_id(certs: Option<&[CertificateDer<'static>]>) -> Result<SpiffeId, Handsh
 }
 
 /// Accepts mTLS connections from SPIFFE peers, counting every outcome.
+///
+/// Accepting is two steps so a listener can look at the ClientHello (its SNI)
+/// before deciding to terminate: [`Self::read_client_hello`], then
+/// [`Self::finish`]. [`Self::accept`] does both.
 #[derive(Clone)]
 pub struct SpiffeAcceptor {
-    acceptor: tokio_rustls::TlsAcceptor,
+    config: Arc<ServerConfig>,
     metrics: HandshakeMetrics,
     timeout: Duration,
 }
@@ -517,21 +521,51 @@ impl SpiffeAcceptor {
     /// An acceptor for `config` that gives up on handshakes after `timeout`.
     pub fn new(config: Arc<ServerConfig>, metrics: HandshakeMetrics, timeout: Duration) -> Self {
         Self {
-            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            config,
             metrics,
             timeout,
         }
     }
 
-    /// Runs the server handshake on `io`; returns the stream and the peer's ID.
-    pub async fn accept<IO>(
+    /// The handshake metrics, for listeners that end a connection after the
+    /// ClientHello themselves (e.g. passthrough).
+    pub fn metrics(&self) -> &HandshakeMetrics {
+        &self.metrics
+    }
+
+    /// Reads the ClientHello (within the handshake timeout). A failure (garbage,
+    /// timeout) is counted here.
+    pub async fn read_client_hello<IO>(
         &self,
         io: IO,
+    ) -> Result<tokio_rustls::StartHandshake<IO>, HandshakeError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let acceptor =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+        let outcome = match tokio::time::timeout(self.timeout, acceptor).await {
+            Err(_) => Err(HandshakeError::timeout(self.timeout)),
+            Ok(Err(e)) => Err(HandshakeError::from_io(&e)),
+            Ok(Ok(start)) => Ok(start),
+        };
+        if let Err(e) = &outcome {
+            self.metrics.record("server", e.result);
+        }
+        outcome
+    }
+
+    /// Completes a handshake whose ClientHello was read; returns the stream and
+    /// the peer's ID. Every outcome is counted.
+    pub async fn finish<IO>(
+        &self,
+        start: tokio_rustls::StartHandshake<IO>,
     ) -> Result<(tokio_rustls::server::TlsStream<IO>, Option<SpiffeId>), HandshakeError>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let outcome = match tokio::time::timeout(self.timeout, self.acceptor.accept(io)).await {
+        let handshake = start.into_stream(self.config.clone());
+        let outcome = match tokio::time::timeout(self.timeout, handshake).await {
             Err(_) => Err(HandshakeError::timeout(self.timeout)),
             Ok(Err(e)) => Err(HandshakeError::from_io(&e)),
             Ok(Ok(stream)) => {
@@ -548,6 +582,18 @@ impl SpiffeAcceptor {
             outcome.as_ref().map_or_else(|e| e.result, |_| "ok"),
         );
         outcome
+    }
+
+    /// Runs the whole server handshake on `io`.
+    pub async fn accept<IO>(
+        &self,
+        io: IO,
+    ) -> Result<(tokio_rustls::server::TlsStream<IO>, Option<SpiffeId>), HandshakeError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let start = self.read_client_hello(io).await?;
+        self.finish(start).await
     }
 }
 

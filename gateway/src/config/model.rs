@@ -102,6 +102,31 @@ pub struct ServiceConfig {
     /// Trust domains whose every gateway and workload may call it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub allow_trust_domains: Vec<TrustDomain>,
+    /// East-west mode.
+    pub mode: EastWestMode,
+}
+
+/// How the east-west listener handles a service's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EastWestMode {
+    /// Terminate the peer gateway's mTLS; route each request (L7).
+    Terminate,
+    /// Route the peer's TLS by SNI without terminating it (Istio AUTO_PASSTHROUGH).
+    Passthrough,
+}
+
+impl FromStr for EastWestMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "terminate" => Ok(Self::Terminate),
+            "passthrough" => Ok(Self::Passthrough),
+            other => Err(format!(
+                "unknown mode {other:?}; expected \"terminate\" or \"passthrough\""
+            )),
+        }
+    }
 }
 
 /// `services[].ports[]`
@@ -449,6 +474,7 @@ impl Config {
                             svc.allow_trust_domains.iter().cloned(),
                         )
                     }),
+                passthrough: svc.mode == EastWestMode::Passthrough,
             }
         }))
     }
@@ -965,10 +991,24 @@ fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConfig> {
             svc.allow_trust_domains.as_deref(),
             TrustDomain::from_str,
         );
+        let mode = check.or_default(
+            &at("mode"),
+            svc.mode.as_deref(),
+            "terminate",
+            EastWestMode::from_str,
+        );
+        if mode == Some(EastWestMode::Passthrough)
+            && (!allow_ids.is_empty() || !allow_trust_domains.is_empty())
+        {
+            check.errors.push(ConfigError::new(
+                at("mode"),
+                "passthrough does not terminate TLS, so allow_ids/allow_trust_domains cannot be enforced; the workloads authorize",
+            ));
+        }
         if check.errors.len() > before {
             continue;
         }
-        let (Some(namespace), Some(name)) = (namespace, name) else {
+        let (Some(namespace), Some(name), Some(mode)) = (namespace, name, mode) else {
             continue;
         };
         if out
@@ -989,6 +1029,7 @@ fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConfig> {
             export: svc.export.unwrap_or(false),
             allow_ids,
             allow_trust_domains,
+            mode,
         });
     }
     out

@@ -68,6 +68,8 @@ pub struct RawService {
     pub allow_ids: Option<Vec<String>>,
     /// `services[].allow_trust_domains`
     pub allow_trust_domains: Option<Vec<String>>,
+    /// `services[].mode`
+    pub mode: Option<String>,
 }
 
 /// `services[].ports[]`

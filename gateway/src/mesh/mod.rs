@@ -16,9 +16,11 @@
 //!   the peer's leaf) so Pingora's HTTP server runs on it.
 
 mod connect;
+mod hello;
 mod relay;
 mod stream;
 
 pub use connect::{MeshConnect, mesh_peer};
+pub use hello::{HelloRecorder, MAX_CLIENT_HELLO};
 pub use relay::MeshRelay;
-pub use stream::MeshTlsStream;
+pub use stream::{EastWestIo, MeshTlsStream};

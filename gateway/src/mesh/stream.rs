@@ -16,10 +16,16 @@ use pingora_core::protocols::{
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_rustls::server::TlsStream;
 
+use super::HelloRecorder;
+
+/// What the east-west listener's TLS runs on: the accepted stream, with its
+/// ClientHello recorder (no longer recording once TLS is terminated here).
+pub type EastWestIo = HelloRecorder<Box<dyn IO>>;
+
 /// An accepted connection from a peer gateway, authenticated by SPIFFE ID.
 #[derive(Debug)]
 pub struct MeshTlsStream {
-    tls: TlsStream<Box<dyn IO>>,
+    tls: TlsStream<EastWestIo>,
     peer: SpiffeId,
     digest: Arc<SslDigest>,
     alpn: Option<ALPN>,
@@ -27,7 +33,7 @@ pub struct MeshTlsStream {
 
 impl MeshTlsStream {
     /// Wraps an accepted stream whose peer was authenticated as `peer`.
-    pub fn new(tls: TlsStream<Box<dyn IO>>, peer: SpiffeId) -> Self {
+    pub fn new(tls: TlsStream<EastWestIo>, peer: SpiffeId) -> Self {
         let (_, conn) = tls.get_ref();
         let version = conn
             .protocol_version()
@@ -66,7 +72,7 @@ impl MeshTlsStream {
     }
 
     fn transport(&self) -> &dyn IO {
-        self.tls.get_ref().0.as_ref()
+        self.tls.get_ref().0.inner().as_ref()
     }
 }
 
@@ -237,7 +243,12 @@ mod tests {
 
         let (tcp, _) = listener.accept().await.unwrap();
         let raw: Box<dyn IO> = Box::new(pingora_core::protocols::l4::stream::Stream::from(tcp));
-        let (tls, peer) = acceptor.accept(raw).await.unwrap();
+        let mut start = acceptor
+            .read_client_hello(HelloRecorder::new(raw))
+            .await
+            .unwrap();
+        start.io.stop_recording();
+        let (tls, peer) = acceptor.finish(start).await.unwrap();
         let stream = MeshTlsStream::new(tls, peer.unwrap());
         assert_eq!(
             stream.peer().as_str(),

@@ -12,8 +12,11 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use std::net::SocketAddr;
+
+use isthmus_federation::catalog::parse_east_west_sni;
 use isthmus_federation::trust::{PeerPolicy, SpiffeAcceptor};
-use isthmus_federation::{Catalog, ClusterName, SpiffeId};
+use isthmus_federation::{Catalog, ClusterName, ServiceKey, SpiffeId};
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::{Ssl, Stream};
 use pingora_core::server::ShutdownWatch;
@@ -22,11 +25,13 @@ use pingora_error::{Error, Result};
 use pingora_http::RequestHeader;
 use pingora_proxy::{HttpProxy, ProxyHttp, Session};
 use prometheus::IntCounterVec;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::metrics::ProxyMetrics;
-use super::outbound::{Common, RequestCtx};
-use crate::mesh::MeshTlsStream;
+use super::metrics::{ProxyMetrics, TcpMetrics};
+use super::outbound::{CONNECT_TIMEOUT, Common, RequestCtx};
+use crate::mesh::{HelloRecorder, MeshTlsStream};
 
 /// The SPIFFE ID behind each peer certificate seen (by SHA-256 of the leaf).
 ///
@@ -214,11 +219,15 @@ impl ProxyHttp for EastWestProxy {
     }
 }
 
-/// The east-west listener's app: SPIFFE handshake, then Pingora's HTTP proxy.
+/// The east-west listener's app: reads the ClientHello, then either splices a
+/// passthrough service's TLS to its endpoint untouched, or terminates the peer
+/// gateway's mTLS and runs Pingora's HTTP proxy.
 pub struct EastWestApp {
     acceptor: SpiffeAcceptor,
     proxy: Arc<HttpProxy<EastWestProxy>>,
     callers: Arc<Callers>,
+    catalog: Arc<ArcSwap<Catalog>>,
+    tcp: TcpMetrics,
 }
 
 impl EastWestApp {
@@ -227,11 +236,67 @@ impl EastWestApp {
         acceptor: SpiffeAcceptor,
         proxy: HttpProxy<EastWestProxy>,
         callers: Arc<Callers>,
+        catalog: Arc<ArcSwap<Catalog>>,
+        tcp: TcpMetrics,
     ) -> Self {
         Self {
             acceptor,
             proxy: Arc::new(proxy),
             callers,
+            catalog,
+            tcp,
+        }
+    }
+
+    /// The endpoint for a passthrough service named by `sni`, if it is one.
+    fn passthrough_target(&self, sni: Option<&str>) -> Option<(ServiceKey, SocketAddr)> {
+        let target = parse_east_west_sni(sni?)?;
+        let catalog = self.catalog.load();
+        let entry = catalog.get(&target.key)?;
+        if !entry.exported || !entry.passthrough || entry.port(Some(target.port)).is_none() {
+            return None;
+        }
+        let spread = self.tcp.next_spread();
+        let endpoint = *entry.endpoints.get(spread % entry.endpoints.len().max(1))?;
+        Some((target.key, endpoint))
+    }
+
+    /// Connects to `endpoint`, replays `hello` and splices until both sides end.
+    async fn splice(
+        &self,
+        key: &ServiceKey,
+        endpoint: SocketAddr,
+        hello: Vec<u8>,
+        mut client: Stream,
+    ) {
+        let labels = [key.name.as_str(), key.namespace.as_str()];
+        let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint)).await;
+        let mut upstream = match upstream {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => {
+                warn!(service = %key, %endpoint, error = %e, "passthrough endpoint refused");
+                self.tcp.connection(&labels, "connect_error");
+                return;
+            }
+            Err(_) => {
+                warn!(service = %key, %endpoint, "passthrough endpoint timed out");
+                self.tcp.connection(&labels, "connect_timeout");
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        if upstream.write_all(&hello).await.is_err() {
+            self.tcp.connection(&labels, "connect_error");
+            return;
+        }
+        self.tcp.connection(&labels, "ok");
+        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            Ok((from_peer, to_peer)) => {
+                self.tcp
+                    .bytes(&labels, from_peer + hello.len() as u64, to_peer);
+                debug!(service = %key, %endpoint, from_peer, to_peer, "passthrough connection closed");
+            }
+            Err(e) => debug!(service = %key, %endpoint, error = %e, "passthrough connection ended"),
         }
     }
 }
@@ -243,10 +308,29 @@ impl ServerApp for EastWestApp {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let (tls, caller) = match self.acceptor.accept(stream).await {
+        // Refusals are counted by the acceptor; a scan must not flood the log.
+        let mut start = match self
+            .acceptor
+            .read_client_hello(HelloRecorder::new(stream))
+            .await
+        {
+            Ok(start) => start,
+            Err(e) => {
+                debug!(result = e.result, error = %e.message, "east-west ClientHello refused");
+                return None;
+            }
+        };
+        let sni = start.client_hello().server_name().map(str::to_owned);
+        if let Some((key, endpoint)) = self.passthrough_target(sni.as_deref()) {
+            self.acceptor.metrics().record("server", "passthrough");
+            let (hello, client) = start.io.into_parts();
+            self.splice(&key, endpoint, hello, client).await;
+            return None;
+        }
+        start.io.stop_recording();
+        let (tls, caller) = match self.acceptor.finish(start).await {
             Ok(accepted) => accepted,
             Err(e) => {
-                // Counted by the acceptor; a scan must not flood the log.
                 debug!(result = e.result, error = %e.message, "east-west handshake refused");
                 return None;
             }

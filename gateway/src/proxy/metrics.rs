@@ -71,3 +71,56 @@ impl ProxyMetrics {
         self.duration.with_label_values(&base).observe(seconds);
     }
 }
+
+/// `isthmus_tcp_connections_total` and `isthmus_tcp_bytes_total` for connections
+/// proxied at L4 (east-west passthrough).
+#[derive(Clone)]
+pub struct TcpMetrics {
+    connections: IntCounterVec,
+    bytes: IntCounterVec,
+    spread: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TcpMetrics {
+    /// Registers the metrics in `registry`.
+    pub fn new(registry: &Registry) -> Self {
+        let connections = metrics::counter_vec(
+            registry,
+            "tcp_connections_total",
+            "L4 connections by service, namespace and result (ok, connect_error, connect_timeout).",
+            &["service", "namespace", "result"],
+        );
+        let bytes = metrics::counter_vec(
+            registry,
+            "tcp_bytes_total",
+            "Bytes spliced at L4 by service, namespace and direction (from_peer, to_peer).",
+            &["service", "namespace", "direction"],
+        );
+        Self {
+            connections,
+            bytes,
+            spread: Default::default(),
+        }
+    }
+
+    pub(crate) fn connection(&self, labels: &[&str; 2], result: &str) {
+        self.connections
+            .with_label_values(&[labels[0], labels[1], result])
+            .inc();
+    }
+
+    pub(crate) fn bytes(&self, labels: &[&str; 2], from_peer: u64, to_peer: u64) {
+        self.bytes
+            .with_label_values(&[labels[0], labels[1], "from_peer"])
+            .inc_by(from_peer);
+        self.bytes
+            .with_label_values(&[labels[0], labels[1], "to_peer"])
+            .inc_by(to_peer);
+    }
+
+    /// A rotating counter to spread connections over endpoints.
+    pub(crate) fn next_spread(&self) -> usize {
+        self.spread
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}

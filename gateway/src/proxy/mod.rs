@@ -14,4 +14,4 @@ mod metrics;
 pub mod outbound;
 pub mod routing;
 
-pub use metrics::ProxyMetrics;
+pub use metrics::{ProxyMetrics, TcpMetrics};

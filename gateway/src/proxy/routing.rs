@@ -109,6 +109,7 @@ mod tests {
                 .collect(),
             exported: true,
             allowed_callers: None,
+            passthrough: false,
         }
     }
 
