@@ -15,9 +15,14 @@ struct TwoClusters {
     _pki: DevPki,
 }
 
-/// A has an outbound listener and knows B serves shop/web; B serves shop/web
-/// from `upstream` (exported) and shop/hidden (not exported).
-fn two_clusters(upstream: std::net::SocketAddr) -> TwoClusters {
+/// A has an outbound listener and knows B serves shop/web, shop/hidden,
+/// shop/admin and shop/grpc; B serves shop/web from `upstream` (exported),
+/// shop/hidden (not exported), shop/admin (exported to another caller only) and
+/// shop/grpc from `grpc_upstream` (gRPC, exported).
+fn two_clusters(
+    upstream: std::net::SocketAddr,
+    grpc_upstream: std::net::SocketAddr,
+) -> TwoClusters {
     let pki = DevPki::new();
     let ca_a = pki.ca("ca-a", "a.example");
     let ca_b = pki.ca("ca-b", "b.example");
@@ -49,12 +54,16 @@ ports = [{{ port = 80 }}]
 namespace = "shop"
 name = "admin"
 ports = [{{ port = 80 }}]
+[[services]]
+namespace = "shop"
+name = "grpc"
+ports = [{{ port = 9090, protocol = "grpc" }}]
 [[peers]]
 cluster = "gw-b-cluster"
 spiffe_id = "spiffe://b.example/isthmus/gateway/gw-b"
 address = "{east_west_b}"
 locality = "test"
-services = ["shop/web", "shop/hidden", "shop/admin"]
+services = ["shop/web", "shop/hidden", "shop/admin", "shop/grpc"]
 "#,
             b_bundle = ca_b.join("bundle.pem").display()
         ),
@@ -89,6 +98,12 @@ ports = [{{ port = 80 }}]
 endpoints = ["{upstream}"]
 export = true
 allow_ids = ["spiffe://a.example/isthmus/gateway/ops"]
+[[services]]
+namespace = "shop"
+name = "grpc"
+ports = [{{ port = 9090, protocol = "grpc" }}]
+endpoints = ["{grpc_upstream}"]
+export = true
 [[peers]]
 cluster = "gw-a-cluster"
 spiffe_id = "spiffe://a.example/isthmus/gateway/gw-a"
@@ -113,7 +128,7 @@ locality = "test"
 #[test]
 fn http1_and_h2c_cross_two_gateways_over_spiffe_mtls() {
     let upstream = EchoServer::start("pod-in-b");
-    let c = two_clusters(upstream.addr);
+    let c = two_clusters(upstream.addr, upstream.addr);
     let url = format!("http://{}/cart?x=1", c.outbound_a);
     let host = "Host: web.shop.svc.clusterset.local:8080";
     let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -362,4 +377,75 @@ mode = "passthrough"
     .unwrap();
     let out = s_client("outbound_.8443_._.ledger.shop.svc.cluster.local");
     assert!(out.contains("sumhtsi"), "{out}");
+}
+
+#[test]
+fn grpc_unary_and_streaming_cross_two_gateways() {
+    use tonic_health::ServingStatus;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus as Status;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // A real gRPC server in B's cluster: grpc.health.v1 (unary Check, streaming Watch).
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let grpc_addr = listener.local_addr().unwrap();
+    rt.block_on(reporter.set_service_status("shop.Ledger", ServingStatus::Serving));
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let http = EchoServer::start("pod-in-b");
+    let c = two_clusters(http.addr, grpc_addr);
+
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.outbound_a))
+            .unwrap()
+            .origin(
+                "http://grpc.shop.svc.clusterset.local:9090"
+                    .parse()
+                    .unwrap(),
+            )
+            .connect()
+            .await
+            .unwrap();
+        let mut client = HealthClient::new(channel);
+        let request = || HealthCheckRequest {
+            service: "shop.Ledger".into(),
+        };
+
+        // Unary.
+        let reply = client.check(request()).await.unwrap().into_inner();
+        assert_eq!(reply.status(), Status::Serving);
+        // A gRPC error status crosses both gateways as trailers.
+        let err = client
+            .check(HealthCheckRequest {
+                service: "shop.Unknown".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+
+        // Server streaming: the first status, then a change pushed by the server.
+        let mut stream = client.watch(request()).await.unwrap().into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        assert_eq!(first.status(), Status::Serving);
+        reporter
+            .set_service_status("shop.Ledger", ServingStatus::NotServing)
+            .await;
+        let second = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("the update crosses both gateways while the stream stays open")
+            .unwrap()
+            .unwrap();
+        assert_eq!(second.status(), Status::NotServing);
+    });
+
+    let metrics = c.b.admin_get("/metrics").body;
+    let grpc = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"east_west\",namespace=\"shop\",service=\"grpc\",source_cluster=\"gw-a-cluster\"}";
+    assert!(metric_value(&metrics, grpc) >= Some(2.0), "{metrics}");
 }
