@@ -449,3 +449,68 @@ fn grpc_unary_and_streaming_cross_two_gateways() {
     let grpc = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"east_west\",namespace=\"shop\",service=\"grpc\",source_cluster=\"gw-a-cluster\"}";
     assert!(metric_value(&metrics, grpc) >= Some(2.0), "{metrics}");
 }
+
+#[test]
+fn websocket_upgrades_cross_two_gateways() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // A WebSocket echo server in B's cluster.
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let ws_addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let c = two_clusters(ws_addr, ws_addr);
+
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(c.outbound_a).await.unwrap();
+        let (mut ws, response) =
+            tokio_tungstenite::client_async("ws://web.shop.svc.clusterset.local:8080/chat", tcp)
+                .await
+                .unwrap_or_else(|e| {
+                    let warn = |log: String| {
+                        log.lines()
+                            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    };
+                    panic!(
+                        "upgrade failed: {e}\nA:\n{}\nB:\n{}",
+                        warn(c.a.log()),
+                        warn(c.b.log())
+                    )
+                });
+        assert_eq!(response.status(), 101);
+        for i in 0..3 {
+            let text = format!("message {i}");
+            ws.send(Message::text(text.clone())).await.unwrap();
+            let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(echoed.into_text().unwrap().as_str(), text);
+        }
+        ws.send(Message::binary(vec![0u8, 1, 2, 255]))
+            .await
+            .unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(echoed.into_data().as_ref(), &[0u8, 1, 2, 255]);
+        ws.close(None).await.unwrap();
+    });
+}

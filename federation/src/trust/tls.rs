@@ -633,11 +633,28 @@ impl SpiffeConnector {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
+        self.connect_with_alpn(io, sni, expected, self.alpn.clone())
+            .await
+    }
+
+    /// [`Self::connect`] offering `alpn` instead of the connector's default.
+    pub async fn connect_with_alpn<IO>(
+        &self,
+        io: IO,
+        sni: ServerName<'static>,
+        expected: PeerPolicy,
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<(tokio_rustls::client::TlsStream<IO>, SpiffeId), HandshakeError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
         let outcome: Result<_, HandshakeError> = async {
-            let config = spiffe_client_config(&self.material, expected, true, self.alpn.clone())
-                .map_err(|e| HandshakeError {
-                    result: "config_error",
-                    message: e.to_string(),
+            let config =
+                spiffe_client_config(&self.material, expected, true, alpn).map_err(|e| {
+                    HandshakeError {
+                        result: "config_error",
+                        message: e.to_string(),
+                    }
                 })?;
             let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
             let stream = tokio::time::timeout(self.timeout, connector.connect(sni, io))

@@ -17,7 +17,7 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use rustls::pki_types::ServerName;
 
-use super::relay::{self, RelayRequest};
+use super::relay::{self, MeshAlpn, RelayRequest};
 
 /// Opens an east-west connection to one peer gateway through the mesh relay.
 pub struct MeshConnect {
@@ -65,13 +65,14 @@ impl L4Connect for MeshConnect {
 
 /// The upstream for a request to `peer` (a gateway's east-west address)
 /// authenticated as `expected`, with `sni` naming the service. Pingora speaks
-/// HTTP/2 over the relay's authenticated stream and pools per (peer, expected
-/// ID, SNI).
+/// `alpn` (HTTP/2, or HTTP/1.1 for upgrades) over the relay's authenticated
+/// stream and pools per (peer, expected ID, SNI, protocol).
 pub fn mesh_peer(
     relay_path: &std::path::Path,
     peer: InetSocketAddr,
     expected: SpiffeId,
     sni: ServerName<'static>,
+    alpn: MeshAlpn,
     timeout: Duration,
 ) -> Result<HttpPeer> {
     let path = relay_path
@@ -81,9 +82,12 @@ pub fn mesh_peer(
     let mut http_peer = HttpPeer::new_uds(path, false, sni_str)?;
     // All peers share the relay's address: keep their pools apart.
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (peer, &expected).hash(&mut hasher);
+    (peer, &expected, alpn).hash(&mut hasher);
     http_peer.group_key = hasher.finish();
-    http_peer.options.alpn = ALPN::H2;
+    http_peer.options.alpn = match alpn {
+        MeshAlpn::H2 => ALPN::H2,
+        MeshAlpn::Http1 => ALPN::H1,
+    };
     http_peer.options.max_h2_streams = 100;
     http_peer.options.connection_timeout = Some(timeout);
     http_peer.options.custom_l4 = Some(std::sync::Arc::new(MeshConnect {
@@ -92,6 +96,7 @@ pub fn mesh_peer(
             peer,
             expected,
             sni,
+            alpn,
         },
         timeout,
     }));
@@ -207,6 +212,7 @@ mod tests {
             addr,
             expected.parse().unwrap(),
             ServerName::try_from(SNI).unwrap(),
+            MeshAlpn::H2,
             Duration::from_secs(5),
         )
         .unwrap()

@@ -22,5 +22,5 @@ mod stream;
 
 pub use connect::{MeshConnect, mesh_peer};
 pub use hello::{HelloRecorder, MAX_CLIENT_HELLO};
-pub use relay::MeshRelay;
+pub use relay::{MeshAlpn, MeshRelay};
 pub use stream::{EastWestIo, MeshTlsStream};

@@ -13,8 +13,8 @@
 //! relay reachable by other users would let them speak as this gateway.
 //!
 //! Protocol, one line each way before the splice:
-//! `ISTHMUS-MESH/1 <peer-addr> <expected-spiffe-id> <sni>\n`, answered by
-//! `OK\n` or `ERR <reason> <message>\n`.
+//! `ISTHMUS-MESH/1 <peer-addr> <expected-spiffe-id> <sni> <alpn>\n` (`alpn` is
+//! `h2` or `http/1.1`), answered by `OK\n` or `ERR <reason> <message>\n`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -55,15 +55,35 @@ pub(crate) struct RelayRequest {
     pub(crate) peer: SocketAddr,
     pub(crate) expected: SpiffeId,
     pub(crate) sni: ServerName<'static>,
+    pub(crate) alpn: MeshAlpn,
+}
+
+/// The protocol spoken over an east-west connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MeshAlpn {
+    /// HTTP/2, multiplexed: the default.
+    H2,
+    /// HTTP/1.1: for requests HTTP/2 cannot carry here (WebSocket upgrades).
+    Http1,
+}
+
+impl MeshAlpn {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::H2 => "h2",
+            Self::Http1 => "http/1.1",
+        }
+    }
 }
 
 impl RelayRequest {
     pub(crate) fn to_line(&self) -> String {
         format!(
-            "{MAGIC} {} {} {}\n",
+            "{MAGIC} {} {} {} {}\n",
             self.peer,
             self.expected,
-            self.sni.to_str()
+            self.sni.to_str(),
+            self.alpn.as_str()
         )
     }
 
@@ -72,15 +92,24 @@ impl RelayRequest {
         if words.next() != Some(MAGIC) {
             return Err("not an isthmus mesh request".into());
         }
-        let (Some(peer), Some(expected), Some(sni), None) =
-            (words.next(), words.next(), words.next(), words.next())
-        else {
-            return Err("expected <peer-addr> <spiffe-id> <sni>".into());
+        let (Some(peer), Some(expected), Some(sni), Some(alpn), None) = (
+            words.next(),
+            words.next(),
+            words.next(),
+            words.next(),
+            words.next(),
+        ) else {
+            return Err("expected <peer-addr> <spiffe-id> <sni> <alpn>".into());
         };
         Ok(Self {
             peer: peer.parse().map_err(|e| format!("peer address: {e}"))?,
             expected: expected.parse().map_err(|e| format!("SPIFFE ID: {e}"))?,
             sni: ServerName::try_from(sni.to_owned()).map_err(|e| format!("SNI: {e}"))?,
+            alpn: match alpn {
+                "h2" => MeshAlpn::H2,
+                "http/1.1" => MeshAlpn::Http1,
+                other => return Err(format!("ALPN {other:?}")),
+            },
         })
     }
 }
@@ -179,11 +208,13 @@ async fn relay(mut local: UnixStream, connector: SpiffeConnector, connect_timeou
         }
     };
     let _ = tcp.set_nodelay(true);
+    let alpn = vec![request.alpn.as_str().as_bytes().to_vec()];
     let mut tls = match connector
-        .connect(
+        .connect_with_alpn(
             tcp,
             request.sni.clone(),
             PeerPolicy::exact(request.expected.clone()),
+            alpn,
         )
         .await
     {
@@ -235,6 +266,7 @@ mod tests {
             peer: "127.0.0.1:15443".parse().unwrap(),
             expected: "spiffe://a.example/isthmus/gateway/gw".parse().unwrap(),
             sni: ServerName::try_from("outbound_.80_._.svc.ns.svc.cluster.local").unwrap(),
+            alpn: MeshAlpn::Http1,
         };
         let line = r.to_line();
         assert_eq!(RelayRequest::parse(line.trim_end()), Ok(r));
@@ -244,7 +276,9 @@ mod tests {
             "ISTHMUS-MESH/1 127.0.0.1:1",
             "ISTHMUS-MESH/1 nowhere spiffe://a/b x",
             "ISTHMUS-MESH/1 127.0.0.1:1 http://a/b x",
-            "ISTHMUS-MESH/1 127.0.0.1:1 spiffe://a/b x extra",
+            "ISTHMUS-MESH/1 127.0.0.1:1 spiffe://a/b x",
+            "ISTHMUS-MESH/1 127.0.0.1:1 spiffe://a/b x spdy/3",
+            "ISTHMUS-MESH/1 127.0.0.1:1 spiffe://a/b x h2 extra",
         ] {
             assert!(RelayRequest::parse(bad).is_err(), "{bad:?}");
         }

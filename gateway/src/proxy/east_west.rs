@@ -172,11 +172,11 @@ impl ProxyHttp for EastWestProxy {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         // No relay: east-west traffic goes to this cluster's endpoints only.
-        self.common.next_peer(ctx, None)
+        self.common.next_peer(session, ctx, None)
     }
 
     async fn upstream_request_filter(

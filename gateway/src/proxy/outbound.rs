@@ -22,7 +22,7 @@ use tracing::info;
 use super::headers;
 use super::metrics::{ProxyMetrics, RequestLabels};
 use super::routing::{NoRoute, Routed, Target, pick, resolve};
-use crate::mesh::mesh_peer;
+use crate::mesh::{MeshAlpn, mesh_peer};
 
 /// How many upstreams one request may try when connecting fails.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -159,6 +159,7 @@ impl Common {
     /// socket) reaches peer gateways; without it only local endpoints qualify.
     pub(crate) fn next_peer(
         &self,
+        session: &Session,
         ctx: &mut RequestCtx,
         relay: Option<&Path>,
     ) -> Result<Box<HttpPeer>> {
@@ -175,11 +176,19 @@ impl Common {
                 let sni = east_west_sni(&routed.entry.key, routed.port, None);
                 let sni = ServerName::try_from(sni)
                     .map_err(|e| Error::explain(ErrorType::InternalError, e.to_string()))?;
+                // HTTP/2 here cannot carry an upgrade (no RFC 8441 in
+                // Pingora): WebSockets get an HTTP/1.1 connection of their own.
+                let alpn = if session.is_upgrade_req() {
+                    MeshAlpn::Http1
+                } else {
+                    MeshAlpn::H2
+                };
                 mesh_peer(
                     relay,
                     gw.address,
                     gw.spiffe_id.clone(),
                     sni,
+                    alpn,
                     CONNECT_TIMEOUT,
                 )?
             }
@@ -299,10 +308,10 @@ impl ProxyHttp for OutboundProxy {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        self.common.next_peer(ctx, self.relay.as_deref())
+        self.common.next_peer(session, ctx, self.relay.as_deref())
     }
 
     async fn upstream_request_filter(
