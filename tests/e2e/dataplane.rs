@@ -514,3 +514,98 @@ fn websocket_upgrades_cross_two_gateways() {
         ws.close(None).await.unwrap();
     });
 }
+
+/// One gateway with an outbound listener in front of `endpoints` of shop/web.
+fn single_gateway(endpoints: &[std::net::SocketAddr]) -> (Gateway, std::net::SocketAddr) {
+    let (admin, outbound) = (free_addr(), free_addr());
+    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    let config = format!(
+        r#"[gateway]
+name = "gw-solo"
+cluster = "solo"
+trust_domain = "solo.example"
+[gateway.locality]
+region = "test"
+[admin]
+listen = "{admin}"
+[log]
+format = "json"
+[runtime]
+threads = 2
+[listeners]
+outbound = "{outbound}"
+[[services]]
+namespace = "shop"
+name = "web"
+ports = [{{ port = 80 }}]
+endpoints = [{endpoints}]
+"#,
+        endpoints = endpoints.join(", ")
+    );
+    let mut gw = Gateway::start(&config, admin, &[]).unwrap();
+    gw.wait_ready(START).unwrap();
+    (gw, outbound)
+}
+
+#[test]
+fn a_dead_endpoint_costs_no_request() {
+    let live = EchoServer::start("live");
+    // A port nothing listens on: connections are refused.
+    let dead = free_addr();
+    let (gw, outbound) = single_gateway(&[dead, live.addr]);
+    let url = format!("http://{outbound}/");
+    for i in 0..20 {
+        let r = curl(&["-H", "Host: web.shop.svc.clusterset.local", &url]);
+        assert_eq!(r.status, 200, "request {i}: {}", r.body);
+    }
+    // Half the requests hit the dead endpoint first and were retried.
+    let log = gw.log();
+    let retried = log.lines().filter(|l| l.contains("\"attempts\":2")).count();
+    assert!(retried >= 5, "{retried} requests retried:\n{log}");
+}
+
+#[test]
+fn a_slow_client_does_not_stall_others() {
+    use std::io::Write;
+    let live = EchoServer::start("live");
+    let (_gw, outbound) = single_gateway(&[live.addr]);
+    // Several clients trickle a request header a byte at a time.
+    let mut slow: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| std::net::TcpStream::connect(outbound).unwrap())
+        .collect();
+    for conn in &mut slow {
+        conn.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
+    }
+    // Meanwhile everyone else is served promptly.
+    let url = format!("http://{outbound}/");
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        let r = curl(&["-H", "Host: web.shop.svc.clusterset.local", &url]);
+        assert_eq!(r.status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    // An oversized request header (2 MiB) is refused without harming the listener.
+    let mut big = std::net::TcpStream::connect(outbound).unwrap();
+    big.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: web.shop.svc.clusterset.local\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(2 << 20)
+    );
+    // The gateway may close before reading it all; that is a refusal too.
+    let _ = big.write_all(request.as_bytes());
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut big, &mut answer);
+    assert!(
+        !answer.starts_with("HTTP/1.1 200"),
+        "a 2 MiB header must not be proxied"
+    );
+    assert_eq!(
+        curl(&["-H", "Host: web.shop.svc.clusterset.local", &url]).status,
+        200
+    );
+    drop(slow);
+}
