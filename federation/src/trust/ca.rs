@@ -188,6 +188,38 @@ pub fn issue_leaf(ca: &CaMaterial, spec: &LeafSpec) -> Result<IssuedSvid, CaErro
     })
 }
 
+/// Live TLS material for development and tests: an SVID for `id` issued by
+/// `issuer`, trusting each `(trust domain, CA)` of `trusted`.
+pub fn dev_material(
+    issuer: &CaMaterial,
+    id: &SpiffeId,
+    trusted: &[(&str, &CaMaterial)],
+    validity: Duration,
+) -> Result<std::sync::Arc<super::TlsMaterial>, CaError> {
+    let provider = super::tls::crypto_provider();
+    let issued = issue_svid(issuer, id, validity)?;
+    let svid = super::Svid::from_pem(
+        issued.cert_pem.as_bytes(),
+        issued.key_pem.as_bytes(),
+        Some(id),
+        &provider,
+    )
+    .map_err(|e| CaError::InvalidCa(format!("issued SVID: {e}")))?;
+    let mut store = super::TrustStore::default();
+    for (td, ca) in trusted {
+        let td: TrustDomain = td
+            .parse()
+            .map_err(|e| CaError::InvalidCa(format!("trust domain {td:?}: {e}")))?;
+        let bundle = super::TrustBundle::parse(td, ca.cert_pem.as_bytes())
+            .map_err(|e| CaError::InvalidCa(format!("bundle {e}")))?;
+        let domain =
+            super::DomainTrust::new(bundle, super::BundleSource::File("dev".into()), &provider)
+                .map_err(|e| CaError::InvalidCa(format!("bundle {e}")))?;
+        store = store.with(domain);
+    }
+    Ok(super::TlsMaterial::new(svid, store, provider))
+}
+
 /// Checks that `pem` holds a private key rcgen or rustls can use.
 pub fn is_private_key_pem(pem: &[u8]) -> bool {
     PrivateKeyDer::from_pem_slice(pem).is_ok()

@@ -114,12 +114,10 @@ mod tests {
     use http_body_util::Full;
     use hyper::service::service_fn;
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    use isthmus_federation::TrustDomain;
     use isthmus_federation::trust::ca;
-    use isthmus_federation::trust::tls::{crypto_provider, mtls_server_config};
+    use isthmus_federation::trust::tls::mtls_server_config;
     use isthmus_federation::trust::{
-        BundleSource, DomainTrust, HandshakeMetrics, PeerPolicy, SpiffeAcceptor, SpiffeConnector,
-        Svid, TlsMaterial, TrustBundle, TrustStore,
+        HandshakeMetrics, PeerPolicy, SpiffeAcceptor, SpiffeConnector, TlsMaterial,
     };
     use pingora_core::connectors::http::Connector;
     use pingora_http::RequestHeader;
@@ -136,21 +134,7 @@ mod tests {
         id: &str,
         cas: &[(&str, &ca::CaMaterial)],
     ) -> Arc<TlsMaterial> {
-        let provider = crypto_provider();
-        let issued = ca::issue_svid(own, &id.parse().unwrap(), HOUR).unwrap();
-        let svid = Svid::from_pem(
-            issued.cert_pem.as_bytes(),
-            issued.key_pem.as_bytes(),
-            None,
-            &provider,
-        )
-        .unwrap();
-        let store = cas.iter().fold(TrustStore::default(), |s, (td, ca)| {
-            let td: TrustDomain = td.parse().unwrap();
-            let bundle = TrustBundle::parse(td, ca.cert_pem.as_bytes()).unwrap();
-            s.with(DomainTrust::new(bundle, BundleSource::File("t".into()), &provider).unwrap())
-        });
-        TlsMaterial::new(svid, store, provider)
+        ca::dev_material(own, &id.parse().unwrap(), cas, HOUR).unwrap()
     }
 
     /// An h2 server behind SPIFFE mTLS that answers with the SNI it was reached by.

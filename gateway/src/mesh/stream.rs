@@ -162,11 +162,9 @@ mod tests {
     use std::time::Duration;
 
     use arc_swap::ArcSwap;
-    use isthmus_federation::TrustDomain;
-    use isthmus_federation::trust::tls::{crypto_provider, mtls_server_config};
+    use isthmus_federation::trust::tls::mtls_server_config;
     use isthmus_federation::trust::{
-        BundleSource, DomainTrust, HandshakeMetrics, PeerPolicy, SpiffeAcceptor, SpiffeConnector,
-        Svid, TlsMaterial, TrustBundle, TrustStore, ca,
+        HandshakeMetrics, PeerPolicy, SpiffeAcceptor, SpiffeConnector, TlsMaterial, ca,
     };
     use pingora_core::protocols::http::ServerSession;
     use rustls::pki_types::ServerName;
@@ -175,22 +173,13 @@ mod tests {
 
     /// Material for `id` (issued by `cas[0]`), trusting each `(trust domain, CA)`.
     fn material(id: &str, cas: [(&str, &ca::CaMaterial); 2]) -> Arc<TlsMaterial> {
-        let provider = crypto_provider();
-        let issued =
-            ca::issue_svid(cas[0].1, &id.parse().unwrap(), Duration::from_secs(3600)).unwrap();
-        let svid = Svid::from_pem(
-            issued.cert_pem.as_bytes(),
-            issued.key_pem.as_bytes(),
-            None,
-            &provider,
+        ca::dev_material(
+            cas[0].1,
+            &id.parse().unwrap(),
+            &cas,
+            Duration::from_secs(3600),
         )
-        .unwrap();
-        let store = cas.iter().fold(TrustStore::default(), |s, (td, ca)| {
-            let td: TrustDomain = td.parse().unwrap();
-            let bundle = TrustBundle::parse(td, ca.cert_pem.as_bytes()).unwrap();
-            s.with(DomainTrust::new(bundle, BundleSource::File("t".into()), &provider).unwrap())
-        });
-        TlsMaterial::new(svid, store, provider)
+        .unwrap()
     }
 
     /// Pingora's HTTP server runs on an accepted MeshTlsStream and sees what the
