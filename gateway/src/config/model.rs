@@ -136,6 +136,9 @@ pub struct PortConfig {
     pub port: u16,
     /// Protocol.
     pub protocol: Protocol,
+    /// For `tcp` ports: where local workloads connect to reach the service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[[peers]]`
@@ -403,7 +406,7 @@ impl Config {
             trust.as_ref(),
         );
         if let (Some(admin), Some(trust), Some(listeners)) = (&admin, &trust, &listeners) {
-            distinct_listeners(&mut check, admin, trust, listeners);
+            distinct_listeners(&mut check, admin, trust, listeners, &services);
         }
         match (gateway, admin, log, runtime, shutdown, trust, listeners) {
             (
@@ -904,22 +907,29 @@ fn distinct_listeners(
     admin: &AdminConfig,
     trust: &TrustConfig,
     listeners: &ListenersConfig,
+    services: &[ServiceConfig],
 ) {
-    let mut seen: Vec<(&str, SocketAddr)> = vec![("admin.listen", admin.listen)];
-    let others = [
+    let mut others: Vec<(String, Option<SocketAddr>)> = vec![
         (
-            "trust.bundle_endpoint.listen",
+            "trust.bundle_endpoint.listen".into(),
             trust.bundle_endpoint.as_ref().map(|b| b.listen),
         ),
-        ("listeners.outbound", listeners.outbound),
-        ("listeners.east_west", listeners.east_west),
+        ("listeners.outbound".into(), listeners.outbound),
+        ("listeners.east_west".into(), listeners.east_west),
     ];
+    for (i, svc) in services.iter().enumerate() {
+        for (j, port) in svc.ports.iter().enumerate() {
+            others.push((format!("services[{i}].ports[{j}].listen"), port.listen));
+        }
+    }
+    let mut seen: Vec<(String, SocketAddr)> = vec![("admin.listen".into(), admin.listen)];
     for (path, addr) in others {
         let Some(addr) = addr else { continue };
         if let Some((other, _)) = seen.iter().find(|(_, a)| *a == addr) {
-            check
-                .errors
-                .push(ConfigError::new(path, format!("{addr} is already {other}")));
+            check.errors.push(ConfigError::new(
+                &path,
+                format!("{addr} is already {other}"),
+            ));
         }
         seen.push((path, addr));
     }
@@ -963,6 +973,15 @@ fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConfig> {
                 "http",
                 Protocol::from_str,
             );
+            let listen = p.listen.as_deref().and_then(|a| {
+                check.parsed(&at(&format!("ports[{j}].listen")), parse_socket_addr(a))
+            });
+            if p.listen.is_some() && protocol.is_some_and(|proto| proto != Protocol::Tcp) {
+                check.errors.push(ConfigError::new(
+                    at(&format!("ports[{j}].listen")),
+                    "applies to tcp ports only; HTTP and gRPC use listeners.outbound",
+                ));
+            }
             if let (Some(port), Some(protocol)) = (port, protocol) {
                 if ports.iter().any(|q| q.port == port) {
                     check.errors.push(ConfigError::new(
@@ -970,7 +989,11 @@ fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConfig> {
                         format!("{port} is listed twice"),
                     ));
                 }
-                ports.push(PortConfig { port, protocol });
+                ports.push(PortConfig {
+                    port,
+                    protocol,
+                    listen,
+                });
             }
         }
         let endpoints = list(

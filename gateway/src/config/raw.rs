@@ -80,6 +80,8 @@ pub struct RawPort {
     pub port: Option<i64>,
     /// `services[].ports[].protocol`
     pub protocol: Option<String>,
+    /// `services[].ports[].listen`
+    pub listen: Option<String>,
 }
 
 /// `[[peers]]`

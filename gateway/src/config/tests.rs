@@ -647,6 +647,41 @@ fn each_data_plane_rule_has_a_failing_case() {
         "services[0].endpoints[1]",
     );
     assert_data_plane_rejects(
+        "export = true",
+        "export = true\nallow_ids = [\"gw-a\"]",
+        "services[0].allow_ids[0]",
+    );
+    assert_data_plane_rejects(
+        "export = true",
+        "export = true\nallow_trust_domains = [\"A\"]",
+        "services[0].allow_trust_domains[0]",
+    );
+    assert_data_plane_rejects(
+        "export = true",
+        "export = true\nmode = \"tunnel\"",
+        "services[0].mode",
+    );
+    assert_data_plane_rejects(
+        "export = true",
+        "export = true\nmode = \"passthrough\"\nallow_trust_domains = [\"west.example.org\"]",
+        "services[0].mode",
+    );
+    assert_data_plane_rejects(
+        "{ port = 8080 }",
+        "{ port = 8080, listen = \"127.0.0.1:7000\" }",
+        "services[0].ports[0].listen",
+    );
+    assert_data_plane_rejects(
+        "ports = [{ port = 80 }]",
+        "ports = [{ port = 80, protocol = \"tcp\", listen = \"x\" }]",
+        "services[1].ports[0].listen",
+    );
+    assert_data_plane_rejects(
+        "ports = [{ port = 80 }]",
+        "ports = [{ port = 80, protocol = \"tcp\", listen = \"127.0.0.1:15001\" }]",
+        "services[1].ports[0].listen",
+    );
+    assert_data_plane_rejects(
         "cluster = \"west\"",
         "cluster = \"West\"",
         "peers[0].cluster",
