@@ -288,7 +288,7 @@ pub fn probe_address(addr: SocketAddr) -> SocketAddr {
 /// A listener to probe before declaring readiness.
 pub struct Probe {
     /// Its configuration path, e.g. `admin.listen`.
-    pub name: &'static str,
+    pub name: String,
     /// Its address.
     pub addr: SocketAddr,
     /// For TLS listeners, a client config that completes a real handshake, so the
@@ -297,6 +297,9 @@ pub struct Probe {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// For HTTP listeners, a path to GET: the probe passes on any HTTP answer.
     pub http_path: Option<&'static str>,
+    /// False for listeners a probe connection would be proxied from to a real
+    /// backend (TCP service ports): those are only checked for bindability.
+    pub connect: bool,
 }
 
 impl Probe {
@@ -353,11 +356,11 @@ const PROBE_RETRY: Duration = Duration::from_millis(20);
 impl BackgroundService for Startup {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let ready = async {
-            for probe in &self.listeners {
+            for probe in self.listeners.iter().filter(|p| p.connect) {
                 while !probe.succeeds().await {
                     tokio::time::sleep(PROBE_RETRY).await;
                 }
-                info!(listener = probe.name, addr = %probe.addr, "listener accepting connections");
+                info!(listener = %probe.name, addr = %probe.addr, "listener accepting connections");
             }
             self.readiness
                 .set("listeners", true, "all listeners accept connections");

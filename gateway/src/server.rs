@@ -21,9 +21,9 @@ use tracing::{error, info};
 
 use std::time::Duration;
 
-use isthmus_federation::Catalog;
 use isthmus_federation::trust::tls::{SvidResolver, mtls_server_config, spiffe_client_config};
 use isthmus_federation::trust::{PeerPolicy, SpiffeAcceptor, SpiffeConnector};
+use isthmus_federation::{Catalog, ServiceKey};
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
 
@@ -36,6 +36,7 @@ use crate::lifecycle::{Probe, Reloader, Signals, Startup};
 use crate::mesh::MeshRelay;
 use crate::proxy::east_west::{Callers, EastWestApp, EastWestProxy};
 use crate::proxy::outbound::{CONNECT_TIMEOUT, OutboundProxy};
+use crate::proxy::tcp::TcpOutboundApp;
 use crate::proxy::{ProxyMetrics, TcpMetrics};
 use crate::trust::{Trust, TrustService};
 use crate::{logging, metrics};
@@ -193,6 +194,7 @@ fn add_data_plane(
 ) -> Result<(), String> {
     let conf = server.configuration.clone();
     let metrics = ProxyMetrics::new(registry);
+    let tcp_metrics = TcpMetrics::new(registry);
     let cluster = config.gateway.cluster.clone();
     let threads = config.runtime.threads;
 
@@ -228,6 +230,36 @@ fn add_data_plane(
         server.add_service(service);
     }
 
+    // Each tcp port with `listen` gets a listener of its own.
+    for svc in &config.services {
+        for port in &svc.ports {
+            let Some(addr) = port.listen else { continue };
+            let key = ServiceKey {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+            };
+            let connector = trust.map(|t| {
+                SpiffeConnector::new(
+                    t.material().clone(),
+                    t.handshake_metrics.clone(),
+                    EAST_WEST_HANDSHAKE_TIMEOUT,
+                    Vec::new(),
+                )
+            });
+            let app = TcpOutboundApp::new(
+                key.clone(),
+                port.port,
+                catalog.clone(),
+                connector,
+                tcp_metrics.clone(),
+            );
+            let mut service = Service::new(format!("tcp {key}:{}", port.port), app);
+            service.add_tcp(&addr.to_string());
+            service.threads = Some(threads);
+            server.add_service(service);
+        }
+    }
+
     if let (Some(addr), Some(trust)) = (config.listeners.east_west, trust) {
         let tls = mtls_server_config(trust.material(), trust.policy.clone(), east_west_alpn())
             .map_err(|e| format!("east-west TLS: {e}"))?;
@@ -259,7 +291,7 @@ fn add_data_plane(
             proxy,
             callers,
             catalog.clone(),
-            TcpMetrics::new(registry),
+            tcp_metrics.clone(),
         );
         let mut service = Service::new("east-west".to_owned(), app);
         service.add_tcp(&addr.to_string());
@@ -319,18 +351,33 @@ fn bundle_endpoint_service(
 /// Every listener the configuration asks for, named by its config path.
 fn listeners(config: &Config, trust: Option<&Trust>) -> Result<Vec<Probe>, rustls::Error> {
     let mut probes = vec![Probe {
-        name: "admin.listen",
+        name: "admin.listen".into(),
         addr: config.admin.listen,
         tls: None,
         http_path: Some("/healthz"),
+        connect: true,
     }];
+    for (i, svc) in config.services.iter().enumerate() {
+        for (j, port) in svc.ports.iter().enumerate() {
+            if let Some(addr) = port.listen {
+                probes.push(Probe {
+                    name: format!("services[{i}].ports[{j}].listen"),
+                    addr,
+                    tls: None,
+                    http_path: None,
+                    connect: false,
+                });
+            }
+        }
+    }
     if let Some(addr) = config.listeners.outbound {
         probes.push(Probe {
-            name: "listeners.outbound",
+            name: "listeners.outbound".into(),
             addr,
             tls: None,
             // A TCP connect only: an HTTP probe would be routed and counted.
             http_path: None,
+            connect: true,
         });
     }
     if let (Some(trust), Some(addr)) = (trust, config.listeners.east_west) {
@@ -344,10 +391,11 @@ fn listeners(config: &Config, trust: Option<&Trust>) -> Result<Vec<Probe>, rustl
             vec![b"http/1.1".to_vec()],
         )?;
         probes.push(Probe {
-            name: "listeners.east_west",
+            name: "listeners.east_west".into(),
             addr,
             tls: Some(Arc::new(tls)),
             http_path: None,
+            connect: true,
         });
     }
     if let (Some(trust), Some(endpoint)) = (trust, &config.trust.bundle_endpoint) {
@@ -359,10 +407,11 @@ fn listeners(config: &Config, trust: Option<&Trust>) -> Result<Vec<Probe>, rustl
             vec![b"http/1.1".to_vec()],
         )?;
         probes.push(Probe {
-            name: "trust.bundle_endpoint.listen",
+            name: "trust.bundle_endpoint.listen".into(),
             addr: endpoint.listen,
             tls: Some(Arc::new(tls)),
             http_path: Some("/"),
+            connect: true,
         });
     }
     Ok(probes)
@@ -381,18 +430,16 @@ fn pingora_conf(threads: usize) -> ServerConf {
 
 /// Binds and releases each address the way Pingora will (SO_REUSEADDR), to turn
 /// "address in use" or "cannot assign address" into an error before start-up.
-fn check_bindable(listeners: &[Probe]) -> Result<(), (&'static str, SocketAddr, std::io::Error)> {
-    for &Probe {
-        name: path, addr, ..
-    } in listeners
-    {
+fn check_bindable(listeners: &[Probe]) -> Result<(), (&str, SocketAddr, std::io::Error)> {
+    for probe in listeners {
+        let addr = probe.addr;
         let bind = || -> std::io::Result<()> {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
             socket.set_reuse_address(true)?;
             socket.bind(&addr.into())?;
             socket.listen(1)
         };
-        bind().map_err(|e| (path, addr, e))?;
+        bind().map_err(|e| (probe.name.as_str(), addr, e))?;
     }
     Ok(())
 }

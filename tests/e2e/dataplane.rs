@@ -356,7 +356,7 @@ mode = "passthrough"
     assert!(!out.contains("sumhtsi"), "{out}");
 
     let metrics = b.admin_get("/metrics").body;
-    let ok = "isthmus_tcp_connections_total{namespace=\"shop\",result=\"ok\",service=\"ledger\"}";
+    let ok = "isthmus_tcp_connections_total{listener=\"east_west\",namespace=\"shop\",result=\"ok\",service=\"ledger\"}";
     assert_eq!(metric_value(&metrics, ok), Some(1.0), "{metrics}");
     let passthrough = "isthmus_tls_handshakes_total{result=\"passthrough\",side=\"server\"}";
     assert_eq!(metric_value(&metrics, passthrough), Some(1.0), "{metrics}");
@@ -608,4 +608,120 @@ fn a_slow_client_does_not_stall_others() {
         200
     );
     drop(slow);
+}
+
+#[test]
+fn tcp_ports_cross_two_gateways_one_tls_connection_per_stream() {
+    use std::io::{BufRead, BufReader, Write};
+
+    let remote_echo = isthmus_tests::tcp_echo();
+    let local_echo = isthmus_tests::tcp_echo();
+    let pki = DevPki::new();
+    let ca_a = pki.ca("ca-a", "a.example");
+    let ca_b = pki.ca("ca-b", "b.example");
+    let tls_a = pki.issue(&ca_a, "spiffe://a.example/isthmus/gateway/gw-a", "tls-a");
+    let tls_b = pki.issue(&ca_b, "spiffe://b.example/isthmus/gateway/gw-b", "tls-b");
+    let (admin_a, admin_b, east_west_b) = (free_addr(), free_addr(), free_addr());
+    let (db_listen, cache_listen) = (free_addr(), free_addr());
+    let a = gateway_config(
+        "gw-a",
+        "a.example",
+        admin_a,
+        &tls_a,
+        &ca_a.join("bundle.pem"),
+        &format!(
+            r#"[[trust.federated]]
+trust_domain = "b.example"
+bundle = "{b_bundle}"
+[[services]]
+namespace = "shop"
+name = "db"
+ports = [{{ port = 5432, protocol = "tcp", listen = "{db_listen}" }}]
+[[services]]
+namespace = "shop"
+name = "cache"
+ports = [{{ port = 6379, protocol = "tcp", listen = "{cache_listen}" }}]
+endpoints = ["{local_echo}"]
+[[peers]]
+cluster = "gw-b-cluster"
+spiffe_id = "spiffe://b.example/isthmus/gateway/gw-b"
+address = "{east_west_b}"
+locality = "test"
+services = ["shop/db"]
+"#,
+            b_bundle = ca_b.join("bundle.pem").display()
+        ),
+    );
+    let b = gateway_config(
+        "gw-b",
+        "b.example",
+        admin_b,
+        &tls_b,
+        &ca_b.join("bundle.pem"),
+        &format!(
+            r#"[[trust.federated]]
+trust_domain = "a.example"
+bundle = "{a_bundle}"
+[listeners]
+east_west = "{east_west_b}"
+[[services]]
+namespace = "shop"
+name = "db"
+ports = [{{ port = 5432, protocol = "tcp" }}]
+endpoints = ["{remote_echo}"]
+export = true
+"#,
+            a_bundle = ca_a.join("bundle.pem").display()
+        ),
+    );
+    let mut b = Gateway::start(&b, admin_b, &[]).unwrap();
+    let mut a = Gateway::start(&a, admin_a, &[]).unwrap();
+    b.wait_ready(START).unwrap();
+    a.wait_ready(START).unwrap();
+
+    let exchange = |addr: std::net::SocketAddr, lines: usize| {
+        let conn = std::net::TcpStream::connect(addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut writer = conn.try_clone().unwrap();
+        let mut reader = BufReader::new(conn);
+        for i in 0..lines {
+            writer.write_all(format!("line {i}\n").as_bytes()).unwrap();
+            let mut back = String::new();
+            reader.read_line(&mut back).unwrap();
+            assert_eq!(back, format!("line {i}\n"));
+        }
+    };
+    // Through A's TCP listener, over mTLS to B, to B's echo; several streams.
+    for _ in 0..3 {
+        exchange(db_listen, 5);
+    }
+    // A local TCP service stays local.
+    exchange(cache_listen, 2);
+
+    let ok = |gw: &Gateway, listener: &str, service: &str| {
+        let m = gw.admin_get("/metrics").body;
+        metric_value(
+            &m,
+            &format!(
+                "isthmus_tcp_connections_total{{listener=\"{listener}\",namespace=\"shop\",result=\"ok\",service=\"{service}\"}}"
+            ),
+        )
+    };
+    assert_eq!(ok(&a, "outbound", "db"), Some(3.0));
+    assert_eq!(ok(&b, "east_west", "db"), Some(3.0));
+    assert_eq!(
+        ok(&a, "outbound", "cache"),
+        Some(1.0),
+        "one local connection"
+    );
+    let m = a.admin_get("/metrics").body;
+    // One TLS connection per TCP stream.
+    assert_eq!(
+        metric_value(
+            &m,
+            "isthmus_tls_handshakes_total{result=\"ok\",side=\"client\"}"
+        ),
+        Some(3.0),
+        "{m}"
+    );
 }

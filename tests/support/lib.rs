@@ -206,6 +206,22 @@ fn echo_connection(conn: std::net::TcpStream, name: &str) {
     }
 }
 
+/// Starts a TCP echo server on loopback; returns its address.
+pub fn tcp_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind echo server");
+    let addr = listener.local_addr().expect("local address");
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = conn.try_clone().expect("clone");
+                let mut writer = conn;
+                let _ = std::io::copy(&mut reader, &mut writer);
+            });
+        }
+    });
+    addr
+}
+
 /// Runs curl with `args`; returns (status code, body).
 pub fn curl(args: &[&str]) -> HttpResponse {
     let out = Command::new("curl")

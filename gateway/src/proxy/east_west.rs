@@ -12,11 +12,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use std::net::SocketAddr;
-
-use isthmus_federation::catalog::parse_east_west_sni;
+use isthmus_federation::catalog::{Protocol, ServiceEntry, parse_east_west_sni};
 use isthmus_federation::trust::{PeerPolicy, SpiffeAcceptor};
-use isthmus_federation::{Catalog, ClusterName, ServiceKey, SpiffeId};
+use isthmus_federation::{Catalog, ClusterName, SpiffeId};
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::{Ssl, Stream};
 use pingora_core::server::ShutdownWatch;
@@ -25,12 +23,11 @@ use pingora_error::{Error, Result};
 use pingora_http::RequestHeader;
 use pingora_proxy::{HttpProxy, ProxyHttp, Session};
 use prometheus::IntCounterVec;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::metrics::{ProxyMetrics, TcpMetrics};
-use super::outbound::{CONNECT_TIMEOUT, Common, RequestCtx};
+use super::outbound::{Common, RequestCtx};
+use super::tcp;
 use crate::mesh::{HelloRecorder, MeshTlsStream};
 
 /// The SPIFFE ID behind each peer certificate seen (by SHA-256 of the leaf).
@@ -248,55 +245,32 @@ impl EastWestApp {
         }
     }
 
-    /// The endpoint for a passthrough service named by `sni`, if it is one.
-    fn passthrough_target(&self, sni: Option<&str>) -> Option<(ServiceKey, SocketAddr)> {
+    /// The exported service port `sni` names, with its entry.
+    fn sni_target(&self, sni: Option<&str>) -> Option<(ServiceEntry, u16)> {
         let target = parse_east_west_sni(sni?)?;
         let catalog = self.catalog.load();
         let entry = catalog.get(&target.key)?;
-        if !entry.exported || !entry.passthrough || entry.port(Some(target.port)).is_none() {
-            return None;
-        }
-        let spread = self.tcp.next_spread();
-        let endpoint = *entry.endpoints.get(spread % entry.endpoints.len().max(1))?;
-        Some((target.key, endpoint))
+        (entry.exported && entry.port(Some(target.port)).is_some())
+            .then(|| (entry.clone(), target.port))
     }
 
-    /// Connects to `endpoint`, replays `hello` and splices until both sides end.
-    async fn splice(
-        &self,
-        key: &ServiceKey,
-        endpoint: SocketAddr,
-        hello: Vec<u8>,
-        mut client: Stream,
-    ) {
-        let labels = [key.name.as_str(), key.namespace.as_str()];
-        let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint)).await;
-        let mut upstream = match upstream {
-            Ok(Ok(u)) => u,
-            Ok(Err(e)) => {
-                warn!(service = %key, %endpoint, error = %e, "passthrough endpoint refused");
-                self.tcp.connection(&labels, "connect_error");
-                return;
+    /// Splices `client` to the first endpoint of `entry` that accepts, after
+    /// sending `prefix` (a replayed ClientHello for passthrough).
+    async fn to_endpoint<C>(&self, entry: &ServiceEntry, client: C, prefix: &[u8])
+    where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let endpoints = tcp::rotated(&entry.endpoints, self.tcp.next_spread());
+        match tcp::connect_first(endpoints).await {
+            Some((_, upstream)) => {
+                self.tcp.connection("east_west", &entry.key, "ok");
+                tcp::splice("east_west", &entry.key, client, upstream, prefix, &self.tcp).await;
             }
-            Err(_) => {
-                warn!(service = %key, %endpoint, "passthrough endpoint timed out");
-                self.tcp.connection(&labels, "connect_timeout");
-                return;
-            }
-        };
-        let _ = upstream.set_nodelay(true);
-        if upstream.write_all(&hello).await.is_err() {
-            self.tcp.connection(&labels, "connect_error");
-            return;
-        }
-        self.tcp.connection(&labels, "ok");
-        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            Ok((from_peer, to_peer)) => {
+            None => {
+                warn!(service = %entry.key, "no endpoint accepted the east-west connection");
                 self.tcp
-                    .bytes(&labels, from_peer + hello.len() as u64, to_peer);
-                debug!(service = %key, %endpoint, from_peer, to_peer, "passthrough connection closed");
+                    .connection("east_west", &entry.key, "connect_error");
             }
-            Err(e) => debug!(service = %key, %endpoint, error = %e, "passthrough connection ended"),
         }
     }
 }
@@ -321,10 +295,11 @@ impl ServerApp for EastWestApp {
             }
         };
         let sni = start.client_hello().server_name().map(str::to_owned);
-        if let Some((key, endpoint)) = self.passthrough_target(sni.as_deref()) {
+        let target = self.sni_target(sni.as_deref());
+        if let Some((entry, _)) = target.as_ref().filter(|(e, _)| e.passthrough) {
             self.acceptor.metrics().record("server", "passthrough");
             let (hello, client) = start.io.into_parts();
-            self.splice(&key, endpoint, hello, client).await;
+            self.to_endpoint(entry, client, &hello).await;
             return None;
         }
         start.io.stop_recording();
@@ -336,6 +311,20 @@ impl ServerApp for EastWestApp {
             }
         };
         let caller = caller?;
+        // A terminated TCP port: splice the decrypted stream to an endpoint.
+        if let Some((entry, port)) = &target
+            && entry
+                .port(Some(*port))
+                .is_some_and(|p| p.protocol == Protocol::Tcp)
+        {
+            if let Err(reason) = authorize(entry.allowed_callers.as_ref(), Some(&caller)) {
+                warn!(%caller, service = %entry.key, reason, "east-west TCP connection denied");
+                self.tcp.connection("east_west", &entry.key, "denied");
+                return None;
+            }
+            self.to_endpoint(entry, tls, &[]).await;
+            return None;
+        }
         let mesh = MeshTlsStream::new(tls, caller.clone());
         if let Some(digest) = mesh.get_ssl_digest() {
             self.callers.remember(&digest.cert_digest, &caller);

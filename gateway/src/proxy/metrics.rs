@@ -1,5 +1,6 @@
 //! Request metrics of the data plane.
 
+use isthmus_federation::ServiceKey;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Registry};
 
 use crate::metrics;
@@ -73,7 +74,7 @@ impl ProxyMetrics {
 }
 
 /// `isthmus_tcp_connections_total` and `isthmus_tcp_bytes_total` for connections
-/// proxied at L4 (east-west passthrough).
+/// proxied at L4 (TCP ports, east-west passthrough).
 #[derive(Clone)]
 pub struct TcpMetrics {
     connections: IntCounterVec,
@@ -87,14 +88,14 @@ impl TcpMetrics {
         let connections = metrics::counter_vec(
             registry,
             "tcp_connections_total",
-            "L4 connections by service, namespace and result (ok, connect_error, connect_timeout).",
-            &["service", "namespace", "result"],
+            "L4 connections by listener, service, namespace and result (ok, connect_error, no_route, denied).",
+            &["listener", "service", "namespace", "result"],
         );
         let bytes = metrics::counter_vec(
             registry,
             "tcp_bytes_total",
-            "Bytes spliced at L4 by service, namespace and direction (from_peer, to_peer).",
-            &["service", "namespace", "direction"],
+            "Bytes spliced at L4 by listener, service, namespace and direction (from_client, to_client).",
+            &["listener", "service", "namespace", "direction"],
         );
         Self {
             connections,
@@ -103,19 +104,20 @@ impl TcpMetrics {
         }
     }
 
-    pub(crate) fn connection(&self, labels: &[&str; 2], result: &str) {
+    pub(crate) fn connection(&self, listener: &str, key: &ServiceKey, result: &str) {
         self.connections
-            .with_label_values(&[labels[0], labels[1], result])
+            .with_label_values(&[listener, key.name.as_str(), key.namespace.as_str(), result])
             .inc();
     }
 
-    pub(crate) fn bytes(&self, labels: &[&str; 2], from_peer: u64, to_peer: u64) {
+    pub(crate) fn bytes(&self, listener: &str, key: &ServiceKey, from_client: u64, to_client: u64) {
+        let (name, ns) = (key.name.as_str(), key.namespace.as_str());
         self.bytes
-            .with_label_values(&[labels[0], labels[1], "from_peer"])
-            .inc_by(from_peer);
+            .with_label_values(&[listener, name, ns, "from_client"])
+            .inc_by(from_client);
         self.bytes
-            .with_label_values(&[labels[0], labels[1], "to_peer"])
-            .inc_by(to_peer);
+            .with_label_values(&[listener, name, ns, "to_client"])
+            .inc_by(to_client);
     }
 
     /// A rotating counter to spread connections over endpoints.

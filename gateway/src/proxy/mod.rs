@@ -4,7 +4,8 @@
 //!   `Host`/`:authority` (`<svc>.<ns>.svc.clusterset.local[:port]`) to an endpoint
 //!   in this cluster or, through the mesh, to a peer gateway;
 //! - [`east_west`]: SPIFFE mTLS from peer gateways, routed by SNI to endpoints of
-//!   exported services in this cluster (never onwards, so nothing loops).
+//!   exported services in this cluster (never onwards, so nothing loops);
+//! - [`tcp`]: L4 for TCP service ports and passthrough.
 //!
 //! Routing decisions are pure functions ([`routing`]) tested without sockets.
 
@@ -13,5 +14,6 @@ mod headers;
 mod metrics;
 pub mod outbound;
 pub mod routing;
+pub mod tcp;
 
 pub use metrics::{ProxyMetrics, TcpMetrics};
