@@ -1,19 +1,53 @@
 //! Request identity headers: `x-request-id` added when absent, W3C `traceparent`
 //! propagated or started.
 
+use std::cell::Cell;
 use std::fmt::Write;
 
 use ring::rand::{SecureRandom, SystemRandom};
 
-/// `n` random bytes as lowercase hex.
-fn random_hex<const N: usize>() -> String {
-    let mut bytes = [0u8; N];
-    // The system RNG does not fail on Linux; zeros would only make ids collide.
-    let _ = SystemRandom::new().fill(&mut bytes);
-    bytes.iter().fold(String::with_capacity(N * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
+thread_local! {
+    /// Per-thread generator state, seeded once from the system RNG. Request and
+    /// trace ids need to be unique, not secret: a syscall per id would cost more
+    /// than the rest of the id handling.
+    static STATE: Cell<u64> = Cell::new(seed());
+}
+
+fn seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    // The system RNG does not fail on Linux; fall back to the clock if it did.
+    if SystemRandom::new().fill(&mut bytes).is_err() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        bytes = now.to_le_bytes();
+    }
+    u64::from_le_bytes(bytes)
+}
+
+/// The next 64 random bits of this thread (SplitMix64).
+fn next_u64() -> u64 {
+    STATE.with(|state| {
+        let mut z = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        state.set(z);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     })
+}
+
+/// `N` random bytes as lowercase hex.
+fn random_hex<const N: usize>() -> String {
+    let mut out = String::with_capacity(N * 2);
+    let mut left = N;
+    while left > 0 {
+        let word = next_u64().to_le_bytes();
+        for b in &word[..left.min(8)] {
+            let _ = write!(out, "{b:02x}");
+        }
+        left = left.saturating_sub(8);
+    }
+    out
 }
 
 /// A fresh request id (128 random bits, hex).
@@ -71,5 +105,15 @@ mod tests {
         assert!(trace_id(&fresh).is_some(), "{fresh}");
         assert_ne!(new_request_id(), new_request_id());
         assert_eq!(new_request_id().len(), 32);
+        // Ids do not repeat within a long run, nor across threads.
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            assert!(seen.insert(new_request_id()));
+        }
+        let other: Vec<String> =
+            std::thread::spawn(|| (0..1000).map(|_| new_request_id()).collect())
+                .join()
+                .unwrap();
+        assert!(other.iter().all(|id| !seen.contains(id)));
     }
 }
