@@ -16,6 +16,7 @@
 mod error;
 pub mod model;
 pub mod raw;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -25,6 +25,9 @@ use super::raw::{
     RawAdmin, RawBundleEndpoint, RawConfig, RawFederated, RawGateway, RawIdentity, RawListeners,
     RawLocality, RawLog, RawPeer, RawRuntime, RawService, RawShutdown, RawTrust,
 };
+pub use super::upstream::{
+    CircuitBreakerConfig, HealthCheckConfig, OutlierDetectionConfig, UpstreamConfig,
+};
 
 /// Default admin listener: loopback only, so metrics and debug data stay on the host.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15000";
@@ -69,6 +72,8 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// Peer gateways (static until federation discovers them).
     pub peers: Vec<PeerConfig>,
+    /// Timeouts, retries and backend protection.
+    pub upstream: UpstreamConfig,
 }
 
 /// `[listeners]`: each is off unless given an address.
@@ -316,13 +321,13 @@ pub struct ShutdownConfig {
 
 /// Collects problems while fields are checked one by one.
 #[derive(Default)]
-struct Check {
-    errors: Vec<ConfigError>,
+pub(super) struct Check {
+    pub(super) errors: Vec<ConfigError>,
 }
 
 impl Check {
     /// Parses a required field; records an error when it is missing or invalid.
-    fn required<T, E: Display>(
+    pub(super) fn required<T, E: Display>(
         &mut self,
         path: &str,
         value: Option<&str>,
@@ -338,7 +343,7 @@ impl Check {
     }
 
     /// Parses an optional field, falling back to `default` when absent.
-    fn or_default<T, E: Display>(
+    pub(super) fn or_default<T, E: Display>(
         &mut self,
         path: &str,
         value: Option<&str>,
@@ -348,7 +353,7 @@ impl Check {
         self.parsed(path, parse(value.unwrap_or(default)))
     }
 
-    fn parsed<T, E: Display>(&mut self, path: &str, result: Result<T, E>) -> Option<T> {
+    pub(super) fn parsed<T, E: Display>(&mut self, path: &str, result: Result<T, E>) -> Option<T> {
         result
             .map_err(|e| self.errors.push(ConfigError::new(path, e)))
             .ok()
@@ -361,7 +366,7 @@ fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
     })
 }
 
-fn parse_duration(s: &str, max: Duration) -> Result<Duration, String> {
+pub(super) fn parse_duration(s: &str, max: Duration) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration such as \"10s\" or \"1m 30s\" ({e})"))?;
     if d > max {
@@ -393,6 +398,7 @@ impl Config {
         let log = log(&mut check, &raw.log);
         let runtime = runtime(&mut check, &raw.runtime);
         let shutdown = shutdown(&mut check, &raw.shutdown);
+        let upstream = super::upstream::upstream(&mut check, &raw.upstream);
         let identity = raw.identity.as_ref().and_then(|i| identity(&mut check, i));
         let own_td = gateway.as_ref().map(|g| &g.trust_domain);
         let trust = trust(&mut check, &raw.trust, own_td, raw.identity.is_some());
@@ -408,7 +414,9 @@ impl Config {
         if let (Some(admin), Some(trust), Some(listeners)) = (&admin, &trust, &listeners) {
             distinct_listeners(&mut check, admin, trust, listeners, &services);
         }
-        match (gateway, admin, log, runtime, shutdown, trust, listeners) {
+        match (
+            gateway, admin, log, runtime, shutdown, trust, listeners, upstream,
+        ) {
             (
                 Some(gateway),
                 Some(admin),
@@ -417,6 +425,7 @@ impl Config {
                 Some(shutdown),
                 Some(trust),
                 Some(listeners),
+                Some(upstream),
             ) if check.errors.is_empty() => Ok(Self {
                 gateway,
                 admin,
@@ -428,6 +437,7 @@ impl Config {
                 listeners,
                 services,
                 peers,
+                upstream,
             }),
             _ => Err(ConfigErrors(check.errors)),
         }

@@ -38,6 +38,76 @@ pub struct RawConfig {
     pub services: Option<Vec<RawService>>,
     /// `[[peers]]`: peer gateways and the services they serve.
     pub peers: Option<Vec<RawPeer>>,
+    /// `[upstream]`: timeouts, retries and backend protection.
+    #[serde(default)]
+    pub upstream: RawUpstream,
+}
+
+/// `[upstream]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// `upstream.connect_timeout`
+    pub connect_timeout: Option<String>,
+    /// `upstream.request_timeout`
+    pub request_timeout: Option<String>,
+    /// `upstream.idle_timeout`
+    pub idle_timeout: Option<String>,
+    /// `upstream.max_attempts`
+    pub max_attempts: Option<i64>,
+    /// `upstream.retry_budget_percent`
+    pub retry_budget_percent: Option<i64>,
+    /// `upstream.retry_min_per_second`
+    pub retry_min_per_second: Option<i64>,
+    /// `[upstream.circuit_breaker]`
+    #[serde(default)]
+    pub circuit_breaker: RawCircuitBreaker,
+    /// `[upstream.outlier_detection]`
+    #[serde(default)]
+    pub outlier_detection: RawOutlierDetection,
+    /// `[upstream.health_check]`
+    #[serde(default)]
+    pub health_check: RawHealthCheck,
+}
+
+/// `[upstream.circuit_breaker]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCircuitBreaker {
+    /// `upstream.circuit_breaker.max_connections`
+    pub max_connections: Option<i64>,
+    /// `upstream.circuit_breaker.max_pending_requests`
+    pub max_pending_requests: Option<i64>,
+    /// `upstream.circuit_breaker.max_requests`
+    pub max_requests: Option<i64>,
+}
+
+/// `[upstream.outlier_detection]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlierDetection {
+    /// `upstream.outlier_detection.consecutive_failures`
+    pub consecutive_failures: Option<i64>,
+    /// `upstream.outlier_detection.base_ejection_time`
+    pub base_ejection_time: Option<String>,
+    /// `upstream.outlier_detection.max_ejection_time`
+    pub max_ejection_time: Option<String>,
+    /// `upstream.outlier_detection.max_ejection_percent`
+    pub max_ejection_percent: Option<i64>,
+}
+
+/// `[upstream.health_check]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    /// `upstream.health_check.interval`
+    pub interval: Option<String>,
+    /// `upstream.health_check.timeout`
+    pub timeout: Option<String>,
+    /// `upstream.health_check.unhealthy_threshold`
+    pub unhealthy_threshold: Option<i64>,
+    /// `upstream.health_check.healthy_threshold`
+    pub healthy_threshold: Option<i64>,
 }
 
 /// `[listeners]`

@@ -138,6 +138,17 @@ fn minimal_file_gets_documented_defaults() {
     assert_eq!(c.log.format, model::LogFormat::Auto);
     assert_eq!(c.shutdown.drain_timeout, model::DEFAULT_DRAIN_TIMEOUT);
     assert!(c.runtime.threads >= 1);
+    assert_eq!(c.upstream, model::UpstreamConfig::default());
+    assert_eq!(
+        c.upstream.connect_timeout,
+        upstream::DEFAULT_CONNECT_TIMEOUT
+    );
+    assert_eq!(c.upstream.max_attempts, 3);
+    assert_eq!(c.upstream.outlier_detection.consecutive_failures, 5);
+    assert!(
+        !c.upstream.health_check.interval.is_zero(),
+        "active checks are on by default"
+    );
     assert_eq!(
         c.spiffe_id().as_str(),
         "spiffe://east.example.org/isthmus/gateway/gw-1"
@@ -269,6 +280,90 @@ fn each_rule_has_a_failing_case() {
         "shutdown.drain_timeout",
     );
     assert_rejects("gateway", "locality = 3", "gateway.locality");
+}
+
+#[test]
+fn each_upstream_rule_has_a_failing_case() {
+    assert_rejects(
+        "upstream",
+        r#"connect_timeout = "2""#,
+        "upstream.connect_timeout",
+    );
+    assert_rejects(
+        "upstream",
+        r#"request_timeout = "0s""#,
+        "upstream.request_timeout",
+    );
+    assert_rejects(
+        "upstream",
+        r#"idle_timeout = "2d""#,
+        "upstream.idle_timeout",
+    );
+    assert_rejects("upstream", "max_attempts = 0", "upstream.max_attempts");
+    assert_rejects("upstream", "max_attempts = 11", "upstream.max_attempts");
+    assert_rejects(
+        "upstream",
+        "retry_budget_percent = 101",
+        "upstream.retry_budget_percent",
+    );
+    assert_rejects(
+        "upstream",
+        "retry_min_per_second = -1",
+        "upstream.retry_min_per_second",
+    );
+    assert_rejects(
+        "upstream.circuit_breaker",
+        "max_requests = 0",
+        "upstream.circuit_breaker.max_requests",
+    );
+    assert_rejects(
+        "upstream.circuit_breaker",
+        "max_connections = -5",
+        "upstream.circuit_breaker.max_connections",
+    );
+    assert_rejects(
+        "upstream.circuit_breaker",
+        r#"max_pending_requests = "many""#,
+        "upstream.circuit_breaker.max_pending_requests",
+    );
+    assert_rejects(
+        "upstream.outlier_detection",
+        r#"base_ejection_time = "0s""#,
+        "upstream.outlier_detection.base_ejection_time",
+    );
+    assert_rejects(
+        "upstream.outlier_detection",
+        r#"max_ejection_time = "1s""#,
+        "upstream.outlier_detection.max_ejection_time",
+    );
+    assert_rejects(
+        "upstream.outlier_detection",
+        "max_ejection_percent = 150",
+        "upstream.outlier_detection.max_ejection_percent",
+    );
+    assert_rejects(
+        "upstream.outlier_detection",
+        "consecutive_failures = -1",
+        "upstream.outlier_detection.consecutive_failures",
+    );
+    assert_rejects(
+        "upstream.health_check",
+        r#"timeout = "0s""#,
+        "upstream.health_check.timeout",
+    );
+    assert_rejects(
+        "upstream.health_check",
+        "unhealthy_threshold = 0",
+        "upstream.health_check.unhealthy_threshold",
+    );
+    assert_rejects(
+        "upstream.health_check",
+        "healthy_threshold = 1000",
+        "upstream.health_check.healthy_threshold",
+    );
+    let off = with("upstream.health_check", r#"interval = "0s""#);
+    let c = parse_with_env(&off, "t", NO_ENV).expect("0s turns active checks off");
+    assert!(c.upstream.health_check.interval.is_zero());
 }
 
 #[test]

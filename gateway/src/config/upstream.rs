@@ -1,0 +1,339 @@
+//! `[upstream]`: how the gateway treats the backends it forwards to — local
+//! endpoints and peer gateways alike. Safe by default: every protection is on
+//! with values that need no tuning for failover to work.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::error::ConfigError;
+use super::model::{Check, parse_duration};
+use super::raw::{RawCircuitBreaker, RawHealthCheck, RawOutlierDetection, RawUpstream};
+
+/// Default TCP (and, to peer gateways, TLS) connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default longest silence of an upstream while a request waits on it.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default longest idle time of a client or upstream connection.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default tries per request, the first included.
+pub const DEFAULT_MAX_ATTEMPTS: i64 = 3;
+/// Default retry budget: retries may add this share of requests...
+pub const DEFAULT_RETRY_BUDGET_PERCENT: i64 = 20;
+/// ...and at least this many retries per second are always allowed.
+pub const DEFAULT_RETRY_MIN_PER_SECOND: i64 = 10;
+/// Default circuit-breaker limits per backend (Envoy's defaults).
+pub const DEFAULT_CIRCUIT_LIMIT: i64 = 1024;
+/// Default consecutive failures that eject a backend.
+pub const DEFAULT_CONSECUTIVE_FAILURES: i64 = 5;
+/// Default first ejection; each further ejection doubles it.
+pub const DEFAULT_BASE_EJECTION_TIME: Duration = Duration::from_secs(30);
+/// Default longest ejection.
+pub const DEFAULT_MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+/// Default share of a service's backends that may be ejected at once.
+pub const DEFAULT_MAX_EJECTION_PERCENT: i64 = 50;
+/// Default interval between active health checks.
+pub const DEFAULT_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// Default timeout of one health check.
+pub const DEFAULT_HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest accepted timeout or interval.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// `[upstream]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpstreamConfig {
+    /// Connecting to a backend (TCP, and TLS to peer gateways).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest silence of an upstream while a request waits on it: for the
+    /// response headers and between chunks of the body.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Longest idle time of a kept-alive client connection, a pooled upstream
+    /// connection and an L4 stream.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Tries per request, the first included.
+    pub max_attempts: usize,
+    /// Retries may add this percentage of requests (over ten seconds)...
+    pub retry_budget_percent: u32,
+    /// ...beyond at least this many retries per second.
+    pub retry_min_per_second: u32,
+    /// Limits per backend.
+    pub circuit_breaker: CircuitBreakerConfig,
+    /// Passive health: ejecting backends that fail.
+    pub outlier_detection: OutlierDetectionConfig,
+    /// Active health: probing backends.
+    pub health_check: HealthCheckConfig,
+}
+
+/// `[upstream.circuit_breaker]`: limits per backend; beyond them a request
+/// goes to another backend or gets 503 at once instead of queueing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CircuitBreakerConfig {
+    /// L4 connections open to one backend.
+    pub max_connections: usize,
+    /// HTTP requests waiting for a connection to one backend.
+    pub max_pending_requests: usize,
+    /// HTTP requests in flight to one backend.
+    pub max_requests: usize,
+}
+
+/// `[upstream.outlier_detection]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutlierDetectionConfig {
+    /// Consecutive 5xx responses or connect failures that eject a backend; 0 turns
+    /// ejection off.
+    pub consecutive_failures: u32,
+    /// First ejection; the n-th lasts 2^(n-1) times as long.
+    #[serde(with = "humantime_serde")]
+    pub base_ejection_time: Duration,
+    /// Longest ejection.
+    #[serde(with = "humantime_serde")]
+    pub max_ejection_time: Duration,
+    /// Share of a service's backends that may be ejected at once (one always may).
+    pub max_ejection_percent: u32,
+}
+
+/// `[upstream.health_check]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthCheckConfig {
+    /// Between probes of one backend; 0 turns active checks off.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Of one probe.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Failed probes in a row that mark a backend unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Passed probes in a row that mark it healthy again.
+    pub healthy_threshold: u32,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        upstream(&mut Check::default(), &RawUpstream::default()).expect("defaults are valid")
+    }
+}
+
+fn duration(
+    check: &mut Check,
+    path: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Option<Duration> {
+    match value {
+        None => Some(default),
+        Some(s) => check.parsed(path, parse_duration(s, MAX_TIMEOUT)),
+    }
+}
+
+fn int(
+    check: &mut Check,
+    path: &str,
+    value: Option<i64>,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> Option<i64> {
+    let n = value.unwrap_or(default);
+    if (min..=max).contains(&n) {
+        Some(n)
+    } else {
+        check.errors.push(ConfigError::new(
+            path,
+            format!("{n} is out of range; expected {min} to {max}"),
+        ));
+        None
+    }
+}
+
+pub(super) fn upstream(check: &mut Check, raw: &RawUpstream) -> Option<UpstreamConfig> {
+    let connect_timeout = duration(
+        check,
+        "upstream.connect_timeout",
+        raw.connect_timeout.as_deref(),
+        DEFAULT_CONNECT_TIMEOUT,
+    );
+    let request_timeout = duration(
+        check,
+        "upstream.request_timeout",
+        raw.request_timeout.as_deref(),
+        DEFAULT_REQUEST_TIMEOUT,
+    );
+    let idle_timeout = duration(
+        check,
+        "upstream.idle_timeout",
+        raw.idle_timeout.as_deref(),
+        DEFAULT_IDLE_TIMEOUT,
+    );
+    for (path, d) in [
+        ("upstream.connect_timeout", connect_timeout),
+        ("upstream.request_timeout", request_timeout),
+        ("upstream.idle_timeout", idle_timeout),
+    ] {
+        if d.is_some_and(|d| d < Duration::from_millis(1)) {
+            check
+                .errors
+                .push(ConfigError::new(path, "must be at least 1ms"));
+        }
+    }
+    let max_attempts = int(
+        check,
+        "upstream.max_attempts",
+        raw.max_attempts,
+        DEFAULT_MAX_ATTEMPTS,
+        1,
+        10,
+    );
+    let budget = int(
+        check,
+        "upstream.retry_budget_percent",
+        raw.retry_budget_percent,
+        DEFAULT_RETRY_BUDGET_PERCENT,
+        0,
+        100,
+    );
+    let min_per_second = int(
+        check,
+        "upstream.retry_min_per_second",
+        raw.retry_min_per_second,
+        DEFAULT_RETRY_MIN_PER_SECOND,
+        0,
+        1_000_000,
+    );
+    let circuit_breaker = circuit_breaker(check, &raw.circuit_breaker);
+    let outlier_detection = outlier_detection(check, &raw.outlier_detection);
+    let health_check = health_check(check, &raw.health_check);
+    Some(UpstreamConfig {
+        connect_timeout: connect_timeout?,
+        request_timeout: request_timeout?,
+        idle_timeout: idle_timeout?,
+        max_attempts: max_attempts? as usize,
+        retry_budget_percent: budget? as u32,
+        retry_min_per_second: min_per_second? as u32,
+        circuit_breaker: circuit_breaker?,
+        outlier_detection: outlier_detection?,
+        health_check: health_check?,
+    })
+}
+
+fn circuit_breaker(check: &mut Check, raw: &RawCircuitBreaker) -> Option<CircuitBreakerConfig> {
+    let mut limit = |key: &str, value| {
+        int(
+            check,
+            &format!("upstream.circuit_breaker.{key}"),
+            value,
+            DEFAULT_CIRCUIT_LIMIT,
+            1,
+            10_000_000,
+        )
+        .map(|n| n as usize)
+    };
+    let max_connections = limit("max_connections", raw.max_connections);
+    let max_pending_requests = limit("max_pending_requests", raw.max_pending_requests);
+    let max_requests = limit("max_requests", raw.max_requests);
+    Some(CircuitBreakerConfig {
+        max_connections: max_connections?,
+        max_pending_requests: max_pending_requests?,
+        max_requests: max_requests?,
+    })
+}
+
+fn outlier_detection(
+    check: &mut Check,
+    raw: &RawOutlierDetection,
+) -> Option<OutlierDetectionConfig> {
+    let consecutive_failures = int(
+        check,
+        "upstream.outlier_detection.consecutive_failures",
+        raw.consecutive_failures,
+        DEFAULT_CONSECUTIVE_FAILURES,
+        0,
+        1000,
+    );
+    let base = duration(
+        check,
+        "upstream.outlier_detection.base_ejection_time",
+        raw.base_ejection_time.as_deref(),
+        DEFAULT_BASE_EJECTION_TIME,
+    );
+    let max = duration(
+        check,
+        "upstream.outlier_detection.max_ejection_time",
+        raw.max_ejection_time.as_deref(),
+        DEFAULT_MAX_EJECTION_TIME,
+    );
+    if let (Some(b), Some(m)) = (base, max) {
+        if b.is_zero() {
+            check.errors.push(ConfigError::new(
+                "upstream.outlier_detection.base_ejection_time",
+                "must be longer than 0s",
+            ));
+        }
+        if m < b {
+            check.errors.push(ConfigError::new(
+                "upstream.outlier_detection.max_ejection_time",
+                format!(
+                    "{} is shorter than base_ejection_time ({})",
+                    humantime::format_duration(m),
+                    humantime::format_duration(b)
+                ),
+            ));
+        }
+    }
+    let percent = int(
+        check,
+        "upstream.outlier_detection.max_ejection_percent",
+        raw.max_ejection_percent,
+        DEFAULT_MAX_EJECTION_PERCENT,
+        0,
+        100,
+    );
+    Some(OutlierDetectionConfig {
+        consecutive_failures: consecutive_failures? as u32,
+        base_ejection_time: base?,
+        max_ejection_time: max?,
+        max_ejection_percent: percent? as u32,
+    })
+}
+
+fn health_check(check: &mut Check, raw: &RawHealthCheck) -> Option<HealthCheckConfig> {
+    let interval = duration(
+        check,
+        "upstream.health_check.interval",
+        raw.interval.as_deref(),
+        DEFAULT_HEALTH_CHECK_INTERVAL,
+    );
+    let timeout = duration(
+        check,
+        "upstream.health_check.timeout",
+        raw.timeout.as_deref(),
+        DEFAULT_HEALTH_CHECK_TIMEOUT,
+    );
+    if timeout.is_some_and(|t| t.is_zero()) {
+        check.errors.push(ConfigError::new(
+            "upstream.health_check.timeout",
+            "must be longer than 0s",
+        ));
+    }
+    let mut threshold = |key: &str, value, default| {
+        int(
+            check,
+            &format!("upstream.health_check.{key}"),
+            value,
+            default,
+            1,
+            100,
+        )
+        .map(|n| n as u32)
+    };
+    let unhealthy_threshold = threshold("unhealthy_threshold", raw.unhealthy_threshold, 2);
+    let healthy_threshold = threshold("healthy_threshold", raw.healthy_threshold, 1);
+    Some(HealthCheckConfig {
+        interval: interval?,
+        timeout: timeout?,
+        unhealthy_threshold: unhealthy_threshold?,
+        healthy_threshold: healthy_threshold?,
+    })
+}
