@@ -37,6 +37,8 @@ pub enum Route {
     DebugConfig,
     /// `/debug/trust`
     DebugTrust,
+    /// `/debug/upstreams`
+    DebugUpstreams,
     /// A known path with a method other than GET or HEAD.
     MethodNotAllowed,
     /// Anything else.
@@ -52,6 +54,7 @@ impl Route {
             Route::Readyz => "/readyz",
             Route::DebugConfig => "/debug/config",
             Route::DebugTrust => "/debug/trust",
+            Route::DebugUpstreams => "/debug/upstreams",
             Route::MethodNotAllowed => "method_not_allowed",
             Route::NotFound => "not_found",
         }
@@ -66,6 +69,7 @@ pub fn route(method: &Method, path: &str) -> Route {
         "/readyz" => Route::Readyz,
         "/debug/config" => Route::DebugConfig,
         "/debug/trust" => Route::DebugTrust,
+        "/debug/upstreams" => Route::DebugUpstreams,
         _ => return Route::NotFound,
     };
     if method == Method::GET || method == Method::HEAD {
@@ -87,6 +91,8 @@ pub struct AdminState {
     pub drain: Arc<Drain>,
     /// Identity and trust, when configured.
     pub trust: Option<Arc<crate::trust::Trust>>,
+    /// Backends and their protection state.
+    pub upstreams: Arc<crate::upstream::Upstreams>,
 }
 
 /// The admin HTTP application.
@@ -131,6 +137,11 @@ impl AdminApp {
                 JSON,
                 to_json(&crate::trust::debug_json(self.state.trust.as_deref())),
             ),
+            Route::DebugUpstreams => (
+                StatusCode::OK,
+                JSON,
+                to_json(&self.state.upstreams.snapshot()),
+            ),
             Route::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 JSON,
@@ -141,7 +152,7 @@ impl AdminApp {
                 JSON,
                 to_json(&serde_json::json!({
                     "error": "not found",
-                    "paths": ["/metrics", "/healthz", "/readyz", "/debug/config", "/debug/trust"],
+                    "paths": ["/metrics", "/healthz", "/readyz", "/debug/config", "/debug/trust", "/debug/upstreams"],
                 })),
             ),
         }
@@ -190,6 +201,10 @@ mod tests {
         assert_eq!(route(&Method::HEAD, "/readyz"), Route::Readyz);
         assert_eq!(route(&Method::GET, "/debug/config"), Route::DebugConfig);
         assert_eq!(route(&Method::GET, "/debug/trust"), Route::DebugTrust);
+        assert_eq!(
+            route(&Method::GET, "/debug/upstreams"),
+            Route::DebugUpstreams
+        );
         assert_eq!(route(&Method::POST, "/healthz"), Route::MethodNotAllowed);
         assert_eq!(route(&Method::GET, "/metrics/"), Route::NotFound);
         assert_eq!(route(&Method::GET, "/"), Route::NotFound);

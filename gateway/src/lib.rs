@@ -26,3 +26,4 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod trust;
+pub mod upstream;

@@ -49,6 +49,7 @@ pub struct Reloader {
     log: Option<LogHandle>,
     trust: Option<Arc<crate::trust::Trust>>,
     catalog: Arc<ArcSwap<isthmus_federation::Catalog>>,
+    upstreams: Arc<crate::upstream::Upstreams>,
     reloads: IntCounterVec,
     last_success: IntGauge,
 }
@@ -61,6 +62,7 @@ impl Reloader {
         log: Option<LogHandle>,
         trust: Option<Arc<crate::trust::Trust>>,
         catalog: Arc<ArcSwap<isthmus_federation::Catalog>>,
+        upstreams: Arc<crate::upstream::Upstreams>,
         registry: &Registry,
     ) -> Self {
         let reloads = metrics::counter_vec(
@@ -81,6 +83,7 @@ impl Reloader {
             log,
             trust,
             catalog,
+            upstreams,
             reloads,
             last_success,
         }
@@ -145,6 +148,10 @@ impl Reloader {
                 peers = next.peers.len(),
                 "service catalog updated"
             );
+        }
+        if next.upstream != current.upstream {
+            self.upstreams.set_policy(next.upstream.clone());
+            info!("upstream policy updated");
         }
         if next.log.format != current.log.format {
             warn!("log.format changed; it takes effect on restart");

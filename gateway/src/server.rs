@@ -22,7 +22,7 @@ use tracing::{error, info};
 use std::time::Duration;
 
 use isthmus_federation::trust::tls::{SvidResolver, mtls_server_config, spiffe_client_config};
-use isthmus_federation::trust::{PeerPolicy, SpiffeAcceptor, SpiffeConnector};
+use isthmus_federation::trust::{HandshakeMetrics, PeerPolicy, SpiffeAcceptor, SpiffeConnector};
 use isthmus_federation::{Catalog, ServiceKey};
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
@@ -35,10 +35,12 @@ use crate::health::{Drain, Readiness};
 use crate::lifecycle::{Probe, Reloader, Signals, Startup};
 use crate::mesh::MeshRelay;
 use crate::proxy::east_west::{Callers, EastWestApp, EastWestProxy};
-use crate::proxy::outbound::{CONNECT_TIMEOUT, OutboundProxy};
+use crate::proxy::outbound::{Common, OutboundProxy};
 use crate::proxy::tcp::TcpOutboundApp;
 use crate::proxy::{ProxyMetrics, TcpMetrics};
 use crate::trust::{Trust, TrustService};
+use crate::upstream::Upstreams;
+use crate::upstream::probe::HealthChecker;
 use crate::{logging, metrics};
 
 /// Seconds Pingora waits for service runtimes after listeners close; our drain
@@ -105,11 +107,13 @@ pub fn run(config_path: &Path) -> ExitCode {
     let mut server = Server::new_with_opt_and_conf(None, pingora_conf(threads));
     server.bootstrap();
     let catalog = Arc::new(ArcSwap::from_pointee(config.load().catalog()));
+    let upstreams = Arc::new(Upstreams::new(config.load().upstream.clone(), &registry));
     if let Err(e) = add_data_plane(
         &mut server,
         &config.load(),
         trust.as_ref(),
         &catalog,
+        &upstreams,
         &registry,
     ) {
         error!(error = %e, "cannot set up the data plane");
@@ -123,6 +127,7 @@ pub fn run(config_path: &Path) -> ExitCode {
         config: config.clone(),
         drain: drain.clone(),
         trust: trust.clone(),
+        upstreams: upstreams.clone(),
     }));
     let mut admin_service = Service::new("admin".to_owned(), admin);
     admin_service.add_tcp(&admin_addr.to_string());
@@ -162,6 +167,7 @@ pub fn run(config_path: &Path) -> ExitCode {
         Some(log),
         trust,
         catalog,
+        upstreams,
         &registry,
     );
     let signals = Signals {
@@ -190,6 +196,7 @@ fn add_data_plane(
     config: &Config,
     trust: Option<&Arc<Trust>>,
     catalog: &Arc<ArcSwap<Catalog>>,
+    upstreams: &Arc<Upstreams>,
     registry: &prometheus::Registry,
 ) -> Result<(), String> {
     let conf = server.configuration.clone();
@@ -207,7 +214,7 @@ fn add_data_plane(
                 EAST_WEST_HANDSHAKE_TIMEOUT,
                 vec![b"h2".to_vec()],
             );
-            let relay = MeshRelay::bind(connector, CONNECT_TIMEOUT)
+            let relay = MeshRelay::bind(connector, config.upstream.connect_timeout)
                 .map_err(|e| format!("mesh relay: {e}"))?;
             let path = relay.path();
             server.add_service(background_service("mesh relay", RelayService::new(relay)));
@@ -219,7 +226,15 @@ fn add_data_plane(
     if let Some(addr) = config.listeners.outbound {
         let mut proxy = pingora_proxy::http_proxy(
             &conf,
-            OutboundProxy::new(catalog.clone(), metrics.clone(), cluster.clone(), relay),
+            OutboundProxy::new(
+                Common::new(
+                    catalog.clone(),
+                    metrics.clone(),
+                    cluster.clone(),
+                    upstreams.clone(),
+                ),
+                relay,
+            ),
         );
         let mut options = HttpServerOptions::default();
         options.h2c = true;
@@ -251,6 +266,7 @@ fn add_data_plane(
                 port.port,
                 catalog.clone(),
                 connector,
+                upstreams.clone(),
                 tcp_metrics.clone(),
             );
             let mut service = Service::new(format!("tcp {key}:{}", port.port), app);
@@ -277,9 +293,7 @@ fn add_data_plane(
         let proxy = pingora_proxy::http_proxy(
             &conf,
             EastWestProxy::new(
-                catalog.clone(),
-                metrics,
-                cluster,
+                Common::new(catalog.clone(), metrics, cluster, upstreams.clone()),
                 config.spiffe_id(),
                 peer_clusters,
                 callers.clone(),
@@ -291,6 +305,7 @@ fn add_data_plane(
             proxy,
             callers,
             catalog.clone(),
+            upstreams.clone(),
             tcp_metrics.clone(),
         );
         let mut service = Service::new("east-west".to_owned(), app);
@@ -298,6 +313,23 @@ fn add_data_plane(
         service.threads = Some(threads);
         server.add_service(service);
     }
+
+    // Active health checks of every backend in the catalog. Their handshakes
+    // are counted by isthmus_upstream_health_checks_total, not with traffic's.
+    let probe_connector = match trust {
+        Some(t) => Some(SpiffeConnector::new(
+            t.material().clone(),
+            HandshakeMetrics::new(&prometheus::Registry::new())
+                .map_err(|e| format!("health check metrics: {e}"))?,
+            EAST_WEST_HANDSHAKE_TIMEOUT,
+            Vec::new(),
+        )),
+        None => None,
+    };
+    server.add_service(background_service(
+        "health checks",
+        HealthChecker::new(upstreams.clone(), catalog.clone(), probe_connector),
+    ));
     Ok(())
 }
 

@@ -25,10 +25,11 @@ use pingora_proxy::{HttpProxy, ProxyHttp, Session};
 use prometheus::IntCounterVec;
 use tracing::{debug, warn};
 
-use super::metrics::{ProxyMetrics, TcpMetrics};
+use super::metrics::TcpMetrics;
 use super::outbound::{Common, RequestCtx};
 use super::tcp;
 use crate::mesh::{HelloRecorder, MeshTlsStream};
+use crate::upstream::Upstreams;
 
 /// The SPIFFE ID behind each peer certificate seen (by SHA-256 of the leaf).
 ///
@@ -90,11 +91,9 @@ pub struct EastWestProxy {
 }
 
 impl EastWestProxy {
-    /// A proxy to endpoints of exported services in `catalog`.
+    /// A proxy to endpoints of exported services in `common`'s catalog.
     pub fn new(
-        catalog: Arc<ArcSwap<Catalog>>,
-        metrics: ProxyMetrics,
-        cluster: ClusterName,
+        common: Common,
         own_id: SpiffeId,
         peer_clusters: HashMap<SpiffeId, ClusterName>,
         callers: Arc<Callers>,
@@ -107,7 +106,7 @@ impl EastWestProxy {
             &["service", "caller_trust_domain"],
         );
         Self {
-            common: Common::new(catalog, metrics, cluster),
+            common,
             denied,
             callers,
             own_id,
@@ -204,6 +203,50 @@ impl ProxyHttp for EastWestProxy {
         self.common.connect_failed(ctx, e)
     }
 
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.common.connected(ctx);
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut pingora_http::ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.common
+            .upstream_responded(ctx, upstream.status.as_u16());
+        Ok(())
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        self.common.failed_after_send(peer, session, ctx, e)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> pingora_proxy::FailToProxy {
+        self.common.fail(session, e, ctx).await
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let caller = self.caller(session);
         let source = caller
@@ -224,6 +267,7 @@ pub struct EastWestApp {
     proxy: Arc<HttpProxy<EastWestProxy>>,
     callers: Arc<Callers>,
     catalog: Arc<ArcSwap<Catalog>>,
+    upstreams: Arc<Upstreams>,
     tcp: TcpMetrics,
 }
 
@@ -234,6 +278,7 @@ impl EastWestApp {
         proxy: HttpProxy<EastWestProxy>,
         callers: Arc<Callers>,
         catalog: Arc<ArcSwap<Catalog>>,
+        upstreams: Arc<Upstreams>,
         tcp: TcpMetrics,
     ) -> Self {
         Self {
@@ -241,6 +286,7 @@ impl EastWestApp {
             proxy: Arc::new(proxy),
             callers,
             catalog,
+            upstreams,
             tcp,
         }
     }
@@ -260,16 +306,30 @@ impl EastWestApp {
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let endpoints = tcp::rotated(&entry.endpoints, self.tcp.next_spread());
-        match tcp::connect_first(endpoints).await {
-            Some((_, upstream)) => {
+        let spread = self.tcp.next_spread();
+        let connected = tcp::connect_backend(&self.upstreams, entry, true, spread, |t| {
+            tcp::dial(t.addr())
+        })
+        .await;
+        match connected {
+            Ok((upstream, _lease)) => {
                 self.tcp.connection("east_west", &entry.key, "ok");
-                tcp::splice("east_west", &entry.key, client, upstream, prefix, &self.tcp).await;
+                let idle = self.upstreams.policy().idle_timeout;
+                tcp::splice(
+                    "east_west",
+                    &entry.key,
+                    client,
+                    upstream,
+                    prefix,
+                    &self.tcp,
+                    idle,
+                )
+                .await;
             }
-            None => {
-                warn!(service = %entry.key, "no endpoint accepted the east-west connection");
+            Err(refusal) => {
+                warn!(service = %entry.key, result = refusal.label(), "no endpoint took the east-west connection");
                 self.tcp
-                    .connection("east_west", &entry.key, "connect_error");
+                    .connection("east_west", &entry.key, refusal.label());
             }
         }
     }

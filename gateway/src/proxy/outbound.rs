@@ -1,10 +1,11 @@
 //! The outbound listener: local workloads' HTTP/1.1 and h2c, routed by
 //! `Host`/`:authority` to an endpoint in this cluster or to a peer gateway.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -13,29 +14,41 @@ use isthmus_federation::ClusterName;
 use isthmus_federation::catalog::{Catalog, Protocol, east_west_sni, parse_authority};
 use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::{Error, ErrorType, Result};
-use pingora_http::RequestHeader;
-use pingora_proxy::{ProxyHttp, Session};
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use rustls::pki_types::ServerName;
 use tracing::info;
 
 use super::headers;
 use super::metrics::{ProxyMetrics, RequestLabels};
 use super::routing::{NoRoute, Routed, Target, pick, resolve};
+use crate::config::upstream::UpstreamConfig;
 use crate::mesh::{MeshAlpn, mesh_peer};
+use crate::upstream::outlier::Outcome;
+use crate::upstream::{RequestLease, ServiceBackends, Upstreams, Use};
 
-/// How many upstreams one request may try when connecting fails.
-pub const MAX_ATTEMPTS: usize = 3;
-/// Connect timeout to an upstream.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The error a request gets when every backend is at its circuit-breaker limits.
+const OVERLOADED: ErrorType = ErrorType::Custom("every backend is at its limits");
 
 /// Per-request state.
 pub struct RequestCtx {
     started: Instant,
     request_id: String,
     routed: Option<Routed>,
+    /// The routed service's backends.
+    backends: Option<Arc<ServiceBackends>>,
+    /// The policy in force when the request arrived.
+    policy: Arc<UpstreamConfig>,
     target: Option<Target>,
-    attempts: usize,
+    /// The current attempt's place in its backend's counters.
+    lease: Option<RequestLease>,
+    /// Whether the current attempt's outcome was recorded.
+    recorded: bool,
+    /// Addresses tried so far, so retries go elsewhere.
+    tried: Vec<SocketAddr>,
+    /// The current attempt's response status from upstream.
+    upstream_status: Option<u16>,
     spread: usize,
 }
 
@@ -51,24 +64,29 @@ impl RequestCtx {
     }
 }
 
-/// Shared by the outbound and east-west proxies.
-pub(crate) struct Common {
+/// What the outbound and east-west proxies share: the catalog, metrics and
+/// backend protection, and the request phases they run alike.
+pub struct Common {
     pub(crate) catalog: Arc<ArcSwap<Catalog>>,
     pub(crate) metrics: ProxyMetrics,
     pub(crate) cluster: ClusterName,
+    pub(crate) upstreams: Arc<Upstreams>,
     spread: AtomicUsize,
 }
 
 impl Common {
-    pub(crate) fn new(
+    /// Proxy phases over `catalog` for a gateway in `cluster`.
+    pub fn new(
         catalog: Arc<ArcSwap<Catalog>>,
         metrics: ProxyMetrics,
         cluster: ClusterName,
+        upstreams: Arc<Upstreams>,
     ) -> Self {
         Self {
             catalog,
             metrics,
             cluster,
+            upstreams,
             spread: AtomicUsize::new(0),
         }
     }
@@ -78,8 +96,13 @@ impl Common {
             started: Instant::now(),
             request_id: String::new(),
             routed: None,
+            backends: None,
+            policy: self.upstreams.policy(),
             target: None,
-            attempts: 0,
+            lease: None,
+            recorded: true,
+            tried: Vec::new(),
+            upstream_status: None,
             spread: self.spread.fetch_add(1, Ordering::Relaxed),
         }
     }
@@ -122,6 +145,11 @@ impl Common {
             });
         match resolved {
             Ok(routed) => {
+                // Idle kept-alive clients are closed after the idle timeout.
+                session.set_keepalive(Some(ctx.policy.idle_timeout.as_secs().max(1)));
+                let backends = self.upstreams.service(&routed.entry.key);
+                backends.budget.request(ctx.started);
+                ctx.backends = Some(backends);
                 ctx.routed = Some(routed);
                 Ok(false)
             }
@@ -163,14 +191,33 @@ impl Common {
         ctx: &mut RequestCtx,
         relay: Option<&Path>,
     ) -> Result<Box<HttpPeer>> {
-        let routed = ctx
-            .routed
-            .as_ref()
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "request was not routed"))?;
-        let target = pick(&routed.entry, relay.is_none(), ctx.spread, ctx.attempts)
-            .map_err(|e| Error::explain(ErrorType::ConnectNoRoute, e.to_string()))?;
-        ctx.attempts += 1;
-        let peer = match (&target, relay) {
+        let (Some(routed), Some(backends)) = (ctx.routed.as_ref(), ctx.backends.as_ref()) else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "request was not routed",
+            ));
+        };
+        let policy = &ctx.policy;
+        let now = Instant::now();
+        let target = pick(
+            &routed.entry,
+            relay.is_none(),
+            ctx.spread,
+            &ctx.tried,
+            |a| {
+                self.upstreams
+                    .availability(backends, a, Use::Http, now, policy)
+            },
+        );
+        let target = match target {
+            Ok(t) => t,
+            Err(NoRoute::Overloaded) => {
+                self.upstreams.overloaded(&routed.entry.key);
+                return Err(Error::explain(OVERLOADED, "circuit breakers open"));
+            }
+            Err(e) => return Err(Error::explain(ErrorType::ConnectNoRoute, e.to_string())),
+        };
+        let mut peer = match (&target, relay) {
             (Target::Local(addr), _) => local_peer(*addr, routed.protocol),
             (Target::Remote(gw), Some(relay)) => {
                 let sni = east_west_sni(&routed.entry.key, routed.port, None);
@@ -189,19 +236,151 @@ impl Common {
                     gw.spiffe_id.clone(),
                     sni,
                     alpn,
-                    CONNECT_TIMEOUT,
+                    policy.connect_timeout,
                 )?
             }
             (Target::Remote(_), None) => unreachable!("pick routes locally without a relay"),
         };
+        peer.options.connection_timeout = Some(policy.connect_timeout);
+        peer.options.read_timeout = Some(policy.request_timeout);
+        peer.options.write_timeout = Some(policy.request_timeout);
+        peer.options.idle_timeout = Some(policy.idle_timeout);
+        let backend = self.upstreams.backend(backends, target.addr());
+        // The previous attempt's lease, if any, ends before this one starts.
+        ctx.lease = None;
+        ctx.lease = Some(self.upstreams.lease_request(backend));
+        ctx.recorded = false;
+        ctx.upstream_status = None;
+        ctx.tried.push(target.addr());
         ctx.target = Some(target);
         Ok(Box::new(peer))
     }
 
-    /// Lets a failed connect be retried on the next target while attempts remain.
-    pub(crate) fn connect_failed(&self, ctx: &RequestCtx, mut e: Box<Error>) -> Box<Error> {
-        e.set_retry(ctx.attempts < MAX_ATTEMPTS);
+    /// The current attempt has its connection.
+    pub(crate) fn connected(&self, ctx: &mut RequestCtx) {
+        if let Some(lease) = ctx.lease.as_mut() {
+            lease.connected();
+        }
+    }
+
+    /// Notes the upstream's status for outlier detection.
+    pub(crate) fn upstream_responded(&self, ctx: &mut RequestCtx, status: u16) {
+        ctx.upstream_status = Some(status);
+    }
+
+    /// Feeds the current attempt's outcome to outlier detection, once.
+    fn record(&self, ctx: &mut RequestCtx, outcome: Outcome) {
+        if std::mem::replace(&mut ctx.recorded, true) {
+            return;
+        }
+        let (Some(backends), Some(lease), Some(routed)) = (&ctx.backends, &ctx.lease, &ctx.routed)
+        else {
+            return;
+        };
+        let targets = routed.entry.endpoints.len() + routed.entry.remote.len();
+        self.upstreams
+            .record(backends, lease.backend(), outcome, targets);
+    }
+
+    /// A failed connect counts against the backend and is retried on the next
+    /// target while attempts remain: nothing was sent, so any method may be
+    /// retried, and the retry budget (which guards backends against load)
+    /// does not apply.
+    pub(crate) fn connect_failed(&self, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
+        self.record(ctx, Outcome::Failure);
+        let retry = ctx.tried.len() < ctx.policy.max_attempts;
+        if let (true, Some(r)) = (retry, &ctx.routed) {
+            self.upstreams.retried(&r.entry.key, "connect");
+        }
+        e.set_retry(retry);
         e
+    }
+
+    /// A failure after the request was sent: retried elsewhere only when the
+    /// client has seen nothing yet, the method is idempotent, the request body
+    /// is still buffered, attempts remain and the retry budget allows.
+    pub(crate) fn failed_after_send(
+        &self,
+        peer: &HttpPeer,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        self.record(ctx, Outcome::Failure);
+        let eligible = session.response_written().is_none()
+            && session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && ctx.tried.len() < ctx.policy.max_attempts;
+        let mut retry = false;
+        if let (true, Some(routed), Some(backends)) = (eligible, &ctx.routed, &ctx.backends) {
+            let key = &routed.entry.key;
+            retry = backends.budget.try_retry(
+                Instant::now(),
+                ctx.policy.retry_budget_percent,
+                ctx.policy.retry_min_per_second,
+            );
+            self.upstreams.retried(
+                key,
+                if retry {
+                    "after_send"
+                } else {
+                    "budget_exhausted"
+                },
+            );
+        }
+        e.set_retry(retry);
+        e
+    }
+
+    /// Answers the client when proxying failed for good: 503 with
+    /// `x-isthmus-overloaded` when circuit breakers refused, 504 when the
+    /// upstream went silent, 502 for other upstream failures.
+    pub(crate) async fn fail(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &RequestCtx,
+    ) -> FailToProxy {
+        let code = match (e.etype(), e.esource()) {
+            (ErrorType::HTTPStatus(code), _) => *code,
+            (t, _) if *t == OVERLOADED => 503,
+            (ErrorType::ConnectNoRoute, _) => 503,
+            (ErrorType::ReadTimedout | ErrorType::WriteTimedout, ErrorSource::Upstream) => 504,
+            (_, ErrorSource::Upstream) => 502,
+            (
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+                ErrorSource::Downstream,
+            ) => 0,
+            (_, ErrorSource::Downstream) => 400,
+            _ => 500,
+        };
+        if code > 0 && session.response_written().is_none() {
+            let body = serde_json::json!({
+                "error": e.to_string(),
+                "request_id": ctx.request_id,
+            })
+            .to_string();
+            let written = async {
+                let mut resp = ResponseHeader::build(code, Some(3))?;
+                resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+                resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+                if *e.etype() == OVERLOADED {
+                    resp.insert_header("x-isthmus-overloaded", "true")?;
+                }
+                session.write_response_header(Box::new(resp), false).await?;
+                session
+                    .write_response_body(Some(Bytes::from(body)), true)
+                    .await
+            };
+            if let Err(err) = written.await {
+                tracing::debug!(error = %err, "could not send the error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     /// Records metrics and the access log line.
@@ -210,13 +389,23 @@ impl Common {
         listener: &str,
         session: &Session,
         e: Option<&Error>,
-        ctx: &RequestCtx,
+        ctx: &mut RequestCtx,
         source_cluster: &str,
     ) {
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(if e.is_some() { 502 } else { 0 });
+        let outcome = match (ctx.upstream_status, e) {
+            (Some(s), _) if s >= 500 => Some(Outcome::Failure),
+            (Some(_), _) => Some(Outcome::Success),
+            (None, Some(e)) if *e.esource() == ErrorSource::Upstream => Some(Outcome::Failure),
+            // The client went away or nothing was sent: says nothing of the backend.
+            _ => None,
+        };
+        if let Some(outcome) = outcome {
+            self.record(ctx, outcome);
+        }
         let (service, namespace) = ctx.routed.as_ref().map_or(("", ""), |r| {
             (r.entry.key.name.as_str(), r.entry.key.namespace.as_str())
         });
@@ -253,7 +442,7 @@ impl Common {
                 Target::Local(a) => a.to_string(),
                 Target::Remote(g) => g.address.to_string(),
             }),
-            attempts = ctx.attempts,
+            attempts = ctx.tried.len(),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             error = e.map(|e| e.to_string()),
             "request"
@@ -262,13 +451,12 @@ impl Common {
 }
 
 /// An upstream in this cluster: HTTP/1.1, or h2c for gRPC ports.
-pub(crate) fn local_peer(addr: std::net::SocketAddr, protocol: Protocol) -> HttpPeer {
+pub(crate) fn local_peer(addr: SocketAddr, protocol: Protocol) -> HttpPeer {
     let mut peer = HttpPeer::new(addr, false, String::new());
     peer.options.alpn = match protocol {
         Protocol::Grpc => ALPN::H2,
         Protocol::Http | Protocol::Tcp => ALPN::H1,
     };
-    peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
     peer
 }
 
@@ -281,16 +469,8 @@ pub struct OutboundProxy {
 impl OutboundProxy {
     /// A proxy routing with `catalog`; `relay` (the mesh relay's socket) is
     /// needed to reach peer gateways.
-    pub fn new(
-        catalog: Arc<ArcSwap<Catalog>>,
-        metrics: ProxyMetrics,
-        cluster: ClusterName,
-        relay: Option<PathBuf>,
-    ) -> Self {
-        Self {
-            common: Common::new(catalog, metrics, cluster),
-            relay,
-        }
+    pub fn new(common: Common, relay: Option<PathBuf>) -> Self {
+        Self { common, relay }
     }
 }
 
@@ -333,9 +513,52 @@ impl ProxyHttp for OutboundProxy {
         self.common.connect_failed(ctx, e)
     }
 
-    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let cluster = self.common.cluster.clone();
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.common.connected(ctx);
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
         self.common
-            .log("outbound", session, e, ctx, cluster.as_str());
+            .upstream_responded(ctx, upstream.status.as_u16());
+        Ok(())
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        self.common.failed_after_send(peer, session, ctx, e)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        self.common.fail(session, e, ctx).await
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let common = &self.common;
+        common.log("outbound", session, e, ctx, common.cluster.as_str());
     }
 }

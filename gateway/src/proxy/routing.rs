@@ -13,6 +13,17 @@ pub enum Target {
     Remote(RemoteGateway),
 }
 
+/// How available a target is for one more request or connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    /// Healthy and below its limits.
+    Up,
+    /// Healthy but at a circuit-breaker limit.
+    Full,
+    /// Failing active health checks, or ejected by outlier detection.
+    Down,
+}
+
 /// Why a request cannot be routed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NoRoute {
@@ -25,6 +36,9 @@ pub enum NoRoute {
     /// Known, but nothing serves it now.
     #[error("no endpoint serves this service")]
     NoEndpoint,
+    /// Every backend is at a circuit-breaker limit.
+    #[error("every backend of this service is at its limits")]
+    Overloaded,
 }
 
 impl NoRoute {
@@ -32,7 +46,7 @@ impl NoRoute {
     pub fn status(&self) -> u16 {
         match self {
             Self::UnknownService | Self::UnknownPort => 404,
-            Self::NoEndpoint => 503,
+            Self::NoEndpoint | Self::Overloaded => 503,
         }
     }
 }
@@ -59,23 +73,76 @@ pub fn resolve(catalog: &Catalog, addressed: &Addressed) -> Result<Routed, NoRou
     })
 }
 
-/// Picks the target for attempt `attempt` of a request, spreading requests by
-/// `spread` (a rotating counter): endpoints in this cluster first, then peer
-/// gateways. Locality-aware failover across gateways comes with issue 6.
+/// Picks the target for the next attempt of a request.
+///
+/// Endpoints in this cluster come first, then peer gateways (never from the
+/// east-west listener: `local_only`). Within the first tier that has targets
+/// `Up`, targets not yet `tried` by this request are preferred, spread by
+/// `spread` (a rotating counter). When nothing is up anywhere, a target that is
+/// merely `Down` is used anyway (panic mode: failing checks are better than a
+/// sure error); when every target is `Full`, the request is refused.
+/// Locality-aware failover across gateways comes with issue 6.
 pub fn pick(
     entry: &ServiceEntry,
     local_only: bool,
     spread: usize,
-    attempt: usize,
+    tried: &[SocketAddr],
+    availability: impl Fn(SocketAddr) -> Availability,
 ) -> Result<Target, NoRoute> {
-    let n = spread.wrapping_add(attempt);
-    if !entry.endpoints.is_empty() {
-        return Ok(Target::Local(entry.endpoints[n % entry.endpoints.len()]));
-    }
-    if local_only || entry.remote.is_empty() {
+    let local = entry.endpoints.iter().map(|a| Target::Local(*a));
+    let remote = entry
+        .remote
+        .iter()
+        .filter(|_| !local_only)
+        .map(|g| Target::Remote(g.clone()));
+    let tiers: [Vec<Target>; 2] = [local.collect(), remote.collect()];
+    if tiers.iter().all(Vec::is_empty) {
         return Err(NoRoute::NoEndpoint);
     }
-    Ok(Target::Remote(entry.remote[n % entry.remote.len()].clone()))
+    let rated: Vec<Vec<(Target, Availability)>> = tiers
+        .into_iter()
+        .map(|tier| {
+            tier.into_iter()
+                .map(|t| {
+                    let a = availability(t.addr());
+                    (t, a)
+                })
+                .collect()
+        })
+        .collect();
+    let choose = |wanted: Availability| -> Option<Target> {
+        for tier in &rated {
+            let candidates: Vec<&Target> = tier
+                .iter()
+                .filter(|(_, a)| *a == wanted)
+                .map(|(t, _)| t)
+                .collect();
+            if candidates.is_empty() {
+                continue;
+            }
+            let fresh: Vec<&Target> = candidates
+                .iter()
+                .copied()
+                .filter(|t| !tried.contains(&t.addr()))
+                .collect();
+            let pool = if fresh.is_empty() { candidates } else { fresh };
+            return Some(pool[spread.wrapping_add(tried.len()) % pool.len()].clone());
+        }
+        None
+    };
+    choose(Availability::Up)
+        .or_else(|| choose(Availability::Down))
+        .ok_or(NoRoute::Overloaded)
+}
+
+impl Target {
+    /// The address connected to.
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Target::Local(a) => *a,
+            Target::Remote(g) => g.address,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -132,33 +199,86 @@ mod tests {
         assert_eq!(resolve(&catalog, &unknown).unwrap_err().status(), 404);
     }
 
+    fn up(_: SocketAddr) -> Availability {
+        Availability::Up
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn prefers_local_endpoints_and_spreads_over_them() {
         let e = entry(&["127.0.0.1:1", "127.0.0.1:2"], 1);
         assert_eq!(
-            pick(&e, false, 0, 0),
-            Ok(Target::Local("127.0.0.1:1".parse().unwrap()))
+            pick(&e, false, 0, &[], up),
+            Ok(Target::Local(addr("127.0.0.1:1")))
         );
         assert_eq!(
-            pick(&e, false, 0, 1),
-            Ok(Target::Local("127.0.0.1:2".parse().unwrap()))
+            pick(&e, false, 1, &[], up),
+            Ok(Target::Local(addr("127.0.0.1:2")))
         );
-        assert_eq!(
-            pick(&e, false, 1, 0),
-            Ok(Target::Local("127.0.0.1:2".parse().unwrap()))
-        );
+        // A retry goes to an endpoint not tried yet, whatever the spread.
+        for spread in 0..4 {
+            assert_eq!(
+                pick(&e, false, spread, &[addr("127.0.0.1:2")], up),
+                Ok(Target::Local(addr("127.0.0.1:1")))
+            );
+        }
     }
 
     #[test]
     fn goes_remote_only_without_local_endpoints_and_never_from_east_west() {
         let e = entry(&[], 2);
         assert!(
-            matches!(pick(&e, false, 0, 0), Ok(Target::Remote(g)) if g.cluster.as_str() == "c0")
+            matches!(pick(&e, false, 0, &[], up), Ok(Target::Remote(g)) if g.cluster.as_str() == "c0")
         );
         assert!(
-            matches!(pick(&e, false, 0, 1), Ok(Target::Remote(g)) if g.cluster.as_str() == "c1")
+            matches!(pick(&e, false, 1, &[], up), Ok(Target::Remote(g)) if g.cluster.as_str() == "c1")
         );
-        assert_eq!(pick(&e, true, 0, 0), Err(NoRoute::NoEndpoint));
-        assert_eq!(pick(&entry(&[], 0), false, 0, 0).unwrap_err().status(), 503);
+        assert_eq!(pick(&e, true, 0, &[], up), Err(NoRoute::NoEndpoint));
+        assert_eq!(
+            pick(&entry(&[], 0), false, 0, &[], up)
+                .unwrap_err()
+                .status(),
+            503
+        );
+    }
+
+    #[test]
+    fn avoids_down_and_full_backends_and_fails_over_to_peers() {
+        let e = entry(&["127.0.0.1:1", "127.0.0.1:2"], 1);
+        let one_down = |a: SocketAddr| {
+            if a == addr("127.0.0.1:1") {
+                Availability::Down
+            } else {
+                Availability::Up
+            }
+        };
+        for spread in 0..4 {
+            assert_eq!(
+                pick(&e, false, spread, &[], one_down),
+                Ok(Target::Local(addr("127.0.0.1:2")))
+            );
+        }
+        // Every local endpoint down or full: the peer gateway takes over.
+        let locals_out = |a: SocketAddr| match a.port() {
+            1 => Availability::Down,
+            2 => Availability::Full,
+            _ => Availability::Up,
+        };
+        assert!(matches!(
+            pick(&e, false, 0, &[], locals_out),
+            Ok(Target::Remote(_))
+        ));
+        // From east-west there is no peer to fail over to: panic mode uses the
+        // down endpoint rather than refusing.
+        assert_eq!(
+            pick(&e, true, 0, &[], locals_out),
+            Ok(Target::Local(addr("127.0.0.1:1")))
+        );
+        // Everything at its limits: refused at once.
+        let full = |_| Availability::Full;
+        assert_eq!(pick(&e, false, 0, &[], full), Err(NoRoute::Overloaded));
     }
 }

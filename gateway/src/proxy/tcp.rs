@@ -7,62 +7,184 @@
 //! - East-west, a terminated connection whose SNI names a `tcp` port is spliced
 //!   to an endpoint (see `east_west`), as is a passthrough connection.
 //!
-//! A failed connect tries the next target, up to [`MAX_ATTEMPTS`] in all;
-//! nothing has been sent yet, so a retry is always safe.
+//! Targets are picked as for HTTP, under the same protection (circuit breaker
+//! on connections, outlier detection, active health). A failed connect tries
+//! the next target, up to `upstream.max_attempts` in all; nothing has been
+//! sent yet, so a retry is always safe. A connection idle in both directions
+//! for `upstream.idle_timeout` is closed.
 
-use std::net::SocketAddr;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use isthmus_federation::ServiceKey;
-use isthmus_federation::catalog::{Catalog, east_west_sni};
+use isthmus_federation::catalog::{Catalog, RemoteGateway, ServiceEntry, east_west_sni};
 use isthmus_federation::trust::{PeerPolicy, SpiffeConnector};
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::metrics::TcpMetrics;
-use super::outbound::{CONNECT_TIMEOUT, MAX_ATTEMPTS};
-use super::routing::{Target, pick};
+use super::routing::{NoRoute, Target, pick};
+use crate::upstream::outlier::Outcome;
+use crate::upstream::{ConnectionLease, Upstreams, Use};
 
-/// Connects to the first of `endpoints` (tried in order, at most
-/// [`MAX_ATTEMPTS`]) that accepts within the connect timeout.
-pub(crate) async fn connect_first(
-    endpoints: impl IntoIterator<Item = SocketAddr>,
-) -> Option<(SocketAddr, TcpStream)> {
-    for endpoint in endpoints.into_iter().take(MAX_ATTEMPTS) {
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint)).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                return Some((endpoint, stream));
-            }
-            Ok(Err(e)) => debug!(%endpoint, error = %e, "endpoint refused; trying the next"),
-            Err(_) => debug!(%endpoint, "endpoint timed out; trying the next"),
+/// Why no upstream connection was made; the `result` label of
+/// `isthmus_tcp_connections_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum L4Refusal {
+    NoRoute,
+    Overloaded,
+    ConnectError,
+}
+
+impl L4Refusal {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::NoRoute => "no_route",
+            Self::Overloaded => "overloaded",
+            Self::ConnectError => "connect_error",
         }
     }
-    None
 }
 
-/// The endpoints of `key` in rotating order starting at `spread`.
-pub(crate) fn rotated(endpoints: &[SocketAddr], spread: usize) -> Vec<SocketAddr> {
-    let n = endpoints.len();
-    (0..n).map(|i| endpoints[(spread + i) % n]).collect()
+/// Opens an L4 connection to a backend of `entry` with `connect` (which
+/// dials one target), trying further targets while attempts remain. The lease
+/// holds the connection's place in the backend's circuit breaker.
+pub(crate) async fn connect_backend<S, F, Fut>(
+    upstreams: &Upstreams,
+    entry: &ServiceEntry,
+    local_only: bool,
+    spread: usize,
+    mut connect: F,
+) -> Result<(S, ConnectionLease), L4Refusal>
+where
+    F: FnMut(Target) -> Fut,
+    Fut: Future<Output = Result<S, String>>,
+{
+    let policy = upstreams.policy();
+    let backends = upstreams.service(&entry.key);
+    let targets = entry.endpoints.len() + if local_only { 0 } else { entry.remote.len() };
+    let mut tried = Vec::new();
+    while tried.len() < policy.max_attempts {
+        let now = Instant::now();
+        let target = match pick(entry, local_only, spread, &tried, |a| {
+            upstreams.availability(&backends, a, Use::Tcp, now, &policy)
+        }) {
+            Ok(t) => t,
+            Err(NoRoute::Overloaded) => {
+                upstreams.overloaded(&entry.key);
+                return Err(L4Refusal::Overloaded);
+            }
+            Err(_) if tried.is_empty() => return Err(L4Refusal::NoRoute),
+            Err(_) => break,
+        };
+        tried.push(target.addr());
+        let backend = upstreams.backend(&backends, target.addr());
+        let lease = upstreams.lease_connection(backend.clone());
+        let error =
+            match tokio::time::timeout(policy.connect_timeout, connect(target.clone())).await {
+                Ok(Ok(stream)) => {
+                    upstreams.record(&backends, &backend, Outcome::Success, targets);
+                    return Ok((stream, lease));
+                }
+                Ok(Err(e)) => e,
+                Err(_) => format!("no connection within {:?}", policy.connect_timeout),
+            };
+        upstreams.record(&backends, &backend, Outcome::Failure, targets);
+        warn!(service = %entry.key, backend = %target.addr(), %error,
+            "L4 connection to a backend failed");
+        if tried.len() < policy.max_attempts {
+            upstreams.retried(&entry.key, "connect");
+        }
+    }
+    Err(L4Refusal::ConnectError)
 }
 
-/// Copies both ways until both sides end; `prefix` is sent upstream first (a
-/// replayed ClientHello). Bytes are counted for `key`.
+/// Dials `addr` with TCP_NODELAY.
+pub(crate) async fn dial(addr: std::net::SocketAddr) -> Result<TcpStream, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Milliseconds since `epoch` of the last byte read on either side.
+struct Activity {
+    epoch: Instant,
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+/// A stream that notes when it reads.
+struct Watched<'a, S> {
+    inner: S,
+    activity: &'a Activity,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Copies both ways until both sides end, or nothing moved either way for
+/// `idle_timeout`; `prefix` is sent upstream first (a replayed ClientHello).
+/// Bytes are counted for `key`.
 pub(crate) async fn splice<C, U>(
     listener: &str,
     key: &ServiceKey,
-    mut client: C,
+    client: C,
     mut upstream: U,
     prefix: &[u8],
     metrics: &TcpMetrics,
+    idle_timeout: Duration,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -70,11 +192,39 @@ pub(crate) async fn splice<C, U>(
     if !prefix.is_empty() && upstream.write_all(prefix).await.is_err() {
         return;
     }
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((from_client, to_client)) => {
-            metrics.bytes(listener, key, from_client + prefix.len() as u64, to_client);
+    let activity = Activity {
+        epoch: Instant::now(),
+        last: AtomicU64::new(0),
+    };
+    let mut client = Watched {
+        inner: client,
+        activity: &activity,
+    };
+    let mut upstream = Watched {
+        inner: upstream,
+        activity: &activity,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    let watchdog = async {
+        loop {
+            let idle = activity.idle();
+            if idle >= idle_timeout {
+                return;
+            }
+            tokio::time::sleep(idle_timeout - idle).await;
         }
-        Err(e) => debug!(service = %key, error = %e, "L4 connection ended"),
+    };
+    tokio::select! {
+        result = copy => match result {
+            Ok((from_client, to_client)) => {
+                metrics.bytes(listener, key, from_client + prefix.len() as u64, to_client);
+            }
+            Err(e) => debug!(service = %key, error = %e, "L4 connection ended"),
+        },
+        () = watchdog => {
+            debug!(service = %key, ?idle_timeout, "L4 connection idle; closed");
+            metrics.connection(listener, key, "idle_timeout");
+        }
     }
 }
 
@@ -84,6 +234,7 @@ pub struct TcpOutboundApp {
     port: u16,
     catalog: Arc<ArcSwap<Catalog>>,
     connector: Option<SpiffeConnector>,
+    upstreams: Arc<Upstreams>,
     metrics: TcpMetrics,
 }
 
@@ -94,6 +245,7 @@ impl TcpOutboundApp {
         port: u16,
         catalog: Arc<ArcSwap<Catalog>>,
         connector: Option<SpiffeConnector>,
+        upstreams: Arc<Upstreams>,
         metrics: TcpMetrics,
     ) -> Self {
         Self {
@@ -101,6 +253,7 @@ impl TcpOutboundApp {
             port,
             catalog,
             connector,
+            upstreams,
             metrics,
         }
     }
@@ -108,15 +261,13 @@ impl TcpOutboundApp {
     /// Opens an mTLS connection to peer gateway `gw` for this service port.
     async fn to_peer(
         &self,
-        gw: &isthmus_federation::catalog::RemoteGateway,
+        gw: &RemoteGateway,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
         let connector = self
             .connector
             .as_ref()
             .ok_or("no identity to reach peers")?;
-        let (_, tcp) = connect_first([gw.address])
-            .await
-            .ok_or("peer gateway refused")?;
+        let tcp = dial(gw.address).await?;
         let sni = ServerName::try_from(east_west_sni(&self.key, self.port, None))
             .map_err(|e| e.to_string())?;
         connector
@@ -127,6 +278,12 @@ impl TcpOutboundApp {
     }
 }
 
+/// An L4 upstream: plain TCP to an endpoint, or mTLS to a peer gateway.
+enum Upstream {
+    Endpoint(TcpStream),
+    Gateway(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
 #[async_trait]
 impl ServerApp for TcpOutboundApp {
     async fn process_new(
@@ -135,35 +292,41 @@ impl ServerApp for TcpOutboundApp {
         _shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let Some(entry) = self.catalog.load().get(&self.key).cloned() else {
-            self.metrics.connection("outbound", &self.key, "no_route");
+            self.metrics
+                .connection("outbound", &self.key, L4Refusal::NoRoute.label());
             return None;
         };
         let spread = self.metrics.next_spread();
-        for attempt in 0..MAX_ATTEMPTS {
-            let Ok(target) = pick(&entry, self.connector.is_none(), spread, attempt) else {
-                break;
-            };
-            match target {
-                Target::Local(addr) => {
-                    if let Some((_, upstream)) = connect_first([addr]).await {
-                        self.metrics.connection("outbound", &self.key, "ok");
-                        splice("outbound", &self.key, client, upstream, &[], &self.metrics).await;
-                        return None;
-                    }
+        let connected = connect_backend(
+            &self.upstreams,
+            &entry,
+            self.connector.is_none(),
+            spread,
+            |target| async move {
+                match target {
+                    Target::Local(addr) => dial(addr).await.map(Upstream::Endpoint),
+                    Target::Remote(gw) => self
+                        .to_peer(&gw)
+                        .await
+                        .map(|tls| Upstream::Gateway(Box::new(tls))),
                 }
-                Target::Remote(gw) => match self.to_peer(&gw).await {
-                    Ok(tls) => {
-                        self.metrics.connection("outbound", &self.key, "ok");
-                        splice("outbound", &self.key, client, tls, &[], &self.metrics).await;
-                        return None;
-                    }
-                    Err(e) => warn!(service = %self.key, peer = %gw.address, error = %e,
-                        "east-west TCP connection failed; trying the next target"),
-                },
+            },
+        )
+        .await;
+        let idle = self.upstreams.policy().idle_timeout;
+        match connected {
+            Ok((upstream, _lease)) => {
+                self.metrics.connection("outbound", &self.key, "ok");
+                let (key, m) = (&self.key, &self.metrics);
+                match upstream {
+                    Upstream::Endpoint(u) => splice("outbound", key, client, u, &[], m, idle).await,
+                    Upstream::Gateway(u) => splice("outbound", key, client, u, &[], m, idle).await,
+                }
             }
+            Err(refusal) => self
+                .metrics
+                .connection("outbound", &self.key, refusal.label()),
         }
-        self.metrics
-            .connection("outbound", &self.key, "connect_error");
         None
     }
 }
