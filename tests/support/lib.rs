@@ -9,7 +9,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -133,6 +133,18 @@ drain_timeout = "3s"
 pub struct EchoServer {
     /// Its address.
     pub addr: SocketAddr,
+    behaviour: Arc<Mutex<Behaviour>>,
+}
+
+/// How an [`EchoServer`] answers; changeable while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Answers with this status (200 normally) and the request as JSON.
+    Status(u16),
+    /// Waits this long, then answers 200.
+    Delay(Duration),
+    /// Reads the request, then closes the connection without answering.
+    Close,
 }
 
 impl EchoServer {
@@ -141,17 +153,25 @@ impl EchoServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind echo server");
         let addr = listener.local_addr().expect("local address");
         let name = name.to_owned();
+        let behaviour = Arc::new(Mutex::new(Behaviour::Status(200)));
+        let shared = behaviour.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 let name = name.clone();
-                std::thread::spawn(move || echo_connection(conn, &name));
+                let behaviour = shared.clone();
+                std::thread::spawn(move || echo_connection(conn, &name, &behaviour));
             }
         });
-        Self { addr }
+        Self { addr, behaviour }
+    }
+
+    /// Changes how it answers from the next request on.
+    pub fn set(&self, behaviour: Behaviour) {
+        *self.behaviour.lock().expect("behaviour lock") = behaviour;
     }
 }
 
-fn echo_connection(conn: std::net::TcpStream, name: &str) {
+fn echo_connection(conn: std::net::TcpStream, name: &str, behaviour: &Mutex<Behaviour>) {
     use std::io::{BufRead, BufReader, Read, Write};
     let mut writer = match conn.try_clone() {
         Ok(w) => w,
@@ -190,6 +210,14 @@ fn echo_connection(conn: std::net::TcpStream, name: &str) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
+        let status = match *behaviour.lock().expect("behaviour lock") {
+            Behaviour::Status(status) => status,
+            Behaviour::Delay(d) => {
+                std::thread::sleep(d);
+                200
+            }
+            Behaviour::Close => return,
+        };
         let close = headers.get("connection").and_then(|v| v.as_str()) == Some("close");
         let doc = serde_json::json!({
             "served_by": name, "method": method, "path": path,
@@ -197,7 +225,7 @@ fn echo_connection(conn: std::net::TcpStream, name: &str) {
         })
         .to_string();
         let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{doc}",
+            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{doc}",
             doc.len()
         );
         if writer.write_all(response.as_bytes()).is_err() || close {

@@ -1,0 +1,364 @@
+//! Backend protection with real gateways and real upstreams: outlier ejection
+//! and return, failover away from a dead peer gateway, circuit breaking,
+//! retries after the request went out (idempotent only) and timeouts.
+#![allow(clippy::unwrap_used)] // a panic is how a test reports failure
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use isthmus_tests::{
+    Behaviour, DevPki, EchoServer, Gateway, HttpResponse, curl, free_addr, gateway_config,
+    metric_value, wait_for,
+};
+
+const START: Duration = Duration::from_secs(20);
+const HOST: &str = "Host: web.shop.svc.clusterset.local";
+
+/// One gateway whose outbound listener serves shop/web from `endpoints`,
+/// with `upstream` added to its `[upstream]` section.
+fn gateway(endpoints: &[SocketAddr], upstream: &str) -> (Gateway, String) {
+    let (admin, outbound) = (free_addr(), free_addr());
+    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    let config = format!(
+        r#"[gateway]
+name = "gw-solo"
+cluster = "solo"
+trust_domain = "solo.example"
+[gateway.locality]
+region = "test"
+[admin]
+listen = "{admin}"
+[log]
+format = "json"
+[runtime]
+threads = 2
+[listeners]
+outbound = "{outbound}"
+[[services]]
+namespace = "shop"
+name = "web"
+ports = [{{ port = 80 }}]
+endpoints = [{endpoints}]
+[upstream]
+{upstream}
+"#,
+        endpoints = endpoints.join(", ")
+    );
+    let mut gw = Gateway::start(&config, admin, &[]).unwrap();
+    gw.wait_ready(START).unwrap();
+    (gw, format!("http://{outbound}/"))
+}
+
+fn served_by(r: &HttpResponse) -> String {
+    serde_json::from_str::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v["served_by"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The state `/debug/upstreams` reports for `backend` of shop/web.
+fn backend_state(gw: &Gateway, backend: SocketAddr) -> serde_json::Value {
+    let doc = gw.admin_json("/debug/upstreams");
+    doc["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["service"] == "shop/web")
+        .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
+        .find(|b| b["address"] == backend.to_string())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+#[test]
+fn outlier_ejection_and_return() {
+    let good = EchoServer::start("good");
+    let flaky = EchoServer::start("flaky");
+    // Passive detection alone: active checks off (a 503-answering server
+    // still accepts TCP, so they would not see it anyway).
+    let (gw, url) = gateway(
+        &[good.addr, flaky.addr],
+        r#"[upstream.outlier_detection]
+consecutive_failures = 3
+base_ejection_time = "1s"
+max_ejection_time = "10s"
+[upstream.health_check]
+interval = "0s""#,
+    );
+    flaky.set(Behaviour::Status(503));
+    let answers: Vec<HttpResponse> = (0..30).map(|_| curl(&["-H", HOST, &url])).collect();
+    let failed = answers.iter().filter(|r| r.status == 503).count();
+    // Three 503s eject it; everything after goes to the good endpoint.
+    assert_eq!(
+        failed,
+        3,
+        "{:?}",
+        answers.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert!(
+        answers[10..]
+            .iter()
+            .all(|r| r.status == 200 && served_by(r) == "good")
+    );
+    let state = backend_state(&gw, flaky.addr);
+    assert_eq!(state["ejected"], true, "{state}");
+    let metrics = gw.admin_get("/metrics").body;
+    let ejections = format!(
+        "isthmus_upstream_ejections_total{{backend=\"{}\",namespace=\"shop\",service=\"web\"}}",
+        flaky.addr
+    );
+    assert_eq!(metric_value(&metrics, &ejections), Some(1.0), "{metrics}");
+
+    // Healed, it gets traffic again once the ejection (1 s) is over.
+    flaky.set(Behaviour::Status(200));
+    let back = Instant::now();
+    wait_for(
+        Duration::from_secs(5),
+        "the flaky endpoint to serve again",
+        || {
+            let r = curl(&["-H", HOST, &url]);
+            (served_by(&r) == "flaky").then_some(())
+        },
+    )
+    .unwrap();
+    let returned_after = back.elapsed();
+    assert_eq!(backend_state(&gw, flaky.addr)["ejected"], false);
+
+    // Failing again, it is ejected for twice as long.
+    flaky.set(Behaviour::Status(503));
+    for _ in 0..10 {
+        curl(&["-H", HOST, &url]);
+    }
+    let state = backend_state(&gw, flaky.addr);
+    let left = state["ejected_for_seconds"].as_f64().unwrap_or_default();
+    assert!(left > 1.0 && left <= 2.0, "second ejection: {state}");
+    assert_eq!(
+        metric_value(&gw.admin_get("/metrics").body, &ejections),
+        Some(2.0)
+    );
+    eprintln!("ejected after 3 failures; back in service {returned_after:?} after healing");
+}
+
+#[test]
+fn circuit_breaker_refuses_at_once_instead_of_queueing() {
+    let slow = EchoServer::start("slow");
+    slow.set(Behaviour::Delay(Duration::from_millis(1500)));
+    let (gw, url) = gateway(
+        &[slow.addr],
+        r#"[upstream.circuit_breaker]
+max_requests = 2"#,
+    );
+    let url2 = url.clone();
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url2.clone();
+            std::thread::spawn(move || curl(&["-H", HOST, &url]))
+        })
+        .collect();
+    // Wait until both are in flight at the backend.
+    wait_for(Duration::from_secs(5), "two requests in flight", || {
+        (backend_state(&gw, slow.addr)["requests"] == 2).then_some(())
+    })
+    .unwrap();
+    let started = Instant::now();
+    let refused = curl(&["-i", "-H", HOST, &url]);
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(
+        refused
+            .body
+            .to_ascii_lowercase()
+            .contains("x-isthmus-overloaded: true"),
+        "{}",
+        refused.body
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "refused at once"
+    );
+    for h in held {
+        assert_eq!(h.join().unwrap().status, 200);
+    }
+    // Below the limit again, requests flow.
+    assert_eq!(curl(&["-H", HOST, &url]).status, 200);
+    let metrics = gw.admin_get("/metrics").body;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "isthmus_upstream_overloaded_total{namespace=\"shop\",service=\"web\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn only_idempotent_requests_are_retried_after_the_request_went_out() {
+    let good = EchoServer::start("good");
+    let rude = EchoServer::start("rude");
+    rude.set(Behaviour::Close);
+    let (gw, url) = gateway(
+        &[rude.addr, good.addr],
+        r#"[upstream.outlier_detection]
+consecutive_failures = 0
+[upstream.health_check]
+interval = "0s""#,
+    );
+    // Requests alternate between the two endpoints.
+    let gets: Vec<_> = (0..6).map(|_| curl(&["-H", HOST, &url])).collect();
+    let posts: Vec<_> = (0..6)
+        .map(|_| curl(&["-H", HOST, "-d", "order=1", &url]))
+        .collect();
+    assert!(
+        gets.iter().all(|r| r.status == 200),
+        "GETs are retried elsewhere"
+    );
+    let post_codes: Vec<u16> = posts.iter().map(|r| r.status).collect();
+    assert!(
+        post_codes.contains(&502),
+        "a POST that reached the rude endpoint is not replayed: {post_codes:?}"
+    );
+    assert!(post_codes.contains(&200), "{post_codes:?}");
+    let metrics = gw.admin_get("/metrics").body;
+    let retries = metric_value(
+        &metrics,
+        "isthmus_upstream_retries_total{namespace=\"shop\",reason=\"after_send\",service=\"web\"}",
+    )
+    .unwrap_or_default();
+    assert!(retries >= 1.0, "{metrics}");
+}
+
+#[test]
+fn a_silent_upstream_times_out_with_504() {
+    let silent = EchoServer::start("silent");
+    silent.set(Behaviour::Delay(Duration::from_secs(5)));
+    let (_gw, url) = gateway(
+        &[silent.addr],
+        r#"request_timeout = "300ms"
+max_attempts = 1"#,
+    );
+    let started = Instant::now();
+    let r = curl(&["-H", HOST, &url]);
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+/// A serves shop/web through two peer gateways, B1 and B2. Killing B1: requests
+/// fail over to B2 without a client seeing an error, and active health checks
+/// mark B1 down within a few seconds.
+#[test]
+fn a_dead_peer_gateway_stops_getting_requests() {
+    let upstream = EchoServer::start("web");
+    let pki = DevPki::new();
+    let ca_a = pki.ca("ca-a", "a.example");
+    let ca_b = pki.ca("ca-b", "b.example");
+    let tls_a = pki.issue(&ca_a, "spiffe://a.example/isthmus/gateway/gw-a", "tls-a");
+    let (admin_a, outbound_a) = (free_addr(), free_addr());
+    let mut peers = String::new();
+    let mut bs = Vec::new();
+    for name in ["gw-b1", "gw-b2"] {
+        let tls = pki.issue(
+            &ca_b,
+            &format!("spiffe://b.example/isthmus/gateway/{name}"),
+            name,
+        );
+        let (admin, east_west) = (free_addr(), free_addr());
+        let config = gateway_config(
+            name,
+            "b.example",
+            admin,
+            &tls,
+            &ca_b.join("bundle.pem"),
+            &format!(
+                r#"[[trust.federated]]
+trust_domain = "a.example"
+bundle = "{a_bundle}"
+[listeners]
+east_west = "{east_west}"
+[[services]]
+namespace = "shop"
+name = "web"
+ports = [{{ port = 80 }}]
+endpoints = ["{upstream}"]
+export = true
+"#,
+                upstream = upstream.addr,
+                a_bundle = ca_a.join("bundle.pem").display()
+            ),
+        );
+        let mut gw = Gateway::start(&config, admin, &[]).unwrap();
+        gw.wait_ready(START).unwrap();
+        peers.push_str(&format!(
+            r#"[[peers]]
+cluster = "{name}-cluster"
+spiffe_id = "spiffe://b.example/isthmus/gateway/{name}"
+address = "{east_west}"
+locality = "test"
+services = ["shop/web"]
+"#
+        ));
+        bs.push((gw, east_west));
+    }
+    let config = gateway_config(
+        "gw-a",
+        "a.example",
+        admin_a,
+        &tls_a,
+        &ca_a.join("bundle.pem"),
+        &format!(
+            r#"[[trust.federated]]
+trust_domain = "b.example"
+bundle = "{b_bundle}"
+[listeners]
+outbound = "{outbound_a}"
+[[services]]
+namespace = "shop"
+name = "web"
+ports = [{{ port = 80 }}]
+[upstream.health_check]
+interval = "500ms"
+{peers}"#,
+            b_bundle = ca_b.join("bundle.pem").display()
+        ),
+    );
+    let mut a = Gateway::start(&config, admin_a, &[]).unwrap();
+    a.wait_ready(START).unwrap();
+    let url = format!("http://{outbound_a}/");
+    for _ in 0..6 {
+        assert_eq!(curl(&["-H", HOST, &url]).status, 200);
+    }
+
+    let (b1, b1_addr) = bs.remove(0);
+    drop(b1); // killed
+    let killed = Instant::now();
+    for i in 0..20 {
+        let r = curl(&["-H", HOST, &url]);
+        assert_eq!(r.status, 200, "request {i} after B1 died: {}", r.body);
+    }
+    let healthy = format!("isthmus_upstream_healthy{{backend=\"{b1_addr}\"}}");
+    wait_for(
+        Duration::from_secs(5),
+        "health checks to mark B1 down",
+        || {
+            let m = a.admin_get("/metrics").body;
+            (metric_value(&m, &healthy) == Some(0.0)).then_some(())
+        },
+    )
+    .unwrap();
+    let detected = killed.elapsed();
+    // From now on B1 gets no attempt at all: every request is a first-try success.
+    let before = a
+        .log()
+        .lines()
+        .filter(|l| l.contains("\"attempts\":2"))
+        .count();
+    for _ in 0..10 {
+        assert_eq!(curl(&["-H", HOST, &url]).status, 200);
+    }
+    let after = a
+        .log()
+        .lines()
+        .filter(|l| l.contains("\"attempts\":2"))
+        .count();
+    assert_eq!(before, after, "no request tried the dead gateway");
+    eprintln!("dead peer gateway marked down {detected:?} after it was killed");
+}
