@@ -230,7 +230,7 @@ interval = "0s""#,
 fn a_silent_upstream_times_out_with_504() {
     let silent = EchoServer::start("silent");
     silent.set(Behaviour::Delay(Duration::from_secs(5)));
-    let (_gw, url) = gateway(
+    let (gw, url) = gateway(
         &[silent.addr],
         r#"request_timeout = "300ms"
 max_attempts = 1"#,
@@ -240,6 +240,9 @@ max_attempts = 1"#,
     let took = started.elapsed();
     assert_eq!(r.status, 504, "{}", r.body);
     assert!(took < Duration::from_secs(2), "{took:?}");
+    let metrics = gw.admin_get("/metrics").body;
+    let timeouts = "isthmus_request_errors_total{listener=\"outbound\",namespace=\"shop\",reason=\"upstream_timeout\",service=\"web\"}";
+    assert_eq!(metric_value(&metrics, timeouts), Some(1.0), "{metrics}");
 }
 
 /// A serves shop/web through two peer gateways, B1 and B2. Killing B1: requests

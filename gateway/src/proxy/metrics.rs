@@ -14,11 +14,13 @@ const LABELS: &[&str] = &[
     "destination_cluster",
 ];
 
-/// `isthmus_requests_total` and `isthmus_request_duration_seconds`.
+/// `isthmus_requests_total`, `isthmus_request_duration_seconds` and
+/// `isthmus_request_errors_total`.
 #[derive(Clone)]
 pub struct ProxyMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
+    errors: IntCounterVec,
 }
 
 /// The labels of one request.
@@ -54,7 +56,25 @@ impl ProxyMetrics {
         )
         .expect("static metric definition is valid");
         metrics::register(registry, duration.clone());
-        Self { requests, duration }
+        let errors = metrics::counter_vec(
+            registry,
+            "request_errors_total",
+            "HTTP requests that failed in the gateway, by listener, service, namespace and reason \
+             (connect_refused, connect_timeout, tls, upstream_timeout, upstream_closed, overloaded, \
+             no_route, client_closed, client_error, internal).",
+            &["listener", "service", "namespace", "reason"],
+        );
+        Self {
+            requests,
+            duration,
+            errors,
+        }
+    }
+
+    pub(crate) fn error(&self, labels: &RequestLabels<'_>, reason: &str) {
+        self.errors
+            .with_label_values(&[labels.listener, labels.service, labels.namespace, reason])
+            .inc();
     }
 
     pub(crate) fn record(&self, labels: &RequestLabels<'_>, code: u16, seconds: f64) {

@@ -415,17 +415,17 @@ impl Common {
             None => "",
         };
         let elapsed = ctx.started.elapsed();
-        self.metrics.record(
-            &RequestLabels {
-                listener,
-                service,
-                namespace,
-                source_cluster,
-                destination_cluster: destination,
-            },
-            status,
-            elapsed.as_secs_f64(),
-        );
+        let labels = RequestLabels {
+            listener,
+            service,
+            namespace,
+            source_cluster,
+            destination_cluster: destination,
+        };
+        self.metrics.record(&labels, status, elapsed.as_secs_f64());
+        if let Some(e) = e {
+            self.metrics.error(&labels, error_reason(e));
+        }
         let req = session.req_header();
         info!(
             target: "isthmus::access",
@@ -447,6 +447,23 @@ impl Common {
             error = e.map(|e| e.to_string()),
             "request"
         );
+    }
+}
+
+/// The `reason` label of `isthmus_request_errors_total` for `e`.
+fn error_reason(e: &Error) -> &'static str {
+    use ErrorType::*;
+    match (e.etype(), e.esource()) {
+        (t, _) if *t == OVERLOADED => "overloaded",
+        (ConnectNoRoute, _) => "no_route",
+        (ConnectRefused, _) => "connect_refused",
+        (ConnectTimedout, _) => "connect_timeout",
+        (TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | HandshakeError, _) => "tls",
+        (ReadTimedout | WriteTimedout, ErrorSource::Upstream) => "upstream_timeout",
+        (_, ErrorSource::Upstream) => "upstream_closed",
+        (ReadError | WriteError | ConnectionClosed, ErrorSource::Downstream) => "client_closed",
+        (_, ErrorSource::Downstream) => "client_error",
+        _ => "internal",
     }
 }
 

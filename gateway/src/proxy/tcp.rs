@@ -222,8 +222,7 @@ pub(crate) async fn splice<C, U>(
             Err(e) => debug!(service = %key, error = %e, "L4 connection ended"),
         },
         () = watchdog => {
-            debug!(service = %key, ?idle_timeout, "L4 connection idle; closed");
-            metrics.connection(listener, key, "idle_timeout");
+            debug!(service = %key, listener, ?idle_timeout, "L4 connection idle; closed");
         }
     }
 }
