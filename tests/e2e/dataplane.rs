@@ -517,34 +517,7 @@ fn websocket_upgrades_cross_two_gateways() {
 
 /// One gateway with an outbound listener in front of `endpoints` of shop/web.
 fn single_gateway(endpoints: &[std::net::SocketAddr]) -> (Gateway, std::net::SocketAddr) {
-    let (admin, outbound) = (free_addr(), free_addr());
-    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-    let config = format!(
-        r#"[gateway]
-name = "gw-solo"
-cluster = "solo"
-trust_domain = "solo.example"
-[gateway.locality]
-region = "test"
-[admin]
-listen = "{admin}"
-[log]
-format = "json"
-[runtime]
-threads = 2
-[listeners]
-outbound = "{outbound}"
-[[services]]
-namespace = "shop"
-name = "web"
-ports = [{{ port = 80 }}]
-endpoints = [{endpoints}]
-"#,
-        endpoints = endpoints.join(", ")
-    );
-    let mut gw = Gateway::start(&config, admin, &[]).unwrap();
-    gw.wait_ready(START).unwrap();
-    (gw, outbound)
+    isthmus_tests::solo_gateway(endpoints, "").unwrap()
 }
 
 #[test]

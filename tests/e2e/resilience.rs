@@ -8,44 +8,16 @@ use std::time::{Duration, Instant};
 
 use isthmus_tests::{
     Behaviour, DevPki, EchoServer, Gateway, HttpResponse, curl, free_addr, gateway_config,
-    metric_value, wait_for,
+    metric_value, solo_gateway, wait_for,
 };
 
 const START: Duration = Duration::from_secs(20);
 const HOST: &str = "Host: web.shop.svc.clusterset.local";
 
 /// One gateway whose outbound listener serves shop/web from `endpoints`,
-/// with `upstream` added to its `[upstream]` section.
+/// with `upstream` as its `[upstream]` section; returns it and its URL.
 fn gateway(endpoints: &[SocketAddr], upstream: &str) -> (Gateway, String) {
-    let (admin, outbound) = (free_addr(), free_addr());
-    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-    let config = format!(
-        r#"[gateway]
-name = "gw-solo"
-cluster = "solo"
-trust_domain = "solo.example"
-[gateway.locality]
-region = "test"
-[admin]
-listen = "{admin}"
-[log]
-format = "json"
-[runtime]
-threads = 2
-[listeners]
-outbound = "{outbound}"
-[[services]]
-namespace = "shop"
-name = "web"
-ports = [{{ port = 80 }}]
-endpoints = [{endpoints}]
-[upstream]
-{upstream}
-"#,
-        endpoints = endpoints.join(", ")
-    );
-    let mut gw = Gateway::start(&config, admin, &[]).unwrap();
-    gw.wait_ready(START).unwrap();
+    let (gw, outbound) = solo_gateway(endpoints, &format!("[upstream]\n{upstream}")).unwrap();
     (gw, format!("http://{outbound}/"))
 }
 

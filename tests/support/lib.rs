@@ -395,6 +395,41 @@ threads = 1
     )
 }
 
+/// Starts a gateway without identity whose outbound listener serves shop/web
+/// (port 80) from `endpoints`; `extra` is appended to its configuration.
+/// Returns it ready, with its outbound address.
+pub fn solo_gateway(endpoints: &[SocketAddr], extra: &str) -> Result<(Gateway, SocketAddr)> {
+    let (admin, outbound) = (free_addr(), free_addr());
+    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    let config = format!(
+        r#"[gateway]
+name = "gw-solo"
+cluster = "solo"
+trust_domain = "solo.example"
+[gateway.locality]
+region = "test"
+[admin]
+listen = "{admin}"
+[log]
+format = "json"
+[runtime]
+threads = 2
+[listeners]
+outbound = "{outbound}"
+[[services]]
+namespace = "shop"
+name = "web"
+ports = [{{ port = 80 }}]
+endpoints = [{endpoints}]
+{extra}
+"#,
+        endpoints = endpoints.join(", ")
+    );
+    let mut gw = Gateway::start(&config, admin, &[])?;
+    gw.wait_ready(Duration::from_secs(20))?;
+    Ok((gw, outbound))
+}
+
 /// A running `isthmus run` process with its own directory, config and log.
 pub struct Gateway {
     child: Option<Child>,

@@ -203,6 +203,8 @@ impl ProxyHttp for EastWestProxy {
         self.common.connect_failed(ctx, e)
     }
 
+    // The upstream phases below delegate to `Common` exactly as the outbound
+    // proxy's do; #[async_trait] cannot see through a macro to share them.
     async fn connected_to_upstream(
         &self,
         _session: &mut Session,
