@@ -245,7 +245,16 @@ fn add_data_plane(
         server.add_service(service);
     }
 
-    // Each tcp port with `listen` gets a listener of its own.
+    // Each tcp port with `listen` gets a listener of its own; they share one
+    // connector to peer gateways (no ALPN: the stream is the service's bytes).
+    let l4_connector = trust.map(|t| {
+        SpiffeConnector::new(
+            t.material().clone(),
+            t.handshake_metrics.clone(),
+            EAST_WEST_HANDSHAKE_TIMEOUT,
+            Vec::new(),
+        )
+    });
     for svc in &config.services {
         for port in &svc.ports {
             let Some(addr) = port.listen else { continue };
@@ -253,19 +262,11 @@ fn add_data_plane(
                 namespace: svc.namespace.clone(),
                 name: svc.name.clone(),
             };
-            let connector = trust.map(|t| {
-                SpiffeConnector::new(
-                    t.material().clone(),
-                    t.handshake_metrics.clone(),
-                    EAST_WEST_HANDSHAKE_TIMEOUT,
-                    Vec::new(),
-                )
-            });
             let app = TcpOutboundApp::new(
                 key.clone(),
                 port.port,
                 catalog.clone(),
-                connector,
+                l4_connector.clone(),
                 upstreams.clone(),
                 tcp_metrics.clone(),
             );

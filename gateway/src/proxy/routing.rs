@@ -89,49 +89,49 @@ pub fn pick(
     tried: &[SocketAddr],
     availability: impl Fn(SocketAddr) -> Availability,
 ) -> Result<Target, NoRoute> {
-    let local = entry.endpoints.iter().map(|a| Target::Local(*a));
-    let remote = entry
-        .remote
-        .iter()
-        .filter(|_| !local_only)
-        .map(|g| Target::Remote(g.clone()));
-    let tiers: [Vec<Target>; 2] = [local.collect(), remote.collect()];
-    if tiers.iter().all(Vec::is_empty) {
+    let remote: &[RemoteGateway] = if local_only { &[] } else { &entry.remote };
+    if entry.endpoints.is_empty() && remote.is_empty() {
         return Err(NoRoute::NoEndpoint);
     }
-    let rated: Vec<Vec<(Target, Availability)>> = tiers
-        .into_iter()
-        .map(|tier| {
-            tier.into_iter()
-                .map(|t| {
-                    let a = availability(t.addr());
-                    (t, a)
-                })
-                .collect()
+    // Addresses are rated once; only the chosen target is built (a gateway
+    // carries strings worth not cloning for every candidate of every request).
+    let tiers: [Vec<(SocketAddr, Availability)>; 2] = [
+        entry
+            .endpoints
+            .iter()
+            .map(|a| (*a, availability(*a)))
+            .collect(),
+        remote
+            .iter()
+            .map(|g| (g.address, availability(g.address)))
+            .collect(),
+    ];
+    let choose = |wanted: Availability| -> Option<(usize, usize)> {
+        tiers.iter().enumerate().find_map(|(tier, rated)| {
+            let candidates = || {
+                rated
+                    .iter()
+                    .enumerate()
+                    .filter(move |(_, (_, a))| *a == wanted)
+            };
+            let fresh = || candidates().filter(|(_, (addr, _))| !tried.contains(addr));
+            let turn = spread.wrapping_add(tried.len());
+            let n_fresh = fresh().count();
+            let chosen = if n_fresh > 0 {
+                fresh().nth(turn % n_fresh)
+            } else {
+                let n = candidates().count();
+                candidates().nth(turn % n.max(1))
+            };
+            chosen.map(|(i, _)| (tier, i))
         })
-        .collect();
-    let choose = |wanted: Availability| -> Option<Target> {
-        for tier in &rated {
-            let candidates: Vec<&Target> = tier
-                .iter()
-                .filter(|(_, a)| *a == wanted)
-                .map(|(t, _)| t)
-                .collect();
-            if candidates.is_empty() {
-                continue;
-            }
-            let fresh: Vec<&Target> = candidates
-                .iter()
-                .copied()
-                .filter(|t| !tried.contains(&t.addr()))
-                .collect();
-            let pool = if fresh.is_empty() { candidates } else { fresh };
-            return Some(pool[spread.wrapping_add(tried.len()) % pool.len()].clone());
-        }
-        None
     };
     choose(Availability::Up)
         .or_else(|| choose(Availability::Down))
+        .map(|(tier, i)| match tier {
+            0 => Target::Local(entry.endpoints[i]),
+            _ => Target::Remote(remote[i].clone()),
+        })
         .ok_or(NoRoute::Overloaded)
 }
 
