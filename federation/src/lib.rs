@@ -11,9 +11,10 @@ pub mod catalog;
 pub mod identity;
 pub mod locality;
 pub mod names;
+pub mod peering;
 pub mod trust;
 
 pub use catalog::{Catalog, ServiceKey};
 pub use identity::{SpiffeId, SpiffeIdError, TrustDomain, TrustDomainError};
 pub use locality::{Locality, LocalityError};
-pub use names::{ClusterName, GatewayName, NameError, Namespace, ServiceName};
+pub use names::{ClusterName, GatewayName, Hostname, NameError, Namespace, PortName, ServiceName};

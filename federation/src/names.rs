@@ -111,6 +111,16 @@ label_newtype!(
     /// A service name within its namespace.
     ServiceName
 );
+label_newtype!(
+    /// The name of a service port (Kubernetes `ports[].name`), used in SRV names
+    /// `_<port>._<proto>.<svc>.<ns>.svc.clusterset.local`.
+    PortName
+);
+label_newtype!(
+    /// The hostname of one endpoint of a headless service, used in its own DNS
+    /// name `<hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local`.
+    Hostname
+);
 
 #[cfg(test)]
 mod tests {

@@ -39,6 +39,10 @@ pub enum Route {
     DebugTrust,
     /// `/debug/upstreams`
     DebugUpstreams,
+    /// `/debug/catalog`
+    DebugCatalog,
+    /// `/debug/peers`
+    DebugPeers,
     /// A known path with a method other than GET or HEAD.
     MethodNotAllowed,
     /// Anything else.
@@ -55,6 +59,8 @@ impl Route {
             Route::DebugConfig => "/debug/config",
             Route::DebugTrust => "/debug/trust",
             Route::DebugUpstreams => "/debug/upstreams",
+            Route::DebugCatalog => "/debug/catalog",
+            Route::DebugPeers => "/debug/peers",
             Route::MethodNotAllowed => "method_not_allowed",
             Route::NotFound => "not_found",
         }
@@ -70,6 +76,8 @@ pub fn route(method: &Method, path: &str) -> Route {
         "/debug/config" => Route::DebugConfig,
         "/debug/trust" => Route::DebugTrust,
         "/debug/upstreams" => Route::DebugUpstreams,
+        "/debug/catalog" => Route::DebugCatalog,
+        "/debug/peers" => Route::DebugPeers,
         _ => return Route::NotFound,
     };
     if method == Method::GET || method == Method::HEAD {
@@ -93,6 +101,8 @@ pub struct AdminState {
     pub trust: Option<Arc<crate::trust::Trust>>,
     /// Backends and their protection state.
     pub upstreams: Arc<crate::upstream::Upstreams>,
+    /// The federation hub: the catalog and the peers.
+    pub hub: Arc<isthmus_federation::peering::Hub>,
 }
 
 /// The admin HTTP application.
@@ -142,6 +152,12 @@ impl AdminApp {
                 JSON,
                 to_json(&self.state.upstreams.snapshot()),
             ),
+            Route::DebugCatalog => (
+                StatusCode::OK,
+                JSON,
+                to_json(&self.state.hub.debug_catalog()),
+            ),
+            Route::DebugPeers => (StatusCode::OK, JSON, to_json(&self.state.hub.debug_peers())),
             Route::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 JSON,
@@ -152,7 +168,7 @@ impl AdminApp {
                 JSON,
                 to_json(&serde_json::json!({
                     "error": "not found",
-                    "paths": ["/metrics", "/healthz", "/readyz", "/debug/config", "/debug/trust", "/debug/upstreams"],
+                    "paths": ["/metrics", "/healthz", "/readyz", "/debug/config", "/debug/trust", "/debug/upstreams", "/debug/catalog", "/debug/peers"],
                 })),
             ),
         }

@@ -18,6 +18,7 @@ pub mod bundle_endpoint;
 pub mod cli;
 pub mod config;
 pub mod devpki;
+pub mod federation;
 pub mod health;
 pub mod lifecycle;
 pub mod logging;

@@ -48,7 +48,7 @@ pub struct Reloader {
     config: Arc<ArcSwap<Config>>,
     log: Option<LogHandle>,
     trust: Option<Arc<crate::trust::Trust>>,
-    catalog: Arc<ArcSwap<isthmus_federation::Catalog>>,
+    federation: crate::federation::Reconfigure,
     upstreams: Arc<crate::upstream::Upstreams>,
     reloads: IntCounterVec,
     last_success: IntGauge,
@@ -61,7 +61,7 @@ impl Reloader {
         config: Arc<ArcSwap<Config>>,
         log: Option<LogHandle>,
         trust: Option<Arc<crate::trust::Trust>>,
-        catalog: Arc<ArcSwap<isthmus_federation::Catalog>>,
+        federation: crate::federation::Reconfigure,
         upstreams: Arc<crate::upstream::Upstreams>,
         registry: &Registry,
     ) -> Self {
@@ -82,7 +82,7 @@ impl Reloader {
             config,
             log,
             trust,
-            catalog,
+            federation,
             upstreams,
             reloads,
             last_success,
@@ -140,13 +140,35 @@ impl Reloader {
             warn!("listeners changed; they take effect on restart");
             next.listeners = current.listeners.clone();
         }
-        // Services and peers are the static catalog source: they apply at once.
-        if next.services != current.services || next.peers != current.peers {
-            self.catalog.store(Arc::new(next.catalog()));
+        // The federation's listener and identity settings are fixed at start;
+        // its peers, filters, services and static peers apply at once.
+        if next.federation.listen != current.federation.listen
+            || next.federation.advertise != current.federation.advertise
+            || next.federation.lease != current.federation.lease
+            || next.federation.grace != current.federation.grace
+            || next.federation.accept_peer_bundles != current.federation.accept_peer_bundles
+        {
+            warn!(
+                "federation listen, advertise, lease, grace or accept_peer_bundles changed; they take effect on restart"
+            );
+            let (peers, export) = (
+                next.federation.peers.clone(),
+                next.federation.export.clone(),
+            );
+            next.federation = current.federation.clone();
+            next.federation.peers = peers;
+            next.federation.export = export;
+        }
+        if next.services != current.services
+            || next.peers != current.peers
+            || next.federation != current.federation
+        {
+            self.federation.apply(&next);
             info!(
                 services = next.services.len(),
                 peers = next.peers.len(),
-                "service catalog updated"
+                federation_peers = next.federation.peers.len(),
+                "services and peers updated"
             );
         }
         if next.upstream != current.upstream {

@@ -106,7 +106,14 @@ pub fn run(config_path: &Path) -> ExitCode {
 
     let mut server = Server::new_with_opt_and_conf(None, pingora_conf(threads));
     server.bootstrap();
-    let catalog = Arc::new(ArcSwap::from_pointee(config.load().catalog()));
+    let hub = match crate::federation::hub(&config.load(), trust.as_deref(), &registry) {
+        Ok(hub) => hub,
+        Err(e) => {
+            error!(error = %e, "cannot register the federation metrics");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let catalog = hub.catalog().clone();
     let upstreams = Arc::new(Upstreams::new(config.load().upstream.clone(), &registry));
     if let Err(e) = add_data_plane(
         &mut server,
@@ -128,6 +135,7 @@ pub fn run(config_path: &Path) -> ExitCode {
         drain: drain.clone(),
         trust: trust.clone(),
         upstreams: upstreams.clone(),
+        hub: hub.clone(),
     }));
     let mut admin_service = Service::new("admin".to_owned(), admin);
     admin_service.add_tcp(&admin_addr.to_string());
@@ -153,6 +161,24 @@ pub fn run(config_path: &Path) -> ExitCode {
             },
         ));
     }
+    let federation = &config.load().federation;
+    if federation.enabled() {
+        readiness.set("federation", false, "starting");
+    }
+    let (peer_targets, targets) =
+        tokio::sync::watch::channel(crate::federation::targets(&config.load()));
+    server.add_service(background_service(
+        "federation",
+        crate::federation::FederationService {
+            hub: hub.clone(),
+            trust: trust.clone(),
+            listen: federation.listen,
+            targets,
+            connect_timeout: config.load().upstream.connect_timeout,
+            readiness: readiness.clone(),
+            enabled: federation.enabled(),
+        },
+    ));
     server.add_service(background_service(
         "startup",
         Startup {
@@ -166,7 +192,10 @@ pub fn run(config_path: &Path) -> ExitCode {
         config.clone(),
         Some(log),
         trust,
-        catalog,
+        crate::federation::Reconfigure {
+            hub,
+            targets: peer_targets,
+        },
         upstreams,
         &registry,
     );
@@ -402,6 +431,17 @@ fn listeners(config: &Config, trust: Option<&Trust>) -> Result<Vec<Probe>, rustl
                 });
             }
         }
+    }
+    if let Some(addr) = config.federation.listen.filter(|_| trust.is_some()) {
+        // Bound by the federation service; a TLS probe would be a peering
+        // session, so readiness follows the peers' syncs instead.
+        probes.push(Probe {
+            name: "federation.listen".into(),
+            addr,
+            tls: None,
+            http_path: None,
+            connect: false,
+        });
     }
     if let Some(addr) = config.listeners.outbound {
         probes.push(Probe {

@@ -22,6 +22,8 @@ pub enum BundleSource {
     File(String),
     /// A SPIFFE bundle endpoint.
     Endpoint(String),
+    /// A peer gateway of that trust domain, over the peering protocol.
+    Peer(String),
 }
 
 /// One trust domain's bundle and what verification needs from it.

@@ -14,6 +14,7 @@
 //! `/debug/config` as it is.
 
 mod error;
+pub mod federation;
 pub mod model;
 pub mod raw;
 pub mod upstream;

@@ -12,7 +12,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use isthmus_federation::catalog::{
-    Catalog, Protocol, RemoteGateway, ServiceEntry, ServiceKey, ServicePort,
+    Export, HeadlessEndpoint, LocalService, PeerCatalog, Protocol, RemoteGateway, ServiceKey,
+    ServicePort,
 };
 use isthmus_federation::trust::PeerPolicy;
 use isthmus_federation::{
@@ -21,6 +22,7 @@ use isthmus_federation::{
 use serde::Serialize;
 
 use super::error::{ConfigError, ConfigErrors};
+pub use super::federation::{FederationConfig, FederationPeer};
 use super::raw::{
     RawAdmin, RawBundleEndpoint, RawConfig, RawFederated, RawGateway, RawIdentity, RawListeners,
     RawLocality, RawLog, RawPeer, RawRuntime, RawService, RawShutdown, RawTrust,
@@ -74,6 +76,8 @@ pub struct Config {
     pub peers: Vec<PeerConfig>,
     /// Timeouts, retries and backend protection.
     pub upstream: UpstreamConfig,
+    /// `[federation]`
+    pub federation: FederationConfig,
 }
 
 /// `[listeners]`: each is off unless given an address.
@@ -109,6 +113,30 @@ pub struct ServiceConfig {
     pub allow_trust_domains: Vec<TrustDomain>,
     /// East-west mode.
     pub mode: EastWestMode,
+    /// Headless: DNS answers with the endpoints, not a clusterset IP.
+    pub headless: bool,
+}
+
+impl ServiceConfig {
+    /// Its `namespace/name`.
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+
+    /// Its ports as the catalog has them.
+    pub fn service_ports(&self) -> Vec<ServicePort> {
+        self.ports
+            .iter()
+            .map(|p| ServicePort {
+                port: p.port,
+                protocol: p.protocol,
+                name: p.name.clone(),
+            })
+            .collect()
+    }
 }
 
 /// How the east-west listener handles a service's connections.
@@ -144,6 +172,9 @@ pub struct PortConfig {
     /// For `tcp` ports: where local workloads connect to reach the service.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
+    /// Its name, for DNS SRV records.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<isthmus_federation::PortName>,
 }
 
 /// `[[peers]]`
@@ -321,7 +352,7 @@ pub struct ShutdownConfig {
 
 /// Collects problems while fields are checked one by one.
 #[derive(Default)]
-pub(super) struct Check {
+pub(crate) struct Check {
     pub(super) errors: Vec<ConfigError>,
 }
 
@@ -360,7 +391,7 @@ impl Check {
     }
 }
 
-fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+pub(super) fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|_| {
         format!("{s:?} is not an address such as \"127.0.0.1:15000\" or \"[::]:15000\"")
     })
@@ -411,11 +442,27 @@ impl Config {
             own_td,
             trust.as_ref(),
         );
+        let federation = super::federation::federation(
+            &mut check,
+            &raw.federation,
+            listeners.as_ref(),
+            raw.identity.is_some(),
+            own_td,
+            trust.as_ref(),
+        );
         if let (Some(admin), Some(trust), Some(listeners)) = (&admin, &trust, &listeners) {
-            distinct_listeners(&mut check, admin, trust, listeners, &services);
+            let federation_listen = federation.as_ref().and_then(|f| f.listen);
+            distinct_listeners(
+                &mut check,
+                admin,
+                trust,
+                listeners,
+                federation_listen,
+                &services,
+            );
         }
         match (
-            gateway, admin, log, runtime, shutdown, trust, listeners, upstream,
+            gateway, admin, log, runtime, shutdown, trust, listeners, upstream, federation,
         ) {
             (
                 Some(gateway),
@@ -426,6 +473,7 @@ impl Config {
                 Some(trust),
                 Some(listeners),
                 Some(upstream),
+                Some(federation),
             ) if check.errors.is_empty() => Ok(Self {
                 gateway,
                 admin,
@@ -438,6 +486,7 @@ impl Config {
                 services,
                 peers,
                 upstream,
+                federation,
             }),
             _ => Err(ConfigErrors(check.errors)),
         }
@@ -448,48 +497,84 @@ impl Config {
         SpiffeId::gateway(&self.gateway.trust_domain, &self.gateway.name)
     }
 
-    /// The static service catalog: local endpoints from `[[services]]`, remote
-    /// gateways from `[[peers]]`.
-    pub fn catalog(&self) -> Catalog {
-        Catalog::new(self.services.iter().map(|svc| {
-            let key = ServiceKey {
-                namespace: svc.namespace.clone(),
-                name: svc.name.clone(),
-            };
-            let remote = self
-                .peers
-                .iter()
-                .filter(|p| p.services.contains(&key))
-                .map(|p| RemoteGateway {
-                    cluster: p.cluster.clone(),
-                    spiffe_id: p.spiffe_id.clone(),
-                    address: p.address,
-                    locality: p.locality.clone(),
-                })
-                .collect();
-            ServiceEntry {
-                key,
-                ports: svc
-                    .ports
-                    .iter()
-                    .map(|p| ServicePort {
-                        port: p.port,
-                        protocol: p.protocol,
-                    })
-                    .collect(),
-                endpoints: svc.endpoints.clone(),
-                remote,
-                exported: svc.export,
-                allowed_callers: (!svc.allow_ids.is_empty() || !svc.allow_trust_domains.is_empty())
+    /// The services of `[[services]]`: the `config` discovery source.
+    pub fn local_services(&self) -> Vec<LocalService> {
+        self.services
+            .iter()
+            .map(|svc| {
+                let key = svc.key();
+                let headless_endpoints = if svc.headless {
+                    svc.endpoints
+                        .iter()
+                        .map(|a| HeadlessEndpoint {
+                            cluster: self.gateway.cluster.clone(),
+                            hostname: None,
+                            address: a.ip(),
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                LocalService {
+                    export: Export {
+                        key,
+                        ports: svc.service_ports(),
+                        // The hub stamps the time it first sees the export.
+                        export_time_millis: 0,
+                        headless: svc.headless,
+                        endpoints: headless_endpoints,
+                    },
+                    endpoints: svc.endpoints.clone(),
+                    exported: svc.export,
+                    allowed_callers: (!svc.allow_ids.is_empty()
+                        || !svc.allow_trust_domains.is_empty())
                     .then(|| {
                         PeerPolicy::new(
                             svc.allow_ids.iter().cloned(),
                             svc.allow_trust_domains.iter().cloned(),
                         )
                     }),
-                passthrough: svc.mode == EastWestMode::Passthrough,
-            }
-        }))
+                    passthrough: svc.mode == EastWestMode::Passthrough,
+                }
+            })
+            .collect()
+    }
+
+    /// The gateways of `[[peers]]`, which serve the listed services without
+    /// peering; each service's ports come from its `[[services]]` entry.
+    pub fn static_peers(&self) -> Vec<PeerCatalog> {
+        self.peers
+            .iter()
+            .map(|p| PeerCatalog {
+                gateway: RemoteGateway {
+                    cluster: p.cluster.clone(),
+                    spiffe_id: p.spiffe_id.clone(),
+                    address: p.address,
+                    locality: p.locality.clone(),
+                },
+                services: p
+                    .services
+                    .iter()
+                    .map(|key| {
+                        let ports = self
+                            .services
+                            .iter()
+                            .find(|s| &s.key() == key)
+                            .map(ServiceConfig::service_ports)
+                            .unwrap_or_default();
+                        let export = Export {
+                            key: key.clone(),
+                            ports,
+                            // Oldest possible: configured by the operator.
+                            export_time_millis: 0,
+                            headless: false,
+                            endpoints: Vec::new(),
+                        };
+                        (key.clone(), export)
+                    })
+                    .collect(),
+            })
+            .collect()
     }
 
     /// Makes every relative file path absolute, relative to `base` (the
@@ -917,6 +1002,7 @@ fn distinct_listeners(
     admin: &AdminConfig,
     trust: &TrustConfig,
     listeners: &ListenersConfig,
+    federation_listen: Option<SocketAddr>,
     services: &[ServiceConfig],
 ) {
     let mut others: Vec<(String, Option<SocketAddr>)> = vec![
@@ -926,6 +1012,7 @@ fn distinct_listeners(
         ),
         ("listeners.outbound".into(), listeners.outbound),
         ("listeners.east_west".into(), listeners.east_west),
+        ("federation.listen".into(), federation_listen),
     ];
     for (i, svc) in services.iter().enumerate() {
         for (j, port) in svc.ports.iter().enumerate() {
@@ -992,6 +1079,12 @@ fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConfig> {
                     "applies to tcp ports only; HTTP and gRPC use listeners.outbound",
                 ));
             }
+            let name = p.name.as_deref().and_then(|n| {
+                check.parsed(
+                    &at(&format!("ports[{j}].name")),
+                    n.parse::<isthmus_federation::PortName>(),
+                )
+            });
             if let (Some(port), Some(protocol)) = (port, protocol) {
                 if ports.iter().any(|q| q.port == port) {
                     check.errors.push(ConfigError::new(
@@ -1003,6 +1096,7 @@ fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConfig> {
                     port,
                     protocol,
                     listen,
+                    name,
                 });
             }
         }
@@ -1063,6 +1157,7 @@ fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConfig> {
             allow_ids,
             allow_trust_domains,
             mode,
+            headless: svc.headless.unwrap_or(false),
         });
     }
     out

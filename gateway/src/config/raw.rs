@@ -41,6 +41,41 @@ pub struct RawConfig {
     /// `[upstream]`: timeouts, retries and backend protection.
     #[serde(default)]
     pub upstream: RawUpstream,
+    /// `[federation]`: peering with other gateways.
+    #[serde(default)]
+    pub federation: RawFederation,
+}
+
+/// `[federation]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFederation {
+    /// `federation.listen`
+    pub listen: Option<String>,
+    /// `federation.advertise`
+    pub advertise: Option<String>,
+    /// `federation.lease`
+    pub lease: Option<String>,
+    /// `federation.grace`
+    pub grace: Option<String>,
+    /// `federation.accept_peer_bundles`
+    pub accept_peer_bundles: Option<bool>,
+    /// `federation.export`
+    pub export: Option<Vec<String>>,
+    /// `[[federation.peers]]`
+    pub peers: Option<Vec<RawFederationPeer>>,
+}
+
+/// `[[federation.peers]]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFederationPeer {
+    /// `federation.peers[].address`
+    pub address: Option<String>,
+    /// `federation.peers[].spiffe_id`
+    pub spiffe_id: Option<String>,
+    /// `federation.peers[].export`
+    pub export: Option<Vec<String>>,
 }
 
 /// `[upstream]`
@@ -140,6 +175,8 @@ pub struct RawService {
     pub allow_trust_domains: Option<Vec<String>>,
     /// `services[].mode`
     pub mode: Option<String>,
+    /// `services[].headless`
+    pub headless: Option<bool>,
 }
 
 /// `services[].ports[]`
@@ -152,6 +189,8 @@ pub struct RawPort {
     pub protocol: Option<String>,
     /// `services[].ports[].listen`
     pub listen: Option<String>,
+    /// `services[].ports[].name`
+    pub name: Option<String>,
 }
 
 /// `[[peers]]`

@@ -668,7 +668,12 @@ services = ["shop/cart", "shop/web"]
 fn data_plane_sections_build_the_static_catalog() {
     let c = parse_with_env(WITH_DATA_PLANE, "t", NO_ENV).expect("valid");
     assert_eq!(c.listeners.outbound.unwrap().port(), 15001);
-    let catalog = c.catalog();
+    let peers = c.static_peers();
+    let catalog = isthmus_federation::catalog::merge(
+        &c.gateway.cluster,
+        &c.local_services(),
+        &peers.iter().collect::<Vec<_>>(),
+    );
     let web = catalog.get(&"shop/web".parse().unwrap()).unwrap();
     assert_eq!(web.endpoints.len(), 2);
     assert_eq!(
@@ -823,4 +828,96 @@ fn each_data_plane_rule_has_a_failing_case() {
             "",
         );
     assert!(errors_of(&no_identity).mentions("listeners.east_west"));
+}
+
+const WITH_FEDERATION: &str = concat!(
+    minimal!(),
+    r#"[identity]
+cert = "svid.crt"
+key = "svid.key"
+bundle = "bundle.pem"
+[[trust.federated]]
+trust_domain = "west.example.org"
+bundle = "west.pem"
+[listeners]
+east_west = "127.0.0.1:15443"
+[federation]
+listen = "127.0.0.1:15012"
+lease = "5s"
+grace = "1m"
+export = ["shop/*"]
+[[federation.peers]]
+address = "127.0.0.1:25012"
+spiffe_id = "spiffe://west.example.org/isthmus/gateway/gw-w"
+export = ["shop/web", "*/api"]
+"#
+);
+
+#[test]
+fn federation_section_parses_with_defaults_and_round_trips() {
+    let c = parse_with_env(WITH_FEDERATION, "t", NO_ENV).expect("valid");
+    let f = &c.federation;
+    assert!(f.enabled());
+    assert_eq!(
+        f.advertise,
+        Some("127.0.0.1:15443".parse().unwrap()),
+        "east_west by default"
+    );
+    assert_eq!(f.lease, Duration::from_secs(5));
+    assert_eq!(f.grace, Duration::from_secs(60));
+    assert!(f.accept_peer_bundles);
+    assert_eq!(f.peers[0].export.as_deref().unwrap().len(), 2);
+    let again = parse_with_env(&toml::to_string(&c).unwrap(), "printed", NO_ENV).unwrap();
+    assert_eq!(c, again);
+    let off = parse_with_env(MINIMAL, "t", NO_ENV).unwrap();
+    assert!(!off.federation.enabled());
+}
+
+#[test]
+fn federation_mistakes_are_named() {
+    for (from, to, path) in [
+        ("lease = \"5s\"", "lease = \"1ms\"", "federation.lease"),
+        ("lease = \"5s\"", "lease = \"1h\"", "federation.lease"),
+        ("grace = \"1m\"", "grace = \"forever\"", "federation.grace"),
+        (
+            "export = [\"shop/*\"]",
+            "export = [\"shop\"]",
+            "federation.export[0]",
+        ),
+        ("\"*/api\"]", "\"*/API\"]", "federation.peers[0].export[1]"),
+        (
+            "address = \"127.0.0.1:25012\"",
+            "address = \"nowhere\"",
+            "federation.peers[0].address",
+        ),
+        (
+            "gateway/gw-w\"\nexport",
+            "gateway/gw-w\"\n[[federation.peers]]\naddress = \"127.0.0.1:1\"\nspiffe_id = \"spiffe://west.example.org/isthmus/gateway/gw-w\"\nexport",
+            "federation.peers[1].spiffe_id",
+        ),
+        (
+            "spiffe://west.example.org/isthmus/gateway/gw-w",
+            "spiffe://north.example.org/isthmus/gateway/gw-n",
+            "federation.peers[0].spiffe_id",
+        ),
+        (
+            "east_west = \"127.0.0.1:15443\"",
+            "east_west = \"0.0.0.0:15443\"",
+            "federation.advertise",
+        ),
+        (
+            "listen = \"127.0.0.1:15012\"",
+            "listen = \"127.0.0.1:15443\"",
+            "federation.listen",
+        ),
+    ] {
+        assert!(WITH_FEDERATION.contains(from), "{from}");
+        let errors = errors_of(&WITH_FEDERATION.replacen(from, to, 1));
+        assert!(
+            errors.mentions(path),
+            "expected {path} for {to:?}, got:\n{errors}"
+        );
+    }
+    let no_identity = format!("{}[federation]\nlisten = \"127.0.0.1:15012\"\n", MINIMAL);
+    assert!(errors_of(&no_identity).mentions("federation.listen"));
 }

@@ -294,7 +294,7 @@ impl EastWestApp {
     }
 
     /// The exported service port `sni` names, with its entry.
-    fn sni_target(&self, sni: Option<&str>) -> Option<(ServiceEntry, u16)> {
+    fn sni_target(&self, sni: Option<&str>) -> Option<(Arc<ServiceEntry>, u16)> {
         let target = parse_east_west_sni(sni?)?;
         let catalog = self.catalog.load();
         let entry = catalog.get(&target.key)?;

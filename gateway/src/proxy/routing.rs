@@ -55,7 +55,7 @@ impl NoRoute {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routed {
     /// The catalog entry.
-    pub entry: ServiceEntry,
+    pub entry: std::sync::Arc<ServiceEntry>,
     /// The port addressed.
     pub port: u16,
     /// Its protocol.
@@ -157,10 +157,12 @@ mod tests {
                 ServicePort {
                     port: 80,
                     protocol: Protocol::Http,
+                    name: None,
                 },
                 ServicePort {
                     port: 9090,
                     protocol: Protocol::Grpc,
+                    name: None,
                 },
             ],
             endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
@@ -177,6 +179,8 @@ mod tests {
             exported: true,
             allowed_callers: None,
             passthrough: false,
+            headless: false,
+            headless_endpoints: vec![],
         }
     }
 

@@ -4,18 +4,23 @@
 //! A service is `(namespace, name)`; the same name in the same namespace in
 //! every cluster is the same service (MCS namespace sameness). Each entry holds
 //! the ports, the endpoints in this cluster, and the peer gateways that serve it
-//! in other clusters. Until federation (issue 5) feeds it, the catalog is built
-//! from static configuration; consumers only see [`Catalog`].
+//! in other clusters. [`merge`] builds it from this cluster's discovery sources
+//! and what each peer exports, by the MCS rules; consumers only see [`Catalog`].
+
+mod merge;
+
+pub use merge::{Conflict, Export, LocalService, PeerCatalog, export_set, merge};
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::names::NameError;
-use crate::{ClusterName, Locality, Namespace, ServiceName, SpiffeId};
+use crate::{ClusterName, Hostname, Locality, Namespace, PortName, ServiceName, SpiffeId};
 
 /// The zone of multi-cluster service names (MCS DNS spec).
 pub const CLUSTERSET_ZONE: &str = "svc.clusterset.local";
@@ -89,6 +94,17 @@ impl FromStr for Protocol {
     }
 }
 
+impl Protocol {
+    /// The name used in configuration and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Grpc => "grpc",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
 /// One port of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServicePort {
@@ -96,6 +112,21 @@ pub struct ServicePort {
     pub port: u16,
     /// Its protocol.
     pub protocol: Protocol,
+    /// Its name, which gives it an SRV record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<PortName>,
+}
+
+/// One endpoint of a headless service, with its own DNS name
+/// `<hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct HeadlessEndpoint {
+    /// The cluster it runs in.
+    pub cluster: ClusterName,
+    /// Its hostname, if it has one.
+    pub hostname: Option<Hostname>,
+    /// Its address.
+    pub address: IpAddr,
 }
 
 /// A peer gateway that serves a service in another cluster.
@@ -130,6 +161,11 @@ pub struct ServiceEntry {
     /// East-west mode: `true` routes peers' TLS by SNI to the endpoints
     /// without terminating it (workloads doing their own mTLS).
     pub passthrough: bool,
+    /// Headless (no clusterset IP): DNS answers with the endpoints themselves.
+    pub headless: bool,
+    /// The endpoints DNS publishes for a headless service, from every cluster.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub headless_endpoints: Vec<HeadlessEndpoint>,
 }
 
 impl ServiceEntry {
@@ -143,28 +179,50 @@ impl ServiceEntry {
     }
 }
 
-/// An immutable catalog snapshot.
+/// An immutable catalog snapshot. Entries are shared, so a request can hold
+/// its service's entry after the catalog moved on.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Catalog {
-    services: BTreeMap<ServiceKey, ServiceEntry>,
+    services: BTreeMap<ServiceKey, Arc<ServiceEntry>>,
+    /// Definitions that disagreed across clusters, and which one won.
+    conflicts: Vec<Conflict>,
 }
 
 impl Catalog {
     /// A catalog of `entries`.
     pub fn new(entries: impl IntoIterator<Item = ServiceEntry>) -> Self {
         Self {
-            services: entries.into_iter().map(|e| (e.key.clone(), e)).collect(),
+            services: entries
+                .into_iter()
+                .map(|e| (e.key.clone(), Arc::new(e)))
+                .collect(),
+            conflicts: Vec::new(),
         }
     }
 
     /// The entry for `key`.
-    pub fn get(&self, key: &ServiceKey) -> Option<&ServiceEntry> {
+    pub fn get(&self, key: &ServiceKey) -> Option<&Arc<ServiceEntry>> {
         self.services.get(key)
     }
 
     /// Every entry.
-    pub fn iter(&self) -> impl Iterator<Item = &ServiceEntry> {
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<ServiceEntry>> {
         self.services.values()
+    }
+
+    /// How many services it holds.
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Whether it holds no service.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    /// The conflicts found while merging.
+    pub fn conflicts(&self) -> &[Conflict] {
+        &self.conflicts
     }
 }
 
@@ -312,12 +370,15 @@ mod tests {
             ports: vec![ServicePort {
                 port: 80,
                 protocol: Protocol::Http,
+                name: None,
             }],
             endpoints: vec![],
             remote: vec![],
             exported: true,
             allowed_callers: None,
             passthrough: false,
+            headless: false,
+            headless_endpoints: vec![],
         };
         assert_eq!(entry.port(None).unwrap().port, 80);
         assert!(entry.port(Some(81)).is_none());

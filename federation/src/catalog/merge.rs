@@ -1,0 +1,385 @@
+//! The MCS merge: this cluster's services and every peer's exports become one
+//! catalog.
+//!
+//! Rules (Kubernetes Multi-Cluster Services, KEP-1645):
+//! - namespace sameness: `(namespace, name)` is one service in every cluster;
+//! - the ports are the union of every cluster's ports;
+//! - where clusters disagree (a port's protocol or name, headless or not) the
+//!   oldest export wins, ties broken by cluster name, and the conflict is
+//!   reported rather than silently resolved;
+//! - each remote gateway entry names its cluster of origin, and only services
+//!   with endpoints in this cluster are exported, so nothing learned from a
+//!   peer is ever passed on (no loops).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::Serialize;
+
+use super::{Catalog, HeadlessEndpoint, RemoteGateway, ServiceEntry, ServiceKey, ServicePort};
+use crate::ClusterName;
+use crate::trust::PeerPolicy;
+
+/// One cluster's definition of a service: what a peer exported, or what a
+/// discovery source found here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Export {
+    /// The service.
+    pub key: ServiceKey,
+    /// Its ports in that cluster.
+    pub ports: Vec<ServicePort>,
+    /// When that cluster first exported it (Unix milliseconds); the oldest
+    /// export wins a conflict.
+    pub export_time_millis: u64,
+    /// Headless: DNS publishes the endpoints instead of a clusterset IP.
+    pub headless: bool,
+    /// The endpoints DNS publishes, for a headless service.
+    pub endpoints: Vec<HeadlessEndpoint>,
+}
+
+/// A service of this cluster, as the discovery sources found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalService {
+    /// Its definition here.
+    pub export: Export,
+    /// Its endpoints here.
+    pub endpoints: Vec<SocketAddr>,
+    /// Exported to peers (MCS ServiceExport).
+    pub exported: bool,
+    /// Who may reach it through the east-west listener.
+    pub allowed_callers: Option<PeerPolicy>,
+    /// East-west TLS passthrough.
+    pub passthrough: bool,
+}
+
+/// What one peer gateway serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCatalog {
+    /// The gateway, and the cluster behind it.
+    pub gateway: RemoteGateway,
+    /// The services it exports.
+    pub services: BTreeMap<ServiceKey, Export>,
+}
+
+/// Clusters that disagree on part of a service's definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Conflict {
+    /// The service.
+    pub service: ServiceKey,
+    /// What they disagree on, e.g. `port 8080 protocol`.
+    pub field: String,
+    /// The value in use, from the oldest export.
+    pub chosen: String,
+    /// The cluster it came from.
+    pub chosen_from: ClusterName,
+    /// The values not used, with their clusters.
+    pub rejected: Vec<(ClusterName, String)>,
+}
+
+/// What this cluster exports: its exported services that have endpoints here.
+/// A service without endpoints here is withdrawn, so peers stop sending it
+/// traffic; services learned from peers are never in `local`.
+pub fn export_set(local: &[LocalService]) -> BTreeMap<ServiceKey, Export> {
+    local
+        .iter()
+        .filter(|s| s.exported && !s.endpoints.is_empty())
+        .map(|s| (s.export.key.clone(), s.export.clone()))
+        .collect()
+}
+
+/// One cluster's view of a service while merging.
+struct Participant<'a> {
+    cluster: &'a ClusterName,
+    export: &'a Export,
+}
+
+/// Merges this cluster's services with the peers' exports into a catalog.
+/// Exports a peer claims for `cluster` itself (a sibling gateway of this
+/// cluster) are left out: those endpoints are local.
+pub fn merge(cluster: &ClusterName, local: &[LocalService], peers: &[&PeerCatalog]) -> Catalog {
+    type Parts<'a> = (Option<&'a LocalService>, Vec<(&'a PeerCatalog, &'a Export)>);
+    let mut by_key: BTreeMap<&ServiceKey, Parts<'_>> = BTreeMap::new();
+    for service in local {
+        by_key.entry(&service.export.key).or_default().0 = Some(service);
+    }
+    for peer in peers {
+        if &peer.gateway.cluster == cluster {
+            continue;
+        }
+        for (key, export) in &peer.services {
+            by_key.entry(key).or_default().1.push((peer, export));
+        }
+    }
+
+    let mut catalog = Catalog::default();
+    for (key, (here, remote)) in by_key {
+        let mut participants: Vec<Participant<'_>> = here
+            .map(|s| Participant {
+                cluster,
+                export: &s.export,
+            })
+            .into_iter()
+            .chain(remote.iter().map(|(p, e)| Participant {
+                cluster: &p.gateway.cluster,
+                export: e,
+            }))
+            .collect();
+        participants.sort_by(|a, b| {
+            (a.export.export_time_millis, a.cluster).cmp(&(b.export.export_time_millis, b.cluster))
+        });
+        let (ports, headless) = merge_definition(key, &participants, &mut catalog.conflicts);
+        let headless_endpoints = if headless {
+            let mut all: Vec<HeadlessEndpoint> = participants
+                .iter()
+                .flat_map(|p| p.export.endpoints.iter().cloned())
+                .collect();
+            all.sort();
+            all.dedup();
+            all
+        } else {
+            Vec::new()
+        };
+        let mut gateways: Vec<RemoteGateway> =
+            remote.iter().map(|(p, _)| p.gateway.clone()).collect();
+        gateways.sort_by(|a, b| (&a.cluster, &a.spiffe_id).cmp(&(&b.cluster, &b.spiffe_id)));
+        let entry = ServiceEntry {
+            key: key.clone(),
+            ports,
+            endpoints: here.map(|s| s.endpoints.clone()).unwrap_or_default(),
+            remote: gateways,
+            exported: here.is_some_and(|s| s.exported),
+            allowed_callers: here.and_then(|s| s.allowed_callers.clone()),
+            passthrough: here.is_some_and(|s| s.passthrough),
+            headless,
+            headless_endpoints,
+        };
+        catalog
+            .services
+            .insert(key.clone(), std::sync::Arc::new(entry));
+    }
+    catalog
+}
+
+/// The union of the participants' ports and their headless flag, the oldest
+/// export winning each disagreement. `participants` is oldest first.
+fn merge_definition(
+    key: &ServiceKey,
+    participants: &[Participant<'_>],
+    conflicts: &mut Vec<Conflict>,
+) -> (Vec<ServicePort>, bool) {
+    let mut ports: BTreeMap<u16, (ServicePort, &ClusterName)> = BTreeMap::new();
+    let mut port_conflicts: BTreeMap<(u16, &str), Conflict> = BTreeMap::new();
+    for p in participants {
+        for port in &p.export.ports {
+            let Some((chosen, from)) = ports.get(&port.port) else {
+                ports.insert(port.port, (port.clone(), p.cluster));
+                continue;
+            };
+            let mut disagree = |field: &'static str, chosen: String, theirs: String| {
+                port_conflicts
+                    .entry((port.port, field))
+                    .or_insert_with(|| Conflict {
+                        service: key.clone(),
+                        field: format!("port {} {field}", port.port),
+                        chosen,
+                        chosen_from: (*from).clone(),
+                        rejected: Vec::new(),
+                    })
+                    .rejected
+                    .push((p.cluster.clone(), theirs));
+            };
+            if chosen.protocol != port.protocol {
+                disagree(
+                    "protocol",
+                    chosen.protocol.as_str().to_owned(),
+                    port.protocol.as_str().to_owned(),
+                );
+            }
+            if chosen.name != port.name {
+                let show = |n: &Option<crate::PortName>| {
+                    n.as_ref()
+                        .map_or_else(|| "(none)".to_owned(), ToString::to_string)
+                };
+                disagree("name", show(&chosen.name), show(&port.name));
+            }
+        }
+    }
+    conflicts.extend(port_conflicts.into_values());
+
+    let headless = participants.first().is_some_and(|p| p.export.headless);
+    let rejected: Vec<(ClusterName, String)> = participants
+        .iter()
+        .filter(|p| p.export.headless != headless)
+        .map(|p| (p.cluster.clone(), p.export.headless.to_string()))
+        .collect();
+    if let (false, Some(oldest)) = (rejected.is_empty(), participants.first()) {
+        conflicts.push(Conflict {
+            service: key.clone(),
+            field: "headless".into(),
+            chosen: headless.to_string(),
+            chosen_from: oldest.cluster.clone(),
+            rejected,
+        });
+    }
+    (ports.into_values().map(|(p, _)| p).collect(), headless)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Protocol;
+
+    fn key(s: &str) -> ServiceKey {
+        s.parse().unwrap()
+    }
+
+    fn port(n: u16, protocol: Protocol, name: Option<&str>) -> ServicePort {
+        ServicePort {
+            port: n,
+            protocol,
+            name: name.map(|n| n.parse().unwrap()),
+        }
+    }
+
+    fn export(k: &str, time: u64, ports: Vec<ServicePort>) -> Export {
+        Export {
+            key: key(k),
+            ports,
+            export_time_millis: time,
+            headless: false,
+            endpoints: vec![],
+        }
+    }
+
+    fn local(e: Export, endpoints: &[&str], exported: bool) -> LocalService {
+        LocalService {
+            export: e,
+            endpoints: endpoints.iter().map(|a| a.parse().unwrap()).collect(),
+            exported,
+            allowed_callers: None,
+            passthrough: false,
+        }
+    }
+
+    fn peer(cluster: &str, exports: Vec<Export>) -> PeerCatalog {
+        PeerCatalog {
+            gateway: RemoteGateway {
+                cluster: cluster.parse().unwrap(),
+                spiffe_id: format!("spiffe://{cluster}.example/isthmus/gateway/gw")
+                    .parse()
+                    .unwrap(),
+                address: "127.0.0.1:15443".parse().unwrap(),
+                locality: "r1".parse().unwrap(),
+            },
+            services: exports.into_iter().map(|e| (e.key.clone(), e)).collect(),
+        }
+    }
+
+    #[test]
+    fn namespace_sameness_joins_local_and_remote() {
+        let here: ClusterName = "a".parse().unwrap();
+        let web = |t| export("shop/web", t, vec![port(80, Protocol::Http, None)]);
+        let local = [local(web(5), &["10.0.0.1:80"], true)];
+        let (b, c) = (peer("b", vec![web(1)]), peer("c", vec![web(9)]));
+        let catalog = merge(&here, &local, &[&b, &c]);
+        let entry = catalog.get(&key("shop/web")).unwrap();
+        assert_eq!(entry.endpoints.len(), 1);
+        let clusters: Vec<&str> = entry.remote.iter().map(|g| g.cluster.as_str()).collect();
+        assert_eq!(clusters, ["b", "c"]);
+        assert!(entry.exported);
+        assert!(catalog.conflicts().is_empty());
+        // A different namespace is a different service.
+        let other = peer("b", vec![export("other/web", 1, vec![])]);
+        let catalog = merge(&here, &local, &[&other]);
+        assert_eq!(catalog.len(), 2);
+        assert!(catalog.get(&key("shop/web")).unwrap().remote.is_empty());
+    }
+
+    #[test]
+    fn ports_union_and_the_oldest_export_wins_a_conflict() {
+        let here: ClusterName = "a".parse().unwrap();
+        let local = [local(
+            export(
+                "shop/web",
+                30,
+                vec![
+                    port(80, Protocol::Tcp, None),
+                    port(90, Protocol::Http, None),
+                ],
+            ),
+            &["10.0.0.1:80"],
+            true,
+        )];
+        let b = peer(
+            "b",
+            vec![export(
+                "shop/web",
+                10,
+                vec![
+                    port(80, Protocol::Http, Some("web")),
+                    port(81, Protocol::Grpc, None),
+                ],
+            )],
+        );
+        let catalog = merge(&here, &local, &[&b]);
+        let entry = catalog.get(&key("shop/web")).unwrap();
+        assert_eq!(
+            entry.ports,
+            [
+                port(80, Protocol::Http, Some("web")),
+                port(81, Protocol::Grpc, None),
+                port(90, Protocol::Http, None)
+            ]
+        );
+        let fields: Vec<(&str, &str, &str)> = catalog
+            .conflicts()
+            .iter()
+            .map(|c| (c.field.as_str(), c.chosen.as_str(), c.chosen_from.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("port 80 name", "web", "b"),
+                ("port 80 protocol", "http", "b")
+            ]
+        );
+        assert_eq!(catalog.conflicts()[1].rejected[0].1, "tcp");
+    }
+
+    #[test]
+    fn ties_break_by_cluster_name_and_headless_conflicts_are_reported() {
+        let here: ClusterName = "z".parse().unwrap();
+        let mut headless = export("db/pg", 7, vec![]);
+        headless.headless = true;
+        headless.endpoints = vec![HeadlessEndpoint {
+            cluster: "b".parse().unwrap(),
+            hostname: Some("pg-0".parse().unwrap()),
+            address: "10.1.0.1".parse().unwrap(),
+        }];
+        let b = peer("b", vec![headless]);
+        let c = peer("c", vec![export("db/pg", 7, vec![])]);
+        let catalog = merge(&here, &[], &[&c, &b]);
+        let entry = catalog.get(&key("db/pg")).unwrap();
+        assert!(entry.headless, "b sorts before c at the same export time");
+        assert_eq!(entry.headless_endpoints.len(), 1);
+        assert_eq!(catalog.conflicts()[0].field, "headless");
+        assert_eq!(catalog.conflicts()[0].rejected[0].0.as_str(), "c");
+    }
+
+    #[test]
+    fn only_exported_services_with_endpoints_leave_and_own_cluster_is_skipped() {
+        let here: ClusterName = "a".parse().unwrap();
+        let local = [
+            local(export("shop/web", 1, vec![]), &["10.0.0.1:80"], true),
+            local(export("shop/private", 1, vec![]), &["10.0.0.2:80"], false),
+            local(export("shop/empty", 1, vec![]), &[], true),
+        ];
+        let exports = export_set(&local);
+        assert_eq!(exports.keys().collect::<Vec<_>>(), [&key("shop/web")]);
+        // A sibling gateway of this cluster exporting the same service adds no
+        // remote route: those endpoints are ours.
+        let sibling = peer("a", vec![export("shop/web", 1, vec![])]);
+        let catalog = merge(&here, &local, &[&sibling]);
+        assert!(catalog.get(&key("shop/web")).unwrap().remote.is_empty());
+    }
+}
