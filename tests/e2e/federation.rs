@@ -1,0 +1,479 @@
+//! Federation end to end: three gateways as real processes peer over mTLS
+//! (`isthmus.federation.v1`); exports appear, disappear, resync and expire;
+//! unknown trust domains and malformed messages are refused while everything
+//! else goes on.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use isthmus_tests::{
+    DevPki, EchoServer, Gateway, curl, free_addr, gateway_config, metric_value, wait_for,
+};
+use serde_json::Value;
+
+/// One gateway of a test federation; cluster `<name>-cluster`, trust domain
+/// `<name>.example`.
+struct Member {
+    name: String,
+    ca: PathBuf,
+    tls: PathBuf,
+    admin: SocketAddr,
+    outbound: SocketAddr,
+    east_west: SocketAddr,
+    federation: SocketAddr,
+}
+
+impl Member {
+    fn td(&self) -> String {
+        format!("{}.example", self.name)
+    }
+    fn spiffe_id(&self) -> String {
+        format!("spiffe://{}/isthmus/gateway/gw-{}", self.td(), self.name)
+    }
+}
+
+/// Gateways that each federate every other's trust domain and dial every
+/// other; leases of 1 s and a grace of 1 s keep expiry quick.
+struct Mesh {
+    /// Holds the certificates' directory for the test's lifetime.
+    _pki: DevPki,
+    members: Vec<Member>,
+}
+
+impl Mesh {
+    fn new(names: &[&str]) -> Self {
+        let pki = DevPki::new();
+        let members = names
+            .iter()
+            .map(|name| {
+                let ca = pki.ca(&format!("ca-{name}"), &format!("{name}.example"));
+                let tls = pki.issue(
+                    &ca,
+                    &format!("spiffe://{name}.example/isthmus/gateway/gw-{name}"),
+                    &format!("tls-{name}"),
+                );
+                Member {
+                    name: (*name).to_owned(),
+                    ca,
+                    tls,
+                    admin: free_addr(),
+                    outbound: free_addr(),
+                    east_west: free_addr(),
+                    federation: free_addr(),
+                }
+            })
+            .collect();
+        Self { _pki: pki, members }
+    }
+
+    /// Member `i`'s configuration with `services` (TOML) appended; it dials
+    /// the members in `dials`.
+    fn config(&self, i: usize, dials: &[usize], services: &str) -> String {
+        let me = &self.members[i];
+        let mut extra = String::new();
+        for (j, other) in self.members.iter().enumerate() {
+            if j != i {
+                extra.push_str(&format!(
+                    "[[trust.federated]]\ntrust_domain = \"{}\"\nbundle = \"{}\"\n",
+                    other.td(),
+                    other.ca.join("bundle.pem").display()
+                ));
+            }
+        }
+        extra.push_str(&format!(
+            "[listeners]\noutbound = \"{}\"\neast_west = \"{}\"\n[federation]\nlisten = \"{}\"\nlease = \"1s\"\ngrace = \"1s\"\n",
+            me.outbound, me.east_west, me.federation
+        ));
+        for &j in dials {
+            let peer = &self.members[j];
+            extra.push_str(&format!(
+                "[[federation.peers]]\naddress = \"{}\"\nspiffe_id = \"{}\"\n",
+                peer.federation,
+                peer.spiffe_id()
+            ));
+        }
+        extra.push_str(services);
+        gateway_config(
+            &format!("gw-{}", me.name),
+            &me.td(),
+            me.admin,
+            &me.tls,
+            &me.ca.join("bundle.pem"),
+            &extra,
+        )
+    }
+
+    /// Every member dials every other.
+    fn full_config(&self, i: usize, services: &str) -> String {
+        let others: Vec<usize> = (0..self.members.len()).filter(|j| *j != i).collect();
+        self.config(i, &others, services)
+    }
+}
+
+fn web_service(endpoint: SocketAddr, export: bool) -> String {
+    format!(
+        "[[services]]\nnamespace = \"shop\"\nname = \"web\"\nports = [{{ port = 8080, name = \"http\" }}]\nendpoints = [\"{endpoint}\"]\nexport = {export}\n"
+    )
+}
+
+/// The clusters serving `service` in `gw`'s catalog (`None`: not in it).
+fn remote_clusters(gw: &Gateway, service: &str) -> Option<Vec<String>> {
+    let catalog = gw.admin_json("/debug/catalog");
+    let entry = catalog["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["service"] == service)?
+        .clone();
+    Some(
+        entry["remote"]
+            .as_array()?
+            .iter()
+            .filter_map(|r| r["cluster"].as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+fn peer<'a>(peers: &'a Value, spiffe_id: &str) -> Option<&'a Value> {
+    peers["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["spiffe_id"] == spiffe_id)
+}
+
+fn reload(gw: &Gateway, config: &str) -> Result<()> {
+    std::fs::write(gw.config_path(), config)?;
+    gw.signal("HUP")
+}
+
+#[test]
+fn three_gateways_federate_withdraw_resync_and_expire() -> Result<()> {
+    let mesh = Mesh::new(&["a", "b", "c"]);
+    let web = EchoServer::start("web-in-a");
+    let api = EchoServer::start("api-in-c");
+    let api_service = format!(
+        "[[services]]\nnamespace = \"shop\"\nname = \"api\"\nports = [{{ port = 80 }}]\nendpoints = [\"{}\"]\nexport = true\n",
+        api.addr
+    );
+    let mut a = Gateway::start(&mesh.full_config(0, ""), mesh.members[0].admin, &[])?;
+    let mut b = Gateway::start(&mesh.full_config(1, ""), mesh.members[1].admin, &[])?;
+    let mut c = Gateway::start(
+        &mesh.full_config(2, &api_service),
+        mesh.members[2].admin,
+        &[],
+    )?;
+    for gw in [&mut a, &mut b, &mut c] {
+        gw.wait_ready(Duration::from_secs(20))?;
+    }
+
+    // Exported on A: on B and C within a second, and reachable by name.
+    reload(&a, &mesh.full_config(0, &web_service(web.addr, true)))?;
+    let exported = Instant::now();
+    for gw in [&b, &c] {
+        wait_for(Duration::from_secs(5), "shop/web on a peer", || {
+            (remote_clusters(gw, "shop/web")? == ["gw-a-cluster"]).then_some(())
+        })?;
+    }
+    let appeared = exported.elapsed();
+    assert!(appeared < Duration::from_secs(1), "took {appeared:?}");
+    let via_b = format!("http://{}/", mesh.members[1].outbound);
+    let response = curl(&["-H", "Host: web.shop.svc.clusterset.local:8080", &via_b]);
+    assert_eq!(response.status, 200, "{response:?}");
+    assert!(response.body.contains("web-in-a"), "{}", response.body);
+    let b_metrics = b.admin_get("/metrics").body;
+    let series = format!(
+        "isthmus_federation_syncs_total{{direction=\"received\",kind=\"delta\",peer=\"{}\"}}",
+        mesh.members[0].spiffe_id()
+    );
+    assert!(
+        metric_value(&b_metrics, &series).unwrap_or(0.0) >= 1.0,
+        "{series}"
+    );
+
+    // Withdrawn: gone from both within a second; B answers 404 for it.
+    reload(&a, &mesh.full_config(0, &web_service(web.addr, false)))?;
+    let withdrawn = Instant::now();
+    for gw in [&b, &c] {
+        wait_for(Duration::from_secs(5), "shop/web withdrawn", || {
+            remote_clusters(gw, "shop/web").is_none().then_some(())
+        })?;
+    }
+    let disappeared = withdrawn.elapsed();
+    assert!(disappeared < Duration::from_secs(1), "took {disappeared:?}");
+    let gone = curl(&["-H", "Host: web.shop.svc.clusterset.local:8080", &via_b]);
+    assert_eq!(gone.status, 404, "{gone:?}");
+
+    // A restarted peer resyncs: a new incarnation, its exports back.
+    reload(&a, &mesh.full_config(0, &web_service(web.addr, true)))?;
+    wait_for(Duration::from_secs(5), "re-export", || {
+        remote_clusters(&b, "shop/web").map(|_| ())
+    })?;
+    let before = peer(&b.admin_json("/debug/peers"), &mesh.members[0].spiffe_id())
+        .context("A in B's peers")?["incarnation"]
+        .clone();
+    a.signal("TERM")?;
+    a.wait_exit(Duration::from_secs(15))?;
+    let mut a = Gateway::start(
+        &mesh.full_config(0, &web_service(web.addr, true)),
+        mesh.members[0].admin,
+        &[],
+    )?;
+    a.wait_ready(Duration::from_secs(20))?;
+    wait_for(Duration::from_secs(5), "B resynced with the new A", || {
+        let peers = b.admin_json("/debug/peers");
+        let p = peer(&peers, &mesh.members[0].spiffe_id())?;
+        (p["incarnation"] != before && p["synced"] == true && p["state"] == "live").then_some(())
+    })?;
+    assert_eq!(
+        remote_clusters(&b, "shop/web").context("shop/web after resync")?,
+        ["gw-a-cluster"]
+    );
+    let again = curl(&["-H", "Host: web.shop.svc.clusterset.local:8080", &via_b]);
+    assert_eq!(again.status, 200, "{again:?}");
+
+    // A killed peer: lapsed after its lease, its services expire after the
+    // grace period (1 s + 1 s here), and never linger beyond.
+    assert!(remote_clusters(&b, "shop/api").is_some());
+    c.signal("KILL")?;
+    let killed = Instant::now();
+    wait_for(Duration::from_secs(10), "C lapsed", || {
+        let peers = b.admin_json("/debug/peers");
+        (peer(&peers, &mesh.members[2].spiffe_id())?["state"] == "lapsed").then_some(())
+    })?;
+    let lapsed = killed.elapsed();
+    wait_for(Duration::from_secs(10), "C's services expired", || {
+        remote_clusters(&b, "shop/api").is_none().then_some(())
+    })?;
+    let expired = killed.elapsed();
+    assert!(
+        lapsed >= Duration::from_millis(900),
+        "lapsed after {lapsed:?}"
+    );
+    assert!(
+        expired >= Duration::from_millis(1900) && expired < Duration::from_secs(5),
+        "expired after {expired:?}"
+    );
+    eprintln!(
+        "appeared {appeared:?}, withdrawn {disappeared:?}, lapsed {lapsed:?}, expired {expired:?}"
+    );
+    let peers = b.admin_json("/debug/peers");
+    assert_eq!(
+        peer(&peers, &mesh.members[2].spiffe_id()).unwrap()["state"],
+        "expired"
+    );
+    let metrics = b.admin_get("/metrics").body;
+    assert_eq!(
+        metric_value(&metrics, "isthmus_federation_peers{state=\"expired\"}"),
+        Some(1.0)
+    );
+    Ok(())
+}
+
+#[test]
+fn a_peer_of_an_unknown_trust_domain_is_refused() -> Result<()> {
+    // A federates only with B; D (trust domain d.example) dials A anyway.
+    let mesh = Mesh::new(&["a", "b", "d"]);
+    let a_config = {
+        // A's trust.federated lists B only.
+        let full = mesh.config(0, &[], "");
+        let d_bundle = format!(
+            "[[trust.federated]]\ntrust_domain = \"d.example\"\nbundle = \"{}\"\n",
+            mesh.members[2].ca.join("bundle.pem").display()
+        );
+        full.replace(&d_bundle, "")
+    };
+    assert!(!a_config.contains("d.example"));
+    let mut a = Gateway::start(&a_config, mesh.members[0].admin, &[])?;
+    a.wait_ready(Duration::from_secs(20))?;
+    let d = Gateway::start(&mesh.config(2, &[0], ""), mesh.members[2].admin, &[])?;
+    d.wait_log("peering session ended", Duration::from_secs(10))?;
+    a.wait_log("federation handshake refused", Duration::from_secs(10))?;
+    let peers = a.admin_json("/debug/peers");
+    assert!(
+        peer(&peers, &mesh.members[2].spiffe_id()).is_none(),
+        "{peers}"
+    );
+    let d_peers = d.admin_json("/debug/peers");
+    assert!(d_peers["peers"].as_array().unwrap().is_empty(), "{d_peers}");
+    // D never syncs, so it stays unready until its grace period is over.
+    assert_eq!(d.admin_get("/readyz").status, 503);
+    Ok(())
+}
+
+mod malformed {
+    //! A hand-driven peer (the real protocol client, real mTLS) sends bad
+    //! messages to a real gateway.
+    use super::*;
+    use isthmus_federation::peering::PeerTarget;
+    use isthmus_federation::peering::proto::{self, peer_message::Kind};
+    use isthmus_federation::peering::transport::client;
+    use isthmus_federation::trust::tls::crypto_provider;
+    use isthmus_federation::trust::{
+        BundleSource, DomainTrust, HandshakeMetrics, SpiffeConnector, Svid, TlsMaterial,
+        TrustBundle, TrustStore,
+    };
+    use tokio_stream::StreamExt;
+
+    fn msg(kind: Kind) -> proto::PeerMessage {
+        proto::PeerMessage { kind: Some(kind) }
+    }
+
+    fn service(namespace: &str, name: &str) -> proto::ExportedService {
+        proto::ExportedService {
+            namespace: namespace.into(),
+            name: name.into(),
+            ports: vec![proto::ServicePort {
+                port: 80,
+                protocol: "http".into(),
+                name: String::new(),
+            }],
+            export_time_millis: 1,
+            origin_cluster: "gw-b-cluster".into(),
+            headless: false,
+            endpoints: vec![],
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_malformed_message_is_nacked_and_logged_while_the_stream_goes_on() -> Result<()> {
+        let mesh = Mesh::new(&["a", "b"]);
+        let (am, bm) = (&mesh.members[0], &mesh.members[1]);
+        let mut a = Gateway::start(&mesh.config(0, &[], ""), am.admin, &[])?;
+        tokio::task::block_in_place(|| a.wait_ready(Duration::from_secs(20)))?;
+
+        // B's identity, trusting A's bundle.
+        let provider = crypto_provider();
+        let svid = Svid::from_pem(
+            &std::fs::read(bm.tls.join("svid.crt"))?,
+            &std::fs::read(bm.tls.join("svid.key"))?,
+            None,
+            &provider,
+        )?;
+        let a_bundle =
+            TrustBundle::parse(am.td().parse()?, &std::fs::read(am.ca.join("bundle.pem"))?)?;
+        let store = TrustStore::default().with(DomainTrust::new(
+            a_bundle,
+            BundleSource::File("a".into()),
+            &provider,
+        )?);
+        let material = TlsMaterial::new(svid, store, provider);
+        let connector = SpiffeConnector::new(
+            material,
+            HandshakeMetrics::new(&prometheus::Registry::new())?,
+            Duration::from_secs(5),
+            vec![],
+        );
+        let target = PeerTarget {
+            address: am.federation,
+            spiffe_id: am.spiffe_id().parse()?,
+        };
+        let mut grpc = client(&target, &connector, Duration::from_secs(5))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(msg(Kind::Hello(proto::Hello {
+            protocol_version: 1,
+            spiffe_id: bm.spiffe_id(),
+            cluster: "gw-b-cluster".into(),
+            trust_domain: bm.td(),
+            locality: Some(proto::Locality {
+                region: "test".into(),
+                ..Default::default()
+            }),
+            east_west_address: bm.east_west.to_string(),
+            incarnation: 7,
+            lease_millis: 60_000,
+        })))
+        .await?;
+        let mut inbound = grpc
+            .peer(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        // Reads until the first ACK or NACK.
+        async fn verdict(inbound: &mut tonic::Streaming<proto::PeerMessage>) -> Result<Kind> {
+            loop {
+                let next = tokio::time::timeout(Duration::from_secs(5), inbound.next())
+                    .await
+                    .context("a reply in time")?
+                    .context("stream open")??;
+                if let Some(kind @ (Kind::Ack(_) | Kind::Nack(_))) = next.kind {
+                    return Ok(kind);
+                }
+            }
+        }
+
+        // One bad service among good ones: the good one is used, the bad one
+        // NACKed with its field named.
+        tx.send(msg(Kind::Snapshot(proto::CatalogSnapshot {
+            version: 1,
+            services: vec![service("Bad!", "x"), service("shop", "ok")],
+        })))
+        .await?;
+        let Kind::Nack(nack) = verdict(&mut inbound).await? else {
+            panic!("expected a NACK");
+        };
+        assert!(
+            nack.reason.contains("services[0].namespace"),
+            "{}",
+            nack.reason
+        );
+        assert!(!nack.resync);
+        let a_ref = &a;
+        let catalog_has = |svc: &str| {
+            let catalog = a_ref.admin_json("/debug/catalog");
+            catalog["services"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|e| e["service"] == svc))
+        };
+        tokio::task::block_in_place(|| {
+            wait_for(Duration::from_secs(5), "shop/ok in A's catalog", || {
+                catalog_has("shop/ok").then_some(())
+            })
+        })?;
+
+        // A delta that does not apply: NACK asking for a resync.
+        tx.send(msg(Kind::Delta(proto::CatalogDelta {
+            base_version: 5,
+            version: 6,
+            upserts: vec![],
+            removals: vec![],
+        })))
+        .await?;
+        let Kind::Nack(nack) = verdict(&mut inbound).await? else {
+            panic!("expected a NACK");
+        };
+        assert!(nack.resync, "{nack:?}");
+
+        // An empty message, then a good delta: the stream goes on.
+        tx.send(proto::PeerMessage { kind: None }).await?;
+        assert!(matches!(verdict(&mut inbound).await?, Kind::Nack(_)));
+        tx.send(msg(Kind::Delta(proto::CatalogDelta {
+            base_version: 1,
+            version: 2,
+            upserts: vec![service("shop", "more")],
+            removals: vec![proto::ServiceRef {
+                namespace: "shop".into(),
+                name: "ok".into(),
+            }],
+        })))
+        .await?;
+        let Kind::Ack(ack) = verdict(&mut inbound).await? else {
+            panic!("expected an ACK");
+        };
+        assert_eq!(ack.version, 2);
+        tokio::task::block_in_place(|| {
+            wait_for(Duration::from_secs(5), "the delta applied", || {
+                (catalog_has("shop/more") && !catalog_has("shop/ok")).then_some(())
+            })
+        })?;
+        assert!(a.log().contains("peering message refused (NACK)"));
+        let metrics = a.admin_get("/metrics").body;
+        let series = format!(
+            "isthmus_federation_nacks_total{{direction=\"sent\",peer=\"{}\"}}",
+            bm.spiffe_id()
+        );
+        assert_eq!(metric_value(&metrics, &series), Some(3.0), "{series}");
+        Ok(())
+    }
+}
