@@ -9,7 +9,9 @@ use isthmus_federation::{SpiffeId, TrustDomain};
 use serde::Serialize;
 
 use super::error::ConfigError;
-use super::model::{Check, ListenersConfig, TrustConfig, parse_duration, parse_socket_addr};
+use super::model::{
+    Check, ListenersConfig, TrustConfig, parse_duration, parse_socket_addr, require_bundle,
+};
 use super::raw::RawFederation;
 
 /// Default lease: peers hear from this gateway at least this often.
@@ -132,15 +134,7 @@ pub(super) fn federation(
             .as_deref()
             .map(|e| patterns(check, &at("export"), Some(e)));
         if let Some(id) = &spiffe_id {
-            let td = id.trust_domain();
-            let known = Some(&td) == own_td
-                || trust.is_some_and(|t| t.federated.iter().any(|f| f.trust_domain == td));
-            if !known {
-                check.errors.push(ConfigError::new(
-                    at("spiffe_id"),
-                    format!("trust domain {td} has no bundle: add it to [[trust.federated]]"),
-                ));
-            }
+            require_bundle(check, &at("spiffe_id"), id, own_td, trust);
             if peers.iter().any(|q: &FederationPeer| &q.spiffe_id == id) {
                 check.errors.push(ConfigError::new(
                     at("spiffe_id"),

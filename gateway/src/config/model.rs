@@ -1197,15 +1197,7 @@ fn peers(
             }
         }
         if let Some(id) = &spiffe_id {
-            let td = id.trust_domain();
-            let known = Some(&td) == own_td
-                || trust.is_some_and(|t| t.federated.iter().any(|f| f.trust_domain == td));
-            if !known {
-                check.errors.push(ConfigError::new(
-                    at("spiffe_id"),
-                    format!("trust domain {td} has no bundle: add it to [[trust.federated]]"),
-                ));
-            }
+            require_bundle(check, &at("spiffe_id"), id, own_td, trust);
         }
         if check.errors.len() > before {
             continue;
@@ -1223,6 +1215,26 @@ fn peers(
         }
     }
     out
+}
+
+/// Records an error unless `id`'s trust domain is this gateway's or federated:
+/// without its bundle the peer can never be authenticated.
+pub(super) fn require_bundle(
+    check: &mut Check,
+    path: &str,
+    id: &SpiffeId,
+    own_td: Option<&TrustDomain>,
+    trust: Option<&TrustConfig>,
+) {
+    let td = id.trust_domain();
+    let known = Some(&td) == own_td
+        || trust.is_some_and(|t| t.federated.iter().any(|f| f.trust_domain == td));
+    if !known {
+        check.errors.push(ConfigError::new(
+            path,
+            format!("trust domain {td} has no bundle: add it to [[trust.federated]]"),
+        ));
+    }
 }
 
 fn shutdown(check: &mut Check, raw: &RawShutdown) -> Option<ShutdownConfig> {
