@@ -332,6 +332,33 @@ mod tests {
     }
 
     #[test]
+    fn the_fuzz_seeds_are_the_messages_they_claim() {
+        use prost::Message;
+        use proto::peer_message::Kind;
+        let decode = |bytes: &[u8]| proto::PeerMessage::decode(bytes).unwrap().kind.unwrap();
+        let Kind::Hello(hello) = decode(include_bytes!("../../fuzz/seeds/peering_message/hello"))
+        else {
+            panic!("hello seed");
+        };
+        let id: SpiffeId = "spiffe://fuzz.example/isthmus/gateway/gw".parse().unwrap();
+        assert_eq!(PeerHello::from_proto(&hello, &id).unwrap().incarnation, 42);
+        let fuzz: ClusterName = "fuzz".parse().unwrap();
+        let Kind::Snapshot(s) = decode(include_bytes!("../../fuzz/seeds/peering_message/snapshot"))
+        else {
+            panic!("snapshot seed");
+        };
+        let (good, bad) = exports_from_proto(&s.services, "services", &fuzz);
+        assert_eq!((good.len(), bad.len()), (2, 0), "{bad:?}");
+        assert_eq!(good[1].endpoints.len(), 2);
+        let Kind::Delta(d) = decode(include_bytes!("../../fuzz/seeds/peering_message/delta"))
+        else {
+            panic!("delta seed");
+        };
+        let (good, bad) = exports_from_proto(&d.upserts, "upserts", &fuzz);
+        assert_eq!((good.len(), bad.len(), d.removals.len()), (1, 1, 1));
+    }
+
+    #[test]
     fn exports_round_trip() {
         let wire = export_to_proto(&sample(), &cluster());
         assert_eq!(export_from_proto(&wire, &cluster()).unwrap(), sample());
