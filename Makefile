@@ -9,7 +9,7 @@ ISTHMUS := target/debug/isthmus
 DEV_PKI := target/dev-pki
 DEV_ID := spiffe://cluster.local/isthmus/gateway/isthmus
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS := bundle spiffe_id
+FUZZ_TARGETS := bundle spiffe_id peering_message dns_message
 
 SHELL := /bin/bash
 .PHONY: deps run test lint fuzz

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod catalog;
+pub mod dns;
 pub mod identity;
 pub mod locality;
 pub mod names;

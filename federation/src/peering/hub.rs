@@ -205,6 +205,8 @@ pub struct Hub {
     catalog: Arc<ArcSwap<Catalog>>,
     inner: Mutex<Inner>,
     exports: watch::Sender<ExportSet>,
+    /// Ticks on every catalog snapshot published.
+    catalog_version: watch::Sender<u64>,
     dirty: Notify,
     material: Option<Arc<TlsMaterial>>,
     accept_peer_bundles: bool,
@@ -240,6 +242,7 @@ impl Hub {
                 filters: ExportFilters::default(),
             }),
             exports,
+            catalog_version: watch::channel(0).0,
             dirty: Notify::new(),
             material,
             accept_peer_bundles,
@@ -264,6 +267,11 @@ impl Hub {
     /// The catalog the data plane reads.
     pub fn catalog(&self) -> &Arc<ArcSwap<Catalog>> {
         &self.catalog
+    }
+
+    /// Ticks each time a new catalog snapshot is published.
+    pub fn catalog_changes(&self) -> watch::Receiver<u64> {
+        self.catalog_version.subscribe()
     }
 
     /// Replaces the services found by discovery source `name` and publishes
@@ -349,6 +357,7 @@ impl Hub {
             .set(i64::try_from(exports.len()).unwrap_or(i64::MAX));
         self.metrics.catalog_updates.inc();
         self.catalog.store(Arc::new(catalog));
+        self.catalog_version.send_modify(|v| *v += 1);
         self.exports.send_if_modified(|current| {
             if *current.services == exports {
                 return false;

@@ -1,0 +1,122 @@
+//! DNS server metrics, registered in the process registry.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// `isthmus_dns_*`.
+#[derive(Debug, Clone)]
+pub struct DnsMetrics {
+    /// Queries answered, by query type, response code and who answered.
+    pub queries: IntCounterVec,
+    /// Packets that are not DNS queries, by transport.
+    pub malformed: IntCounterVec,
+    /// UDP answers cut short with the TC bit (the client retries over TCP).
+    pub truncated: IntCounter,
+    /// Queries dropped or refused because too many were in flight.
+    pub overloaded: IntCounterVec,
+    /// How long forwarded queries took (cache hits included).
+    pub forward_duration: Histogram,
+    /// Names in the `clusterset.local` zone (and its reverse names).
+    pub zone_names: IntGauge,
+    /// Services with a clusterset IP.
+    pub clusterset_ips: IntGauge,
+    /// Services left without a clusterset IP because the range is full.
+    pub clusterset_exhausted: IntGauge,
+}
+
+/// The `type` label: common types by name, the rest as `other` (bounded
+/// cardinality whatever clients send).
+pub fn type_label(rtype: hickory_proto::rr::RecordType) -> &'static str {
+    use hickory_proto::rr::RecordType as T;
+    match rtype {
+        T::A => "A",
+        T::AAAA => "AAAA",
+        T::SRV => "SRV",
+        T::TXT => "TXT",
+        T::PTR => "PTR",
+        T::SOA => "SOA",
+        T::NS => "NS",
+        T::CNAME => "CNAME",
+        T::MX => "MX",
+        T::ANY => "ANY",
+        T::HTTPS => "HTTPS",
+        T::SVCB => "SVCB",
+        _ => "other",
+    }
+}
+
+/// The `rcode` label.
+pub fn rcode_label(rcode: hickory_proto::op::ResponseCode) -> &'static str {
+    use hickory_proto::op::ResponseCode as R;
+    match rcode {
+        R::NoError => "NOERROR",
+        R::FormErr => "FORMERR",
+        R::ServFail => "SERVFAIL",
+        R::NXDomain => "NXDOMAIN",
+        R::NotImp => "NOTIMP",
+        R::Refused => "REFUSED",
+        R::BADVERS => "BADVERS",
+        _ => "other",
+    }
+}
+
+impl DnsMetrics {
+    /// Registers the metrics in `registry`.
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok::<_, prometheus::Error>(c)
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::with_opts(Opts::new(name, help))?;
+            registry.register(Box::new(g.clone()))?;
+            Ok::<_, prometheus::Error>(g)
+        };
+        let truncated = IntCounter::with_opts(Opts::new(
+            "isthmus_dns_truncated_total",
+            "UDP answers truncated (TC bit set) because they exceeded the client's buffer; the client retries over TCP.",
+        ))?;
+        registry.register(Box::new(truncated.clone()))?;
+        let forward_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "isthmus_dns_forward_duration_seconds",
+                "Time to answer a forwarded query, cache hits included.",
+            )
+            .buckets(vec![
+                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )?;
+        registry.register(Box::new(forward_duration.clone()))?;
+        Ok(Self {
+            queries: counter_vec(
+                "isthmus_dns_queries_total",
+                "DNS queries answered, by query type, response code and source: clusterset (this server's zone), forward (an upstream resolver or its cache) or none (no upstream: REFUSED).",
+                &["type", "rcode", "source"],
+            )?,
+            malformed: counter_vec(
+                "isthmus_dns_malformed_total",
+                "Packets that are not valid DNS queries (answered FORMERR when they have a header, else dropped), by transport.",
+                &["transport"],
+            )?,
+            truncated,
+            overloaded: counter_vec(
+                "isthmus_dns_overloaded_total",
+                "Queries refused with SERVFAIL or connections closed because too many were in flight, by transport.",
+                &["transport"],
+            )?,
+            forward_duration,
+            zone_names: gauge(
+                "isthmus_dns_zone_names",
+                "Names in the clusterset.local zone, reverse names included.",
+            )?,
+            clusterset_ips: gauge(
+                "isthmus_dns_clusterset_ips",
+                "Services with a clusterset IP.",
+            )?,
+            clusterset_exhausted: gauge(
+                "isthmus_dns_clusterset_ips_exhausted",
+                "Services without a clusterset IP because the range is full.",
+            )?,
+        })
+    }
+}

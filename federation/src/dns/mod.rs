@@ -1,0 +1,162 @@
+//! DNS for federated services: the `clusterset.local` zone of the MCS DNS
+//! specification 1.0.0, clusterset IPs, and forwarding of everything else.
+//!
+//! - [`ips`] gives each service a clusterset IP from a configured range,
+//!   stable across restarts.
+//! - [`zone`] builds the zone from a catalog snapshot and those addresses.
+//! - [`server`] answers queries over UDP and TCP.
+//! - [`ClusterSet`] ties them to the catalog: on every catalog change it
+//!   brings the allocations up to date and publishes a new zone.
+
+pub mod ips;
+pub mod metrics;
+pub mod server;
+pub mod zone;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+pub use ips::{Allocations, Allocator, ClusterSetIp, IpRange, IpRangeError};
+pub use metrics::DnsMetrics;
+pub use server::{DnsServer, ForwardConfig, Transport};
+pub use zone::{ClusterSetZone, ZoneSettings};
+
+use crate::catalog::Catalog;
+
+/// Keeps the clusterset IPs and the zone in step with the catalog.
+pub struct ClusterSet {
+    allocator: Mutex<Allocator>,
+    ranges: Vec<IpRange>,
+    ttl: Duration,
+    serial: AtomicU32,
+    zone: Arc<ArcSwap<ClusterSetZone>>,
+    allocations: watch::Sender<Arc<Allocations>>,
+    metrics: DnsMetrics,
+}
+
+impl ClusterSet {
+    /// Publishes zones with records of `ttl`, allocating from `allocator`.
+    pub fn new(
+        allocator: Allocator,
+        ranges: Vec<IpRange>,
+        ttl: Duration,
+        metrics: DnsMetrics,
+    ) -> Self {
+        let (allocations, _) = watch::channel(Arc::default());
+        // Serials start at the clock so that a restarted server's are newer.
+        let serial = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| u32::try_from(d.as_secs()).unwrap_or(1));
+        let settings = ZoneSettings {
+            ttl: ttl_secs(ttl),
+            serial,
+        };
+        let zone = ClusterSetZone::build(
+            &Catalog::default(),
+            &Allocations::default(),
+            &ranges,
+            settings,
+        );
+        Self {
+            allocator: Mutex::new(allocator),
+            ranges,
+            ttl,
+            serial: AtomicU32::new(serial),
+            zone: Arc::new(ArcSwap::from_pointee(zone)),
+            allocations,
+            metrics,
+        }
+    }
+
+    /// The zone the DNS server answers from.
+    pub fn zone(&self) -> &Arc<ArcSwap<ClusterSetZone>> {
+        &self.zone
+    }
+
+    /// The clusterset IPs of the services in the catalog, and their changes.
+    pub fn allocations(&self) -> watch::Receiver<Arc<Allocations>> {
+        self.allocations.subscribe()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &DnsMetrics {
+        &self.metrics
+    }
+
+    /// Brings the allocations and the zone up to date with `catalog`.
+    pub fn update(&self, catalog: &Catalog) {
+        // Headless services have no clusterset IP; services nobody exports
+        // are not in the zone.
+        let keys = catalog
+            .iter()
+            .filter(|e| !e.headless && (e.exported || !e.remote.is_empty()))
+            .map(|e| &e.key);
+        let (allocations, exhausted) = {
+            let mut allocator = self
+                .allocator
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let (allocations, saved) = allocator.sync(keys);
+            if let Err(e) = saved {
+                tracing::error!(error = %e, "cannot save the clusterset IPs; they may change on restart");
+            }
+            (allocations, allocator.exhausted().to_vec())
+        };
+        if !exhausted.is_empty() {
+            tracing::error!(services = exhausted.len(), first = %exhausted[0],
+                "the clusterset IP range is full; these services have no clusterset IP");
+        }
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        let zone = ClusterSetZone::build(
+            catalog,
+            &allocations,
+            &self.ranges,
+            ZoneSettings {
+                ttl: ttl_secs(self.ttl),
+                serial,
+            },
+        );
+        self.metrics
+            .zone_names
+            .set(i64::try_from(zone.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .clusterset_ips
+            .set(i64::try_from(allocations.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .clusterset_exhausted
+            .set(i64::try_from(exhausted.len()).unwrap_or(i64::MAX));
+        self.zone.store(Arc::new(zone));
+        self.allocations.send_if_modified(|current| {
+            if **current == allocations {
+                return false;
+            }
+            *current = Arc::new(allocations);
+            true
+        });
+    }
+
+    /// Follows the catalog until `stop`: `changes` ticks on every new
+    /// snapshot in `catalog`.
+    pub async fn run(
+        self: Arc<Self>,
+        catalog: Arc<ArcSwap<Catalog>>,
+        mut changes: watch::Receiver<u64>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            self.update(&catalog.load());
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}
+
+fn ttl_secs(ttl: Duration) -> u32 {
+    u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX)
+}

@@ -1,0 +1,722 @@
+//! The DNS server: `clusterset.local` from the zone, everything else
+//! forwarded to upstream resolvers through hickory-resolver (with its cache),
+//! or REFUSED when none is configured.
+//!
+//! Requests are parsed and answers encoded with hickory-server's message
+//! types; the UDP and TCP loops are ours so that every packet is counted
+//! (malformed ones included) and work in flight is bounded:
+//!
+//! - Zone answers are computed inline in the receive loop (a hash-map probe).
+//! - Forwarded queries run as tasks, at most [`MAX_FORWARDS_IN_FLIGHT`]; past
+//!   that a query gets SERVFAIL at once rather than queueing without bound.
+//! - A UDP answer larger than the client's buffer (512 bytes, or its EDNS
+//!   size) is truncated with the TC bit, and the client retries over TCP.
+//! - A packet that is not a query gets FORMERR when it has a header, and is
+//!   dropped otherwise; responses are never answered (no reflection loops).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::{DNSClass, Record};
+use hickory_proto::serialize::binary::BinEncoder;
+use hickory_resolver::Resolver;
+use hickory_resolver::config::{
+    ConnectionConfig, NameServerConfig, ProtocolConfig, ResolveHosts, ResolverConfig,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::Request;
+use hickory_server::zone_handler::MessageResponseBuilder;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Semaphore, watch};
+
+use super::metrics::{DnsMetrics, rcode_label, type_label};
+use super::zone::{Answer, ClusterSetZone};
+
+/// Forwarded queries in flight at once, across transports.
+pub const MAX_FORWARDS_IN_FLIGHT: usize = 1024;
+/// TCP connections open at once.
+pub const MAX_TCP_CONNECTIONS: usize = 512;
+/// A TCP connection idle this long is closed (RFC 7766 suggests seconds).
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest UDP payload this server accepts and sends (RFC 6891).
+pub const MAX_UDP_PAYLOAD: u16 = 4096;
+
+/// Where queries that are not ours go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardConfig {
+    /// Upstream resolvers, tried in order (UDP, then TCP on truncation).
+    pub upstreams: Vec<SocketAddr>,
+    /// How long one upstream has to answer.
+    pub timeout: Duration,
+    /// Answers the cache holds.
+    pub cache_size: u64,
+}
+
+/// The transport a query came over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// UDP: answers are truncated to the client's buffer.
+    Udp,
+    /// TCP: answers up to 64 KiB.
+    Tcp,
+}
+
+impl Transport {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+        }
+    }
+
+    fn protocol(self) -> Protocol {
+        match self {
+            Self::Udp => Protocol::Udp,
+            Self::Tcp => Protocol::Tcp,
+        }
+    }
+}
+
+/// What to do with one packet.
+#[derive(Debug)]
+pub enum Step {
+    /// Send these bytes back.
+    Reply(Vec<u8>),
+    /// Send nothing.
+    Drop,
+    /// Ask the upstream resolvers ([`DnsServer::forward`]).
+    Forward(Box<Request>),
+}
+
+/// The DNS server; see the module docs.
+pub struct DnsServer {
+    zone: Arc<ArcSwap<ClusterSetZone>>,
+    forwarder: Option<Resolver<TokioRuntimeProvider>>,
+    forwards: Arc<Semaphore>,
+    metrics: DnsMetrics,
+}
+
+impl DnsServer {
+    /// A server answering from `zone`, forwarding per `forward` (REFUSED for
+    /// names outside the zone when `None`).
+    pub fn new(
+        zone: Arc<ArcSwap<ClusterSetZone>>,
+        forward: Option<&ForwardConfig>,
+        metrics: DnsMetrics,
+    ) -> Result<Self, String> {
+        let forwarder = forward
+            .filter(|f| !f.upstreams.is_empty())
+            .map(resolver)
+            .transpose()?;
+        Ok(Self {
+            zone,
+            forwarder,
+            forwards: Arc::new(Semaphore::new(MAX_FORWARDS_IN_FLIGHT)),
+            metrics,
+        })
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &DnsMetrics {
+        &self.metrics
+    }
+
+    /// Decides what to do with `packet`: answers it from the zone, refuses
+    /// or rejects it, or hands it to [`Self::forward`].
+    pub fn handle(&self, packet: &[u8], src: SocketAddr, transport: Transport) -> Step {
+        let request = match Request::from_bytes(packet.to_vec(), src, transport.protocol()) {
+            Ok(request) => request,
+            Err(e) => {
+                self.metrics
+                    .malformed
+                    .with_label_values(&[transport.label()])
+                    .inc();
+                tracing::debug!(%src, transport = transport.label(), error = %e, "malformed DNS packet");
+                return formerr(packet);
+            }
+        };
+        if request.metadata.message_type == MessageType::Response {
+            self.metrics
+                .malformed
+                .with_label_values(&[transport.label()])
+                .inc();
+            return Step::Drop;
+        }
+        let edns = response_edns(&request);
+        if let Some(req_edns) = &request.edns
+            && req_edns.version() > 0
+        {
+            return self.reply(
+                &request,
+                edns.as_ref(),
+                transport,
+                ResponseCode::BADVERS,
+                "none",
+            );
+        }
+        if request.metadata.op_code != OpCode::Query {
+            return self.reply(
+                &request,
+                edns.as_ref(),
+                transport,
+                ResponseCode::NotImp,
+                "none",
+            );
+        }
+        let Ok(info) = request.request_info() else {
+            // Zero or several questions: nobody sends that.
+            return self.reply(
+                &request,
+                edns.as_ref(),
+                transport,
+                ResponseCode::FormErr,
+                "none",
+            );
+        };
+        if info.query.query_class() != DNSClass::IN {
+            return self.reply(
+                &request,
+                edns.as_ref(),
+                transport,
+                ResponseCode::Refused,
+                "none",
+            );
+        }
+        let zone = self.zone.load();
+        let answer = zone.lookup(info.query.name(), info.query.query_type());
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.authoritative = answer.is_authoritative();
+        let soa = [zone.soa()];
+        let (rcode, answers, authorities, additionals): (_, &[&Record], &[&Record], &[&Record]) =
+            match &answer {
+                Answer::Found {
+                    answers,
+                    additionals,
+                } => (ResponseCode::NoError, answers, &[], additionals),
+                Answer::NoData => (ResponseCode::NoError, &[], &soa, &[]),
+                Answer::NxDomain => (ResponseCode::NXDomain, &[], &soa, &[]),
+                Answer::NotOurs if self.forwarder.is_some() => {
+                    return Step::Forward(Box::new(request));
+                }
+                Answer::NotOurs => {
+                    return self.reply(
+                        &request,
+                        edns.as_ref(),
+                        transport,
+                        ResponseCode::Refused,
+                        "none",
+                    );
+                }
+            };
+        metadata.response_code = rcode;
+        self.count(&request, rcode, "clusterset");
+        Step::Reply(self.encode(
+            &request,
+            metadata,
+            edns.as_ref(),
+            transport,
+            answers,
+            authorities,
+            additionals,
+        ))
+    }
+
+    /// Answers `request` from the upstream resolvers (or their cache). When
+    /// too many forwards are in flight, answers SERVFAIL at once.
+    pub async fn forward(&self, request: &Request, transport: Transport) -> Vec<u8> {
+        let edns = response_edns(request);
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.recursion_available = true;
+        let (Some(resolver), Ok(info)) = (&self.forwarder, request.request_info()) else {
+            metadata.response_code = ResponseCode::Refused;
+            self.count(request, ResponseCode::Refused, "none");
+            return self.encode(request, metadata, edns.as_ref(), transport, &[], &[], &[]);
+        };
+        let Ok(_permit) = self.forwards.try_acquire() else {
+            self.metrics
+                .overloaded
+                .with_label_values(&[transport.label()])
+                .inc();
+            metadata.response_code = ResponseCode::ServFail;
+            self.count(request, ResponseCode::ServFail, "forward");
+            return self.encode(request, metadata, edns.as_ref(), transport, &[], &[], &[]);
+        };
+        let started = Instant::now();
+        let name: hickory_proto::rr::Name = info.query.name().into();
+        let result = resolver.lookup(name, info.query.query_type()).await;
+        self.metrics
+            .forward_duration
+            .observe(started.elapsed().as_secs_f64());
+        let (rcode, records, authorities) = match result {
+            Ok(lookup) => {
+                // Cached answers count down to their expiry.
+                let left = lookup
+                    .valid_until()
+                    .saturating_duration_since(Instant::now())
+                    .as_secs();
+                let left = u32::try_from(left).unwrap_or(u32::MAX);
+                let records: Vec<Record> = lookup
+                    .answers()
+                    .iter()
+                    .map(|r| {
+                        let mut r = r.clone();
+                        r.ttl = r.ttl.min(left);
+                        r
+                    })
+                    .collect();
+                (ResponseCode::NoError, records, Vec::new())
+            }
+            Err(e) if e.is_no_records_found() => {
+                let rcode = if e.is_nx_domain() {
+                    ResponseCode::NXDomain
+                } else {
+                    ResponseCode::NoError
+                };
+                let soa = e.into_soa().map(|soa| soa.into_record_of_rdata());
+                (rcode, Vec::new(), soa.into_iter().collect())
+            }
+            Err(e) => {
+                tracing::debug!(name = %info.query.name(), error = %e, "forwarded query failed");
+                (ResponseCode::ServFail, Vec::new(), Vec::new())
+            }
+        };
+        metadata.response_code = rcode;
+        self.count(request, rcode, "forward");
+        let answers: Vec<&Record> = records.iter().collect();
+        let authorities: Vec<&Record> = authorities.iter().collect();
+        self.encode(
+            request,
+            metadata,
+            edns.as_ref(),
+            transport,
+            &answers,
+            &authorities,
+            &[],
+        )
+    }
+
+    fn reply(
+        &self,
+        request: &Request,
+        edns: Option<&Edns>,
+        transport: Transport,
+        rcode: ResponseCode,
+        source: &str,
+    ) -> Step {
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.response_code = rcode;
+        self.count(request, rcode, source);
+        Step::Reply(self.encode(request, metadata, edns, transport, &[], &[], &[]))
+    }
+
+    fn count(&self, request: &Request, rcode: ResponseCode, source: &str) {
+        let rtype = request
+            .queries
+            .queries()
+            .first()
+            .map_or("none", |q| type_label(q.query_type()));
+        self.metrics
+            .queries
+            .with_label_values(&[rtype, rcode_label(rcode), source])
+            .inc();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn encode(
+        &self,
+        request: &Request,
+        metadata: Metadata,
+        edns: Option<&Edns>,
+        transport: Transport,
+        answers: &[&Record],
+        authorities: &[&Record],
+        additionals: &[&Record],
+    ) -> Vec<u8> {
+        let max = match (transport, &request.edns) {
+            (Transport::Tcp, _) => u16::MAX,
+            (Transport::Udp, Some(e)) => e.max_payload().clamp(512, MAX_UDP_PAYLOAD),
+            (Transport::Udp, None) => 512,
+        };
+        let mut builder = MessageResponseBuilder::new(&request.queries, None);
+        if let Some(edns) = edns {
+            builder.edns(edns);
+        }
+        let response = builder.build(
+            metadata,
+            answers.iter().copied(),
+            authorities.iter().copied(),
+            std::iter::empty(),
+            additionals.iter().copied(),
+        );
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(max);
+        match response.destructive_emit(&mut encoder) {
+            Ok(info) => {
+                if info.truncation {
+                    self.metrics.truncated.inc();
+                }
+                bytes
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode a DNS answer; sending SERVFAIL");
+                Message::error_msg(metadata.id, metadata.op_code, ResponseCode::ServFail)
+                    .to_vec()
+                    .unwrap_or_default()
+            }
+        }
+    }
+}
+
+/// FORMERR for a packet with a readable header; nothing otherwise.
+fn formerr(packet: &[u8]) -> Step {
+    if packet.len() < 12 {
+        return Step::Drop;
+    }
+    let id = u16::from_be_bytes([packet[0], packet[1]]);
+    // A packet with the QR bit set claims to be a response: never answer one.
+    if packet[2] & 0x80 != 0 {
+        return Step::Drop;
+    }
+    match Message::error_msg(id, OpCode::Query, ResponseCode::FormErr).to_vec() {
+        Ok(bytes) => Step::Reply(bytes),
+        Err(_) => Step::Drop,
+    }
+}
+
+/// The EDNS of the answer, when the query had EDNS (RFC 6891).
+fn response_edns(request: &Request) -> Option<Edns> {
+    request.edns.as_ref().map(|_| {
+        let mut edns = Edns::new();
+        edns.set_max_payload(MAX_UDP_PAYLOAD);
+        edns.set_version(0);
+        edns
+    })
+}
+
+fn resolver(forward: &ForwardConfig) -> Result<Resolver<TokioRuntimeProvider>, String> {
+    let servers = forward
+        .upstreams
+        .iter()
+        .map(|addr| {
+            let connections = [ProtocolConfig::Udp, ProtocolConfig::Tcp]
+                .into_iter()
+                .map(|protocol| {
+                    let mut c = ConnectionConfig::new(protocol);
+                    c.port = addr.port();
+                    c
+                })
+                .collect();
+            NameServerConfig::new(addr.ip(), true, connections)
+        })
+        .collect();
+    let mut builder = Resolver::builder_with_config(
+        ResolverConfig::from_name_servers(servers),
+        TokioRuntimeProvider::default(),
+    );
+    let options = builder.options_mut();
+    options.timeout = forward.timeout;
+    options.attempts = 2;
+    options.cache_size = forward.cache_size;
+    // Forward names as asked: no search list, no /etc/hosts, and keep CNAME
+    // chains in the answer.
+    options.ndots = 0;
+    options.use_hosts_file = ResolveHosts::Never;
+    options.preserve_intermediates = true;
+    options.edns0 = true;
+    builder
+        .build()
+        .map_err(|e| format!("cannot build the forwarding resolver: {e}"))
+}
+
+/// Serves DNS over UDP on `socket` until `stop`.
+pub async fn serve_udp(server: Arc<DnsServer>, socket: UdpSocket, mut stop: watch::Receiver<bool>) {
+    let socket = Arc::new(socket);
+    let mut buf = vec![0u8; usize::from(MAX_UDP_PAYLOAD)];
+    loop {
+        let (len, src) = tokio::select! {
+            received = socket.recv_from(&mut buf) => match received {
+                Ok(r) => r,
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here; keep going.
+                    tracing::debug!(error = %e, "DNS UDP receive error");
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        if src.port() == 0 {
+            continue;
+        }
+        match server.handle(&buf[..len], src, Transport::Udp) {
+            Step::Reply(bytes) => {
+                let _ = socket.send_to(&bytes, src).await;
+            }
+            Step::Drop => {}
+            Step::Forward(request) => {
+                let server = server.clone();
+                let socket = socket.clone();
+                tokio::spawn(async move {
+                    let bytes = server.forward(&request, Transport::Udp).await;
+                    let _ = socket.send_to(&bytes, src).await;
+                });
+            }
+        }
+    }
+}
+
+/// Serves DNS over TCP on `listener` until `stop` (RFC 7766: several queries
+/// per connection, answered in order, closed when idle).
+pub async fn serve_tcp(
+    server: Arc<DnsServer>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let connections = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    loop {
+        let (stream, src) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "DNS TCP accept error");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            server
+                .metrics
+                .overloaded
+                .with_label_values(&[Transport::Tcp.label()])
+                .inc();
+            continue;
+        };
+        let server = server.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            connection(&server, stream, src, stop).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn connection(
+    server: &DnsServer,
+    mut stream: TcpStream,
+    src: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let len = tokio::select! {
+            len = tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read_u16()) => match len {
+                Ok(Ok(len)) => usize::from(len),
+                _ => return,
+            },
+            _ = stop.changed() => return,
+        };
+        buf.resize(len, 0);
+        match tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read_exact(&mut buf)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let reply = match server.handle(&buf, src, Transport::Tcp) {
+            Step::Reply(bytes) => bytes,
+            Step::Drop => continue,
+            Step::Forward(request) => server.forward(&request, Transport::Tcp).await,
+        };
+        let Ok(len) = u16::try_from(reply.len()) else {
+            return;
+        };
+        let mut framed = Vec::with_capacity(reply.len() + 2);
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(&reply);
+        if stream.write_all(&framed).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+
+    use super::*;
+    use crate::dns::zone::tests::zone;
+
+    const SRC: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 5300);
+
+    fn server() -> DnsServer {
+        let metrics = DnsMetrics::new(&prometheus::Registry::new()).unwrap();
+        DnsServer::new(Arc::new(ArcSwap::from_pointee(zone().0)), None, metrics).unwrap()
+    }
+
+    fn query(name: &str, rtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 4242;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+        if let Some(size) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            m.edns = Some(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    fn reply(step: Step) -> Message {
+        match step {
+            Step::Reply(bytes) => Message::from_vec(&bytes).unwrap(),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn answers_are_authoritative_and_outside_names_refused_without_upstreams() {
+        let s = server();
+        let m = reply(s.handle(
+            &query("web.shop.svc.clusterset.local.", RecordType::A, None),
+            SRC,
+            Transport::Udp,
+        ));
+        assert_eq!(m.metadata.id, 4242);
+        assert!(m.metadata.authoritative);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(m.answers.len(), 1);
+        let refused = reply(s.handle(
+            &query("example.com.", RecordType::A, None),
+            SRC,
+            Transport::Udp,
+        ));
+        assert_eq!(refused.metadata.response_code, ResponseCode::Refused);
+        let nx = reply(s.handle(
+            &query("nope.shop.svc.clusterset.local.", RecordType::A, Some(1232)),
+            SRC,
+            Transport::Udp,
+        ));
+        assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(nx.authorities.len(), 1, "the SOA");
+        assert!(nx.edns.is_some(), "EDNS in, EDNS out");
+    }
+
+    #[test]
+    fn bad_packets_get_formerr_or_nothing() {
+        let s = server();
+        assert!(matches!(s.handle(&[], SRC, Transport::Udp), Step::Drop));
+        assert!(matches!(
+            s.handle(&[1, 2, 3], SRC, Transport::Tcp),
+            Step::Drop
+        ));
+        let mut truncated = query("web.shop.svc.clusterset.local.", RecordType::A, None);
+        truncated.truncate(20);
+        let m = reply(s.handle(&truncated, SRC, Transport::Udp));
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+        // A response is never answered (no reflection loops).
+        let mut response = query("web.shop.svc.clusterset.local.", RecordType::A, None);
+        response[2] |= 0x80;
+        assert!(matches!(
+            s.handle(&response, SRC, Transport::Udp),
+            Step::Drop
+        ));
+        // Unknown opcode, and an EDNS version from the future.
+        let mut notify = query("web.shop.svc.clusterset.local.", RecordType::A, None);
+        notify[2] |= 4 << 3;
+        assert_eq!(
+            reply(s.handle(&notify, SRC, Transport::Udp))
+                .metadata
+                .response_code,
+            ResponseCode::NotImp
+        );
+        let mut m =
+            Message::from_vec(&query("a.clusterset.local.", RecordType::A, Some(1232))).unwrap();
+        if let Some(e) = m.edns.as_mut() {
+            e.set_version(1);
+        }
+        let badvers = reply(s.handle(&m.to_vec().unwrap(), SRC, Transport::Udp));
+        // BADVERS and BADSIG share code 16 (RFC 6891, RFC 8945).
+        assert_eq!(u16::from(badvers.metadata.response_code), 16);
+        assert_eq!(s.metrics().malformed.with_label_values(&["udp"]).get(), 3);
+    }
+
+    #[test]
+    fn udp_answers_fit_the_clients_buffer_with_tc_and_tcp_answers_do_not_need_to() {
+        // 300 endpoints: about 4.8 KB of A records.
+        let entry = crate::catalog::ServiceEntry {
+            key: "data/big".parse().unwrap(),
+            ports: vec![],
+            endpoints: vec![],
+            remote: vec![],
+            exported: true,
+            allowed_callers: None,
+            passthrough: false,
+            headless: true,
+            headless_endpoints: (0..300u32)
+                .map(|i| crate::catalog::HeadlessEndpoint {
+                    cluster: "east".parse().unwrap(),
+                    hostname: None,
+                    address: std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)),
+                })
+                .collect(),
+        };
+        let zone = ClusterSetZone::build(
+            &crate::Catalog::new([entry]),
+            &super::super::Allocations::default(),
+            &[],
+            super::super::ZoneSettings { ttl: 5, serial: 1 },
+        );
+        let metrics = DnsMetrics::new(&prometheus::Registry::new()).unwrap();
+        let s = DnsServer::new(Arc::new(ArcSwap::from_pointee(zone)), None, metrics).unwrap();
+        let name = "big.data.svc.clusterset.local.";
+        for (edns, transport, max) in [
+            (None, Transport::Udp, 512),
+            (Some(1232), Transport::Udp, 1232),
+            (Some(65000), Transport::Udp, usize::from(MAX_UDP_PAYLOAD)),
+        ] {
+            let Step::Reply(bytes) = s.handle(&query(name, RecordType::A, edns), SRC, transport)
+            else {
+                panic!("no reply");
+            };
+            assert!(bytes.len() <= max, "{} > {max}", bytes.len());
+            let m = Message::from_vec(&bytes).unwrap();
+            assert!(m.metadata.truncation, "TC set for {edns:?}");
+        }
+        let full = reply(s.handle(&query(name, RecordType::A, None), SRC, Transport::Tcp));
+        assert!(!full.metadata.truncation);
+        assert_eq!(full.answers.len(), 300);
+        assert_eq!(s.metrics().truncated.get(), 3);
+    }
+
+    #[test]
+    fn the_fuzz_seeds_are_queries_this_server_answers() {
+        let s = server();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/dns_message");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            let asked = Message::from_vec(&bytes).unwrap();
+            let m = reply(s.handle(&bytes, SRC, Transport::Udp));
+            assert_eq!(m.metadata.id, asked.metadata.id, "{}", path.display());
+            assert!(
+                matches!(
+                    m.metadata.response_code,
+                    ResponseCode::NoError | ResponseCode::NXDomain
+                ),
+                "{}: {:?}",
+                path.display(),
+                m.metadata.response_code
+            );
+            n += 1;
+        }
+        assert!(n >= 8);
+    }
+}
