@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod catalog;
+pub mod discovery;
 pub mod dns;
 pub mod identity;
 pub mod locality;
