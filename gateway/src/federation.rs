@@ -1,6 +1,6 @@
 //! Federation in the gateway process: the hub that builds the catalog from the
-//! configuration and the peers, the peering listener, and one dialler per
-//! configured peer.
+//! configuration, the discovery sources ([`crate::discovery`]) and the peers,
+//! the peering listener, and one dialler per configured peer.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -86,6 +86,8 @@ pub struct Reconfigure {
     pub hub: Arc<Hub>,
     /// Tells the diallers which peers to dial.
     pub targets: watch::Sender<Vec<PeerTarget>>,
+    /// Starts, stops and restarts the discovery sources.
+    pub discovery: crate::discovery::DiscoveryHandle,
 }
 
 impl Reconfigure {
@@ -93,6 +95,7 @@ impl Reconfigure {
     pub fn apply(&self, config: &Config) {
         apply(config, &self.hub);
         self.targets.send_replace(targets(config));
+        self.discovery.apply(config);
     }
 }
 
@@ -126,6 +129,8 @@ pub struct FederationService {
     pub readiness: Arc<Readiness>,
     /// Whether readiness waits on federation at all.
     pub enabled: bool,
+    /// The discovery sources of `[discovery]`.
+    pub discovery: crate::discovery::DiscoveryRunner,
 }
 
 #[async_trait]
@@ -134,6 +139,9 @@ impl BackgroundService for FederationService {
         let (stop_tx, stop) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(self.hub.clone().run(stop.clone()));
+        let discovery = self.discovery.clone();
+        let discovery_stop = stop.clone();
+        tasks.spawn(async move { discovery.run(discovery_stop).await });
         if let Some(trust) = &self.trust {
             if let Some(addr) = self.listen {
                 match self.listener(trust, addr).await {

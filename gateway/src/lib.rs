@@ -9,6 +9,7 @@
 //! - [`health`]: readiness conditions and in-flight tracking;
 //! - [`trust`]: SVID, bundles, peer policy at run time; [`bundle_endpoint`]: the
 //!   SPIFFE bundle endpoint;
+//! - [`discovery`]: the discovery sources' supervisor and the watched-file source;
 //! - [`admin`]: the admin HTTP API; [`metrics`]: the Prometheus registry;
 //! - [`logging`]: JSON / text / journald output for `tracing` and `log`.
 #![forbid(unsafe_code)]
@@ -18,6 +19,8 @@ pub mod bundle_endpoint;
 pub mod cli;
 pub mod config;
 pub mod devpki;
+pub mod discovery;
+pub mod dns;
 pub mod federation;
 pub mod health;
 pub mod lifecycle;

@@ -140,6 +140,11 @@ impl Reloader {
             warn!("listeners changed; they take effect on restart");
             next.listeners = current.listeners.clone();
         }
+        // The DNS server's sockets, ranges and resolver are built at start.
+        if next.dns != current.dns {
+            warn!("dns settings changed; they take effect on restart");
+            next.dns = current.dns.clone();
+        }
         // The federation's listener and identity settings are fixed at start;
         // its peers, filters, services and static peers apply at once.
         if next.federation.listen != current.federation.listen
@@ -162,6 +167,7 @@ impl Reloader {
         if next.services != current.services
             || next.peers != current.peers
             || next.federation != current.federation
+            || next.discovery != current.discovery
         {
             self.federation.apply(&next);
             info!(

@@ -31,6 +31,7 @@ use crate::admin::{AdminApp, AdminState};
 use crate::bundle_endpoint::BundleEndpointApp;
 use crate::cli::{EXIT_CONFIG, EXIT_FAILURE};
 use crate::config::Config;
+use crate::dns::{ClusterSetListeners, DynApp};
 use crate::health::{Drain, Readiness};
 use crate::lifecycle::{Probe, Reloader, Signals, Startup};
 use crate::mesh::MeshRelay;
@@ -113,18 +114,51 @@ pub fn run(config_path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
+    let (discovery, discovery_runner) =
+        match crate::discovery::discovery(&config.load(), hub.clone(), &registry) {
+            Ok(d) => d,
+            Err(e) => {
+                error!(error = %e, "cannot register the discovery metrics");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
     let catalog = hub.catalog().clone();
+    let dns = match crate::dns::DnsParts::new(&config.load().dns, &registry) {
+        Ok(dns) => dns,
+        Err(e) => {
+            error!(error = %e, "cannot set up DNS");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
     let upstreams = Arc::new(Upstreams::new(config.load().upstream.clone(), &registry));
-    if let Err(e) = add_data_plane(
+    let clusterset_listeners = match add_data_plane(
         &mut server,
         &config.load(),
         trust.as_ref(),
         &catalog,
         &upstreams,
+        dns.as_ref().map(|d| d.cluster_set.allocations()),
         &registry,
     ) {
-        error!(error = %e, "cannot set up the data plane");
-        return ExitCode::from(EXIT_FAILURE);
+        Ok(listeners) => listeners,
+        Err(e) => {
+            error!(error = %e, "cannot set up the data plane");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    if let Some(dns) = dns {
+        readiness.set("dns", false, "starting");
+        server.add_service(background_service(
+            "dns",
+            crate::dns::DnsService {
+                cluster_set: dns.cluster_set,
+                hub: hub.clone(),
+                server: dns.server,
+                sockets: std::sync::Mutex::new(Some(dns.sockets)),
+                listeners: clusterset_listeners,
+                readiness: readiness.clone(),
+            },
+        ));
     }
 
     let admin_addr = config.load().admin.listen;
@@ -177,6 +211,7 @@ pub fn run(config_path: &Path) -> ExitCode {
             connect_timeout: config.load().upstream.connect_timeout,
             readiness: readiness.clone(),
             enabled: federation.enabled(),
+            discovery: discovery_runner,
         },
     ));
     server.add_service(background_service(
@@ -195,6 +230,7 @@ pub fn run(config_path: &Path) -> ExitCode {
         crate::federation::Reconfigure {
             hub,
             targets: peer_targets,
+            discovery,
         },
         upstreams,
         &registry,
@@ -219,15 +255,19 @@ fn east_west_alpn() -> Vec<Vec<u8>> {
     vec![b"h2".to_vec(), b"http/1.1".to_vec()]
 }
 
-/// Adds the outbound and east-west listeners and the mesh relay.
+/// Adds the outbound and east-west listeners and the mesh relay; returns the
+/// clusterset listeners when `clusterset` (the clusterset IPs) is given and
+/// `dns.clusterset_listeners` is on.
 fn add_data_plane(
     server: &mut Server,
     config: &Config,
     trust: Option<&Arc<Trust>>,
     catalog: &Arc<ArcSwap<Catalog>>,
     upstreams: &Arc<Upstreams>,
+    clusterset: Option<tokio::sync::watch::Receiver<Arc<isthmus_federation::dns::Allocations>>>,
     registry: &prometheus::Registry,
-) -> Result<(), String> {
+) -> Result<Option<ClusterSetListeners>, String> {
+    let clusterset = clusterset.filter(|_| config.dns.clusterset_listeners);
     let conf = server.configuration.clone();
     let metrics = ProxyMetrics::new(registry);
     let tcp_metrics = TcpMetrics::new(registry);
@@ -236,7 +276,7 @@ fn add_data_plane(
 
     // The relay opens east-west connections for the outbound listener.
     let relay = match trust {
-        Some(trust) if config.listeners.outbound.is_some() => {
+        Some(trust) if config.listeners.outbound.is_some() || clusterset.is_some() => {
             let connector = SpiffeConnector::new(
                 trust.material().clone(),
                 trust.handshake_metrics.clone(),
@@ -252,22 +292,27 @@ fn add_data_plane(
         _ => None,
     };
 
-    if let Some(addr) = config.listeners.outbound {
-        let mut proxy = pingora_proxy::http_proxy(
-            &conf,
-            OutboundProxy::new(
-                Common::new(
-                    catalog.clone(),
-                    metrics.clone(),
-                    cluster.clone(),
-                    upstreams.clone(),
-                ),
-                relay,
+    let outbound_proxy = |clusterset: Option<_>| {
+        let mut outbound = OutboundProxy::new(
+            Common::new(
+                catalog.clone(),
+                metrics.clone(),
+                cluster.clone(),
+                upstreams.clone(),
             ),
+            relay.clone(),
         );
+        if let Some(allocations) = clusterset {
+            outbound = outbound.with_clusterset(allocations);
+        }
+        let mut proxy = pingora_proxy::http_proxy(&conf, outbound);
         let mut options = HttpServerOptions::default();
         options.h2c = true;
         proxy.server_options = Some(options);
+        proxy
+    };
+    if let Some(addr) = config.listeners.outbound {
+        let proxy = outbound_proxy(None);
         let mut service = Service::new("outbound".to_owned(), proxy);
         service.add_tcp(&addr.to_string());
         service.threads = Some(threads);
@@ -305,6 +350,34 @@ fn add_data_plane(
             server.add_service(service);
         }
     }
+
+    // Listeners at clusterset IPs serve what the outbound listener serves;
+    // they run in the DNS service, which knows the allocations.
+    let clusterset_listeners = match clusterset {
+        Some(allocations) => {
+            let http: Arc<dyn DynApp> = Arc::new(outbound_proxy(Some(allocations)));
+            let tcp_app = {
+                let (catalog, upstreams, tcp_metrics) =
+                    (catalog.clone(), upstreams.clone(), tcp_metrics.clone());
+                let connector = l4_connector.clone();
+                move |key: &ServiceKey, port: u16| -> Arc<dyn DynApp> {
+                    Arc::new(TcpOutboundApp::new(
+                        key.clone(),
+                        port,
+                        catalog.clone(),
+                        connector.clone(),
+                        upstreams.clone(),
+                        tcp_metrics.clone(),
+                    ))
+                }
+            };
+            Some(
+                ClusterSetListeners::new(http, Arc::new(tcp_app), registry)
+                    .map_err(|e| format!("clusterset listener metrics: {e}"))?,
+            )
+        }
+        None => None,
+    };
 
     if let (Some(addr), Some(trust)) = (config.listeners.east_west, trust) {
         let tls = mtls_server_config(trust.material(), trust.policy.clone(), east_west_alpn())
@@ -360,7 +433,7 @@ fn add_data_plane(
         "health checks",
         HealthChecker::new(upstreams.clone(), catalog.clone(), probe_connector),
     ));
-    Ok(())
+    Ok(clusterset_listeners)
 }
 
 /// Runs the mesh relay as a Pingora background service.

@@ -6,6 +6,9 @@
 //! line appearing) with a deadline, never by fixed sleeps.
 #![forbid(unsafe_code)]
 
+pub mod dns;
+pub mod mesh;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};

@@ -13,6 +13,8 @@
 //! file path only, so the effective configuration can be printed and served on
 //! `/debug/config` as it is.
 
+pub mod discovery;
+pub mod dns;
 mod error;
 pub mod federation;
 pub mod model;

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Display;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -21,6 +21,7 @@ use isthmus_federation::{
 };
 use serde::Serialize;
 
+pub use super::discovery::DiscoveryConfig;
 use super::error::{ConfigError, ConfigErrors};
 pub use super::federation::{FederationConfig, FederationPeer};
 use super::raw::{
@@ -78,6 +79,10 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// `[federation]`
     pub federation: FederationConfig,
+    /// `[discovery]`
+    pub discovery: DiscoveryConfig,
+    /// `[dns]`
+    pub dns: super::dns::DnsConfig,
 }
 
 /// `[listeners]`: each is off unless given an address.
@@ -118,6 +123,42 @@ pub struct ServiceConfig {
 }
 
 impl ServiceConfig {
+    /// The service as the catalog has it, in `cluster`.
+    pub fn local_service(&self, cluster: &ClusterName) -> LocalService {
+        let headless_endpoints = if self.headless {
+            self.endpoints
+                .iter()
+                .map(|a| HeadlessEndpoint {
+                    cluster: cluster.clone(),
+                    hostname: None,
+                    address: a.ip(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        LocalService {
+            export: Export {
+                key: self.key(),
+                ports: self.service_ports(),
+                // The hub stamps the time it first sees the export.
+                export_time_millis: 0,
+                headless: self.headless,
+                endpoints: headless_endpoints,
+            },
+            endpoints: self.endpoints.clone(),
+            exported: self.export,
+            allowed_callers: (!self.allow_ids.is_empty() || !self.allow_trust_domains.is_empty())
+                .then(|| {
+                    PeerPolicy::new(
+                        self.allow_ids.iter().cloned(),
+                        self.allow_trust_domains.iter().cloned(),
+                    )
+                }),
+            passthrough: self.mode == EastWestMode::Passthrough,
+        }
+    }
+
     /// Its `namespace/name`.
     pub fn key(&self) -> ServiceKey {
         ServiceKey {
@@ -397,6 +438,16 @@ pub(super) fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
     })
 }
 
+/// A DNS server: `ip:port`, or `ip` for port 53.
+pub(super) fn parse_resolver(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    parse_socket_addr(s).map_err(|_| {
+        format!("{s:?} is not a nameserver address such as \"10.0.0.2\" or \"127.0.0.1:5353\"")
+    })
+}
+
 pub(super) fn parse_duration(s: &str, max: Duration) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration such as \"10s\" or \"1m 30s\" ({e})"))?;
@@ -450,19 +501,23 @@ impl Config {
             own_td,
             trust.as_ref(),
         );
+        let dns = super::dns::dns(&mut check, &raw.dns);
+        let discovery = super::discovery::discovery(&mut check, &raw.discovery);
         if let (Some(admin), Some(trust), Some(listeners)) = (&admin, &trust, &listeners) {
-            let federation_listen = federation.as_ref().and_then(|f| f.listen);
-            distinct_listeners(
-                &mut check,
-                admin,
-                trust,
-                listeners,
-                federation_listen,
-                &services,
-            );
+            let mut tcp = tcp_listeners(trust, listeners, &services);
+            tcp.push((
+                "federation.listen".into(),
+                federation.as_ref().and_then(|f| f.listen),
+            ));
+            tcp.push(("dns.listen".into(), dns.as_ref().and_then(|d| d.listen)));
+            distinct_listeners(&mut check, admin, &tcp);
+            if let Some(dns) = &dns {
+                tcp.push(("admin.listen".into(), Some(admin.listen)));
+                super::dns::outside_ranges(&mut check, dns, &tcp);
+            }
         }
         match (
-            gateway, admin, log, runtime, shutdown, trust, listeners, upstream, federation,
+            gateway, admin, log, runtime, shutdown, trust, listeners, upstream, federation, dns,
         ) {
             (
                 Some(gateway),
@@ -474,6 +529,7 @@ impl Config {
                 Some(listeners),
                 Some(upstream),
                 Some(federation),
+                Some(dns),
             ) if check.errors.is_empty() => Ok(Self {
                 gateway,
                 admin,
@@ -487,6 +543,8 @@ impl Config {
                 peers,
                 upstream,
                 federation,
+                discovery,
+                dns,
             }),
             _ => Err(ConfigErrors(check.errors)),
         }
@@ -501,42 +559,7 @@ impl Config {
     pub fn local_services(&self) -> Vec<LocalService> {
         self.services
             .iter()
-            .map(|svc| {
-                let key = svc.key();
-                let headless_endpoints = if svc.headless {
-                    svc.endpoints
-                        .iter()
-                        .map(|a| HeadlessEndpoint {
-                            cluster: self.gateway.cluster.clone(),
-                            hostname: None,
-                            address: a.ip(),
-                        })
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                LocalService {
-                    export: Export {
-                        key,
-                        ports: svc.service_ports(),
-                        // The hub stamps the time it first sees the export.
-                        export_time_millis: 0,
-                        headless: svc.headless,
-                        endpoints: headless_endpoints,
-                    },
-                    endpoints: svc.endpoints.clone(),
-                    exported: svc.export,
-                    allowed_callers: (!svc.allow_ids.is_empty()
-                        || !svc.allow_trust_domains.is_empty())
-                    .then(|| {
-                        PeerPolicy::new(
-                            svc.allow_ids.iter().cloned(),
-                            svc.allow_trust_domains.iter().cloned(),
-                        )
-                    }),
-                    passthrough: svc.mode == EastWestMode::Passthrough,
-                }
-            })
+            .map(|svc| svc.local_service(&self.gateway.cluster))
             .collect()
     }
 
@@ -586,6 +609,7 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
+        self.discovery.resolve_paths(base);
         if let Some(identity) = &mut self.identity {
             resolve(&mut identity.cert);
             resolve(&mut identity.key);
@@ -997,30 +1021,36 @@ fn listeners(check: &mut Check, raw: &RawListeners, has_identity: bool) -> Optio
 }
 
 /// No two listeners on the same address.
-fn distinct_listeners(
-    check: &mut Check,
-    admin: &AdminConfig,
+/// The TCP listeners of the data plane sections, by config path.
+fn tcp_listeners(
     trust: &TrustConfig,
     listeners: &ListenersConfig,
-    federation_listen: Option<SocketAddr>,
     services: &[ServiceConfig],
-) {
-    let mut others: Vec<(String, Option<SocketAddr>)> = vec![
+) -> Vec<(String, Option<SocketAddr>)> {
+    let mut out: Vec<(String, Option<SocketAddr>)> = vec![
         (
             "trust.bundle_endpoint.listen".into(),
             trust.bundle_endpoint.as_ref().map(|b| b.listen),
         ),
         ("listeners.outbound".into(), listeners.outbound),
         ("listeners.east_west".into(), listeners.east_west),
-        ("federation.listen".into(), federation_listen),
     ];
     for (i, svc) in services.iter().enumerate() {
         for (j, port) in svc.ports.iter().enumerate() {
-            others.push((format!("services[{i}].ports[{j}].listen"), port.listen));
+            out.push((format!("services[{i}].ports[{j}].listen"), port.listen));
         }
     }
+    out
+}
+
+/// No two listeners (`others`, and the admin API) on one address.
+fn distinct_listeners(
+    check: &mut Check,
+    admin: &AdminConfig,
+    others: &[(String, Option<SocketAddr>)],
+) {
     let mut seen: Vec<(String, SocketAddr)> = vec![("admin.listen".into(), admin.listen)];
-    for (path, addr) in others {
+    for (path, addr) in others.iter().cloned() {
         let Some(addr) = addr else { continue };
         if let Some((other, _)) = seen.iter().find(|(_, a)| *a == addr) {
             check.errors.push(ConfigError::new(
@@ -1032,7 +1062,7 @@ fn distinct_listeners(
     }
 }
 
-fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConfig> {
+pub(super) fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConfig> {
     let mut out: Vec<ServiceConfig> = Vec::new();
     for (i, svc) in raw.iter().enumerate() {
         let at = |field: &str| format!("services[{i}].{field}");

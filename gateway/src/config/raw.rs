@@ -44,6 +44,36 @@ pub struct RawConfig {
     /// `[federation]`: peering with other gateways.
     #[serde(default)]
     pub federation: RawFederation,
+    /// `[discovery]`: services from watched files, DNS and Kubernetes.
+    #[serde(default)]
+    pub discovery: super::discovery::RawDiscovery,
+    /// `[dns]`: the DNS server and clusterset IPs.
+    #[serde(default)]
+    pub dns: RawDns,
+}
+
+/// `[dns]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    /// `dns.listen`
+    pub listen: Option<String>,
+    /// `dns.ttl`
+    pub ttl: Option<String>,
+    /// `dns.clusterset_ipv4_range`
+    pub clusterset_ipv4_range: Option<String>,
+    /// `dns.clusterset_ipv6_range`
+    pub clusterset_ipv6_range: Option<String>,
+    /// `dns.state_file`
+    pub state_file: Option<String>,
+    /// `dns.clusterset_listeners`
+    pub clusterset_listeners: Option<bool>,
+    /// `dns.upstreams`
+    pub upstreams: Option<Vec<String>>,
+    /// `dns.forward_timeout`
+    pub forward_timeout: Option<String>,
+    /// `dns.cache_size`
+    pub cache_size: Option<u64>,
 }
 
 /// `[federation]`

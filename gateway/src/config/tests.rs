@@ -921,3 +921,115 @@ fn federation_mistakes_are_named() {
     let no_identity = format!("{}[federation]\nlisten = \"127.0.0.1:15012\"\n", MINIMAL);
     assert!(errors_of(&no_identity).mentions("federation.listen"));
 }
+
+const WITH_DNS: &str = concat!(
+    minimal!(),
+    r#"
+[listeners]
+outbound = "127.0.0.1:15001"
+[dns]
+listen = "127.0.0.1:15053"
+ttl = "10s"
+clusterset_ipv4_range = "127.240.0.0/16"
+clusterset_ipv6_range = "fd00:69::/112"
+state_file = "/var/lib/isthmus/clusterset-ips.json"
+upstreams = ["10.0.0.2", "10.0.0.3:5353"]
+forward_timeout = "1s"
+cache_size = 500
+"#
+);
+
+#[test]
+fn dns_section_parses_with_defaults_and_round_trips() {
+    let c = parse_with_env(WITH_DNS, "t", NO_ENV).expect("valid");
+    let d = &c.dns;
+    assert_eq!(d.listen, Some("127.0.0.1:15053".parse().unwrap()));
+    assert_eq!(d.ttl, Duration::from_secs(10));
+    assert_eq!(
+        d.upstreams,
+        [
+            "10.0.0.2:53".parse().unwrap(),
+            "10.0.0.3:5353".parse().unwrap()
+        ],
+        "a bare address means port 53"
+    );
+    assert!(d.clusterset_listeners);
+    assert_eq!(d.forward().unwrap().cache_size, 500);
+    let again = parse_with_env(&toml::to_string(&c).unwrap(), "printed", NO_ENV).unwrap();
+    assert_eq!(c, again);
+    let off = parse_with_env(MINIMAL, "t", NO_ENV).unwrap();
+    assert_eq!(off.dns.listen, None);
+    assert_eq!(off.dns.ttl, Duration::from_secs(5));
+    assert_eq!(off.dns.clusterset_ipv4_range.to_string(), "127.240.0.0/16");
+    assert!(off.dns.forward().is_none(), "no upstreams: REFUSED");
+}
+
+#[test]
+fn dns_mistakes_are_named() {
+    for (from, to, path) in [
+        (
+            "listen = \"127.0.0.1:15053\"",
+            "listen = \"53\"",
+            "dns.listen",
+        ),
+        (
+            "listen = \"127.0.0.1:15053\"",
+            "listen = \"127.0.0.1:15001\"",
+            "dns.listen",
+        ),
+        ("ttl = \"10s\"", "ttl = \"2h\"", "dns.ttl"),
+        (
+            "\"127.240.0.0/16\"",
+            "\"127.240.0.1/16\"",
+            "dns.clusterset_ipv4_range",
+        ),
+        (
+            "\"127.240.0.0/16\"",
+            "\"fd00::/64\"",
+            "dns.clusterset_ipv4_range",
+        ),
+        (
+            "\"127.240.0.0/16\"",
+            "\"127.0.0.0/31\"",
+            "dns.clusterset_ipv4_range",
+        ),
+        (
+            "\"fd00:69::/112\"",
+            "\"10.0.0.0/8\"",
+            "dns.clusterset_ipv6_range",
+        ),
+        (
+            "state_file = \"/var/lib/isthmus/clusterset-ips.json\"",
+            "state_file = \"\"",
+            "dns.state_file",
+        ),
+        (
+            "\"10.0.0.3:5353\"",
+            "\"resolver.local\"",
+            "dns.upstreams[1]",
+        ),
+        (
+            "\"10.0.0.3:5353\"",
+            "\"127.0.0.1:15053\"",
+            "dns.upstreams[1]",
+        ),
+        (
+            "forward_timeout = \"1s\"",
+            "forward_timeout = \"1ms\"",
+            "dns.forward_timeout",
+        ),
+        ("cache_size = 500", "cache_size = 5000000", "dns.cache_size"),
+        (
+            "outbound = \"127.0.0.1:15001\"",
+            "outbound = \"127.240.0.9:15001\"",
+            "listeners.outbound",
+        ),
+    ] {
+        assert!(WITH_DNS.contains(from), "{from}");
+        let errors = errors_of(&WITH_DNS.replacen(from, to, 1));
+        assert!(
+            errors.mentions(path),
+            "expected {path} for {to:?}, got:\n{errors}"
+        );
+    }
+}

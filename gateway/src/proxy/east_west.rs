@@ -129,7 +129,7 @@ impl ProxyHttp for EastWestProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        if self.common.route(session, ctx, true).await? {
+        if self.common.route(session, ctx, true, None).await? {
             return Ok(true);
         }
         let caller = self.caller(session);

@@ -11,13 +11,17 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use isthmus_federation::ClusterName;
-use isthmus_federation::catalog::{Catalog, Protocol, east_west_sni, parse_authority};
+use isthmus_federation::catalog::{
+    Addressed, CLUSTERSET_ZONE, Catalog, Protocol, east_west_sni, parse_authority,
+};
+use isthmus_federation::dns::Allocations;
 use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use rustls::pki_types::ServerName;
+use tokio::sync::watch;
 use tracing::info;
 
 use super::headers;
@@ -50,6 +54,9 @@ pub struct RequestCtx {
     /// The current attempt's response status from upstream.
     upstream_status: Option<u16>,
     spread: usize,
+    /// The service's name, sent upstream as the authority when the client
+    /// addressed it by clusterset IP (peers route by name, not by our IPs).
+    authority_override: Option<String>,
 }
 
 impl RequestCtx {
@@ -104,16 +111,20 @@ impl Common {
             tried: Vec::new(),
             upstream_status: None,
             spread: self.spread.fetch_add(1, Ordering::Relaxed),
+            authority_override: None,
         }
     }
 
     /// Adopts or assigns the request id, resolves the service; answers the
     /// client itself (and returns true) when there is no route.
+    /// `by_address` is the service whose clusterset IP the client connected
+    /// to; it applies when the authority names no service.
     pub(crate) async fn route(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         exported_only: bool,
+        by_address: Option<Addressed>,
     ) -> Result<bool> {
         let req = session.req_header();
         ctx.request_id = req
@@ -133,7 +144,19 @@ impl Common {
                     .map(str::to_owned)
             })
             .unwrap_or_default();
-        let resolved = parse_authority(&authority)
+        let named = parse_authority(&authority);
+        if named.is_none()
+            && let Some(a) = &by_address
+        {
+            ctx.authority_override = Some(format!(
+                "{}.{}.{CLUSTERSET_ZONE}:{}",
+                a.key.name,
+                a.key.namespace,
+                a.port.unwrap_or(80)
+            ));
+        }
+        let resolved = named
+            .or(by_address)
             .ok_or(NoRoute::UnknownService)
             .and_then(|a| resolve(&self.catalog.load(), &a))
             .and_then(|r| {
@@ -477,17 +500,52 @@ pub(crate) fn local_peer(addr: SocketAddr, protocol: Protocol) -> HttpPeer {
     peer
 }
 
+/// Replaces the request's authority (Host, and the URI's when it has one).
+fn set_authority(upstream: &mut RequestHeader, authority: &str) -> Result<()> {
+    upstream.insert_header(http::header::HOST, authority)?;
+    if upstream.uri.authority().is_some() {
+        let mut parts = upstream.uri.clone().into_parts();
+        parts.authority = authority.parse().ok();
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            upstream.set_uri(uri);
+        }
+    }
+    Ok(())
+}
+
 /// The outbound proxy.
 pub struct OutboundProxy {
     common: Common,
     relay: Option<PathBuf>,
+    clusterset: Option<watch::Receiver<Arc<Allocations>>>,
 }
 
 impl OutboundProxy {
     /// A proxy routing with `catalog`; `relay` (the mesh relay's socket) is
     /// needed to reach peer gateways.
     pub fn new(common: Common, relay: Option<PathBuf>) -> Self {
-        Self { common, relay }
+        Self {
+            common,
+            relay,
+            clusterset: None,
+        }
+    }
+
+    /// Also routes a request by the clusterset IP its connection reached,
+    /// when its authority names no service (`curl http://127.240.0.7:8080/`).
+    pub fn with_clusterset(mut self, allocations: watch::Receiver<Arc<Allocations>>) -> Self {
+        self.clusterset = Some(allocations);
+        self
+    }
+
+    fn by_address(&self, session: &Session) -> Option<Addressed> {
+        let allocations = self.clusterset.as_ref()?;
+        let local = session.server_addr()?.as_inet()?;
+        let key = allocations.borrow().service(local.ip())?.clone();
+        Some(Addressed {
+            key,
+            port: Some(local.port()),
+        })
     }
 }
 
@@ -500,7 +558,8 @@ impl ProxyHttp for OutboundProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        self.common.route(session, ctx, false).await
+        let by_address = self.by_address(session);
+        self.common.route(session, ctx, false, by_address).await
     }
 
     async fn upstream_peer(
@@ -517,6 +576,9 @@ impl ProxyHttp for OutboundProxy {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(authority) = &ctx.authority_override {
+            set_authority(upstream, authority)?;
+        }
         self.common.stamp(upstream, ctx)
     }
 
