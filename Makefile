@@ -1,9 +1,12 @@
 # Entry points for people and CI. Targets install what the build needs on a fresh
-# Debian machine first (cmake: Pingora builds zlib-ng with it; curl and openssl:
-# the end-to-end tests use them as outside clients).
+# Debian machine first (cmake: Pingora builds zlib-ng with it; curl, openssl,
+# dig and kdig: the end-to-end tests use them as outside clients; nsd: the
+# upstream resolver in the DNS tests).
 
 CARGO ?= cargo
-APT_PACKAGES := cmake curl openssl
+# command:Debian package
+APT_TOOLS := cmake:cmake curl:curl openssl:openssl dig:bind9-dnsutils kdig:knot-dnsutils \
+	/usr/sbin/nsd:nsd
 ISTHMUS := target/debug/isthmus
 # Development PKI for `make run`, made once with `isthmus ca`.
 DEV_PKI := target/dev-pki
@@ -15,7 +18,7 @@ SHELL := /bin/bash
 .PHONY: deps run test lint fuzz
 
 deps:
-	@missing=""; for p in $(APT_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	@missing=""; for t in $(APT_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
