@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use isthmus_tests::dns::dig;
-use isthmus_tests::{EchoServer, Gateway, curl, free_addr, metric_value, replace_file, wait_for};
+use isthmus_tests::{
+    EchoServer, Gateway, curl, free_addr, metric_value, minimal_config, replace_file, wait_for,
+};
 
 fn services(endpoint: std::net::SocketAddr) -> String {
     format!(
@@ -25,26 +27,8 @@ fn a_watched_file_drives_the_catalog_and_a_broken_edit_loses_nothing() -> Result
     std::fs::write(&file, services(blue.addr))?;
     let (admin, outbound, dns) = (free_addr(), free_addr(), free_addr());
     let config = format!(
-        r#"[gateway]
-name = "gw-files"
-cluster = "files"
-trust_domain = "files.example"
-[gateway.locality]
-region = "test"
-[admin]
-listen = "{admin}"
-[log]
-format = "json"
-[runtime]
-threads = 1
-[listeners]
-outbound = "{outbound}"
-[dns]
-listen = "{dns}"
-clusterset_ipv4_range = "127.244.0.0/16"
-[discovery]
-files = ["{file}"]
-"#,
+        "{}[listeners]\noutbound = \"{outbound}\"\n[dns]\nlisten = \"{dns}\"\nclusterset_ipv4_range = \"127.244.0.0/16\"\n[discovery]\nfiles = [\"{file}\"]\n",
+        minimal_config("gw-files", admin),
         file = file.display()
     );
     let mut gw = Gateway::start(&config, admin, &[])?;

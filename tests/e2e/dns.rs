@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use isthmus_tests::dns::{Nsd, dig, kdig_short};
 use isthmus_tests::mesh::{Mesh, reload, web_service};
-use isthmus_tests::{EchoServer, Gateway, curl, free_addr, metric_value, wait_for};
+use isthmus_tests::{EchoServer, Gateway, curl, free_addr, metric_value, minimal_config, wait_for};
 
 const UPSTREAM_ZONE: &str = "$ORIGIN upstream.test.
 $TTL 300
@@ -28,23 +28,8 @@ www IN A 192.0.2.10
 fn dns_gateway(dns: SocketAddr, dns_keys: &str, services: &str) -> (String, SocketAddr) {
     let admin = free_addr();
     let config = format!(
-        r#"[gateway]
-name = "gw-dns"
-cluster = "dns-cluster"
-trust_domain = "dns.example"
-[gateway.locality]
-region = "test"
-[admin]
-listen = "{admin}"
-[log]
-format = "json"
-[runtime]
-threads = 1
-[dns]
-listen = "{dns}"
-{dns_keys}
-{services}
-"#
+        "{}[dns]\nlisten = \"{dns}\"\n{dns_keys}\n{services}",
+        minimal_config("gw-dns", admin)
     );
     (config, admin)
 }

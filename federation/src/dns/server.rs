@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, LowerQuery, Message, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Record};
 use hickory_proto::serialize::binary::BinEncoder;
 use hickory_resolver::Resolver;
@@ -132,63 +132,22 @@ impl DnsServer {
         let request = match Request::from_bytes(packet.to_vec(), src, transport.protocol()) {
             Ok(request) => request,
             Err(e) => {
-                self.metrics
-                    .malformed
-                    .with_label_values(&[transport.label()])
-                    .inc();
+                self.malformed(transport);
                 tracing::debug!(%src, transport = transport.label(), error = %e, "malformed DNS packet");
                 return formerr(packet);
             }
         };
         if request.metadata.message_type == MessageType::Response {
-            self.metrics
-                .malformed
-                .with_label_values(&[transport.label()])
-                .inc();
+            self.malformed(transport);
             return Step::Drop;
         }
         let edns = response_edns(&request);
-        if let Some(req_edns) = &request.edns
-            && req_edns.version() > 0
-        {
-            return self.reply(
-                &request,
-                edns.as_ref(),
-                transport,
-                ResponseCode::BADVERS,
-                "none",
-            );
-        }
-        if request.metadata.op_code != OpCode::Query {
-            return self.reply(
-                &request,
-                edns.as_ref(),
-                transport,
-                ResponseCode::NotImp,
-                "none",
-            );
-        }
-        let Ok(info) = request.request_info() else {
-            // Zero or several questions: nobody sends that.
-            return self.reply(
-                &request,
-                edns.as_ref(),
-                transport,
-                ResponseCode::FormErr,
-                "none",
-            );
+        let query = match answerable(&request) {
+            Ok(query) => query,
+            Err(rcode) => return self.reply(&request, edns.as_ref(), transport, rcode, "none"),
         };
-        if info.query.query_class() != DNSClass::IN {
-            return self.reply(
-                &request,
-                edns.as_ref(),
-                transport,
-                ResponseCode::Refused,
-                "none",
-            );
-        }
         let zone = self.zone.load();
-        let answer = zone.lookup(info.query.name(), info.query.query_type());
+        let answer = zone.lookup(query.name(), query.query_type());
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = answer.is_authoritative();
         let soa = [zone.soa()];
@@ -204,13 +163,8 @@ impl DnsServer {
                     return Step::Forward(Box::new(request));
                 }
                 Answer::NotOurs => {
-                    return self.reply(
-                        &request,
-                        edns.as_ref(),
-                        transport,
-                        ResponseCode::Refused,
-                        "none",
-                    );
+                    let rcode = ResponseCode::Refused;
+                    return self.reply(&request, edns.as_ref(), transport, rcode, "none");
                 }
             };
         metadata.response_code = rcode;
@@ -314,6 +268,13 @@ impl DnsServer {
         Step::Reply(self.encode(request, metadata, edns, transport, &[], &[], &[]))
     }
 
+    fn malformed(&self, transport: Transport) {
+        self.metrics
+            .malformed
+            .with_label_values(&[transport.label()])
+            .inc();
+    }
+
     fn count(&self, request: &Request, rcode: ResponseCode, source: &str) {
         let rtype = request
             .queries
@@ -371,6 +332,23 @@ impl DnsServer {
             }
         }
     }
+}
+
+/// The one question of `request`, or the response code refusing it: a newer
+/// EDNS version, an opcode other than QUERY, not exactly one question (nobody
+/// sends that), or a class other than IN.
+fn answerable(request: &Request) -> Result<&LowerQuery, ResponseCode> {
+    if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+        return Err(ResponseCode::BADVERS);
+    }
+    if request.metadata.op_code != OpCode::Query {
+        return Err(ResponseCode::NotImp);
+    }
+    let info = request.request_info().map_err(|_| ResponseCode::FormErr)?;
+    if info.query.query_class() != DNSClass::IN {
+        return Err(ResponseCode::Refused);
+    }
+    Ok(info.query)
 }
 
 /// FORMERR for a packet with a readable header; nothing otherwise.
