@@ -177,6 +177,9 @@ impl BackgroundService for DnsService {
     }
 }
 
+/// How often an address that could not be bound is tried again.
+const BIND_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Builds the L4 app for a TCP service port.
 pub type TcpAppFactory = Arc<dyn Fn(&ServiceKey, u16) -> Arc<dyn DynApp> + Send + Sync>;
 
@@ -282,8 +285,10 @@ impl ClusterSetListeners {
         mut shutdown: ShutdownWatch,
     ) {
         let mut open: HashMap<SocketAddr, (Serves, JoinHandle<()>)> = HashMap::new();
-        // Addresses that failed to bind, so each failure is logged once.
+        // Addresses that failed to bind: retried every BIND_RETRY, logged
+        // at the first failure only.
         let mut failed: HashMap<SocketAddr, Serves> = HashMap::new();
+        let mut retry_failed = false;
         loop {
             let wanted = Self::wanted(&allocations.borrow_and_update(), &catalog.load());
             open.retain(|addr, (serves, task)| {
@@ -295,7 +300,8 @@ impl ClusterSetListeners {
             });
             failed.retain(|addr, serves| wanted.get(addr) == Some(serves));
             for (addr, serves) in wanted {
-                if open.contains_key(&addr) || failed.contains_key(&addr) {
+                let failed_before = failed.contains_key(&addr);
+                if open.contains_key(&addr) || (failed_before && !retry_failed) {
                     continue;
                 }
                 match listen(addr) {
@@ -305,6 +311,9 @@ impl ClusterSetListeners {
                             Serves::Tcp(key, port) => (self.tcp)(key, *port),
                         };
                         let task = tokio::spawn(accept(listener, app, shutdown.clone()));
+                        if failed.remove(&addr).is_some() {
+                            info!(%addr, "clusterset listener opened after a failure");
+                        }
                         open.insert(addr, (serves, task));
                     }
                     Err(e) => {
@@ -315,7 +324,9 @@ impl ClusterSetListeners {
                             _ => "other",
                         };
                         self.metrics.bind_errors.with_label_values(&[reason]).inc();
-                        warn!(%addr, error = %e, "cannot open a clusterset listener");
+                        if !failed_before {
+                            warn!(%addr, error = %e, "cannot open a clusterset listener; retrying every 30s");
+                        }
                         failed.insert(addr, serves);
                     }
                 }
@@ -323,9 +334,11 @@ impl ClusterSetListeners {
             self.metrics
                 .listeners
                 .set(i64::try_from(open.len()).unwrap_or(i64::MAX));
+            retry_failed = false;
             tokio::select! {
                 changed = allocations.changed() => if changed.is_err() { break },
                 changed = changes.changed() => if changed.is_err() { break },
+                _ = tokio::time::sleep(BIND_RETRY), if !failed.is_empty() => retry_failed = true,
                 _ = shutdown.changed() => break,
             }
         }
