@@ -52,12 +52,24 @@ pub fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
-/// A loopback address with a port that was free a moment ago. The kernel does not
-/// hand the same ephemeral port out again right away, so collisions between
-/// parallel tests are unlikely; a test that loses the race fails loudly at bind.
+/// A loopback address with a port that was free a moment ago, and not handed
+/// out before in this process. Collisions with parallel tests (other
+/// processes) are unlikely; a test that loses the race fails loudly at bind.
 pub fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
-    l.local_addr().expect("local address")
+    // The kernel may hand a just-released port out again at once; never give
+    // one test process the same port twice.
+    static GIVEN: OnceLock<Mutex<std::collections::HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(Mutex::default);
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
+        let addr = l.local_addr().expect("local address");
+        let mut given = given
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if given.insert(addr.port()) {
+            return addr;
+        }
+    }
 }
 
 /// Runs `isthmus ARGS` to completion.
