@@ -103,6 +103,32 @@ pub struct AdminState {
     pub upstreams: Arc<crate::upstream::Upstreams>,
     /// The federation hub: the catalog and the peers.
     pub hub: Arc<isthmus_federation::peering::Hub>,
+    /// The clusterset IPs, when DNS is on.
+    pub clusterset_ips:
+        Option<tokio::sync::watch::Receiver<Arc<isthmus_federation::dns::Allocations>>>,
+}
+
+impl AdminState {
+    /// `/debug/catalog`: the hub's view, with each service's clusterset IP.
+    fn debug_catalog(&self) -> serde_json::Value {
+        let mut catalog = self.hub.debug_catalog();
+        let Some(ips) = &self.clusterset_ips else {
+            return catalog;
+        };
+        let ips = ips.borrow().clone();
+        if let Some(services) = catalog["services"].as_array_mut() {
+            for service in services {
+                let ip = service["service"]
+                    .as_str()
+                    .and_then(|k| k.parse().ok())
+                    .and_then(|k| ips.get(&k));
+                if let Some(ip) = ip {
+                    service["clusterset_ip"] = serde_json::json!(ip);
+                }
+            }
+        }
+        catalog
+    }
 }
 
 /// The admin HTTP application.
@@ -152,11 +178,7 @@ impl AdminApp {
                 JSON,
                 to_json(&self.state.upstreams.snapshot()),
             ),
-            Route::DebugCatalog => (
-                StatusCode::OK,
-                JSON,
-                to_json(&self.state.hub.debug_catalog()),
-            ),
+            Route::DebugCatalog => (StatusCode::OK, JSON, to_json(&self.state.debug_catalog())),
             Route::DebugPeers => (StatusCode::OK, JSON, to_json(&self.state.hub.debug_peers())),
             Route::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,

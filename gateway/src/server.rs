@@ -146,6 +146,7 @@ pub fn run(config_path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
+    let clusterset_ips = dns.as_ref().map(|d| d.cluster_set.allocations());
     if let Some(dns) = dns {
         readiness.set("dns", false, "starting");
         server.add_service(background_service(
@@ -170,6 +171,7 @@ pub fn run(config_path: &Path) -> ExitCode {
         trust: trust.clone(),
         upstreams: upstreams.clone(),
         hub: hub.clone(),
+        clusterset_ips,
     }));
     let mut admin_service = Service::new("admin".to_owned(), admin);
     admin_service.add_tcp(&admin_addr.to_string());

@@ -87,6 +87,13 @@ endpoints = [{db}]
     let ip = a.data("A").first().cloned().context("an A record")?;
     assert!(ip.starts_with("127.241."), "{ip}");
     assert_eq!(a.answers[0].ttl, 7);
+    // The same address on /debug/catalog.
+    let catalog = gw.admin_json("/debug/catalog");
+    let web_entry = catalog["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["service"] == "shop/web"))
+        .context("shop/web on /debug/catalog")?;
+    assert_eq!(web_entry["clusterset_ip"]["ipv4"], ip.as_str());
     // AAAA from the IPv6 range; kdig agrees on both.
     let aaaa = dig(dns, &["web.shop.svc.clusterset.local", "AAAA"]).data("AAAA");
     assert!(
