@@ -438,7 +438,11 @@ impl FileMaterial {
         const SETTLE: Duration = Duration::from_millis(100);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let _ = tx.send(event.is_ok());
+            // Reads are events too (inotify's open/close-nowrite): reacting to
+            // them would make every reload, ours included, trigger the next.
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = tx.send(());
+            }
         });
         let mut watcher = match watcher {
             Ok(w) => w,
