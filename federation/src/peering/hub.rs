@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::convert::PeerHello;
 use super::metrics::PeeringMetrics;
@@ -555,9 +555,15 @@ impl Hub {
             return "ignored";
         };
         let peer_td = peer.spiffe_id.trust_domain_str();
-        if trust_domain != peer_td || peer_td == self.me.spiffe_id.trust_domain_str() {
+        if trust_domain != peer_td {
             warn!(peer = %peer.spiffe_id, trust_domain,
                 "peer sent a bundle for a trust domain other than its own; ignored");
+            return "ignored";
+        }
+        if peer_td == self.me.spiffe_id.trust_domain_str() {
+            // A gateway of this trust domain: its bundle is ours, which only
+            // local configuration sets. Routine, so not worth a warning.
+            debug!(peer = %peer.spiffe_id, "bundle from a peer of this trust domain; ours stays");
             return "ignored";
         }
         let td: TrustDomain = peer.spiffe_id.trust_domain();
