@@ -114,6 +114,18 @@ impl RelayRequest {
     }
 }
 
+/// A new directory only this process's user can enter, for the relay socket.
+/// Whoever can connect to that socket can reach peer gateways with this
+/// gateway's SVID, so the socket's own mode is not enough: it follows the
+/// umask. tempfile applies the umask to directories too unless told a mode.
+fn private_socket_dir() -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix("isthmus-mesh-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+}
+
 /// The relay's socket, in a private directory removed when this is dropped.
 pub struct MeshRelay {
     dir: tempfile::TempDir,
@@ -126,8 +138,7 @@ impl MeshRelay {
     /// Binds the relay socket in a new private directory under the system's
     /// temporary directory (under systemd, `PrivateTmp` makes that private too).
     pub fn bind(connector: SpiffeConnector, connect_timeout: Duration) -> std::io::Result<Self> {
-        // TempDir creates the directory with mode 0700.
-        let dir = tempfile::Builder::new().prefix("isthmus-mesh-").tempdir()?;
+        let dir = private_socket_dir()?;
         let listener = std::os::unix::net::UnixListener::bind(dir.path().join("relay.sock"))?;
         listener.set_nonblocking(true)?;
         Ok(Self {
@@ -259,6 +270,14 @@ pub(crate) async fn open(path: &Path, request: &RelayRequest) -> Result<UnixStre
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_socket_directory_is_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = private_socket_dir().unwrap();
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "mode {:o}", mode & 0o777);
+    }
 
     #[test]
     fn requests_round_trip_and_garbage_is_refused() {
