@@ -21,34 +21,15 @@
 # Needs a release build (cargo build --release -p isthmus-gateway), nsd, dnsperf
 # and dig (installed with apt-get when missing, as root).
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-ISTHMUS=${ISTHMUS_BIN:-$ROOT/target/release/isthmus}
+source "$(dirname "$0")/lib.sh"
 SERVICES=${SERVICES:-1000}
 DURATION=${DURATION:-10}
 OUTSTANDING=${OUTSTANDING:-100}
 
-need=""
-for tool in /usr/sbin/nsd:nsd dnsperf:dnsperf dig:bind9-dnsutils python3:python3; do
-  command -v "${tool%%:*}" >/dev/null || need="$need ${tool##*:}"
-done
-if [ -n "$need" ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
-fi
-[ -x "$ISTHMUS" ] || { echo "build first: cargo build --release -p isthmus-gateway" >&2; exit 1; }
+bench_need /usr/sbin/nsd:nsd dnsperf:dnsperf dig:bind9-dnsutils python3:python3
+bench_isthmus
+bench_workdir dns-bench
 
-WORK=$(mktemp -d /tmp/isthmus-dns-bench.XXXXXX)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  sleep 0.3
-  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
 ISTHMUS_DNS=$(free_port)

@@ -54,8 +54,7 @@
 # what they see of their peers, when the catalogs do not converge within
 # TIMEOUT seconds (or a gateway exits).
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-ISTHMUS=${ISTHMUS_BIN:-$ROOT/target/release/isthmus}
+source "$(dirname "$0")/lib.sh"
 GATEWAYS=${GATEWAYS:-20}
 SERVICES=${SERVICES:-5000}
 ENDPOINTS=${ENDPOINTS:-2}
@@ -65,22 +64,14 @@ LEASE=${LEASE:-10s}
 GRACE=${GRACE:-30s}
 TD=bench.example
 
-command -v python3 >/dev/null || { echo "needs python3" >&2; exit 1; }
-[ -x "$ISTHMUS" ] || { echo "build first: cargo build --release -p isthmus-gateway --bin isthmus (or set ISTHMUS_BIN)" >&2; exit 1; }
+bench_need python3:python3
+bench_isthmus
 [ "$GATEWAYS" -ge 2 ] || { echo "GATEWAYS must be at least 2" >&2; exit 1; }
 [ "$SERVICES" -ge "$GATEWAYS" ] || { echo "SERVICES must be at least GATEWAYS" >&2; exit 1; }
 [ "$ENDPOINTS" -ge 1 ] && [ "$ENDPOINTS" -le 2 ] || { echo "ENDPOINTS must be 1 or 2" >&2; exit 1; }
 case "$TOPOLOGY" in full|lower) ;; *) echo "TOPOLOGY must be full or lower" >&2; exit 1 ;; esac
 
-WORK=$(mktemp -d /tmp/isthmus-fedbench.XXXXXX)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  sleep 0.5
-  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  if [ -n "${KEEP:-}" ]; then echo "work directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
+bench_workdir fedbench
 
 # --- helpers (python: one process polls every gateway, so polling stays cheap) ---
 cat > "$WORK/bench.py" <<'PY'
@@ -359,14 +350,6 @@ elif cmd == "summary":
     summary(args[0], int(args[1]), int(args[2]), int(args[3]), args[4], int(args[5]), int(args[6]))
 PY
 py() { python3 "$WORK/bench.py" "$@"; }
-
-# start VAR CMD...: runs CMD in the background, records its pid in VAR and PIDS.
-start() {
-  local var=$1; shift
-  "$@" >"$WORK/$var.log" 2>&1 &
-  PIDS+=($!)
-  printf -v "$var" '%s' "$!"
-}
 
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs" >&2
 

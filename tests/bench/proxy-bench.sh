@@ -16,40 +16,16 @@
 # Needs a release build (cargo build --release -p isthmus-gateway), haproxy,
 # nginx-light and nghttp2-client (installed with apt-get when missing, as root).
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-ISTHMUS=${ISTHMUS_BIN:-$ROOT/target/release/isthmus}
+source "$(dirname "$0")/lib.sh"
 REQUESTS=${REQUESTS:-100000}
 CONNS=${CONNS:-32}
 WARMUP=${WARMUP:-5000}
 
-need=""
-for tool in haproxy:haproxy nginx:nginx-light h2load:nghttp2-client python3:python3; do
-  command -v "${tool%%:*}" >/dev/null || need="$need ${tool##*:}"
-done
-if [ -n "$need" ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
-fi
-[ -x "$ISTHMUS" ] || { echo "build first: cargo build --release -p isthmus-gateway" >&2; exit 1; }
+bench_need haproxy:haproxy nginx:nginx-light h2load:nghttp2-client python3:python3
+bench_isthmus
+bench_workdir proxy-bench
 
-WORK=$(mktemp -d /tmp/isthmus-bench.XXXXXX)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  sleep 0.3
-  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
-# start VAR CMD...: runs CMD in the background, records its pid in VAR and PIDS.
-start() {
-  local var=$1; shift
-  "$@" >"$WORK/$var.log" 2>&1 &
-  PIDS+=($!)
-  printf -v "$var" '%s' "$!"
-}
 
 # --- PKI: two trust domains, one SVID each (the same files for every chain) ---
 "$ISTHMUS" ca init --trust-domain a.example --out "$WORK/ca-a" >/dev/null
@@ -78,12 +54,12 @@ NGX
   echo "$WORK/$1/nginx.conf"
 }
 
-ORIGIN=$(port)
+ORIGIN=$(free_port)
 start ORIGIN_PID nginx -c "$(nginx_conf origin "server { listen 127.0.0.1:$ORIGIN; location / { return 200 \"ok\n\"; } }")"
 wait_port "$ORIGIN"
 
 # --- proxies, path (a) ---
-ISA=$(port); ISA_ADMIN=$(port)
+ISA=$(free_port); ISA_ADMIN=$(free_port)
 cat > "$WORK/isthmus-a.toml" <<TOML
 [gateway]
 name = "bench"
@@ -108,7 +84,7 @@ endpoints = ["127.0.0.1:$ORIGIN"]
 TOML
 start ISTHMUS_A_PID "$ISTHMUS" run --config "$WORK/isthmus-a.toml"
 
-HPA=$(port)
+HPA=$(free_port)
 cat > "$WORK/haproxy-a.cfg" <<HAP
 global
   nbthread 1
@@ -126,12 +102,12 @@ backend be
 HAP
 start HAPROXY_A_PID haproxy -db -f "$WORK/haproxy-a.cfg"
 
-NGA=$(port)
+NGA=$(free_port)
 start NGINX_A_PID nginx -c "$(nginx_conf nginx-a "upstream origin { server 127.0.0.1:$ORIGIN; keepalive 64; }
   server { listen 127.0.0.1:$NGA; location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }")"
 
 # --- proxies, path (b): A -> mTLS -> B ---
-IB_EW=$(port); IB_ADMIN=$(port); IA2=$(port); IA2_ADMIN=$(port)
+IB_EW=$(free_port); IB_ADMIN=$(free_port); IA2=$(free_port); IA2_ADMIN=$(free_port)
 cat > "$WORK/isthmus-b2.toml" <<TOML
 [gateway]
 name = "gw-b"
@@ -199,7 +175,7 @@ TOML
 start ISTHMUS_B2_PID "$ISTHMUS" run --config "$WORK/isthmus-b2.toml"
 start ISTHMUS_A2_PID "$ISTHMUS" run --config "$WORK/isthmus-a2.toml"
 
-HPB_EW=$(port); HPA2=$(port)
+HPB_EW=$(free_port); HPA2=$(free_port)
 cat > "$WORK/haproxy-b2.cfg" <<HAP
 global
   nbthread 1
@@ -240,7 +216,7 @@ HAP
 start HAPROXY_B2_PID haproxy -db -f "$WORK/haproxy-b2.cfg"
 start HAPROXY_A2_PID haproxy -db -f "$WORK/haproxy-a2.cfg"
 
-NGB_EW=$(port); NGA2=$(port)
+NGB_EW=$(free_port); NGA2=$(free_port)
 # NGINX cannot check a URI-SAN-only certificate (it verifies host names), so
 # its A side verifies nothing about B; B still requires and verifies A's SVID.
 start NGINX_B2_PID nginx -c "$(nginx_conf nginx-b2 "upstream origin { server 127.0.0.1:$ORIGIN; keepalive 64; }

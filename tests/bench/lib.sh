@@ -1,0 +1,56 @@
+# Shared by the benchmark scripts in this folder: `source "$(dirname "$0")/lib.sh"`.
+# It sets ROOT and ISTHMUS (ISTHMUS_BIN or the release build) and defines:
+#   bench_need CMD:PACKAGE...  installs each missing command's Debian package (as root)
+#   bench_isthmus              fails unless the Isthmus binary exists
+#   bench_workdir NAME         makes WORK (a fresh /tmp directory) and, on exit, kills
+#                              every pid in PIDS, then removes WORK (KEEP=1 keeps it)
+#   start VAR CMD...           runs CMD in the background, logs to $WORK/VAR.log,
+#                              records its pid in VAR and in PIDS
+#   free_port                  a loopback TCP port the kernel has just handed out
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+ISTHMUS=${ISTHMUS_BIN:-$ROOT/target/release/isthmus}
+PIDS=()
+
+bench_need() {
+  local need="" tool
+  for tool in "$@"; do
+    command -v "${tool%%:*}" >/dev/null || need="$need ${tool##*:}"
+  done
+  if [ -n "$need" ]; then
+    # shellcheck disable=SC2086
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
+  fi
+}
+
+bench_isthmus() {
+  [ -x "$ISTHMUS" ] || {
+    echo "build first: cargo build --release -p isthmus-gateway --bin isthmus (or set ISTHMUS_BIN)" >&2
+    exit 1
+  }
+}
+
+bench_cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  sleep 0.5
+  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  if [ -n "${KEEP:-}" ]; then echo "work directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
+}
+
+bench_workdir() {
+  WORK=$(mktemp -d "/tmp/isthmus-$1.XXXXXX")
+  trap bench_cleanup EXIT
+}
+
+start() {
+  local var=$1
+  shift
+  "$@" >"$WORK/$var.log" 2>&1 &
+  PIDS+=($!)
+  printf -v "$var" '%s' "$!"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
