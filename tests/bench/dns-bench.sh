@@ -63,14 +63,12 @@ EOF
     printf '[[services]]\nnamespace = "bench"\nname = "svc-%d"\nports = [{ port = 8080, name = "http" }]\nendpoints = ["127.0.0.1:9"]\nexport = true\n' "$i"
   done
 } >"$WORK/isthmus.toml"
-"$ISTHMUS" run --config "$WORK/isthmus.toml" >"$WORK/isthmus.log" 2>&1 &
-PIDS+=($!)
-ISTHMUS_PID=$!
+start ISTHMUS_PID "$ISTHMUS" run --config "$WORK/isthmus.toml"
 for _ in $(seq 1 100); do
   curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1 && break
   sleep 0.2
 done
-curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null || { cat "$WORK/isthmus.log"; exit 1; }
+curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null || { cat "$WORK/ISTHMUS_PID.log"; exit 1; }
 for _ in $(seq 1 100); do
   [ -s "$WORK/clusterset-ips.json" ] && dig +short -p "$ISTHMUS_DNS" @127.0.0.1 "svc-$SERVICES.bench.svc.clusterset.local" | grep -q . && break
   sleep 0.2
@@ -142,9 +140,7 @@ zone:
   name: "250.127.in-addr.arpa."
   zonefile: "250.127.in-addr.arpa.zone"
 EOF
-/usr/sbin/nsd -d -c "$WORK/nsd.conf" >"$WORK/nsd.out" 2>&1 &
-PIDS+=($!)
-NSD_PID=$!
+start NSD_PID /usr/sbin/nsd -d -c "$WORK/nsd.conf"
 for _ in $(seq 1 50); do
   dig +short -p "$NSD_DNS" @127.0.0.1 dns-version.clusterset.local TXT | grep -q 1.0.0 && break
   sleep 0.2
