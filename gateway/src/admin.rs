@@ -7,6 +7,10 @@
 //! | `GET /readyz` | 200 when ready, 503 otherwise; JSON with every condition |
 //! | `GET /debug/config` | the effective configuration as JSON |
 //! | `GET /debug/trust` | SVID, trust bundles per trust domain, peer policy |
+//! | `GET /debug/upstreams` | backends that carried traffic: health, ejections, load |
+//! | `GET /debug/catalog` | the federated catalog, with clusterset IPs |
+//! | `GET /debug/peers` | peer gateways: sessions, leases, syncs |
+//! | `GET /debug/explain?service=<ns>/<svc>` | where the service's requests go now, and why |
 //!
 //! Routing is a pure function ([`route`]) so it is tested without sockets.
 
@@ -21,6 +25,9 @@ use prometheus::{IntCounterVec, Registry};
 use serde::Serialize;
 
 use crate::config::Config;
+
+/// The content type of every debug answer.
+const JSON: &str = "application/json";
 use crate::health::{Drain, Readiness};
 use crate::metrics;
 
@@ -43,6 +50,8 @@ pub enum Route {
     DebugCatalog,
     /// `/debug/peers`
     DebugPeers,
+    /// `/debug/explain`
+    DebugExplain,
     /// A known path with a method other than GET or HEAD.
     MethodNotAllowed,
     /// Anything else.
@@ -61,6 +70,7 @@ impl Route {
             Route::DebugUpstreams => "/debug/upstreams",
             Route::DebugCatalog => "/debug/catalog",
             Route::DebugPeers => "/debug/peers",
+            Route::DebugExplain => "/debug/explain",
             Route::MethodNotAllowed => "method_not_allowed",
             Route::NotFound => "not_found",
         }
@@ -78,6 +88,7 @@ pub fn route(method: &Method, path: &str) -> Route {
         "/debug/upstreams" => Route::DebugUpstreams,
         "/debug/catalog" => Route::DebugCatalog,
         "/debug/peers" => Route::DebugPeers,
+        "/debug/explain" => Route::DebugExplain,
         _ => return Route::NotFound,
     };
     if method == Method::GET || method == Method::HEAD {
@@ -109,6 +120,40 @@ pub struct AdminState {
 }
 
 impl AdminState {
+    /// `/debug/explain?service=<ns>/<svc>`
+    fn explain(&self, query: Option<&str>) -> (StatusCode, &'static str, Vec<u8>) {
+        let error = |code, message: String| {
+            (
+                code,
+                JSON,
+                to_json(&serde_json::json!({ "error": message })),
+            )
+        };
+        let Some(service) = query
+            .unwrap_or_default()
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("service="))
+        else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "name the service: /debug/explain?service=<namespace>/<name>".into(),
+            );
+        };
+        // `/` may come percent-encoded from some clients.
+        let service = service.replace("%2F", "/").replace("%2f", "/");
+        let key = match service.parse::<isthmus_federation::ServiceKey>() {
+            Ok(k) => k,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("service {service:?}: {e}")),
+        };
+        match self.upstreams.explain(&self.hub.catalog().load(), &key) {
+            Some(explain) => (StatusCode::OK, JSON, to_json(&explain)),
+            None => error(
+                StatusCode::NOT_FOUND,
+                format!("{key} is not in the catalog"),
+            ),
+        }
+    }
+
     /// `/debug/catalog`: the hub's view, with each service's clusterset IP.
     fn debug_catalog(&self) -> serde_json::Value {
         let mut catalog = self.hub.debug_catalog();
@@ -149,8 +194,7 @@ impl AdminApp {
         Self { state, requests }
     }
 
-    fn respond(&self, route: Route) -> (StatusCode, &'static str, Vec<u8>) {
-        const JSON: &str = "application/json";
+    fn respond(&self, route: Route, query: Option<&str>) -> (StatusCode, &'static str, Vec<u8>) {
         match route {
             Route::Metrics => (
                 StatusCode::OK,
@@ -180,6 +224,7 @@ impl AdminApp {
             ),
             Route::DebugCatalog => (StatusCode::OK, JSON, to_json(&self.state.debug_catalog())),
             Route::DebugPeers => (StatusCode::OK, JSON, to_json(&self.state.hub.debug_peers())),
+            Route::DebugExplain => self.state.explain(query),
             Route::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 JSON,
@@ -190,7 +235,7 @@ impl AdminApp {
                 JSON,
                 to_json(&serde_json::json!({
                     "error": "not found",
-                    "paths": ["/metrics", "/healthz", "/readyz", "/debug/config", "/debug/trust", "/debug/upstreams", "/debug/catalog", "/debug/peers"],
+                    "paths": ["/metrics", "/healthz", "/readyz", "/debug/config", "/debug/trust", "/debug/upstreams", "/debug/catalog", "/debug/peers", "/debug/explain?service=<ns>/<svc>"],
                 })),
             ),
         }
@@ -211,7 +256,8 @@ impl ServeHttp for AdminApp {
         let req = session.req_header();
         let route = route(&req.method, req.uri.path());
         let is_head = req.method == Method::HEAD;
-        let (status, content_type, body) = self.respond(route);
+        let query = req.uri.query().map(str::to_owned);
+        let (status, content_type, body) = self.respond(route, query.as_deref());
         self.requests
             .with_label_values(&[route.label(), status.as_str()])
             .inc();

@@ -181,6 +181,10 @@ impl Reloader {
             self.upstreams.set_policy(next.upstream.clone());
             info!("upstream policy updated");
         }
+        if next.routes != current.routes {
+            self.upstreams.set_routes(&next.routes);
+            info!(routes = next.routes.len(), "routes updated");
+        }
         if next.log.format != current.log.format {
             warn!("log.format changed; it takes effect on restart");
             next.log.format = current.log.format;

@@ -35,12 +35,14 @@ use crate::dns::{ClusterSetListeners, DynApp};
 use crate::health::{Drain, Readiness};
 use crate::lifecycle::{Probe, Reloader, Signals, Startup};
 use crate::mesh::MeshRelay;
+use crate::proxy::balance::Here;
 use crate::proxy::east_west::{Callers, EastWestApp, EastWestProxy};
 use crate::proxy::outbound::{Common, OutboundProxy};
 use crate::proxy::tcp::TcpOutboundApp;
 use crate::proxy::{ProxyMetrics, TcpMetrics};
 use crate::trust::{Trust, TrustService};
 use crate::upstream::Upstreams;
+use crate::upstream::leases::LeaseWatcher;
 use crate::upstream::probe::HealthChecker;
 use crate::{logging, metrics};
 
@@ -130,7 +132,20 @@ pub fn run(config_path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let upstreams = Arc::new(Upstreams::new(config.load().upstream.clone(), &registry));
+    let here = Here {
+        cluster: config.load().gateway.cluster.clone(),
+        locality: config.load().gateway.locality.clone(),
+    };
+    let upstreams = Arc::new(Upstreams::new(
+        config.load().upstream.clone(),
+        here,
+        &registry,
+    ));
+    upstreams.set_routes(&config.load().routes);
+    server.add_service(background_service(
+        "peer leases",
+        LeaseWatcher::new(upstreams.clone(), catalog.clone(), hub.catalog_changes()),
+    ));
     let clusterset_listeners = match add_data_plane(
         &mut server,
         &config.load(),
@@ -285,8 +300,12 @@ fn add_data_plane(
                 EAST_WEST_HANDSHAKE_TIMEOUT,
                 vec![b"h2".to_vec()],
             );
-            let relay = MeshRelay::bind(connector, config.upstream.connect_timeout)
-                .map_err(|e| format!("mesh relay: {e}"))?;
+            let relay = MeshRelay::bind(
+                connector,
+                config.upstream.connect_timeout,
+                upstreams.cut_signal(),
+            )
+            .map_err(|e| format!("mesh relay: {e}"))?;
             let path = relay.path();
             server.add_service(background_service("mesh relay", RelayService::new(relay)));
             Some(path)

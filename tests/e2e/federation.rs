@@ -196,6 +196,7 @@ mod malformed {
             origin_cluster: "gw-b-cluster".into(),
             headless: false,
             endpoints: vec![],
+            subsets: vec![],
         }
     }
 

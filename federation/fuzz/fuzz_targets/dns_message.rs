@@ -29,6 +29,8 @@ fn server() -> &'static DnsServer {
                 name: Some("http".parse().expect("port name")),
             }],
             endpoints: vec![],
+            endpoint_info: Default::default(),
+            subsets: vec![],
             remote: vec![],
             exported: true,
             allowed_callers: None,

@@ -16,7 +16,10 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use super::{Catalog, HeadlessEndpoint, RemoteGateway, ServiceEntry, ServiceKey, ServicePort};
+use super::{
+    Catalog, EndpointInfo, HeadlessEndpoint, RemoteGateway, ServiceEntry, ServiceKey, ServicePort,
+    Subset, served_subsets,
+};
 use crate::ClusterName;
 use crate::trust::PeerPolicy;
 
@@ -35,6 +38,8 @@ pub struct Export {
     pub headless: bool,
     /// The endpoints DNS publishes, for a headless service.
     pub endpoints: Vec<HeadlessEndpoint>,
+    /// The subsets that cluster has endpoints for (set by [`export_set`]).
+    pub subsets: Vec<String>,
 }
 
 /// A service of this cluster, as the discovery sources found it.
@@ -44,6 +49,10 @@ pub struct LocalService {
     pub export: Export,
     /// Its endpoints here.
     pub endpoints: Vec<SocketAddr>,
+    /// Locality, labels and weight of the endpoints that have any.
+    pub endpoint_info: BTreeMap<SocketAddr, EndpointInfo>,
+    /// Its subsets.
+    pub subsets: Vec<Subset>,
     /// Exported to peers (MCS ServiceExport).
     pub exported: bool,
     /// Who may reach it through the east-west listener.
@@ -83,7 +92,11 @@ pub fn export_set(local: &[LocalService]) -> BTreeMap<ServiceKey, Export> {
     local
         .iter()
         .filter(|s| s.exported && !s.endpoints.is_empty())
-        .map(|s| (s.export.key.clone(), s.export.clone()))
+        .map(|s| {
+            let mut export = s.export.clone();
+            export.subsets = served_subsets(&s.subsets, &s.endpoints, &s.endpoint_info);
+            (export.key.clone(), export)
+        })
         .collect()
 }
 
@@ -139,13 +152,20 @@ pub fn merge(cluster: &ClusterName, local: &[LocalService], peers: &[&PeerCatalo
         } else {
             Vec::new()
         };
-        let mut gateways: Vec<RemoteGateway> =
-            remote.iter().map(|(p, _)| p.gateway.clone()).collect();
+        let mut gateways: Vec<RemoteGateway> = remote
+            .iter()
+            .map(|(p, e)| RemoteGateway {
+                subsets: e.subsets.clone(),
+                ..p.gateway.clone()
+            })
+            .collect();
         gateways.sort_by(|a, b| (&a.cluster, &a.spiffe_id).cmp(&(&b.cluster, &b.spiffe_id)));
         let entry = ServiceEntry {
             key: key.clone(),
             ports,
             endpoints: here.map(|s| s.endpoints.clone()).unwrap_or_default(),
+            endpoint_info: here.map(|s| s.endpoint_info.clone()).unwrap_or_default(),
+            subsets: here.map(|s| s.subsets.clone()).unwrap_or_default(),
             remote: gateways,
             exported: here.is_some_and(|s| s.exported),
             allowed_callers: here.and_then(|s| s.allowed_callers.clone()),
@@ -248,6 +268,7 @@ mod tests {
             export_time_millis: time,
             headless: false,
             endpoints: vec![],
+            subsets: vec![],
         }
     }
 
@@ -255,6 +276,8 @@ mod tests {
         LocalService {
             export: e,
             endpoints: endpoints.iter().map(|a| a.parse().unwrap()).collect(),
+            endpoint_info: BTreeMap::new(),
+            subsets: vec![],
             exported,
             allowed_callers: None,
             passthrough: false,
@@ -270,6 +293,8 @@ mod tests {
                     .unwrap(),
                 address: "127.0.0.1:15443".parse().unwrap(),
                 locality: "r1".parse().unwrap(),
+                live: true,
+                subsets: vec![],
             },
             services: exports.into_iter().map(|e| (e.key.clone(), e)).collect(),
         }

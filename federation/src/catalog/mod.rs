@@ -129,6 +129,69 @@ pub struct HeadlessEndpoint {
     pub address: IpAddr,
 }
 
+/// Labels of an endpoint (`version = "v2"`), which subsets select on.
+pub type Labels = BTreeMap<String, String>;
+
+/// What is known of one endpoint in this cluster beyond its address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointInfo {
+    /// Where it runs, when it is not where this gateway runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locality: Option<Locality>,
+    /// Its labels.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+    /// Its share of traffic relative to the other endpoints at the same
+    /// priority (1 unless configured).
+    pub weight: u32,
+}
+
+impl Default for EndpointInfo {
+    fn default() -> Self {
+        Self {
+            locality: None,
+            labels: Labels::new(),
+            weight: 1,
+        }
+    }
+}
+
+/// A named subset of a service's endpoints, selected by labels (like an Istio
+/// DestinationRule subset): `v2` is every endpoint labelled `version = "v2"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Subset {
+    /// Its name, carried in the east-west SNI and the `x-isthmus-subset` header.
+    pub name: String,
+    /// The labels an endpoint must all have.
+    pub labels: Labels,
+}
+
+impl Subset {
+    /// Whether an endpoint with `labels` belongs to it.
+    pub fn selects(&self, labels: &Labels) -> bool {
+        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+/// The names of the `subsets` that select at least one of `endpoints`: what a
+/// cluster tells its peers it can serve.
+pub fn served_subsets(
+    subsets: &[Subset],
+    endpoints: &[SocketAddr],
+    info: &BTreeMap<SocketAddr, EndpointInfo>,
+) -> Vec<String> {
+    let no_labels = Labels::new();
+    subsets
+        .iter()
+        .filter(|s| {
+            endpoints
+                .iter()
+                .any(|e| s.selects(info.get(e).map_or(&no_labels, |i| &i.labels)))
+        })
+        .map(|s| s.name.clone())
+        .collect()
+}
+
 /// A peer gateway that serves a service in another cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RemoteGateway {
@@ -140,6 +203,13 @@ pub struct RemoteGateway {
     pub address: SocketAddr,
     /// Where it runs.
     pub locality: Locality,
+    /// Whether its peering lease is live: false once its session closed or
+    /// its lease lapsed (its services are then served only as a last resort,
+    /// until they expire). Statically configured peers are always live.
+    pub live: bool,
+    /// The subsets of this service it has endpoints for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<String>,
 }
 
 /// Everything known about one service.
@@ -151,6 +221,12 @@ pub struct ServiceEntry {
     pub ports: Vec<ServicePort>,
     /// Endpoints in this cluster.
     pub endpoints: Vec<SocketAddr>,
+    /// Locality, labels and weight of the endpoints that have any.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub endpoint_info: BTreeMap<SocketAddr, EndpointInfo>,
+    /// Its subsets, as this cluster defines them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<Subset>,
     /// Peer gateways serving it elsewhere.
     pub remote: Vec<RemoteGateway>,
     /// Visible to peer gateways (MCS ServiceExport).
@@ -169,6 +245,11 @@ pub struct ServiceEntry {
 }
 
 impl ServiceEntry {
+    /// The subset named `name`.
+    pub fn subset(&self, name: &str) -> Option<&Subset> {
+        self.subsets.iter().find(|s| s.name == name)
+    }
+
     /// The port numbered `port`, or the only port when `port` is `None`.
     pub fn port(&self, port: Option<u16>) -> Option<&ServicePort> {
         match port {
@@ -373,6 +454,8 @@ mod tests {
                 name: None,
             }],
             endpoints: vec![],
+            endpoint_info: BTreeMap::new(),
+            subsets: vec![],
             remote: vec![],
             exported: true,
             allowed_callers: None,

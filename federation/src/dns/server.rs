@@ -632,6 +632,8 @@ mod tests {
             key: "data/big".parse().unwrap(),
             ports: vec![],
             endpoints: vec![],
+            endpoint_info: Default::default(),
+            subsets: vec![],
             remote: vec![],
             exported: true,
             allowed_callers: None,

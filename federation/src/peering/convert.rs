@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::proto;
 use crate::catalog::{Export, HeadlessEndpoint, Protocol, ServiceKey, ServicePort};
+use crate::names::validate_label;
 use crate::{ClusterName, Locality, SpiffeId};
 
 /// This protocol's version, sent in every hello.
@@ -191,6 +192,7 @@ pub fn export_to_proto(export: &Export, cluster: &ClusterName) -> proto::Exporte
                 address: e.address.to_string(),
             })
             .collect(),
+        subsets: export.subsets.clone(),
     }
 }
 
@@ -262,6 +264,13 @@ pub fn export_from_proto(
             address,
         });
     }
+    let mut subsets = Vec::with_capacity(service.subsets.len());
+    for (i, s) in service.subsets.iter().enumerate() {
+        validate_label(s).map_err(|e| ConvertError::new(format!("subsets[{i}]"), e))?;
+        if !subsets.contains(s) {
+            subsets.push(s.clone());
+        }
+    }
     if !service.headless && !endpoints.is_empty() {
         return Err(ConvertError::new(
             "endpoints",
@@ -274,6 +283,7 @@ pub fn export_from_proto(
         export_time_millis: service.export_time_millis,
         headless: service.headless,
         endpoints,
+        subsets,
     })
 }
 
@@ -323,6 +333,7 @@ mod tests {
             }],
             export_time_millis: 42,
             headless: true,
+            subsets: vec!["v2".into()],
             endpoints: vec![HeadlessEndpoint {
                 cluster: cluster(),
                 hostname: Some("web-0".parse().unwrap()),

@@ -156,6 +156,17 @@ impl PeerRecord {
             last_nack: None,
         }
     }
+
+    /// Updates whether the data plane may count on this peer: while a session
+    /// is open and its lease is renewed. Returns true when that changed.
+    fn refresh_live(&mut self) -> bool {
+        let live = self.state == LeaseState::Live && self.sessions > 0;
+        if self.catalog.gateway.live == live {
+            return false;
+        }
+        Arc::make_mut(&mut self.catalog).gateway.live = live;
+        true
+    }
 }
 
 /// The data-plane view of a peer: where its east-west listener is. A peer
@@ -169,6 +180,8 @@ fn gateway_of(hello: &PeerHello) -> RemoteGateway {
             .east_west
             .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
         locality: hello.locality.clone(),
+        live: true,
+        subsets: Vec::new(),
     }
 }
 
@@ -398,6 +411,7 @@ impl Hub {
         record.sessions += 1;
         record.last_heard = Instant::now();
         record.state = LeaseState::Live;
+        record.refresh_live();
         self.metrics
             .peer_up
             .with_label_values(&[hello.spiffe_id.as_str(), hello.cluster.as_str()])
@@ -420,6 +434,14 @@ impl Hub {
                     .with_label_values(&[peer.as_str(), record.hello.cluster.as_str()])
                     .set(0);
             }
+            if record.refresh_live() {
+                // A closed stream is the quickest sign of a dead peer: the
+                // data plane stops counting on it now, not when the lease lapses.
+                info!(peer = %peer, cluster = %record.hello.cluster,
+                    "last session with peer closed; its gateway gets traffic only as a last resort");
+                drop(inner);
+                self.touch();
+            }
         }
     }
 
@@ -433,6 +455,7 @@ impl Hub {
         if record.state != LeaseState::Live {
             info!(peer = %peer, cluster = %record.hello.cluster, "peer lease renewed");
             record.state = LeaseState::Live;
+            record.refresh_live();
             drop(inner);
             self.touch();
         }
@@ -618,6 +641,7 @@ impl Hub {
                         grace = %humantime::format_duration(self.grace),
                         "peer lease lapsed; serving its last-known-good services for the grace period");
                     record.state = LeaseState::Lapsed;
+                    record.refresh_live();
                     changed = true;
                 }
                 LeaseState::Lapsed if now > deadline + self.grace => {

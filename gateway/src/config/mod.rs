@@ -19,6 +19,7 @@ mod error;
 pub mod federation;
 pub mod model;
 pub mod raw;
+pub mod traffic;
 pub mod upstream;
 
 use std::collections::HashMap;

@@ -4,7 +4,7 @@
 //! with its dotted path, and only returns a [`Config`] when there is none. Defaults
 //! are the named constants below; the shipped `config/isthmus.toml` documents them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -12,8 +12,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use isthmus_federation::catalog::{
-    Export, HeadlessEndpoint, LocalService, PeerCatalog, Protocol, RemoteGateway, ServiceKey,
-    ServicePort,
+    EndpointInfo, Export, HeadlessEndpoint, LocalService, PeerCatalog, Protocol, RemoteGateway,
+    ServiceKey, ServicePort, Subset,
 };
 use isthmus_federation::trust::PeerPolicy;
 use isthmus_federation::{
@@ -28,8 +28,9 @@ use super::raw::{
     RawAdmin, RawBundleEndpoint, RawConfig, RawFederated, RawGateway, RawIdentity, RawListeners,
     RawLocality, RawLog, RawPeer, RawRuntime, RawService, RawShutdown, RawTrust,
 };
+pub use super::traffic::{EndpointConfig, RouteConfig};
 pub use super::upstream::{
-    CircuitBreakerConfig, HealthCheckConfig, OutlierDetectionConfig, UpstreamConfig,
+    CircuitBreakerConfig, HealthCheckConfig, LocalityPolicy, OutlierDetectionConfig, UpstreamConfig,
 };
 
 /// Default admin listener: loopback only, so metrics and debug data stay on the host.
@@ -75,6 +76,9 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// Peer gateways (static until federation discovers them).
     pub peers: Vec<PeerConfig>,
+    /// Header matches and weighted splits, by service.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
     /// Timeouts, retries and backend protection.
     pub upstream: UpstreamConfig,
     /// `[federation]`
@@ -106,7 +110,10 @@ pub struct ServiceConfig {
     /// Ports.
     pub ports: Vec<PortConfig>,
     /// Endpoints in this cluster.
-    pub endpoints: Vec<SocketAddr>,
+    pub endpoints: Vec<EndpointConfig>,
+    /// Named subsets of the endpoints, by labels.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<Subset>,
     /// Visible to peer gateways.
     pub export: bool,
     /// Callers allowed through the east-west listener (with
@@ -128,10 +135,10 @@ impl ServiceConfig {
         let headless_endpoints = if self.headless {
             self.endpoints
                 .iter()
-                .map(|a| HeadlessEndpoint {
+                .map(|e| HeadlessEndpoint {
                     cluster: cluster.clone(),
                     hostname: None,
-                    address: a.ip(),
+                    address: e.address.ip(),
                 })
                 .collect()
         } else {
@@ -145,8 +152,16 @@ impl ServiceConfig {
                 export_time_millis: 0,
                 headless: self.headless,
                 endpoints: headless_endpoints,
+                subsets: Vec::new(),
             },
-            endpoints: self.endpoints.clone(),
+            endpoints: self.endpoints.iter().map(|e| e.address).collect(),
+            endpoint_info: self
+                .endpoints
+                .iter()
+                .filter(|e| e.info != EndpointInfo::default())
+                .map(|e| (e.address, e.info.clone()))
+                .collect(),
+            subsets: self.subsets.clone(),
             exported: self.export,
             allowed_callers: (!self.allow_ids.is_empty() || !self.allow_trust_domains.is_empty())
                 .then(|| {
@@ -493,6 +508,11 @@ impl Config {
             own_td,
             trust.as_ref(),
         );
+        let local_subsets: BTreeMap<ServiceKey, Vec<String>> = services
+            .iter()
+            .map(|s| (s.key(), s.subsets.iter().map(|x| x.name.clone()).collect()))
+            .collect();
+        let routes = super::traffic::routes(&mut check, raw.routes.as_deref(), &local_subsets);
         let federation = super::federation::federation(
             &mut check,
             &raw.federation,
@@ -541,6 +561,7 @@ impl Config {
                 listeners,
                 services,
                 peers,
+                routes,
                 upstream,
                 federation,
                 discovery,
@@ -574,6 +595,9 @@ impl Config {
                     spiffe_id: p.spiffe_id.clone(),
                     address: p.address,
                     locality: p.locality.clone(),
+                    // No lease: only health checks and outlier detection speak for it.
+                    live: true,
+                    subsets: Vec::new(),
                 },
                 services: p
                     .services
@@ -592,6 +616,7 @@ impl Config {
                             export_time_millis: 0,
                             headless: false,
                             endpoints: Vec::new(),
+                            subsets: Vec::new(),
                         };
                         (key.clone(), export)
                     })
@@ -1130,12 +1155,9 @@ pub(super) fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConf
                 });
             }
         }
-        let endpoints = list(
-            check,
-            &at("endpoints"),
-            svc.endpoints.as_deref(),
-            parse_socket_addr,
-        );
+        let endpoints =
+            super::traffic::endpoints(check, &at("endpoints"), svc.endpoints.as_deref());
+        let subsets = super::traffic::subsets(check, &at("subsets"), svc.subsets.as_deref());
         let allow_ids = list(
             check,
             &at("allow_ids"),
@@ -1183,6 +1205,7 @@ pub(super) fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConf
             name,
             ports,
             endpoints,
+            subsets,
             export: svc.export.unwrap_or(false),
             allow_ids,
             allow_trust_domains,

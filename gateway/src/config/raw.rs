@@ -5,6 +5,10 @@
 //! [`super::model`], can report every missing or malformed value at once with its
 //! path instead of stopping at the first.
 
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration file.
@@ -38,6 +42,8 @@ pub struct RawConfig {
     pub services: Option<Vec<RawService>>,
     /// `[[peers]]`: peer gateways and the services they serve.
     pub peers: Option<Vec<RawPeer>>,
+    /// `[[routes]]`: header matches and weighted splits per service.
+    pub routes: Option<Vec<RawRoute>>,
     /// `[upstream]`: timeouts, retries and backend protection.
     #[serde(default)]
     pub upstream: RawUpstream,
@@ -133,6 +139,23 @@ pub struct RawUpstream {
     /// `[upstream.health_check]`
     #[serde(default)]
     pub health_check: RawHealthCheck,
+    /// `[upstream.locality]`
+    #[serde(default)]
+    pub locality: RawLocalityPolicy,
+}
+
+/// `[upstream.locality]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLocalityPolicy {
+    /// `upstream.locality.failover_order`
+    pub failover_order: Option<Vec<String>>,
+    /// `upstream.locality.overprovisioning_factor`
+    pub overprovisioning_factor: Option<f64>,
+    /// `upstream.locality.panic_threshold_percent`
+    pub panic_threshold_percent: Option<i64>,
+    /// `upstream.locality.slow_start_window`
+    pub slow_start_window: Option<String>,
 }
 
 /// `[upstream.circuit_breaker]`
@@ -196,7 +219,9 @@ pub struct RawService {
     /// `services[].ports`
     pub ports: Option<Vec<RawPort>>,
     /// `services[].endpoints`
-    pub endpoints: Option<Vec<String>>,
+    pub endpoints: Option<Vec<RawEndpoint>>,
+    /// `services[].subsets`
+    pub subsets: Option<Vec<RawSubset>>,
     /// `services[].export`
     pub export: Option<bool>,
     /// `services[].allow_ids`
@@ -207,6 +232,111 @@ pub struct RawService {
     pub mode: Option<String>,
     /// `services[].headless`
     pub headless: Option<bool>,
+}
+
+/// `services[].endpoints[]`: `"ip:port"`, or a table with its locality,
+/// labels and weight.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum RawEndpoint {
+    /// `"ip:port"`
+    Address(String),
+    /// `{ address = "ip:port", locality = "region/zone", labels = {..}, weight = 2 }`
+    Table(RawEndpointTable),
+}
+
+/// Deserialized by hand: serde's untagged enums say only "did not match any
+/// variant", where a user needs to be told the two accepted shapes.
+impl<'de> Deserialize<'de> for RawEndpoint {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Shape;
+        impl<'de> Visitor<'de> for Shape {
+            type Value = RawEndpoint;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "an address \"ip:port\" or a table { address, locality, labels, weight }",
+                )
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<RawEndpoint, E> {
+                Ok(RawEndpoint::Address(s.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawEndpoint, A::Error> {
+                RawEndpointTable::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawEndpoint::Table)
+            }
+        }
+        d.deserialize_any(Shape)
+    }
+}
+
+/// `services[].endpoints[]` as a table.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEndpointTable {
+    /// `services[].endpoints[].address`
+    pub address: Option<String>,
+    /// `services[].endpoints[].locality`
+    pub locality: Option<String>,
+    /// `services[].endpoints[].labels`
+    pub labels: Option<BTreeMap<String, String>>,
+    /// `services[].endpoints[].weight`
+    pub weight: Option<i64>,
+}
+
+/// `services[].subsets[]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSubset {
+    /// `services[].subsets[].name`
+    pub name: Option<String>,
+    /// `services[].subsets[].labels`
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// `[[routes]]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// `routes[].service`
+    pub service: Option<String>,
+    /// `[[routes.rules]]`
+    pub rules: Option<Vec<RawRouteRule>>,
+}
+
+/// `[[routes.rules]]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteRule {
+    /// `routes[].rules[].headers`
+    pub headers: Option<Vec<RawHeaderMatch>>,
+    /// `routes[].rules[].split`
+    pub split: Option<Vec<RawSplit>>,
+}
+
+/// `routes[].rules[].headers[]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderMatch {
+    /// `routes[].rules[].headers[].name`
+    pub name: Option<String>,
+    /// `routes[].rules[].headers[].exact`
+    pub exact: Option<String>,
+    /// `routes[].rules[].headers[].prefix`
+    pub prefix: Option<String>,
+    /// `routes[].rules[].headers[].present`
+    pub present: Option<bool>,
+}
+
+/// `routes[].rules[].split[]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSplit {
+    /// `routes[].rules[].split[].subset`
+    pub subset: Option<String>,
+    /// `routes[].rules[].split[].cluster`
+    pub cluster: Option<String>,
+    /// `routes[].rules[].split[].weight`
+    pub weight: Option<i64>,
 }
 
 /// `services[].ports[]`

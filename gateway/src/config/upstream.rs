@@ -8,7 +8,9 @@ use serde::Serialize;
 
 use super::error::ConfigError;
 use super::model::{Check, parse_duration};
-use super::raw::{RawCircuitBreaker, RawHealthCheck, RawOutlierDetection, RawUpstream};
+use super::raw::{
+    RawCircuitBreaker, RawHealthCheck, RawLocalityPolicy, RawOutlierDetection, RawUpstream,
+};
 
 /// Default TCP (and, to peer gateways, TLS) connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -36,6 +38,15 @@ pub const DEFAULT_MAX_EJECTION_PERCENT: i64 = 50;
 pub const DEFAULT_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// Default timeout of one health check.
 pub const DEFAULT_HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default overprovisioning factor (Envoy's): a priority level keeps all its
+/// traffic until fewer than 1/1.4 (71 %) of its backends are available.
+pub const DEFAULT_OVERPROVISIONING_PERCENT: i64 = 140;
+/// Default panic threshold: below this share of available backends across
+/// every level, health is ignored (better a failing check than a sure error).
+pub const DEFAULT_PANIC_THRESHOLD_PERCENT: i64 = 50;
+/// Default slow start: a backend that comes back ramps from 10 % of its weight
+/// to all of it over this long.
+pub const DEFAULT_SLOW_START_WINDOW: Duration = Duration::from_secs(10);
 /// Longest accepted timeout or interval.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
@@ -65,6 +76,26 @@ pub struct UpstreamConfig {
     pub outlier_detection: OutlierDetectionConfig,
     /// Active health: probing backends.
     pub health_check: HealthCheckConfig,
+    /// Priority levels by locality, spill-over, panic and slow start.
+    pub locality: LocalityPolicy,
+}
+
+/// `[upstream.locality]`: how traffic is spread over localities.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LocalityPolicy {
+    /// Regions in the order traffic fails over to them after this gateway's
+    /// own zone and region; unlisted regions come after the listed ones.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failover_order: Vec<String>,
+    /// The overprovisioning factor, in percent (140 is 1.4); shown as the
+    /// factor it was written as.
+    #[serde(rename = "overprovisioning_factor", serialize_with = "as_factor")]
+    pub overprovisioning_percent: u32,
+    /// Below this share of available backends (percent), health is ignored.
+    pub panic_threshold_percent: u32,
+    /// A recovered backend's weight ramps up over this long; 0 turns it off.
+    #[serde(with = "humantime_serde")]
+    pub slow_start_window: Duration,
 }
 
 /// `[upstream.circuit_breaker]`: limits per backend; beyond them a request
@@ -205,6 +236,7 @@ pub(super) fn upstream(check: &mut Check, raw: &RawUpstream) -> Option<UpstreamC
     let circuit_breaker = circuit_breaker(check, &raw.circuit_breaker);
     let outlier_detection = outlier_detection(check, &raw.outlier_detection);
     let health_check = health_check(check, &raw.health_check);
+    let locality = locality(check, &raw.locality);
     Some(UpstreamConfig {
         connect_timeout: connect_timeout?,
         request_timeout: request_timeout?,
@@ -215,6 +247,61 @@ pub(super) fn upstream(check: &mut Check, raw: &RawUpstream) -> Option<UpstreamC
         circuit_breaker: circuit_breaker?,
         outlier_detection: outlier_detection?,
         health_check: health_check?,
+        locality: locality?,
+    })
+}
+
+fn as_factor<S: serde::Serializer>(percent: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(f64::from(*percent) / 100.0)
+}
+
+fn locality(check: &mut Check, raw: &RawLocalityPolicy) -> Option<LocalityPolicy> {
+    let mut failover_order: Vec<String> = Vec::new();
+    for (i, region) in raw.failover_order.iter().flatten().enumerate() {
+        let path = format!("upstream.locality.failover_order[{i}]");
+        if let Err(e) = isthmus_federation::names::validate_label(region) {
+            check
+                .errors
+                .push(ConfigError::new(path, format!("region {e}")));
+        } else if failover_order.contains(region) {
+            check.errors.push(ConfigError::new(
+                path,
+                format!("{region:?} is listed twice"),
+            ));
+        } else {
+            failover_order.push(region.clone());
+        }
+    }
+    let overprovisioning = match raw.overprovisioning_factor {
+        None => Some(DEFAULT_OVERPROVISIONING_PERCENT),
+        Some(f) if (1.0..=10.0).contains(&f) => Some((f * 100.0).round() as i64),
+        Some(f) => {
+            check.errors.push(ConfigError::new(
+                "upstream.locality.overprovisioning_factor",
+                format!("{f} is out of range; expected 1.0 to 10.0"),
+            ));
+            None
+        }
+    };
+    let panic = int(
+        check,
+        "upstream.locality.panic_threshold_percent",
+        raw.panic_threshold_percent,
+        DEFAULT_PANIC_THRESHOLD_PERCENT,
+        0,
+        100,
+    );
+    let slow_start = duration(
+        check,
+        "upstream.locality.slow_start_window",
+        raw.slow_start_window.as_deref(),
+        DEFAULT_SLOW_START_WINDOW,
+    );
+    Some(LocalityPolicy {
+        failover_order,
+        overprovisioning_percent: overprovisioning? as u32,
+        panic_threshold_percent: panic? as u32,
+        slow_start_window: slow_start?,
     })
 }
 

@@ -183,7 +183,12 @@ mod tests {
             Duration::from_secs(5),
             vec![b"h2".to_vec()],
         );
-        let relay = super::super::MeshRelay::bind(connector, Duration::from_secs(5)).unwrap();
+        let relay = super::super::MeshRelay::bind(
+            connector,
+            Duration::from_secs(5),
+            tokio::sync::broadcast::channel(1).0,
+        )
+        .unwrap();
         let path = relay.path();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(relay.serve(stopped));

@@ -25,6 +25,7 @@ use isthmus_federation::trust::{PeerPolicy, SpiffeConnector};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
 /// First word of a relay request line.
@@ -132,12 +133,21 @@ pub struct MeshRelay {
     listener: std::os::unix::net::UnixListener,
     connector: SpiffeConnector,
     connect_timeout: Duration,
+    /// Peer addresses declared dead: their connections end at once.
+    cuts: broadcast::Sender<SocketAddr>,
 }
 
 impl MeshRelay {
     /// Binds the relay socket in a new private directory under the system's
     /// temporary directory (under systemd, `PrivateTmp` makes that private too).
-    pub fn bind(connector: SpiffeConnector, connect_timeout: Duration) -> std::io::Result<Self> {
+    /// A peer address sent on `cuts` has its connections (and connection
+    /// attempts) ended at once, so requests waiting on a dead peer fail now
+    /// and are retried elsewhere instead of waiting for a timeout.
+    pub fn bind(
+        connector: SpiffeConnector,
+        connect_timeout: Duration,
+        cuts: broadcast::Sender<SocketAddr>,
+    ) -> std::io::Result<Self> {
         let dir = private_socket_dir()?;
         let listener = std::os::unix::net::UnixListener::bind(dir.path().join("relay.sock"))?;
         listener.set_nonblocking(true)?;
@@ -146,6 +156,7 @@ impl MeshRelay {
             listener,
             connector,
             connect_timeout,
+            cuts,
         })
     }
 
@@ -169,7 +180,8 @@ impl MeshRelay {
                     Ok((stream, _)) => {
                         let connector = self.connector.clone();
                         let timeout = self.connect_timeout;
-                        tokio::spawn(relay(stream, connector, timeout));
+                        let cut = self.cuts.subscribe();
+                        tokio::spawn(relay(stream, connector, timeout, cut));
                     }
                     Err(e) => {
                         warn!(error = %e, "mesh relay accept failed");
@@ -186,19 +198,59 @@ async fn reply<S: AsyncWrite + Unpin>(stream: &mut S, line: &str) -> bool {
     stream.write_all(line.as_bytes()).await.is_ok() && stream.flush().await.is_ok()
 }
 
-/// Serves one relay connection: request, connect and authenticate, splice.
-async fn relay(mut local: UnixStream, connector: SpiffeConnector, connect_timeout: Duration) {
-    let request = match read_line(&mut local)
+/// Resolves when `peer` is announced on `cuts`.
+async fn cut_for(cuts: &mut broadcast::Receiver<SocketAddr>, peer: SocketAddr) {
+    loop {
+        match cuts.recv().await {
+            Ok(addr) if addr == peer => return,
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            // The sender is gone with the gateway's upstreams: nothing will be cut.
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+}
+
+/// Serves one relay connection until it ends or its peer is cut.
+async fn relay(
+    mut local: UnixStream,
+    connector: SpiffeConnector,
+    connect_timeout: Duration,
+    mut cuts: broadcast::Receiver<SocketAddr>,
+) {
+    let Some(request) = peer_of(&mut local).await else {
+        return;
+    };
+    let peer = request.peer;
+    tokio::select! {
+        () = serve_one(local, request, connector, connect_timeout) => {}
+        () = cut_for(&mut cuts, peer) => {
+            debug!(%peer, "east-west connection cut: the peer was declared dead");
+        }
+    }
+}
+
+/// Reads the relay request, answering a malformed one.
+async fn peer_of(local: &mut UnixStream) -> Option<RelayRequest> {
+    match read_line(local)
         .await
         .map_err(|e| e.to_string())
         .and_then(|l| RelayRequest::parse(&l))
     {
-        Ok(r) => r,
+        Ok(r) => Some(r),
         Err(e) => {
-            let _ = reply(&mut local, &format!("ERR bad_request {e}\n")).await;
-            return;
+            let _ = reply(local, &format!("ERR bad_request {e}\n")).await;
+            None
         }
-    };
+    }
+}
+
+/// Connects and authenticates per `request`, then splices.
+async fn serve_one(
+    mut local: UnixStream,
+    request: RelayRequest,
+    connector: SpiffeConnector,
+    connect_timeout: Duration,
+) {
     let tcp = match tokio::time::timeout(connect_timeout, TcpStream::connect(request.peer)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {

@@ -182,6 +182,8 @@ impl ProxyHttp for EastWestProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         self.common.stamp(upstream, ctx)?;
+        // The subset was for this gateway (routing has used it), not the workload.
+        upstream.remove_header(super::outbound::SUBSET_HEADER);
         // Tell the workload who called, as Envoy does; never trust one sent in.
         upstream.remove_header("x-forwarded-client-cert");
         if let Some(caller) = self.caller(session) {

@@ -9,6 +9,7 @@
 //!
 //! Routing decisions are pure functions ([`routing`]) tested without sockets.
 
+pub mod balance;
 pub mod east_west;
 mod headers;
 mod metrics;

@@ -24,9 +24,11 @@ use rustls::pki_types::ServerName;
 use tokio::sync::watch;
 use tracing::info;
 
+use super::balance::{Draws, Scope};
 use super::headers;
 use super::metrics::{ProxyMetrics, RequestLabels};
-use super::routing::{NoRoute, Routed, Target, pick, resolve};
+use super::routing::{NoRoute, Routed, Target, resolve};
+use crate::config::traffic::{RouteConfig, SplitTarget};
 use crate::config::upstream::UpstreamConfig;
 use crate::mesh::{MeshAlpn, mesh_peer};
 use crate::upstream::outlier::Outcome;
@@ -34,6 +36,11 @@ use crate::upstream::{RequestLease, ServiceBackends, Upstreams, Use};
 
 /// The error a request gets when every backend is at its circuit-breaker limits.
 const OVERLOADED: ErrorType = ErrorType::Custom("every backend is at its limits");
+
+/// Names the subset a request is confined to, from a gateway to its peer's
+/// east-west listener (which trusts it from authenticated peers only; the
+/// outbound listener drops it from workloads).
+pub(crate) const SUBSET_HEADER: &str = "x-isthmus-subset";
 
 /// Per-request state.
 pub struct RequestCtx {
@@ -54,6 +61,8 @@ pub struct RequestCtx {
     /// The current attempt's response status from upstream.
     upstream_status: Option<u16>,
     spread: usize,
+    /// The route destination chosen for this request (subset and/or cluster).
+    destination: Option<SplitTarget>,
     /// The service's name, sent upstream as the authority when the client
     /// addressed it by clusterset IP (peers route by name, not by our IPs).
     authority_override: Option<String>,
@@ -111,6 +120,7 @@ impl Common {
             tried: Vec::new(),
             upstream_status: None,
             spread: self.spread.fetch_add(1, Ordering::Relaxed),
+            destination: None,
             authority_override: None,
         }
     }
@@ -172,6 +182,20 @@ impl Common {
                 session.set_keepalive(Some(ctx.policy.idle_timeout.as_secs().max(1)));
                 let backends = self.upstreams.service(&routed.entry.key);
                 backends.budget.request(ctx.started);
+                ctx.destination = if exported_only {
+                    // From a peer gateway: it chose the subset already.
+                    header_str(session.req_header(), SUBSET_HEADER).map(|s| SplitTarget {
+                        subset: Some(s.to_owned()),
+                        cluster: None,
+                        weight: 1,
+                    })
+                } else if self.upstreams.has_routes() {
+                    self.upstreams
+                        .routes(&routed.entry.key)
+                        .and_then(|r| choose_destination(&r, session.req_header(), ctx.spread))
+                } else {
+                    None
+                };
                 ctx.backends = Some(backends);
                 ctx.routed = Some(routed);
                 Ok(false)
@@ -221,17 +245,7 @@ impl Common {
             ));
         };
         let policy = &ctx.policy;
-        let now = Instant::now();
-        let target = pick(
-            &routed.entry,
-            relay.is_none(),
-            ctx.spread,
-            &ctx.tried,
-            |a| {
-                self.upstreams
-                    .availability(backends, a, Use::Http, now, policy)
-            },
-        );
+        let target = self.choose_target(routed, backends, ctx, relay.is_none());
         let target = match target {
             Ok(t) => t,
             Err(NoRoute::Overloaded) => {
@@ -243,7 +257,8 @@ impl Common {
         let mut peer = match (&target, relay) {
             (Target::Local(addr), _) => local_peer(*addr, routed.protocol),
             (Target::Remote(gw), Some(relay)) => {
-                let sni = east_west_sni(&routed.entry.key, routed.port, None);
+                let subset = ctx.destination.as_ref().and_then(|d| d.subset.as_deref());
+                let sni = east_west_sni(&routed.entry.key, routed.port, subset);
                 let sni = ServerName::try_from(sni)
                     .map_err(|e| Error::explain(ErrorType::InternalError, e.to_string()))?;
                 // HTTP/2 here cannot carry an upgrade (no RFC 8441 in
@@ -269,6 +284,12 @@ impl Common {
         peer.options.write_timeout = Some(policy.request_timeout);
         peer.options.idle_timeout = Some(policy.idle_timeout);
         let backend = self.upstreams.backend(backends, target.addr());
+        if let Some(previous) = &ctx.target {
+            let (from, to) = (self.cluster_of(previous), self.cluster_of(&target));
+            if from != to {
+                self.upstreams.failed_over(&routed.entry.key, from, to);
+            }
+        }
         // The previous attempt's lease, if any, ends before this one starts.
         ctx.lease = None;
         ctx.lease = Some(self.upstreams.lease_request(backend));
@@ -277,6 +298,50 @@ impl Common {
         ctx.tried.push(target.addr());
         ctx.target = Some(target);
         Ok(Box::new(peer))
+    }
+
+    /// Plans and chooses the next attempt's target: within the request's
+    /// route destination; a destination cluster with nothing available gives
+    /// way to the whole service (a dead cluster costs nothing), a subset does
+    /// not (it is a version contract).
+    fn choose_target(
+        &self,
+        routed: &Routed,
+        backends: &ServiceBackends,
+        ctx: &RequestCtx,
+        local_only: bool,
+    ) -> Result<Target, NoRoute> {
+        let destination = ctx.destination.as_ref();
+        let mut scope = Scope {
+            subset: destination.and_then(|d| d.subset.as_deref()),
+            cluster: destination.and_then(|d| d.cluster.as_ref()),
+        };
+        let plan = |scope| {
+            self.upstreams.plan(
+                backends,
+                &routed.entry,
+                scope,
+                local_only,
+                &ctx.tried,
+                Use::Http,
+                &ctx.policy,
+            )
+        };
+        let mut planned = plan(scope);
+        if scope.cluster.is_some() && !planned.has_available() {
+            scope.cluster = None;
+            planned = plan(scope);
+        }
+        let draws = Draws::new(ctx.spread as u64, ctx.tried.len() as u64);
+        planned.choose(&routed.entry, draws.level, draws.member)
+    }
+
+    /// The cluster a target is in.
+    fn cluster_of<'a>(&'a self, target: &'a Target) -> &'a str {
+        match target {
+            Target::Local(_) => self.cluster.as_str(),
+            Target::Remote(g) => g.cluster.as_str(),
+        }
     }
 
     /// The current attempt has its connection.
@@ -473,6 +538,41 @@ impl Common {
     }
 }
 
+fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+    req.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+}
+
+/// The destination of the first rule of `route` whose headers `req` matches,
+/// chosen by weight; `None` when no rule matches (the whole service).
+fn choose_destination(
+    route: &RouteConfig,
+    req: &RequestHeader,
+    spread: usize,
+) -> Option<SplitTarget> {
+    let rule = route.rules.iter().find(|rule| {
+        rule.headers
+            .iter()
+            .all(|m| m.matches(req.headers.get(m.name.as_str()).map(|v| v.as_bytes())))
+    })?;
+    let total: u64 = rule.split.iter().map(|t| u64::from(t.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    // A different draw from the attempts' (attempt numbers stay far below this).
+    let mut point = (Draws::new(spread as u64, 0).split * total as f64) as u64;
+    rule.split
+        .iter()
+        .find(|t| {
+            let hit = point < u64::from(t.weight);
+            point = point.saturating_sub(u64::from(t.weight));
+            hit
+        })
+        .cloned()
+}
+
 /// The `reason` label of `isthmus_request_errors_total` for `e`.
 fn error_reason(e: &Error) -> &'static str {
     use ErrorType::*;
@@ -578,6 +678,14 @@ impl ProxyHttp for OutboundProxy {
     ) -> Result<()> {
         if let Some(authority) = &ctx.authority_override {
             set_authority(upstream, authority)?;
+        }
+        // Only this gateway names subsets to its peers.
+        upstream.remove_header(SUBSET_HEADER);
+        if let (Some(Target::Remote(_)), Some(subset)) = (
+            &ctx.target,
+            ctx.destination.as_ref().and_then(|d| d.subset.as_deref()),
+        ) {
+            upstream.insert_header(SUBSET_HEADER, subset)?;
         }
         self.common.stamp(upstream, ctx)
     }

@@ -1,4 +1,5 @@
-//! Where a request goes: pure functions over a catalog snapshot.
+//! What a request addresses, resolved against a catalog snapshot; where each
+//! attempt goes is [`super::balance`]'s.
 
 use std::net::SocketAddr;
 
@@ -73,68 +74,6 @@ pub fn resolve(catalog: &Catalog, addressed: &Addressed) -> Result<Routed, NoRou
     })
 }
 
-/// Picks the target for the next attempt of a request.
-///
-/// Endpoints in this cluster come first, then peer gateways (never from the
-/// east-west listener: `local_only`). Within the first tier that has targets
-/// `Up`, targets not yet `tried` by this request are preferred, spread by
-/// `spread` (a rotating counter). When nothing is up anywhere, a target that is
-/// merely `Down` is used anyway (panic mode: failing checks are better than a
-/// sure error); when every target is `Full`, the request is refused.
-/// Locality-aware failover across gateways comes with issue 6.
-pub fn pick(
-    entry: &ServiceEntry,
-    local_only: bool,
-    spread: usize,
-    tried: &[SocketAddr],
-    availability: impl Fn(SocketAddr) -> Availability,
-) -> Result<Target, NoRoute> {
-    let remote: &[RemoteGateway] = if local_only { &[] } else { &entry.remote };
-    if entry.endpoints.is_empty() && remote.is_empty() {
-        return Err(NoRoute::NoEndpoint);
-    }
-    // Addresses are rated once; only the chosen target is built (a gateway
-    // carries strings worth not cloning for every candidate of every request).
-    let tiers: [Vec<(SocketAddr, Availability)>; 2] = [
-        entry
-            .endpoints
-            .iter()
-            .map(|a| (*a, availability(*a)))
-            .collect(),
-        remote
-            .iter()
-            .map(|g| (g.address, availability(g.address)))
-            .collect(),
-    ];
-    let choose = |wanted: Availability| -> Option<(usize, usize)> {
-        tiers.iter().enumerate().find_map(|(tier, rated)| {
-            let candidates = || {
-                rated
-                    .iter()
-                    .enumerate()
-                    .filter(move |(_, (_, a))| *a == wanted)
-            };
-            let fresh = || candidates().filter(|(_, (addr, _))| !tried.contains(addr));
-            let turn = spread.wrapping_add(tried.len());
-            let n_fresh = fresh().count();
-            let chosen = if n_fresh > 0 {
-                fresh().nth(turn % n_fresh)
-            } else {
-                let n = candidates().count();
-                candidates().nth(turn % n.max(1))
-            };
-            chosen.map(|(i, _)| (tier, i))
-        })
-    };
-    choose(Availability::Up)
-        .or_else(|| choose(Availability::Down))
-        .map(|(tier, i)| match tier {
-            0 => Target::Local(entry.endpoints[i]),
-            _ => Target::Remote(remote[i].clone()),
-        })
-        .ok_or(NoRoute::Overloaded)
-}
-
 impl Target {
     /// The address connected to.
     pub fn addr(&self) -> SocketAddr {
@@ -150,7 +89,7 @@ mod tests {
     use super::*;
     use isthmus_federation::catalog::{ServiceKey, ServicePort, parse_authority};
 
-    fn entry(endpoints: &[&str], remote: usize) -> ServiceEntry {
+    fn entry(endpoints: &[&str]) -> ServiceEntry {
         ServiceEntry {
             key: "shop/web".parse::<ServiceKey>().unwrap(),
             ports: vec![
@@ -166,16 +105,9 @@ mod tests {
                 },
             ],
             endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
-            remote: (0..remote)
-                .map(|i| RemoteGateway {
-                    cluster: format!("c{i}").parse().unwrap(),
-                    spiffe_id: format!("spiffe://c{i}.example/isthmus/gateway/gw")
-                        .parse()
-                        .unwrap(),
-                    address: format!("127.0.0.{}:15443", i + 2).parse().unwrap(),
-                    locality: "r".parse().unwrap(),
-                })
-                .collect(),
+            endpoint_info: Default::default(),
+            subsets: vec![],
+            remote: vec![],
             exported: true,
             allowed_callers: None,
             passthrough: false,
@@ -186,7 +118,7 @@ mod tests {
 
     #[test]
     fn resolves_ports_and_protocols() {
-        let catalog = Catalog::new([entry(&["127.0.0.1:1"], 0)]);
+        let catalog = Catalog::new([entry(&["127.0.0.1:1"])]);
         let routed = resolve(
             &catalog,
             &parse_authority("web.shop.svc.clusterset.local:9090").unwrap(),
@@ -201,88 +133,5 @@ mod tests {
         );
         let unknown = parse_authority("api.shop.svc.clusterset.local:80").unwrap();
         assert_eq!(resolve(&catalog, &unknown).unwrap_err().status(), 404);
-    }
-
-    fn up(_: SocketAddr) -> Availability {
-        Availability::Up
-    }
-
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn prefers_local_endpoints_and_spreads_over_them() {
-        let e = entry(&["127.0.0.1:1", "127.0.0.1:2"], 1);
-        assert_eq!(
-            pick(&e, false, 0, &[], up),
-            Ok(Target::Local(addr("127.0.0.1:1")))
-        );
-        assert_eq!(
-            pick(&e, false, 1, &[], up),
-            Ok(Target::Local(addr("127.0.0.1:2")))
-        );
-        // A retry goes to an endpoint not tried yet, whatever the spread.
-        for spread in 0..4 {
-            assert_eq!(
-                pick(&e, false, spread, &[addr("127.0.0.1:2")], up),
-                Ok(Target::Local(addr("127.0.0.1:1")))
-            );
-        }
-    }
-
-    #[test]
-    fn goes_remote_only_without_local_endpoints_and_never_from_east_west() {
-        let e = entry(&[], 2);
-        assert!(
-            matches!(pick(&e, false, 0, &[], up), Ok(Target::Remote(g)) if g.cluster.as_str() == "c0")
-        );
-        assert!(
-            matches!(pick(&e, false, 1, &[], up), Ok(Target::Remote(g)) if g.cluster.as_str() == "c1")
-        );
-        assert_eq!(pick(&e, true, 0, &[], up), Err(NoRoute::NoEndpoint));
-        assert_eq!(
-            pick(&entry(&[], 0), false, 0, &[], up)
-                .unwrap_err()
-                .status(),
-            503
-        );
-    }
-
-    #[test]
-    fn avoids_down_and_full_backends_and_fails_over_to_peers() {
-        let e = entry(&["127.0.0.1:1", "127.0.0.1:2"], 1);
-        let one_down = |a: SocketAddr| {
-            if a == addr("127.0.0.1:1") {
-                Availability::Down
-            } else {
-                Availability::Up
-            }
-        };
-        for spread in 0..4 {
-            assert_eq!(
-                pick(&e, false, spread, &[], one_down),
-                Ok(Target::Local(addr("127.0.0.1:2")))
-            );
-        }
-        // Every local endpoint down or full: the peer gateway takes over.
-        let locals_out = |a: SocketAddr| match a.port() {
-            1 => Availability::Down,
-            2 => Availability::Full,
-            _ => Availability::Up,
-        };
-        assert!(matches!(
-            pick(&e, false, 0, &[], locals_out),
-            Ok(Target::Remote(_))
-        ));
-        // From east-west there is no peer to fail over to: panic mode uses the
-        // down endpoint rather than refusing.
-        assert_eq!(
-            pick(&e, true, 0, &[], locals_out),
-            Ok(Target::Local(addr("127.0.0.1:1")))
-        );
-        // Everything at its limits: refused at once.
-        let full = |_| Availability::Full;
-        assert_eq!(pick(&e, false, 0, &[], full), Err(NoRoute::Overloaded));
     }
 }

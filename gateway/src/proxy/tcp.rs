@@ -33,8 +33,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+use super::balance::{Draws, Scope};
 use super::metrics::TcpMetrics;
-use super::routing::{NoRoute, Target, pick};
+use super::routing::{NoRoute, Target};
 use crate::upstream::outlier::Outcome;
 use crate::upstream::{ConnectionLease, Upstreams, Use};
 
@@ -76,10 +77,17 @@ where
     let targets = entry.endpoints.len() + if local_only { 0 } else { entry.remote.len() };
     let mut tried = Vec::new();
     while tried.len() < policy.max_attempts {
-        let now = Instant::now();
-        let target = match pick(entry, local_only, spread, &tried, |a| {
-            upstreams.availability(&backends, a, Use::Tcp, now, &policy)
-        }) {
+        let plan = upstreams.plan(
+            &backends,
+            entry,
+            Scope::default(),
+            local_only,
+            &tried,
+            Use::Tcp,
+            &policy,
+        );
+        let draws = Draws::new(spread as u64, tried.len() as u64);
+        let target = match plan.choose(entry, draws.level, draws.member) {
             Ok(t) => t,
             Err(NoRoute::Overloaded) => {
                 upstreams.overloaded(&entry.key);

@@ -6,32 +6,49 @@
 //! - circuit-breaker counters (requests in flight, requests waiting for a
 //!   connection, L4 connections) held by RAII leases;
 //! - passive outlier state ([`outlier`]) fed by every outcome;
-//! - active health ([`probe`]), shared by every service at that address.
+//! - active health ([`probe`]), shared by every service at that address;
+//! - for a peer gateway, its peering lease (`RemoteGateway::live` in the
+//!   catalog): a closed session or a lapsed lease takes it out at once.
 //!
-//! Picking a target ([`crate::proxy::routing::pick`]) stays a pure function;
-//! this module only answers "how available is this address" for it.
+//! Planning an attempt ([`crate::proxy::balance`]) stays a pure function; this
+//! module answers "how does this address stand" for it (including slow start
+//! after a recovery), holds the routes, and cuts the mesh connections of a
+//! peer gateway the moment it is declared dead, so requests waiting on it are
+//! retried elsewhere instead of waiting for a timeout.
 
 mod budget;
+pub mod explain;
+pub mod leases;
 pub mod outlier;
 pub mod probe;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use isthmus_federation::ServiceKey;
+use isthmus_federation::catalog::{Catalog, ServiceEntry};
 use prometheus::{IntCounterVec, IntGaugeVec, Registry};
 use serde::Serialize;
-use tracing::warn;
+use tokio::sync::broadcast;
+use tracing::{info, warn};
 
 pub use self::budget::RetryBudget;
 use self::outlier::{Outcome, Outlier, may_eject_another};
+use crate::config::model::RouteConfig;
 use crate::config::upstream::UpstreamConfig;
 use crate::metrics;
+use crate::proxy::balance::{self, Here, Plan, Rated, Scope};
 use crate::proxy::routing::Availability;
+
+/// How long a peer gateway that left the catalog is remembered, so that its
+/// return counts as a recovery (slow start, ejections lifted).
+const FORGET_DEAD_PEERS: Duration = Duration::from_secs(3600);
+/// Slow start begins at this share of a backend's weight.
+const SLOW_START_FLOOR: f64 = 0.1;
 
 /// What a backend is used for, which decides the limit that applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +65,10 @@ pub struct Health {
     healthy: AtomicBool,
     /// Probes in a row with the same result as the last.
     streak: AtomicU32,
+    /// When it last came back (health checks passing again, a peer's lease
+    /// renewed after it lapsed), in nanoseconds since the `Upstreams` epoch;
+    /// 0: never, which needs no slow start (new backends get traffic at once).
+    recovered_at: AtomicU64,
 }
 
 impl Default for Health {
@@ -56,6 +77,7 @@ impl Default for Health {
         Self {
             healthy: AtomicBool::new(true),
             streak: AtomicU32::new(0),
+            recovered_at: AtomicU64::new(0),
         }
     }
 }
@@ -65,6 +87,26 @@ impl Health {
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
+}
+
+/// Notes that the address of `health` came back at `now`.
+fn mark_recovered(health: &Health, epoch: Instant, now: Instant) {
+    let nanos = u64::try_from(now.duration_since(epoch).as_nanos()).unwrap_or(u64::MAX);
+    // 0 means "never": a recovery in the first nanosecond counts as 1.
+    health.recovered_at.store(nanos.max(1), Ordering::Relaxed);
+}
+
+/// The share of its weight a backend carries at `now`: from
+/// [`SLOW_START_FLOOR`] right after it came back up to 1 over `window`.
+fn ramp(health: &Health, epoch: Instant, now: Instant, window: Duration) -> f64 {
+    let at = health.recovered_at.load(Ordering::Relaxed);
+    if at == 0 || window.is_zero() {
+        return 1.0;
+    }
+    let since = now
+        .saturating_duration_since(epoch + Duration::from_nanos(at))
+        .as_secs_f64();
+    (since / window.as_secs_f64()).clamp(SLOW_START_FLOOR, 1.0)
 }
 
 /// One service's backend at one address.
@@ -93,6 +135,9 @@ impl Backend {
         }
     }
 
+    /// Whether outlier detection holds it out now. The end of an ejection
+    /// is no recovery for slow start: the backend returns on probation, at
+    /// full weight, and is ejected for twice as long if it fails again.
     fn is_ejected(&self, now: Instant) -> bool {
         if !self.ejected.load(Ordering::Relaxed) {
             return false;
@@ -179,6 +224,9 @@ struct UpstreamMetrics {
     retries: IntCounterVec,
     healthy: IntGaugeVec,
     health_checks: IntCounterVec,
+    failovers: IntCounterVec,
+    panics: IntCounterVec,
+    cuts: IntCounterVec,
 }
 
 impl UpstreamMetrics {
@@ -222,26 +270,230 @@ impl UpstreamMetrics {
                 "Active health checks by result (ok, failed).",
                 &["result"],
             ),
+            failovers: metrics::counter_vec(
+                registry,
+                "upstream_failovers_total",
+                "Attempts retried in another cluster than the previous attempt's, by service, namespace and both clusters.",
+                &["service", "namespace", "from_cluster", "to_cluster"],
+            ),
+            panics: metrics::counter_vec(
+                registry,
+                "upstream_panic_total",
+                "Attempts planned in panic mode (too few backends available: health ignored), by service and namespace.",
+                &["service", "namespace"],
+            ),
+            cuts: metrics::counter_vec(
+                registry,
+                "upstream_peer_cuts_total",
+                "Times a peer gateway's mesh connections were cut because it was declared dead, by reason (lease_lost: its peering session closed or its lease lapsed; health_check).",
+                &["peer", "reason"],
+            ),
         }
     }
 }
 
-/// Every backend the data plane has used, with the policy that protects them.
+/// Every backend the data plane has used, the policy that protects them and
+/// the routes that spread requests over them.
 pub struct Upstreams {
     policy: ArcSwap<UpstreamConfig>,
+    routes: ArcSwap<HashMap<ServiceKey, RouteConfig>>,
+    here: Here,
+    epoch: Instant,
     services: RwLock<HashMap<ServiceKey, Arc<ServiceBackends>>>,
     health: RwLock<HashMap<SocketAddr, Arc<Health>>>,
+    /// Peer gateway addresses, whether their lease was live at the last
+    /// catalog seen, and since when it was not (a gateway whose services
+    /// expired is remembered as not live for a while, so its return is a
+    /// recovery too).
+    liveness: Mutex<HashMap<SocketAddr, (bool, Instant)>>,
+    /// Addresses whose mesh connections must be cut now.
+    cuts: broadcast::Sender<SocketAddr>,
     metrics: UpstreamMetrics,
 }
 
 impl Upstreams {
-    /// Backends protected by `policy`, with metrics in `registry`.
-    pub fn new(policy: UpstreamConfig, registry: &Registry) -> Self {
+    /// Backends of a gateway at `here` protected by `policy`, with metrics in
+    /// `registry`.
+    pub fn new(policy: UpstreamConfig, here: Here, registry: &Registry) -> Self {
         Self {
             policy: ArcSwap::from_pointee(policy),
+            routes: ArcSwap::default(),
+            here,
+            epoch: Instant::now(),
             services: RwLock::default(),
             health: RwLock::default(),
+            liveness: Mutex::default(),
+            cuts: broadcast::channel(64).0,
             metrics: UpstreamMetrics::new(registry),
+        }
+    }
+
+    /// Where this gateway is.
+    pub fn here(&self) -> &Here {
+        &self.here
+    }
+
+    /// Applies (reloaded) routes.
+    pub fn set_routes(&self, routes: &[RouteConfig]) {
+        self.routes.store(Arc::new(
+            routes
+                .iter()
+                .map(|r| (r.service.clone(), r.clone()))
+                .collect(),
+        ));
+    }
+
+    /// The routes of `key`, if it has any.
+    pub fn routes(&self, key: &ServiceKey) -> Option<RouteConfig> {
+        self.routes.load().get(key).cloned()
+    }
+
+    /// Whether any service has routes (most gateways have none: the request
+    /// path then skips the lookup).
+    pub fn has_routes(&self) -> bool {
+        !self.routes.load().is_empty()
+    }
+
+    /// Where addresses whose mesh connections must be cut are announced:
+    /// the relay subscribes once per connection.
+    pub fn cut_signal(&self) -> broadcast::Sender<SocketAddr> {
+        self.cuts.clone()
+    }
+
+    fn cut(&self, addr: SocketAddr, reason: &str) {
+        self.metrics
+            .cuts
+            .with_label_values(&[&addr.to_string(), reason])
+            .inc();
+        // No receiver (no relay) is fine: there is nothing to cut.
+        let _ = self.cuts.send(addr);
+    }
+
+    /// Plans the next attempt of a request to `entry` in `scope`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn plan(
+        &self,
+        backends: &ServiceBackends,
+        entry: &ServiceEntry,
+        scope: Scope<'_>,
+        local_only: bool,
+        tried: &[SocketAddr],
+        usage: Use,
+        policy: &UpstreamConfig,
+    ) -> Plan {
+        let plan = self.plan_uncounted(backends, entry, scope, local_only, tried, usage, policy);
+        if plan.panic {
+            self.metrics
+                .panics
+                .with_label_values(&[entry.key.name.as_str(), entry.key.namespace.as_str()])
+                .inc();
+        }
+        plan
+    }
+
+    /// [`Self::plan`] without counting it (for `/debug/explain`).
+    #[allow(clippy::too_many_arguments)]
+    fn plan_uncounted(
+        &self,
+        backends: &ServiceBackends,
+        entry: &ServiceEntry,
+        scope: Scope<'_>,
+        local_only: bool,
+        tried: &[SocketAddr],
+        usage: Use,
+        policy: &UpstreamConfig,
+    ) -> Plan {
+        let now = Instant::now();
+        balance::plan(
+            entry,
+            &self.here,
+            &policy.locality,
+            scope,
+            local_only,
+            tried,
+            |a| self.rate(backends, a, usage, now, policy),
+        )
+    }
+
+    /// How `service`'s backend at `addr` stands for `usage` now, slow start
+    /// included.
+    pub fn rate(
+        &self,
+        service: &ServiceBackends,
+        addr: SocketAddr,
+        usage: Use,
+        now: Instant,
+        policy: &UpstreamConfig,
+    ) -> Rated {
+        let availability = self.availability(service, addr, usage, now, policy);
+        let window = policy.locality.slow_start_window;
+        let ramp = self
+            .health
+            .read()
+            .expect("health lock")
+            .get(&addr)
+            .map_or(1.0, |h| ramp(h, self.epoch, now, window));
+        Rated { availability, ramp }
+    }
+
+    /// Counts an attempt retried in another cluster.
+    pub fn failed_over(&self, key: &ServiceKey, from: &str, to: &str) {
+        self.metrics
+            .failovers
+            .with_label_values(&[key.name.as_str(), key.namespace.as_str(), from, to])
+            .inc();
+    }
+
+    /// Follows peer gateways' leases in a new catalog: a gateway whose
+    /// session closed or lease lapsed has its mesh connections cut (requests
+    /// waiting on it are retried elsewhere); one that is back starts slowly
+    /// and is no longer ejected.
+    pub fn observe_leases(&self, catalog: &Catalog) {
+        let mut seen: HashMap<SocketAddr, bool> = HashMap::new();
+        for gw in catalog.iter().flat_map(|e| &e.remote) {
+            *seen.entry(gw.address).or_insert(gw.live) &= gw.live;
+        }
+        let now = Instant::now();
+        let mut known = self.liveness.lock().expect("liveness lock");
+        for (addr, live) in &seen {
+            match known.get(addr) {
+                Some((true, _)) if !live => {
+                    warn!(peer = %addr, "peer gateway lost its lease; cutting its connections, traffic fails over");
+                    self.cut(*addr, "lease_lost");
+                }
+                Some((false, _)) if *live => {
+                    info!(peer = %addr, "peer gateway is back; it gets traffic again, slowly");
+                    self.recovered(*addr, now);
+                }
+                _ => {}
+            }
+        }
+        // Gone from the catalog (its services expired): no longer live.
+        for (addr, (live, since)) in known.iter_mut() {
+            if *live && !seen.contains_key(addr) {
+                warn!(peer = %addr, "peer gateway left the catalog; cutting its connections");
+                self.cut(*addr, "lease_lost");
+                *live = false;
+                *since = now;
+            }
+        }
+        for (addr, live) in seen {
+            let entry = known.entry(addr).or_insert((live, now));
+            if entry.0 != live {
+                *entry = (live, now);
+            }
+        }
+        known.retain(|_, (live, since)| *live || now.duration_since(*since) < FORGET_DEAD_PEERS);
+    }
+
+    /// `addr` came back: slow start from now, and no ejection holds it out.
+    fn recovered(&self, addr: SocketAddr, now: Instant) {
+        mark_recovered(&self.health_of(addr), self.epoch, now);
+        for service in self.services.read().expect("services lock").values() {
+            if let Some(b) = service.backends.read().expect("backends lock").get(&addr) {
+                b.outlier.lock().expect("outlier lock").forgive();
+                b.ejected.store(false, Ordering::Relaxed);
+            }
         }
     }
 
@@ -434,6 +686,13 @@ impl Upstreams {
         if flipped {
             health.healthy.store(ok, Ordering::Relaxed);
             health.streak.store(0, Ordering::Relaxed);
+            if ok {
+                mark_recovered(&health, self.epoch, Instant::now());
+            } else {
+                // Only peer gateways have mesh connections; for an endpoint
+                // this is a no-op.
+                self.cut(addr, "health_check");
+            }
         }
         self.metrics
             .healthy

@@ -29,6 +29,13 @@ impl Outlier {
         self.ejected_until.is_some_and(|until| now < until)
     }
 
+    /// Ends the current ejection at once (the backend proved it is back some
+    /// other way); the backoff of later ejections is kept.
+    pub fn forgive(&mut self) {
+        self.ejected_until = None;
+        self.consecutive_failures = 0;
+    }
+
     /// When the current ejection ends.
     pub fn ejected_until(&self) -> Option<Instant> {
         self.ejected_until

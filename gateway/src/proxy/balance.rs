@@ -1,0 +1,435 @@
+//! Locality-aware load balancing: which target the next attempt of a request
+//! goes to. Pure functions over a catalog entry and a rating of each address,
+//! tested without sockets.
+//!
+//! The model is Envoy's, made safe by default:
+//! - every target (an endpoint here, or a peer gateway) gets a *priority level*
+//!   from its locality relative to this gateway's: same zone, then same region,
+//!   then the regions of `failover_order` in turn, then anywhere else. At equal
+//!   proximity this cluster's endpoints come before peer gateways (no extra hop);
+//! - a level's *health* is `overprovisioning × available weight / weight`,
+//!   capped at 100 %: with the default 1.4 a level keeps all its traffic until
+//!   fewer than 71 % of it is available, then spills the rest, gradually, to
+//!   the next level. Down, full and already-tried targets are not available,
+//!   so a retry goes to the next level when its own has nothing else;
+//! - when the levels together are less healthy than the panic threshold,
+//!   health is ignored and every target shares traffic by weight (failing
+//!   checks are then more likely wrong than every backend dead);
+//! - a target that just came back weighs less for a while (slow start), which
+//!   also lowers its level's health: traffic fails back gradually.
+//!
+//! A request may be confined to a [`Scope`]: one subset (endpoints with its
+//! labels here; gateways that announce it elsewhere) and/or one cluster.
+
+use std::net::SocketAddr;
+
+use isthmus_federation::catalog::{Labels, RemoteGateway, ServiceEntry};
+use isthmus_federation::{ClusterName, Locality};
+use serde::Serialize;
+
+use super::routing::{Availability, NoRoute, Target};
+use crate::config::model::LocalityPolicy;
+
+/// Where this gateway is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Here {
+    /// Its cluster.
+    pub cluster: ClusterName,
+    /// Its locality.
+    pub locality: Locality,
+}
+
+/// What part of a service a request may go to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scope<'a> {
+    /// Only this subset.
+    pub subset: Option<&'a str>,
+    /// Only this cluster.
+    pub cluster: Option<&'a ClusterName>,
+}
+
+/// How one address stands now, from backend protection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rated {
+    /// Up, full or down.
+    pub availability: Availability,
+    /// Slow start: the share of its weight it carries now, 0.1 to 1.
+    pub ramp: f64,
+}
+
+impl Rated {
+    /// Up with its whole weight.
+    pub const UP: Self = Self {
+        availability: Availability::Up,
+        ramp: 1.0,
+    };
+}
+
+/// How close a target is to this gateway: what its priority level means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(tag = "proximity", content = "rank", rename_all = "snake_case")]
+pub enum Proximity {
+    /// Same region and zone.
+    SameZone,
+    /// Same region.
+    SameRegion,
+    /// A region of `failover_order`, by its index there.
+    FailoverOrder(usize),
+    /// Anywhere else.
+    Elsewhere,
+}
+
+impl Proximity {
+    /// Of a target at `there`, seen from `here`.
+    pub fn of(here: &Locality, there: &Locality, failover_order: &[String]) -> Self {
+        if here.region() != there.region() {
+            return failover_order
+                .iter()
+                .position(|r| r == there.region())
+                .map_or(Self::Elsewhere, Self::FailoverOrder);
+        }
+        match (here.zone(), there.zone()) {
+            (Some(a), Some(b)) if a == b => Self::SameZone,
+            _ => Self::SameRegion,
+        }
+    }
+
+    /// Words for `/debug/explain`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::SameZone => "same zone",
+            Self::SameRegion => "same region",
+            Self::FailoverOrder(_) => "failover order",
+            Self::Elsewhere => "elsewhere",
+        }
+    }
+}
+
+/// Which target of the entry a member is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// `entry.endpoints[i]`
+    Endpoint(usize),
+    /// `entry.remote[i]`
+    Gateway(usize),
+}
+
+/// One target in a plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    /// Which one.
+    pub slot: Slot,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its configured weight.
+    pub weight: u32,
+    /// How it stands.
+    pub rated: Rated,
+    /// This request tried it already.
+    pub tried: bool,
+}
+
+impl Member {
+    /// Whether it may take the next attempt in normal operation.
+    fn available(&self) -> bool {
+        self.rated.availability == Availability::Up && !self.tried
+    }
+
+    /// Its weight now (slow start applied).
+    pub fn effective_weight(&self) -> f64 {
+        f64::from(self.weight) * self.rated.ramp
+    }
+}
+
+/// One priority level.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Level {
+    /// How close its targets are.
+    pub proximity: Proximity,
+    /// Peer gateways (true) or this cluster's endpoints (false).
+    pub remote: bool,
+    /// Its targets.
+    pub members: Vec<Member>,
+    /// Overprovisioned share available, 0 to 1.
+    pub health: f64,
+    /// Share of the next attempts it gets, 0 to 1.
+    pub load: f64,
+}
+
+impl Level {
+    fn total_weight(&self) -> f64 {
+        self.members.iter().map(|m| f64::from(m.weight)).sum()
+    }
+
+    fn available_weight(&self) -> f64 {
+        self.members
+            .iter()
+            .filter(|m| m.available())
+            .map(Member::effective_weight)
+            .sum()
+    }
+
+    /// Share of the next attempts `member` gets, 0 to 1.
+    pub fn member_load(&self, member: &Member, panic: bool, panic_total: f64) -> f64 {
+        if panic {
+            return if member.rated.availability == Availability::Full || panic_total == 0.0 {
+                0.0
+            } else {
+                f64::from(member.weight) / panic_total
+            };
+        }
+        let available = self.available_weight();
+        if member.available() && available > 0.0 {
+            self.load * member.effective_weight() / available
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Where the next attempt of a request may go, and with what odds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Levels, closest first; levels without targets are left out.
+    pub levels: Vec<Level>,
+    /// Health is being ignored.
+    pub panic: bool,
+}
+
+/// Plans the next attempt for `entry` in `scope`: `local_only` leaves peer
+/// gateways out (the east-west listener never forwards onwards); `tried` are
+/// the addresses this request already tried; `rate` says how each address
+/// stands.
+pub fn plan(
+    entry: &ServiceEntry,
+    here: &Here,
+    policy: &LocalityPolicy,
+    scope: Scope<'_>,
+    local_only: bool,
+    tried: &[SocketAddr],
+    rate: impl Fn(SocketAddr) -> Rated,
+) -> Plan {
+    let mut levels: Vec<Level> = Vec::new();
+    let mut add = |proximity: Proximity, remote: bool, member: Member| match levels
+        .iter_mut()
+        .find(|l| l.proximity == proximity && l.remote == remote)
+    {
+        Some(level) => level.members.push(member),
+        None => levels.push(Level {
+            proximity,
+            remote,
+            members: vec![member],
+            health: 0.0,
+            load: 0.0,
+        }),
+    };
+    let member = |slot, addr, weight| Member {
+        slot,
+        addr,
+        weight,
+        rated: rate(addr),
+        tried: tried.contains(&addr),
+    };
+
+    let here_in_scope = scope.cluster.is_none_or(|c| *c == here.cluster);
+    let subset = scope.subset.map(|name| entry.subset(name));
+    let no_labels = Labels::new();
+    if here_in_scope && !matches!(subset, Some(None)) {
+        for (i, addr) in entry.endpoints.iter().enumerate() {
+            let info = entry.endpoint_info.get(addr);
+            let labels = info.map_or(&no_labels, |i| &i.labels);
+            if let Some(Some(s)) = subset
+                && !s.selects(labels)
+            {
+                continue;
+            }
+            let locality = info
+                .and_then(|i| i.locality.as_ref())
+                .unwrap_or(&here.locality);
+            let proximity = Proximity::of(&here.locality, locality, &policy.failover_order);
+            let weight = info.map_or(1, |i| i.weight);
+            add(proximity, false, member(Slot::Endpoint(i), *addr, weight));
+        }
+    }
+    if !local_only {
+        for (i, gw) in entry.remote.iter().enumerate() {
+            if !in_scope(gw, scope) {
+                continue;
+            }
+            let proximity = Proximity::of(&here.locality, &gw.locality, &policy.failover_order);
+            let mut m = member(Slot::Gateway(i), gw.address, 1);
+            if !gw.live {
+                // Its session closed or its lease lapsed: a last resort only.
+                m.rated.availability = Availability::Down;
+            }
+            add(proximity, true, m);
+        }
+    }
+    levels.sort_by_key(|l| (l.proximity, l.remote));
+
+    let overprovisioning = f64::from(policy.overprovisioning_percent) / 100.0;
+    for level in &mut levels {
+        let total = level.total_weight();
+        level.health = if total > 0.0 {
+            (overprovisioning * level.available_weight() / total).min(1.0)
+        } else {
+            0.0
+        };
+    }
+    let total_health: f64 = levels.iter().map(|l| l.health).sum::<f64>().min(1.0);
+    let panic =
+        !levels.is_empty() && total_health * 100.0 < f64::from(policy.panic_threshold_percent);
+    if !panic {
+        let mut remaining = 1.0_f64;
+        for level in &mut levels {
+            level.load = level.health.min(remaining);
+            remaining -= level.load;
+        }
+        // Less than 100 % healthy in all: scale up so the loads add up to 1.
+        if total_health > 0.0 {
+            for level in &mut levels {
+                level.load /= total_health;
+            }
+        }
+    }
+    Plan { levels, panic }
+}
+
+/// Whether the gateway serves `scope`.
+fn in_scope(gw: &RemoteGateway, scope: Scope<'_>) -> bool {
+    scope.cluster.is_none_or(|c| *c == gw.cluster)
+        && scope
+            .subset
+            .is_none_or(|s| gw.subsets.iter().any(|x| x == s))
+}
+
+impl Plan {
+    /// Whether the plan has any target at all.
+    pub fn is_empty(&self) -> bool {
+        self.levels.is_empty()
+    }
+
+    /// Total configured weight, which shares traffic in panic mode.
+    pub fn panic_total(&self) -> f64 {
+        self.levels
+            .iter()
+            .flat_map(|l| &l.members)
+            .filter(|m| m.rated.availability != Availability::Full)
+            .map(|m| f64::from(m.weight))
+            .sum()
+    }
+
+    /// Whether some target is available for the next attempt (a plan without
+    /// one sends its attempts to targets that are down, or to none).
+    pub fn has_available(&self) -> bool {
+        self.levels
+            .iter()
+            .any(|l| l.members.iter().any(Member::available))
+    }
+
+    /// Chooses the next attempt's target with two uniform numbers in [0, 1)
+    /// (see [`Draws`]).
+    pub fn choose(
+        &self,
+        entry: &ServiceEntry,
+        u_level: f64,
+        u_member: f64,
+    ) -> Result<Target, NoRoute> {
+        if self.levels.is_empty() {
+            return Err(NoRoute::NoEndpoint);
+        }
+        let chosen = if self.panic {
+            None
+        } else {
+            pick_weighted(&self.levels, u_level, |l| l.load).and_then(|level| {
+                pick_weighted(
+                    level.members.iter().filter(|m| m.available()),
+                    u_member,
+                    Member::effective_weight,
+                )
+            })
+        };
+        let chosen = chosen
+            .or_else(|| self.last_resort(u_member, |m| !m.tried))
+            .or_else(|| self.last_resort(u_member, |_| true))
+            .ok_or(NoRoute::Overloaded)?;
+        Ok(match chosen.slot {
+            Slot::Endpoint(i) => Target::Local(entry.endpoints[i]),
+            Slot::Gateway(i) => Target::Remote(entry.remote[i].clone()),
+        })
+    }
+
+    /// Panic mode, or nothing available: any target that is not full, by
+    /// weight across every level.
+    fn last_resort(&self, u: f64, also: impl Fn(&Member) -> bool) -> Option<&Member> {
+        pick_weighted(
+            self.levels
+                .iter()
+                .flat_map(|l| &l.members)
+                .filter(|m| m.rated.availability != Availability::Full && also(m)),
+            u,
+            |m| f64::from(m.weight),
+        )
+    }
+}
+
+/// The uniform numbers in [0, 1) one attempt's choices use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Draws {
+    /// Chooses the priority level.
+    pub level: f64,
+    /// Chooses the target within it.
+    pub member: f64,
+    /// Chooses a route's split destination.
+    pub split: f64,
+}
+
+impl Draws {
+    /// For attempt `attempt` of request number `n`: Weyl sequences n·α mod 1
+    /// with α the fractional parts of the golden ratio, √2 and √3 (in 64-bit
+    /// fixed point, so exact however large `n` grows). They are deterministic
+    /// and evenly spread, jointly too, so even a few hundred requests honour
+    /// weights closely, which random draws would not.
+    pub fn new(n: u64, attempt: u64) -> Self {
+        const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+        const SQRT2: u64 = 0x6A09_E667_F3BC_C908;
+        const SQRT3: u64 = 0xBB67_AE85_84CA_A73B;
+        let unit = |x: u64| (x >> 11) as f64 / (1u64 << 53) as f64;
+        let n = n.wrapping_add(attempt.wrapping_mul(0x1_0000_0001));
+        Self {
+            level: unit(n.wrapping_mul(GOLDEN)),
+            member: unit(n.wrapping_mul(SQRT2)),
+            split: unit(n.wrapping_mul(SQRT3)),
+        }
+    }
+}
+
+/// The item whose cumulative weight first exceeds `u` × the total; `None`
+/// when nothing weighs anything.
+fn pick_weighted<'a, T: 'a>(
+    items: impl IntoIterator<Item = &'a T> + Clone,
+    u: f64,
+    weight: impl Fn(&T) -> f64,
+) -> Option<&'a T> {
+    let total: f64 = items.clone().into_iter().map(&weight).sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let mut point = u.clamp(0.0, 1.0) * total;
+    let mut last = None;
+    for item in items {
+        let w = weight(item);
+        if w <= 0.0 {
+            continue;
+        }
+        if point < w {
+            return Some(item);
+        }
+        point -= w;
+        last = Some(item);
+    }
+    last
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,452 @@
+use std::collections::BTreeMap;
+
+use isthmus_federation::catalog::{EndpointInfo, Protocol, ServicePort, Subset};
+
+use super::*;
+
+fn loc(s: &str) -> Locality {
+    s.parse().unwrap()
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn here() -> Here {
+    Here {
+        cluster: "home".parse().unwrap(),
+        locality: loc("us-east/us-east-1a"),
+    }
+}
+
+fn policy() -> LocalityPolicy {
+    crate::config::model::UpstreamConfig::default().locality
+}
+
+fn gateway(cluster: &str, locality: &str, n: u8) -> RemoteGateway {
+    RemoteGateway {
+        cluster: cluster.parse().unwrap(),
+        spiffe_id: format!("spiffe://{cluster}.example/isthmus/gateway/gw")
+            .parse()
+            .unwrap(),
+        address: format!("127.0.1.{n}:15443").parse().unwrap(),
+        locality: loc(locality),
+        live: true,
+        subsets: vec![],
+    }
+}
+
+/// An entry with `endpoints` here and `remote` gateways.
+fn entry(endpoints: &[&str], remote: Vec<RemoteGateway>) -> ServiceEntry {
+    ServiceEntry {
+        key: "shop/web".parse().unwrap(),
+        ports: vec![ServicePort {
+            port: 80,
+            protocol: Protocol::Http,
+            name: None,
+        }],
+        endpoints: endpoints.iter().map(|e| addr(e)).collect(),
+        endpoint_info: BTreeMap::new(),
+        subsets: vec![],
+        remote,
+        exported: true,
+        allowed_callers: None,
+        passthrough: false,
+        headless: false,
+        headless_endpoints: vec![],
+    }
+}
+
+/// a: same zone, b: same region, c: another region.
+fn three_clusters() -> ServiceEntry {
+    entry(
+        &[],
+        vec![
+            gateway("c", "eu-west/eu-west-1a", 3),
+            gateway("a", "us-east/us-east-1a", 1),
+            gateway("b", "us-east/us-east-1b", 2),
+        ],
+    )
+}
+
+fn down_at(down: &'static [&'static str]) -> impl Fn(SocketAddr) -> Rated {
+    move |a| {
+        if down.iter().any(|d| addr(d) == a) {
+            Rated {
+                availability: Availability::Down,
+                ramp: 1.0,
+            }
+        } else {
+            Rated::UP
+        }
+    }
+}
+
+/// Share of `n` evenly spread choices that go to each address.
+fn shares(plan: &Plan, e: &ServiceEntry, n: usize) -> BTreeMap<SocketAddr, f64> {
+    let mut counts: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+    for i in 0..n {
+        let u = (i as f64 + 0.5) / n as f64;
+        // Two different low-discrepancy sequences for the two choices.
+        let v = ((i as f64) * 0.618_033_988_749_895).fract();
+        let t = plan.choose(e, u, v).unwrap();
+        *counts.entry(t.addr()).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .map(|(a, c)| (a, c as f64 / n as f64))
+        .collect()
+}
+
+fn share(s: &BTreeMap<SocketAddr, f64>, a: &str) -> f64 {
+    s.get(&addr(a)).copied().unwrap_or(0.0)
+}
+
+#[test]
+fn proximity_orders_zone_region_failover_order_then_elsewhere() {
+    let me = loc("us-east/us-east-1a");
+    let order = vec!["ap-south".to_owned()];
+    assert_eq!(
+        Proximity::of(&me, &loc("us-east/us-east-1a"), &order),
+        Proximity::SameZone
+    );
+    assert_eq!(
+        Proximity::of(&me, &loc("us-east/us-east-1b"), &order),
+        Proximity::SameRegion
+    );
+    assert_eq!(
+        Proximity::of(&me, &loc("us-east"), &order),
+        Proximity::SameRegion
+    );
+    assert_eq!(
+        Proximity::of(&me, &loc("ap-south/x"), &order),
+        Proximity::FailoverOrder(0)
+    );
+    assert_eq!(
+        Proximity::of(&me, &loc("eu-west"), &order),
+        Proximity::Elsewhere
+    );
+    assert!(Proximity::SameZone < Proximity::SameRegion);
+    assert!(Proximity::FailoverOrder(3) < Proximity::Elsewhere);
+}
+
+#[test]
+fn the_closest_healthy_level_takes_all_traffic() {
+    let e = three_clusters();
+    let p = plan(&e, &here(), &policy(), Scope::default(), false, &[], |_| {
+        Rated::UP
+    });
+    let order: Vec<&str> = p
+        .levels
+        .iter()
+        .map(|l| {
+            e.remote[match l.members[0].slot {
+                Slot::Gateway(i) => i,
+                Slot::Endpoint(_) => unreachable!(),
+            }]
+            .cluster
+            .as_str()
+        })
+        .collect();
+    assert_eq!(order, ["a", "b", "c"]);
+    assert!(!p.panic);
+    let s = shares(&p, &e, 1000);
+    assert_eq!(share(&s, "127.0.1.1:15443"), 1.0);
+}
+
+#[test]
+fn a_dead_level_spills_to_the_next_and_a_retry_goes_there_too() {
+    let e = three_clusters();
+    let p = plan(
+        &e,
+        &here(),
+        &policy(),
+        Scope::default(),
+        false,
+        &[],
+        down_at(&["127.0.1.1:15443"]),
+    );
+    let s = shares(&p, &e, 1000);
+    assert_eq!(
+        share(&s, "127.0.1.1:15443"),
+        0.0,
+        "no new request to the dead cluster"
+    );
+    assert_eq!(share(&s, "127.0.1.2:15443"), 1.0, "all to the same region");
+    // A retry after a failure on a (not yet known down) goes to the next level.
+    let tried = [addr("127.0.1.1:15443")];
+    let p = plan(
+        &e,
+        &here(),
+        &policy(),
+        Scope::default(),
+        false,
+        &tried,
+        |_| Rated::UP,
+    );
+    assert_eq!(share(&shares(&p, &e, 100), "127.0.1.2:15443"), 1.0);
+    // Both closer levels dead: the far region takes over, not panic.
+    let p = plan(
+        &e,
+        &here(),
+        &policy(),
+        Scope::default(),
+        false,
+        &[],
+        down_at(&["127.0.1.1:15443", "127.0.1.2:15443"]),
+    );
+    assert!(!p.panic);
+    assert_eq!(share(&shares(&p, &e, 100), "127.0.1.3:15443"), 1.0);
+}
+
+#[test]
+fn overprovisioning_spills_gradually() {
+    // Ten endpoints here, a peer in the same zone behind them.
+    let eps: Vec<String> = (1..=10).map(|i| format!("127.0.0.{i}:80")).collect();
+    let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
+    let e = entry(&eps, vec![gateway("a", "us-east/us-east-1a", 1)]);
+    // 8 of 10 up: 1.4 × 0.8 ≥ 1, the level keeps everything.
+    let p = plan(
+        &e,
+        &here(),
+        &policy(),
+        Scope::default(),
+        false,
+        &[],
+        down_at(&["127.0.0.1:80", "127.0.0.2:80"]),
+    );
+    assert_eq!(p.levels[0].load, 1.0);
+    // 5 of 10 up: 1.4 × 0.5 = 0.7 stays, 0.3 spills to the peer.
+    let p = plan(
+        &e,
+        &here(),
+        &policy(),
+        Scope::default(),
+        false,
+        &[],
+        down_at(&[
+            "127.0.0.1:80",
+            "127.0.0.2:80",
+            "127.0.0.3:80",
+            "127.0.0.4:80",
+            "127.0.0.5:80",
+        ]),
+    );
+    assert!(
+        (p.levels[0].load - 0.7).abs() < 1e-9,
+        "{}",
+        p.levels[0].load
+    );
+    assert!((p.levels[1].load - 0.3).abs() < 1e-9);
+    let s = shares(&p, &e, 10_000);
+    assert!((share(&s, "127.0.1.1:15443") - 0.3).abs() < 0.01, "{s:?}");
+    assert_eq!(share(&s, "127.0.0.1:80"), 0.0);
+}
+
+#[test]
+fn below_the_panic_threshold_health_is_ignored() {
+    let e = entry(
+        &[
+            "127.0.0.1:80",
+            "127.0.0.2:80",
+            "127.0.0.3:80",
+            "127.0.0.4:80",
+        ],
+        vec![],
+    );
+    // 1 of 4 up: 1.4 × 0.25 = 35 % < 50 %.
+    let p = plan(
+        &e,
+        &here(),
+        &policy(),
+        Scope::default(),
+        false,
+        &[],
+        down_at(&["127.0.0.1:80", "127.0.0.2:80", "127.0.0.3:80"]),
+    );
+    assert!(p.panic);
+    let s = shares(&p, &e, 1000);
+    for a in ["127.0.0.1:80", "127.0.0.4:80"] {
+        assert!((share(&s, a) - 0.25).abs() < 0.01, "{s:?}");
+    }
+    // A panic threshold of 0 never panics: the one up endpoint takes all.
+    let mut never = policy();
+    never.panic_threshold_percent = 0;
+    let p = plan(
+        &e,
+        &here(),
+        &never,
+        Scope::default(),
+        false,
+        &[],
+        down_at(&["127.0.0.1:80", "127.0.0.2:80", "127.0.0.3:80"]),
+    );
+    assert!(!p.panic);
+    assert_eq!(share(&shares(&p, &e, 100), "127.0.0.4:80"), 1.0);
+    // Everything down, no panic: a down target rather than a sure error.
+    let all = down_at(&[
+        "127.0.0.1:80",
+        "127.0.0.2:80",
+        "127.0.0.3:80",
+        "127.0.0.4:80",
+    ]);
+    let p = plan(&e, &here(), &never, Scope::default(), false, &[], all);
+    assert!(p.choose(&e, 0.3, 0.3).is_ok());
+}
+
+#[test]
+fn slow_start_brings_a_returning_cluster_back_gradually() {
+    let e = three_clusters();
+    let ramping = |a: SocketAddr| Rated {
+        availability: Availability::Up,
+        ramp: if a == addr("127.0.1.1:15443") {
+            0.25
+        } else {
+            1.0
+        },
+    };
+    let p = plan(
+        &e,
+        &here(),
+        &policy(),
+        Scope::default(),
+        false,
+        &[],
+        ramping,
+    );
+    // 1.4 × 0.25 = 35 % back to a, the rest stays in the same region.
+    assert!((p.levels[0].load - 0.35).abs() < 1e-9);
+    assert!((p.levels[1].load - 0.65).abs() < 1e-9);
+}
+
+#[test]
+fn weights_share_a_level() {
+    let mut e = entry(&["127.0.0.1:80", "127.0.0.2:80"], vec![]);
+    e.endpoint_info.insert(
+        addr("127.0.0.1:80"),
+        EndpointInfo {
+            weight: 3,
+            ..EndpointInfo::default()
+        },
+    );
+    let p = plan(&e, &here(), &policy(), Scope::default(), false, &[], |_| {
+        Rated::UP
+    });
+    let s = shares(&p, &e, 10_000);
+    assert!((share(&s, "127.0.0.1:80") - 0.75).abs() < 0.01, "{s:?}");
+}
+
+#[test]
+fn endpoints_in_another_zone_rank_below_same_zone_peers() {
+    let mut e = entry(
+        &["127.0.0.1:80"],
+        vec![gateway("a", "us-east/us-east-1a", 1)],
+    );
+    e.endpoint_info.insert(
+        addr("127.0.0.1:80"),
+        EndpointInfo {
+            locality: Some(loc("us-east/us-east-1c")),
+            ..EndpointInfo::default()
+        },
+    );
+    let p = plan(&e, &here(), &policy(), Scope::default(), false, &[], |_| {
+        Rated::UP
+    });
+    assert_eq!(p.levels[0].proximity, Proximity::SameZone);
+    assert!(p.levels[0].remote);
+    assert_eq!(p.levels[1].proximity, Proximity::SameRegion);
+}
+
+#[test]
+fn scopes_confine_to_a_subset_or_a_cluster() {
+    let mut e = entry(
+        &["127.0.0.1:80", "127.0.0.2:80"],
+        vec![
+            gateway("a", "us-east/us-east-1a", 1),
+            gateway("b", "eu-west", 2),
+        ],
+    );
+    let v2: Labels = [("version".to_owned(), "v2".to_owned())].into();
+    e.endpoint_info.insert(
+        addr("127.0.0.2:80"),
+        EndpointInfo {
+            labels: v2.clone(),
+            ..EndpointInfo::default()
+        },
+    );
+    e.subsets = vec![Subset {
+        name: "v2".into(),
+        labels: v2,
+    }];
+    e.remote[1].subsets = vec!["v2".into()];
+    let scope = Scope {
+        subset: Some("v2"),
+        cluster: None,
+    };
+    let p = plan(&e, &here(), &policy(), scope, false, &[], |_| Rated::UP);
+    let addrs: Vec<SocketAddr> = p
+        .levels
+        .iter()
+        .flat_map(|l| l.members.iter().map(|m| m.addr))
+        .collect();
+    assert_eq!(addrs, [addr("127.0.0.2:80"), addr("127.0.1.2:15443")]);
+    // A subset this cluster does not define: only gateways that announce it.
+    let scope = Scope {
+        subset: Some("v3"),
+        cluster: None,
+    };
+    assert!(plan(&e, &here(), &policy(), scope, false, &[], |_| Rated::UP).is_empty());
+    let b: ClusterName = "b".parse().unwrap();
+    let scope = Scope {
+        subset: None,
+        cluster: Some(&b),
+    };
+    let p = plan(&e, &here(), &policy(), scope, false, &[], |_| Rated::UP);
+    assert_eq!(p.levels.len(), 1);
+    assert_eq!(p.levels[0].members[0].addr, addr("127.0.1.2:15443"));
+    // From east-west, peers never count.
+    let p = plan(&e, &here(), &policy(), Scope::default(), true, &[], |_| {
+        Rated::UP
+    });
+    assert!(p.levels.iter().all(|l| !l.remote));
+}
+
+#[test]
+fn full_targets_are_skipped_and_all_full_is_overloaded() {
+    let e = entry(&["127.0.0.1:80", "127.0.0.2:80"], vec![]);
+    let one_full = |a: SocketAddr| Rated {
+        availability: if a.port() == 80 && a.ip().to_string() == "127.0.0.1" {
+            Availability::Full
+        } else {
+            Availability::Up
+        },
+        ramp: 1.0,
+    };
+    let p = plan(
+        &e,
+        &here(),
+        &policy(),
+        Scope::default(),
+        false,
+        &[],
+        one_full,
+    );
+    assert_eq!(share(&shares(&p, &e, 100), "127.0.0.2:80"), 1.0);
+    let full = |_| Rated {
+        availability: Availability::Full,
+        ramp: 1.0,
+    };
+    let p = plan(&e, &here(), &policy(), Scope::default(), false, &[], full);
+    assert_eq!(p.choose(&e, 0.5, 0.5), Err(NoRoute::Overloaded));
+    let none = entry(&[], vec![]);
+    let p = plan(
+        &none,
+        &here(),
+        &policy(),
+        Scope::default(),
+        false,
+        &[],
+        |_| Rated::UP,
+    );
+    assert_eq!(p.choose(&none, 0.5, 0.5), Err(NoRoute::NoEndpoint));
+}
