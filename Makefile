@@ -6,7 +6,7 @@
 CARGO ?= cargo
 # command:Debian package
 APT_TOOLS := cmake:cmake curl:curl openssl:openssl dig:bind9-dnsutils kdig:knot-dnsutils \
-	/usr/sbin/nsd:nsd
+	/usr/sbin/nsd:nsd nft:nftables ip:iproute2
 ISTHMUS := target/debug/isthmus
 # Development PKI for `make run`, made once with `isthmus ca`.
 DEV_PKI := target/dev-pki
@@ -15,7 +15,7 @@ FUZZ_SECONDS ?= 20
 FUZZ_TARGETS := bundle spiffe_id peering_message dns_message
 
 SHELL := /bin/bash
-.PHONY: deps run test lint fuzz
+.PHONY: deps run demo test lint fuzz
 
 deps:
 	@missing=""; for t in $(APT_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
@@ -37,6 +37,13 @@ run: deps
 	ISTHMUS__IDENTITY__BUNDLE=$(CURDIR)/$(DEV_PKI)/ca/bundle.pem \
 	ISTHMUS__TRUST__BUNDLE_ENDPOINT__LISTEN=127.0.0.1:15013 \
 		$(ISTHMUS) run --config config/isthmus.toml
+
+# A self-contained federation on loopback: clusters east and west and a VM, each
+# with its own trust domain, demo services and DNS. Prints the commands to try;
+# Ctrl-C stops it.
+demo: deps
+	$(CARGO) build -p isthmus-gateway --bin isthmus
+	$(ISTHMUS) demo
 
 # The whole test suite: unit, integration and end-to-end (starts real processes).
 test: deps

@@ -42,8 +42,19 @@ enum Command {
     /// Development PKI: trust domain CAs and SVIDs (not for production use).
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Run a self-contained demo federation on loopback (two clusters, one VM)
+    /// until Ctrl-C, printing the commands to try.
+    Demo(DemoArgs),
     /// Print the version.
     Version,
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Keep the demo's files (PKI, configurations, logs) in DIR instead of a
+    /// temporary directory removed on exit.
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,6 +117,7 @@ pub fn main() -> ExitCode {
         Command::CheckConfig(arg) => check_config(&arg.config),
         Command::PrintConfig(arg) => print_config(&arg.config),
         Command::Ca(command) => ca(command),
+        Command::Demo(args) => crate::demo::run(args.work_dir),
         Command::Version => {
             print_stdout(&version_text());
             ExitCode::SUCCESS

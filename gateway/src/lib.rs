@@ -3,6 +3,7 @@
 //!
 //! Module map:
 //! - [`cli`]: the command line and exit codes; [`devpki`]: `isthmus ca`;
+//!   [`demo`]: `isthmus demo`, a self-contained federation on loopback;
 //! - [`config`]: two-stage typed configuration (file + environment);
 //! - [`server`]: `isthmus run`, assembling Pingora services from the config;
 //! - [`lifecycle`]: signals, reload, drain, systemd notification;
@@ -18,6 +19,7 @@ pub mod admin;
 pub mod bundle_endpoint;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod devpki;
 pub mod discovery;
 pub mod dns;
