@@ -7,7 +7,9 @@
 #![forbid(unsafe_code)]
 
 pub mod dns;
+pub mod load;
 pub mod mesh;
+pub mod netns;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -372,6 +374,39 @@ pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// The sum of every series of metric `name` in `metrics` that carries all of
+/// `labels` (in any order, among others); 0 when there is none.
+pub fn metric_sum(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (set, value) = match rest.strip_prefix('{') {
+                Some(r) => r.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            labels
+                .iter()
+                .all(|(k, v)| {
+                    set.split("\",")
+                        .any(|p| p.trim_end_matches('"') == format!("{k}=\"{v}"))
+                })
+                .then(|| value.trim().parse::<f64>().ok())?
+        })
+        .fold(0.0, |sum, v| sum + v)
+}
+
+/// An exclusive lock shared by every test process on the machine, held
+/// until the returned file is dropped: for tests whose measurements must not
+/// compete for the CPU with each other.
+pub fn machine_lock(name: &str) -> std::fs::File {
+    let path = std::env::temp_dir().join(format!("{name}.lock"));
+    let file = std::fs::File::create(&path).expect("create the lock file");
+    file.lock().expect("lock the lock file");
+    file
 }
 
 /// A configuration for gateway `name` (cluster `<name>-cluster`) of trust domain

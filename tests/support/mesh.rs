@@ -26,6 +26,8 @@ pub struct Member {
     pub east_west: SocketAddr,
     /// Federation listener.
     pub federation: SocketAddr,
+    /// `[gateway.locality]`: region (`test` unless set) and zone.
+    pub locality: (String, Option<String>),
 }
 
 impl Member {
@@ -69,10 +71,16 @@ impl Mesh {
                     outbound: free_addr(),
                     east_west: free_addr(),
                     federation: free_addr(),
+                    locality: ("test".to_owned(), None),
                 }
             })
             .collect();
         Self { _pki: pki, members }
+    }
+
+    /// Puts member `i` in `region` and, when given, `zone`.
+    pub fn set_locality(&mut self, i: usize, region: &str, zone: Option<&str>) {
+        self.members[i].locality = (region.to_owned(), zone.map(str::to_owned));
     }
 
     /// Member `i`'s configuration with `services` (TOML) appended; it dials
@@ -102,14 +110,22 @@ impl Mesh {
             ));
         }
         extra.push_str(services);
-        gateway_config(
+        let config = gateway_config(
             &format!("gw-{}", me.name),
             &me.td(),
             me.admin,
             &me.tls,
             &me.ca.join("bundle.pem"),
             &extra,
-        )
+        );
+        let (region, zone) = &me.locality;
+        let mut locality = format!("[gateway.locality]\nregion = \"{region}\"\n");
+        if let Some(zone) = zone {
+            locality.push_str(&format!("zone = \"{zone}\"\n"));
+        }
+        let default = "[gateway.locality]\nregion = \"test\"\n";
+        assert!(config.contains(default), "gateway_config's locality moved");
+        config.replacen(default, &locality, 1)
     }
 
     /// Every member dials every other.
