@@ -72,14 +72,16 @@ impl HeaderMatch {
 }
 
 /// One weighted destination of a split: a subset, a cluster, both, or
-/// (neither) the whole service.
+/// (neither) the whole service. Should nothing in it be available, its
+/// requests go wherever the service is served: a traffic shift is a
+/// preference, never a reason to fail a request (a dead cluster or canary
+/// costs nothing).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SplitTarget {
     /// Only endpoints of this subset (in any cluster that has it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subset: Option<String>,
-    /// Only this cluster; should it have nothing available, the request goes
-    /// wherever the service is served, so a dead cluster costs nothing.
+    /// Only this cluster.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterName>,
     /// Its share relative to the rule's other destinations.

@@ -245,7 +245,11 @@ impl Common {
             ));
         };
         let policy = &ctx.policy;
-        let target = self.choose_target(routed, backends, ctx, relay.is_none());
+        let (target, fell_back) = self.choose_target(routed, backends, ctx, relay.is_none());
+        if fell_back {
+            // Later attempts, and the peer, serve the whole service.
+            ctx.destination = None;
+        }
         let target = match target {
             Ok(t) => t,
             Err(NoRoute::Overloaded) => {
@@ -300,17 +304,18 @@ impl Common {
         Ok(Box::new(peer))
     }
 
-    /// Plans and chooses the next attempt's target: within the request's
-    /// route destination; a destination cluster with nothing available gives
-    /// way to the whole service (a dead cluster costs nothing), a subset does
-    /// not (it is a version contract).
+    /// Plans and chooses the next attempt's target within the request's route
+    /// destination. A destination (subset or cluster) with nothing available
+    /// gives way to the whole service, and the second value says so: a
+    /// traffic shift is a preference, never a reason to fail a request that
+    /// something else can serve.
     fn choose_target(
         &self,
         routed: &Routed,
         backends: &ServiceBackends,
         ctx: &RequestCtx,
         local_only: bool,
-    ) -> Result<Target, NoRoute> {
+    ) -> (Result<Target, NoRoute>, bool) {
         let destination = ctx.destination.as_ref();
         let mut scope = Scope {
             subset: destination.and_then(|d| d.subset.as_deref()),
@@ -328,12 +333,16 @@ impl Common {
             )
         };
         let mut planned = plan(scope);
-        if scope.cluster.is_some() && !planned.has_available() {
-            scope.cluster = None;
+        let fell_back = scope != Scope::default() && !planned.has_available();
+        if fell_back {
+            scope = Scope::default();
             planned = plan(scope);
         }
         let draws = Draws::new(ctx.spread as u64, ctx.tried.len() as u64);
-        planned.choose(&routed.entry, draws.level, draws.member)
+        (
+            planned.choose(&routed.entry, draws.level, draws.member),
+            fell_back,
+        )
     }
 
     /// The cluster a target is in.

@@ -53,8 +53,8 @@ pub struct DestinationView {
     pub cluster: Option<String>,
     /// Its share of the rule's requests, in percent.
     pub weight_percent: f64,
-    /// A destination cluster with nothing available gave way to the whole
-    /// service.
+    /// Nothing in the destination is available: its requests go to the
+    /// whole service.
     pub fell_back: bool,
     /// Health is being ignored.
     pub panic: bool,
@@ -186,9 +186,9 @@ impl Upstreams {
         let plan =
             |scope| self.plan_uncounted(backends, entry, scope, false, &[], Use::Http, policy);
         let mut planned = plan(scope);
-        let fell_back = scope.cluster.is_some() && !planned.has_available();
+        let fell_back = scope != Scope::default() && !planned.has_available();
         if fell_back {
-            scope.cluster = None;
+            scope = Scope::default();
             planned = plan(scope);
         }
         DestinationView {
