@@ -54,6 +54,8 @@ impl Federation {
     /// B and C dial every other member; A dials `a_dials`.
     fn start(a_dials: &[usize]) -> Result<Self> {
         let mut mesh = Mesh::new(&["a", "b", "c"]);
+        // No tuning: the default lease (1.5 s) and grace (30 s).
+        mesh.leases = None;
         mesh.set_locality(A, "us-east", Some("us-east-1a"));
         mesh.set_locality(B, "eu-west", Some("eu-west-1a"));
         mesh.set_locality(C, "us-east", Some("us-east-1a"));
@@ -419,6 +421,19 @@ fn scenario(fed: &mut Federation, mut fault: Fault) -> Result<()> {
     v.check(
         returned.is_ok(),
         format!("traffic back on A within {RETURN_WITHIN:?}: {returned:?}"),
+    );
+    // Slow start: A ramps up from 10 % of its weight, so it cannot take most
+    // of the first second after it is back.
+    let first_share = report
+        .buckets()
+        .into_iter()
+        .find(|b| b.second == first_second)
+        .map(|b| b.share(CLUSTER_A));
+    v.check(
+        first_share.is_some_and(|s| s < 0.5),
+        format!(
+            "failback is gradual: A's share of the first second after it is back: {first_share:?}"
+        ),
     );
     if !v.failed.is_empty() {
         eprintln!(

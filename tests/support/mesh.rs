@@ -42,12 +42,15 @@ impl Member {
 }
 
 /// Gateways that each federate every other's trust domain and dial every
-/// other; leases of 1 s and a grace of 1 s keep expiry quick.
+/// other; leases of 1 s and a grace of 1 s keep expiry quick (unless
+/// `leases` is set to `None`: the defaults).
 pub struct Mesh {
     /// Holds the certificates' directory for the test's lifetime.
     _pki: DevPki,
     /// The gateways.
     pub members: Vec<Member>,
+    /// `federation.lease` and `federation.grace`, or the defaults when `None`.
+    pub leases: Option<(&'static str, &'static str)>,
 }
 
 impl Mesh {
@@ -75,7 +78,11 @@ impl Mesh {
                 }
             })
             .collect();
-        Self { _pki: pki, members }
+        Self {
+            _pki: pki,
+            members,
+            leases: Some(("1s", "1s")),
+        }
     }
 
     /// Puts member `i` in `region` and, when given, `zone`.
@@ -98,9 +105,12 @@ impl Mesh {
             }
         }
         extra.push_str(&format!(
-            "[listeners]\noutbound = \"{}\"\neast_west = \"{}\"\n[federation]\nlisten = \"{}\"\nlease = \"1s\"\ngrace = \"1s\"\n",
+            "[listeners]\noutbound = \"{}\"\neast_west = \"{}\"\n[federation]\nlisten = \"{}\"\n",
             me.outbound, me.east_west, me.federation
         ));
+        if let Some((lease, grace)) = self.leases {
+            extra.push_str(&format!("lease = \"{lease}\"\ngrace = \"{grace}\"\n"));
+        }
         for &j in dials {
             let peer = &self.members[j];
             extra.push_str(&format!(
