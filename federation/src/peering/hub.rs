@@ -851,4 +851,77 @@ mod tests {
         assert!(wildcard_match("a*a", "aa"));
         assert!(!wildcard_match("a*a", "a"));
     }
+
+    fn hello(name: &str, incarnation: u64) -> PeerHello {
+        PeerHello {
+            spiffe_id: format!("spiffe://{name}.example/isthmus/gateway/gw")
+                .parse()
+                .unwrap(),
+            cluster: name.parse().unwrap(),
+            locality: "r".parse().unwrap(),
+            east_west: Some(([127, 0, 0, 9], 15443).into()),
+            incarnation,
+            lease: Duration::from_millis(500),
+        }
+    }
+
+    fn export(key: &str) -> Export {
+        Export {
+            key: key.parse().unwrap(),
+            ports: vec![crate::catalog::ServicePort {
+                port: 80,
+                protocol: crate::catalog::Protocol::Http,
+                name: None,
+            }],
+            export_time_millis: 1,
+            headless: false,
+            endpoints: vec![],
+            subsets: vec!["v2".into()],
+        }
+    }
+
+    /// Whether the peer gateway serving shop/web is live in the catalog.
+    fn live(hub: &Hub) -> Option<bool> {
+        let catalog = hub.catalog().load();
+        let entry = catalog.get(&"shop/web".parse().unwrap())?;
+        Some(entry.remote.first()?.live)
+    }
+
+    #[test]
+    fn a_peer_is_live_while_a_session_is_open_and_its_lease_renewed() {
+        let metrics = PeeringMetrics::new(&prometheus::Registry::new()).unwrap();
+        let hub = Hub::new(
+            hello("me", 1),
+            Duration::from_secs(30),
+            Arc::new(ArcSwap::default()),
+            None,
+            false,
+            metrics,
+        );
+        let peer = hello("west", 7);
+        let session = hub.session_open(&peer);
+        hub.apply_snapshot(&peer, 1, vec![export("shop/web")]);
+        hub.recompute();
+        assert_eq!(live(&hub), Some(true));
+        let catalog = hub.catalog().load();
+        let gw = &catalog.get(&"shop/web".parse().unwrap()).unwrap().remote[0];
+        assert_eq!(gw.subsets, ["v2"], "the peer's announced subsets");
+
+        // The stream closes: not live at once, though its services stay.
+        drop(session);
+        hub.recompute();
+        assert_eq!(live(&hub), Some(false));
+
+        // Back, then silent past its lease: lapsed, not live; services kept
+        // for the grace period.
+        let session = hub.session_open(&peer);
+        hub.recompute();
+        assert_eq!(live(&hub), Some(true));
+        hub.check_leases(Instant::now() + Duration::from_secs(1));
+        assert_eq!(live(&hub), Some(false));
+        hub.heard(&peer.spiffe_id);
+        hub.recompute();
+        assert_eq!(live(&hub), Some(true));
+        drop(session);
+    }
 }

@@ -35,7 +35,7 @@ pub struct DnsConfig {
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
     /// Where clusterset IPs come from.
-    #[serde(serialize_with = "display")]
+    #[serde(serialize_with = "super::model::serialize_display")]
     pub clusterset_ipv4_range: IpRange,
     /// Where clusterset IPv6 addresses come from; no AAAA records without it.
     #[serde(
@@ -55,10 +55,6 @@ pub struct DnsConfig {
     pub forward_timeout: Duration,
     /// Forwarded answers cached.
     pub cache_size: u64,
-}
-
-fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(v)
 }
 
 fn display_opt<S: serde::Serializer, T: std::fmt::Display>(

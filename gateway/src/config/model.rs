@@ -250,7 +250,11 @@ pub struct PeerConfig {
     pub services: Vec<ServiceKey>,
 }
 
-fn serialize_display<S: serde::Serializer, T: Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+/// Serializes a value as its `Display` form (names, keys, localities).
+pub(super) fn serialize_display<S: serde::Serializer, T: Display>(
+    v: &T,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
 

@@ -1033,3 +1033,214 @@ fn dns_mistakes_are_named() {
         );
     }
 }
+
+/// [`WITH_DATA_PLANE`] with labelled endpoints, subsets, routes and a
+/// locality policy.
+fn with_traffic() -> String {
+    WITH_DATA_PLANE
+        .replacen(
+            r#"endpoints = ["127.0.0.1:9001", "127.0.0.1:9002"]"#,
+            r#"endpoints = [
+  "127.0.0.1:9001",
+  { address = "127.0.0.1:9002", locality = "us-east/us-east-1b", labels = { version = "v2" }, weight = 3 },
+]
+subsets = [{ name = "v2", labels = { version = "v2" } }]"#,
+            1,
+        )
+        .replacen(
+            "[[peers]]",
+            r#"[[routes]]
+service = "shop/web"
+[[routes.rules]]
+headers = [{ name = "X-Canary", exact = "true" }, { name = "x-debug", present = true }]
+split = [{ subset = "v2", weight = 100 }]
+[[routes.rules]]
+split = [{ weight = 90 }, { subset = "v2", cluster = "west", weight = 10 }]
+[upstream.locality]
+failover_order = ["eu-west"]
+overprovisioning_factor = 1.2
+panic_threshold_percent = 0
+slow_start_window = "30s"
+[[peers]]"#,
+            1,
+        )
+}
+
+#[test]
+fn traffic_keys_parse_into_the_catalog_and_round_trip() {
+    use crate::config::traffic::HeaderValueMatch;
+    let c = parse_with_env(&with_traffic(), "t", NO_ENV).expect("valid");
+    let local = c.local_services();
+    let web = local
+        .iter()
+        .find(|s| s.export.key.name.as_str() == "web")
+        .unwrap();
+    assert_eq!(web.endpoints.len(), 2);
+    let info = &web.endpoint_info[&"127.0.0.1:9002".parse().unwrap()];
+    assert_eq!(info.weight, 3);
+    assert_eq!(
+        info.locality.as_ref().unwrap().to_string(),
+        "us-east/us-east-1b"
+    );
+    assert_eq!(info.labels["version"], "v2");
+    assert!(
+        !web.endpoint_info
+            .contains_key(&"127.0.0.1:9001".parse().unwrap()),
+        "a plain address has no details"
+    );
+    // Only the subsets with endpoints here are announced to peers.
+    let exports = isthmus_federation::catalog::export_set(&local);
+    assert_eq!(exports[&"shop/web".parse().unwrap()].subsets, ["v2"]);
+    let route = &c.routes[0];
+    assert_eq!(
+        route.rules[0].headers[0].name, "x-canary",
+        "names are lowercased"
+    );
+    assert_eq!(
+        route.rules[0].headers[1].value,
+        HeaderValueMatch::Present(true)
+    );
+    assert_eq!(
+        route.rules[1].split[1].cluster.as_ref().unwrap().as_str(),
+        "west"
+    );
+    let l = &c.upstream.locality;
+    assert_eq!(l.failover_order, ["eu-west"]);
+    assert_eq!(l.overprovisioning_percent, 120);
+    assert_eq!(l.panic_threshold_percent, 0);
+    assert_eq!(l.slow_start_window, std::time::Duration::from_secs(30));
+    let again = parse_with_env(&toml::to_string(&c).unwrap(), "printed", NO_ENV).unwrap();
+    assert_eq!(c, again, "the effective configuration parses back");
+    // Defaults.
+    let d = parse_with_env(WITH_DATA_PLANE, "t", NO_ENV)
+        .unwrap()
+        .upstream
+        .locality;
+    assert_eq!(
+        (
+            d.overprovisioning_percent,
+            d.panic_threshold_percent,
+            d.slow_start_window.as_secs()
+        ),
+        (140, 50, 10)
+    );
+}
+
+#[test]
+fn each_traffic_rule_has_a_failing_case() {
+    let cases = [
+        (
+            r#"locality = "us-east/us-east-1b""#,
+            r#"locality = "a/b/c/d""#,
+            "services[0].endpoints[1].locality",
+        ),
+        (
+            "weight = 3",
+            "weight = 0",
+            "services[0].endpoints[1].weight",
+        ),
+        (
+            r#"{ address = "127.0.0.1:9002","#,
+            r#"{ address = "nowhere","#,
+            "services[0].endpoints[1].address",
+        ),
+        (
+            r#"{ address = "127.0.0.1:9002","#,
+            r#"{ adress = "127.0.0.1:9002","#,
+            "services[0].endpoints[1].adress",
+        ),
+        (
+            r#""127.0.0.1:9001","#,
+            r#""127.0.0.1:9002","#,
+            "services[0].endpoints[1]",
+        ),
+        (r#""127.0.0.1:9001","#, "7,", "services[0].endpoints[0]"),
+        (
+            r#"labels = { version = "v2" } }]"#,
+            "labels = {} }]",
+            "services[0].subsets[0].labels",
+        ),
+        (
+            r#"subsets = [{ name = "v2""#,
+            r#"subsets = [{ name = "V2""#,
+            "services[0].subsets[0].name",
+        ),
+        (
+            r#"service = "shop/web""#,
+            r#"service = "web""#,
+            "routes[0].service",
+        ),
+        (
+            r#"name = "X-Canary""#,
+            r#"name = "x canary""#,
+            "routes[0].rules[0].headers[0].name",
+        ),
+        (
+            r#"exact = "true""#,
+            r#"exact = "true", prefix = "t""#,
+            "routes[0].rules[0].headers[0]",
+        ),
+        (
+            r#"split = [{ subset = "v2", weight = 100 }]"#,
+            "split = []",
+            "routes[0].rules[0].split",
+        ),
+        (
+            r#"{ subset = "v2", weight = 100 }"#,
+            r#"{ subset = "v3", weight = 100 }"#,
+            "routes[0].rules[0].split[0].subset",
+        ),
+        (
+            r#"{ subset = "v2", weight = 100 }"#,
+            r#"{ subset = "v2", weight = 0 }"#,
+            "routes[0].rules[0].split",
+        ),
+        (
+            r#"cluster = "west""#,
+            r#"cluster = "West""#,
+            "routes[0].rules[1].split[1].cluster",
+        ),
+        (
+            r#"{ weight = 90 }"#,
+            r#"{ weight = -1 }"#,
+            "routes[0].rules[1].split[0].weight",
+        ),
+        (
+            r#"headers = [{ name = "X-Canary""#,
+            r#"headers = [] # [{ name = "X-Canary""#,
+            "routes[0].rules[1].headers",
+        ),
+        (
+            r#"failover_order = ["eu-west"]"#,
+            r#"failover_order = ["eu-west", "eu-west"]"#,
+            "upstream.locality.failover_order[1]",
+        ),
+        (
+            "overprovisioning_factor = 1.2",
+            "overprovisioning_factor = 0.5",
+            "upstream.locality.overprovisioning_factor",
+        ),
+        (
+            "panic_threshold_percent = 0",
+            "panic_threshold_percent = 101",
+            "upstream.locality.panic_threshold_percent",
+        ),
+        (
+            r#"slow_start_window = "30s""#,
+            r#"slow_start_window = "soon""#,
+            "upstream.locality.slow_start_window",
+        ),
+    ];
+    let base = with_traffic();
+    for (from, to, path) in cases {
+        assert!(base.contains(from), "{from}");
+        let errors = errors_of(&base.replacen(from, to, 1));
+        assert!(
+            errors.mentions(path),
+            "expected {path} for {to:?}, got:\n{errors}"
+        );
+    }
+    // A second [[routes]] for the same service is refused.
+    let twice = base.replacen("[upstream.locality]", "[[routes]]\nservice = \"shop/web\"\n[[routes.rules]]\nsplit = [{ weight = 1 }]\n[upstream.locality]", 1);
+    assert!(errors_of(&twice).mentions("routes[1].service"));
+}

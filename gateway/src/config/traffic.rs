@@ -21,7 +21,8 @@ const MAX_WEIGHT: i64 = 10_000;
 /// One service's routes: the first rule whose headers match decides.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RouteConfig {
-    /// The service routed.
+    /// The service routed, written `namespace/name`.
+    #[serde(serialize_with = "super::model::serialize_display")]
     pub service: ServiceKey,
     /// Its rules, in order.
     pub rules: Vec<RouteRule>,
