@@ -1108,7 +1108,7 @@ fn traffic_keys_parse_into_the_catalog_and_round_trip() {
     assert_eq!(l.failover_order, ["eu-west"]);
     assert_eq!(l.overprovisioning_percent, 120);
     assert_eq!(l.panic_threshold_percent, 0);
-    assert_eq!(l.slow_start_window, std::time::Duration::from_secs(30));
+    assert_eq!(l.slow_start_window, Duration::from_secs(30));
     let again = parse_with_env(&toml::to_string(&c).unwrap(), "printed", NO_ENV).unwrap();
     assert_eq!(c, again, "the effective configuration parses back");
     // Defaults.
