@@ -141,6 +141,14 @@ impl DnsServer {
             self.malformed(transport);
             return Step::Drop;
         }
+        if !question_names_are_self_contained(request.queries.as_bytes()) {
+            // hickory echoes the question's bytes as they came: a pointer into
+            // the header would point at the response's own header and make
+            // the reply unreadable (found by the dns_message fuzz target).
+            self.malformed(transport);
+            tracing::debug!(%src, transport = transport.label(), "DNS question compressed into the header");
+            return formerr(packet);
+        }
         let edns = response_edns(&request);
         let query = match answerable(&request) {
             Ok(query) => query,
@@ -332,6 +340,45 @@ impl DnsServer {
             }
         }
     }
+}
+
+/// Whether every name in the question section `bytes` (as it came, starting
+/// at offset 12 of the message) stands on its own: a compression pointer may
+/// point only at an earlier question, never into the 12-byte header, which
+/// holds no name (a request doing so is malformed, and its question could not
+/// be echoed in a reply, whose header differs).
+fn question_names_are_self_contained(bytes: &[u8]) -> bool {
+    const HEADER: usize = 12;
+    let mut i = 0;
+    while i < bytes.len() {
+        // One name: labels up to the root, or up to a pointer that ends it.
+        loop {
+            let Some(&len) = bytes.get(i) else {
+                return false;
+            };
+            match len {
+                0 => {
+                    i += 1;
+                    break;
+                }
+                l if l & 0xC0 == 0xC0 => {
+                    let Some(&low) = bytes.get(i + 1) else {
+                        return false;
+                    };
+                    let target = (usize::from(l & 0x3F) << 8) | usize::from(low);
+                    if target < HEADER || target >= HEADER + i {
+                        return false;
+                    }
+                    i += 2;
+                    break;
+                }
+                l => i += 1 + usize::from(l),
+            }
+        }
+        // Type and class.
+        i += 4;
+    }
+    i == bytes.len()
 }
 
 /// The one question of `request`, or the response code refusing it: a newer
@@ -606,6 +653,21 @@ mod tests {
             Step::Drop
         ));
         // Unknown opcode, and an EDNS version from the future.
+        // A question compressed into the header (from the fuzz target): it
+        // cannot be echoed, so FORMERR, and the reply parses.
+        let into_header = [
+            1, 0, 0, 6, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 0x00, 0x01, 0x00, 0x40, 0x00,
+        ];
+        let m = reply(s.handle(&into_header, SRC, Transport::Udp));
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+        assert!(question_names_are_self_contained(&[
+            3, b'w', b'e', b'b', 0, 0, 1, 0, 1
+        ]));
+        // A second question may point at the first.
+        assert!(question_names_are_self_contained(&[
+            1, b'a', 0, 0, 1, 0, 1, 0xc0, 12, 0, 1, 0, 1
+        ]));
+        assert!(!question_names_are_self_contained(&[0xc0, 12, 0, 1, 0, 1]));
         let mut notify = query("web.shop.svc.clusterset.local.", RecordType::A, None);
         notify[2] |= 4 << 3;
         assert_eq!(
@@ -622,7 +684,7 @@ mod tests {
         let badvers = reply(s.handle(&m.to_vec().unwrap(), SRC, Transport::Udp));
         // BADVERS and BADSIG share code 16 (RFC 6891, RFC 8945).
         assert_eq!(u16::from(badvers.metadata.response_code), 16);
-        assert_eq!(s.metrics().malformed.with_label_values(&["udp"]).get(), 3);
+        assert_eq!(s.metrics().malformed.with_label_values(&["udp"]).get(), 4);
     }
 
     #[test]
