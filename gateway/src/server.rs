@@ -144,7 +144,7 @@ pub fn run(config_path: &Path) -> ExitCode {
     upstreams.set_routes(&config.load().routes);
     server.add_service(background_service(
         "peer leases",
-        LeaseWatcher::new(upstreams.clone(), catalog.clone(), hub.catalog_changes()),
+        LeaseWatcher::new(upstreams.clone(), hub.clone()),
     ));
     let clusterset_listeners = match add_data_plane(
         &mut server,

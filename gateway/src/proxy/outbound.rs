@@ -570,7 +570,7 @@ fn choose_destination(
     if total == 0 {
         return None;
     }
-    // A different draw from the attempts' (attempt numbers stay far below this).
+    // The split's own sequence: independent of the level and member draws.
     let mut point = (Draws::new(spread as u64, 0).split * total as f64) as u64;
     rule.split
         .iter()

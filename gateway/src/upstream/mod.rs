@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use isthmus_federation::ServiceKey;
-use isthmus_federation::catalog::{Catalog, ServiceEntry};
+use isthmus_federation::catalog::ServiceEntry;
 use prometheus::{IntCounterVec, IntGaugeVec, Registry};
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -44,7 +44,7 @@ use crate::metrics;
 use crate::proxy::balance::{self, Here, Plan, Rated, Scope};
 use crate::proxy::routing::Availability;
 
-/// How long a peer gateway that left the catalog is remembered, so that its
+/// How long an expired peer gateway is remembered, so that its
 /// return counts as a recovery (slow start, ejections lifted).
 const FORGET_DEAD_PEERS: Duration = Duration::from_secs(3600);
 /// Slow start begins at this share of a backend's weight.
@@ -296,7 +296,7 @@ impl UpstreamMetrics {
 /// the routes that spread requests over them.
 pub struct Upstreams {
     policy: ArcSwap<UpstreamConfig>,
-    routes: ArcSwap<HashMap<ServiceKey, RouteConfig>>,
+    routes: ArcSwap<HashMap<ServiceKey, Arc<RouteConfig>>>,
     here: Here,
     epoch: Instant,
     services: RwLock<HashMap<ServiceKey, Arc<ServiceBackends>>>,
@@ -338,13 +338,13 @@ impl Upstreams {
         self.routes.store(Arc::new(
             routes
                 .iter()
-                .map(|r| (r.service.clone(), r.clone()))
+                .map(|r| (r.service.clone(), Arc::new(r.clone())))
                 .collect(),
         ));
     }
 
     /// The routes of `key`, if it has any.
-    pub fn routes(&self, key: &ServiceKey) -> Option<RouteConfig> {
+    pub fn routes(&self, key: &ServiceKey) -> Option<Arc<RouteConfig>> {
         self.routes.load().get(key).cloned()
     }
 
@@ -444,14 +444,15 @@ impl Upstreams {
             .inc();
     }
 
-    /// Follows peer gateways' leases in a new catalog: a gateway whose
-    /// session closed or lease lapsed has its mesh connections cut (requests
-    /// waiting on it are retried elsewhere); one that is back starts slowly
-    /// and is no longer ejected.
-    pub fn observe_leases(&self, catalog: &Catalog) {
+    /// Follows peer gateways' leases (`gateways`: east-west address and
+    /// whether live, from the hub): a gateway whose session closed or lease
+    /// lapsed has its mesh connections cut (requests waiting on it are
+    /// retried elsewhere); one that is back starts slowly and is no longer
+    /// ejected.
+    pub fn observe_leases(&self, gateways: &[(SocketAddr, bool)]) {
         let mut seen: HashMap<SocketAddr, bool> = HashMap::new();
-        for gw in catalog.iter().flat_map(|e| &e.remote) {
-            *seen.entry(gw.address).or_insert(gw.live) &= gw.live;
+        for (addr, live) in gateways {
+            *seen.entry(*addr).or_insert(*live) &= *live;
         }
         let now = Instant::now();
         let mut known = self.liveness.lock().expect("liveness lock");
@@ -468,10 +469,10 @@ impl Upstreams {
                 _ => {}
             }
         }
-        // Gone from the catalog (its services expired): no longer live.
+        // Gone (its services expired): no longer live.
         for (addr, (live, since)) in known.iter_mut() {
             if *live && !seen.contains_key(addr) {
-                warn!(peer = %addr, "peer gateway left the catalog; cutting its connections");
+                warn!(peer = %addr, "peer gateway expired; cutting its connections");
                 self.cut(*addr, "lease_lost");
                 *live = false;
                 *since = now;
