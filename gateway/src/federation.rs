@@ -40,6 +40,7 @@ pub fn hub(
         east_west: config.federation.advertise,
         incarnation: incarnation(),
         lease: config.federation.lease,
+        labels: config.gateway.labels.clone(),
     };
     let hub = Hub::new(
         me,

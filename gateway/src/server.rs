@@ -135,6 +135,7 @@ pub fn run(config_path: &Path) -> ExitCode {
     let here = Here {
         cluster: config.load().gateway.cluster.clone(),
         locality: config.load().gateway.locality.clone(),
+        labels: config.load().gateway.labels.clone(),
     };
     let upstreams = Arc::new(Upstreams::new(
         config.load().upstream.clone(),

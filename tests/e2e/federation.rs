@@ -249,6 +249,7 @@ mod malformed {
             east_west_address: bm.east_west.to_string(),
             incarnation: 7,
             lease_millis: 60_000,
+            labels: Default::default(),
         })))
         .await?;
         let mut inbound = grpc

@@ -293,6 +293,7 @@ mod tests {
                     .unwrap(),
                 address: "127.0.0.1:15443".parse().unwrap(),
                 locality: "r1".parse().unwrap(),
+                labels: Default::default(),
                 live: true,
                 subsets: vec![],
             },

@@ -129,8 +129,29 @@ pub struct HeadlessEndpoint {
     pub address: IpAddr,
 }
 
-/// Labels of an endpoint (`version = "v2"`), which subsets select on.
+/// Labels of an endpoint or gateway (`version = "v2"`, `network = "n1"`),
+/// which subsets select on and `failover_priority` compares.
 pub type Labels = BTreeMap<String, String>;
+
+/// Longest label name or value.
+pub const MAX_LABEL_LEN: usize = 63;
+
+/// Checks a label name: 1 to 63 letters, digits, `-`, `_`, `.` or `/`
+/// (Kubernetes label keys such as `topology.kubernetes.io/zone` fit).
+pub fn validate_label_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_LABEL_LEN
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a label name: 1 to {MAX_LABEL_LEN} letters, digits, '-', '_', '.' or '/'"
+        ))
+    }
+}
 
 /// What is known of one endpoint in this cluster beyond its address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -203,6 +224,9 @@ pub struct RemoteGateway {
     pub address: SocketAddr,
     /// Where it runs.
     pub locality: Locality,
+    /// Its labels (announced in its hello), compared by `failover_priority`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
     /// Whether its peering lease is live: false once its session closed or
     /// its lease lapsed (its services are then served only as a last resort,
     /// until they expire). Statically configured peers are always live.

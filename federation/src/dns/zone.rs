@@ -371,6 +371,7 @@ pub(crate) mod tests {
                 spiffe_id: "spiffe://east.example/isthmus/gateway/gw".parse().unwrap(),
                 address: "127.0.0.1:15443".parse::<SocketAddr>().unwrap(),
                 locality: "eu/eu-1".parse().unwrap(),
+                labels: Default::default(),
                 live: true,
                 subsets: vec![],
             }],

@@ -8,7 +8,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use super::proto;
-use crate::catalog::{Export, HeadlessEndpoint, Protocol, ServiceKey, ServicePort};
+use crate::catalog::{
+    Export, HeadlessEndpoint, Labels, MAX_LABEL_LEN, Protocol, ServiceKey, ServicePort,
+    validate_label_name,
+};
 use crate::names::validate_label;
 use crate::{ClusterName, Locality, SpiffeId};
 
@@ -18,6 +21,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const MIN_LEASE: Duration = Duration::from_millis(500);
 /// The longest lease a peer may ask for: a dead peer must not linger for long.
 pub const MAX_LEASE: Duration = Duration::from_secs(600);
+/// Most labels a hello may carry.
+pub const MAX_LABELS: usize = 64;
 
 /// A field of a peering message that cannot be used, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,6 +65,8 @@ pub struct PeerHello {
     pub incarnation: u64,
     /// How often it renews its lease at the latest.
     pub lease: Duration,
+    /// Its labels.
+    pub labels: Labels,
 }
 
 impl PeerHello {
@@ -78,6 +85,7 @@ impl PeerHello {
             east_west_address: self.east_west.map(|a| a.to_string()).unwrap_or_default(),
             incarnation: self.incarnation,
             lease_millis: millis(self.lease),
+            labels: self.labels.clone().into_iter().collect(),
         }
     }
 
@@ -140,6 +148,23 @@ impl PeerHello {
                 ),
             ));
         }
+        if hello.labels.len() > MAX_LABELS {
+            return Err(ConvertError::new(
+                "labels",
+                format!("{} labels; at most {MAX_LABELS}", hello.labels.len()),
+            ));
+        }
+        let mut labels = Labels::new();
+        for (k, v) in &hello.labels {
+            validate_label_name(k).map_err(|e| ConvertError::new("labels", e))?;
+            if v.len() > MAX_LABEL_LEN {
+                return Err(ConvertError::new(
+                    format!("labels.{k}"),
+                    format!("longer than {MAX_LABEL_LEN} bytes"),
+                ));
+            }
+            labels.insert(k.clone(), v.clone());
+        }
         Ok(Self {
             spiffe_id,
             cluster,
@@ -147,6 +172,7 @@ impl PeerHello {
             east_west,
             incarnation: hello.incarnation,
             lease,
+            labels,
         })
     }
 }
@@ -427,6 +453,7 @@ mod tests {
             east_west: Some("127.0.0.1:15443".parse().unwrap()),
             incarnation: 7,
             lease: Duration::from_secs(10),
+            labels: [("network".to_owned(), "n1".to_owned())].into(),
         };
         let wire = hello.to_proto();
         assert_eq!(PeerHello::from_proto(&wire, &id).unwrap(), hello);

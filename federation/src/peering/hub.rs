@@ -180,6 +180,7 @@ fn gateway_of(hello: &PeerHello) -> RemoteGateway {
             .east_west
             .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
         locality: hello.locality.clone(),
+        labels: hello.labels.clone(),
         live: true,
         subsets: Vec::new(),
     }
@@ -741,6 +742,8 @@ impl Hub {
                     "east_west": r.hello.east_west.map(|a| a.to_string()),
                     "configured": inner.configured.contains(id),
                     "state": r.state,
+                    // Whether its gateway gets traffic (a session open, lease renewed).
+                    "live": r.catalog.gateway.live,
                     "sessions": r.sessions,
                     "incarnation": r.hello.incarnation,
                     "lease_ms": u64::try_from(r.hello.lease.as_millis()).unwrap_or(u64::MAX),
@@ -874,6 +877,7 @@ mod tests {
             east_west: Some(([127, 0, 0, 9], 15443).into()),
             incarnation,
             lease: Duration::from_millis(500),
+            labels: Default::default(),
         }
     }
 

@@ -351,6 +351,9 @@ pub struct GatewayIdentity {
     pub trust_domain: TrustDomain,
     /// Where this gateway runs.
     pub locality: Locality,
+    /// Its labels, announced to peers; the default labels of its endpoints.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: isthmus_federation::catalog::Labels,
 }
 
 /// `[admin]`
@@ -599,6 +602,7 @@ impl Config {
                     spiffe_id: p.spiffe_id.clone(),
                     address: p.address,
                     locality: p.locality.clone(),
+                    labels: Default::default(),
                     // No lease: only health checks and outlier detection speak for it.
                     live: true,
                     subsets: Vec::new(),
@@ -675,11 +679,13 @@ fn gateway(check: &mut Check, raw: &RawGateway) -> Option<GatewayIdentity> {
         TrustDomain::from_str,
     );
     let locality = locality(check, &raw.locality);
+    let labels = super::traffic::labels(check, "gateway.labels", raw.labels.as_ref());
     Some(GatewayIdentity {
         name: name?,
         cluster: cluster?,
         trust_domain: trust_domain?,
         locality: locality?,
+        labels,
     })
 }
 

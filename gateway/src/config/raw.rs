@@ -150,6 +150,8 @@ pub struct RawUpstream {
 pub struct RawLocalityPolicy {
     /// `upstream.locality.failover_order`
     pub failover_order: Option<Vec<String>>,
+    /// `upstream.locality.failover_priority`
+    pub failover_priority: Option<Vec<String>>,
     /// `upstream.locality.overprovisioning_factor`
     pub overprovisioning_factor: Option<f64>,
     /// `upstream.locality.panic_threshold_percent`
@@ -438,6 +440,8 @@ pub struct RawGateway {
     /// `[gateway.locality]`
     #[serde(default)]
     pub locality: RawLocality,
+    /// `gateway.labels`
+    pub labels: Option<BTreeMap<String, String>>,
 }
 
 /// `[gateway.locality]`

@@ -1039,6 +1039,11 @@ fn dns_mistakes_are_named() {
 fn with_traffic() -> String {
     WITH_DATA_PLANE
         .replacen(
+            "trust_domain = \"east.example.org\"\n[gateway.locality]",
+            "trust_domain = \"east.example.org\"\nlabels = { network = \"n1\" }\n[gateway.locality]",
+            1,
+        )
+        .replacen(
             r#"endpoints = ["127.0.0.1:9001", "127.0.0.1:9002"]"#,
             r#"endpoints = [
   "127.0.0.1:9001",
@@ -1058,6 +1063,7 @@ split = [{ subset = "v2", weight = 100 }]
 split = [{ weight = 90 }, { subset = "v2", cluster = "west", weight = 10 }]
 [upstream.locality]
 failover_order = ["eu-west"]
+failover_priority = ["network"]
 overprovisioning_factor = 1.2
 panic_threshold_percent = 0
 slow_start_window = "30s"
@@ -1104,8 +1110,10 @@ fn traffic_keys_parse_into_the_catalog_and_round_trip() {
         route.rules[1].split[1].cluster.as_ref().unwrap().as_str(),
         "west"
     );
+    assert_eq!(c.gateway.labels["network"], "n1");
     let l = &c.upstream.locality;
     assert_eq!(l.failover_order, ["eu-west"]);
+    assert_eq!(l.failover_priority, ["network"]);
     assert_eq!(l.overprovisioning_percent, 120);
     assert_eq!(l.panic_threshold_percent, 0);
     assert_eq!(l.slow_start_window, Duration::from_secs(30));
@@ -1229,6 +1237,16 @@ fn each_traffic_rule_has_a_failing_case() {
             r#"slow_start_window = "30s""#,
             r#"slow_start_window = "soon""#,
             "upstream.locality.slow_start_window",
+        ),
+        (
+            r#"failover_priority = ["network"]"#,
+            r#"failover_priority = ["net work"]"#,
+            "upstream.locality.failover_priority[0]",
+        ),
+        (
+            r#"labels = { network = "n1" }"#,
+            r#"labels = { "net work" = "n1" }"#,
+            "gateway.labels.net work",
         ),
     ];
     let base = with_traffic();

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 
 use std::str::FromStr;
 
-use isthmus_federation::catalog::{EndpointInfo, Labels, Subset};
+use isthmus_federation::catalog::{
+    EndpointInfo, Labels, MAX_LABEL_LEN, Subset, validate_label_name,
+};
 use isthmus_federation::names::validate_label;
 use isthmus_federation::{ClusterName, Locality, ServiceKey};
 use serde::Serialize;
@@ -169,17 +171,24 @@ pub(super) fn endpoints(
     out
 }
 
-fn labels(check: &mut Check, path: &str, raw: Option<&BTreeMap<String, String>>) -> Labels {
+/// Labels (of an endpoint, a subset or the gateway), names and values checked.
+pub(super) fn labels(
+    check: &mut Check,
+    path: &str,
+    raw: Option<&BTreeMap<String, String>>,
+) -> Labels {
     let mut out = Labels::new();
     for (k, v) in raw.into_iter().flatten() {
-        let valid_key = !k.is_empty()
-            && k.len() <= 63
-            && k.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
-        if !valid_key {
+        if let Err(e) = validate_label_name(k) {
+            check
+                .errors
+                .push(ConfigError::new(format!("{path}.{k}"), e));
+            continue;
+        }
+        if v.len() > MAX_LABEL_LEN {
             check.errors.push(ConfigError::new(
                 format!("{path}.{k}"),
-                "a label name is 1 to 63 letters, digits, '-', '_', '.' or '/'",
+                format!("the value is longer than {MAX_LABEL_LEN} bytes"),
             ));
             continue;
         }

@@ -87,6 +87,11 @@ pub struct LocalityPolicy {
     /// own zone and region; unlisted regions come after the listed ones.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub failover_order: Vec<String>,
+    /// Label names, most important first: targets whose labels match this
+    /// gateway's on all of them come first, then those matching all but the
+    /// last, and so on; locality decides within (Istio's failoverPriority).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failover_priority: Vec<String>,
     /// The overprovisioning factor, in percent (140 is 1.4); shown as the
     /// factor it was written as.
     #[serde(rename = "overprovisioning_factor", serialize_with = "as_factor")]
@@ -272,6 +277,19 @@ fn locality(check: &mut Check, raw: &RawLocalityPolicy) -> Option<LocalityPolicy
             failover_order.push(region.clone());
         }
     }
+    let mut failover_priority: Vec<String> = Vec::new();
+    for (i, label) in raw.failover_priority.iter().flatten().enumerate() {
+        let path = format!("upstream.locality.failover_priority[{i}]");
+        if let Err(e) = isthmus_federation::catalog::validate_label_name(label) {
+            check.errors.push(ConfigError::new(path, e));
+        } else if failover_priority.contains(label) {
+            check
+                .errors
+                .push(ConfigError::new(path, format!("{label:?} is listed twice")));
+        } else {
+            failover_priority.push(label.clone());
+        }
+    }
     let overprovisioning = match raw.overprovisioning_factor {
         None => Some(DEFAULT_OVERPROVISIONING_PERCENT),
         Some(f) if (1.0..=10.0).contains(&f) => Some((f * 100.0).round() as i64),
@@ -299,6 +317,7 @@ fn locality(check: &mut Check, raw: &RawLocalityPolicy) -> Option<LocalityPolicy
     );
     Some(LocalityPolicy {
         failover_order,
+        failover_priority,
         overprovisioning_percent: overprovisioning? as u32,
         panic_threshold_percent: panic? as u32,
         slow_start_window: slow_start?,

@@ -3,8 +3,12 @@
 //! tested without sockets.
 //!
 //! The model is Envoy's, made safe by default:
+//! - with `failover_priority` (label names), targets sharing all those labels
+//!   with this gateway come first, then those sharing all but the last, and
+//!   so on (Istio's failoverPriority); locality orders each such group;
 //! - every target (an endpoint here, or a peer gateway) gets a *priority level*
-//!   from its locality relative to this gateway's: same zone, then same region,
+//!   from its locality relative to this gateway's: same subzone (when both
+//!   have one), then same zone, then same region,
 //!   then the regions of `failover_order` in turn, then anywhere else. At equal
 //!   proximity this cluster's endpoints come before peer gateways (no extra hop);
 //! - a level's *health* is `overprovisioning × available weight / weight`,
@@ -37,6 +41,23 @@ pub struct Here {
     pub cluster: ClusterName,
     /// Its locality.
     pub locality: Locality,
+    /// Its labels (the default labels of its endpoints too).
+    pub labels: Labels,
+}
+
+/// How many of `keys`, counted from the first, a target's labels (`theirs`)
+/// share with this gateway's, subtracted from `keys.len()`: 0 when all
+/// match, the first priority (a label absent on both sides matches).
+fn label_rank<'a>(
+    here: &Labels,
+    theirs: impl Fn(&str) -> Option<&'a str>,
+    keys: &[String],
+) -> usize {
+    let matched = keys
+        .iter()
+        .take_while(|k| here.get(k.as_str()).map(String::as_str) == theirs(k))
+        .count();
+    keys.len() - matched
 }
 
 /// What part of a service a request may go to.
@@ -69,6 +90,8 @@ impl Rated {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(tag = "proximity", content = "rank", rename_all = "snake_case")]
 pub enum Proximity {
+    /// Same region, zone and subzone (both have one).
+    SameSubzone,
     /// Same region and zone.
     SameZone,
     /// Same region.
@@ -89,7 +112,10 @@ impl Proximity {
                 .map_or(Self::Elsewhere, Self::FailoverOrder);
         }
         match (here.zone(), there.zone()) {
-            (Some(a), Some(b)) if a == b => Self::SameZone,
+            (Some(a), Some(b)) if a == b => match (here.subzone(), there.subzone()) {
+                (Some(a), Some(b)) if a == b => Self::SameSubzone,
+                _ => Self::SameZone,
+            },
             _ => Self::SameRegion,
         }
     }
@@ -97,6 +123,7 @@ impl Proximity {
     /// Words for `/debug/explain`.
     pub fn describe(self) -> &'static str {
         match self {
+            Self::SameSubzone => "same subzone",
             Self::SameZone => "same zone",
             Self::SameRegion => "same region",
             Self::FailoverOrder(_) => "failover order",
@@ -144,6 +171,9 @@ impl Member {
 /// One priority level.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Level {
+    /// How many `failover_priority` labels, from the last, its targets do not
+    /// share with this gateway (0 without a failover priority).
+    pub label_rank: usize,
     /// How close its targets are.
     pub proximity: Proximity,
     /// Peer gateways (true) or this cluster's endpoints (false).
@@ -210,19 +240,21 @@ pub fn plan(
     rate: impl Fn(SocketAddr) -> Rated,
 ) -> Plan {
     let mut levels: Vec<Level> = Vec::new();
-    let mut add = |proximity: Proximity, remote: bool, member: Member| match levels
-        .iter_mut()
-        .find(|l| l.proximity == proximity && l.remote == remote)
-    {
-        Some(level) => level.members.push(member),
-        None => levels.push(Level {
-            proximity,
-            remote,
-            members: vec![member],
-            health: 0.0,
-            load: 0.0,
-        }),
-    };
+    let mut add =
+        |label_rank: usize, proximity: Proximity, remote: bool, member: Member| match levels
+            .iter_mut()
+            .find(|l| l.label_rank == label_rank && l.proximity == proximity && l.remote == remote)
+        {
+            Some(level) => level.members.push(member),
+            None => levels.push(Level {
+                label_rank,
+                proximity,
+                remote,
+                members: vec![member],
+                health: 0.0,
+                load: 0.0,
+            }),
+        };
     let member = |slot, addr, weight| Member {
         slot,
         addr,
@@ -247,8 +279,23 @@ pub fn plan(
                 .and_then(|i| i.locality.as_ref())
                 .unwrap_or(&here.locality);
             let proximity = Proximity::of(&here.locality, locality, &policy.failover_order);
+            let rank = label_rank(
+                &here.labels,
+                |k| {
+                    labels
+                        .get(k)
+                        .or_else(|| here.labels.get(k))
+                        .map(String::as_str)
+                },
+                &policy.failover_priority,
+            );
             let weight = info.map_or(1, |i| i.weight);
-            add(proximity, false, member(Slot::Endpoint(i), *addr, weight));
+            add(
+                rank,
+                proximity,
+                false,
+                member(Slot::Endpoint(i), *addr, weight),
+            );
         }
     }
     if !local_only {
@@ -257,15 +304,20 @@ pub fn plan(
                 continue;
             }
             let proximity = Proximity::of(&here.locality, &gw.locality, &policy.failover_order);
+            let rank = label_rank(
+                &here.labels,
+                |k| gw.labels.get(k).map(String::as_str),
+                &policy.failover_priority,
+            );
             let mut m = member(Slot::Gateway(i), gw.address, 1);
             if !gw.live {
                 // Its session closed or its lease lapsed: a last resort only.
                 m.rated.availability = Availability::Down;
             }
-            add(proximity, true, m);
+            add(rank, proximity, true, m);
         }
     }
-    levels.sort_by_key(|l| (l.proximity, l.remote));
+    levels.sort_by_key(|l| (l.label_rank, l.proximity, l.remote));
 
     let overprovisioning = f64::from(policy.overprovisioning_percent) / 100.0;
     for level in &mut levels {

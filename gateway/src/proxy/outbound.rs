@@ -395,7 +395,8 @@ impl Common {
 
     /// A failure after the request was sent: retried elsewhere only when the
     /// client has seen nothing yet, the method is idempotent, the request body
-    /// is still buffered, attempts remain and the retry budget allows.
+    /// is still buffered, attempts remain and the retry budget allows (or the
+    /// backend was declared dead meanwhile).
     pub(crate) fn failed_after_send(
         &self,
         peer: &HttpPeer,
@@ -412,19 +413,30 @@ impl Common {
         let mut retry = false;
         if let (true, Some(routed), Some(backends)) = (eligible, &ctx.routed, &ctx.backends) {
             let key = &routed.entry.key;
-            retry = backends.budget.try_retry(
-                Instant::now(),
-                ctx.policy.retry_budget_percent,
-                ctx.policy.retry_min_per_second,
-            );
-            self.upstreams.retried(
-                key,
+            // Away from a backend declared dead meanwhile (its lease lost,
+            // its health checks failing: the relay cut its connections), a
+            // retry cannot pile onto an overloaded backend, so the budget,
+            // which guards against exactly that, does not apply.
+            let dead = ctx
+                .target
+                .as_ref()
+                .is_some_and(|t| self.upstreams.declared_dead(t.addr()));
+            let reason = if dead {
+                retry = true;
+                "dead_backend"
+            } else {
+                retry = backends.budget.try_retry(
+                    Instant::now(),
+                    ctx.policy.retry_budget_percent,
+                    ctx.policy.retry_min_per_second,
+                );
                 if retry {
                     "after_send"
                 } else {
                     "budget_exhausted"
-                },
-            );
+                }
+            };
+            self.upstreams.retried(key, reason);
         }
         e.set_retry(retry);
         e

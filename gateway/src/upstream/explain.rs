@@ -67,7 +67,11 @@ pub struct DestinationView {
 pub struct LevelView {
     /// 0 is the first choice.
     pub priority: usize,
-    /// `same zone`, `same region`, `failover order` or `elsewhere`.
+    /// `failover_priority` labels (counted from the last) its targets do not
+    /// share with this gateway; 0 without a failover priority.
+    pub labels_unmatched: usize,
+    /// `same subzone`, `same zone`, `same region`, `failover order` or
+    /// `elsewhere`.
     pub reason: &'static str,
     /// Peer gateways (true) or endpoints in this cluster (false).
     pub remote: bool,
@@ -214,20 +218,29 @@ impl Upstreams {
         plan.levels
             .iter()
             .enumerate()
-            .map(|(priority, level)| LevelView {
-                priority,
-                reason: level.proximity.describe(),
-                remote: level.remote,
-                health_percent: percent(level.health),
-                load_percent: percent(if plan.panic { 0.0 } else { level.load }),
-                targets: level
+            .map(|(priority, level)| {
+                let loads: Vec<f64> = level
                     .members
                     .iter()
-                    .map(|m| {
-                        let load = level.member_load(m, plan.panic, panic_total);
-                        self.target_view(entry, backends, plan, level, m, load, now)
-                    })
-                    .collect(),
+                    .map(|m| level.member_load(m, plan.panic, panic_total))
+                    .collect();
+                LevelView {
+                    priority,
+                    labels_unmatched: level.label_rank,
+                    reason: level.proximity.describe(),
+                    remote: level.remote,
+                    health_percent: percent(level.health),
+                    // In panic mode too: what its targets get.
+                    load_percent: percent(loads.iter().sum()),
+                    targets: level
+                        .members
+                        .iter()
+                        .zip(loads)
+                        .map(|(m, load)| {
+                            self.target_view(entry, backends, plan, level, m, load, now)
+                        })
+                        .collect(),
+                }
             })
             .collect()
     }

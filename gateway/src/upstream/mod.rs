@@ -256,7 +256,7 @@ impl UpstreamMetrics {
             retries: metrics::counter_vec(
                 registry,
                 "upstream_retries_total",
-                "Retries by service, namespace and reason (connect, after_send, budget_exhausted: a retry the budget refused).",
+                "Retries by service, namespace and reason (connect, after_send, dead_backend: after the request went out to a backend declared dead meanwhile, not budgeted; budget_exhausted: a retry the budget refused).",
                 &["service", "namespace", "reason"],
             ),
             healthy: gauge_vec(
@@ -301,10 +301,9 @@ pub struct Upstreams {
     epoch: Instant,
     services: RwLock<HashMap<ServiceKey, Arc<ServiceBackends>>>,
     health: RwLock<HashMap<SocketAddr, Arc<Health>>>,
-    /// Peer gateway addresses, whether their lease was live at the last
-    /// catalog seen, and since when it was not (a gateway whose services
-    /// expired is remembered as not live for a while, so its return is a
-    /// recovery too).
+    /// Peering peers' gateway addresses, whether their lease was live when
+    /// last looked at, and since when (an expired peer is remembered as not
+    /// live for a while, so its return is a recovery too).
     liveness: Mutex<HashMap<SocketAddr, (bool, Instant)>>,
     /// Addresses whose mesh connections must be cut now.
     cuts: broadcast::Sender<SocketAddr>,
@@ -326,11 +325,6 @@ impl Upstreams {
             cuts: broadcast::channel(64).0,
             metrics: UpstreamMetrics::new(registry),
         }
-    }
-
-    /// Where this gateway is.
-    pub fn here(&self) -> &Here {
-        &self.here
     }
 
     /// Applies (reloaded) routes.
@@ -487,6 +481,25 @@ impl Upstreams {
         known.retain(|_, (live, since)| *live || now.duration_since(*since) < FORGET_DEAD_PEERS);
     }
 
+    /// Whether `addr` is declared dead: a peering peer whose lease is lost,
+    /// or an address failing active health checks. (An ejection is not: a
+    /// backend answering 5xx may merely be overloaded.)
+    pub fn declared_dead(&self, addr: SocketAddr) -> bool {
+        let lease_lost = self
+            .liveness
+            .lock()
+            .expect("liveness lock")
+            .get(&addr)
+            .is_some_and(|(live, _)| !live);
+        lease_lost
+            || self
+                .health
+                .read()
+                .expect("health lock")
+                .get(&addr)
+                .is_some_and(|h| !h.is_healthy())
+    }
+
     /// `addr` came back: slow start from now, and no ejection holds it out.
     fn recovered(&self, addr: SocketAddr, now: Instant) {
         mark_recovered(&self.health_of(addr), self.epoch, now);
@@ -555,7 +568,7 @@ impl Upstreams {
     }
 
     /// How available `service`'s backend at `addr` is for `usage` now.
-    pub fn availability(
+    fn availability(
         &self,
         service: &ServiceBackends,
         addr: SocketAddr,
@@ -689,9 +702,13 @@ impl Upstreams {
             health.streak.store(0, Ordering::Relaxed);
             if ok {
                 mark_recovered(&health, self.epoch, Instant::now());
-            } else {
-                // Only peer gateways have mesh connections; for an endpoint
-                // this is a no-op.
+            } else if self
+                .liveness
+                .lock()
+                .expect("liveness lock")
+                .contains_key(&addr)
+            {
+                // A peering peer's gateway: requests waiting on it go elsewhere.
                 self.cut(addr, "health_check");
             }
         }

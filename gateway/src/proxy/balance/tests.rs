@@ -16,6 +16,7 @@ fn here() -> Here {
     Here {
         cluster: "home".parse().unwrap(),
         locality: loc("us-east/us-east-1a"),
+        labels: Labels::new(),
     }
 }
 
@@ -31,6 +32,7 @@ fn gateway(cluster: &str, locality: &str, n: u8) -> RemoteGateway {
             .unwrap(),
         address: format!("127.0.1.{n}:15443").parse().unwrap(),
         locality: loc(locality),
+        labels: Labels::new(),
         live: true,
         subsets: vec![],
     }
@@ -127,6 +129,19 @@ fn proximity_orders_zone_region_failover_order_then_elsewhere() {
         Proximity::Elsewhere
     );
     assert!(Proximity::SameZone < Proximity::SameRegion);
+    let rack = loc("us-east/us-east-1a/rack7");
+    assert_eq!(
+        Proximity::of(&rack, &loc("us-east/us-east-1a/rack7"), &order),
+        Proximity::SameSubzone
+    );
+    assert_eq!(
+        Proximity::of(&rack, &loc("us-east/us-east-1a/rack8"), &order),
+        Proximity::SameZone
+    );
+    assert_eq!(
+        Proximity::of(&rack, &loc("us-east/us-east-1a"), &order),
+        Proximity::SameZone
+    );
     assert!(Proximity::FailoverOrder(3) < Proximity::Elsewhere);
 }
 
@@ -449,4 +464,42 @@ fn full_targets_are_skipped_and_all_full_is_overloaded() {
         |_| Rated::UP,
     );
     assert_eq!(p.choose(&none, 0.5, 0.5), Err(NoRoute::NoEndpoint));
+}
+
+#[test]
+fn failover_priority_labels_come_before_locality() {
+    let label = |v: &str| -> Labels { [("network".to_owned(), v.to_owned())].into() };
+    let mut me = here();
+    me.labels = label("n1");
+    // Same zone but another network; another region on this network.
+    let mut near = gateway("near", "us-east/us-east-1a", 1);
+    near.labels = label("n2");
+    let mut far = gateway("far", "eu-west", 2);
+    far.labels = label("n1");
+    let e = entry(&["127.0.0.1:80"], vec![near, far]);
+    let mut by_network = policy();
+    by_network.failover_priority = vec!["network".into()];
+    let p = plan(&e, &me, &by_network, Scope::default(), false, &[], |_| {
+        Rated::UP
+    });
+    let order: Vec<(usize, Proximity, bool)> = p
+        .levels
+        .iter()
+        .map(|l| (l.label_rank, l.proximity, l.remote))
+        .collect();
+    // The local endpoint inherits this gateway's labels.
+    assert_eq!(
+        order,
+        [
+            (0, Proximity::SameZone, false),
+            (0, Proximity::Elsewhere, true),
+            (1, Proximity::SameZone, true)
+        ]
+    );
+    // Without a failover priority, locality alone decides.
+    let p = plan(&e, &me, &policy(), Scope::default(), false, &[], |_| {
+        Rated::UP
+    });
+    assert_eq!(p.levels[1].proximity, Proximity::SameZone);
+    assert!(p.levels[1].remote);
 }
