@@ -290,6 +290,18 @@ fn scenario(fed: &mut Federation, mut fault: Fault) -> Result<()> {
     let explain = explains.last().map(|(_, d)| d.clone()).unwrap_or_default();
     let b_served_later = fed.served_metric(CLUSTER_B);
     let failovers = fed.failovers_metric();
+    let metrics = fed.c.admin_get("/metrics").body;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("isthmus_upstream_peer_cuts_total")
+            || l.starts_with("isthmus_upstream_retries_total")
+            || l.starts_with("isthmus_request_errors_total")
+    }) {
+        eprintln!(
+            "C's metrics {:.1?} after the {}: {line}",
+            MOVE_WITHIN * 2,
+            fault.name()
+        );
+    }
 
     sleep_until(&load, fault_at + FAULT_FOR);
     let recover_at = load.elapsed();
@@ -328,7 +340,7 @@ fn scenario(fed: &mut Federation, mut fault: Fault) -> Result<()> {
         .map(|t| t.as_secs_f64() - fault_at.as_secs_f64());
     let (a_before, ok_before) = report.served(CLUSTER_A, Duration::ZERO, fault_at);
     let moved_at = fault_at + MOVE_WITHIN;
-    let (a_after, ok_after) = report.served(CLUSTER_A, moved_at, recover_at);
+    let (a_after, ok_after) = report.served_within(CLUSTER_A, moved_at, recover_at);
     eprintln!(
         "MEASURED {}: rate {:.0}/s, {failures} failed of {}, max latency {:.0?}, \
          last request served by A {} after the {}, A served {a_before}/{ok_before} before \

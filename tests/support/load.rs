@@ -359,6 +359,19 @@ impl Report {
         (ok.iter().filter(|s| **s == who).count(), ok.len())
     }
 
+    /// (served by `who`, succeeded) among requests that started at `from` or
+    /// later and ended before `to`: what a window saw from start to finish (a
+    /// request sent just before `to` may reach the gateway after it).
+    pub fn served_within(&self, who: &str, from: Duration, to: Duration) -> (usize, usize) {
+        let ok: Vec<&str> = self
+            .samples
+            .iter()
+            .filter(|s| s.start >= from && s.start + s.latency < to)
+            .filter_map(Sample::served_by)
+            .collect();
+        (ok.iter().filter(|s| **s == who).count(), ok.len())
+    }
+
     /// The start of the last request in `[from, to)` served by `who`.
     pub fn last_served_by(&self, who: &str, from: Duration, to: Duration) -> Option<Duration> {
         self.between(from, to)
