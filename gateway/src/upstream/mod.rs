@@ -419,15 +419,32 @@ impl Upstreams {
         now: Instant,
         policy: &UpstreamConfig,
     ) -> Rated {
-        let availability = self.availability(service, addr, usage, now, policy);
         let window = policy.locality.slow_start_window;
-        let ramp = self
-            .health
+        let known = service
+            .backends
             .read()
-            .expect("health lock")
+            .expect("backends lock")
             .get(&addr)
-            .map_or(1.0, |h| ramp(h, self.epoch, now, window));
-        Rated { availability, ramp }
+            .map(|b| Rated {
+                availability: b.availability(now, policy, usage),
+                ramp: ramp(&b.health, self.epoch, now, window),
+            });
+        known.unwrap_or_else(|| {
+            // Never used by this service: only active health (and slow start
+            // after it recovered) can speak against it.
+            let health = self.health.read().expect("health lock");
+            let Some(h) = health.get(&addr) else {
+                return Rated::UP;
+            };
+            Rated {
+                availability: if h.is_healthy() {
+                    Availability::Up
+                } else {
+                    Availability::Down
+                },
+                ramp: ramp(h, self.epoch, now, window),
+            }
+        })
     }
 
     /// Counts an attempt retried in another cluster.
@@ -565,37 +582,6 @@ impl Upstreams {
             .entry(addr)
             .or_insert_with(|| Arc::new(Backend::new(addr, health)))
             .clone()
-    }
-
-    /// How available `service`'s backend at `addr` is for `usage` now.
-    fn availability(
-        &self,
-        service: &ServiceBackends,
-        addr: SocketAddr,
-        usage: Use,
-        now: Instant,
-        policy: &UpstreamConfig,
-    ) -> Availability {
-        let known = service
-            .backends
-            .read()
-            .expect("backends lock")
-            .get(&addr)
-            .map(|b| b.availability(now, policy, usage));
-        known.unwrap_or_else(|| {
-            // Never used by this service: only active health can speak against it.
-            let healthy = self
-                .health
-                .read()
-                .expect("health lock")
-                .get(&addr)
-                .is_none_or(|h| h.is_healthy());
-            if healthy {
-                Availability::Up
-            } else {
-                Availability::Down
-            }
-        })
     }
 
     /// Counts a request to `backend`, pending until [`RequestLease::connected`].
