@@ -37,7 +37,7 @@
 # TOPOLOGY=lower: each dials only the gateways with a lower index (one session
 # per pair). Each service: one port (8080, "http") and ENDPOINTS (2) endpoints
 # on 127.0.0.1 at a small TCP sink, so active health checks pass. Every gateway
-# runs one worker thread and logs at warn; lease LEASE (10s), grace GRACE (30s).
+# runs one worker thread and logs at warn; lease LEASE (1.5s, the default), grace GRACE (30s).
 #
 # The project's rule for benchmarks is ratios against a peer measured in the
 # same run. No comparable multi-cluster federation control plane is installable
@@ -48,7 +48,7 @@
 #
 # Usage: tests/bench/federation-convergence.sh
 #   GATEWAYS=20 SERVICES=5000 ENDPOINTS=2 TOPOLOGY=full TIMEOUT=300 POLL=0.1
-#   LEASE=10s GRACE=30s KEEP=1 (keeps the work directory and the logs)
+#   LEASE=1.5s GRACE=30s KEEP=1 (keeps the work directory and the logs)
 # Needs a release build (cargo build --release -p isthmus-gateway --bin isthmus)
 # or ISTHMUS_BIN, and python3. Exits non-zero, naming the gateways that lag and
 # what they see of their peers, when the catalogs do not converge within
@@ -60,7 +60,7 @@ SERVICES=${SERVICES:-5000}
 ENDPOINTS=${ENDPOINTS:-2}
 TOPOLOGY=${TOPOLOGY:-full}
 TIMEOUT=${TIMEOUT:-300}
-LEASE=${LEASE:-10s}
+LEASE=${LEASE:-1.5s}
 GRACE=${GRACE:-30s}
 TD=bench.example
 
