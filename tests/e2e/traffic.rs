@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use isthmus_tests::load::{Load, LoadSpec, Report};
 use isthmus_tests::mesh::{Mesh, remote_clusters};
-use isthmus_tests::{Behaviour, EchoServer, Gateway, curl, free_addr, wait_for};
+use isthmus_tests::{Behaviour, EchoServer, Gateway, curl, solo_gateway_with, wait_for};
 
 const START: Duration = Duration::from_secs(20);
 /// Requests per measured split.
@@ -49,49 +49,30 @@ fn assert_share(by: &BTreeMap<String, usize>, who: &str, weight: f64) {
 fn a_canary_split_by_subsets_holds_its_weights_and_a_header_picks_the_canary() {
     let v1 = [EchoServer::start("v1-a"), EchoServer::start("v1-b")];
     let v2 = EchoServer::start("v2");
-    let (admin, outbound) = (free_addr(), free_addr());
-    let config = format!(
-        r#"[gateway]
-name = "gw-canary"
-cluster = "solo"
-trust_domain = "solo.example"
-[gateway.locality]
-region = "test"
-[admin]
-listen = "{admin}"
-[log]
-format = "json"
-[runtime]
-threads = 2
-[listeners]
-outbound = "{outbound}"
-[[services]]
-namespace = "shop"
-name = "web"
-ports = [{{ port = 80 }}]
-endpoints = [
-  {{ address = "{v1a}", labels = {{ version = "v1" }} }},
-  {{ address = "{v1b}", labels = {{ version = "v1" }} }},
-  {{ address = "{v2}", labels = {{ version = "v2" }} }},
-]
-subsets = [
-  {{ name = "v1", labels = {{ version = "v1" }} }},
-  {{ name = "v2", labels = {{ version = "v2" }} }},
+    let endpoints = format!(
+        r#"
+  {{ address = "{}", labels = {{ version = "v1" }} }},
+  {{ address = "{}", labels = {{ version = "v1" }} }},
+  {{ address = "{}", labels = {{ version = "v2" }} }},
+"#,
+        v1[0].addr, v1[1].addr, v2.addr
+    );
+    let (gw, outbound) = solo_gateway_with(
+        &endpoints,
+        r#"subsets = [
+  { name = "v1", labels = { version = "v1" } },
+  { name = "v2", labels = { version = "v2" } },
 ]
 [[routes]]
 service = "shop/web"
 [[routes.rules]]
-headers = [{{ name = "x-canary", exact = "always" }}]
-split = [{{ subset = "v2", weight = 100 }}]
+headers = [{ name = "x-canary", exact = "always" }]
+split = [{ subset = "v2", weight = 100 }]
 [[routes.rules]]
-split = [{{ subset = "v1", weight = 90 }}, {{ subset = "v2", weight = 10 }}]
+split = [{ subset = "v1", weight = 90 }, { subset = "v2", weight = 10 }]
 "#,
-        v1a = v1[0].addr,
-        v1b = v1[1].addr,
-        v2 = v2.addr,
-    );
-    let mut gw = Gateway::start(&config, admin, &[]).unwrap();
-    gw.wait_ready(START).unwrap();
+    )
+    .unwrap();
     let authority = "web.shop.svc.clusterset.local";
 
     let (report, by) = measure(outbound, authority);

@@ -449,8 +449,15 @@ threads = 1
 /// (port 80) from `endpoints`; `extra` is appended to its configuration.
 /// Returns it ready, with its outbound address.
 pub fn solo_gateway(endpoints: &[SocketAddr], extra: &str) -> Result<(Gateway, SocketAddr)> {
-    let (admin, outbound) = (free_addr(), free_addr());
     let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    solo_gateway_with(&endpoints.join(", "), extra)
+}
+
+/// [`solo_gateway`] with shop/web's `endpoints` array written as TOML (tables
+/// with labels, say); `extra` follows it, so it may go on with keys of the
+/// `[[services]]` table such as `subsets`.
+pub fn solo_gateway_with(endpoints: &str, extra: &str) -> Result<(Gateway, SocketAddr)> {
+    let (admin, outbound) = (free_addr(), free_addr());
     let config = format!(
         r#"[gateway]
 name = "gw-solo"
@@ -472,8 +479,7 @@ name = "web"
 ports = [{{ port = 80 }}]
 endpoints = [{endpoints}]
 {extra}
-"#,
-        endpoints = endpoints.join(", ")
+"#
     );
     let mut gw = Gateway::start(&config, admin, &[])?;
     gw.wait_ready(Duration::from_secs(20))?;

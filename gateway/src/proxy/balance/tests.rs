@@ -59,6 +59,11 @@ fn entry(endpoints: &[&str], remote: Vec<RemoteGateway>) -> ServiceEntry {
     }
 }
 
+/// Plans a first attempt over the whole service with the default policy.
+fn plan_all(e: &ServiceEntry, rate: impl Fn(SocketAddr) -> Rated) -> Plan {
+    plan(e, &here(), &policy(), Scope::default(), false, &[], rate)
+}
+
 /// a: same zone, b: same region, c: another region.
 fn three_clusters() -> ServiceEntry {
     entry(
@@ -148,9 +153,7 @@ fn proximity_orders_zone_region_failover_order_then_elsewhere() {
 #[test]
 fn the_closest_healthy_level_takes_all_traffic() {
     let e = three_clusters();
-    let p = plan(&e, &here(), &policy(), Scope::default(), false, &[], |_| {
-        Rated::UP
-    });
+    let p = plan_all(&e, |_| Rated::UP);
     let order: Vec<&str> = p
         .levels
         .iter()
@@ -172,15 +175,7 @@ fn the_closest_healthy_level_takes_all_traffic() {
 #[test]
 fn a_dead_level_spills_to_the_next_and_a_retry_goes_there_too() {
     let e = three_clusters();
-    let p = plan(
-        &e,
-        &here(),
-        &policy(),
-        Scope::default(),
-        false,
-        &[],
-        down_at(&["127.0.1.1:15443"]),
-    );
+    let p = plan_all(&e, down_at(&["127.0.1.1:15443"]));
     let s = shares(&p, &e, 1000);
     assert_eq!(
         share(&s, "127.0.1.1:15443"),
@@ -201,15 +196,7 @@ fn a_dead_level_spills_to_the_next_and_a_retry_goes_there_too() {
     );
     assert_eq!(share(&shares(&p, &e, 100), "127.0.1.2:15443"), 1.0);
     // Both closer levels dead: the far region takes over, not panic.
-    let p = plan(
-        &e,
-        &here(),
-        &policy(),
-        Scope::default(),
-        false,
-        &[],
-        down_at(&["127.0.1.1:15443", "127.0.1.2:15443"]),
-    );
+    let p = plan_all(&e, down_at(&["127.0.1.1:15443", "127.0.1.2:15443"]));
     assert!(!p.panic);
     assert_eq!(share(&shares(&p, &e, 100), "127.0.1.3:15443"), 1.0);
 }
@@ -221,24 +208,11 @@ fn overprovisioning_spills_gradually() {
     let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
     let e = entry(&eps, vec![gateway("a", "us-east/us-east-1a", 1)]);
     // 8 of 10 up: 1.4 × 0.8 ≥ 1, the level keeps everything.
-    let p = plan(
-        &e,
-        &here(),
-        &policy(),
-        Scope::default(),
-        false,
-        &[],
-        down_at(&["127.0.0.1:80", "127.0.0.2:80"]),
-    );
+    let p = plan_all(&e, down_at(&["127.0.0.1:80", "127.0.0.2:80"]));
     assert_eq!(p.levels[0].load, 1.0);
     // 5 of 10 up: 1.4 × 0.5 = 0.7 stays, 0.3 spills to the peer.
-    let p = plan(
+    let p = plan_all(
         &e,
-        &here(),
-        &policy(),
-        Scope::default(),
-        false,
-        &[],
         down_at(&[
             "127.0.0.1:80",
             "127.0.0.2:80",
@@ -270,13 +244,8 @@ fn below_the_panic_threshold_health_is_ignored() {
         vec![],
     );
     // 1 of 4 up: 1.4 × 0.25 = 35 % < 50 %.
-    let p = plan(
+    let p = plan_all(
         &e,
-        &here(),
-        &policy(),
-        Scope::default(),
-        false,
-        &[],
         down_at(&["127.0.0.1:80", "127.0.0.2:80", "127.0.0.3:80"]),
     );
     assert!(p.panic);
@@ -320,15 +289,7 @@ fn slow_start_brings_a_returning_cluster_back_gradually() {
             1.0
         },
     };
-    let p = plan(
-        &e,
-        &here(),
-        &policy(),
-        Scope::default(),
-        false,
-        &[],
-        ramping,
-    );
+    let p = plan_all(&e, ramping);
     // 1.4 × 0.25 = 35 % back to a, the rest stays in the same region.
     assert!((p.levels[0].load - 0.35).abs() < 1e-9);
     assert!((p.levels[1].load - 0.65).abs() < 1e-9);
@@ -344,9 +305,7 @@ fn weights_share_a_level() {
             ..EndpointInfo::default()
         },
     );
-    let p = plan(&e, &here(), &policy(), Scope::default(), false, &[], |_| {
-        Rated::UP
-    });
+    let p = plan_all(&e, |_| Rated::UP);
     let s = shares(&p, &e, 10_000);
     assert!((share(&s, "127.0.0.1:80") - 0.75).abs() < 0.01, "{s:?}");
 }
@@ -364,9 +323,7 @@ fn endpoints_in_another_zone_rank_below_same_zone_peers() {
             ..EndpointInfo::default()
         },
     );
-    let p = plan(&e, &here(), &policy(), Scope::default(), false, &[], |_| {
-        Rated::UP
-    });
+    let p = plan_all(&e, |_| Rated::UP);
     assert_eq!(p.levels[0].proximity, Proximity::SameZone);
     assert!(p.levels[0].remote);
     assert_eq!(p.levels[1].proximity, Proximity::SameRegion);
@@ -437,32 +394,16 @@ fn full_targets_are_skipped_and_all_full_is_overloaded() {
         },
         ramp: 1.0,
     };
-    let p = plan(
-        &e,
-        &here(),
-        &policy(),
-        Scope::default(),
-        false,
-        &[],
-        one_full,
-    );
+    let p = plan_all(&e, one_full);
     assert_eq!(share(&shares(&p, &e, 100), "127.0.0.2:80"), 1.0);
     let full = |_| Rated {
         availability: Availability::Full,
         ramp: 1.0,
     };
-    let p = plan(&e, &here(), &policy(), Scope::default(), false, &[], full);
+    let p = plan_all(&e, full);
     assert_eq!(p.choose(&e, 0.5, 0.5), Err(NoRoute::Overloaded));
     let none = entry(&[], vec![]);
-    let p = plan(
-        &none,
-        &here(),
-        &policy(),
-        Scope::default(),
-        false,
-        &[],
-        |_| Rated::UP,
-    );
+    let p = plan_all(&none, |_| Rated::UP);
     assert_eq!(p.choose(&none, 0.5, 0.5), Err(NoRoute::NoEndpoint));
 }
 
