@@ -42,7 +42,8 @@ pub struct GatewayView {
 /// One destination of the service's routes.
 #[derive(Debug, Serialize)]
 pub struct DestinationView {
-    /// The route rule it belongs to (index), if the service has routes.
+    /// The route rule it belongs to (index); none for the whole service,
+    /// where requests go when the service has no routes or no rule matches.
     pub rule: Option<usize>,
     /// The rule's header matches.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -139,6 +140,18 @@ impl Upstreams {
                             share,
                         ));
                     }
+                }
+                // Requests no rule matches go to the whole service.
+                if r.rules.iter().all(|rule| !rule.headers.is_empty()) {
+                    destinations.push(self.destination(
+                        entry,
+                        &backends,
+                        &policy,
+                        &whole,
+                        None,
+                        &[],
+                        1.0,
+                    ));
                 }
             }
             None => destinations.push(self.destination(
