@@ -124,45 +124,26 @@ impl Upstreams {
             cluster: None,
             weight: 1,
         };
-        match &routes {
-            Some(r) => {
-                for (i, rule) in r.rules.iter().enumerate() {
-                    let total: u32 = rule.split.iter().map(|t| t.weight).sum();
-                    for target in &rule.split {
-                        let share = f64::from(target.weight) / f64::from(total.max(1));
-                        destinations.push(self.destination(
-                            entry,
-                            &backends,
-                            &policy,
-                            target,
-                            Some(i),
-                            &rule.headers,
-                            share,
-                        ));
-                    }
-                }
-                // Requests no rule matches go to the whole service.
-                if r.rules.iter().all(|rule| !rule.headers.is_empty()) {
-                    destinations.push(self.destination(
-                        entry,
-                        &backends,
-                        &policy,
-                        &whole,
-                        None,
-                        &[],
-                        1.0,
-                    ));
-                }
+        let rules = routes.as_ref().map_or(&[][..], |r| &r.rules[..]);
+        for (i, rule) in rules.iter().enumerate() {
+            let total: u32 = rule.split.iter().map(|t| t.weight).sum();
+            for target in &rule.split {
+                let share = f64::from(target.weight) / f64::from(total.max(1));
+                destinations.push(self.destination(
+                    entry,
+                    &backends,
+                    &policy,
+                    target,
+                    Some(i),
+                    &rule.headers,
+                    share,
+                ));
             }
-            None => destinations.push(self.destination(
-                entry,
-                &backends,
-                &policy,
-                &whole,
-                None,
-                &[],
-                1.0,
-            )),
+        }
+        // Without routes, or when no rule matches every request, requests
+        // also go to the whole service.
+        if rules.iter().all(|rule| !rule.headers.is_empty()) {
+            destinations.push(self.destination(entry, &backends, &policy, &whole, None, &[], 1.0));
         }
         let whole_plan = self.plan_uncounted(
             &backends,
