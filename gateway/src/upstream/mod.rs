@@ -809,3 +809,56 @@ pub struct BackendSnapshot {
     /// L4 connections open.
     pub connections: usize,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstreams() -> Upstreams {
+        let here = Here {
+            cluster: "home".parse().unwrap(),
+            locality: "r".parse().unwrap(),
+            labels: Default::default(),
+        };
+        Upstreams::new(UpstreamConfig::default(), here, &Registry::new())
+    }
+
+    fn ramp_of(u: &Upstreams, addr: SocketAddr) -> f64 {
+        let service = u.service(&"shop/web".parse().unwrap());
+        let policy = u.policy();
+        u.rate(&service, addr, Use::Http, Instant::now(), &policy)
+            .ramp
+    }
+
+    #[test]
+    fn a_peer_losing_its_lease_is_cut_and_its_return_starts_slowly() {
+        let u = upstreams();
+        let mut cuts = u.cut_signal().subscribe();
+        let a: SocketAddr = "127.0.0.1:15443".parse().unwrap();
+
+        // First seen live: no cut, and no slow start (a new peer gets traffic at once).
+        u.observe_leases(&[(a, true)]);
+        assert!(cuts.try_recv().is_err());
+        assert_eq!(ramp_of(&u, a), 1.0);
+        assert!(!u.declared_dead(a));
+
+        // Its lease is lost: its connections are cut, it is declared dead.
+        u.observe_leases(&[(a, false)]);
+        assert_eq!(cuts.try_recv(), Ok(a));
+        assert!(u.declared_dead(a));
+
+        // Back: alive, at the floor of slow start.
+        u.observe_leases(&[(a, true)]);
+        assert!(!u.declared_dead(a));
+        assert!((ramp_of(&u, a) - SLOW_START_FLOOR).abs() < 0.01);
+
+        // Expired (gone from the hub while live): cut, and its return is a
+        // recovery again, not a new peer.
+        u.observe_leases(&[]);
+        assert_eq!(cuts.try_recv(), Ok(a));
+        assert!(u.declared_dead(a));
+        u.observe_leases(&[(a, true)]);
+        assert!(cuts.try_recv().is_err());
+        assert!(ramp_of(&u, a) < 0.2);
+    }
+}
