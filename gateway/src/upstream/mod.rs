@@ -812,6 +812,8 @@ pub struct BackendSnapshot {
 
 #[cfg(test)]
 mod tests {
+    use isthmus_federation::catalog::Catalog;
+
     use super::*;
 
     fn upstreams() -> Upstreams {
@@ -860,5 +862,59 @@ mod tests {
         u.observe_leases(&[(a, true)]);
         assert!(cuts.try_recv().is_err());
         assert!(ramp_of(&u, a) < 0.2);
+    }
+
+    #[test]
+    fn explain_says_why_a_dead_peer_gets_nothing_and_who_takes_over() {
+        use isthmus_federation::catalog::{Protocol, RemoteGateway, ServicePort};
+        let u = upstreams();
+        let gateway = |cluster: &str, locality: &str, n: u8, live: bool| RemoteGateway {
+            cluster: cluster.parse().unwrap(),
+            spiffe_id: format!("spiffe://{cluster}.example/isthmus/gateway/gw")
+                .parse()
+                .unwrap(),
+            address: SocketAddr::from(([127, 0, 1, n], 15443)),
+            locality: locality.parse().unwrap(),
+            labels: Default::default(),
+            live,
+            subsets: vec![],
+        };
+        let entry = ServiceEntry {
+            key: "shop/web".parse().unwrap(),
+            ports: vec![ServicePort {
+                port: 80,
+                protocol: Protocol::Http,
+                name: None,
+            }],
+            endpoints: vec![],
+            endpoint_info: Default::default(),
+            subsets: vec![],
+            remote: vec![
+                gateway("a", "r", 1, false),
+                gateway("b", "elsewhere", 2, true),
+            ],
+            exported: false,
+            allowed_callers: None,
+            passthrough: false,
+            headless: false,
+            headless_endpoints: vec![],
+        };
+        let catalog = Catalog::new([entry]);
+        let doc = serde_json::to_value(u.explain(&catalog, &"shop/web".parse().unwrap()).unwrap())
+            .unwrap();
+        let levels = doc["destinations"][0]["levels"].as_array().unwrap();
+        assert_eq!(levels.len(), 2, "{doc:#}");
+        let a = &levels[0]["targets"][0];
+        assert_eq!(
+            (a["cluster"].as_str(), a["state"].as_str()),
+            (Some("a"), Some("down"))
+        );
+        assert_eq!(a["load_percent"], 0.0);
+        let reasons = a["reasons"].to_string();
+        assert!(reasons.contains("lease lapsed"), "{reasons}");
+        assert_eq!(levels[0]["reason"], "same region");
+        assert_eq!(levels[1]["reason"], "elsewhere");
+        assert_eq!(levels[1]["load_percent"], 100.0);
+        assert!(u.explain(&catalog, &"shop/nope".parse().unwrap()).is_none());
     }
 }
