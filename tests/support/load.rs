@@ -352,24 +352,15 @@ impl Report {
 
     /// (served by `who`, succeeded) among requests started in `[from, to)`.
     pub fn served(&self, who: &str, from: Duration, to: Duration) -> (usize, usize) {
-        let ok: Vec<&str> = self
-            .between(from, to)
-            .filter_map(Sample::served_by)
-            .collect();
-        (ok.iter().filter(|s| **s == who).count(), ok.len())
+        count_served(who, self.between(from, to))
     }
 
     /// (served by `who`, succeeded) among requests that started at `from` or
     /// later and ended before `to`: what a window saw from start to finish (a
     /// request sent just before `to` may reach the gateway after it).
     pub fn served_within(&self, who: &str, from: Duration, to: Duration) -> (usize, usize) {
-        let ok: Vec<&str> = self
-            .samples
-            .iter()
-            .filter(|s| s.start >= from && s.start + s.latency < to)
-            .filter_map(Sample::served_by)
-            .collect();
-        (ok.iter().filter(|s| **s == who).count(), ok.len())
+        let whole = |s: &&Sample| s.start >= from && s.start + s.latency < to;
+        count_served(who, self.samples.iter().filter(whole))
     }
 
     /// The start of the last request in `[from, to)` served by `who`.
@@ -431,4 +422,10 @@ impl Report {
         }
         out
     }
+}
+
+/// (served by `who`, succeeded) among `samples`.
+fn count_served<'a>(who: &str, samples: impl Iterator<Item = &'a Sample>) -> (usize, usize) {
+    let ok: Vec<&str> = samples.filter_map(Sample::served_by).collect();
+    (ok.iter().filter(|s| **s == who).count(), ok.len())
 }

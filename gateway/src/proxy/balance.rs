@@ -347,6 +347,19 @@ pub fn plan(
     Plan { levels, panic }
 }
 
+/// Plans with `plan` within `scope`, or over the whole service when nothing
+/// in `scope` is available, and says which (true: fell back). A route's
+/// subset or cluster is a preference, never a reason to fail a request that
+/// something else can serve.
+pub fn plan_or_fall_back(scope: Scope<'_>, plan: impl Fn(Scope<'_>) -> Plan) -> (Plan, bool) {
+    let planned = plan(scope);
+    if scope == Scope::default() || planned.has_available() {
+        (planned, false)
+    } else {
+        (plan(Scope::default()), true)
+    }
+}
+
 /// Whether the gateway serves `scope`.
 fn in_scope(gw: &RemoteGateway, scope: Scope<'_>) -> bool {
     scope.cluster.is_none_or(|c| *c == gw.cluster)

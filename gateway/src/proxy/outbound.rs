@@ -24,7 +24,7 @@ use rustls::pki_types::ServerName;
 use tokio::sync::watch;
 use tracing::info;
 
-use super::balance::{Draws, Scope};
+use super::balance::{Draws, Scope, plan_or_fall_back};
 use super::headers;
 use super::metrics::{ProxyMetrics, RequestLabels};
 use super::routing::{NoRoute, Routed, Target, resolve};
@@ -305,10 +305,8 @@ impl Common {
     }
 
     /// Plans and chooses the next attempt's target within the request's route
-    /// destination. A destination (subset or cluster) with nothing available
-    /// gives way to the whole service, and the second value says so: a
-    /// traffic shift is a preference, never a reason to fail a request that
-    /// something else can serve.
+    /// destination, or the whole service when nothing in it is available (the
+    /// second value says so; see [`plan_or_fall_back`]).
     fn choose_target(
         &self,
         routed: &Routed,
@@ -317,11 +315,11 @@ impl Common {
         local_only: bool,
     ) -> (Result<Target, NoRoute>, bool) {
         let destination = ctx.destination.as_ref();
-        let mut scope = Scope {
+        let scope = Scope {
             subset: destination.and_then(|d| d.subset.as_deref()),
             cluster: destination.and_then(|d| d.cluster.as_ref()),
         };
-        let plan = |scope| {
+        let (planned, fell_back) = plan_or_fall_back(scope, |scope| {
             self.upstreams.plan(
                 backends,
                 &routed.entry,
@@ -331,13 +329,7 @@ impl Common {
                 Use::Http,
                 &ctx.policy,
             )
-        };
-        let mut planned = plan(scope);
-        let fell_back = scope != Scope::default() && !planned.has_available();
-        if fell_back {
-            scope = Scope::default();
-            planned = plan(scope);
-        }
+        });
         let draws = Draws::new(ctx.spread as u64, ctx.tried.len() as u64);
         (
             planned.choose(&routed.entry, draws.level, draws.member),

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::{ServiceBackends, Upstreams, Use};
 use crate::config::model::LocalityPolicy;
 use crate::config::traffic::{HeaderMatch, SplitTarget};
-use crate::proxy::balance::{Level, Member, Plan, Scope, Slot};
+use crate::proxy::balance::{Level, Member, Plan, Scope, Slot, plan_or_fall_back};
 use crate::proxy::routing::Availability;
 
 /// The whole answer.
@@ -177,18 +177,13 @@ impl Upstreams {
         headers: &[HeaderMatch],
         share: f64,
     ) -> DestinationView {
-        let mut scope = Scope {
+        let scope = Scope {
             subset: target.subset.as_deref(),
             cluster: target.cluster.as_ref(),
         };
-        let plan =
-            |scope| self.plan_uncounted(backends, entry, scope, false, &[], Use::Http, policy);
-        let mut planned = plan(scope);
-        let fell_back = scope != Scope::default() && !planned.has_available();
-        if fell_back {
-            scope = Scope::default();
-            planned = plan(scope);
-        }
+        let (planned, fell_back) = plan_or_fall_back(scope, |scope| {
+            self.plan_uncounted(backends, entry, scope, false, &[], Use::Http, policy)
+        });
         DestinationView {
             rule,
             headers: headers.to_vec(),

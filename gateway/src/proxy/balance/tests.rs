@@ -444,3 +444,26 @@ fn failover_priority_labels_come_before_locality() {
     assert_eq!(p.levels[1].proximity, Proximity::SameZone);
     assert!(p.levels[1].remote);
 }
+
+#[test]
+fn a_scope_with_nothing_available_falls_back_to_the_whole_service() {
+    let e = three_clusters();
+    let planner = |scope: Scope<'_>| plan(&e, &here(), &policy(), scope, false, &[], |_| Rated::UP);
+    let a: ClusterName = "a".parse().unwrap();
+    let in_a = Scope {
+        subset: None,
+        cluster: Some(&a),
+    };
+    let (p, fell_back) = plan_or_fall_back(in_a, planner);
+    assert!(!fell_back);
+    assert_eq!(p.levels.len(), 1);
+    let v9 = Scope {
+        subset: Some("v9"),
+        cluster: None,
+    };
+    let (p, fell_back) = plan_or_fall_back(v9, planner);
+    assert!(fell_back, "no gateway announces v9");
+    assert_eq!(p.levels.len(), 3);
+    let (_, fell_back) = plan_or_fall_back(Scope::default(), planner);
+    assert!(!fell_back);
+}
