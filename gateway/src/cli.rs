@@ -34,7 +34,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gateway until SIGTERM or SIGINT.
-    Run(ConfigArg),
+    Run(RunArgs),
     /// Validate a configuration file (with environment overrides) and exit.
     CheckConfig(ConfigArg),
     /// Print the effective configuration after environment overrides, as TOML.
@@ -47,6 +47,18 @@ enum Command {
     Demo(DemoArgs),
     /// Print the version.
     Version,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Take over the listening sockets of the gateway with this pid (a binary
+    /// upgrade; a running gateway starts this itself on SIGUSR2). The
+    /// configuration is checked first; only then is that gateway told to hand
+    /// its sockets over (SIGQUIT).
+    #[arg(long, value_name = "PID")]
+    upgrade_from: Option<u32>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -113,7 +125,7 @@ pub fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run(arg) => crate::server::run(&arg.config),
+        Command::Run(args) => crate::server::run(&args.config.config, args.upgrade_from),
         Command::CheckConfig(arg) => check_config(&arg.config),
         Command::PrintConfig(arg) => print_config(&arg.config),
         Command::Ca(command) => ca(command),
@@ -276,9 +288,10 @@ mod tests {
     #[test]
     fn config_defaults_to_the_packaged_path() {
         let cli = Cli::try_parse_from(["isthmus", "run"]).unwrap();
-        let Command::Run(arg) = cli.command else {
+        let Command::Run(args) = cli.command else {
             panic!()
         };
-        assert_eq!(arg.config, Path::new(DEFAULT_CONFIG_PATH));
+        assert_eq!(args.config.config, Path::new(DEFAULT_CONFIG_PATH));
+        assert_eq!(args.upgrade_from, None);
     }
 }

@@ -55,15 +55,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<DnsSockets> {
     udp.set_reuse_port(true)?;
     udp.set_nonblocking(true)?;
     udp.bind(&addr.into())?;
-    let tcp = Socket::new(domain, Type::STREAM, None)?;
-    tcp.set_reuse_address(true)?;
-    tcp.set_reuse_port(true)?;
-    tcp.set_nonblocking(true)?;
-    tcp.bind(&addr.into())?;
-    tcp.listen(1024)?;
     Ok(DnsSockets {
         udp: udp.into(),
-        tcp: tcp.into(),
+        tcp: crate::lifecycle::upgradable_tcp_listener(addr, false)?,
     })
 }
 
@@ -349,18 +343,9 @@ impl ClusterSetListeners {
 }
 
 fn listen(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
     // Addresses outside loopback may be routed to this host without being
-    // configured on an interface.
-    let _ = match addr {
-        SocketAddr::V4(_) => socket.set_freebind_v4(true),
-        SocketAddr::V6(_) => socket.set_freebind_v6(true),
-    };
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    tokio::net::TcpListener::from_std(socket.into())
+    // configured on an interface: freebind.
+    tokio::net::TcpListener::from_std(crate::lifecycle::upgradable_tcp_listener(addr, true)?)
 }
 
 async fn accept(listener: tokio::net::TcpListener, app: Arc<dyn DynApp>, shutdown: ShutdownWatch) {

@@ -195,8 +195,8 @@ impl FederationService {
             trust.handshake_metrics.clone(),
             HANDSHAKE_TIMEOUT,
         );
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
+        let listener = crate::lifecycle::upgradable_tcp_listener(addr, false)
+            .and_then(tokio::net::TcpListener::from_std)
             .map_err(|e| e.to_string())?;
         Ok((listener, acceptor))
     }

@@ -1,16 +1,28 @@
-//! Process lifecycle: signals, hot reload, graceful drain and systemd notification.
+//! Process lifecycle: signals, hot reload, graceful drain, binary upgrade and
+//! systemd notification.
 //!
 //! - **SIGHUP** re-reads the configuration file. An invalid file is rejected with
 //!   every problem logged and counted; the running configuration stays.
 //! - **SIGTERM / SIGINT** stop gracefully: `STOPPING=1`, readiness turns false,
-//!   in-flight work gets up to `shutdown.drain_timeout`, then Pingora stops the
-//!   listeners. A second SIGTERM or SIGINT cuts the drain short.
-//! - **SIGQUIT** hands the listening sockets to a new process (Pingora upgrade).
+//!   Pingora closes the listeners (idle keep-alive connections close, HTTP/2
+//!   gets GOAWAY), then in-flight requests and TCP streams get up to
+//!   `shutdown.drain_timeout` before the process exits. A second SIGTERM or
+//!   SIGINT cuts the drain short.
+//! - **SIGUSR2** starts a binary upgrade: the binary this process was started
+//!   from (by then perhaps replaced by a package upgrade) is run with
+//!   `--upgrade-from <our pid>`. The new process checks its configuration, then
+//!   sends us SIGQUIT and waits for the listening sockets.
+//! - **SIGQUIT** hands the listening sockets to that new process (Pingora's
+//!   upgrade): both accept for Pingora's 5 s overlap, then this process closes
+//!   its listeners and drains as on SIGTERM. It sends no `STOPPING=1`: under
+//!   systemd the new process has announced itself as the main PID.
 //! - `READY=1` is sent once every readiness condition holds; `WATCHDOG=1` pings run
-//!   at half of `WATCHDOG_USEC` when systemd asks for them.
+//!   at half of `WATCHDOG_USEC` when systemd asks for them, until the process
+//!   exits.
 //!
 //! Signals are handled here rather than by Pingora's default watcher because
-//! Pingora knows neither SIGHUP nor draining on in-flight work.
+//! Pingora knows neither SIGHUP nor draining on in-flight work; and the drain
+//! exits the process itself because Pingora's grace period is a fixed sleep.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -19,12 +31,13 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora_core::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora_core::server::{ExecutionPhase, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora_core::services::background::BackgroundService;
 use prometheus::{IntCounterVec, IntGauge, Registry};
 use sd_notify::NotifyState;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::broadcast;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config, ConfigErrors};
@@ -219,6 +232,10 @@ pub struct Signals {
     pub drain: Arc<Drain>,
     /// The configuration in force, for the drain timeout.
     pub config: Arc<ArcSwap<Config>>,
+    /// Pingora's execution phases: the drain starts once its listeners closed.
+    pub phases: std::sync::Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
+    /// Starts the new process of a binary upgrade.
+    pub upgrade: Arc<Upgrade>,
 }
 
 struct Handlers {
@@ -226,6 +243,7 @@ struct Handlers {
     term: Signal,
     int: Signal,
     quit: Signal,
+    usr2: Signal,
 }
 
 impl Handlers {
@@ -235,6 +253,7 @@ impl Handlers {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             quit: signal(SignalKind::quit())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 }
@@ -261,11 +280,13 @@ impl ShutdownSignalWatch for Signals {
                     };
                     notify_systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);
                 }
-                _ = h.term.recv() => return self.drain("SIGTERM", &mut h).await,
-                _ = h.int.recv() => return self.drain("SIGINT", &mut h).await,
+                _ = h.usr2.recv() => self.upgrade.start(),
+                _ = h.term.recv() => return self.stop("SIGTERM", h),
+                _ = h.int.recv() => return self.stop("SIGINT", h),
                 _ = h.quit.recv() => {
-                    info!("SIGQUIT received: handing listening sockets to the new process");
-                    self.readiness.start_draining();
+                    // Readiness stays: both processes serve until the overlap ends.
+                    info!("SIGQUIT received: handing the listening sockets to the new process");
+                    self.exit_when_drained(h);
                     return ShutdownSignal::GracefulUpgrade;
                 }
             }
@@ -274,28 +295,173 @@ impl ShutdownSignalWatch for Signals {
 }
 
 impl Signals {
-    async fn drain(&self, signal: &str, h: &mut Handlers) -> ShutdownSignal {
-        let timeout = self.config.load().shutdown.drain_timeout;
+    fn stop(&self, signal: &str, h: Handlers) -> ShutdownSignal {
         info!(
             signal,
             in_flight = self.drain.in_flight(),
-            timeout = %humantime::format_duration(timeout),
-            "stopping: draining in-flight work"
+            "stopping: closing the listeners"
         );
         notify_systemd(&[NotifyState::Stopping, NotifyState::Status("draining")]);
         self.readiness.start_draining();
-        tokio::select! {
-            left = self.drain.wait_idle(timeout) => {
+        self.exit_when_drained(h);
+        ShutdownSignal::GracefulTerminate
+    }
+
+    /// Once Pingora has closed the listeners, waits for in-flight work (at
+    /// most `shutdown.drain_timeout`, or until a second stop signal) and exits.
+    /// Pingora's own grace period, a fixed sleep, is only the fallback.
+    fn exit_when_drained(&self, mut h: Handlers) {
+        let phases = self.phases.lock().ok().and_then(|mut p| p.take());
+        let (drain, config) = (self.drain.clone(), self.config.clone());
+        tokio::spawn(async move {
+            let drained = async {
+                if let Some(mut phases) = phases {
+                    listeners_closed(&mut phases).await;
+                }
+                // Requests on lingering keep-alive connections are in flight too.
+                tokio::time::sleep(crate::proxy::KEEPALIVE_LINGER).await;
+                let timeout = config.load().shutdown.drain_timeout;
+                info!(
+                    in_flight = drain.in_flight(),
+                    timeout = %humantime::format_duration(timeout),
+                    "listeners closed: draining in-flight work"
+                );
+                let left = drain.wait_idle(timeout).await;
                 if left > 0 {
                     warn!(in_flight = left, "drain timeout reached; stopping anyway");
                 } else {
                     info!("drained");
                 }
+            };
+            tokio::select! {
+                () = drained => {}
+                _ = h.term.recv() => warn!("second stop signal: cutting the drain short"),
+                _ = h.int.recv() => warn!("second stop signal: cutting the drain short"),
             }
-            _ = h.term.recv() => warn!("second stop signal: cutting the drain short"),
-            _ = h.int.recv() => warn!("second stop signal: cutting the drain short"),
+            log_stopped();
+            std::process::exit(0);
+        });
+    }
+}
+
+/// Waits until Pingora has broadcast the shutdown to its services, which then
+/// stop accepting: that is when it enters its grace period.
+async fn listeners_closed(phases: &mut broadcast::Receiver<ExecutionPhase>) {
+    loop {
+        match phases.recv().await {
+            Ok(ExecutionPhase::ShutdownGracePeriod) | Err(broadcast::error::RecvError::Closed) => {
+                return;
+            }
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
         }
-        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// A TCP listener for a service Pingora does not hand over on upgrade (the
+/// federation, DNS and clusterset listeners): with SO_REUSEPORT the new process
+/// binds it while the old one still listens. `freebind` allows an address not
+/// (yet) configured on an interface.
+pub fn upgradable_tcp_listener(
+    addr: SocketAddr,
+    freebind: bool,
+) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if freebind {
+        let _ = match addr {
+            SocketAddr::V4(_) => socket.set_freebind_v4(true),
+            SocketAddr::V6(_) => socket.set_freebind_v6(true),
+        };
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// The last line a stopping gateway logs.
+pub fn log_stopped() {
+    info!("isthmus stopped");
+}
+
+/// Starts the new process of a binary upgrade on SIGUSR2 (see the module docs).
+pub struct Upgrade {
+    /// The binary this process was started from, resolved at start: after a
+    /// package upgrade `/proc/self/exe` names the deleted old file.
+    exe: std::io::Result<PathBuf>,
+    config: PathBuf,
+    upgrade_socket: PathBuf,
+    /// The new process while one runs and has not exited.
+    running: std::sync::Mutex<Option<u32>>,
+}
+
+impl Upgrade {
+    /// Remembers this process's binary and configuration file.
+    pub fn new(config: PathBuf, upgrade_socket: PathBuf) -> Self {
+        Self {
+            exe: std::env::current_exe(),
+            config,
+            upgrade_socket,
+            running: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn start(self: &Arc<Self>) {
+        let exe = match &self.exe {
+            Ok(exe) => exe,
+            Err(e) => {
+                error!(error = %e, "binary upgrade: cannot tell which binary this process runs");
+                return;
+            }
+        };
+        let Ok(mut running) = self.running.lock() else {
+            return;
+        };
+        if let Some(pid) = *running {
+            warn!(pid, "binary upgrade already in progress; SIGUSR2 ignored");
+            return;
+        }
+        let mut command = std::process::Command::new(exe);
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--upgrade-from")
+            .arg(std::process::id().to_string())
+            // Both processes must agree on the socket, whatever the file says now.
+            .env("ISTHMUS__RUNTIME__UPGRADE_SOCKET", &self.upgrade_socket)
+            // Without WATCHDOG_PID the watchdog applies to whichever process
+            // is the main one (libsystemd's rule), so the new one feeds it.
+            .env_remove("WATCHDOG_PID")
+            .stdin(std::process::Stdio::null());
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                error!(exe = %exe.display(), error = %e, "binary upgrade: cannot start the new process");
+                return;
+            }
+        };
+        let pid = child.id();
+        info!(pid, exe = %exe.display(), "SIGUSR2 received: binary upgrade started");
+        *running = Some(pid);
+        let this = self.clone();
+        std::thread::spawn(move || {
+            let status = child.wait();
+            if let Ok(mut running) = this.running.lock() {
+                *running = None;
+            }
+            match status {
+                Ok(status) => error!(
+                    pid, %status,
+                    "binary upgrade: the new process exited; this process keeps serving"
+                ),
+                Err(e) => {
+                    error!(pid, error = %e, "binary upgrade: cannot wait for the new process")
+                }
+            }
+        });
     }
 }
 
@@ -386,6 +552,8 @@ pub struct Startup {
     pub readiness: Arc<Readiness>,
     /// Every listener that must accept before we are ready.
     pub listeners: Vec<Probe>,
+    /// After a binary upgrade: tell systemd this process is now the main one.
+    pub announce_main_pid: bool,
 }
 
 /// Delay between attempts to reach our own listeners while they start.
@@ -410,7 +578,15 @@ impl BackgroundService for Startup {
             _ = shutdown.changed() => return,
         }
         info!("isthmus is ready");
-        notify_systemd(&[NotifyState::Ready, NotifyState::Status("ready")]);
+        if self.announce_main_pid {
+            notify_systemd(&[
+                NotifyState::MainPid(std::process::id()),
+                NotifyState::Ready,
+                NotifyState::Status("ready (upgraded)"),
+            ]);
+        } else {
+            notify_systemd(&[NotifyState::Ready, NotifyState::Status("ready")]);
+        }
 
         let Some(timeout) = watchdog_timeout(
             std::env::var("WATCHDOG_USEC").ok().as_deref(),
@@ -420,12 +596,11 @@ impl BackgroundService for Startup {
         };
         let period = timeout / 2;
         info!(period = ?period, "feeding the systemd watchdog");
+        // Fed through the drain too: it ends when the process exits.
         let mut ticks = tokio::time::interval(period);
         loop {
-            tokio::select! {
-                _ = ticks.tick() => notify_systemd(&[NotifyState::Watchdog]),
-                _ = shutdown.changed() => return,
-            }
+            ticks.tick().await;
+            notify_systemd(&[NotifyState::Watchdog]);
         }
     }
 }

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
@@ -33,25 +33,26 @@ use crate::cli::{EXIT_CONFIG, EXIT_FAILURE};
 use crate::config::Config;
 use crate::dns::{ClusterSetListeners, DynApp};
 use crate::health::{Drain, Readiness};
-use crate::lifecycle::{Probe, Reloader, Signals, Startup};
+use crate::lifecycle::{Probe, Reloader, Signals, Startup, Upgrade};
 use crate::mesh::MeshRelay;
 use crate::proxy::balance::Here;
 use crate::proxy::east_west::{Callers, EastWestApp, EastWestProxy};
 use crate::proxy::outbound::{Common, OutboundProxy};
 use crate::proxy::tcp::TcpOutboundApp;
-use crate::proxy::{ProxyMetrics, TcpMetrics};
+use crate::proxy::{Lingering, ProxyMetrics, TcpMetrics};
 use crate::trust::{Trust, TrustService};
 use crate::upstream::Upstreams;
 use crate::upstream::leases::LeaseWatcher;
 use crate::upstream::probe::HealthChecker;
 use crate::{logging, metrics};
 
-/// Seconds Pingora waits for service runtimes after listeners close; our drain
-/// has already waited for in-flight work by then.
+/// Seconds Pingora waits for service runtimes after its grace period; only
+/// reached when our drain (see `lifecycle`) has not exited the process first.
 const RUNTIME_SHUTDOWN_TIMEOUT_SECS: u64 = 2;
 
-/// Runs the gateway; returns the process exit code.
-pub fn run(config_path: &Path) -> ExitCode {
+/// Runs the gateway; returns the process exit code. With `upgrade_from`, takes
+/// over the listening sockets of that running gateway (a binary upgrade).
+pub fn run(config_path: &Path, upgrade_from: Option<u32>) -> ExitCode {
     let registry = metrics::new_registry();
     let (config, trust) = match crate::cli::load_all(config_path, &registry) {
         Ok(loaded) => loaded,
@@ -85,7 +86,10 @@ pub fn run(config_path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    if let Err((path, addr, e)) = check_bindable(&listeners) {
+    // During an upgrade the old process holds the ports until it hands them over.
+    if upgrade_from.is_none()
+        && let Err((path, addr, e)) = check_bindable(&listeners)
+    {
         error!(%addr, error = %e, "{path}: cannot listen on {addr}: {e}");
         return ExitCode::from(EXIT_FAILURE);
     }
@@ -104,10 +108,30 @@ pub fn run(config_path: &Path) -> ExitCode {
     readiness.set("listeners", false, "starting");
     readiness.set("signals", false, "starting");
     let drain = Arc::new(Drain::default());
-    let threads = config.runtime.threads;
+    let conf = pingora_conf(&config);
+    let upgrade = Arc::new(Upgrade::new(
+        config_path.to_owned(),
+        config.runtime.upgrade_socket.clone(),
+    ));
     let config = Arc::new(ArcSwap::from_pointee(config));
 
-    let mut server = Server::new_with_opt_and_conf(None, pingora_conf(threads));
+    let opt = match upgrade_from {
+        Some(old) => match take_over_from(old, Path::new(&conf.upgrade_sock)) {
+            Ok(()) => Some(Opt {
+                upgrade: true,
+                ..Opt::default()
+            }),
+            Err(e) => {
+                error!(old_pid = old, error = %e, "binary upgrade: {e}; the running gateway keeps serving");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        },
+        None => None,
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    let phases = server.watch_execution_phase();
+    // With `upgrade`, this receives the listening sockets (Pingora exits the
+    // process if none arrive within 5 s).
     server.bootstrap();
     let hub = match crate::federation::hub(&config.load(), trust.as_deref(), &registry) {
         Ok(hub) => hub,
@@ -151,8 +175,11 @@ pub fn run(config_path: &Path) -> ExitCode {
         &mut server,
         &config.load(),
         trust.as_ref(),
-        &catalog,
-        &upstreams,
+        DataPlane {
+            catalog: &catalog,
+            upstreams: &upstreams,
+            drain: &drain,
+        },
         dns.as_ref().map(|d| d.cluster_set.allocations()),
         &registry,
     ) {
@@ -237,6 +264,7 @@ pub fn run(config_path: &Path) -> ExitCode {
         Startup {
             readiness: readiness.clone(),
             listeners,
+            announce_main_pid: upgrade_from.is_some(),
         },
     ));
 
@@ -258,11 +286,13 @@ pub fn run(config_path: &Path) -> ExitCode {
         readiness,
         drain,
         config,
+        phases: std::sync::Mutex::new(Some(phases)),
+        upgrade,
     };
     server.run(RunArgs {
         shutdown_signal: Box::new(signals),
     });
-    info!("isthmus stopped");
+    crate::lifecycle::log_stopped();
     ExitCode::SUCCESS
 }
 
@@ -273,6 +303,14 @@ fn east_west_alpn() -> Vec<Vec<u8>> {
     vec![b"h2".to_vec(), b"http/1.1".to_vec()]
 }
 
+/// What every listener of the data plane shares.
+struct DataPlane<'a> {
+    catalog: &'a Arc<ArcSwap<Catalog>>,
+    upstreams: &'a Arc<Upstreams>,
+    /// Requests and TCP streams in flight, waited for on stop.
+    drain: &'a Arc<Drain>,
+}
+
 /// Adds the outbound and east-west listeners and the mesh relay; returns the
 /// clusterset listeners when `clusterset` (the clusterset IPs) is given and
 /// `dns.clusterset_listeners` is on.
@@ -280,11 +318,15 @@ fn add_data_plane(
     server: &mut Server,
     config: &Config,
     trust: Option<&Arc<Trust>>,
-    catalog: &Arc<ArcSwap<Catalog>>,
-    upstreams: &Arc<Upstreams>,
+    shared: DataPlane<'_>,
     clusterset: Option<tokio::sync::watch::Receiver<Arc<isthmus_federation::dns::Allocations>>>,
     registry: &prometheus::Registry,
 ) -> Result<Option<ClusterSetListeners>, String> {
+    let DataPlane {
+        catalog,
+        upstreams,
+        drain,
+    } = shared;
     let clusterset = clusterset.filter(|_| config.dns.clusterset_listeners);
     let conf = server.configuration.clone();
     let metrics = ProxyMetrics::new(registry);
@@ -321,6 +363,7 @@ fn add_data_plane(
                 metrics.clone(),
                 cluster.clone(),
                 upstreams.clone(),
+                drain.clone(),
             ),
             relay.clone(),
         );
@@ -334,7 +377,7 @@ fn add_data_plane(
         proxy
     };
     if let Some(addr) = config.listeners.outbound {
-        let proxy = outbound_proxy(None);
+        let proxy = Lingering(Arc::new(outbound_proxy(None)));
         let mut service = Service::new("outbound".to_owned(), proxy);
         service.add_tcp(&addr.to_string());
         service.threads = Some(threads);
@@ -365,6 +408,7 @@ fn add_data_plane(
                 l4_connector.clone(),
                 upstreams.clone(),
                 tcp_metrics.clone(),
+                drain.clone(),
             );
             let mut service = Service::new(format!("tcp {key}:{}", port.port), app);
             service.add_tcp(&addr.to_string());
@@ -379,8 +423,12 @@ fn add_data_plane(
         Some(allocations) => {
             let http: Arc<dyn DynApp> = Arc::new(outbound_proxy(Some(allocations)));
             let tcp_app = {
-                let (catalog, upstreams, tcp_metrics) =
-                    (catalog.clone(), upstreams.clone(), tcp_metrics.clone());
+                let (catalog, upstreams, tcp_metrics, drain) = (
+                    catalog.clone(),
+                    upstreams.clone(),
+                    tcp_metrics.clone(),
+                    drain.clone(),
+                );
                 let connector = l4_connector.clone();
                 move |key: &ServiceKey, port: u16| -> Arc<dyn DynApp> {
                     Arc::new(TcpOutboundApp::new(
@@ -390,6 +438,7 @@ fn add_data_plane(
                         connector.clone(),
                         upstreams.clone(),
                         tcp_metrics.clone(),
+                        drain.clone(),
                     ))
                 }
             };
@@ -418,7 +467,13 @@ fn add_data_plane(
         let proxy = pingora_proxy::http_proxy(
             &conf,
             EastWestProxy::new(
-                Common::new(catalog.clone(), metrics, cluster, upstreams.clone()),
+                Common::new(
+                    catalog.clone(),
+                    metrics,
+                    cluster,
+                    upstreams.clone(),
+                    drain.clone(),
+                ),
                 config.spiffe_id(),
                 peer_clusters,
                 callers.clone(),
@@ -432,6 +487,7 @@ fn add_data_plane(
             catalog.clone(),
             upstreams.clone(),
             tcp_metrics.clone(),
+            drain.clone(),
         );
         let mut service = Service::new("east-west".to_owned(), app);
         service.add_tcp(&addr.to_string());
@@ -585,15 +641,40 @@ fn listeners(config: &Config, trust: Option<&Trust>) -> Result<Vec<Probe>, rustl
     Ok(probes)
 }
 
-fn pingora_conf(threads: usize) -> ServerConf {
+fn pingora_conf(config: &Config) -> ServerConf {
     ServerConf {
-        threads,
-        // Draining happens before Pingora's shutdown (see `lifecycle`), so its
-        // unconditional grace-period sleep is not needed.
-        grace_period_seconds: Some(0),
+        threads: config.runtime.threads,
+        // Our drain exits the process as soon as in-flight work is done (see
+        // `lifecycle`); Pingora's unconditional grace-period sleep is the
+        // fallback, a little longer than the drain may take.
+        grace_period_seconds: Some(config.shutdown.drain_timeout.as_secs() + 1),
         graceful_shutdown_timeout_seconds: Some(RUNTIME_SHUTDOWN_TIMEOUT_SECS),
+        upgrade_sock: config.runtime.upgrade_socket.to_string_lossy().into_owned(),
         ..ServerConf::default()
     }
+}
+
+/// Prepares a binary upgrade: checks the new process can listen on the upgrade
+/// socket (Pingora panics when it cannot), then tells the old process `old`
+/// to hand its listening sockets over. Every check before this returns has
+/// passed, so a failed upgrade leaves the old process serving.
+fn take_over_from(old: u32, upgrade_socket: &Path) -> Result<(), String> {
+    let _ = std::fs::remove_file(upgrade_socket);
+    std::os::unix::net::UnixListener::bind(upgrade_socket).map_err(|e| {
+        format!(
+            "runtime.upgrade_socket: cannot listen on {}: {e}",
+            upgrade_socket.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(upgrade_socket);
+    let pid = i32::try_from(old).map_err(|_| format!("{old} is not a process id"))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGQUIT,
+    )
+    .map_err(|e| format!("cannot signal process {old}: {e}"))?;
+    info!(old_pid = old, socket = %upgrade_socket.display(), "binary upgrade: waiting for the listening sockets");
+    Ok(())
 }
 
 /// Binds and releases each address the way Pingora will (SO_REUSEADDR), to turn

@@ -458,7 +458,20 @@ pub fn solo_gateway(endpoints: &[SocketAddr], extra: &str) -> Result<(Gateway, S
 /// `[[services]]` table such as `subsets`.
 pub fn solo_gateway_with(endpoints: &str, extra: &str) -> Result<(Gateway, SocketAddr)> {
     let (admin, outbound) = (free_addr(), free_addr());
-    let config = format!(
+    let mut gw = Gateway::start(&solo_config(admin, outbound, endpoints, extra), admin, &[])?;
+    gw.wait_ready(Duration::from_secs(20))?;
+    Ok((gw, outbound))
+}
+
+/// The configuration of [`solo_gateway_with`]: admin API on `admin`, outbound
+/// listener on `outbound`.
+pub fn solo_config(
+    admin: SocketAddr,
+    outbound: SocketAddr,
+    endpoints: &str,
+    extra: &str,
+) -> String {
+    format!(
         r#"[gateway]
 name = "gw-solo"
 cluster = "solo"
@@ -480,10 +493,7 @@ ports = [{{ port = 80 }}]
 endpoints = [{endpoints}]
 {extra}
 "#
-    );
-    let mut gw = Gateway::start(&config, admin, &[])?;
-    gw.wait_ready(Duration::from_secs(20))?;
-    Ok((gw, outbound))
+    )
 }
 
 /// A running `isthmus run` process with its own directory, config and log.

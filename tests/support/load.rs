@@ -6,7 +6,8 @@
 //! [`Report`] cuts them into one-second buckets.
 //!
 //! A failure is a transport error, a timeout or a non-2xx status; a
-//! connection is reused only after a success.
+//! connection is reused only after a success whose response did not say
+//! `Connection: close`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -259,6 +260,11 @@ async fn request(spec: &LoadSpec, pool: &Pool, opened: &AtomicUsize) -> Result<S
         .await
         .map_err(|e| format!("send: {e}"))?;
     let status = resp.status();
+    // RFC 9112 §9.6: no further request on a connection the server closes.
+    let closing = resp
+        .headers()
+        .get(hyper::header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
     let body = resp
         .into_body()
         .collect()
@@ -270,7 +276,9 @@ async fn request(spec: &LoadSpec, pool: &Pool, opened: &AtomicUsize) -> Result<S
         let head: String = body.chars().take(200).collect();
         return Err(format!("status {}: {head}", status.as_u16()));
     }
-    lock(pool).push_back(sender);
+    if !closing {
+        lock(pool).push_back(sender);
+    }
     Ok(served_by(&body))
 }
 

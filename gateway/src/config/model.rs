@@ -41,6 +41,9 @@ pub const DEFAULT_LOG_LEVEL: &str = "info";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upper bound for `shutdown.drain_timeout`: systemd's default stop timeout is 90 s.
 pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
+/// Where a new process waits for the listening sockets during a binary upgrade
+/// (`RuntimeDirectory=isthmus` in the systemd unit).
+pub const DEFAULT_UPGRADE_SOCKET: &str = "/run/isthmus/upgrade.sock";
 /// Upper bound for `runtime.threads`.
 pub const MAX_THREADS: i64 = 1024;
 /// Default interval between fetches of a federated bundle without a refresh hint
@@ -403,6 +406,9 @@ pub struct LogConfig {
 pub struct RuntimeConfig {
     /// Worker threads for each traffic-carrying service.
     pub threads: usize,
+    /// The Unix socket over which a running gateway hands its listening
+    /// sockets to the new process of a binary upgrade.
+    pub upgrade_socket: PathBuf,
 }
 
 /// `[shutdown]`
@@ -643,6 +649,7 @@ impl Config {
             }
         };
         self.discovery.resolve_paths(base);
+        resolve(&mut self.runtime.upgrade_socket);
         if let Some(identity) = &mut self.identity {
             resolve(&mut identity.cert);
             resolve(&mut identity.key);
@@ -754,7 +761,20 @@ fn runtime(check: &mut Check, raw: &RawRuntime) -> Option<RuntimeConfig> {
             return None;
         }
     };
-    Some(RuntimeConfig { threads })
+    let upgrade_socket = match raw.upgrade_socket.as_deref().map(parse_path) {
+        None => PathBuf::from(DEFAULT_UPGRADE_SOCKET),
+        Some(Ok(path)) => path,
+        Some(Err(e)) => {
+            check
+                .errors
+                .push(ConfigError::new("runtime.upgrade_socket", e));
+            return None;
+        }
+    };
+    Some(RuntimeConfig {
+        threads,
+        upgrade_socket,
+    })
 }
 
 fn parse_path(s: &str) -> Result<PathBuf, &'static str> {

@@ -24,7 +24,7 @@ pub struct RawConfig {
     /// `[log]`: logging.
     #[serde(default)]
     pub log: RawLog,
-    /// `[runtime]`: threads.
+    /// `[runtime]`: threads, the upgrade socket.
     #[serde(default)]
     pub runtime: RawRuntime,
     /// `[shutdown]`: draining on stop.
@@ -480,6 +480,8 @@ pub struct RawLog {
 pub struct RawRuntime {
     /// `runtime.threads`
     pub threads: Option<i64>,
+    /// `runtime.upgrade_socket`
+    pub upgrade_socket: Option<String>,
 }
 
 /// `[shutdown]`

@@ -28,6 +28,7 @@ use tracing::{debug, warn};
 use super::metrics::TcpMetrics;
 use super::outbound::{Common, RequestCtx};
 use super::tcp;
+use crate::health::Drain;
 use crate::mesh::{HelloRecorder, MeshTlsStream};
 use crate::upstream::Upstreams;
 
@@ -273,6 +274,8 @@ pub struct EastWestApp {
     catalog: Arc<ArcSwap<Catalog>>,
     upstreams: Arc<Upstreams>,
     tcp: TcpMetrics,
+    /// TCP streams are in flight here; HTTP requests are counted by `proxy`.
+    drain: Arc<Drain>,
 }
 
 impl EastWestApp {
@@ -284,6 +287,7 @@ impl EastWestApp {
         catalog: Arc<ArcSwap<Catalog>>,
         upstreams: Arc<Upstreams>,
         tcp: TcpMetrics,
+        drain: Arc<Drain>,
     ) -> Self {
         Self {
             acceptor,
@@ -292,6 +296,7 @@ impl EastWestApp {
             catalog,
             upstreams,
             tcp,
+            drain,
         }
     }
 
@@ -310,6 +315,7 @@ impl EastWestApp {
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
+        let _in_flight = self.drain.track();
         let spread = self.tcp.next_spread();
         let connected = tcp::connect_backend(&self.upstreams, entry, true, spread, |t| {
             tcp::dial(t.addr())
@@ -399,6 +405,13 @@ impl ServerApp for EastWestApp {
         loop {
             stream = self.proxy.process_new(stream, shutdown).await?;
         }
+    }
+
+    /// Closes the proxy's idle keep-alive connections, [`super::KEEPALIVE_LINGER`]
+    /// after the listener closed.
+    async fn cleanup(&self) {
+        tokio::time::sleep(super::KEEPALIVE_LINGER).await;
+        self.proxy.cleanup().await;
     }
 }
 

@@ -18,3 +18,37 @@ pub mod routing;
 pub mod tcp;
 
 pub use metrics::{ProxyMetrics, TcpMetrics};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::apps::ServerApp;
+use pingora_core::protocols::Stream;
+use pingora_core::server::ShutdownWatch;
+
+/// How long idle HTTP/1.1 keep-alive connections stay open after the
+/// listeners close (on stop and on upgrade). A client's next request on one
+/// is still served, with `Connection: close`; closing it at once instead races
+/// with a request already on its way, which then fails.
+pub const KEEPALIVE_LINGER: Duration = Duration::from_secs(1);
+
+/// Serves `A` (a Pingora HTTP proxy) and, once its listener has closed, waits
+/// [`KEEPALIVE_LINGER`] before the proxy closes its idle connections.
+pub struct Lingering<A>(pub Arc<A>);
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Lingering<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        self.0.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        tokio::time::sleep(KEEPALIVE_LINGER).await;
+        self.0.cleanup().await;
+    }
+}

@@ -30,6 +30,7 @@ use super::metrics::{ProxyMetrics, RequestLabels};
 use super::routing::{NoRoute, Routed, Target, resolve};
 use crate::config::traffic::{RouteConfig, SplitTarget};
 use crate::config::upstream::UpstreamConfig;
+use crate::health::{Drain, InFlight};
 use crate::mesh::{MeshAlpn, mesh_peer};
 use crate::upstream::outlier::Outcome;
 use crate::upstream::{RequestLease, ServiceBackends, Upstreams, Use};
@@ -66,6 +67,8 @@ pub struct RequestCtx {
     /// The service's name, sent upstream as the authority when the client
     /// addressed it by clusterset IP (peers route by name, not by our IPs).
     authority_override: Option<String>,
+    /// Holds the stop (and the old process of an upgrade) until the request ends.
+    _in_flight: InFlight,
 }
 
 impl RequestCtx {
@@ -87,22 +90,26 @@ pub struct Common {
     pub(crate) metrics: ProxyMetrics,
     pub(crate) cluster: ClusterName,
     pub(crate) upstreams: Arc<Upstreams>,
+    drain: Arc<Drain>,
     spread: AtomicUsize,
 }
 
 impl Common {
-    /// Proxy phases over `catalog` for a gateway in `cluster`.
+    /// Proxy phases over `catalog` for a gateway in `cluster`; every request
+    /// is in flight in `drain` until it ends.
     pub fn new(
         catalog: Arc<ArcSwap<Catalog>>,
         metrics: ProxyMetrics,
         cluster: ClusterName,
         upstreams: Arc<Upstreams>,
+        drain: Arc<Drain>,
     ) -> Self {
         Self {
             catalog,
             metrics,
             cluster,
             upstreams,
+            drain,
             spread: AtomicUsize::new(0),
         }
     }
@@ -122,6 +129,7 @@ impl Common {
             spread: self.spread.fetch_add(1, Ordering::Relaxed),
             destination: None,
             authority_override: None,
+            _in_flight: self.drain.track(),
         }
     }
 
@@ -179,7 +187,12 @@ impl Common {
         match resolved {
             Ok(routed) => {
                 // Idle kept-alive clients are closed after the idle timeout.
-                session.set_keepalive(Some(ctx.policy.idle_timeout.as_secs().max(1)));
+                // Keep-alive stays off where it is off: the client sent
+                // `Connection: close`, or the gateway is stopping (its listener
+                // closed) and answers with `Connection: close`.
+                if session.get_keepalive().is_some() {
+                    session.set_keepalive(Some(ctx.policy.idle_timeout.as_secs().max(1)));
+                }
                 let backends = self.upstreams.service(&routed.entry.key);
                 backends.budget.request(ctx.started);
                 ctx.destination = if exported_only {

@@ -36,6 +36,7 @@ use tracing::{debug, warn};
 use super::balance::{Draws, Scope};
 use super::metrics::TcpMetrics;
 use super::routing::{NoRoute, Target};
+use crate::health::Drain;
 use crate::upstream::outlier::Outcome;
 use crate::upstream::{ConnectionLease, Upstreams, Use};
 
@@ -243,10 +244,12 @@ pub struct TcpOutboundApp {
     connector: Option<SpiffeConnector>,
     upstreams: Arc<Upstreams>,
     metrics: TcpMetrics,
+    drain: Arc<Drain>,
 }
 
 impl TcpOutboundApp {
     /// Proxies `key:port`; `connector` (with an identity) reaches peer gateways.
+    /// Each connection is in flight in `drain` until it closes.
     pub fn new(
         key: ServiceKey,
         port: u16,
@@ -254,6 +257,7 @@ impl TcpOutboundApp {
         connector: Option<SpiffeConnector>,
         upstreams: Arc<Upstreams>,
         metrics: TcpMetrics,
+        drain: Arc<Drain>,
     ) -> Self {
         Self {
             key,
@@ -262,6 +266,7 @@ impl TcpOutboundApp {
             connector,
             upstreams,
             metrics,
+            drain,
         }
     }
 
@@ -298,6 +303,7 @@ impl ServerApp for TcpOutboundApp {
         client: Stream,
         _shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let _in_flight = self.drain.track();
         let Some(entry) = self.catalog.load().get(&self.key).cloned() else {
             self.metrics
                 .connection("outbound", &self.key, L4Refusal::NoRoute.label());
