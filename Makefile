@@ -1,12 +1,13 @@
 # Entry points for people and CI. Targets install what the build needs on a fresh
 # Debian machine first (cmake: Pingora builds zlib-ng with it; curl, openssl,
 # dig and kdig: the end-to-end tests use them as outside clients; nsd: the
-# upstream resolver in the DNS tests).
+# upstream resolver in the DNS tests; lintian, rpm, cargo-deb and
+# cargo-generate-rpm: the packaging test builds and checks the packages).
 
 CARGO ?= cargo
 # command:Debian package
 APT_TOOLS := cmake:cmake curl:curl openssl:openssl dig:bind9-dnsutils kdig:knot-dnsutils \
-	/usr/sbin/nsd:nsd nft:nftables ip:iproute2
+	/usr/sbin/nsd:nsd nft:nftables ip:iproute2 lintian:lintian rpm:rpm
 ISTHMUS := target/debug/isthmus
 # Development PKI for `make run`, made once with `isthmus ca`.
 DEV_PKI := target/dev-pki
@@ -15,7 +16,7 @@ FUZZ_SECONDS ?= 20
 FUZZ_TARGETS := bundle spiffe_id peering_message dns_message
 
 SHELL := /bin/bash
-.PHONY: deps run demo test lint fuzz
+.PHONY: deps run demo test lint fuzz packages image systemd-test
 
 deps:
 	@missing=""; for t in $(APT_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
@@ -24,6 +25,8 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	@command -v cargo-nextest >/dev/null || $(CARGO) install --locked cargo-nextest
+	@command -v cargo-deb >/dev/null || $(CARGO) install --locked cargo-deb
+	@command -v cargo-generate-rpm >/dev/null || $(CARGO) install --locked cargo-generate-rpm
 
 # Run the gateway with the packaged configuration plus a development identity
 # (overridden from the environment) and its SPIFFE bundle endpoint on :15013.
@@ -48,6 +51,10 @@ demo: deps
 # The whole test suite: unit, integration and end-to-end (starts real processes).
 test: deps
 	$(CARGO) nextest run --workspace --no-fail-fast
+
+# Release .deb and .rpm in target/packages, with what they hold and lintian's verdict.
+packages: deps
+	packaging/build.sh
 
 lint: deps
 	$(CARGO) fmt --all -- --check

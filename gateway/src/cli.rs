@@ -45,9 +45,21 @@ enum Command {
     /// Run a self-contained demo federation on loopback (two clusters, one VM)
     /// until Ctrl-C, printing the commands to try.
     Demo(DemoArgs),
+    /// Exit 0 when URL answers 200, else 1: a health check for containers,
+    /// which have no curl.
+    Probe {
+        /// An http:// URL of the admin API.
+        #[arg(value_name = "URL", default_value = DEFAULT_PROBE_URL)]
+        url: String,
+    },
     /// Print the version.
     Version,
 }
+
+/// What `isthmus probe` asks by default: readiness on the default admin port.
+const DEFAULT_PROBE_URL: &str = "http://127.0.0.1:15000/readyz";
+/// Longest wait for the probe's answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
@@ -130,6 +142,7 @@ pub fn main() -> ExitCode {
         Command::PrintConfig(arg) => print_config(&arg.config),
         Command::Ca(command) => ca(command),
         Command::Demo(args) => crate::demo::run(args.work_dir),
+        Command::Probe { url } => probe(&url),
         Command::Version => {
             print_stdout(&version_text());
             ExitCode::SUCCESS
@@ -167,6 +180,54 @@ fn ca(command: CaCommand) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+fn probe(url: &str) -> ExitCode {
+    match http_status(url) {
+        Ok(200) => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("isthmus: {url} answered {status}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+        Err(e) => {
+            eprintln!("isthmus: {url}: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// The status of `GET url` (plain http://ip:port/path only).
+fn http_status(url: &str) -> Result<u16, String> {
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpStream;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// URLs are supported")?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    // The admin API listens on an address, not a name: nothing to resolve.
+    let addr: std::net::SocketAddr = authority
+        .parse()
+        .map_err(|_| format!("{authority} is not an IP address and port"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(PROBE_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(PROBE_TIMEOUT)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut status_line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut status_line)
+        .map_err(|e| e.to_string())?;
+    status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {status_line:?}"))
 }
 
 fn version_text() -> String {
