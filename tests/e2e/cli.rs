@@ -4,7 +4,7 @@
 use std::net::TcpListener;
 use std::time::Duration;
 
-use isthmus_tests::{free_addr, isthmus, minimal_config, wait_for, workspace_root};
+use isthmus_tests::{Gateway, free_addr, isthmus, minimal_config, wait_for, workspace_root};
 
 fn packaged_config() -> String {
     workspace_root()
@@ -159,4 +159,19 @@ fn run_with_its_port_taken_fails_with_a_clear_error() {
         log.contains(&format!("admin.listen: cannot listen on {admin}")),
         "{log}"
     );
+}
+
+#[test]
+fn probe_exits_0_on_a_ready_gateway_and_1_otherwise() {
+    let admin = free_addr();
+    let mut gw = Gateway::start(&minimal_config("gw-probe", admin), admin, &[]).unwrap();
+    gw.wait_ready(Duration::from_secs(20)).unwrap();
+    let ready = isthmus(&["probe", &format!("http://{admin}/readyz")], &[]);
+    assert_eq!(ready.status.code(), Some(0), "{ready:?}");
+    let missing = isthmus(&["probe", &format!("http://{admin}/nothing-here")], &[]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("answered 404"));
+    let closed = isthmus(&["probe", &format!("http://{}/readyz", free_addr())], &[]);
+    assert_eq!(closed.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&closed.stderr).contains("refused"));
 }
