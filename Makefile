@@ -52,9 +52,25 @@ demo: deps
 test: deps
 	$(CARGO) nextest run --workspace --no-fail-fast
 
-# Release .deb and .rpm in target/packages, with what they hold and lintian's verdict.
+# Packages and the OCI image; PROFILE=dev packages the debug build (faster, for
+# checks: CI uses it), PROFILE=release what ships.
+PROFILE ?= release
+PACKAGES := target/packages-$(PROFILE)
+
+# .deb and .rpm in target/packages-$(PROFILE), with what they hold and lintian's verdict.
 packages: deps
-	packaging/build.sh
+	$(CARGO) build --profile $(PROFILE) -p isthmus-gateway --bin isthmus
+	packaging/build.sh --profile $(PROFILE) --no-build --out $(PACKAGES)
+
+# The .deb under real systemd: Debian booted with systemd-nspawn (root needed).
+systemd-test: packages
+	packaging/test-systemd.sh $$(ls -t $(PACKAGES)/isthmus_*.deb | head -n 1)
+
+# The OCI image (buildah), then run with podman: read-only, non-root, /readyz,
+# health check, clean stop.
+image: deps
+	$(CARGO) build --profile $(PROFILE) -p isthmus-gateway --bin isthmus
+	packaging/build-image.sh --profile $(PROFILE) --no-build --check
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -174,7 +174,7 @@ fn packages_hold_the_gateway_and_pass_lintian_and_systemd_analyze() {
 }
 
 /// `systemd-analyze verify` on the unit inside `root`, with the host's
-/// targets and `/bin/kill` (ExecReload) beside it. It exits 0 even on unknown
+/// targets, `/bin/kill` (ExecReload) and `/bin/sh` (ExecStop) beside it. It exits 0 even on unknown
 /// keys, so any output at all is a failure.
 fn assert_unit_verifies(root: &Path) {
     let units = root.join("usr/lib/systemd/system");
@@ -187,7 +187,9 @@ fn assert_unit_verifies(root: &Path) {
         }
     }
     std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy("/bin/kill", root.join("bin/kill")).unwrap();
+    for program in ["kill", "sh"] {
+        std::fs::copy(format!("/bin/{program}"), root.join("bin").join(program)).unwrap();
+    }
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(format!("--root={}", root.display()))
