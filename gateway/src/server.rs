@@ -115,24 +115,13 @@ pub fn run(config_path: &Path, upgrade_from: Option<u32>) -> ExitCode {
     ));
     let config = Arc::new(ArcSwap::from_pointee(config));
 
-    let opt = match upgrade_from {
-        Some(old) => match take_over_from(old, Path::new(&conf.upgrade_sock)) {
-            Ok(()) => Some(Opt {
-                upgrade: true,
-                ..Opt::default()
-            }),
-            Err(e) => {
-                error!(old_pid = old, error = %e, "binary upgrade: {e}; the running gateway keeps serving");
-                return ExitCode::from(EXIT_FAILURE);
-            }
-        },
-        None => None,
-    };
+    let upgrade_socket = conf.upgrade_sock.clone();
+    let opt = upgrade_from.map(|_| Opt {
+        upgrade: true,
+        ..Opt::default()
+    });
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     let phases = server.watch_execution_phase();
-    // With `upgrade`, this receives the listening sockets (Pingora exits the
-    // process if none arrive within 5 s).
-    server.bootstrap();
     let hub = match crate::federation::hub(&config.load(), trust.as_deref(), &registry) {
         Ok(hub) => hub,
         Err(e) => {
@@ -289,6 +278,20 @@ pub fn run(config_path: &Path, upgrade_from: Option<u32>) -> ExitCode {
         phases: std::sync::Mutex::new(Some(phases)),
         upgrade,
     };
+    // Everything that can fail has been built: only now is the old process of
+    // an upgrade told to hand over.
+    if let Some(old) = upgrade_from
+        && let Err(e) = take_over_from(old, Path::new(&upgrade_socket))
+    {
+        error!(
+            old_pid = old,
+            "binary upgrade: {e}; the running gateway keeps serving"
+        );
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    // With `upgrade`, this receives the listening sockets (Pingora exits the
+    // process if none arrive within 5 s).
+    server.bootstrap();
     server.run(RunArgs {
         shutdown_signal: Box::new(signals),
     });
