@@ -31,14 +31,8 @@ esac
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 image=localhost/isthmus:$version
 
-missing=""
-for t in podman:podman buildah:buildah runc:runc ip:iproute2 curl:curl; do
-    command -v "${t%%:*}" >/dev/null || missing="$missing ${t##*:}"
-done
-if [ -n "$missing" ]; then
-    echo "== installing:$missing"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
-fi
+source packaging/lib.sh
+need_tools podman:podman buildah:buildah runc:runc ip:iproute2 curl:curl
 
 oci=$PWD/target/oci
 mkdir -p "$oci/storage" "$oci/run"

@@ -28,14 +28,8 @@ dev) target_dir=debug; rpm_compression=none ;;
 *) echo "$0: unknown profile $profile" >&2; exit 64 ;;
 esac
 
-missing=""
-for t in dpkg-deb:dpkg lintian:lintian rpm:rpm; do
-    command -v "${t%%:*}" >/dev/null || missing="$missing ${t##*:}"
-done
-if [ -n "$missing" ]; then
-    echo "== installing:$missing"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
-fi
+source packaging/lib.sh
+need_tools dpkg-deb:dpkg lintian:lintian rpm:rpm
 command -v cargo-deb >/dev/null || cargo install --locked cargo-deb
 command -v cargo-generate-rpm >/dev/null || cargo install --locked cargo-generate-rpm
 

@@ -29,15 +29,9 @@ fail() {
 }
 step() { echo; echo "== $*"; }
 
-missing=""
-for t in debootstrap:debootstrap systemd-nspawn:systemd-container h2load:nghttp2-client \
-    ip:iproute2 dig:bind9-dnsutils; do
-    command -v "${t%%:*}" >/dev/null || missing="$missing ${t##*:}"
-done
-if [ -n "$missing" ]; then
-    step "installing:$missing"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
-fi
+source packaging/lib.sh
+need_tools debootstrap:debootstrap systemd-nspawn:systemd-container h2load:nghttp2-client \
+    ip:iproute2 dig:bind9-dnsutils
 
 deb=${1:-}
 if [ -z "$deb" ]; then

@@ -12,16 +12,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 ISTHMUS=${ISTHMUS_BIN:-$ROOT/target/release/isthmus}
 PIDS=()
 
-bench_need() {
-  local need="" tool
-  for tool in "$@"; do
-    command -v "${tool%%:*}" >/dev/null || need="$need ${tool##*:}"
-  done
-  if [ -n "$need" ]; then
-    # shellcheck disable=SC2086
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
-  fi
-}
+# shellcheck source=../../packaging/lib.sh
+source "$ROOT/packaging/lib.sh"
+bench_need() { need_tools "$@"; }
 
 bench_isthmus() {
   [ -x "$ISTHMUS" ] || {
