@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use isthmus_tests::load::{Load, LoadSpec};
 use isthmus_tests::{
-    Behaviour, EchoServer, Gateway, curl, free_addr, metric_sum, solo_config, wait_for,
+    Behaviour, EchoServer, Gateway, curl, free_addr, metric_sum, send_signal, solo_config, wait_for,
 };
 
 const AUTHORITY: &str = "web.shop";
@@ -32,14 +32,6 @@ fn alive(pid: u32) -> bool {
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-fn signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 /// The pid of the `n`th new process the log says an upgrade started (from 1).
@@ -117,7 +109,7 @@ fn binary_upgrades_and_a_reload_under_load_lose_no_request() {
 
     // A reload of the new process, still under load.
     std::thread::sleep(Duration::from_secs(1));
-    signal(new.0, "HUP");
+    send_signal(new.0, "HUP").unwrap();
     wait_for(Duration::from_secs(5), "the reload", || {
         old.log().contains("configuration reloaded").then_some(())
     })
@@ -125,7 +117,7 @@ fn binary_upgrades_and_a_reload_under_load_lose_no_request() {
 
     // Second upgrade: the upgraded process can be upgraded in turn.
     std::thread::sleep(Duration::from_secs(1));
-    signal(new.0, "USR2");
+    send_signal(new.0, "USR2").unwrap();
     let newer = Adopted(upgrade_pid(&old, 2));
     let took = wait_gone(&old, new.0, "the first new process to exit");
     eprintln!(

@@ -496,6 +496,18 @@ endpoints = [{endpoints}]
     )
 }
 
+/// Sends `signal` (e.g. "HUP", "TERM") to process `pid` with kill(1).
+pub fn send_signal(pid: u32, signal: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()?;
+    if !status.success() {
+        bail!("kill -{signal} {pid} failed");
+    }
+    Ok(())
+}
+
 /// A running `isthmus run` process with its own directory, config and log.
 pub struct Gateway {
     child: Option<Child>,
@@ -588,14 +600,7 @@ impl Gateway {
 
     /// Sends `signal` (e.g. "HUP", "TERM") with kill(1).
     pub fn signal(&self, signal: &str) -> Result<()> {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.pid().to_string())
-            .status()?;
-        if !status.success() {
-            bail!("kill -{signal} failed");
-        }
-        Ok(())
+        send_signal(self.pid(), signal)
     }
 
     fn try_exit_status(&mut self) -> Option<ExitStatus> {
