@@ -20,7 +20,7 @@ use serde::Serialize;
 use crate::catalog::ServiceKey;
 use crate::trust::PeerPolicy;
 use crate::trust::tls::GATEWAY_PATH_PREFIX;
-use crate::{ClusterName, SpiffeId, TrustDomain};
+use crate::{ClusterName, Locality, SpiffeId, TrustDomain};
 
 /// `namespace/name` patterns where `*` matches any run of characters. No
 /// patterns: every service.
@@ -70,6 +70,10 @@ fn wildcard_match(pattern: &str, text: &str) -> bool {
 pub struct Grant {
     /// The cluster names its hello may declare.
     pub clusters: BTreeSet<ClusterName>,
+    /// Where its hello may say it runs (each a region, zone or subzone);
+    /// empty: anywhere. Locality steers failover, so a peer must not pass
+    /// for one in this gateway's zone when it is not.
+    pub localities: Vec<Locality>,
     /// Which of its exports this gateway takes.
     pub imports: ServicePatterns,
     /// Which of this gateway's exports it sees; `None`: the default.

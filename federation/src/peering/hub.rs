@@ -506,6 +506,19 @@ impl Hub {
                 ),
             ));
         }
+        if !grant.localities.is_empty()
+            && !grant.localities.iter().any(|l| hello.locality.is_within(l))
+        {
+            let allowed: Vec<String> = grant.localities.iter().map(ToString::to_string).collect();
+            return Err(HelloRefused::new(
+                "locality",
+                format!(
+                    "{id} may run in {} only, not {}",
+                    allowed.join(", "),
+                    hello.locality
+                ),
+            ));
+        }
         if let Some(address) = hello.east_west
             && let Some(owner) = address_owner(inner, &self.me, id, address)
         {
@@ -1000,7 +1013,8 @@ impl Hub {
 /// Why a peer's hello was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloRefused {
-    /// The metric label: `not_granted`, `cluster`, `address` or `sessions`.
+    /// The metric label: `not_granted`, `cluster`, `locality`, `address` or
+    /// `sessions`.
     pub reason: &'static str,
     /// What the NACK and the log say.
     pub message: String,
@@ -1205,6 +1219,7 @@ mod tests {
                 .map(|p| {
                     let grant = Grant {
                         clusters: [p.cluster.clone()].into(),
+                        localities: vec![],
                         imports: ServicePatterns::new(
                             imports.iter().map(|s| (*s).to_owned()).collect(),
                         ),
@@ -1285,6 +1300,31 @@ mod tests {
 
         // Its own cluster: admitted.
         let _ok = hub.session_open(&west).unwrap();
+    }
+
+    #[test]
+    fn a_hello_outside_its_granted_localities_is_refused() {
+        let west = hello("west", 1);
+        let hub = hub_with(&[&west], &[], PeeringLimits::default());
+        hub.set_authority(PeerAuthority {
+            peers: [(
+                west.spiffe_id.clone(),
+                Grant {
+                    clusters: [west.cluster.clone()].into(),
+                    localities: vec!["eu-west".parse().unwrap()],
+                    ..Grant::default()
+                },
+            )]
+            .into(),
+            ..PeerAuthority::default()
+        });
+        // Claims this gateway's zone to draw its traffic.
+        let mut spoof = west.clone();
+        spoof.locality = "us-east/us-east-1a".parse().unwrap();
+        assert_eq!(hub.session_open(&spoof).unwrap_err().reason, "locality");
+        let mut honest = west.clone();
+        honest.locality = "eu-west/eu-west-1b".parse().unwrap();
+        let _ok = hub.session_open(&honest).unwrap();
     }
 
     #[test]

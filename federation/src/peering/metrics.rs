@@ -83,7 +83,7 @@ impl PeeringMetrics {
             )?,
             refused: counter_vec(
                 "isthmus_federation_refused_total",
-                "Peering refused by grants and caps, by reason: not_granted, cluster, address, sessions (hellos); import, services_cap (exports); connections_total, connections_per_source, handshakes (the federation listener).",
+                "Peering refused by grants and caps, by reason: not_granted, cluster, locality, address, sessions (hellos); import, services_cap (exports); connections_total, connections_per_source, handshakes (the federation listener).",
                 &["reason"],
             )?,
             catalog_services: gauge(

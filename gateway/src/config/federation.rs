@@ -9,7 +9,7 @@ use std::time::Duration;
 use isthmus_federation::peering::convert::{MAX_LEASE, MIN_LEASE};
 use isthmus_federation::peering::{Grant, PeerAuthority, PeeringLimits, ServicePatterns};
 use isthmus_federation::trust::tls::GATEWAY_PATH_PREFIX;
-use isthmus_federation::{ClusterName, SpiffeId, TrustDomain};
+use isthmus_federation::{ClusterName, Locality, SpiffeId, TrustDomain};
 use serde::Serialize;
 
 use super::error::ConfigError;
@@ -68,14 +68,9 @@ pub struct FederationPeer {
     pub address: SocketAddr,
     /// The SPIFFE ID it must prove (a gateway's).
     pub spiffe_id: SpiffeId,
-    /// The clusters it may speak for.
-    pub clusters: Vec<ClusterName>,
-    /// Which of its exports this gateway takes; empty: all.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub import: Vec<String>,
-    /// What it may see; `None`: `federation.export`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub export: Option<Vec<String>>,
+    /// What it may assert and see.
+    #[serde(flatten)]
+    pub grant: GrantConfig,
 }
 
 /// `[[federation.accept]]`: every gateway (`/isthmus/gateway/<name>`) of a
@@ -84,14 +79,38 @@ pub struct FederationPeer {
 pub struct FederationAccept {
     /// The trust domain.
     pub trust_domain: TrustDomain,
-    /// The clusters its gateways may speak for.
+    /// What its gateways may assert and see.
+    #[serde(flatten)]
+    pub grant: GrantConfig,
+}
+
+/// What a peer (or every accepted gateway of a trust domain) may assert and
+/// see: the keys `[[federation.peers]]` and `[[federation.accept]]` share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GrantConfig {
+    /// The clusters it may speak for.
     pub clusters: Vec<ClusterName>,
-    /// Which of their exports this gateway takes; empty: all.
+    /// Where it may say it runs (`region[/zone[/subzone]]`); empty: anywhere.
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "as_strings")]
+    pub localities: Vec<Locality>,
+    /// Which of its exports this gateway takes; empty: all.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub import: Vec<String>,
-    /// What they may see; `None`: `federation.export`.
+    /// What it may see; `None`: `federation.export`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub export: Option<Vec<String>>,
+}
+
+impl GrantConfig {
+    fn grant(&self) -> Grant {
+        let patterns = |p: &[String]| ServicePatterns::new(p.to_vec());
+        Grant {
+            clusters: self.clusters.iter().cloned().collect(),
+            localities: self.localities.clone(),
+            imports: patterns(&self.import),
+            exports: self.export.as_deref().map(patterns),
+        }
+    }
 }
 
 impl FederationConfig {
@@ -102,35 +121,18 @@ impl FederationConfig {
 
     /// Who may peer and assert what, with `trust`'s opted-in bundle pushes.
     pub fn authority(&self, trust: &TrustConfig) -> PeerAuthority {
-        let patterns = |p: &[String]| ServicePatterns::new(p.to_vec());
-        let grant =
-            |clusters: &[ClusterName], import: &[String], export: &Option<Vec<String>>| Grant {
-                clusters: clusters.iter().cloned().collect(),
-                imports: patterns(import),
-                exports: export.as_deref().map(patterns),
-            };
         PeerAuthority {
             peers: self
                 .peers
                 .iter()
-                .map(|p| {
-                    (
-                        p.spiffe_id.clone(),
-                        grant(&p.clusters, &p.import, &p.export),
-                    )
-                })
+                .map(|p| (p.spiffe_id.clone(), p.grant.grant()))
                 .collect(),
             gateways_of: self
                 .accept
                 .iter()
-                .map(|a| {
-                    (
-                        a.trust_domain.clone(),
-                        grant(&a.clusters, &a.import, &a.export),
-                    )
-                })
+                .map(|a| (a.trust_domain.clone(), a.grant.grant()))
                 .collect::<BTreeMap<_, _>>(),
-            default_exports: patterns(&self.export),
+            default_exports: ServicePatterns::new(self.export.clone()),
             bundle_pushes: trust
                 .federated
                 .iter()
@@ -219,12 +221,16 @@ pub(super) fn federation(
                 .map_err(|e| e.to_string())
                 .and_then(gateway_id)
         });
-        let clusters = clusters(check, &at("clusters"), p.clusters.as_deref());
-        let import = patterns(check, &at("import"), p.import.as_deref());
-        let export = p
-            .export
-            .as_deref()
-            .map(|e| patterns(check, &at("export"), Some(e)));
+        let grant = grant(
+            check,
+            &format!("federation.peers[{i}]"),
+            RawGrant {
+                clusters: p.clusters.as_deref(),
+                localities: p.localities.as_deref(),
+                import: p.import.as_deref(),
+                export: p.export.as_deref(),
+            },
+        );
         if let Some(id) = &spiffe_id {
             require_bundle(check, &at("spiffe_id"), id, own_td, trust);
             if peers.iter().any(|q: &FederationPeer| &q.spiffe_id == id) {
@@ -234,13 +240,11 @@ pub(super) fn federation(
                 ));
             }
         }
-        if let (Some(address), Some(spiffe_id), Some(clusters)) = (address, spiffe_id, clusters) {
+        if let (Some(address), Some(spiffe_id), Some(grant)) = (address, spiffe_id, grant) {
             peers.push(FederationPeer {
                 address,
                 spiffe_id,
-                clusters,
-                import,
-                export,
+                grant,
             });
         }
     }
@@ -252,12 +256,16 @@ pub(super) fn federation(
             a.trust_domain.as_deref(),
             TrustDomain::from_str,
         );
-        let clusters = clusters(check, &at("clusters"), a.clusters.as_deref());
-        let import = patterns(check, &at("import"), a.import.as_deref());
-        let export = a
-            .export
-            .as_deref()
-            .map(|e| patterns(check, &at("export"), Some(e)));
+        let grant = grant(
+            check,
+            &format!("federation.accept[{i}]"),
+            RawGrant {
+                clusters: a.clusters.as_deref(),
+                localities: a.localities.as_deref(),
+                import: a.import.as_deref(),
+                export: a.export.as_deref(),
+            },
+        );
         if let Some(td) = &trust_domain {
             let known = Some(td) == own_td
                 || trust.is_some_and(|t| t.federated.iter().any(|f| &f.trust_domain == td));
@@ -274,12 +282,10 @@ pub(super) fn federation(
                 ));
             }
         }
-        if let (Some(trust_domain), Some(clusters)) = (trust_domain, clusters) {
+        if let (Some(trust_domain), Some(grant)) = (trust_domain, grant) {
             accept.push(FederationAccept {
                 trust_domain,
-                clusters,
-                import,
-                export,
+                grant,
             });
         }
     }
@@ -344,6 +350,36 @@ fn gateway_id(id: SpiffeId) -> Result<SpiffeId, String> {
             "{id} is not a gateway identity (spiffe://<trust-domain>{GATEWAY_PATH_PREFIX}<name>)"
         ))
     }
+}
+
+/// Localities as the configuration writes them (`"eu-west/eu-west-1a"`).
+fn as_strings<S: serde::Serializer>(localities: &[Locality], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(localities.iter().map(ToString::to_string))
+}
+
+/// The grant keys as written, shared by `[[federation.peers]]` and
+/// `[[federation.accept]]`.
+struct RawGrant<'a> {
+    clusters: Option<&'a [String]>,
+    localities: Option<&'a [String]>,
+    import: Option<&'a [String]>,
+    export: Option<&'a [String]>,
+}
+
+/// Checks the grant keys under `path`.
+fn grant(check: &mut Check, path: &str, raw: RawGrant<'_>) -> Option<GrantConfig> {
+    let at = |field: &str| format!("{path}.{field}");
+    let before = check.errors.len();
+    let clusters = clusters(check, &at("clusters"), raw.clusters);
+    let localities = list(check, &at("localities"), raw.localities, Locality::from_str);
+    let import = patterns(check, &at("import"), raw.import);
+    let export = raw.export.map(|e| patterns(check, &at("export"), Some(e)));
+    (check.errors.len() == before).then_some(GrantConfig {
+        clusters: clusters?,
+        localities,
+        import,
+        export,
+    })
 }
 
 /// The cluster names a peer may speak for: required, at least one.

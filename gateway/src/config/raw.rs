@@ -118,6 +118,8 @@ pub struct RawFederationAccept {
     pub trust_domain: Option<String>,
     /// `federation.accept[].clusters`
     pub clusters: Option<Vec<String>>,
+    /// `federation.accept[].localities`
+    pub localities: Option<Vec<String>>,
     /// `federation.accept[].import`
     pub import: Option<Vec<String>>,
     /// `federation.accept[].export`
@@ -160,6 +162,8 @@ pub struct RawFederationPeer {
     pub spiffe_id: Option<String>,
     /// `federation.peers[].clusters`
     pub clusters: Option<Vec<String>>,
+    /// `federation.peers[].localities`
+    pub localities: Option<Vec<String>>,
     /// `federation.peers[].import`
     pub import: Option<Vec<String>>,
     /// `federation.peers[].export`

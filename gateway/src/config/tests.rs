@@ -856,6 +856,7 @@ state_file = "/var/lib/isthmus/federation-state.json"
 address = "127.0.0.1:25012"
 spiffe_id = "spiffe://west.example.org/isthmus/gateway/gw-w"
 clusters = ["west"]
+localities = ["eu-west"]
 import = ["shop/*", "payments/api"]
 export = ["shop/web", "*/api"]
 [[federation.accept]]
@@ -879,9 +880,9 @@ fn federation_section_parses_with_defaults_and_round_trips() {
     );
     assert_eq!(f.lease, Duration::from_secs(5));
     assert_eq!(f.grace, Duration::from_secs(60));
-    assert_eq!(f.peers[0].export.as_deref().unwrap().len(), 2);
-    assert_eq!(f.peers[0].clusters, ["west".parse().unwrap()]);
-    assert_eq!(f.accept[0].clusters.len(), 2);
+    assert_eq!(f.peers[0].grant.export.as_deref().unwrap().len(), 2);
+    assert_eq!(f.peers[0].grant.clusters, ["west".parse().unwrap()]);
+    assert_eq!(f.accept[0].grant.clusters.len(), 2);
     assert_eq!(f.limits.max_services_per_peer, 500);
     assert_eq!(f.limits.peer_retention, Duration::from_secs(600));
     assert_eq!(
@@ -985,6 +986,11 @@ fn federation_mistakes_are_named() {
             "clusters = [\"vm-eu\", \"vm-us\"]",
             "clusters = []",
             "federation.accept[0].clusters",
+        ),
+        (
+            "localities = [\"eu-west\"]",
+            "localities = [\"eu west\"]",
+            "federation.peers[0].localities[0]",
         ),
         (
             "max_services_per_peer = 500",
