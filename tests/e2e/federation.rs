@@ -173,36 +173,8 @@ mod malformed {
     //! A hand-driven peer (the real protocol client, real mTLS) sends bad
     //! messages to a real gateway.
     use super::*;
-    use isthmus_federation::peering::PeerTarget;
     use isthmus_federation::peering::proto::{self, peer_message::Kind};
-    use isthmus_federation::peering::transport::client;
-    use isthmus_federation::trust::tls::crypto_provider;
-    use isthmus_federation::trust::{
-        BundleSource, DomainTrust, HandshakeMetrics, SpiffeConnector, Svid, TlsMaterial,
-        TrustBundle, TrustStore,
-    };
-    use tokio_stream::StreamExt;
-
-    fn msg(kind: Kind) -> proto::PeerMessage {
-        proto::PeerMessage { kind: Some(kind) }
-    }
-
-    fn service(namespace: &str, name: &str) -> proto::ExportedService {
-        proto::ExportedService {
-            namespace: namespace.into(),
-            name: name.into(),
-            ports: vec![proto::ServicePort {
-                port: 80,
-                protocol: "http".into(),
-                name: String::new(),
-            }],
-            export_time_millis: 1,
-            origin_cluster: "gw-b-cluster".into(),
-            headless: false,
-            endpoints: vec![],
-            subsets: vec![],
-        }
-    }
+    use isthmus_tests::rogue::{RoguePeer, hello, service};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_malformed_message_is_nacked_and_logged_while_the_stream_goes_on() -> Result<()> {
@@ -210,77 +182,21 @@ mod malformed {
         let (am, bm) = (&mesh.members[0], &mesh.members[1]);
         let mut a = Gateway::start(&mesh.config(0, &[], ""), am.admin, &[])?;
         tokio::task::block_in_place(|| a.wait_ready(Duration::from_secs(20)))?;
-
-        // B's identity, trusting A's bundle.
-        let provider = crypto_provider();
-        let svid = Svid::from_pem(
-            &std::fs::read(bm.tls.join("svid.crt"))?,
-            &std::fs::read(bm.tls.join("svid.key"))?,
-            None,
-            &provider,
-        )?;
-        let a_bundle =
-            TrustBundle::parse(am.td().parse()?, &std::fs::read(am.ca.join("bundle.pem"))?)?;
-        let store = TrustStore::default().with(DomainTrust::new(
-            a_bundle,
-            BundleSource::File("a".into()),
-            &provider,
-        )?);
-        let material = TlsMaterial::new(svid, store, provider);
-        let connector = SpiffeConnector::new(
-            material,
-            HandshakeMetrics::new(&prometheus::Registry::new())?,
-            Duration::from_secs(5),
-            vec![],
-        );
-        let target = PeerTarget {
-            address: am.federation,
-            spiffe_id: am.spiffe_id().parse()?,
-        };
-        let mut grpc = client(&target, &connector, Duration::from_secs(5), 4 << 20)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tx.send(msg(Kind::Hello(proto::Hello {
-            protocol_version: 1,
-            spiffe_id: bm.spiffe_id(),
-            cluster: "gw-b-cluster".into(),
-            trust_domain: bm.td(),
-            locality: Some(proto::Locality {
-                region: "test".into(),
-                ..Default::default()
-            }),
-            east_west_address: bm.east_west.to_string(),
-            incarnation: 7,
-            lease_millis: 60_000,
-            labels: Default::default(),
-        })))
-        .await?;
-        let mut inbound = grpc
-            .peer(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        // Reads until the first ACK or NACK.
-        async fn verdict(inbound: &mut tonic::Streaming<proto::PeerMessage>) -> Result<Kind> {
-            loop {
-                let next = tokio::time::timeout(Duration::from_secs(5), inbound.next())
-                    .await
-                    .context("a reply in time")?
-                    .context("stream open")??;
-                if let Some(kind @ (Kind::Ack(_) | Kind::Nack(_))) = next.kind {
-                    return Ok(kind);
-                }
-            }
-        }
+        let cluster = bm.cluster();
+        let mut b =
+            RoguePeer::connect(am, &bm.tls, hello(bm, &cluster, &bm.east_west.to_string())).await?;
 
         // One bad service among good ones: the good one is used, the bad one
         // NACKed with its field named.
-        tx.send(msg(Kind::Snapshot(proto::CatalogSnapshot {
+        b.send(Kind::Snapshot(proto::CatalogSnapshot {
             version: 1,
-            services: vec![service("Bad!", "x"), service("shop", "ok")],
-        })))
+            services: vec![
+                service("Bad!", "x", &cluster, 1),
+                service("shop", "ok", &cluster, 1),
+            ],
+        }))
         .await?;
-        let Kind::Nack(nack) = verdict(&mut inbound).await? else {
+        let Kind::Nack(nack) = b.verdict().await? else {
             panic!("expected a NACK");
         };
         assert!(
@@ -303,32 +219,32 @@ mod malformed {
         })?;
 
         // A delta that does not apply: NACK asking for a resync.
-        tx.send(msg(Kind::Delta(proto::CatalogDelta {
+        b.send(Kind::Delta(proto::CatalogDelta {
             base_version: 5,
             version: 6,
             upserts: vec![],
             removals: vec![],
-        })))
+        }))
         .await?;
-        let Kind::Nack(nack) = verdict(&mut inbound).await? else {
+        let Kind::Nack(nack) = b.verdict().await? else {
             panic!("expected a NACK");
         };
         assert!(nack.resync, "{nack:?}");
 
         // An empty message, then a good delta: the stream goes on.
-        tx.send(proto::PeerMessage { kind: None }).await?;
-        assert!(matches!(verdict(&mut inbound).await?, Kind::Nack(_)));
-        tx.send(msg(Kind::Delta(proto::CatalogDelta {
+        b.send_raw(proto::PeerMessage { kind: None }).await?;
+        assert!(matches!(b.verdict().await?, Kind::Nack(_)));
+        b.send(Kind::Delta(proto::CatalogDelta {
             base_version: 1,
             version: 2,
-            upserts: vec![service("shop", "more")],
+            upserts: vec![service("shop", "more", &cluster, 1)],
             removals: vec![proto::ServiceRef {
                 namespace: "shop".into(),
                 name: "ok".into(),
             }],
-        })))
+        }))
         .await?;
-        let Kind::Ack(ack) = verdict(&mut inbound).await? else {
+        let Kind::Ack(ack) = b.verdict().await? else {
             panic!("expected an ACK");
         };
         assert_eq!(ack.version, 2);

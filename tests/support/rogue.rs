@@ -119,7 +119,12 @@ impl RoguePeer {
 
     /// Sends `kind`.
     pub async fn send(&self, kind: Kind) -> Result<()> {
-        self.tx.send(msg(kind)).await.context("stream open")
+        self.send_raw(msg(kind)).await
+    }
+
+    /// Sends `message` as it is (even one without a kind).
+    pub async fn send_raw(&self, message: proto::PeerMessage) -> Result<()> {
+        self.tx.send(message).await.context("stream open")
     }
 
     /// Reads until the first ACK or NACK.
