@@ -196,13 +196,60 @@ impl<A: ServerApp + Send + Sync + 'static> DynApp for A {
 pub struct ClusterSetListeners {
     http: Arc<dyn DynApp>,
     tcp: TcpAppFactory,
+    /// At most this many listeners are open: each is a file descriptor, and
+    /// the ports come from peers' exports, so they must not be able to use
+    /// up the descriptors the data plane needs.
+    max_listeners: usize,
     metrics: ListenerMetrics,
 }
 
 #[derive(Clone)]
 struct ListenerMetrics {
     listeners: IntGauge,
+    over_cap: IntGauge,
     bind_errors: IntCounterVec,
+}
+
+/// The share of the open-file limit clusterset listeners may take: the rest
+/// is for connections, upstreams, files and the other listeners.
+const LISTENER_SHARE_OF_NOFILE: u64 = 4;
+/// The fewest listeners allowed whatever the limit.
+const MIN_LISTENERS: usize = 64;
+
+/// How many clusterset listeners this process may open: a quarter of its
+/// soft open-file limit (`LimitNOFILE=65536` in the unit: 16,384).
+pub fn max_clusterset_listeners() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    usize::try_from(soft / LISTENER_SHARE_OF_NOFILE)
+        .unwrap_or(usize::MAX)
+        .max(MIN_LISTENERS)
+}
+
+/// At most `max` of `wanted`: those already `open` first, so a new service
+/// never takes a working one's listener, then the rest by address. Returns
+/// what was left out.
+fn within_cap(
+    wanted: &mut HashMap<SocketAddr, Serves>,
+    open: &HashMap<SocketAddr, (Serves, JoinHandle<()>)>,
+    max: usize,
+) -> usize {
+    if wanted.len() <= max {
+        return 0;
+    }
+    let mut order: Vec<(bool, SocketAddr)> = wanted
+        .iter()
+        .map(|(addr, serves)| {
+            let is_open = open.get(addr).is_some_and(|(s, _)| s == serves);
+            (!is_open, *addr)
+        })
+        .collect();
+    order.sort_unstable();
+    let left_out = order.len() - max;
+    for (_, addr) in order.into_iter().skip(max) {
+        wanted.remove(&addr);
+    }
+    left_out
 }
 
 /// What one listener serves.
@@ -218,6 +265,7 @@ impl ClusterSetListeners {
     pub fn new(
         http: Arc<dyn DynApp>,
         tcp: TcpAppFactory,
+        max_listeners: usize,
         registry: &Registry,
     ) -> Result<Self, prometheus::Error> {
         let listeners = IntGauge::with_opts(Opts::new(
@@ -233,11 +281,18 @@ impl ClusterSetListeners {
             &["reason"],
         )?;
         registry.register(Box::new(bind_errors.clone()))?;
+        let over_cap = IntGauge::with_opts(Opts::new(
+            "isthmus_clusterset_listeners_over_cap",
+            "Clusterset listeners wanted but not opened because of the cap (a quarter of the open-file limit).",
+        ))?;
+        registry.register(Box::new(over_cap.clone()))?;
         Ok(Self {
             http,
             tcp,
+            max_listeners,
             metrics: ListenerMetrics {
                 listeners,
+                over_cap,
                 bind_errors,
             },
         })
@@ -283,8 +338,21 @@ impl ClusterSetListeners {
         // at the first failure only.
         let mut failed: HashMap<SocketAddr, Serves> = HashMap::new();
         let mut retry_failed = false;
+        let mut was_over = 0;
         loop {
-            let wanted = Self::wanted(&allocations.borrow_and_update(), &catalog.load());
+            let mut wanted = Self::wanted(&allocations.borrow_and_update(), &catalog.load());
+            let over = within_cap(&mut wanted, &open, self.max_listeners);
+            if over > 0 && was_over == 0 {
+                warn!(
+                    max = self.max_listeners,
+                    left_out = over,
+                    "more clusterset listeners wanted than the cap allows; the newest are not opened"
+                );
+            }
+            was_over = over;
+            self.metrics
+                .over_cap
+                .set(i64::try_from(over).unwrap_or(i64::MAX));
             open.retain(|addr, (serves, task)| {
                 let keep = wanted.get(addr) == Some(serves);
                 if !keep {
@@ -364,5 +432,35 @@ async fn accept(listener: tokio::net::TcpListener, app: Arc<dyn DynApp>, shutdow
         // The proxy reads the connection's own address from here.
         stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
         tokio::spawn(app.clone().serve(stream, shutdown.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listener_cap_keeps_open_listeners_first_then_by_address() {
+        let addr = |i: u16| SocketAddr::from(([127, 240, 0, 1], i));
+        let mut wanted: HashMap<SocketAddr, Serves> =
+            (1..=5).map(|i| (addr(i), Serves::Http)).collect();
+        let open: HashMap<SocketAddr, (Serves, JoinHandle<()>)> = HashMap::new();
+        assert_eq!(within_cap(&mut wanted, &open, 10), 0);
+        assert_eq!(wanted.len(), 5);
+        assert_eq!(within_cap(&mut wanted, &open, 3), 2);
+        let mut kept: Vec<SocketAddr> = wanted.keys().copied().collect();
+        kept.sort();
+        assert_eq!(kept, [addr(1), addr(2), addr(3)]);
+    }
+
+    #[tokio::test]
+    async fn an_open_listener_is_not_displaced_by_a_new_one() {
+        let addr = |i: u16| SocketAddr::from(([127, 240, 0, 1], i));
+        let open: HashMap<SocketAddr, (Serves, JoinHandle<()>)> =
+            [(addr(9), (Serves::Http, tokio::spawn(async {})))].into();
+        let mut wanted: HashMap<SocketAddr, Serves> =
+            (1..=9).map(|i| (addr(i), Serves::Http)).collect();
+        assert_eq!(within_cap(&mut wanted, &open, 2), 7);
+        assert!(wanted.contains_key(&addr(9)) && wanted.contains_key(&addr(1)));
     }
 }

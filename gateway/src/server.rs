@@ -446,8 +446,13 @@ fn add_data_plane(
                 }
             };
             Some(
-                ClusterSetListeners::new(http, Arc::new(tcp_app), registry)
-                    .map_err(|e| format!("clusterset listener metrics: {e}"))?,
+                ClusterSetListeners::new(
+                    http,
+                    Arc::new(tcp_app),
+                    crate::dns::max_clusterset_listeners(),
+                    registry,
+                )
+                .map_err(|e| format!("clusterset listener metrics: {e}"))?,
             )
         }
         None => None,
