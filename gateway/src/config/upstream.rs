@@ -164,7 +164,8 @@ fn duration(
     }
 }
 
-fn int(
+/// An integer setting in `min..=max`, `default` when absent.
+pub(super) fn int(
     check: &mut Check,
     path: &str,
     value: Option<i64>,
