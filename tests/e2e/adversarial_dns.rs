@@ -181,9 +181,16 @@ fn idle_tcp_connections_from_one_source_do_not_exhaust_dns_over_tcp_for_another(
     }
     let took = started.elapsed();
     stop.store(true, Ordering::Relaxed);
-    let opened_meanwhile = more.join().map_err(|_| anyhow::anyhow!("attacker thread"))?;
-    assert!(failures.is_empty(), "legitimate TCP queries failed: {failures:?}");
-    println!("30 TCP queries from 127.0.0.2 in {took:?} while 127.0.0.1 opened {opened_meanwhile} more");
+    let opened_meanwhile = more
+        .join()
+        .map_err(|_| anyhow::anyhow!("attacker thread"))?;
+    assert!(
+        failures.is_empty(),
+        "legitimate TCP queries failed: {failures:?}"
+    );
+    println!(
+        "30 TCP queries from 127.0.0.2 in {took:?} while 127.0.0.1 opened {opened_meanwhile} more"
+    );
 
     // The attacker holds 16; the rest were closed at once.
     let mut open = 0;
@@ -252,7 +259,10 @@ fn sources_outside_allow_sources_are_refused_and_get_no_recursion() -> Result<()
             failures.push(format!("own {i}: {}", own.raw));
         }
     }
-    assert!(failures.is_empty(), "the allowed source failed: {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "the allowed source failed: {failures:?}"
+    );
     // Over TCP the outsider's connection is closed without an answer.
     let out_tcp = dig_from("127.0.0.3", dns, &["+tcp", "www.upstream.test", "A"]);
     assert!(
@@ -304,7 +314,11 @@ fn any_is_answered_minimally_and_zone_transfers_are_refused() -> Result<()> {
     assert_eq!(any_fwd.status, "NOERROR", "{}", any_fwd.raw);
     assert_eq!(any_fwd.answers.len(), 1, "{}", any_fwd.raw);
     assert_eq!(any_fwd.answers[0].rtype, "HINFO", "{}", any_fwd.raw);
-    assert_eq!(any_fwd.answers[0].data, "\"RFC8482\" \"\"", "{}", any_fwd.raw);
+    assert_eq!(
+        any_fwd.answers[0].data, "\"RFC8482\" \"\"",
+        "{}",
+        any_fwd.raw
+    );
 
     // AXFR over TCP (dig), and AXFR and IXFR as raw queries over UDP and TCP.
     let axfr = dig_from("127.0.0.2", dns, &["clusterset.local", "AXFR"]);
@@ -321,12 +335,18 @@ fn any_is_answered_minimally_and_zone_transfers_are_refused() -> Result<()> {
         let refused = tcp_query(dns, &query(id, "clusterset.local", qtype))?
             .and_then(|r| header(&r))
             .context("a TCP answer to a transfer")?;
-        assert_eq!((refused.id, refused.rcode, refused.answers), (id, REFUSED, 0));
+        assert_eq!(
+            (refused.id, refused.rcode, refused.answers),
+            (id, REFUSED, 0)
+        );
         udp.send_to(&query(id, "clusterset.local", qtype), dns)?;
         let mut buf = [0u8; 512];
         let (n, _) = udp.recv_from(&mut buf)?;
         let refused = header(&buf[..n]).context("a UDP answer")?;
-        assert_eq!((refused.id, refused.rcode, refused.answers), (id, REFUSED, 0));
+        assert_eq!(
+            (refused.id, refused.rcode, refused.answers),
+            (id, REFUSED, 0)
+        );
         // Legitimate queries between the attempts, all answered.
         let a = dig_from("127.0.0.2", dns, &[WEB, "A"]);
         if a.data("A") != [ip.as_str()] {
@@ -407,8 +427,14 @@ fn response_rate_limiting_holds_back_a_udp_flood_while_another_source_is_served(
     let (full, slipped) = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("receiver thread"))?;
-    assert!(failures.is_empty(), "legitimate queries failed: {failures:?}");
-    assert!(asked >= 10, "the client asked {asked} times during the flood");
+    assert!(
+        failures.is_empty(),
+        "legitimate queries failed: {failures:?}"
+    );
+    assert!(
+        asked >= 10,
+        "the client asked {asked} times during the flood"
+    );
     println!(
         "flood: {sent} queries in {elapsed:?}; {full} answered, {slipped} slipped; client: {asked} of {asked} answered"
     );
@@ -475,7 +501,9 @@ impl FakeApiServer {
                 "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports" => Some(&lists[2]),
                 _ => None,
             };
-            let watch = query.split('&').any(|p| p == "watch=true" || p == "watch=1");
+            let watch = query
+                .split('&')
+                .any(|p| p == "watch=true" || p == "watch=1");
             let response = match body {
                 // A watch with nothing to say: held open until the client
                 // goes away.
@@ -562,9 +590,11 @@ fn ptr_for_an_address_outside_the_clusterset_ranges_is_not_answered_from_the_cat
     )?;
     // The claim is in the catalog: the forward name has its address.
     let mail = "mail.test-cluster.claims.evil.svc.clusterset.local";
-    wait_for(Duration::from_secs(15), "the headless service in DNS", || {
-        (dig_from("127.0.0.2", dns, &[mail, "A"]).data("A") == ["192.0.2.10"]).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(15),
+        "the headless service in DNS",
+        || (dig_from("127.0.0.2", dns, &[mail, "A"]).data("A") == ["192.0.2.10"]).then_some(()),
+    )
     .with_context(|| gw.log())?;
     let ip = web_ip(dns)?;
 
@@ -600,7 +630,11 @@ fn ptr_for_an_address_outside_the_clusterset_ranges_is_not_answered_from_the_cat
         metric(
             &gw,
             "isthmus_dns_queries_total",
-            &[("type", "PTR"), ("source", "clusterset"), ("rcode", "NOERROR")]
+            &[
+                ("type", "PTR"),
+                ("source", "clusterset"),
+                ("rcode", "NOERROR")
+            ]
         ) >= 20.0
     );
     Ok(())

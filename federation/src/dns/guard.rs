@@ -499,7 +499,11 @@ mod tests {
         let owner = Name::from_ascii("web.shop.svc.clusterset.local.").unwrap();
         let records = [
             Record::from_rdata(owner.clone(), 5, RData::A(A::new(127, 0, 0, 1))),
-            Record::from_rdata(owner.clone(), 5, RData::AAAA(AAAA::new(0, 0, 0, 0, 0, 0, 0, 1))),
+            Record::from_rdata(
+                owner.clone(),
+                5,
+                RData::AAAA(AAAA::new(0, 0, 0, 0, 0, 0, 0, 1)),
+            ),
             Record::from_rdata(owner.clone(), 5, RData::A(A::new(127, 0, 0, 2))),
         ];
         let any = minimal_any(&records);

@@ -137,10 +137,7 @@ impl DnsMetrics {
                 "DNS TCP connections closed at once, by reason: source (outside dns.allow_sources), total or per_source (over a connection cap).",
                 &["reason"],
             )?,
-            tcp_connections: gauge(
-                "isthmus_dns_tcp_connections",
-                "DNS TCP connections open.",
-            )?,
+            tcp_connections: gauge("isthmus_dns_tcp_connections", "DNS TCP connections open.")?,
             tcp_idle_closed,
             forward_duration,
             zone_names: gauge(

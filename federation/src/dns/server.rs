@@ -244,7 +244,12 @@ impl DnsServer {
                 Answer::NxDomain => (ResponseCode::NXDomain, &[], &soa, &[]),
                 Answer::NotOurs if self.forwarder.is_some() => {
                     if query.query_type() == RecordType::ANY {
-                        return self.any_hinfo(&request, query.name().into(), edns.as_ref(), transport);
+                        return self.any_hinfo(
+                            &request,
+                            query.name().into(),
+                            edns.as_ref(),
+                            transport,
+                        );
                     }
                     return Step::Forward(Box::new(request));
                 }
@@ -391,10 +396,7 @@ impl DnsServer {
     }
 
     fn tcp_refused(&self, reason: &str) {
-        self.metrics
-            .tcp_refused
-            .with_label_values(&[reason])
-            .inc();
+        self.metrics.tcp_refused.with_label_values(&[reason]).inc();
     }
 
     fn count(&self, request: &Request, rcode: ResponseCode, source: &str) {
@@ -822,7 +824,10 @@ mod tests {
                 assert!(m.answers.is_empty());
             }
         }
-        assert_eq!(s.metrics().refused.with_label_values(&["transfer"]).get(), 4);
+        assert_eq!(
+            s.metrics().refused.with_label_values(&["transfer"]).get(),
+            4
+        );
         let m = reply(s.handle(
             &query("web.shop.svc.clusterset.local.", RecordType::ANY, None),
             SRC,
@@ -830,7 +835,11 @@ mod tests {
         ));
         assert_eq!(m.answers.len(), 1, "one RRset of A and AAAA");
         // Without upstreams, ANY for other names is refused like any query.
-        let m = reply(s.handle(&query("example.com.", RecordType::ANY, None), SRC, Transport::Udp));
+        let m = reply(s.handle(
+            &query("example.com.", RecordType::ANY, None),
+            SRC,
+            Transport::Udp,
+        ));
         assert_eq!(m.metadata.response_code, ResponseCode::Refused);
     }
 
@@ -881,14 +890,20 @@ mod tests {
         assert!(answered >= 2 && answered <= 2 + refilled, "{answered}");
         let limited = 100 - answered;
         assert_eq!(slipped + dropped, limited);
-        assert!(slipped.abs_diff(dropped) <= refilled + 1, "{slipped} {dropped}");
+        assert!(
+            slipped.abs_diff(dropped) <= refilled + 1,
+            "{slipped} {dropped}"
+        );
         assert_eq!(
             s.metrics().rate_limited.with_label_values(&["slip"]).get(),
             slipped
         );
         // Another source, and TCP, are answered.
         let other: SocketAddr = "127.0.0.2:5300".parse().unwrap();
-        assert_eq!(reply(s.handle(&web, other, Transport::Udp)).answers.len(), 1);
+        assert_eq!(
+            reply(s.handle(&web, other, Transport::Udp)).answers.len(),
+            1
+        );
         assert_eq!(reply(s.handle(&web, SRC, Transport::Tcp)).answers.len(), 1);
     }
 

@@ -247,7 +247,10 @@ impl ClusterSetZone {
                 // One RRset, never the whole name (RFC 8482).
                 super::guard::minimal_any(records)
             } else {
-                records.iter().filter(|r| r.record_type() == qtype).collect()
+                records
+                    .iter()
+                    .filter(|r| r.record_type() == qtype)
+                    .collect()
             };
             if answers.is_empty() {
                 return Answer::NoData;

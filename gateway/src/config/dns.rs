@@ -251,7 +251,14 @@ pub(super) fn dns(check: &mut Check, raw: &RawDns) -> Option<DnsConfig> {
     let int = |check: &mut Check, key: &str, value, default, min, max| {
         super::upstream::int(check, &format!("dns.{key}"), value, default, min, max)
     };
-    let rate_limit = int(check, "rate_limit", raw.rate_limit, DEFAULT_RATE_LIMIT, 0, 1_000_000);
+    let rate_limit = int(
+        check,
+        "rate_limit",
+        raw.rate_limit,
+        DEFAULT_RATE_LIMIT,
+        0,
+        1_000_000,
+    );
     let burst = int(
         check,
         "rate_limit_burst",
@@ -260,7 +267,14 @@ pub(super) fn dns(check: &mut Check, raw: &RawDns) -> Option<DnsConfig> {
         1,
         10_000_000,
     );
-    let slip = int(check, "rate_limit_slip", raw.rate_limit_slip, DEFAULT_RATE_LIMIT_SLIP, 0, 10);
+    let slip = int(
+        check,
+        "rate_limit_slip",
+        raw.rate_limit_slip,
+        DEFAULT_RATE_LIMIT_SLIP,
+        0,
+        10,
+    );
     let tcp_total = int(
         check,
         "tcp_max_connections",

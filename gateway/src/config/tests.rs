@@ -974,9 +974,16 @@ fn dns_section_parses_with_defaults_and_round_trips() {
     let allow: Vec<String> = d.allow_sources.iter().map(ToString::to_string).collect();
     assert_eq!(allow, ["127.0.0.1/32", "10.0.0.0/8", "fd00::/8"]);
     assert!(p.allow_sources.allows("10.9.9.9".parse().unwrap()));
-    assert!(!p.allow_sources.allows("127.0.0.2".parse().unwrap()), "an explicit list replaces the default");
+    assert!(
+        !p.allow_sources.allows("127.0.0.2".parse().unwrap()),
+        "an explicit list replaces the default"
+    );
     assert_eq!(
-        (p.rate_limit.per_second, p.rate_limit.burst, p.rate_limit.slip),
+        (
+            p.rate_limit.per_second,
+            p.rate_limit.burst,
+            p.rate_limit.slip
+        ),
         (50, 100, 3)
     );
     assert_eq!((p.tcp.total, p.tcp.per_source), (100, 4));
