@@ -136,7 +136,7 @@ fn closed(stream: &mut TcpStream, wait: Duration) -> bool {
 fn idle_tcp_connections_from_one_source_do_not_exhaust_dns_over_tcp_for_another() -> Result<()> {
     // The default caps (16 per source, 512 in total); a short idle timeout
     // so the test also sees idle connections evicted.
-    let (gw, dns, _web) = start("127.244.0.0/16", "tcp_idle_timeout = \"5s\"")?;
+    let (gw, dns, _web) = start("127.249.0.0/16", "tcp_idle_timeout = \"5s\"")?;
     let ip = web_ip(dns)?;
 
     // The attacker: 300 idle connections from 127.0.0.1 (the default source

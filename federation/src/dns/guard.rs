@@ -198,7 +198,7 @@ impl Bucket {
             return Verdict::Answer;
         }
         self.limited = self.limited.wrapping_add(1);
-        if limit.slip > 0 && self.limited % limit.slip == 0 {
+        if limit.slip > 0 && self.limited.is_multiple_of(limit.slip) {
             Verdict::Slip
         } else {
             Verdict::Drop

@@ -792,10 +792,12 @@ mod tests {
 
     #[test]
     fn sources_outside_allow_sources_are_refused_over_either_transport() {
-        let mut policy = DnsPolicy::default();
-        policy.allow_sources =
-            super::super::guard::SourceAcl::new(vec!["127.0.0.1/32".parse().unwrap()]);
-        let s = server_with(policy);
+        let s = server_with(DnsPolicy {
+            allow_sources: super::super::guard::SourceAcl::new(vec![
+                "127.0.0.1/32".parse().unwrap(),
+            ]),
+            ..DnsPolicy::default()
+        });
         let outsider: SocketAddr = "127.0.0.3:5300".parse().unwrap();
         let web = query("web.shop.svc.clusterset.local.", RecordType::A, None);
         for transport in [Transport::Udp, Transport::Tcp] {

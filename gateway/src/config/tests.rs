@@ -993,10 +993,7 @@ fn dns_section_parses_with_defaults_and_round_trips() {
         off.dns.policy(),
         isthmus_federation::dns::DnsPolicy::default()
     );
-    assert_eq!(
-        off.dns.tcp_idle_timeout,
-        crate::config::dns::DEFAULT_TCP_IDLE_TIMEOUT
-    );
+    assert_eq!(off.dns.tcp_idle_timeout, dns::DEFAULT_TCP_IDLE_TIMEOUT);
 }
 
 #[test]
