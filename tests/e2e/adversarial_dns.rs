@@ -374,8 +374,8 @@ fn response_rate_limiting_holds_back_a_udp_flood_while_another_source_is_served(
     )?;
     let ip = web_ip(dns)?;
 
-    // The flood: 127.0.0.1 asks 4,000 times a second for 2 s (80 times its
-    // limit), and counts what comes back.
+    // The flood: 127.0.0.1 asks 1,000 times a second (20 times its limit)
+    // for as long as the client below asks, and counts what comes back.
     let flood = UdpSocket::bind("127.0.0.1:0")?;
     flood.set_read_timeout(Some(Duration::from_millis(500)))?;
     let receiver = {
@@ -394,11 +394,13 @@ fn response_rate_limiting_holds_back_a_udp_flood_while_another_source_is_served(
         })
     };
     let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooding = stop.clone();
     let sender = std::thread::spawn(move || -> std::io::Result<u32> {
         let packet = query(7, WEB, TYPE_A);
         let mut sent = 0;
-        let pace = Duration::from_micros(250);
-        while started.elapsed() < Duration::from_secs(2) {
+        let pace = Duration::from_millis(1);
+        while !flooding.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
             flood.send_to(&packet, dns)?;
             sent += 1;
             let next = started + pace * sent;
@@ -412,14 +414,14 @@ fn response_rate_limiting_holds_back_a_udp_flood_while_another_source_is_served(
     // The client at 127.0.0.2 meanwhile: 40 queries over UDP, every one
     // answered right (within its own limit).
     let mut failures = Vec::new();
-    let mut asked = 0;
-    while !sender.is_finished() && asked < 40 {
+    let asked = 40;
+    for _ in 0..asked {
         let a = dig_from("127.0.0.2", dns, &[WEB, "A"]);
         if a.data("A") != [ip.as_str()] || a.has_flag("tc") {
             failures.push(a.raw);
         }
-        asked += 1;
     }
+    stop.store(true, Ordering::Relaxed);
     let sent = sender
         .join()
         .map_err(|_| anyhow::anyhow!("sender thread"))??;
@@ -432,8 +434,8 @@ fn response_rate_limiting_holds_back_a_udp_flood_while_another_source_is_served(
         "legitimate queries failed: {failures:?}"
     );
     assert!(
-        asked >= 10,
-        "the client asked {asked} times during the flood"
+        sent >= 100,
+        "the flood ran while the client asked ({sent} sent)"
     );
     println!(
         "flood: {sent} queries in {elapsed:?}; {full} answered, {slipped} slipped; client: {asked} of {asked} answered"
@@ -448,7 +450,11 @@ fn response_rate_limiting_holds_back_a_udp_flood_while_another_source_is_served(
     assert!(slipped > 0, "some answers slipped with TC");
     let dropped = metric(&gw, "isthmus_dns_rate_limited_total", &[("action", "drop")]);
     let slips = metric(&gw, "isthmus_dns_rate_limited_total", &[("action", "slip")]);
-    assert!(dropped > 1000.0, "dropped {dropped}");
+    // Every other limited answer is dropped, the rest slipped (slip = 2).
+    assert!(
+        dropped > 0.0 && (dropped - slips).abs() <= 1.0,
+        "dropped {dropped}, slipped {slips}"
+    );
     assert!(slips >= f64::from(slipped), "slipped {slips}");
     // A slipped client retries over TCP and is answered there.
     let tcp = tcp_query(dns, &query(9, WEB, TYPE_A))?

@@ -171,17 +171,8 @@ impl DnsServer {
         let request = match Request::from_bytes(packet.to_vec(), src, transport.protocol()) {
             Ok(request) => request,
             Err(e) => {
-                self.malformed(transport);
                 tracing::debug!(%src, transport = transport.label(), error = %e, "malformed DNS packet");
-                if !allowed {
-                    self.refused("source");
-                    return Step::Drop;
-                }
-                if verdict == Verdict::Slip {
-                    self.rate_limited("drop");
-                    return Step::Drop;
-                }
-                return formerr(packet);
+                return self.malformed_reply(packet, transport, allowed, verdict);
             }
         };
         if request.metadata.message_type == MessageType::Response {
@@ -192,9 +183,8 @@ impl DnsServer {
             // hickory echoes the question's bytes as they came: a pointer into
             // the header would point at the response's own header and make
             // the reply unreadable (found by the dns_message fuzz target).
-            self.malformed(transport);
             tracing::debug!(%src, transport = transport.label(), "DNS question compressed into the header");
-            return formerr(packet);
+            return self.malformed_reply(packet, transport, allowed, verdict);
         }
         let edns = response_edns(&request);
         if verdict == Verdict::Slip {
@@ -378,6 +368,27 @@ impl DnsServer {
         );
         self.count(request, ResponseCode::NoError, "rfc8482");
         Step::Reply(self.encode(request, metadata, edns, transport, &[&hinfo], &[], &[]))
+    }
+
+    /// FORMERR (or nothing) for a malformed packet; nothing at all for a
+    /// source outside `allow_sources` or one over its rate limit.
+    fn malformed_reply(
+        &self,
+        packet: &[u8],
+        transport: Transport,
+        allowed: bool,
+        verdict: Verdict,
+    ) -> Step {
+        self.malformed(transport);
+        if !allowed {
+            self.refused("source");
+            return Step::Drop;
+        }
+        if verdict == Verdict::Slip {
+            self.rate_limited("drop");
+            return Step::Drop;
+        }
+        formerr(packet)
     }
 
     fn refused(&self, reason: &str) {
