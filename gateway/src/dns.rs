@@ -96,6 +96,7 @@ impl DnsParts {
         let server = DnsServer::new(
             cluster_set.zone().clone(),
             config.forward().as_ref(),
+            config.policy(),
             cluster_set.metrics().clone(),
         )?;
         Ok(Some(Self {
@@ -147,7 +148,21 @@ impl BackgroundService for DnsService {
                     let addr = udp.local_addr().ok();
                     tasks.spawn(serve_udp(self.server.clone(), udp, stop.clone()));
                     tasks.spawn(serve_tcp(self.server.clone(), tcp, stop.clone()));
-                    info!(addr = ?addr, "DNS listening (UDP and TCP)");
+                    let policy = self.server.policy();
+                    let allow: Vec<String> = policy
+                        .allow_sources
+                        .networks()
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    info!(
+                        addr = ?addr,
+                        allow_sources = %allow.join(","),
+                        rate_limit = policy.rate_limit.per_second,
+                        tcp_max_connections = policy.tcp.total,
+                        tcp_max_connections_per_source = policy.tcp.per_source,
+                        "DNS listening (UDP and TCP)"
+                    );
                     self.readiness.set("dns", true, "listening");
                 }
                 (Err(e), _) | (_, Err(e)) => {

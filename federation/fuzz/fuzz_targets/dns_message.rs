@@ -11,7 +11,8 @@ use hickory_proto::op::{Message, MessageType};
 use isthmus_federation::catalog::{HeadlessEndpoint, Protocol, ServiceEntry, ServicePort};
 use isthmus_federation::dns::server::{MAX_UDP_PAYLOAD, Step};
 use isthmus_federation::dns::{
-    Allocator, ClusterSetZone, DnsMetrics, DnsServer, IpRange, Transport, ZoneSettings,
+    Allocator, ClusterSetZone, DnsMetrics, DnsPolicy, DnsServer, IpRange, Transport,
+    ZoneSettings,
 };
 use isthmus_federation::{Catalog, ServiceKey};
 use libfuzzer_sys::fuzz_target;
@@ -60,7 +61,11 @@ fn server() -> &'static DnsServer {
             ZoneSettings { ttl: 5, serial: 1 },
         );
         let metrics = DnsMetrics::new(&prometheus::Registry::new()).expect("metrics");
-        DnsServer::new(Arc::new(ArcSwap::from_pointee(zone)), None, metrics).expect("server")
+        // No rate limit: every input reaches the answering code.
+        let mut policy = DnsPolicy::default();
+        policy.rate_limit.per_second = 0;
+        DnsServer::new(Arc::new(ArcSwap::from_pointee(zone)), None, policy, metrics)
+            .expect("server")
     })
 }
 

@@ -11,8 +11,21 @@ pub struct DnsMetrics {
     pub malformed: IntCounterVec,
     /// UDP answers cut short with the TC bit (the client retries over TCP).
     pub truncated: IntCounter,
-    /// Queries dropped or refused because too many were in flight.
+    /// Queries refused because too many were in flight.
     pub overloaded: IntCounterVec,
+    /// Queries refused by policy, by reason: `source` (outside
+    /// `dns.allow_sources`), `transfer` (AXFR, IXFR).
+    pub refused: IntCounterVec,
+    /// UDP answers held back by response-rate limiting, by action: `drop`
+    /// or `slip` (sent empty with TC).
+    pub rate_limited: IntCounterVec,
+    /// TCP connections closed at once, by reason: `source`, `total`,
+    /// `per_source`.
+    pub tcp_refused: IntCounterVec,
+    /// TCP connections open.
+    pub tcp_connections: IntGauge,
+    /// TCP connections closed for being idle (or not reading their answers).
+    pub tcp_idle_closed: IntCounter,
     /// How long forwarded queries took (cache hits included).
     pub forward_duration: Histogram,
     /// Names in the `clusterset.local` zone (and its reverse names).
@@ -77,6 +90,11 @@ impl DnsMetrics {
             "UDP answers truncated (TC bit set) because they exceeded the client's buffer; the client retries over TCP.",
         ))?;
         registry.register(Box::new(truncated.clone()))?;
+        let tcp_idle_closed = IntCounter::with_opts(Opts::new(
+            "isthmus_dns_tcp_idle_closed_total",
+            "DNS TCP connections closed because they sent no query (or read no answer) for dns.tcp_idle_timeout.",
+        ))?;
+        registry.register(Box::new(tcp_idle_closed.clone()))?;
         let forward_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "isthmus_dns_forward_duration_seconds",
@@ -90,7 +108,7 @@ impl DnsMetrics {
         Ok(Self {
             queries: counter_vec(
                 "isthmus_dns_queries_total",
-                "DNS queries answered, by query type, response code and source: clusterset (this server's zone), forward (an upstream resolver or its cache) or none (no upstream: REFUSED).",
+                "DNS queries answered, by query type, response code and source: clusterset (this server's zone), forward (an upstream resolver or its cache), rfc8482 (the HINFO synthesised for ANY), policy (REFUSED by dns.allow_sources or as a zone transfer) or none (no upstream: REFUSED).",
                 &["type", "rcode", "source"],
             )?,
             malformed: counter_vec(
@@ -101,9 +119,26 @@ impl DnsMetrics {
             truncated,
             overloaded: counter_vec(
                 "isthmus_dns_overloaded_total",
-                "Queries refused with SERVFAIL or connections closed because too many were in flight, by transport.",
+                "Queries refused with SERVFAIL because too many forwards were in flight, by transport.",
                 &["transport"],
             )?,
+            refused: counter_vec(
+                "isthmus_dns_refused_total",
+                "DNS queries REFUSED by policy, by reason: source (outside dns.allow_sources), transfer (AXFR or IXFR).",
+                &["reason"],
+            )?,
+            rate_limited: counter_vec(
+                "isthmus_dns_rate_limited_total",
+                "UDP answers held back by response-rate limiting, by action: drop, or slip (sent empty with TC so the client retries over TCP).",
+                &["action"],
+            )?,
+            tcp_refused: counter_vec(
+                "isthmus_dns_tcp_connections_refused_total",
+                "DNS TCP connections closed at once, by reason: source (outside dns.allow_sources), total or per_source (over a connection cap).",
+                &["reason"],
+            )?,
+            tcp_connections: gauge("isthmus_dns_tcp_connections", "DNS TCP connections open.")?,
+            tcp_idle_closed,
             forward_duration,
             zone_names: gauge(
                 "isthmus_dns_zone_names",

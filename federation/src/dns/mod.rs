@@ -5,9 +5,12 @@
 //!   stable across restarts.
 //! - [`zone`] builds the zone from a catalog snapshot and those addresses.
 //! - [`server`] answers queries over UDP and TCP.
+//! - [`guard`] decides who is answered and how much: allowed sources,
+//!   response-rate limiting, zone transfers, ANY.
 //! - [`ClusterSet`] ties them to the catalog: on every catalog change it
 //!   brings the allocations up to date and publishes a new zone.
 
+pub mod guard;
 pub mod ips;
 pub mod metrics;
 pub mod server;
@@ -20,6 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
+pub use guard::{DnsPolicy, RateLimit, SourceAcl, SourceNet};
 pub use ips::{Allocations, Allocator, ClusterSetIp, IpRange, IpRangeError};
 pub use metrics::DnsMetrics;
 pub use server::{DnsServer, ForwardConfig, Transport};

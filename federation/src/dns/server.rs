@@ -13,6 +13,20 @@
 //!   size) is truncated with the TC bit, and the client retries over TCP.
 //! - A packet that is not a query gets FORMERR when it has a header, and is
 //!   dropped otherwise; responses are never answered (no reflection loops).
+//!
+//! And it is not an open door ([`super::guard`] holds the decisions):
+//!
+//! - Only sources in `allow_sources` are answered (so only they get
+//!   recursion); others get REFUSED over UDP, and their TCP connections are
+//!   closed at once.
+//! - UDP answers are rate-limited per source (dropped, or slipped with TC so
+//!   a real client retries over TCP).
+//! - AXFR and IXFR are REFUSED; ANY gets one RRset from the zone, and a
+//!   synthesised HINFO for other names (RFC 8482), never forwarded.
+//! - TCP connections are capped in total and per source, each admitted only
+//!   with a permit of the shared [`ConnectionLimiter`]; over a cap the
+//!   connection is closed at once, and an idle one is closed after
+//!   `tcp_idle_timeout`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +34,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, LowerQuery, Message, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::{DNSClass, Record};
+use hickory_proto::rr::rdata::HINFO;
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::BinEncoder;
 use hickory_resolver::Resolver;
 use hickory_resolver::config::{
@@ -34,15 +49,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, watch};
 
+use super::guard::{DnsPolicy, RateLimiter, Verdict, transfer};
 use super::metrics::{DnsMetrics, rcode_label, type_label};
 use super::zone::{Answer, ClusterSetZone};
+use crate::limits::ConnectionLimiter;
 
 /// Forwarded queries in flight at once, across transports.
 pub const MAX_FORWARDS_IN_FLIGHT: usize = 1024;
-/// TCP connections open at once.
-pub const MAX_TCP_CONNECTIONS: usize = 512;
-/// A TCP connection idle this long is closed (RFC 7766 suggests seconds).
-pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TTL of the HINFO synthesised for ANY (RFC 8482 section 4.2).
+pub const ANY_HINFO_TTL: u32 = 3600;
 /// The largest UDP payload this server accepts and sends (RFC 6891).
 pub const MAX_UDP_PAYLOAD: u16 = 4096;
 
@@ -98,15 +113,19 @@ pub struct DnsServer {
     zone: Arc<ArcSwap<ClusterSetZone>>,
     forwarder: Option<Resolver<TokioRuntimeProvider>>,
     forwards: Arc<Semaphore>,
+    policy: DnsPolicy,
+    rate_limiter: RateLimiter,
+    tcp: Arc<ConnectionLimiter>,
     metrics: DnsMetrics,
 }
 
 impl DnsServer {
     /// A server answering from `zone`, forwarding per `forward` (REFUSED for
-    /// names outside the zone when `None`).
+    /// names outside the zone when `None`), protected per `policy`.
     pub fn new(
         zone: Arc<ArcSwap<ClusterSetZone>>,
         forward: Option<&ForwardConfig>,
+        policy: DnsPolicy,
         metrics: DnsMetrics,
     ) -> Result<Self, String> {
         let forwarder = forward
@@ -117,8 +136,16 @@ impl DnsServer {
             zone,
             forwarder,
             forwards: Arc::new(Semaphore::new(MAX_FORWARDS_IN_FLIGHT)),
+            rate_limiter: RateLimiter::new(policy.rate_limit),
+            tcp: ConnectionLimiter::new(policy.tcp),
+            policy,
             metrics,
         })
+    }
+
+    /// Its protection settings.
+    pub fn policy(&self) -> &DnsPolicy {
+        &self.policy
     }
 
     /// The metrics.
@@ -129,12 +156,23 @@ impl DnsServer {
     /// Decides what to do with `packet`: answers it from the zone, refuses
     /// or rejects it, or hands it to [`Self::forward`].
     pub fn handle(&self, packet: &[u8], src: SocketAddr, transport: Transport) -> Step {
+        // Over UDP the source may be spoofed: limit what any one source gets
+        // before spending anything on it (TCP sources are proven by the
+        // handshake and capped by connections instead).
+        let verdict = match transport {
+            Transport::Udp => self.rate_limiter.check(src.ip(), Instant::now()),
+            Transport::Tcp => Verdict::Answer,
+        };
+        if verdict == Verdict::Drop {
+            self.rate_limited("drop");
+            return Step::Drop;
+        }
+        let allowed = self.policy.allow_sources.allows(src.ip());
         let request = match Request::from_bytes(packet.to_vec(), src, transport.protocol()) {
             Ok(request) => request,
             Err(e) => {
-                self.malformed(transport);
                 tracing::debug!(%src, transport = transport.label(), error = %e, "malformed DNS packet");
-                return formerr(packet);
+                return self.malformed_reply(packet, transport, allowed, verdict);
             }
         };
         if request.metadata.message_type == MessageType::Response {
@@ -145,15 +183,42 @@ impl DnsServer {
             // hickory echoes the question's bytes as they came: a pointer into
             // the header would point at the response's own header and make
             // the reply unreadable (found by the dns_message fuzz target).
-            self.malformed(transport);
             tracing::debug!(%src, transport = transport.label(), "DNS question compressed into the header");
-            return formerr(packet);
+            return self.malformed_reply(packet, transport, allowed, verdict);
         }
         let edns = response_edns(&request);
+        if verdict == Verdict::Slip {
+            // Empty, with TC: a real client asks again over TCP.
+            self.rate_limited("slip");
+            let mut metadata = Metadata::response_from_request(&request.metadata);
+            metadata.truncation = true;
+            return Step::Reply(self.encode(
+                &request,
+                metadata,
+                edns.as_ref(),
+                transport,
+                &[],
+                &[],
+                &[],
+            ));
+        }
+        if !allowed {
+            self.refused("source");
+            tracing::debug!(%src, transport = transport.label(), "DNS query from a source outside dns.allow_sources: REFUSED");
+            let rcode = ResponseCode::Refused;
+            return self.reply(&request, edns.as_ref(), transport, rcode, "policy");
+        }
         let query = match answerable(&request) {
             Ok(query) => query,
             Err(rcode) => return self.reply(&request, edns.as_ref(), transport, rcode, "none"),
         };
+        if transfer(query.query_type()) {
+            // The zone is built from the catalog and never transferred.
+            self.refused("transfer");
+            tracing::debug!(%src, transport = transport.label(), "zone transfer asked: REFUSED");
+            let rcode = ResponseCode::Refused;
+            return self.reply(&request, edns.as_ref(), transport, rcode, "policy");
+        }
         let zone = self.zone.load();
         let answer = zone.lookup(query.name(), query.query_type());
         let mut metadata = Metadata::response_from_request(&request.metadata);
@@ -168,6 +233,14 @@ impl DnsServer {
                 Answer::NoData => (ResponseCode::NoError, &[], &soa, &[]),
                 Answer::NxDomain => (ResponseCode::NXDomain, &[], &soa, &[]),
                 Answer::NotOurs if self.forwarder.is_some() => {
+                    if query.query_type() == RecordType::ANY {
+                        return self.any_hinfo(
+                            &request,
+                            query.name().into(),
+                            edns.as_ref(),
+                            transport,
+                        );
+                    }
                     return Step::Forward(Box::new(request));
                 }
                 Answer::NotOurs => {
@@ -209,7 +282,7 @@ impl DnsServer {
             return self.encode(request, metadata, edns.as_ref(), transport, &[], &[], &[]);
         };
         let started = Instant::now();
-        let name: hickory_proto::rr::Name = info.query.name().into();
+        let name: Name = info.query.name().into();
         let result = resolver.lookup(name, info.query.query_type()).await;
         self.metrics
             .forward_duration
@@ -276,11 +349,65 @@ impl DnsServer {
         Step::Reply(self.encode(request, metadata, edns, transport, &[], &[], &[]))
     }
 
+    /// The RFC 8482 answer to ANY for a name that is not ours: one
+    /// synthesised HINFO, rather than forwarding a query that exists mostly
+    /// to amplify.
+    fn any_hinfo(
+        &self,
+        request: &Request,
+        name: Name,
+        edns: Option<&Edns>,
+        transport: Transport,
+    ) -> Step {
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.recursion_available = true;
+        let hinfo = Record::from_rdata(
+            name,
+            ANY_HINFO_TTL,
+            RData::HINFO(HINFO::new("RFC8482".to_owned(), String::new())),
+        );
+        self.count(request, ResponseCode::NoError, "rfc8482");
+        Step::Reply(self.encode(request, metadata, edns, transport, &[&hinfo], &[], &[]))
+    }
+
+    /// FORMERR (or nothing) for a malformed packet; nothing at all for a
+    /// source outside `allow_sources` or one over its rate limit.
+    fn malformed_reply(
+        &self,
+        packet: &[u8],
+        transport: Transport,
+        allowed: bool,
+        verdict: Verdict,
+    ) -> Step {
+        self.malformed(transport);
+        if !allowed {
+            self.refused("source");
+            return Step::Drop;
+        }
+        if verdict == Verdict::Slip {
+            self.rate_limited("drop");
+            return Step::Drop;
+        }
+        formerr(packet)
+    }
+
+    fn refused(&self, reason: &str) {
+        self.metrics.refused.with_label_values(&[reason]).inc();
+    }
+
+    fn rate_limited(&self, action: &str) {
+        self.metrics.rate_limited.with_label_values(&[action]).inc();
+    }
+
     fn malformed(&self, transport: Transport) {
         self.metrics
             .malformed
             .with_label_values(&[transport.label()])
             .inc();
+    }
+
+    fn tcp_refused(&self, reason: &str) {
+        self.metrics.tcp_refused.with_label_values(&[reason]).inc();
     }
 
     fn count(&self, request: &Request, rcode: ResponseCode, source: &str) {
@@ -502,7 +629,6 @@ pub async fn serve_tcp(
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
 ) {
-    let connections = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
     loop {
         let (stream, src) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -515,19 +641,28 @@ pub async fn serve_tcp(
             },
             _ = stop.changed() => return,
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            server
-                .metrics
-                .overloaded
-                .with_label_values(&[Transport::Tcp.label()])
-                .inc();
+        // Refusals close the connection at once (dropping the stream): no
+        // one waits behind a source that holds too many.
+        if !server.policy.allow_sources.allows(src.ip()) {
+            server.tcp_refused("source");
+            tracing::debug!(%src, "DNS TCP connection from a source outside dns.allow_sources: closed");
             continue;
+        }
+        let permit = match server.tcp.try_acquire(src.ip()) {
+            Ok(permit) => permit,
+            Err(why) => {
+                server.tcp_refused(why.label());
+                tracing::debug!(%src, reason = %why, "DNS TCP connection refused");
+                continue;
+            }
         };
+        server.metrics.tcp_connections.inc();
         let server = server.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
             connection(&server, stream, src, stop).await;
             drop(permit);
+            server.metrics.tcp_connections.dec();
         });
     }
 }
@@ -538,19 +673,28 @@ async fn connection(
     src: SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) {
+    let idle = server.policy.tcp_idle_timeout;
     let mut buf = Vec::new();
     loop {
         let len = tokio::select! {
-            len = tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read_u16()) => match len {
+            len = tokio::time::timeout(idle, stream.read_u16()) => match len {
                 Ok(Ok(len)) => usize::from(len),
-                _ => return,
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    server.metrics.tcp_idle_closed.inc();
+                    return;
+                }
             },
             _ = stop.changed() => return,
         };
         buf.resize(len, 0);
-        match tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read_exact(&mut buf)).await {
+        match tokio::time::timeout(idle, stream.read_exact(&mut buf)).await {
             Ok(Ok(_)) => {}
-            _ => return,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                server.metrics.tcp_idle_closed.inc();
+                return;
+            }
         }
         let reply = match server.handle(&buf, src, Transport::Tcp) {
             Step::Reply(bytes) => bytes,
@@ -563,8 +707,15 @@ async fn connection(
         let mut framed = Vec::with_capacity(reply.len() + 2);
         framed.extend_from_slice(&len.to_be_bytes());
         framed.extend_from_slice(&reply);
-        if stream.write_all(&framed).await.is_err() {
-            return;
+        // A client that does not read its answers holds the connection no
+        // longer than one that sends nothing.
+        match tokio::time::timeout(idle, stream.write_all(&framed)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                server.metrics.tcp_idle_closed.inc();
+                return;
+            }
         }
     }
 }
@@ -582,7 +733,13 @@ mod tests {
 
     fn server() -> DnsServer {
         let metrics = DnsMetrics::new(&prometheus::Registry::new()).unwrap();
-        DnsServer::new(Arc::new(ArcSwap::from_pointee(zone().0)), None, metrics).unwrap()
+        DnsServer::new(
+            Arc::new(ArcSwap::from_pointee(zone().0)),
+            None,
+            DnsPolicy::default(),
+            metrics,
+        )
+        .unwrap()
     }
 
     fn query(name: &str, rtype: RecordType, edns: Option<u16>) -> Vec<u8> {
@@ -631,6 +788,136 @@ mod tests {
         assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
         assert_eq!(nx.authorities.len(), 1, "the SOA");
         assert!(nx.edns.is_some(), "EDNS in, EDNS out");
+    }
+
+    fn server_with(policy: DnsPolicy) -> DnsServer {
+        let metrics = DnsMetrics::new(&prometheus::Registry::new()).unwrap();
+        DnsServer::new(
+            Arc::new(ArcSwap::from_pointee(zone().0)),
+            None,
+            policy,
+            metrics,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn sources_outside_allow_sources_are_refused_over_either_transport() {
+        let s = server_with(DnsPolicy {
+            allow_sources: super::super::guard::SourceAcl::new(vec![
+                "127.0.0.1/32".parse().unwrap(),
+            ]),
+            ..DnsPolicy::default()
+        });
+        let outsider: SocketAddr = "127.0.0.3:5300".parse().unwrap();
+        let web = query("web.shop.svc.clusterset.local.", RecordType::A, None);
+        for transport in [Transport::Udp, Transport::Tcp] {
+            let m = reply(s.handle(&web, outsider, transport));
+            assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+            assert!(m.answers.is_empty());
+            let m = reply(s.handle(&web, SRC, transport));
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+            assert_eq!(m.answers.len(), 1);
+        }
+        // Garbage from an outsider gets nothing, not even FORMERR.
+        assert!(matches!(
+            s.handle(&web[..20], outsider, Transport::Udp),
+            Step::Drop
+        ));
+        assert_eq!(s.metrics().refused.with_label_values(&["source"]).get(), 3);
+    }
+
+    #[test]
+    fn transfers_are_refused_and_any_is_minimal() {
+        let s = server();
+        for rtype in [RecordType::AXFR, RecordType::IXFR] {
+            for transport in [Transport::Udp, Transport::Tcp] {
+                let m = reply(s.handle(&query("clusterset.local.", rtype, None), SRC, transport));
+                assert_eq!(m.metadata.response_code, ResponseCode::Refused, "{rtype}");
+                assert!(m.answers.is_empty());
+            }
+        }
+        assert_eq!(
+            s.metrics().refused.with_label_values(&["transfer"]).get(),
+            4
+        );
+        let m = reply(s.handle(
+            &query("web.shop.svc.clusterset.local.", RecordType::ANY, None),
+            SRC,
+            Transport::Udp,
+        ));
+        assert_eq!(m.answers.len(), 1, "one RRset of A and AAAA");
+        // Without upstreams, ANY for other names is refused like any query.
+        let m = reply(s.handle(
+            &query("example.com.", RecordType::ANY, None),
+            SRC,
+            Transport::Udp,
+        ));
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    }
+
+    #[test]
+    fn ptr_outside_the_ranges_is_not_ours() {
+        // data/db's endpoint 10.1.0.5 has a hostname but is outside the
+        // ranges: without upstreams the query is REFUSED like other names.
+        let s = server();
+        let m = reply(s.handle(
+            &query("5.0.1.10.in-addr.arpa.", RecordType::PTR, None),
+            SRC,
+            Transport::Udp,
+        ));
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+        assert!(m.answers.is_empty());
+    }
+
+    #[test]
+    fn udp_floods_are_dropped_or_slipped_and_tcp_is_not_limited() {
+        let mut policy = DnsPolicy::default();
+        policy.rate_limit.per_second = 1;
+        policy.rate_limit.burst = 2;
+        policy.rate_limit.slip = 2;
+        let s = server_with(policy);
+        let web = query("web.shop.svc.clusterset.local.", RecordType::A, None);
+        let mut answered = 0;
+        let mut slipped = 0;
+        let mut dropped = 0;
+        let started = Instant::now();
+        for _ in 0..100 {
+            match s.handle(&web, SRC, Transport::Udp) {
+                Step::Reply(bytes) => {
+                    let m = Message::from_vec(&bytes).unwrap();
+                    if m.metadata.truncation {
+                        assert!(m.answers.is_empty());
+                        assert_eq!(m.metadata.id, 4242);
+                        slipped += 1;
+                    } else {
+                        answered += 1;
+                    }
+                }
+                Step::Drop => dropped += 1,
+                Step::Forward(_) => unreachable!(),
+            }
+        }
+        // The burst, and one a second after it.
+        let refilled = started.elapsed().as_secs() + 1;
+        assert!(answered >= 2 && answered <= 2 + refilled, "{answered}");
+        let limited = 100 - answered;
+        assert_eq!(slipped + dropped, limited);
+        assert!(
+            slipped.abs_diff(dropped) <= refilled + 1,
+            "{slipped} {dropped}"
+        );
+        assert_eq!(
+            s.metrics().rate_limited.with_label_values(&["slip"]).get(),
+            slipped
+        );
+        // Another source, and TCP, are answered.
+        let other: SocketAddr = "127.0.0.2:5300".parse().unwrap();
+        assert_eq!(
+            reply(s.handle(&web, other, Transport::Udp)).answers.len(),
+            1
+        );
+        assert_eq!(reply(s.handle(&web, SRC, Transport::Tcp)).answers.len(), 1);
     }
 
     #[test]
@@ -716,7 +1003,13 @@ mod tests {
             super::super::ZoneSettings { ttl: 5, serial: 1 },
         );
         let metrics = DnsMetrics::new(&prometheus::Registry::new()).unwrap();
-        let s = DnsServer::new(Arc::new(ArcSwap::from_pointee(zone)), None, metrics).unwrap();
+        let s = DnsServer::new(
+            Arc::new(ArcSwap::from_pointee(zone)),
+            None,
+            DnsPolicy::default(),
+            metrics,
+        )
+        .unwrap();
         let name = "big.data.svc.clusterset.local.";
         for (edns, transport, max) in [
             (None, Transport::Udp, 512),

@@ -7,7 +7,7 @@
 //! | `<svc>.<ns>.svc.clusterset.local` | A/AAAA: the clusterset IP, or every endpoint of a headless service |
 //! | `_<port>._tcp.<svc>.<ns>.svc.clusterset.local` | SRV for each named port |
 //! | `<hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local` | A/AAAA of one headless endpoint |
-//! | reverse names of clusterset IPs and named endpoints | PTR |
+//! | reverse names of clusterset IPs (and named endpoints inside the clusterset ranges) | PTR |
 //!
 //! A zone is immutable and rebuilt whole when the catalog changes; lookups
 //! are a hash-map probe. Only services some cluster exports are in the zone
@@ -184,7 +184,12 @@ impl ClusterSetZone {
         }
     }
 
+    /// Adds the PTR of `ip` when it is in a clusterset range (the only
+    /// reverse names this zone answers; see [`Self::lookup`]).
     fn add_ptr(&mut self, ip: IpAddr, target: &Name, ttl: u32) {
+        if !self.ranges.iter().any(|r| r.covers(ip)) {
+            return;
+        }
         let owner = reverse_name(ip);
         self.reverse
             .entry(LowerName::new(&owner))
@@ -238,10 +243,15 @@ impl ClusterSetZone {
             let Some(records) = self.names.get(qname) else {
                 return Answer::NxDomain;
             };
-            let answers: Vec<&Record> = records
-                .iter()
-                .filter(|r| qtype == RecordType::ANY || r.record_type() == qtype)
-                .collect();
+            let answers: Vec<&Record> = if qtype == RecordType::ANY {
+                // One RRset, never the whole name (RFC 8482).
+                super::guard::minimal_any(records)
+            } else {
+                records
+                    .iter()
+                    .filter(|r| r.record_type() == qtype)
+                    .collect()
+            };
             if answers.is_empty() {
                 return Answer::NoData;
             }
@@ -255,17 +265,20 @@ impl ClusterSetZone {
                 additionals,
             };
         }
-        if let Some(ptr) = self.reverse.get(qname) {
-            return match qtype {
-                RecordType::PTR | RecordType::ANY => Answer::Found {
-                    answers: vec![ptr],
-                    additionals: Vec::new(),
-                },
-                _ => Answer::NoData,
-            };
-        }
+        // Reverse names are ours only inside the clusterset ranges: the rest
+        // of the address space belongs to others, whatever a catalog entry
+        // claims about an address in it.
         match parse_reverse_name(qname) {
-            Some(ip) if self.ranges.iter().any(|r| r.covers(ip)) => Answer::NxDomain,
+            Some(ip) if self.ranges.iter().any(|r| r.covers(ip)) => {
+                match (self.reverse.get(qname), qtype) {
+                    (Some(ptr), RecordType::PTR | RecordType::ANY) => Answer::Found {
+                        answers: vec![ptr],
+                        additionals: Vec::new(),
+                    },
+                    (Some(_), _) => Answer::NoData,
+                    (None, _) => Answer::NxDomain,
+                }
+            }
             _ => Answer::NotOurs,
         }
     }
@@ -494,9 +507,84 @@ pub(crate) mod tests {
             )),
             ["0 100 8080 db-0.east.db.data.svc.clusterset.local."]
         );
+        // 10.1.0.5 is outside the clusterset ranges: its reverse name is not
+        // ours, whatever the catalog says about the address.
         assert_eq!(
-            rdata(zone.lookup(&lower("5.0.1.10.in-addr.arpa."), RecordType::PTR)),
-            ["db-0.east.db.data.svc.clusterset.local."]
+            zone.lookup(&lower("5.0.1.10.in-addr.arpa."), RecordType::PTR),
+            Answer::NotOurs
+        );
+    }
+
+    #[test]
+    fn reverse_names_are_answered_only_inside_the_clusterset_ranges() {
+        // A peer exports a headless service naming someone else's address
+        // (a public resolver) and one inside the clusterset range.
+        let mut entry = entry("evil/claims", true);
+        entry.headless_endpoints = vec![
+            HeadlessEndpoint {
+                cluster: "east".parse().unwrap(),
+                hostname: Some("dns".parse().unwrap()),
+                address: "8.8.8.8".parse().unwrap(),
+            },
+            HeadlessEndpoint {
+                cluster: "east".parse().unwrap(),
+                hostname: Some("inside".parse().unwrap()),
+                address: "127.240.9.9".parse().unwrap(),
+            },
+        ];
+        let range: IpRange = "127.240.0.0/16".parse().unwrap();
+        let zone = ClusterSetZone::build(
+            &Catalog::new([entry]),
+            &Allocations::default(),
+            &[range],
+            ZoneSettings { ttl: 5, serial: 1 },
+        );
+        for qtype in [RecordType::PTR, RecordType::ANY] {
+            assert_eq!(
+                zone.lookup(&lower("8.8.8.8.in-addr.arpa."), qtype),
+                Answer::NotOurs
+            );
+        }
+        assert_eq!(
+            rdata(zone.lookup(&lower("9.9.240.127.in-addr.arpa."), RecordType::PTR)),
+            ["inside.east.claims.evil.svc.clusterset.local."]
+        );
+        assert_eq!(
+            zone.lookup(&lower("9.9.240.127.in-addr.arpa."), RecordType::A),
+            Answer::NoData
+        );
+        // The forward name still has its address: that is the service's own.
+        assert_eq!(
+            rdata(zone.lookup(
+                &lower("dns.east.claims.evil.svc.clusterset.local."),
+                RecordType::A
+            )),
+            ["8.8.8.8"]
+        );
+        // No PTR is kept for an address that can never be asked.
+        assert_eq!(zone.reverse.len(), 1);
+    }
+
+    #[test]
+    fn any_gets_one_rrset() {
+        let (zone, _) = zone();
+        let Answer::Found { answers, .. } =
+            zone.lookup(&lower("web.shop.svc.clusterset.local."), RecordType::ANY)
+        else {
+            panic!("no answer");
+        };
+        assert_eq!(answers.len(), 1, "the A RRset, not A and AAAA");
+        assert_eq!(answers[0].record_type(), RecordType::A);
+        let Answer::Found { answers, .. } =
+            zone.lookup(&lower("clusterset.local."), RecordType::ANY)
+        else {
+            panic!("no answer");
+        };
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].record_type(), RecordType::SOA);
+        assert_eq!(
+            zone.lookup(&lower("svc.clusterset.local."), RecordType::ANY),
+            Answer::NoData
         );
     }
 

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use isthmus_federation::dns::{ForwardConfig, IpRange};
+use isthmus_federation::dns::guard::{DEFAULT_ALLOW_SOURCES, RATE_LIMIT_SOURCES};
+use isthmus_federation::dns::{DnsPolicy, ForwardConfig, IpRange, RateLimit, SourceAcl, SourceNet};
+use isthmus_federation::limits::ConnectionLimits;
 use serde::Serialize;
 
 use super::error::ConfigError;
@@ -20,6 +22,20 @@ pub const DEFAULT_IPV4_RANGE: &str = "127.240.0.0/16";
 pub const DEFAULT_FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default number of forwarded answers cached.
 pub const DEFAULT_CACHE_SIZE: u64 = 10_000;
+/// Default answers per second per source over UDP (response-rate limiting).
+pub const DEFAULT_RATE_LIMIT: i64 = 200;
+/// Default answers a quiet source may get at once.
+pub const DEFAULT_RATE_LIMIT_BURST: i64 = 400;
+/// Default: every 2nd limited answer is sent empty with TC, the others dropped.
+pub const DEFAULT_RATE_LIMIT_SLIP: i64 = 2;
+/// Default TCP connections open at once.
+pub const DEFAULT_TCP_MAX_CONNECTIONS: i64 = 512;
+/// Default TCP connections open at once from one source.
+pub const DEFAULT_TCP_MAX_CONNECTIONS_PER_SOURCE: i64 = 16;
+/// Default time a TCP connection may stay without a query.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+const MIN_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_TTL: Duration = Duration::from_secs(3600);
 const MAX_CACHE_SIZE: u64 = 1_000_000;
 const MIN_FORWARD_TIMEOUT: Duration = Duration::from_millis(100);
@@ -55,6 +71,30 @@ pub struct DnsConfig {
     pub forward_timeout: Duration,
     /// Forwarded answers cached.
     pub cache_size: u64,
+    /// Networks whose hosts are answered (and get recursion); the rest get
+    /// REFUSED.
+    #[serde(serialize_with = "display_all")]
+    pub allow_sources: Vec<SourceNet>,
+    /// UDP answers per second per source; 0: no limit.
+    pub rate_limit: u32,
+    /// Answers a quiet source may get at once.
+    pub rate_limit_burst: u32,
+    /// Every n-th limited answer is sent empty with TC; 0: all dropped.
+    pub rate_limit_slip: u32,
+    /// TCP connections open at once.
+    pub tcp_max_connections: usize,
+    /// TCP connections open at once from one IPv4 address or IPv6 /64.
+    pub tcp_max_connections_per_source: usize,
+    /// A TCP connection without a query for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub tcp_idle_timeout: Duration,
+}
+
+fn display_all<S: serde::Serializer, T: std::fmt::Display>(
+    v: &[T],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(ToString::to_string))
 }
 
 fn display_opt<S: serde::Serializer, T: std::fmt::Display>(
@@ -75,6 +115,24 @@ impl DnsConfig {
             timeout: self.forward_timeout,
             cache_size: self.cache_size,
         })
+    }
+
+    /// The server's protection settings.
+    pub fn policy(&self) -> DnsPolicy {
+        DnsPolicy {
+            allow_sources: SourceAcl::new(self.allow_sources.clone()),
+            rate_limit: RateLimit {
+                per_second: self.rate_limit,
+                burst: self.rate_limit_burst,
+                slip: self.rate_limit_slip,
+                max_sources: RATE_LIMIT_SOURCES,
+            },
+            tcp: ConnectionLimits {
+                total: self.tcp_max_connections,
+                per_source: self.tcp_max_connections_per_source,
+            },
+            tcp_idle_timeout: self.tcp_idle_timeout,
+        }
     }
 
     /// The configured clusterset ranges.
@@ -170,9 +228,121 @@ pub(super) fn dns(check: &mut Check, raw: &RawDns) -> Option<DnsConfig> {
             format!("{cache_size} is more than the maximum of {MAX_CACHE_SIZE}"),
         ));
     }
-    let (Some(ttl), Some(v4), Some(forward_timeout)) = (ttl, v4, forward_timeout) else {
+    let allow_sources = match raw.allow_sources.as_deref() {
+        None => DEFAULT_ALLOW_SOURCES
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect(),
+        Some([]) => {
+            check.errors.push(ConfigError::new(
+                "dns.allow_sources",
+                "must not be empty (it would refuse everyone); [\"0.0.0.0/0\", \"::/0\"] answers everyone",
+            ));
+            Vec::new()
+        }
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                check.parsed(&format!("dns.allow_sources[{i}]"), s.parse::<SourceNet>())
+            })
+            .collect(),
+    };
+    let int = |check: &mut Check, key: &str, value, default, min, max| {
+        super::upstream::int(check, &format!("dns.{key}"), value, default, min, max)
+    };
+    let rate_limit = int(
+        check,
+        "rate_limit",
+        raw.rate_limit,
+        DEFAULT_RATE_LIMIT,
+        0,
+        1_000_000,
+    );
+    let burst = int(
+        check,
+        "rate_limit_burst",
+        raw.rate_limit_burst,
+        DEFAULT_RATE_LIMIT_BURST.max(rate_limit.unwrap_or(0)),
+        1,
+        10_000_000,
+    );
+    let slip = int(
+        check,
+        "rate_limit_slip",
+        raw.rate_limit_slip,
+        DEFAULT_RATE_LIMIT_SLIP,
+        0,
+        10,
+    );
+    let tcp_total = int(
+        check,
+        "tcp_max_connections",
+        raw.tcp_max_connections,
+        DEFAULT_TCP_MAX_CONNECTIONS,
+        1,
+        1_000_000,
+    );
+    let tcp_per_source = int(
+        check,
+        "tcp_max_connections_per_source",
+        raw.tcp_max_connections_per_source,
+        DEFAULT_TCP_MAX_CONNECTIONS_PER_SOURCE.min(tcp_total.unwrap_or(i64::MAX)),
+        1,
+        1_000_000,
+    );
+    if let (Some(total), Some(per_source)) = (tcp_total, tcp_per_source)
+        && per_source > total
+    {
+        check.errors.push(ConfigError::new(
+            "dns.tcp_max_connections_per_source",
+            format!("{per_source} is more than dns.tcp_max_connections ({total})"),
+        ));
+    }
+    let tcp_idle_timeout = check.or_default(
+        "dns.tcp_idle_timeout",
+        raw.tcp_idle_timeout.as_deref(),
+        "10s",
+        |s| {
+            parse_duration(s, MAX_TCP_IDLE_TIMEOUT).and_then(|d| {
+                if d < MIN_TCP_IDLE_TIMEOUT {
+                    Err(format!(
+                        "{s:?} is shorter than the minimum of {}",
+                        humantime::format_duration(MIN_TCP_IDLE_TIMEOUT)
+                    ))
+                } else {
+                    Ok(d)
+                }
+            })
+        },
+    );
+    let (
+        Some(ttl),
+        Some(v4),
+        Some(forward_timeout),
+        Some(rate_limit),
+        Some(burst),
+        Some(slip),
+        Some(tcp_total),
+        Some(tcp_per_source),
+        Some(tcp_idle_timeout),
+    ) = (
+        ttl,
+        v4,
+        forward_timeout,
+        rate_limit,
+        burst,
+        slip,
+        tcp_total,
+        tcp_per_source,
+        tcp_idle_timeout,
+    )
+    else {
         return None;
     };
+    // In range, checked above.
+    let narrow = |n: i64| u32::try_from(n).unwrap_or(u32::MAX);
+    let size = |n: i64| usize::try_from(n).unwrap_or(usize::MAX);
     (check.errors.len() == before).then_some(DnsConfig {
         listen,
         ttl,
@@ -183,6 +353,13 @@ pub(super) fn dns(check: &mut Check, raw: &RawDns) -> Option<DnsConfig> {
         upstreams,
         forward_timeout,
         cache_size,
+        allow_sources,
+        rate_limit: narrow(rate_limit),
+        rate_limit_burst: narrow(burst),
+        rate_limit_slip: narrow(slip),
+        tcp_max_connections: size(tcp_total),
+        tcp_max_connections_per_source: size(tcp_per_source),
+        tcp_idle_timeout,
     })
 }
 

@@ -80,6 +80,20 @@ pub struct RawDns {
     pub forward_timeout: Option<String>,
     /// `dns.cache_size`
     pub cache_size: Option<u64>,
+    /// `dns.allow_sources`
+    pub allow_sources: Option<Vec<String>>,
+    /// `dns.rate_limit`
+    pub rate_limit: Option<i64>,
+    /// `dns.rate_limit_burst`
+    pub rate_limit_burst: Option<i64>,
+    /// `dns.rate_limit_slip`
+    pub rate_limit_slip: Option<i64>,
+    /// `dns.tcp_max_connections`
+    pub tcp_max_connections: Option<i64>,
+    /// `dns.tcp_max_connections_per_source`
+    pub tcp_max_connections_per_source: Option<i64>,
+    /// `dns.tcp_idle_timeout`
+    pub tcp_idle_timeout: Option<String>,
 }
 
 /// `[federation]`

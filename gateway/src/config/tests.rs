@@ -1038,6 +1038,13 @@ state_file = "/var/lib/isthmus/clusterset-ips.json"
 upstreams = ["10.0.0.2", "10.0.0.3:5353"]
 forward_timeout = "1s"
 cache_size = 500
+allow_sources = ["127.0.0.1", "10.0.0.0/8", "fd00::/8"]
+rate_limit = 50
+rate_limit_burst = 100
+rate_limit_slip = 3
+tcp_max_connections = 100
+tcp_max_connections_per_source = 4
+tcp_idle_timeout = "5s"
 "#
 );
 
@@ -1064,6 +1071,31 @@ fn dns_section_parses_with_defaults_and_round_trips() {
     assert_eq!(off.dns.ttl, Duration::from_secs(5));
     assert_eq!(off.dns.clusterset_ipv4_range.to_string(), "127.240.0.0/16");
     assert!(off.dns.forward().is_none(), "no upstreams: REFUSED");
+    // The protection settings, explicit ...
+    let p = d.policy();
+    let allow: Vec<String> = d.allow_sources.iter().map(ToString::to_string).collect();
+    assert_eq!(allow, ["127.0.0.1/32", "10.0.0.0/8", "fd00::/8"]);
+    assert!(p.allow_sources.allows("10.9.9.9".parse().unwrap()));
+    assert!(
+        !p.allow_sources.allows("127.0.0.2".parse().unwrap()),
+        "an explicit list replaces the default"
+    );
+    assert_eq!(
+        (
+            p.rate_limit.per_second,
+            p.rate_limit.burst,
+            p.rate_limit.slip
+        ),
+        (50, 100, 3)
+    );
+    assert_eq!((p.tcp.total, p.tcp.per_source), (100, 4));
+    assert_eq!(p.tcp_idle_timeout, Duration::from_secs(5));
+    // ... and by default the same as the server's own defaults.
+    assert_eq!(
+        off.dns.policy(),
+        isthmus_federation::dns::DnsPolicy::default()
+    );
+    assert_eq!(off.dns.tcp_idle_timeout, dns::DEFAULT_TCP_IDLE_TIMEOUT);
 }
 
 #[test]
@@ -1121,6 +1153,52 @@ fn dns_mistakes_are_named() {
             "dns.forward_timeout",
         ),
         ("cache_size = 500", "cache_size = 5000000", "dns.cache_size"),
+        (
+            "\"10.0.0.0/8\", \"fd00::/8\"",
+            "\"10.0.0.1/8\"",
+            "dns.allow_sources[1]",
+        ),
+        (
+            "\"10.0.0.0/8\", \"fd00::/8\"",
+            "\"localnets\"",
+            "dns.allow_sources[1]",
+        ),
+        (
+            "allow_sources = [\"127.0.0.1\", \"10.0.0.0/8\", \"fd00::/8\"]",
+            "allow_sources = []",
+            "dns.allow_sources",
+        ),
+        ("rate_limit = 50", "rate_limit = -1", "dns.rate_limit"),
+        (
+            "rate_limit_burst = 100",
+            "rate_limit_burst = 0",
+            "dns.rate_limit_burst",
+        ),
+        (
+            "rate_limit_slip = 3",
+            "rate_limit_slip = 11",
+            "dns.rate_limit_slip",
+        ),
+        (
+            "tcp_max_connections = 100",
+            "tcp_max_connections = 0",
+            "dns.tcp_max_connections",
+        ),
+        (
+            "tcp_max_connections_per_source = 4",
+            "tcp_max_connections_per_source = 101",
+            "dns.tcp_max_connections_per_source",
+        ),
+        (
+            "tcp_idle_timeout = \"5s\"",
+            "tcp_idle_timeout = \"10m\"",
+            "dns.tcp_idle_timeout",
+        ),
+        (
+            "tcp_idle_timeout = \"5s\"",
+            "tcp_idle_timeout = \"100ms\"",
+            "dns.tcp_idle_timeout",
+        ),
         (
             "outbound = \"127.0.0.1:15001\"",
             "outbound = \"127.240.0.9:15001\"",

@@ -164,6 +164,7 @@ fn duration(
     }
 }
 
+/// An integer setting in `min..=max`, `default` when absent.
 pub(super) fn int(
     check: &mut Check,
     path: &str,
