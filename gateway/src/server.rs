@@ -40,7 +40,7 @@ use crate::lifecycle::{Probe, Reloader, Signals, Startup, Upgrade};
 use crate::limits::{Guarded, LimitMetrics, ListenerGuard};
 use crate::mesh::MeshRelay;
 use crate::proxy::balance::Here;
-use crate::proxy::east_west::{Callers, EastWestApp, EastWestLimits, EastWestProxy};
+use crate::proxy::east_west::{Callers, EastWestApp, EastWestL4, EastWestLimits, EastWestProxy};
 use crate::proxy::outbound::{Common, OutboundProxy};
 use crate::proxy::tcp::TcpOutboundApp;
 use crate::proxy::{Lingering, ProxyMetrics, TcpMetrics};
@@ -518,10 +518,12 @@ fn add_data_plane(
             acceptor,
             proxy,
             callers,
-            catalog.clone(),
-            upstreams.clone(),
-            tcp_metrics.clone(),
-            drain.clone(),
+            EastWestL4 {
+                catalog: catalog.clone(),
+                upstreams: upstreams.clone(),
+                tcp: tcp_metrics.clone(),
+                drain: drain.clone(),
+            },
             EastWestLimits {
                 guard: guard("east_west", limits.east_west),
                 handshakes: ConnectionLimiter::new(limits.east_west_handshakes),

@@ -309,18 +309,34 @@ impl EastWestLimits {
     }
 }
 
+/// What the east-west listener's L4 paths (passthrough, terminated TCP ports)
+/// use.
+pub struct EastWestL4 {
+    /// The catalog the SNI is looked up in.
+    pub catalog: Arc<ArcSwap<Catalog>>,
+    /// Backends and their protection.
+    pub upstreams: Arc<Upstreams>,
+    /// L4 connection metrics.
+    pub tcp: TcpMetrics,
+    /// TCP streams in flight, waited for on stop.
+    pub drain: Arc<Drain>,
+}
+
 impl EastWestApp {
     /// An app accepting with `acceptor` and proxying with `proxy`.
     pub fn new(
         acceptor: SpiffeAcceptor,
         proxy: HttpProxy<EastWestProxy>,
         callers: Arc<Callers>,
-        catalog: Arc<ArcSwap<Catalog>>,
-        upstreams: Arc<Upstreams>,
-        tcp: TcpMetrics,
-        drain: Arc<Drain>,
+        l4: EastWestL4,
         limits: EastWestLimits,
     ) -> Self {
+        let EastWestL4 {
+            catalog,
+            upstreams,
+            tcp,
+            drain,
+        } = l4;
         Self {
             acceptor,
             proxy: Arc::new(proxy),
