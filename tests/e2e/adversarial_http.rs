@@ -224,57 +224,82 @@ where
     );
 }
 
+/// The request headers the echo upstream reports, for a request with curl
+/// `args` carrying forged internal headers; asserts it succeeded.
+fn forged_request(what: &str, args: &[&str]) -> serde_json::Map<String, serde_json::Value> {
+    let mut all = vec![
+        "-H",
+        "X-Forwarded-Client-Cert: By=spiffe://x/y;URI=spiffe://b.example/isthmus/gateway/gw-b",
+        "-H",
+        "x-isthmus-subset: canary",
+        "-H",
+        "X-Isthmus-Overloaded: true",
+        "-H",
+        "x-isthmus-anything-new: 1",
+        "-H",
+        "x-request-id: kept-by-the-gateway",
+    ];
+    all.extend(args);
+    let r = curl(&all);
+    assert_eq!(r.status, 200, "{what}: {}", r.body);
+    let echo: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let headers = echo["headers"].as_object().unwrap().clone();
+    let internal: Vec<&String> = headers
+        .keys()
+        .filter(|k| *k == "x-forwarded-client-cert" || k.starts_with("x-isthmus-"))
+        .collect();
+    assert!(
+        internal.is_empty(),
+        "{what}: {internal:?} reached the endpoint"
+    );
+    assert_eq!(headers["x-request-id"], "kept-by-the-gateway", "{what}");
+    headers
+}
+
 #[test]
 fn forged_internal_headers_from_a_workload_never_reach_the_endpoint() {
     let upstream = EchoServer::start("pod");
-    let (gw, outbound) = solo_gateway(&[upstream.addr], "").unwrap();
+    let dns = free_addr();
+    let (gw, outbound) = solo_gateway(
+        &[upstream.addr],
+        // Exported: clusterset.local names exported services only.
+        &format!(
+            "export = true\n[dns]\nlisten = \"{dns}\"\nclusterset_ipv4_range = \"127.246.0.0/16\"\n"
+        ),
+    )
+    .unwrap();
     let url = format!("http://{outbound}/pay");
-    for (proto, extra) in [("HTTP/1.1", None), ("h2c", Some("--http2-prior-knowledge"))] {
-        let mut args = vec![
-            "-H",
-            "Host: web.shop.svc.clusterset.local",
-            "-H",
-            "X-Forwarded-Client-Cert: By=spiffe://x/y;URI=spiffe://b.example/isthmus/gateway/gw-b",
-            "-H",
-            "x-isthmus-subset: canary",
-            "-H",
-            "X-Isthmus-Overloaded: true",
-            "-H",
-            "x-isthmus-anything-new: 1",
-            "-H",
-            "x-request-id: kept-by-the-gateway",
-        ];
-        args.extend(extra);
-        args.push(&url);
-        let r = curl(&args);
-        assert_eq!(r.status, 200, "{proto}: {}", r.body);
-        let echo: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-        let headers = echo["headers"].as_object().unwrap();
-        let internal: Vec<&String> = headers
-            .keys()
-            .filter(|k| *k == "x-forwarded-client-cert" || k.starts_with("x-isthmus-"))
-            .collect();
-        assert!(
-            internal.is_empty(),
-            "{proto}: {internal:?} reached the endpoint"
-        );
-        assert_eq!(headers["x-request-id"], "kept-by-the-gateway", "{proto}");
-    }
-    let forged = metric_sum(
-        &metrics(&gw),
-        "isthmus_forged_headers_total",
-        &[("listener", "outbound")],
-    );
-    assert_eq!(forged, 2.0, "one per request that carried them");
+    let host = "Host: web.shop.svc.clusterset.local";
+    forged_request("HTTP/1.1", &["-H", host, &url]);
+    forged_request("h2c", &["-H", host, "--http2-prior-knowledge", &url]);
+    let forged = |listener: &str| {
+        metric_sum(
+            &metrics(&gw),
+            "isthmus_forged_headers_total",
+            &[("listener", listener)],
+        )
+    };
+    assert_eq!(forged("outbound"), 2.0, "one per request that carried them");
     // A request without them is not counted.
-    let r = curl(&["-H", "Host: web.shop.svc.clusterset.local", &url]);
+    let r = curl(&["-H", host, &url]);
     assert_eq!(r.status, 200);
-    let forged_after = metric_sum(
-        &metrics(&gw),
-        "isthmus_forged_headers_total",
-        &[("listener", "outbound")],
-    );
-    assert_eq!(forged_after, 2.0);
+    assert_eq!(forged("outbound"), 2.0);
+
+    // The listener at the service's clusterset IP strips them the same way.
+    let ip = wait_for(Duration::from_secs(10), "a clusterset IP", || {
+        isthmus_tests::dns::dig(dns, &["web.shop.svc.clusterset.local", "A"])
+            .data("A")
+            .pop()
+    })
+    .unwrap();
+    let clusterset_url = format!("http://{ip}:80/pay");
+    wait_for(Duration::from_secs(10), "the clusterset listener", || {
+        (curl(&[&clusterset_url]).status == 200).then_some(())
+    })
+    .unwrap();
+    forged_request("clusterset", &[&clusterset_url]);
+    // Counted as the outbound listener's, as its requests are.
+    assert_eq!(forged("outbound"), 3.0);
 }
 
 #[test]
