@@ -711,3 +711,90 @@ allow_sources = ["{NORMAL}/32"]
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(c.b.log().contains("outside shop/ledger's allow_sources"));
 }
+
+/// Reads one HTTP/2 frame: (type, flags, stream id, payload).
+fn read_frame(s: &mut std::net::TcpStream) -> std::io::Result<(u8, u8, u32, Vec<u8>)> {
+    use std::io::Read;
+    let mut header = [0u8; 9];
+    s.read_exact(&mut header)?;
+    let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload)?;
+    Ok((header[3], header[4], stream, payload))
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut out = vec![len[1], len[2], len[3], kind, flags];
+    out.extend(stream.to_be_bytes());
+    out.extend(payload);
+    out
+}
+
+#[test]
+fn h2_streams_over_the_cap_are_refused_while_the_others_are_served() {
+    use std::io::Write;
+    const SETTINGS: u8 = 0x4;
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    const REFUSED_STREAM: u32 = 0x7;
+    let upstream = EchoServer::start("pod");
+    // Each request waits upstream (the echo server answers one delayed
+    // request at a time), so the streams are all open when the eighth arrives.
+    upstream.set(isthmus_tests::Behaviour::Delay(Duration::from_millis(300)));
+    let (_gw, outbound) = solo_gateway(
+        &[upstream.addr],
+        "[limits]\nh2_max_concurrent_streams = 7\n",
+    )
+    .unwrap();
+    let mut s = std::net::TcpStream::connect(outbound).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    s.write_all(&frame(SETTINGS, 0, 0, &[])).unwrap();
+    // The server announces the cap in its first SETTINGS.
+    let (kind, _, _, payload) = read_frame(&mut s).unwrap();
+    assert_eq!(kind, SETTINGS);
+    let cap = payload.chunks(6).find_map(|e| {
+        (u16::from_be_bytes([e[0], e[1]]) == MAX_CONCURRENT_STREAMS)
+            .then(|| u32::from_be_bytes([e[2], e[3], e[4], e[5]]))
+    });
+    assert_eq!(cap, Some(7), "{payload:?}");
+    // Its cap applies once acknowledged; then eight requests at once.
+    s.write_all(&frame(SETTINGS, 0x1, 0, &[])).unwrap();
+    let authority = b"web.shop.svc.clusterset.local";
+    // HPACK: :method GET, :scheme http, :path /, :authority (literal).
+    let mut block = vec![0x82, 0x86, 0x84, 0x41, authority.len() as u8];
+    block.extend(authority);
+    for i in 0..8u32 {
+        s.write_all(&frame(HEADERS, 0x5, 2 * i + 1, &block))
+            .unwrap();
+    }
+    // Meanwhile another client is served.
+    let other = curl(&[
+        "--http2-prior-knowledge",
+        "-H",
+        "Host: web.shop.svc.clusterset.local",
+        &format!("http://{outbound}/"),
+    ]);
+    assert_eq!(other.status, 200, "{}", other.body);
+    let (mut answered, mut refused) = (Vec::new(), Vec::new());
+    while answered.len() + refused.len() < 8 {
+        let (kind, _, stream, payload) = read_frame(&mut s).unwrap();
+        match kind {
+            HEADERS => answered.push(stream),
+            RST_STREAM => {
+                assert_eq!(
+                    u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]),
+                    REFUSED_STREAM
+                );
+                refused.push(stream);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(refused, [15], "the eighth stream is refused");
+    answered.sort_unstable();
+    assert_eq!(answered, [1, 3, 5, 7, 9, 11, 13]);
+}
