@@ -106,6 +106,21 @@ impl Locality {
     pub fn subzone(&self) -> Option<&str> {
         self.subzone.as_deref()
     }
+
+    /// Whether `self` lies inside `area`: the same region, and the same zone
+    /// and subzone where `area` names them (`us-east` holds
+    /// `us-east/us-east-1a`; not the other way round).
+    pub fn is_within(&self, area: &Locality) -> bool {
+        self.region == area.region
+            && area
+                .zone
+                .as_ref()
+                .is_none_or(|z| self.zone.as_ref() == Some(z))
+            && area
+                .subzone
+                .as_ref()
+                .is_none_or(|s| self.subzone.as_ref() == Some(s))
+    }
 }
 
 /// Parses `region[/zone[/subzone]]`.
@@ -137,6 +152,18 @@ impl fmt::Display for Locality {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_locality_is_within_the_areas_that_contain_it() {
+        let l = |s: &str| s.parse::<Locality>().unwrap();
+        let here = l("eu-west/eu-west-1a/rack7");
+        assert!(here.is_within(&l("eu-west")));
+        assert!(here.is_within(&l("eu-west/eu-west-1a")));
+        assert!(here.is_within(&here));
+        assert!(!here.is_within(&l("eu-west/eu-west-1b")));
+        assert!(!here.is_within(&l("us-east")));
+        assert!(!l("eu-west").is_within(&l("eu-west/eu-west-1a")));
+    }
 
     #[test]
     fn parses_and_displays_round_trip() {

@@ -147,6 +147,25 @@ async fn https_spiffe_bootstraps_follows_rotation_and_refuses_rollback() {
     );
     assert_eq!(metrics.count("remote.example", "rollback"), 1);
 
+    // A bundle without any sequence cannot replace one that had one.
+    let unsequenced = {
+        let mut doc: serde_json::Value =
+            serde_json::from_str(&bundle_json(&[&remote1, &remote2], 7, 1)).unwrap();
+        doc.as_object_mut().unwrap().remove("spiffe_sequence");
+        doc.to_string()
+    };
+    doc.store(Arc::new(unsequenced));
+    let err = fetcher.fetch_once().await.unwrap_err();
+    assert!(
+        matches!(err, FetchError::MissingSequence { have: 6 }),
+        "{err}"
+    );
+    assert_eq!(
+        local.trust().get("remote.example").unwrap().bundle.sequence,
+        Some(6)
+    );
+    assert_eq!(metrics.count("remote.example", "rollback"), 2);
+
     // Garbage from the endpoint: refused, last good bundle kept.
     doc.store(Arc::new("{\"keys\": 7}".to_owned()));
     assert!(matches!(

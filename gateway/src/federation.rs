@@ -2,13 +2,12 @@
 //! configuration, the discovery sources ([`crate::discovery`]) and the peers,
 //! the peering listener, and one dialler per configured peer.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use isthmus_federation::peering::{
-    ExportFilter, ExportFilters, Hub, PeerHello, PeerTarget, PeeringMetrics, dial, incarnation,
-    serve,
+    Hub, PeerHello, PeerTarget, PeeringMetrics, dial, incarnation, serve,
 };
 use isthmus_federation::trust::tls::mtls_server_config;
 use isthmus_federation::trust::{SpiffeAcceptor, SpiffeConnector};
@@ -47,36 +46,19 @@ pub fn hub(
         config.federation.grace,
         Arc::default(),
         trust.map(|t| t.material().clone()),
-        config.federation.accept_peer_bundles,
+        config.federation.limits,
+        config.federation.state_file.clone(),
         PeeringMetrics::new(registry)?,
     );
     apply(config, &hub);
     Ok(hub)
 }
 
-/// Applies what can change on reload: services, static peers, export filters
-/// and which peers readiness waits for.
+/// Applies what can change on reload: services, static peers, who may peer
+/// and assert what (grants, export patterns, bundle pushes; which peers
+/// readiness waits for).
 pub fn apply(config: &Config, hub: &Hub) {
-    hub.set_filters(ExportFilters {
-        default: ExportFilter::new(config.federation.export.clone()),
-        by_peer: config
-            .federation
-            .peers
-            .iter()
-            .filter_map(|p| {
-                let export = p.export.clone()?;
-                Some((p.spiffe_id.clone(), ExportFilter::new(export)))
-            })
-            .collect(),
-    });
-    hub.set_configured_peers(
-        config
-            .federation
-            .peers
-            .iter()
-            .map(|p| p.spiffe_id.clone())
-            .collect::<BTreeSet<_>>(),
-    );
+    hub.set_authority(config.federation.authority(&config.trust));
     hub.set_static_peers(config.static_peers());
     hub.set_source("config", config.local_services());
 }
@@ -188,8 +170,14 @@ impl FederationService {
         trust: &Trust,
         addr: std::net::SocketAddr,
     ) -> Result<(tokio::net::TcpListener, SpiffeAcceptor), String> {
-        let tls = mtls_server_config(trust.material(), trust.policy.clone(), vec![b"h2".to_vec()])
-            .map_err(|e| e.to_string())?;
+        // Its own policy, not the east-west one: only the configured peers
+        // and the gateways of accepted trust domains, never a workload SVID.
+        let tls = mtls_server_config(
+            trust.material(),
+            self.hub.listener_policy(),
+            vec![b"h2".to_vec()],
+        )
+        .map_err(|e| e.to_string())?;
         let acceptor = SpiffeAcceptor::new(
             Arc::new(tls),
             trust.handshake_metrics.clone(),

@@ -169,17 +169,20 @@ impl Reloader {
             || next.federation.advertise != current.federation.advertise
             || next.federation.lease != current.federation.lease
             || next.federation.grace != current.federation.grace
-            || next.federation.accept_peer_bundles != current.federation.accept_peer_bundles
+            || next.federation.limits != current.federation.limits
+            || next.federation.state_file != current.federation.state_file
         {
             warn!(
-                "federation listen, advertise, lease, grace or accept_peer_bundles changed; they take effect on restart"
+                "federation listen, advertise, lease, grace, limits or state_file changed; they take effect on restart"
             );
-            let (peers, export) = (
+            let (peers, accept, export) = (
                 next.federation.peers.clone(),
+                next.federation.accept.clone(),
                 next.federation.export.clone(),
             );
             next.federation = current.federation.clone();
             next.federation.peers = peers;
+            next.federation.accept = accept;
             next.federation.export = export;
         }
         if next.services != current.services

@@ -67,7 +67,9 @@ fn material_files(config: &Config, identity: &IdentityConfig) -> MaterialFiles {
                 trust_domain: fed.trust_domain.clone(),
                 path: path.clone(),
                 field: format!("trust.federated[{i}].bundle"),
-                role: if fed.endpoint.is_some() {
+                // With an endpoint or opted-in peer pushes the file only
+                // bootstraps: what those deliver is not rolled back by it.
+                role: if fed.endpoint.is_some() || fed.accept_peer_bundles {
                     BundleRole::Bootstrap
                 } else {
                     BundleRole::Static

@@ -420,8 +420,17 @@ TOML
   for (( j = 0; j < GATEWAYS; j++ )); do
     [ "$j" -eq "$i" ] && continue
     [ "$TOPOLOGY" = lower ] && [ "$j" -gt "$i" ] && continue
-    printf '[[federation.peers]]\naddress = "127.0.0.1:%s"\nspiffe_id = "spiffe://%s/isthmus/gateway/gw-%d"\n' "$(fed "$j")" "$TD" "$j"
+    printf '[[federation.peers]]\naddress = "127.0.0.1:%s"\nspiffe_id = "spiffe://%s/isthmus/gateway/gw-%d"\nclusters = ["c%d"]\n' "$(fed "$j")" "$TD" "$j" "$j"
   done
+  # In the lower topology the higher-numbered gateways dial this one: accept
+  # them as gateways of the trust domain, each bound to its own cluster name.
+  if [ "$TOPOLOGY" = lower ] && [ "$i" -lt $(( GATEWAYS - 1 )) ]; then
+    printf '[[federation.accept]]\ntrust_domain = "%s"\nclusters = [' "$TD"
+    for (( j = i + 1; j < GATEWAYS; j++ )); do
+      printf '"c%d"%s' "$j" "$([ "$j" -lt $(( GATEWAYS - 1 )) ] && echo ', ')"
+    done
+    printf ']\n'
+  fi
   services_toml "$i" "$extra"
 }
 write_config() { # path, contents on stdin: write aside, then rename

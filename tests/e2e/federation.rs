@@ -145,7 +145,11 @@ fn a_peer_of_an_unknown_trust_domain_is_refused() -> Result<()> {
             "[[trust.federated]]\ntrust_domain = \"d.example\"\nbundle = \"{}\"\n",
             mesh.members[2].ca.join("bundle.pem").display()
         );
-        full.replace(&d_bundle, "")
+        let d_accept = format!(
+            "[[federation.accept]]\ntrust_domain = \"d.example\"\nclusters = [\"{}\"]\n",
+            mesh.members[2].cluster()
+        );
+        full.replace(&d_bundle, "").replace(&d_accept, "")
     };
     assert!(!a_config.contains("d.example"));
     let mut a = Gateway::start(&a_config, mesh.members[0].admin, &[])?;
@@ -233,7 +237,7 @@ mod malformed {
             address: am.federation,
             spiffe_id: am.spiffe_id().parse()?,
         };
-        let mut grpc = client(&target, &connector, Duration::from_secs(5))
+        let mut grpc = client(&target, &connector, Duration::from_secs(5), 4 << 20)
             .await
             .map_err(anyhow::Error::msg)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);

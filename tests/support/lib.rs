@@ -10,6 +10,7 @@ pub mod dns;
 pub mod load;
 pub mod mesh;
 pub mod netns;
+pub mod rogue;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

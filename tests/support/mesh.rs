@@ -35,6 +35,10 @@ impl Member {
     pub fn td(&self) -> String {
         format!("{}.example", self.name)
     }
+    /// Its cluster, `gw-<name>-cluster`.
+    pub fn cluster(&self) -> String {
+        format!("gw-{}-cluster", self.name)
+    }
     /// Its SPIFFE ID.
     pub fn spiffe_id(&self) -> String {
         format!("spiffe://{}/isthmus/gateway/gw-{}", self.td(), self.name)
@@ -114,10 +118,22 @@ impl Mesh {
         for &j in dials {
             let peer = &self.members[j];
             extra.push_str(&format!(
-                "[[federation.peers]]\naddress = \"{}\"\nspiffe_id = \"{}\"\n",
+                "[[federation.peers]]\naddress = \"{}\"\nspiffe_id = \"{}\"\nclusters = [\"{}\"]\n",
                 peer.federation,
-                peer.spiffe_id()
+                peer.spiffe_id(),
+                peer.cluster()
             ));
+        }
+        // The members it does not dial may dial it: each is granted its own
+        // cluster name, as gateways of its trust domain.
+        for (j, other) in self.members.iter().enumerate() {
+            if j != i && !dials.contains(&j) {
+                extra.push_str(&format!(
+                    "[[federation.accept]]\ntrust_domain = \"{}\"\nclusters = [\"{}\"]\n",
+                    other.td(),
+                    other.cluster()
+                ));
+            }
         }
         extra.push_str(services);
         let config = gateway_config(

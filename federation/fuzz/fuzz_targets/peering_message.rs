@@ -3,6 +3,7 @@
 //! panic, and whatever is accepted survives its own conversion back unchanged.
 #![no_main]
 
+use isthmus_federation::peering::PeeringLimits;
 use isthmus_federation::peering::convert::{PeerHello, export_to_proto, exports_from_proto};
 use isthmus_federation::peering::proto::{PeerMessage, peer_message::Kind};
 use isthmus_federation::{ClusterName, SpiffeId};
@@ -14,6 +15,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let cluster: ClusterName = "fuzz".parse().expect("valid cluster");
+    let limits = PeeringLimits::default();
     let services = match message.kind {
         Some(Kind::Hello(hello)) => {
             let id: SpiffeId = "spiffe://fuzz.example/isthmus/gateway/gw"
@@ -29,11 +31,11 @@ fuzz_target!(|data: &[u8]| {
         Some(Kind::Delta(d)) => d.upserts,
         _ => return,
     };
-    let (good, bad) = exports_from_proto(&services, "services", &cluster);
+    let (good, bad) = exports_from_proto(&services, "services", &cluster, &limits);
     assert_eq!(good.len() + bad.len(), services.len());
     for export in good {
         let wire = export_to_proto(&export, &cluster);
-        let (again, none) = exports_from_proto(&[wire], "services", &cluster);
+        let (again, none) = exports_from_proto(&[wire], "services", &cluster, &limits);
         assert!(none.is_empty());
         assert_eq!(again, [export]);
     }

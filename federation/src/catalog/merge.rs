@@ -7,6 +7,10 @@
 //! - where clusters disagree (a port's protocol or name, headless or not) the
 //!   oldest export wins, ties broken by cluster name, and the conflict is
 //!   reported rather than silently resolved;
+//! - except that a service defined here keeps its local definition: a peer
+//!   can add its gateways as targets, but never change the ports, protocols
+//!   or headlessness of a service this cluster serves (its disagreements are
+//!   reported as conflicts, and its extra ports are left out);
 //! - each remote gateway entry names its cluster of origin, and only services
 //!   with endpoints in this cluster are exported, so nothing learned from a
 //!   peer is ever passed on (no loops).
@@ -137,10 +141,17 @@ pub fn merge(cluster: &ClusterName, local: &[LocalService], peers: &[&PeerCatalo
                 export: e,
             }))
             .collect();
+        // The local definition, when there is one, goes first whatever its
+        // age: what this cluster serves is not a peer's to redefine.
         participants.sort_by(|a, b| {
-            (a.export.export_time_millis, a.cluster).cmp(&(b.export.export_time_millis, b.cluster))
+            (a.cluster != cluster, a.export.export_time_millis, a.cluster).cmp(&(
+                b.cluster != cluster,
+                b.export.export_time_millis,
+                b.cluster,
+            ))
         });
-        let (ports, headless) = merge_definition(key, &participants, &mut catalog.conflicts);
+        let (ports, headless) =
+            merge_definition(key, &participants, here.is_some(), &mut catalog.conflicts);
         let headless_endpoints = if headless {
             let mut all: Vec<HeadlessEndpoint> = participants
                 .iter()
@@ -180,19 +191,36 @@ pub fn merge(cluster: &ClusterName, local: &[LocalService], peers: &[&PeerCatalo
     catalog
 }
 
-/// The union of the participants' ports and their headless flag, the oldest
-/// export winning each disagreement. `participants` is oldest first.
+/// The union of the participants' ports and their headless flag, the first
+/// participant winning each disagreement. `participants` is oldest first, or
+/// with `local_first` the local definition first and alone defining the ports.
 fn merge_definition(
     key: &ServiceKey,
     participants: &[Participant<'_>],
+    local_first: bool,
     conflicts: &mut Vec<Conflict>,
 ) -> (Vec<ServicePort>, bool) {
     let mut ports: BTreeMap<u16, (ServicePort, &ClusterName)> = BTreeMap::new();
     let mut port_conflicts: BTreeMap<(u16, &str), Conflict> = BTreeMap::new();
-    for p in participants {
+    for (i, p) in participants.iter().enumerate() {
         for port in &p.export.ports {
             let Some((chosen, from)) = ports.get(&port.port) else {
-                ports.insert(port.port, (port.clone(), p.cluster));
+                if local_first && i > 0 {
+                    let local = participants[0].cluster;
+                    port_conflicts
+                        .entry((port.port, "port"))
+                        .or_insert_with(|| Conflict {
+                            service: key.clone(),
+                            field: format!("port {}", port.port),
+                            chosen: "(not a port of the local service)".into(),
+                            chosen_from: local.clone(),
+                            rejected: Vec::new(),
+                        })
+                        .rejected
+                        .push((p.cluster.clone(), port.protocol.as_str().to_owned()));
+                } else {
+                    ports.insert(port.port, (port.clone(), p.cluster));
+                }
                 continue;
             };
             let mut disagree = |field: &'static str, chosen: String, theirs: String| {
@@ -323,19 +351,19 @@ mod tests {
 
     #[test]
     fn ports_union_and_the_oldest_export_wins_a_conflict() {
+        // A service not defined here: the peers' definitions merge.
         let here: ClusterName = "a".parse().unwrap();
-        let local = [local(
-            export(
+        let c = peer(
+            "c",
+            vec![export(
                 "shop/web",
                 30,
                 vec![
                     port(80, Protocol::Tcp, None),
                     port(90, Protocol::Http, None),
                 ],
-            ),
-            &["10.0.0.1:80"],
-            true,
-        )];
+            )],
+        );
         let b = peer(
             "b",
             vec![export(
@@ -347,7 +375,7 @@ mod tests {
                 ],
             )],
         );
-        let catalog = merge(&here, &local, &[&b]);
+        let catalog = merge(&here, &[], &[&c, &b]);
         let entry = catalog.get(&key("shop/web")).unwrap();
         assert_eq!(
             entry.ports,
@@ -370,6 +398,67 @@ mod tests {
             ]
         );
         assert_eq!(catalog.conflicts()[1].rejected[0].1, "tcp");
+    }
+
+    #[test]
+    fn a_peer_never_redefines_a_service_defined_here() {
+        // The local definition is newer, yet it wins: ports, protocols and
+        // headlessness; the peer's extra port and headless endpoints are
+        // left out and every disagreement is reported.
+        let here: ClusterName = "a".parse().unwrap();
+        let local = [local(
+            export(
+                "shop/web",
+                30,
+                vec![
+                    port(80, Protocol::Tcp, None),
+                    port(90, Protocol::Http, None),
+                ],
+            ),
+            &["10.0.0.1:80"],
+            true,
+        )];
+        let mut rogue = export(
+            "shop/web",
+            1,
+            vec![
+                port(80, Protocol::Http, Some("web")),
+                port(81, Protocol::Grpc, None),
+            ],
+        );
+        rogue.headless = true;
+        rogue.endpoints = vec![HeadlessEndpoint {
+            cluster: "b".parse().unwrap(),
+            hostname: None,
+            address: "127.66.66.66".parse().unwrap(),
+        }];
+        let b = peer("b", vec![rogue]);
+        let catalog = merge(&here, &local, &[&b]);
+        let entry = catalog.get(&key("shop/web")).unwrap();
+        assert_eq!(
+            entry.ports,
+            [
+                port(80, Protocol::Tcp, None),
+                port(90, Protocol::Http, None)
+            ]
+        );
+        assert!(!entry.headless);
+        assert!(entry.headless_endpoints.is_empty());
+        assert_eq!(entry.remote.len(), 1, "b still serves it as a target");
+        let fields: Vec<(&str, &str)> = catalog
+            .conflicts()
+            .iter()
+            .map(|c| (c.field.as_str(), c.chosen_from.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("port 80 name", "a"),
+                ("port 80 protocol", "a"),
+                ("port 81", "a"),
+                ("headless", "a")
+            ]
+        );
     }
 
     #[test]

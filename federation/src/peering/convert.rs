@@ -7,12 +7,14 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use super::authority::PeeringLimits;
 use super::proto;
 use crate::catalog::{
     Export, HeadlessEndpoint, Labels, MAX_LABEL_LEN, Protocol, ServiceKey, ServicePort,
     validate_label_name,
 };
 use crate::names::validate_label;
+use crate::trust::tls::GATEWAY_PATH_PREFIX;
 use crate::{ClusterName, Locality, SpiffeId};
 
 /// This protocol's version, sent in every hello.
@@ -23,6 +25,9 @@ pub const MIN_LEASE: Duration = Duration::from_millis(500);
 pub const MAX_LEASE: Duration = Duration::from_secs(600);
 /// Most labels a hello may carry.
 pub const MAX_LABELS: usize = 64;
+/// Most subsets one exported service may announce (a handful in practice:
+/// versions, canaries).
+pub const MAX_SUBSETS: usize = 64;
 
 /// A field of a peering message that cannot be used, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,6 +113,14 @@ impl PeerHello {
             .spiffe_id
             .parse()
             .map_err(|e| ConvertError::new("spiffe_id", e))?;
+        if !spiffe_id.path().starts_with(GATEWAY_PATH_PREFIX) {
+            // Only gateways peer: a workload SVID of a federated trust domain
+            // must not pass for one.
+            return Err(ConvertError::new(
+                "spiffe_id",
+                format!("{spiffe_id} is not a gateway identity ({GATEWAY_PATH_PREFIX}<name>)"),
+            ));
+        }
         if &spiffe_id != authenticated {
             return Err(ConvertError::new(
                 "spiffe_id",
@@ -222,14 +235,38 @@ pub fn export_to_proto(export: &Export, cluster: &ClusterName) -> proto::Exporte
     }
 }
 
-/// Checks one exported service of the peer fronting `cluster`. An export whose
-/// origin is another cluster is refused: gateways export only their own
-/// cluster's services, so accepting it could route in a loop.
+/// Checks one exported service of the peer fronting `cluster`, within
+/// `limits`. An export whose origin is another cluster is refused: gateways
+/// export only their own cluster's services, so accepting it could route in a
+/// loop.
 pub fn export_from_proto(
     service: &proto::ExportedService,
     cluster: &ClusterName,
+    limits: &PeeringLimits,
 ) -> Result<Export, ConvertError> {
     let key = service_key(&service.namespace, &service.name)?;
+    // Caps first: each port may become a listener and each endpoint a DNS
+    // record, so a peer must not make this gateway allocate without bound.
+    if service.ports.len() > limits.max_ports_per_service {
+        return Err(ConvertError::new(
+            "ports",
+            format!(
+                "{} ports; at most {} per service",
+                service.ports.len(),
+                limits.max_ports_per_service
+            ),
+        ));
+    }
+    if service.endpoints.len() > limits.max_endpoints_per_service {
+        return Err(ConvertError::new(
+            "endpoints",
+            format!(
+                "{} endpoints; at most {} per service",
+                service.endpoints.len(),
+                limits.max_endpoints_per_service
+            ),
+        ));
+    }
     if service.origin_cluster != cluster.as_str() {
         return Err(ConvertError::new(
             "origin_cluster",
@@ -240,6 +277,7 @@ pub fn export_from_proto(
         ));
     }
     let mut ports: Vec<ServicePort> = Vec::with_capacity(service.ports.len());
+    let mut seen_ports = std::collections::HashSet::with_capacity(service.ports.len());
     for (i, p) in service.ports.iter().enumerate() {
         let path = |field: &str| format!("ports[{i}].{field}");
         let port = u16::try_from(p.port)
@@ -248,7 +286,7 @@ pub fn export_from_proto(
             .ok_or_else(|| {
                 ConvertError::new(path("port"), format!("{} is not 1..=65535", p.port))
             })?;
-        if ports.iter().any(|q| q.port == port) {
+        if !seen_ports.insert(port) {
             return Err(ConvertError::new(
                 path("port"),
                 format!("{port} is listed twice"),
@@ -290,6 +328,12 @@ pub fn export_from_proto(
             address,
         });
     }
+    if service.subsets.len() > MAX_SUBSETS {
+        return Err(ConvertError::new(
+            "subsets",
+            format!("{} subsets; at most {MAX_SUBSETS}", service.subsets.len()),
+        ));
+    }
     let mut subsets = Vec::with_capacity(service.subsets.len());
     for (i, s) in service.subsets.iter().enumerate() {
         validate_label(s).map_err(|e| ConvertError::new(format!("subsets[{i}]"), e))?;
@@ -329,11 +373,12 @@ pub fn exports_from_proto(
     services: &[proto::ExportedService],
     field: &str,
     cluster: &ClusterName,
+    limits: &PeeringLimits,
 ) -> (Vec<Export>, Vec<ConvertError>) {
     let mut good = Vec::with_capacity(services.len());
     let mut bad = Vec::new();
     for (i, s) in services.iter().enumerate() {
-        match export_from_proto(s, cluster) {
+        match export_from_proto(s, cluster, limits) {
             Ok(e) => good.push(e),
             Err(e) => bad.push(e.within(&format!("{field}[{i}]"))),
         }
@@ -384,21 +429,26 @@ mod tests {
         else {
             panic!("snapshot seed");
         };
-        let (good, bad) = exports_from_proto(&s.services, "services", &fuzz);
+        let (good, bad) =
+            exports_from_proto(&s.services, "services", &fuzz, &PeeringLimits::default());
         assert_eq!((good.len(), bad.len()), (2, 0), "{bad:?}");
         assert_eq!(good[1].endpoints.len(), 2);
         let Kind::Delta(d) = decode(include_bytes!("../../fuzz/seeds/peering_message/delta"))
         else {
             panic!("delta seed");
         };
-        let (good, bad) = exports_from_proto(&d.upserts, "upserts", &fuzz);
+        let (good, bad) =
+            exports_from_proto(&d.upserts, "upserts", &fuzz, &PeeringLimits::default());
         assert_eq!((good.len(), bad.len(), d.removals.len()), (1, 1, 1));
     }
 
     #[test]
     fn exports_round_trip() {
         let wire = export_to_proto(&sample(), &cluster());
-        assert_eq!(export_from_proto(&wire, &cluster()).unwrap(), sample());
+        assert_eq!(
+            export_from_proto(&wire, &cluster(), &PeeringLimits::default()).unwrap(),
+            sample()
+        );
     }
 
     #[test]
@@ -431,16 +481,64 @@ mod tests {
         for (mutate, path) in cases {
             let mut wire = good.clone();
             mutate(&mut wire);
-            let err = export_from_proto(&wire, &cluster()).unwrap_err();
+            let err = export_from_proto(&wire, &cluster(), &PeeringLimits::default()).unwrap_err();
             assert_eq!(err.path, path, "{err}");
         }
         let (ok, bad) = exports_from_proto(
             &[good.clone(), proto::ExportedService::default(), good],
             "services",
             &cluster(),
+            &PeeringLimits::default(),
         );
         assert_eq!(ok.len(), 2);
         assert_eq!(bad[0].path, "services[1].namespace");
+    }
+
+    #[test]
+    fn ports_endpoints_and_subsets_are_capped() {
+        let limits = PeeringLimits {
+            max_ports_per_service: 2,
+            max_endpoints_per_service: 1,
+            ..PeeringLimits::default()
+        };
+        let mut wire = export_to_proto(&sample(), &cluster());
+        assert!(export_from_proto(&wire, &cluster(), &limits).is_ok());
+        wire.ports = (1..=3)
+            .map(|p| proto::ServicePort {
+                port: p,
+                protocol: "tcp".into(),
+                name: String::new(),
+            })
+            .collect();
+        let err = export_from_proto(&wire, &cluster(), &limits).unwrap_err();
+        assert_eq!(err.path, "ports", "{err}");
+        wire.ports.truncate(2);
+        wire.endpoints.push(wire.endpoints[0].clone());
+        let err = export_from_proto(&wire, &cluster(), &limits).unwrap_err();
+        assert_eq!(err.path, "endpoints", "{err}");
+        wire.endpoints.truncate(1);
+        wire.subsets = (0..=MAX_SUBSETS).map(|i| format!("v{i}")).collect();
+        let err = export_from_proto(&wire, &cluster(), &limits).unwrap_err();
+        assert_eq!(err.path, "subsets", "{err}");
+    }
+
+    #[test]
+    fn a_hello_must_come_from_a_gateway_identity() {
+        let id: SpiffeId = "spiffe://west.example/ns/shop/sa/web".parse().unwrap();
+        let mut wire = PeerHello {
+            spiffe_id: "spiffe://west.example/isthmus/gateway/gw".parse().unwrap(),
+            cluster: cluster(),
+            locality: "eu".parse().unwrap(),
+            east_west: None,
+            incarnation: 1,
+            lease: Duration::from_secs(10),
+            labels: Labels::new(),
+        }
+        .to_proto();
+        wire.spiffe_id = id.to_string();
+        let err = PeerHello::from_proto(&wire, &id).unwrap_err();
+        assert_eq!(err.path, "spiffe_id");
+        assert!(err.message.contains("not a gateway identity"), "{err}");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! renewing is *lapsed* (its last-known-good services are still served) and,
 //! after the grace period, *expired* (its services are removed).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,12 +20,14 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
-use super::convert::PeerHello;
+use super::authority::{PeerAuthority, PeeringLimits, ServicePatterns};
+use super::convert::{ConvertError, PeerHello};
 use super::metrics::PeeringMetrics;
+use super::state;
 use crate::catalog::{
     Catalog, Export, LocalService, PeerCatalog, RemoteGateway, ServiceKey, export_set, merge,
 };
-use crate::trust::{BundleSource, DomainTrust, TlsMaterial, TrustBundle};
+use crate::trust::{BundleSource, DomainTrust, PeerPolicy, TlsMaterial, TrustBundle};
 use crate::{SpiffeId, TrustDomain};
 
 /// How often leases are checked.
@@ -39,57 +42,6 @@ pub struct ExportSet {
     pub version: u64,
     /// The services.
     pub services: Arc<BTreeMap<ServiceKey, Export>>,
-}
-
-/// Which exported services a peer may see: `namespace/name` patterns where `*`
-/// matches any run of characters. No patterns: all of them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct ExportFilter(Vec<String>);
-
-impl ExportFilter {
-    /// A filter of `patterns`.
-    pub fn new(patterns: Vec<String>) -> Self {
-        Self(patterns)
-    }
-
-    /// Whether `key` passes.
-    pub fn allows(&self, key: &ServiceKey) -> bool {
-        self.0.is_empty() || {
-            let name = key.to_string();
-            self.0.iter().any(|p| wildcard_match(p, &name))
-        }
-    }
-}
-
-/// `*` matches any run of characters; everything else matches itself.
-fn wildcard_match(pattern: &str, text: &str) -> bool {
-    let mut parts = pattern.split('*');
-    let Some(first) = parts.next() else {
-        return text.is_empty();
-    };
-    let Some(mut rest) = text.strip_prefix(first) else {
-        return false;
-    };
-    let parts: Vec<&str> = parts.collect();
-    let Some((last, middle)) = parts.split_last() else {
-        return rest.is_empty();
-    };
-    for part in middle {
-        match rest.find(part) {
-            Some(i) => rest = &rest[i + part.len()..],
-            None => return false,
-        }
-    }
-    rest.len() >= last.len() && rest.ends_with(last)
-}
-
-/// Export filters by peer, and for peers without their own.
-#[derive(Debug, Clone, Default)]
-pub struct ExportFilters {
-    /// For peers not listed in `by_peer`.
-    pub default: ExportFilter,
-    /// Per peer gateway.
-    pub by_peer: BTreeMap<SpiffeId, ExportFilter>,
 }
 
 /// Where a peer's lease stands.
@@ -132,7 +84,20 @@ struct PeerRecord {
     nacks_sent: u64,
     nacks_received: u64,
     last_nack: Option<String>,
+    /// When this gateway first saw each of the peer's exports (Unix
+    /// milliseconds): the earliest export time the peer may claim for it.
+    first_seen: HashMap<ServiceKey, u64>,
+    /// Exports refused from this peer, by service, with the reason (the
+    /// latest message's; at most [`MAX_REFUSALS_SHOWN`] kept).
+    refused: BTreeMap<String, String>,
+    /// Exports refused in all, since the record was made.
+    refused_total: u64,
+    /// When its lease expired; it is forgotten a retention time later.
+    expired_at: Option<Instant>,
 }
+
+/// Refused exports `/debug/peers` lists per peer; the count has them all.
+const MAX_REFUSALS_SHOWN: usize = 32;
 
 impl PeerRecord {
     fn new(hello: PeerHello) -> Self {
@@ -154,6 +119,30 @@ impl PeerRecord {
             nacks_sent: 0,
             nacks_received: 0,
             last_nack: None,
+            first_seen: HashMap::new(),
+            refused: BTreeMap::new(),
+            refused_total: 0,
+            expired_at: None,
+        }
+    }
+
+    /// Notes the refusals of one message (replacing the previous message's).
+    fn note_refused(&mut self, refusals: &[Refusal]) {
+        self.refused.clear();
+        self.refused_total += refusals.len() as u64;
+        for r in refusals.iter().take(MAX_REFUSALS_SHOWN) {
+            self.refused
+                .insert(r.service.clone(), r.error.message.clone());
+        }
+    }
+
+    /// Clamps each export's claimed export time into `[first seen here,
+    /// now]`: a peer can neither win an MCS conflict by claiming an older
+    /// export than this gateway has seen, nor by a time in the future.
+    fn clamp_export_times(&mut self, exports: &mut [Export], now: u64) {
+        for export in exports {
+            let seen = *self.first_seen.entry(export.key.clone()).or_insert(now);
+            export.export_time_millis = export.export_time_millis.max(seen).min(now);
         }
     }
 
@@ -207,8 +196,19 @@ struct Inner {
     first_exported: HashMap<ServiceKey, u64>,
     static_peers: Vec<Arc<PeerCatalog>>,
     peers: BTreeMap<SpiffeId, PeerRecord>,
-    configured: BTreeSet<SpiffeId>,
-    filters: ExportFilters,
+    authority: Arc<PeerAuthority>,
+}
+
+/// An export a peer sent that this gateway did not take.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The service, `namespace/name`.
+    pub service: String,
+    /// The metric label: `import` (outside the peer's grant) or
+    /// `services_cap` (over the services a peer may export).
+    pub reason: &'static str,
+    /// What the NACK says.
+    pub error: ConvertError,
 }
 
 /// This gateway's side of the federation; see the module docs.
@@ -223,24 +223,37 @@ pub struct Hub {
     catalog_version: watch::Sender<u64>,
     dirty: Notify,
     material: Option<Arc<TlsMaterial>>,
-    accept_peer_bundles: bool,
+    limits: PeeringLimits,
+    /// Who may complete a handshake on the federation listener; follows
+    /// the authority.
+    listener_policy: Arc<ArcSwap<PeerPolicy>>,
+    /// Where this gateway's own export times are kept across restarts.
+    state_file: Option<PathBuf>,
     metrics: PeeringMetrics,
 }
 
 impl Hub {
     /// A hub for the gateway `me`, publishing into `catalog`. Peers' services
     /// are served for `grace` after their lease lapses. With `material`, the
-    /// hub sends this trust domain's bundle to peers and, if
-    /// `accept_peer_bundles`, takes each peer's own trust domain's bundle.
+    /// hub sends this trust domain's bundle to peers and takes pushed bundles
+    /// where the [`PeerAuthority`] allows. Peers are held to `limits`. With
+    /// `state_file`, this gateway's export times survive restarts (read now,
+    /// written on change): without it a restart makes every local export
+    /// newer than what peers export, and MCS conflicts go their way.
     pub fn new(
         me: PeerHello,
         grace: Duration,
         catalog: Arc<ArcSwap<Catalog>>,
         material: Option<Arc<TlsMaterial>>,
-        accept_peer_bundles: bool,
+        limits: PeeringLimits,
+        state_file: Option<PathBuf>,
         metrics: PeeringMetrics,
     ) -> Arc<Self> {
         let (exports, _) = watch::channel(ExportSet::default());
+        let first_exported = state_file
+            .as_deref()
+            .map(state::load_export_times)
+            .unwrap_or_default();
         Arc::new(Self {
             me,
             grace,
@@ -249,19 +262,25 @@ impl Hub {
             inner: Mutex::new(Inner {
                 sources: BTreeMap::new(),
                 local: Vec::new(),
-                first_exported: HashMap::new(),
+                first_exported,
                 static_peers: Vec::new(),
                 peers: BTreeMap::new(),
-                configured: BTreeSet::new(),
-                filters: ExportFilters::default(),
+                authority: Arc::default(),
             }),
             exports,
             catalog_version: watch::channel(0).0,
             dirty: Notify::new(),
             material,
-            accept_peer_bundles,
+            limits,
+            listener_policy: Arc::new(ArcSwap::from_pointee(PeerPolicy::default())),
+            state_file,
             metrics,
         })
+    }
+
+    /// The limits peers are held to.
+    pub fn limits(&self) -> &PeeringLimits {
+        &self.limits
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
@@ -291,7 +310,7 @@ impl Hub {
     /// Replaces the services found by discovery source `name` and publishes
     /// the new catalog at once.
     pub fn set_source(&self, name: &str, services: Vec<LocalService>) {
-        {
+        let save = {
             let mut inner = self.inner();
             inner.sources.insert(name.to_owned(), services);
             inner.local = join_sources(&inner.sources);
@@ -301,6 +320,14 @@ impl Hub {
                 first_exported,
                 ..
             } = &mut *inner;
+            let before = first_exported.clone();
+            // Only what is exported now is kept: a service exported again
+            // later is a new export.
+            first_exported.retain(|key, _| {
+                local
+                    .iter()
+                    .any(|s| s.exported && s.export.export_time_millis == 0 && &s.export.key == key)
+            });
             for service in local.iter_mut().filter(|s| s.exported) {
                 if service.export.export_time_millis == 0 {
                     service.export.export_time_millis = *first_exported
@@ -308,6 +335,10 @@ impl Hub {
                         .or_insert(now);
                 }
             }
+            (*first_exported != before).then(|| first_exported.clone())
+        };
+        if let (Some(times), Some(path)) = (save, &self.state_file) {
+            state::save_export_times(path, &times);
         }
         self.recompute();
     }
@@ -318,27 +349,32 @@ impl Hub {
         self.recompute();
     }
 
-    /// Replaces the export filters; sessions send what changed.
-    pub fn set_filters(&self, filters: ExportFilters) {
-        self.inner().filters = filters;
+    /// Replaces who may peer and assert what. Readiness waits for one sync
+    /// with each configured peer (or for the grace period); sessions send
+    /// what their peer's export patterns now let it see. Sessions already
+    /// open stay, but their next message is judged by the new grants.
+    pub fn set_authority(&self, authority: PeerAuthority) {
+        self.listener_policy
+            .store(Arc::new(authority.listener_policy()));
+        self.inner().authority = Arc::new(authority);
         self.exports.send_modify(|e| e.version += 1);
     }
 
-    /// The peers this gateway dials: readiness waits for one sync with each
-    /// (or for the grace period).
-    pub fn set_configured_peers(&self, peers: BTreeSet<SpiffeId>) {
-        self.inner().configured = peers;
+    /// Who may complete the TLS handshake on the federation listener: the
+    /// configured peers and the gateways of accepted trust domains, kept
+    /// up to date with [`Self::set_authority`].
+    pub fn listener_policy(&self) -> Arc<ArcSwap<PeerPolicy>> {
+        self.listener_policy.clone()
     }
 
-    /// The export filter for `peer`.
-    pub fn filter_for(&self, peer: &SpiffeId) -> ExportFilter {
-        let inner = self.inner();
-        inner
-            .filters
-            .by_peer
-            .get(peer)
-            .unwrap_or(&inner.filters.default)
-            .clone()
+    /// Who may peer and assert what.
+    pub fn authority(&self) -> Arc<PeerAuthority> {
+        self.inner().authority.clone()
+    }
+
+    /// What `peer` sees of this gateway's exports.
+    pub fn exports_for(&self, peer: &SpiffeId) -> ServicePatterns {
+        self.inner().authority.exports_for(peer).clone()
     }
 
     /// Every peering peer's east-west address and whether its gateway is
@@ -401,12 +437,23 @@ impl Hub {
 
     /// A session with the peer that sent `hello` began. The returned guard
     /// ends it when dropped.
-    pub fn session_open(self: &Arc<Self>, hello: &PeerHello) -> SessionGuard {
+    pub fn session_open(self: &Arc<Self>, hello: &PeerHello) -> Result<SessionGuard, HelloRefused> {
         let mut inner = self.inner();
+        if let Err(refused) = self.admit(&inner, hello) {
+            drop(inner);
+            warn!(peer = %hello.spiffe_id, cluster = %hello.cluster, reason = refused.reason,
+                error = %refused.message, "peer hello refused");
+            self.metrics
+                .refused
+                .with_label_values(&[refused.reason])
+                .inc();
+            return Err(refused);
+        }
         let record = inner
             .peers
             .entry(hello.spiffe_id.clone())
             .or_insert_with(|| PeerRecord::new(hello.clone()));
+        record.expired_at = None;
         if record.hello != *hello {
             if record.hello.incarnation != hello.incarnation {
                 // A restarted peer: its versions start over; what it served
@@ -431,10 +478,66 @@ impl Hub {
             .set(1);
         drop(inner);
         self.touch();
-        SessionGuard {
+        Ok(SessionGuard {
             hub: self.clone(),
             peer: hello.spiffe_id.clone(),
+        })
+    }
+
+    /// Whether the operator's grants let `hello` open a session: a grant for
+    /// its identity, a cluster name the grant names, an east-west address
+    /// that is nobody else's, and room for one more session.
+    fn admit(&self, inner: &Inner, hello: &PeerHello) -> Result<(), HelloRefused> {
+        let id = &hello.spiffe_id;
+        let Some(grant) = inner.authority.grant(id) else {
+            return Err(HelloRefused::new(
+                "not_granted",
+                format!("{id} is neither in federation.peers nor accepted by federation.accept"),
+            ));
+        };
+        if !grant.clusters.contains(&hello.cluster) {
+            let allowed: Vec<&str> = grant.clusters.iter().map(|c| c.as_str()).collect();
+            return Err(HelloRefused::new(
+                "cluster",
+                format!(
+                    "{id} may speak for cluster(s) {} only, not {:?}",
+                    allowed.join(", "),
+                    hello.cluster.as_str()
+                ),
+            ));
         }
+        if !grant.localities.is_empty()
+            && !grant.localities.iter().any(|l| hello.locality.is_within(l))
+        {
+            let allowed: Vec<String> = grant.localities.iter().map(ToString::to_string).collect();
+            return Err(HelloRefused::new(
+                "locality",
+                format!(
+                    "{id} may run in {} only, not {}",
+                    allowed.join(", "),
+                    hello.locality
+                ),
+            ));
+        }
+        if let Some(address) = hello.east_west
+            && let Some(owner) = address_owner(inner, &self.me, id, address)
+        {
+            return Err(HelloRefused::new(
+                "address",
+                format!("east-west address {address} is {owner}'s"),
+            ));
+        }
+        let open = inner.peers.get(id).map_or(0, |r| r.sessions);
+        if open >= self.limits.max_sessions_per_peer {
+            return Err(HelloRefused::new(
+                "sessions",
+                format!(
+                    "{id} holds {open} sessions already; at most {}",
+                    self.limits.max_sessions_per_peer
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn session_closed(&self, peer: &SpiffeId) {
@@ -476,28 +579,57 @@ impl Hub {
 
     /// Replaces `peer`'s services with a snapshot (of the incarnation the
     /// session saw in its hello).
-    pub fn apply_snapshot(&self, peer: &PeerHello, version: u64, services: Vec<Export>) {
+    /// Returns the exports refused (outside the peer's grant or over its
+    /// cap), for the NACK.
+    pub fn apply_snapshot(
+        &self,
+        peer: &PeerHello,
+        version: u64,
+        services: Vec<Export>,
+    ) -> Vec<Refusal> {
         let mut inner = self.inner();
+        let authority = inner.authority.clone();
         let Some(record) = inner.peers.get_mut(&peer.spiffe_id) else {
-            return;
+            return Vec::new();
         };
         if record.hello.incarnation != peer.incarnation
             || (record.synced && version < record.version)
         {
-            return; // from an older session
+            return Vec::new(); // from an older session
         }
+        let (mut taken, refused) = authorize(
+            authority.grant(&peer.spiffe_id).map(|g| &g.imports),
+            services,
+            self.limits.max_services_per_peer,
+            |_| false,
+        );
+        let now_millis = unix_millis(SystemTime::now());
+        record
+            .first_seen
+            .retain(|key, _| taken.iter().any(|e| &e.key == key));
+        record.clamp_export_times(&mut taken, now_millis);
+        record.note_refused(&refused);
         Arc::make_mut(&mut record.catalog).services =
-            services.into_iter().map(|e| (e.key.clone(), e)).collect();
+            taken.into_iter().map(|e| (e.key.clone(), e)).collect();
         record.version = version;
         record.synced = true;
         let now = SystemTime::now();
         record.first_sync.get_or_insert(now);
         record.last_sync = Some(now);
         drop(inner);
+        self.count_refused(&refused);
         self.touch();
+        refused
     }
 
-    /// Applies a delta from `base` to `version` to `peer`'s services.
+    fn count_refused(&self, refused: &[Refusal]) {
+        for r in refused {
+            self.metrics.refused.with_label_values(&[r.reason]).inc();
+        }
+    }
+
+    /// Applies a delta from `base` to `version` to `peer`'s services. The
+    /// refusals (outside its grant, over its cap) are for the NACK.
     pub fn apply_delta(
         &self,
         peer: &PeerHello,
@@ -505,35 +637,60 @@ impl Hub {
         version: u64,
         upserts: Vec<Export>,
         removals: Vec<ServiceKey>,
-    ) -> DeltaOutcome {
+    ) -> (DeltaOutcome, Vec<Refusal>) {
         let mut inner = self.inner();
+        let authority = inner.authority.clone();
         let Some(record) = inner.peers.get_mut(&peer.spiffe_id) else {
-            return DeltaOutcome::Resync("no state for this peer".into());
+            return (
+                DeltaOutcome::Resync("no state for this peer".into()),
+                Vec::new(),
+            );
         };
         if record.hello.incarnation != peer.incarnation || !record.synced {
-            return DeltaOutcome::Resync("no snapshot of this incarnation yet".into());
+            return (
+                DeltaOutcome::Resync("no snapshot of this incarnation yet".into()),
+                Vec::new(),
+            );
         }
         if version <= record.version {
-            return DeltaOutcome::Duplicate;
+            return (DeltaOutcome::Duplicate, Vec::new());
         }
         if base != record.version {
-            return DeltaOutcome::Resync(format!(
-                "delta from version {base} does not apply to version {}",
-                record.version
-            ));
+            return (
+                DeltaOutcome::Resync(format!(
+                    "delta from version {base} does not apply to version {}",
+                    record.version
+                )),
+                Vec::new(),
+            );
         }
-        let services = &mut Arc::make_mut(&mut record.catalog).services;
         for key in &removals {
-            services.remove(key);
+            Arc::make_mut(&mut record.catalog).services.remove(key);
+            record.first_seen.remove(key);
         }
-        for export in upserts {
+        // Updates of services it holds always fit; new ones only while the
+        // peer is under its cap.
+        let held = record.catalog.services.len();
+        let room = self.limits.max_services_per_peer.saturating_sub(held);
+        let services = &record.catalog.services;
+        let (mut taken, refused) = authorize(
+            authority.grant(&peer.spiffe_id).map(|g| &g.imports),
+            upserts,
+            room,
+            |key| services.contains_key(key),
+        );
+        record.clamp_export_times(&mut taken, unix_millis(SystemTime::now()));
+        record.note_refused(&refused);
+        let services = &mut Arc::make_mut(&mut record.catalog).services;
+        for export in taken {
             services.insert(export.key.clone(), export);
         }
         record.version = version;
         record.last_sync = Some(SystemTime::now());
         drop(inner);
+        self.count_refused(&refused);
         self.touch();
-        DeltaOutcome::Applied
+        (DeltaOutcome::Applied, refused)
     }
 
     /// Notes an ACK from `peer`.
@@ -574,9 +731,11 @@ impl Hub {
         ))
     }
 
-    /// A bundle `peer` sent for `trust_domain`. Taken only for the peer's own
-    /// trust domain (which it proved in the handshake), never for this
-    /// gateway's, and only when it is not older than the one in use.
+    /// A bundle `peer` sent for `trust_domain`. Taken only where the
+    /// operator opted that trust domain in to pushes, from a configured peer
+    /// of that trust domain (which it proved in the handshake), never for
+    /// this gateway's own, never over a bundle that came from an endpoint, and
+    /// never older than the one in use. Returns the metric label.
     pub fn peer_bundle(&self, peer: &PeerHello, trust_domain: &str, data: &[u8]) -> &'static str {
         let result = self.take_peer_bundle(peer, trust_domain, data);
         self.metrics
@@ -587,20 +746,39 @@ impl Hub {
     }
 
     fn take_peer_bundle(&self, peer: &PeerHello, trust_domain: &str, data: &[u8]) -> &'static str {
-        let Some(material) = self.material.as_ref().filter(|_| self.accept_peer_bundles) else {
+        let Some(material) = self.material.as_ref() else {
             return "ignored";
         };
         let peer_td = peer.spiffe_id.trust_domain_str();
-        if trust_domain != peer_td {
-            warn!(peer = %peer.spiffe_id, trust_domain,
-                "peer sent a bundle for a trust domain other than its own; ignored");
-            return "ignored";
-        }
-        if peer_td == self.me.spiffe_id.trust_domain_str() {
+        if peer_td == self.me.spiffe_id.trust_domain_str() && trust_domain == peer_td {
             // A gateway of this trust domain: its bundle is ours, which only
             // local configuration sets. Routine, so not worth a warning.
             debug!(peer = %peer.spiffe_id, "bundle from a peer of this trust domain; ours stays");
             return "ignored";
+        }
+        let refuse = |result: &'static str, why: &str| {
+            warn!(peer = %peer.spiffe_id, trust_domain, result, "peer's trust bundle refused: {why}");
+            result
+        };
+        if trust_domain != peer_td {
+            return refuse(
+                "other_trust_domain",
+                "a peer may push only its own trust domain's bundle",
+            );
+        }
+        let authority = self.authority();
+        if !authority.bundle_pushes.contains(peer_td) {
+            return refuse(
+                "not_opted_in",
+                "this trust domain's bundle comes from its configured source only \
+                 (opt in with trust.federated[].accept_peer_bundles)",
+            );
+        }
+        if !authority.is_configured(&peer.spiffe_id) {
+            return refuse(
+                "not_configured_peer",
+                "only peers listed in federation.peers may push bundles",
+            );
         }
         let td: TrustDomain = peer.spiffe_id.trust_domain();
         let bundle = match TrustBundle::from_spiffe_json(td, data) {
@@ -612,14 +790,24 @@ impl Hub {
         };
         let store = material.trust();
         if let Some(current) = store.get(peer_td) {
+            if matches!(current.source, BundleSource::Endpoint(_)) {
+                return refuse(
+                    "endpoint_sourced",
+                    "the bundle in use comes from its bundle endpoint",
+                );
+            }
             if current.bundle.authorities == bundle.authorities {
                 return "unchanged";
             }
-            if let (Some(got), Some(have)) = (bundle.sequence, current.bundle.sequence)
-                && got < have
-            {
-                warn!(peer = %peer.spiffe_id, got, have, "peer sent an older trust bundle; keeping the one in use");
-                return "ignored";
+            if let Some(have) = current.bundle.sequence {
+                match bundle.sequence {
+                    Some(got) if got >= have => {}
+                    got => {
+                        warn!(peer = %peer.spiffe_id, ?got, have,
+                            "peer sent a bundle with an older or no spiffe_sequence; keeping the one in use");
+                        return "rollback";
+                    }
+                }
             }
         }
         let authorities = bundle.authorities.len();
@@ -663,10 +851,29 @@ impl Hub {
                         "peer expired; its services are removed");
                     record.state = LeaseState::Expired;
                     record.synced = false;
+                    record.expired_at = Some(now);
+                    record.first_seen.clear();
                     Arc::make_mut(&mut record.catalog).services.clear();
                     changed = true;
                 }
                 _ => {}
+            }
+        }
+        // Expired peers are remembered for a while (for /debug/peers and
+        // their metric series), then forgotten, so that peers come and gone
+        // do not grow this gateway's memory and metrics for ever.
+        let retention = self.limits.peer_retention;
+        let forget: Vec<SpiffeId> = inner
+            .peers
+            .iter()
+            .filter(|(_, r)| r.sessions == 0 && r.expired_at.is_some_and(|t| now > t + retention))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &forget {
+            if let Some(record) = inner.peers.remove(id) {
+                info!(peer = %id, cluster = %record.hello.cluster, "expired peer forgotten");
+                self.metrics
+                    .forget_peer(id.as_str(), record.hello.cluster.as_str());
             }
         }
         let mut counts: BTreeMap<&str, i64> = [("live", 0), ("lapsed", 0), ("expired", 0)].into();
@@ -703,16 +910,16 @@ impl Hub {
     /// since start is over. The detail names the peers still awaited.
     pub fn readiness(&self) -> (bool, String) {
         let inner = self.inner();
-        let waiting: Vec<String> = inner
-            .configured
-            .iter()
+        let configured = &inner.authority.peers;
+        let waiting: Vec<String> = configured
+            .keys()
             .filter(|id| inner.peers.get(*id).is_none_or(|r| r.first_sync.is_none()))
             .map(ToString::to_string)
             .collect();
         if waiting.is_empty() {
             return (
                 true,
-                format!("synced with {} configured peers", inner.configured.len()),
+                format!("synced with {} configured peers", configured.len()),
             );
         }
         if self.started.elapsed() > self.grace {
@@ -740,7 +947,7 @@ impl Hub {
                     "cluster": r.hello.cluster,
                     "locality": r.hello.locality.to_string(),
                     "east_west": r.hello.east_west.map(|a| a.to_string()),
-                    "configured": inner.configured.contains(id),
+                    "configured": inner.authority.is_configured(id),
                     "state": r.state,
                     // Whether its gateway gets traffic (a session open, lease renewed).
                     "live": r.catalog.gateway.live,
@@ -756,12 +963,15 @@ impl Hub {
                     "nacks_sent": r.nacks_sent,
                     "nacks_received": r.nacks_received,
                     "last_nack": r.last_nack,
+                    "refused_exports_total": r.refused_total,
+                    "refused_exports": r.refused,
                 })
             })
             .collect();
         let waiting: Vec<&SpiffeId> = inner
-            .configured
-            .iter()
+            .authority
+            .peers
+            .keys()
             .filter(|id| !inner.peers.contains_key(*id))
             .collect();
         let exports = self.exports.borrow();
@@ -800,16 +1010,118 @@ impl Hub {
     }
 }
 
+/// Why a peer's hello was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloRefused {
+    /// The metric label: `not_granted`, `cluster`, `locality`, `address` or
+    /// `sessions`.
+    pub reason: &'static str,
+    /// What the NACK and the log say.
+    pub message: String,
+}
+
+impl HelloRefused {
+    fn new(reason: &'static str, message: String) -> Self {
+        Self { reason, message }
+    }
+}
+
+/// Who besides `peer` owns `address`: this gateway's own east-west
+/// listener, a local endpoint, a static peer or another live peer. Backend
+/// state follows addresses, so a peer announcing someone else's would have
+/// its failures cut them.
+fn address_owner(
+    inner: &Inner,
+    me: &PeerHello,
+    peer: &SpiffeId,
+    address: std::net::SocketAddr,
+) -> Option<String> {
+    if me.east_west == Some(address) {
+        return Some("this gateway".into());
+    }
+    if let Some(s) = inner.local.iter().find(|s| s.endpoints.contains(&address)) {
+        return Some(format!("an endpoint of local service {}", s.export.key));
+    }
+    if let Some(p) = inner
+        .static_peers
+        .iter()
+        .find(|p| p.gateway.address == address)
+    {
+        return Some(format!("static peer {}", p.gateway.spiffe_id));
+    }
+    inner
+        .peers
+        .iter()
+        .find(|(other, r)| {
+            *other != peer && r.state != LeaseState::Expired && r.hello.east_west == Some(address)
+        })
+        .map(|(other, _)| format!("peer {other}"))
+}
+
 /// Ends a session in the hub when dropped.
 pub struct SessionGuard {
     hub: Arc<Hub>,
     peer: SpiffeId,
 }
 
+impl std::fmt::Debug for SessionGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionGuard")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.hub.session_closed(&self.peer);
     }
+}
+
+/// Splits `exports` into those `imports` lets a peer export here (`None`:
+/// the peer has no grant any more) and the refused ones. At most `room`
+/// services not yet `held` are taken; the rest are over the peer's cap.
+fn authorize(
+    imports: Option<&ServicePatterns>,
+    exports: Vec<Export>,
+    mut room: usize,
+    held: impl Fn(&ServiceKey) -> bool,
+) -> (Vec<Export>, Vec<Refusal>) {
+    let mut taken = Vec::with_capacity(exports.len().min(room));
+    let mut refused = Vec::new();
+    let refuse = |export: Export, reason: &'static str, message: String| Refusal {
+        service: export.key.to_string(),
+        reason,
+        error: ConvertError {
+            path: export.key.to_string(),
+            message,
+        },
+    };
+    for export in exports {
+        match imports {
+            None => refused.push(refuse(
+                export,
+                "not_granted",
+                "this peer is no longer granted any imports".into(),
+            )),
+            Some(imports) if !imports.allows(&export.key) => refused.push(refuse(
+                export,
+                "import",
+                "not among the services this gateway imports from this peer".into(),
+            )),
+            Some(_) if held(&export.key) => taken.push(export),
+            Some(_) if room == 0 => refused.push(refuse(
+                export,
+                "services_cap",
+                "over the number of services this peer may export here".into(),
+            )),
+            Some(_) => {
+                room -= 1;
+                taken.push(export);
+            }
+        }
+    }
+    (taken, refused)
 }
 
 /// Joins every source's services; a service found by several sources gets
@@ -850,22 +1162,7 @@ fn unix_millis(t: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn wildcards_match_namespace_name() {
-        let key = |s: &str| s.parse::<ServiceKey>().unwrap();
-        let f = ExportFilter::new(vec!["shop/*".into(), "*/api".into(), "a*c/x".into()]);
-        assert!(f.allows(&key("shop/web")));
-        assert!(f.allows(&key("other/api")));
-        assert!(f.allows(&key("abbc/x")));
-        assert!(!f.allows(&key("other/web")));
-        assert!(!f.allows(&key("ab/x")));
-        assert!(!f.allows(&key("shops/web")));
-        assert!(ExportFilter::default().allows(&key("any/thing")));
-        assert!(wildcard_match("*", "x"));
-        assert!(wildcard_match("a*a", "aa"));
-        assert!(!wildcard_match("a*a", "a"));
-    }
+    use crate::peering::authority::Grant;
 
     fn hello(name: &str, incarnation: u64) -> PeerHello {
         PeerHello {
@@ -878,6 +1175,13 @@ mod tests {
             incarnation,
             lease: Duration::from_millis(500),
             labels: Default::default(),
+        }
+    }
+
+    fn me() -> PeerHello {
+        PeerHello {
+            east_west: Some(([127, 0, 0, 1], 15443).into()),
+            ..hello("me", 1)
         }
     }
 
@@ -896,6 +1200,43 @@ mod tests {
         }
     }
 
+    /// A hub for `me` that grants each of `peers` its own cluster (named as
+    /// the peer) and `imports`.
+    fn hub_with(peers: &[&PeerHello], imports: &[&str], limits: PeeringLimits) -> Arc<Hub> {
+        let metrics = PeeringMetrics::new(&prometheus::Registry::new()).unwrap();
+        let hub = Hub::new(
+            me(),
+            Duration::from_secs(30),
+            Arc::new(ArcSwap::default()),
+            None,
+            limits,
+            None,
+            metrics,
+        );
+        hub.set_authority(PeerAuthority {
+            peers: peers
+                .iter()
+                .map(|p| {
+                    let grant = Grant {
+                        clusters: [p.cluster.clone()].into(),
+                        localities: vec![],
+                        imports: ServicePatterns::new(
+                            imports.iter().map(|s| (*s).to_owned()).collect(),
+                        ),
+                        exports: None,
+                    };
+                    (p.spiffe_id.clone(), grant)
+                })
+                .collect(),
+            ..PeerAuthority::default()
+        });
+        hub
+    }
+
+    fn refused(hub: &Hub, reason: &str) -> u64 {
+        hub.metrics().refused.with_label_values(&[reason]).get()
+    }
+
     /// Whether the peer gateway serving shop/web is live in the catalog.
     fn live(hub: &Hub) -> Option<bool> {
         let catalog = hub.catalog().load();
@@ -905,18 +1246,13 @@ mod tests {
 
     #[test]
     fn a_peer_is_live_while_a_session_is_open_and_its_lease_renewed() {
-        let metrics = PeeringMetrics::new(&prometheus::Registry::new()).unwrap();
-        let hub = Hub::new(
-            hello("me", 1),
-            Duration::from_secs(30),
-            Arc::new(ArcSwap::default()),
-            None,
-            false,
-            metrics,
-        );
         let peer = hello("west", 7);
-        let session = hub.session_open(&peer);
-        hub.apply_snapshot(&peer, 1, vec![export("shop/web")]);
+        let hub = hub_with(&[&peer], &[], PeeringLimits::default());
+        let session = hub.session_open(&peer).unwrap();
+        assert!(
+            hub.apply_snapshot(&peer, 1, vec![export("shop/web")])
+                .is_empty()
+        );
         hub.recompute();
         assert_eq!(live(&hub), Some(true));
         let catalog = hub.catalog().load();
@@ -930,7 +1266,7 @@ mod tests {
 
         // Back, then silent past its lease: lapsed, not live; services kept
         // for the grace period.
-        let session = hub.session_open(&peer);
+        let session = hub.session_open(&peer).unwrap();
         hub.recompute();
         assert_eq!(live(&hub), Some(true));
         hub.check_leases(Instant::now() + Duration::from_secs(1));
@@ -939,5 +1275,259 @@ mod tests {
         hub.recompute();
         assert_eq!(live(&hub), Some(true));
         drop(session);
+    }
+
+    #[test]
+    fn a_hello_outside_its_grant_is_refused() {
+        let west = hello("west", 1);
+        let hub = hub_with(&[&west], &[], PeeringLimits::default());
+
+        // Not granted at all.
+        let stranger = hello("east", 1);
+        assert_eq!(
+            hub.session_open(&stranger).unwrap_err().reason,
+            "not_granted"
+        );
+
+        // Granted, but claiming another cluster.
+        let mut spoof = west.clone();
+        spoof.cluster = "east".parse().unwrap();
+        let err = hub.session_open(&spoof).unwrap_err();
+        assert_eq!(err.reason, "cluster");
+        assert!(err.message.contains("west"), "{}", err.message);
+        assert_eq!(refused(&hub, "cluster"), 1);
+        assert!(hub.debug_peers()["peers"].as_array().unwrap().is_empty());
+
+        // Its own cluster: admitted.
+        let _ok = hub.session_open(&west).unwrap();
+    }
+
+    #[test]
+    fn a_hello_outside_its_granted_localities_is_refused() {
+        let west = hello("west", 1);
+        let hub = hub_with(&[&west], &[], PeeringLimits::default());
+        hub.set_authority(PeerAuthority {
+            peers: [(
+                west.spiffe_id.clone(),
+                Grant {
+                    clusters: [west.cluster.clone()].into(),
+                    localities: vec!["eu-west".parse().unwrap()],
+                    ..Grant::default()
+                },
+            )]
+            .into(),
+            ..PeerAuthority::default()
+        });
+        // Claims this gateway's zone to draw its traffic.
+        let mut spoof = west.clone();
+        spoof.locality = "us-east/us-east-1a".parse().unwrap();
+        assert_eq!(hub.session_open(&spoof).unwrap_err().reason, "locality");
+        let mut honest = west.clone();
+        honest.locality = "eu-west/eu-west-1b".parse().unwrap();
+        let _ok = hub.session_open(&honest).unwrap();
+    }
+
+    #[test]
+    fn a_peer_may_not_announce_an_address_that_is_not_its_own() {
+        let (west, mut north) = (hello("west", 1), hello("north", 1));
+        north.east_west = Some(([127, 0, 0, 10], 15443).into());
+        let hub = hub_with(&[&west, &north], &[], PeeringLimits::default());
+        let endpoint: std::net::SocketAddr = ([127, 0, 0, 20], 8080).into();
+        let mut local = LocalService {
+            export: export("shop/db"),
+            endpoints: vec![endpoint],
+            endpoint_info: BTreeMap::new(),
+            subsets: vec![],
+            exported: true,
+            allowed_callers: None,
+            passthrough: false,
+        };
+        local.export.export_time_millis = 0;
+        hub.set_source("config", vec![local]);
+        let _west = hub.session_open(&west).unwrap();
+
+        // North announces west's address, then a local endpoint's.
+        north.east_west = west.east_west;
+        let err = hub.session_open(&north).unwrap_err();
+        assert_eq!(err.reason, "address");
+        assert!(
+            err.message.contains("peer spiffe://west"),
+            "{}",
+            err.message
+        );
+        north.east_west = Some(endpoint);
+        let err = hub.session_open(&north).unwrap_err();
+        assert!(err.message.contains("shop/db"), "{}", err.message);
+        assert_eq!(refused(&hub, "address"), 2);
+    }
+
+    #[test]
+    fn sessions_per_peer_are_capped() {
+        let west = hello("west", 1);
+        let limits = PeeringLimits {
+            max_sessions_per_peer: 2,
+            ..PeeringLimits::default()
+        };
+        let hub = hub_with(&[&west], &[], limits);
+        let (_a, _b) = (
+            hub.session_open(&west).unwrap(),
+            hub.session_open(&west).unwrap(),
+        );
+        assert_eq!(hub.session_open(&west).unwrap_err().reason, "sessions");
+        drop(_a);
+        let _c = hub.session_open(&west).unwrap();
+    }
+
+    #[test]
+    fn exports_outside_the_imports_or_over_the_cap_are_refused() {
+        let west = hello("west", 1);
+        let limits = PeeringLimits {
+            max_services_per_peer: 2,
+            ..PeeringLimits::default()
+        };
+        let hub = hub_with(&[&west], &["shop/*"], limits);
+        let _s = hub.session_open(&west).unwrap();
+        let refused_now = hub.apply_snapshot(
+            &west,
+            1,
+            vec![
+                export("shop/web"),
+                export("kube-system/dns"),
+                export("shop/cart"),
+            ],
+        );
+        let reasons: Vec<(&str, &str)> = refused_now
+            .iter()
+            .map(|r| (r.service.as_str(), r.reason))
+            .collect();
+        assert_eq!(reasons, [("kube-system/dns", "import")]);
+        hub.recompute();
+        assert!(
+            hub.catalog()
+                .load()
+                .get(&"kube-system/dns".parse().unwrap())
+                .is_none()
+        );
+
+        // At the cap: an update of a held service fits, a new one does not.
+        let (outcome, refused_now) = hub.apply_delta(
+            &west,
+            1,
+            2,
+            vec![export("shop/web"), export("shop/new")],
+            vec![],
+        );
+        assert_eq!(outcome, DeltaOutcome::Applied);
+        assert_eq!(refused_now.len(), 1);
+        assert_eq!(
+            (refused_now[0].service.as_str(), refused_now[0].reason),
+            ("shop/new", "services_cap")
+        );
+        assert_eq!(refused(&hub, "services_cap"), 1);
+        assert_eq!(refused(&hub, "import"), 1);
+        let peers = hub.debug_peers();
+        assert_eq!(peers["peers"][0]["refused_exports_total"], 2);
+        assert!(
+            peers["peers"][0]["refused_exports"]["shop/new"].is_string(),
+            "{peers}"
+        );
+    }
+
+    #[test]
+    fn peer_export_times_are_clamped_to_first_sight_and_now() {
+        let west = hello("west", 1);
+        let hub = hub_with(&[&west], &[], PeeringLimits::default());
+        let _s = hub.session_open(&west).unwrap();
+        let before = unix_millis(SystemTime::now());
+        let mut old = export("shop/web");
+        old.export_time_millis = 1; // "exported in 1970": would win every conflict
+        let mut future = export("shop/cart");
+        future.export_time_millis = u64::MAX;
+        hub.apply_snapshot(&west, 1, vec![old, future]);
+        let inner = hub.inner();
+        let services = &inner.peers[&west.spiffe_id].catalog.services;
+        let after = unix_millis(SystemTime::now());
+        for key in ["shop/web", "shop/cart"] {
+            let t = services[&key.parse::<ServiceKey>().unwrap()].export_time_millis;
+            assert!(
+                (before..=after).contains(&t),
+                "{key}: {t} not in {before}..={after}"
+            );
+        }
+    }
+
+    #[test]
+    fn expired_peers_are_forgotten_after_the_retention_time() {
+        let west = hello("west", 1);
+        let limits = PeeringLimits {
+            peer_retention: Duration::from_secs(60),
+            ..PeeringLimits::default()
+        };
+        let hub = hub_with(&[&west], &[], limits);
+        drop(hub.session_open(&west).unwrap());
+        let t0 = Instant::now();
+        hub.check_leases(t0 + Duration::from_secs(1)); // lapsed
+        hub.check_leases(t0 + Duration::from_secs(40)); // expired (grace 30 s)
+        assert_eq!(hub.debug_peers()["peers"][0]["state"], "expired");
+        let up = |hub: &Hub| {
+            hub.metrics()
+                .peer_up
+                .get_metric_with_label_values(&[west.spiffe_id.as_str(), "west"])
+                .is_ok()
+        };
+        let families = |hub: &Hub| {
+            let registry = prometheus::Registry::new();
+            registry
+                .register(Box::new(hub.metrics().peer_up.clone()))
+                .unwrap();
+            registry
+                .gather()
+                .iter()
+                .map(|f| f.get_metric().len())
+                .sum::<usize>()
+        };
+        assert!(up(&hub));
+        assert_eq!(families(&hub), 1);
+        hub.check_leases(t0 + Duration::from_secs(120));
+        assert!(hub.debug_peers()["peers"].as_array().unwrap().is_empty());
+        assert_eq!(families(&hub), 0, "its metric series are gone");
+    }
+
+    #[test]
+    fn own_export_times_survive_a_restart_through_the_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let mut local = LocalService {
+            export: export("shop/web"),
+            endpoints: vec![([127, 0, 0, 20], 8080).into()],
+            endpoint_info: BTreeMap::new(),
+            subsets: vec![],
+            exported: true,
+            allowed_callers: None,
+            passthrough: false,
+        };
+        local.export.export_time_millis = 0;
+        let start = |path: &std::path::Path| {
+            let metrics = PeeringMetrics::new(&prometheus::Registry::new()).unwrap();
+            let hub = Hub::new(
+                me(),
+                Duration::from_secs(30),
+                Arc::new(ArcSwap::default()),
+                None,
+                PeeringLimits::default(),
+                Some(path.to_owned()),
+                metrics,
+            );
+            hub.set_source("config", vec![local.clone()]);
+            hub.exports().borrow().services[&"shop/web".parse::<ServiceKey>().unwrap()]
+                .export_time_millis
+        };
+        let first = start(&path);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            start(&path),
+            first,
+            "the restarted gateway keeps its export time"
+        );
     }
 }

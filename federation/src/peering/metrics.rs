@@ -17,6 +17,9 @@ pub struct PeeringMetrics {
     pub nacks: IntCounterVec,
     /// Trust bundles received from peers, by trust domain and result.
     pub bundles: IntCounterVec,
+    /// Hellos and exports refused by the operator's grants and caps, and
+    /// federation connections refused by the listener's caps, by reason.
+    pub refused: IntCounterVec,
     /// Services in the catalog.
     pub catalog_services: IntGauge,
     /// Services this gateway exports.
@@ -75,8 +78,13 @@ impl PeeringMetrics {
             )?,
             bundles: counter_vec(
                 "isthmus_federation_trust_bundles_total",
-                "Trust bundles received from peers, by trust domain and result (updated, unchanged, ignored, invalid).",
+                "Trust bundles received from peers, by trust domain and result: updated, unchanged, ignored (this gateway's own trust domain), invalid, and the refusals not_opted_in, not_configured_peer, other_trust_domain, endpoint_sourced, rollback.",
                 &["trust_domain", "result"],
+            )?,
+            refused: counter_vec(
+                "isthmus_federation_refused_total",
+                "Peering refused by grants and caps, by reason: not_granted, cluster, locality, address, sessions (hellos); import, services_cap (exports); connections_total, connections_per_source, handshakes (the federation listener).",
+                &["reason"],
             )?,
             catalog_services: gauge(
                 "isthmus_catalog_services",
@@ -99,5 +107,18 @@ impl PeeringMetrics {
                 c
             },
         })
+    }
+
+    /// Drops the series of a forgotten peer.
+    pub fn forget_peer(&self, peer: &str, cluster: &str) {
+        let _ = self.peer_up.remove_label_values(&[peer, cluster]);
+        for kind in ["snapshot", "delta"] {
+            for direction in ["sent", "received"] {
+                let _ = self.syncs.remove_label_values(&[peer, kind, direction]);
+            }
+        }
+        for direction in ["sent", "received"] {
+            let _ = self.nacks.remove_label_values(&[peer, direction]);
+        }
     }
 }

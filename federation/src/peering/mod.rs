@@ -3,10 +3,12 @@
 //! NACKed), trust bundles and lease renewals over one bidirectional gRPC
 //! stream on mTLS. See `proto/isthmus/federation/v1/federation.proto`.
 
+pub mod authority;
 pub mod convert;
 pub mod hub;
 pub mod metrics;
 pub mod session;
+mod state;
 pub mod transport;
 
 /// The generated protocol types, client and server.
@@ -21,7 +23,8 @@ pub mod proto {
     tonic::include_proto!("isthmus.federation.v1");
 }
 
+pub use authority::{Grant, PeerAuthority, PeeringLimits, ServicePatterns};
 pub use convert::{ConvertError, PeerHello};
-pub use hub::{ExportFilter, ExportFilters, ExportSet, Hub, LeaseState};
+pub use hub::{ExportSet, HelloRefused, Hub, LeaseState, Refusal};
 pub use metrics::PeeringMetrics;
 pub use transport::{PeerTarget, dial, incarnation, serve};

@@ -126,9 +126,21 @@ where
             return end("hello_rejected", e.to_string(), false);
         }
     };
+    let _guard = match hub.session_open(&peer) {
+        Ok(guard) => guard,
+        Err(refused) => {
+            let _ = out
+                .send(nack(
+                    0,
+                    &format!("hello refused: {}", refused.message),
+                    false,
+                ))
+                .await;
+            return end("hello_rejected", refused.message, false);
+        }
+    };
     info!(peer = %peer.spiffe_id, cluster = %peer.cluster, locality = %peer.locality,
         role = role.label(), "peering session established");
-    let _guard = hub.session_open(&peer);
     let mut exports = hub.exports();
     let mut session = Session {
         hub: &hub,
@@ -214,7 +226,7 @@ impl Session<'_> {
 
     /// What `set` holds for this peer, after its export filter.
     fn view(&self, set: &ExportSet) -> BTreeMap<ServiceKey, Export> {
-        let filter = self.hub.filter_for(&self.peer.spiffe_id);
+        let filter = self.hub.exports_for(&self.peer.spiffe_id);
         set.services
             .iter()
             .filter(|(k, _)| filter.allows(k))
@@ -350,17 +362,26 @@ impl Session<'_> {
         match msg.kind {
             Some(Kind::Snapshot(s)) => {
                 self.count_sync("snapshot", "received");
-                let (good, mut bad) =
-                    convert::exports_from_proto(&s.services, "services", &self.peer.cluster);
+                let (good, mut bad) = convert::exports_from_proto(
+                    &s.services,
+                    "services",
+                    &self.peer.cluster,
+                    self.hub.limits(),
+                );
                 let good = dedup(good, &mut bad, "services");
                 debug!(peer = %self.peer.spiffe_id, version = s.version, services = good.len(), "snapshot received");
-                self.hub.apply_snapshot(&self.peer, s.version, good);
+                let refused = self.hub.apply_snapshot(&self.peer, s.version, good);
+                bad.extend(refused.into_iter().map(|r| r.error));
                 self.ack_or_refuse(s.version, "snapshot", bad).await
             }
             Some(Kind::Delta(d)) => {
                 self.count_sync("delta", "received");
-                let (good, mut bad) =
-                    convert::exports_from_proto(&d.upserts, "upserts", &self.peer.cluster);
+                let (good, mut bad) = convert::exports_from_proto(
+                    &d.upserts,
+                    "upserts",
+                    &self.peer.cluster,
+                    self.hub.limits(),
+                );
                 let good = dedup(good, &mut bad, "upserts");
                 let mut removals = Vec::with_capacity(d.removals.len());
                 for (i, r) in d.removals.iter().enumerate() {
@@ -372,10 +393,11 @@ impl Session<'_> {
                         }),
                     }
                 }
-                match self
-                    .hub
-                    .apply_delta(&self.peer, d.base_version, d.version, good, removals)
-                {
+                let (outcome, refused) =
+                    self.hub
+                        .apply_delta(&self.peer, d.base_version, d.version, good, removals);
+                bad.extend(refused.into_iter().map(|r| r.error));
+                match outcome {
                     DeltaOutcome::Applied | DeltaOutcome::Duplicate => {
                         self.ack_or_refuse(d.version, "delta", bad).await
                     }

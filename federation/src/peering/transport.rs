@@ -23,11 +23,9 @@ use super::proto::federation_client::FederationClient;
 use super::proto::federation_server::{Federation, FederationServer};
 use super::session::{self, Role, SessionEnd};
 use crate::SpiffeId;
+use crate::limits::{ConnectionLimiter, ConnectionLimits, ConnectionPermit};
 use crate::trust::{PeerPolicy, SpiffeAcceptor, SpiffeConnector};
 
-/// Largest peering message accepted: a snapshot of tens of thousands of
-/// services fits; anything larger is refused by gRPC.
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// HTTP/2 keepalive pings, so a dead TCP connection is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(10);
 /// Messages buffered per direction before the sender waits.
@@ -59,6 +57,8 @@ pub struct PeerInfo {
 struct PeerConn {
     tls: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+    /// Its place under the listener's connection caps, freed when it closes.
+    _permit: ConnectionPermit,
 }
 
 impl tonic::transport::server::Connected for PeerConn {
@@ -161,17 +161,29 @@ fn log_end(hub: &Hub, role: Role, peer: &SpiffeId, ended: &SessionEnd) {
 
 /// Accepts peers on `listener` until `stop`. Handshakes run concurrently, so
 /// a slow or hostile client never holds up the others; each failure is
-/// counted in `isthmus_tls_handshakes_total` by the acceptor.
+/// counted in `isthmus_tls_handshakes_total` by the acceptor. The hub's
+/// [`PeeringLimits`](super::PeeringLimits) cap connections (in total and per
+/// source), handshakes in progress, streams per connection and message size:
+/// over a cap a connection is closed at once and counted in
+/// `isthmus_federation_refused_total`.
 pub async fn serve(
     hub: Arc<Hub>,
     listener: TcpListener,
     acceptor: SpiffeAcceptor,
     mut stop: watch::Receiver<bool>,
 ) {
+    let limits = *hub.limits();
+    let connections = ConnectionLimiter::new(ConnectionLimits {
+        total: limits.max_connections,
+        per_source: limits.max_connections_per_source,
+    });
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes));
     let (conns_tx, conns_rx) = mpsc::channel::<Result<PeerConn, std::io::Error>>(16);
     let accept_stop = stop.clone();
+    let accept_hub = hub.clone();
     let accepting = tokio::spawn(async move {
-        let mut stop = accept_stop;
+        let (mut stop, hub) = (accept_stop, accept_hub);
+        let refuse = |reason: &str| hub.metrics().refused.with_label_values(&[reason]).inc();
         loop {
             let (tcp, remote) = tokio::select! {
                 _ = stop.changed() => return,
@@ -184,15 +196,34 @@ pub async fn serve(
                     }
                 },
             };
+            let permit = match connections.try_acquire(remote.ip()) {
+                Ok(permit) => permit,
+                Err(refused) => {
+                    refuse(match refused {
+                        crate::limits::Refused::Total => "connections_total",
+                        crate::limits::Refused::PerSource => "connections_per_source",
+                    });
+                    debug!(%remote, "federation connection refused: {refused}");
+                    continue; // dropping `tcp` closes it
+                }
+            };
+            let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                refuse("handshakes");
+                debug!(%remote, "federation connection refused: too many handshakes in progress");
+                continue;
+            };
             let (acceptor, conns_tx) = (acceptor.clone(), conns_tx.clone());
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
-                match acceptor.accept(tcp).await {
+                let accepted = acceptor.accept(tcp).await;
+                drop(handshake);
+                match accepted {
                     Ok((tls, Some(spiffe_id))) => {
                         let _ = conns_tx
                             .send(Ok(PeerConn {
                                 tls,
                                 info: PeerInfo { spiffe_id, remote },
+                                _permit: permit,
                             }))
                             .await;
                     }
@@ -207,9 +238,10 @@ pub async fn serve(
         hub: hub.clone(),
         stop: stop.clone(),
     })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    .max_decoding_message_size(limits.max_message_bytes)
+    .max_encoding_message_size(limits.max_message_bytes);
     let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(limits.max_streams_per_connection))
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE))
         .add_service(service)
@@ -279,11 +311,13 @@ pub fn incarnation() -> u64 {
 }
 
 /// A gRPC client of the peer `target` over mTLS, which must prove its
-/// SPIFFE ID. The error says why the connection failed.
+/// SPIFFE ID; messages larger than `max_message_bytes` are refused either
+/// way. The error says why the connection failed.
 pub async fn client(
     target: &PeerTarget,
     connector: &SpiffeConnector,
     connect_timeout: Duration,
+    max_message_bytes: usize,
 ) -> Result<FederationClient<tonic::transport::Channel>, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", target.address))
         .map_err(|e| e.to_string())?
@@ -319,8 +353,8 @@ pub async fn client(
             std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string)
         })?;
     Ok(FederationClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes))
 }
 
 async fn connect_and_run(
@@ -335,7 +369,8 @@ async fn connect_and_run(
         detail,
         established: false,
     };
-    let mut client = match client(target, connector, connect_timeout).await {
+    let max_message_bytes = hub.limits().max_message_bytes;
+    let mut client = match client(target, connector, connect_timeout, max_message_bytes).await {
         Ok(c) => c,
         Err(e) => return fail("connect_failed", e),
     };

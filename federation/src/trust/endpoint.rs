@@ -107,6 +107,12 @@ pub enum FetchError {
         /// Sequence in use.
         have: u64,
     },
+    /// No sequence number, where the bundle in use has one.
+    #[error("no spiffe_sequence, where the bundle in use has {have}; refusing a rollback")]
+    MissingSequence {
+        /// Sequence in use.
+        have: u64,
+    },
 }
 
 impl FetchError {
@@ -117,7 +123,7 @@ impl FetchError {
             Self::Http(_) | Self::Status(_) => "http_error",
             Self::Bundle(_) => "invalid_bundle",
             Self::Timeout(_) => "timeout",
-            Self::Rollback { .. } => "rollback",
+            Self::Rollback { .. } | Self::MissingSequence { .. } => "rollback",
         }
     }
 }
@@ -324,6 +330,9 @@ impl BundleFetcher {
                 (Some(got), Some(have)) if got < have => {
                     return Err(FetchError::Rollback { got, have });
                 }
+                // Once a bundle carried a sequence, one without cannot
+                // replace it: sequences only move forward.
+                (None, Some(have)) => return Err(FetchError::MissingSequence { have }),
                 (Some(got), Some(have)) if got == have => {
                     if bundle.authorities != current.bundle.authorities {
                         warn!(trust_domain = %self.endpoint.trust_domain, sequence = got,

@@ -54,8 +54,9 @@ impl MaterialError {
 pub enum BundleRole {
     /// The bundle of the trust domain, re-read whenever the file changes.
     Static,
-    /// Trusted until the trust domain's bundle endpoint delivers a bundle; later
-    /// changes to the file are ignored once it has.
+    /// Trusted until the trust domain's bundle endpoint (or, where the
+    /// operator opted in, one of its peers) delivers a bundle; later changes
+    /// to the file are ignored once it has.
     Bootstrap,
 }
 
@@ -345,10 +346,12 @@ impl FileMaterial {
                     .material
                     .trust()
                     .get(file.trust_domain.as_str())
-                    .is_some_and(|t| matches!(t.source, BundleSource::Endpoint(_)))
+                    .is_some_and(|t| {
+                        matches!(t.source, BundleSource::Endpoint(_) | BundleSource::Peer(_))
+                    })
             {
                 info!(trust_domain = %file.trust_domain, file = %file.path.display(),
-                    "bootstrap bundle changed but the bundle endpoint's bundle is in use; ignored");
+                    "bootstrap bundle changed but the bundle from its endpoint or its peers is in use; ignored");
                 continue;
             }
             match parse_bundle(file, &data, &provider) {

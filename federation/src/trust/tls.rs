@@ -123,6 +123,20 @@ impl PeerPolicy {
         }
     }
 
+    /// Allows exactly `ids` and the gateways (`/isthmus/gateway/*`) of
+    /// `trust_domains`: the federation listener's policy, which never admits
+    /// a workload SVID.
+    pub fn peers(
+        ids: impl IntoIterator<Item = SpiffeId>,
+        trust_domains: impl IntoIterator<Item = TrustDomain>,
+    ) -> Self {
+        Self {
+            ids: ids.into_iter().collect(),
+            trust_domains: BTreeSet::new(),
+            gateways_of: trust_domains.into_iter().collect(),
+        }
+    }
+
     /// Allows `ids` and every identity of `trust_domains`.
     pub fn new(
         ids: impl IntoIterator<Item = SpiffeId>,

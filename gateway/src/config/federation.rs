@@ -1,18 +1,24 @@
 //! `[federation]`: peering with other gateways over `isthmus.federation.v1`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
 use isthmus_federation::peering::convert::{MAX_LEASE, MIN_LEASE};
-use isthmus_federation::{SpiffeId, TrustDomain};
+use isthmus_federation::peering::{Grant, PeerAuthority, PeeringLimits, ServicePatterns};
+use isthmus_federation::trust::tls::GATEWAY_PATH_PREFIX;
+use isthmus_federation::{ClusterName, Locality, SpiffeId, TrustDomain};
 use serde::Serialize;
 
 use super::error::ConfigError;
 use super::model::{
-    Check, ListenersConfig, TrustConfig, parse_duration, parse_socket_addr, require_bundle,
+    Check, ListenersConfig, TrustConfig, list, parse_duration, parse_path, parse_socket_addr,
+    require_bundle,
 };
-use super::raw::RawFederation;
+use super::raw::{RawFederation, RawFederationLimits};
+use super::upstream::int;
 
 /// Default lease: peers hear from this gateway at least every third of it, and
 /// count on it no longer when it lapses. 1.5 s makes a partitioned peer stop
@@ -22,6 +28,8 @@ pub const DEFAULT_LEASE: Duration = Duration::from_millis(1500);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 /// Longest grace: last-known-good is served for a while, never forever.
 const MAX_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// Longest time an expired peer may be remembered.
+const MAX_PEER_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// `[federation]`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -39,13 +47,18 @@ pub struct FederationConfig {
     /// A peer whose lease lapsed keeps its services this long.
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
-    /// Take each peer's bundle for its own trust domain.
-    pub accept_peer_bundles: bool,
     /// What peers without their own `export` see (`namespace/name`, `*`
     /// wildcards); empty: every exported service.
     pub export: Vec<String>,
-    /// The peers this gateway dials.
+    /// Where this gateway keeps its export times across restarts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_file: Option<PathBuf>,
+    /// The peers this gateway dials (and accepts).
     pub peers: Vec<FederationPeer>,
+    /// Gateways this gateway accepts without dialling them.
+    pub accept: Vec<FederationAccept>,
+    /// `[federation.limits]`: caps on what peers may make this gateway hold.
+    pub limits: PeeringLimits,
 }
 
 /// `[[federation.peers]]`
@@ -53,17 +66,80 @@ pub struct FederationConfig {
 pub struct FederationPeer {
     /// Its federation listener.
     pub address: SocketAddr,
-    /// The SPIFFE ID it must prove.
+    /// The SPIFFE ID it must prove (a gateway's).
     pub spiffe_id: SpiffeId,
+    /// What it may assert and see.
+    #[serde(flatten)]
+    pub grant: GrantConfig,
+}
+
+/// `[[federation.accept]]`: every gateway (`/isthmus/gateway/<name>`) of a
+/// trust domain may peer without being dialled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FederationAccept {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// What its gateways may assert and see.
+    #[serde(flatten)]
+    pub grant: GrantConfig,
+}
+
+/// What a peer (or every accepted gateway of a trust domain) may assert and
+/// see: the keys `[[federation.peers]]` and `[[federation.accept]]` share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GrantConfig {
+    /// The clusters it may speak for.
+    pub clusters: Vec<ClusterName>,
+    /// Where it may say it runs (`region[/zone[/subzone]]`); empty: anywhere.
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "as_strings")]
+    pub localities: Vec<Locality>,
+    /// Which of its exports this gateway takes; empty: all.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub import: Vec<String>,
     /// What it may see; `None`: `federation.export`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub export: Option<Vec<String>>,
+}
+
+impl GrantConfig {
+    fn grant(&self) -> Grant {
+        let patterns = |p: &[String]| ServicePatterns::new(p.to_vec());
+        Grant {
+            clusters: self.clusters.iter().cloned().collect(),
+            localities: self.localities.clone(),
+            imports: patterns(&self.import),
+            exports: self.export.as_deref().map(patterns),
+        }
+    }
 }
 
 impl FederationConfig {
     /// Whether this gateway peers at all.
     pub fn enabled(&self) -> bool {
         self.listen.is_some() || !self.peers.is_empty()
+    }
+
+    /// Who may peer and assert what, with `trust`'s opted-in bundle pushes.
+    pub fn authority(&self, trust: &TrustConfig) -> PeerAuthority {
+        PeerAuthority {
+            peers: self
+                .peers
+                .iter()
+                .map(|p| (p.spiffe_id.clone(), p.grant.grant()))
+                .collect(),
+            gateways_of: self
+                .accept
+                .iter()
+                .map(|a| (a.trust_domain.clone(), a.grant.grant()))
+                .collect::<BTreeMap<_, _>>(),
+            default_exports: ServicePatterns::new(self.export.clone()),
+            bundle_pushes: trust
+                .federated
+                .iter()
+                .filter(|f| f.accept_peer_bundles)
+                .map(|f| f.trust_domain.clone())
+                .collect::<BTreeSet<_>>(),
+        }
     }
 }
 
@@ -125,16 +201,36 @@ pub(super) fn federation(
         Some(s) => check.parsed("federation.grace", parse_duration(s, MAX_GRACE)),
     };
     let export = patterns(check, "federation.export", raw.export.as_deref());
+    if raw.accept_peer_bundles == Some(true) {
+        check.errors.push(ConfigError::new(
+            "federation.accept_peer_bundles",
+            "is no longer a global switch: opt in per trust domain with \
+             trust.federated[].accept_peer_bundles = true",
+        ));
+    }
+    let state_file = raw
+        .state_file
+        .as_deref()
+        .and_then(|p| check.parsed("federation.state_file", parse_path(p)));
     let mut peers = Vec::new();
     for (i, p) in raw.peers.as_deref().unwrap_or_default().iter().enumerate() {
         let at = |field: &str| format!("federation.peers[{i}].{field}");
         let address = check.required(&at("address"), p.address.as_deref(), parse_socket_addr);
-        let spiffe_id =
-            check.required(&at("spiffe_id"), p.spiffe_id.as_deref(), SpiffeId::from_str);
-        let export = p
-            .export
-            .as_deref()
-            .map(|e| patterns(check, &at("export"), Some(e)));
+        let spiffe_id = check.required(&at("spiffe_id"), p.spiffe_id.as_deref(), |s| {
+            SpiffeId::from_str(s)
+                .map_err(|e| e.to_string())
+                .and_then(gateway_id)
+        });
+        let grant = grant(
+            check,
+            &format!("federation.peers[{i}]"),
+            RawGrant {
+                clusters: p.clusters.as_deref(),
+                localities: p.localities.as_deref(),
+                import: p.import.as_deref(),
+                export: p.export.as_deref(),
+            },
+        );
         if let Some(id) = &spiffe_id {
             require_bundle(check, &at("spiffe_id"), id, own_td, trust);
             if peers.iter().any(|q: &FederationPeer| &q.spiffe_id == id) {
@@ -144,15 +240,63 @@ pub(super) fn federation(
                 ));
             }
         }
-        if let (Some(address), Some(spiffe_id)) = (address, spiffe_id) {
+        if let (Some(address), Some(spiffe_id), Some(grant)) = (address, spiffe_id, grant) {
             peers.push(FederationPeer {
                 address,
                 spiffe_id,
-                export,
+                grant,
             });
         }
     }
+    let mut accept: Vec<FederationAccept> = Vec::new();
+    for (i, a) in raw.accept.as_deref().unwrap_or_default().iter().enumerate() {
+        let at = |field: &str| format!("federation.accept[{i}].{field}");
+        let trust_domain = check.required(
+            &at("trust_domain"),
+            a.trust_domain.as_deref(),
+            TrustDomain::from_str,
+        );
+        let grant = grant(
+            check,
+            &format!("federation.accept[{i}]"),
+            RawGrant {
+                clusters: a.clusters.as_deref(),
+                localities: a.localities.as_deref(),
+                import: a.import.as_deref(),
+                export: a.export.as_deref(),
+            },
+        );
+        if let Some(td) = &trust_domain {
+            let known = Some(td) == own_td
+                || trust.is_some_and(|t| t.federated.iter().any(|f| &f.trust_domain == td));
+            if !known {
+                check.errors.push(ConfigError::new(
+                    at("trust_domain"),
+                    format!("trust domain {td} has no bundle: add it to [[trust.federated]]"),
+                ));
+            }
+            if accept.iter().any(|q| &q.trust_domain == td) {
+                check.errors.push(ConfigError::new(
+                    at("trust_domain"),
+                    format!("{td} is listed twice"),
+                ));
+            }
+        }
+        if let (Some(trust_domain), Some(grant)) = (trust_domain, grant) {
+            accept.push(FederationAccept {
+                trust_domain,
+                grant,
+            });
+        }
+    }
+    let limits = limits(check, &raw.limits);
     let enabled = listen.is_some() || !peers.is_empty();
+    if !accept.is_empty() && listen.is_none() {
+        check.errors.push(ConfigError::new(
+            "federation.accept",
+            "needs federation.listen: accepted gateways dial this gateway's federation listener",
+        ));
+    }
     if enabled && !has_identity {
         check.errors.push(ConfigError::new(
             if listen.is_some() {
@@ -181,7 +325,7 @@ pub(super) fn federation(
             }
         }
     };
-    let (Some(lease), Some(grace)) = (lease, grace) else {
+    let (Some(lease), Some(grace), Some(limits)) = (lease, grace, limits) else {
         return None;
     };
     (check.errors.len() == before).then_some(FederationConfig {
@@ -189,8 +333,157 @@ pub(super) fn federation(
         advertise,
         lease,
         grace,
-        accept_peer_bundles: raw.accept_peer_bundles.unwrap_or(true),
         export,
+        state_file,
         peers,
+        accept,
+        limits,
+    })
+}
+
+/// Only gateways peer: their SPIFFE IDs are `spiffe://<td>/isthmus/gateway/<name>`.
+fn gateway_id(id: SpiffeId) -> Result<SpiffeId, String> {
+    if id.path().starts_with(GATEWAY_PATH_PREFIX) {
+        Ok(id)
+    } else {
+        Err(format!(
+            "{id} is not a gateway identity (spiffe://<trust-domain>{GATEWAY_PATH_PREFIX}<name>)"
+        ))
+    }
+}
+
+/// Localities as the configuration writes them (`"eu-west/eu-west-1a"`).
+fn as_strings<S: serde::Serializer>(localities: &[Locality], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(localities.iter().map(ToString::to_string))
+}
+
+/// The grant keys as written, shared by `[[federation.peers]]` and
+/// `[[federation.accept]]`.
+struct RawGrant<'a> {
+    clusters: Option<&'a [String]>,
+    localities: Option<&'a [String]>,
+    import: Option<&'a [String]>,
+    export: Option<&'a [String]>,
+}
+
+/// Checks the grant keys under `path`.
+fn grant(check: &mut Check, path: &str, raw: RawGrant<'_>) -> Option<GrantConfig> {
+    let at = |field: &str| format!("{path}.{field}");
+    let before = check.errors.len();
+    let clusters = clusters(check, &at("clusters"), raw.clusters);
+    let localities = list(check, &at("localities"), raw.localities, Locality::from_str);
+    let import = patterns(check, &at("import"), raw.import);
+    let export = raw.export.map(|e| patterns(check, &at("export"), Some(e)));
+    (check.errors.len() == before).then_some(GrantConfig {
+        clusters: clusters?,
+        localities,
+        import,
+        export,
+    })
+}
+
+/// The cluster names a peer may speak for: required, at least one.
+fn clusters(check: &mut Check, path: &str, raw: Option<&[String]>) -> Option<Vec<ClusterName>> {
+    match raw {
+        None | Some([]) => {
+            check.errors.push(ConfigError::new(
+                path,
+                "is required: the cluster name(s) this peer may speak for, e.g. [\"west\"]",
+            ));
+            None
+        }
+        Some(names) => {
+            let before = check.errors.len();
+            let parsed = list(check, path, Some(names), ClusterName::from_str);
+            (check.errors.len() == before).then_some(parsed)
+        }
+    }
+}
+
+fn limits(check: &mut Check, raw: &RawFederationLimits) -> Option<PeeringLimits> {
+    let d = PeeringLimits::default();
+    let at = |field: &str| format!("federation.limits.{field}");
+    let mut count = |field: &str, value: Option<i64>, default: usize, min: i64, max: i64| {
+        let n = int(check, &at(field), value, default as i64, min, max)?;
+        usize::try_from(n).ok()
+    };
+    let max_services_per_peer = count(
+        "max_services_per_peer",
+        raw.max_services_per_peer,
+        d.max_services_per_peer,
+        1,
+        1_000_000,
+    );
+    let max_ports_per_service = count(
+        "max_ports_per_service",
+        raw.max_ports_per_service,
+        d.max_ports_per_service,
+        1,
+        1_024,
+    );
+    let max_endpoints_per_service = count(
+        "max_endpoints_per_service",
+        raw.max_endpoints_per_service,
+        d.max_endpoints_per_service,
+        0,
+        100_000,
+    );
+    let max_message_bytes = count(
+        "max_message_bytes",
+        raw.max_message_bytes,
+        d.max_message_bytes,
+        64 << 10,
+        256 << 20,
+    );
+    let max_sessions_per_peer = count(
+        "max_sessions_per_peer",
+        raw.max_sessions_per_peer,
+        d.max_sessions_per_peer as usize,
+        2,
+        64,
+    );
+    let max_streams_per_connection = count(
+        "max_streams_per_connection",
+        raw.max_streams_per_connection,
+        d.max_streams_per_connection as usize,
+        1,
+        64,
+    );
+    let max_connections = count(
+        "max_connections",
+        raw.max_connections,
+        d.max_connections,
+        2,
+        100_000,
+    );
+    let max_connections_per_source = count(
+        "max_connections_per_source",
+        raw.max_connections_per_source,
+        d.max_connections_per_source,
+        2,
+        100_000,
+    );
+    let max_handshakes = count(
+        "max_handshakes",
+        raw.max_handshakes,
+        d.max_handshakes,
+        1,
+        10_000,
+    );
+    let peer_retention = match raw.peer_retention.as_deref() {
+        None => Some(d.peer_retention),
+        Some(s) => check.parsed(&at("peer_retention"), parse_duration(s, MAX_PEER_RETENTION)),
+    };
+    Some(PeeringLimits {
+        max_services_per_peer: max_services_per_peer?,
+        max_ports_per_service: max_ports_per_service?,
+        max_endpoints_per_service: max_endpoints_per_service?,
+        max_message_bytes: max_message_bytes?,
+        max_sessions_per_peer: u32::try_from(max_sessions_per_peer?).ok()?,
+        max_streams_per_connection: u32::try_from(max_streams_per_connection?).ok()?,
+        max_connections: max_connections?,
+        max_connections_per_source: max_connections_per_source?,
+        max_handshakes: max_handshakes?,
+        peer_retention: peer_retention?,
     })
 }

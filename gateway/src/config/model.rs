@@ -339,6 +339,10 @@ pub struct FederatedDomain {
     /// Its bundle endpoint, if fetched.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<FederationEndpoint>,
+    /// Configured peers of this trust domain may push its bundle, which then
+    /// replaces `bundle` (a bootstrap bundle). Off by default: the file or
+    /// the endpoint is the only source.
+    pub accept_peer_bundles: bool,
 }
 
 /// A bundle endpoint to fetch from.
@@ -814,7 +818,7 @@ fn runtime(check: &mut Check, raw: &RawRuntime) -> Option<RuntimeConfig> {
     })
 }
 
-fn parse_path(s: &str) -> Result<PathBuf, &'static str> {
+pub(super) fn parse_path(s: &str) -> Result<PathBuf, &'static str> {
     if s.trim().is_empty() {
         Err("must not be empty")
     } else {
@@ -834,7 +838,7 @@ fn identity(check: &mut Check, raw: &RawIdentity) -> Option<IdentityConfig> {
 }
 
 /// Parses each element of a list, recording errors as `path[i]`.
-fn list<T, E: Display>(
+pub(super) fn list<T, E: Display>(
     check: &mut Check,
     path: &str,
     values: Option<&[String]>,
@@ -1064,6 +1068,13 @@ fn federated_domain(
             profile,
         })
     };
+    let accept_peer_bundles = raw.accept_peer_bundles.unwrap_or(false);
+    if accept_peer_bundles && raw.endpoint_url.is_some() {
+        check.errors.push(ConfigError::new(
+            at("accept_peer_bundles"),
+            "a trust domain's bundle has one source: with endpoint_url it is the endpoint, which peers never override",
+        ));
+    }
     if check.errors.len() > errors_before {
         return None;
     }
@@ -1071,6 +1082,7 @@ fn federated_domain(
         trust_domain: trust_domain?,
         bundle,
         endpoint,
+        accept_peer_bundles,
     })
 }
 

@@ -139,12 +139,62 @@ pub struct RawFederation {
     pub lease: Option<String>,
     /// `federation.grace`
     pub grace: Option<String>,
-    /// `federation.accept_peer_bundles`
+    /// `federation.accept_peer_bundles`: replaced by
+    /// `trust.federated[].accept_peer_bundles`; only `false` is accepted.
     pub accept_peer_bundles: Option<bool>,
     /// `federation.export`
     pub export: Option<Vec<String>>,
+    /// `federation.state_file`
+    pub state_file: Option<String>,
     /// `[[federation.peers]]`
     pub peers: Option<Vec<RawFederationPeer>>,
+    /// `[[federation.accept]]`
+    pub accept: Option<Vec<RawFederationAccept>>,
+    /// `[federation.limits]`
+    #[serde(default)]
+    pub limits: RawFederationLimits,
+}
+
+/// `[[federation.accept]]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFederationAccept {
+    /// `federation.accept[].trust_domain`
+    pub trust_domain: Option<String>,
+    /// `federation.accept[].clusters`
+    pub clusters: Option<Vec<String>>,
+    /// `federation.accept[].localities`
+    pub localities: Option<Vec<String>>,
+    /// `federation.accept[].import`
+    pub import: Option<Vec<String>>,
+    /// `federation.accept[].export`
+    pub export: Option<Vec<String>>,
+}
+
+/// `[federation.limits]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFederationLimits {
+    /// `federation.limits.max_services_per_peer`
+    pub max_services_per_peer: Option<i64>,
+    /// `federation.limits.max_ports_per_service`
+    pub max_ports_per_service: Option<i64>,
+    /// `federation.limits.max_endpoints_per_service`
+    pub max_endpoints_per_service: Option<i64>,
+    /// `federation.limits.max_message_bytes`
+    pub max_message_bytes: Option<i64>,
+    /// `federation.limits.max_sessions_per_peer`
+    pub max_sessions_per_peer: Option<i64>,
+    /// `federation.limits.max_streams_per_connection`
+    pub max_streams_per_connection: Option<i64>,
+    /// `federation.limits.max_connections`
+    pub max_connections: Option<i64>,
+    /// `federation.limits.max_connections_per_source`
+    pub max_connections_per_source: Option<i64>,
+    /// `federation.limits.max_handshakes`
+    pub max_handshakes: Option<i64>,
+    /// `federation.limits.peer_retention`
+    pub peer_retention: Option<String>,
 }
 
 /// `[[federation.peers]]`
@@ -155,6 +205,12 @@ pub struct RawFederationPeer {
     pub address: Option<String>,
     /// `federation.peers[].spiffe_id`
     pub spiffe_id: Option<String>,
+    /// `federation.peers[].clusters`
+    pub clusters: Option<Vec<String>>,
+    /// `federation.peers[].localities`
+    pub localities: Option<Vec<String>>,
+    /// `federation.peers[].import`
+    pub import: Option<Vec<String>>,
     /// `federation.peers[].export`
     pub export: Option<Vec<String>>,
 }
@@ -462,6 +518,8 @@ pub struct RawFederated {
     pub endpoint_spiffe_id: Option<String>,
     /// `trust.federated[].endpoint_ca`
     pub endpoint_ca: Option<String>,
+    /// `trust.federated[].accept_peer_bundles`
+    pub accept_peer_bundles: Option<bool>,
 }
 
 /// `[trust.bundle_endpoint]`

@@ -2,6 +2,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::*;
+use isthmus_federation::peering::PeeringLimits;
 
 const NO_ENV: [(String, String); 0] = [];
 
@@ -839,6 +840,10 @@ bundle = "bundle.pem"
 [[trust.federated]]
 trust_domain = "west.example.org"
 bundle = "west.pem"
+[[trust.federated]]
+trust_domain = "vms.example.org"
+bundle = "vms.pem"
+accept_peer_bundles = true
 [listeners]
 east_west = "127.0.0.1:15443"
 [federation]
@@ -846,10 +851,20 @@ listen = "127.0.0.1:15012"
 lease = "5s"
 grace = "1m"
 export = ["shop/*"]
+state_file = "/var/lib/isthmus/federation-state.json"
 [[federation.peers]]
 address = "127.0.0.1:25012"
 spiffe_id = "spiffe://west.example.org/isthmus/gateway/gw-w"
+clusters = ["west"]
+localities = ["eu-west"]
+import = ["shop/*", "payments/api"]
 export = ["shop/web", "*/api"]
+[[federation.accept]]
+trust_domain = "vms.example.org"
+clusters = ["vm-eu", "vm-us"]
+[federation.limits]
+max_services_per_peer = 500
+peer_retention = "10m"
 "#
 );
 
@@ -865,8 +880,40 @@ fn federation_section_parses_with_defaults_and_round_trips() {
     );
     assert_eq!(f.lease, Duration::from_secs(5));
     assert_eq!(f.grace, Duration::from_secs(60));
-    assert!(f.accept_peer_bundles);
-    assert_eq!(f.peers[0].export.as_deref().unwrap().len(), 2);
+    assert_eq!(f.peers[0].grant.export.as_deref().unwrap().len(), 2);
+    assert_eq!(f.peers[0].grant.clusters, ["west".parse().unwrap()]);
+    assert_eq!(f.accept[0].grant.clusters.len(), 2);
+    assert_eq!(f.limits.max_services_per_peer, 500);
+    assert_eq!(f.limits.peer_retention, Duration::from_secs(600));
+    assert_eq!(
+        f.limits.max_ports_per_service,
+        PeeringLimits::default().max_ports_per_service,
+        "unset limits take their defaults"
+    );
+    let authority = f.authority(&c.trust);
+    let west: isthmus_federation::SpiffeId = "spiffe://west.example.org/isthmus/gateway/gw-w"
+        .parse()
+        .unwrap();
+    let grant = authority.grant(&west).expect("a configured peer");
+    assert!(grant.imports.allows(&"payments/api".parse().unwrap()));
+    assert!(!grant.imports.allows(&"payments/db".parse().unwrap()));
+    let vm: isthmus_federation::SpiffeId = "spiffe://vms.example.org/isthmus/gateway/edge-1"
+        .parse()
+        .unwrap();
+    assert!(authority.grant(&vm).is_some());
+    assert!(!authority.is_configured(&vm));
+    let vm_workload: isthmus_federation::SpiffeId =
+        "spiffe://vms.example.org/ns/web/sa/web".parse().unwrap();
+    assert!(!authority.listener_policy().allows(&vm_workload));
+    assert_eq!(
+        authority
+            .bundle_pushes
+            .iter()
+            .map(|t| t.as_str())
+            .collect::<Vec<_>>(),
+        ["vms.example.org"],
+        "pushes only where opted in"
+    );
     let again = parse_with_env(&toml::to_string(&c).unwrap(), "printed", NO_ENV).unwrap();
     assert_eq!(c, again);
     let off = parse_with_env(MINIMAL, "t", NO_ENV).unwrap();
@@ -891,8 +938,8 @@ fn federation_mistakes_are_named() {
             "federation.peers[0].address",
         ),
         (
-            "gateway/gw-w\"\nexport",
-            "gateway/gw-w\"\n[[federation.peers]]\naddress = \"127.0.0.1:1\"\nspiffe_id = \"spiffe://west.example.org/isthmus/gateway/gw-w\"\nexport",
+            "gateway/gw-w\"\nclusters",
+            "gateway/gw-w\"\nclusters = [\"west\"]\n[[federation.peers]]\naddress = \"127.0.0.1:1\"\nspiffe_id = \"spiffe://west.example.org/isthmus/gateway/gw-w\"\nclusters",
             "federation.peers[1].spiffe_id",
         ),
         (
@@ -909,6 +956,61 @@ fn federation_mistakes_are_named() {
             "listen = \"127.0.0.1:15012\"",
             "listen = \"127.0.0.1:15443\"",
             "federation.listen",
+        ),
+        (
+            "clusters = [\"west\"]\n",
+            "",
+            "federation.peers[0].clusters",
+        ),
+        (
+            "clusters = [\"west\"]",
+            "clusters = [\"West!\"]",
+            "federation.peers[0].clusters[0]",
+        ),
+        (
+            "import = [\"shop/*\", ",
+            "import = [\"shop\", ",
+            "federation.peers[0].import[0]",
+        ),
+        (
+            "gateway/gw-w\"",
+            "ns/shop/sa/web\"",
+            "federation.peers[0].spiffe_id",
+        ),
+        (
+            "trust_domain = \"vms.example.org\"\nclusters",
+            "trust_domain = \"other.example.org\"\nclusters",
+            "federation.accept[0].trust_domain",
+        ),
+        (
+            "clusters = [\"vm-eu\", \"vm-us\"]",
+            "clusters = []",
+            "federation.accept[0].clusters",
+        ),
+        (
+            "localities = [\"eu-west\"]",
+            "localities = [\"eu west\"]",
+            "federation.peers[0].localities[0]",
+        ),
+        (
+            "max_services_per_peer = 500",
+            "max_services_per_peer = 0",
+            "federation.limits.max_services_per_peer",
+        ),
+        (
+            "peer_retention = \"10m\"",
+            "peer_retention = \"1y\"",
+            "federation.limits.peer_retention",
+        ),
+        (
+            "export = [\"shop/*\"]\n",
+            "export = [\"shop/*\"]\naccept_peer_bundles = true\n",
+            "federation.accept_peer_bundles",
+        ),
+        (
+            "bundle = \"vms.pem\"\n",
+            "bundle = \"vms.pem\"\nendpoint_url = \"https://vms.example.org/bundle\"\nendpoint_profile = \"https_web\"\n",
+            "trust.federated[1].accept_peer_bundles",
         ),
     ] {
         assert!(WITH_FEDERATION.contains(from), "{from}");

@@ -164,7 +164,7 @@ fn duration(
     }
 }
 
-fn int(
+pub(super) fn int(
     check: &mut Check,
     path: &str,
     value: Option<i64>,

@@ -286,9 +286,10 @@ grace = "5s"
         if j != i {
             let _ = write!(
                 t,
-                "\n[[federation.peers]]\naddress = \"{}\"\nspiffe_id = \"{}\"\n",
+                "\n[[federation.peers]]\naddress = \"{}\"\nspiffe_id = \"{}\"\nclusters = [\"{}\"]\n",
                 other.addr(FEDERATION_PORT),
-                other.spiffe_id()
+                other.spiffe_id(),
+                other.cluster
             );
         }
     }
