@@ -208,6 +208,18 @@ where
         "{listener}: the 100 requests ({served_in:?}) were served while the slow connections were held"
     );
     let ends: Vec<End> = flood.into_iter().map(|h| rt.block_on(h).unwrap()).collect();
+    let cut_times: Vec<Duration> = ends
+        .iter()
+        .filter_map(|e| match e {
+            End::Closed(d) if *d >= Duration::from_secs(1) => Some(*d),
+            _ => None,
+        })
+        .collect();
+    eprintln!(
+        "{listener}: 100 normal requests served in {served_in:?} while held; slow connections cut after {:?} to {:?}",
+        cut_times.iter().min(),
+        cut_times.iter().max()
+    );
     let o = outcome(ends);
     assert_eq!(o.refused, SLOW - PER_SOURCE, "{listener}: {:?}", o.other);
     assert_eq!(o.cut_at_deadline, PER_SOURCE, "{listener}: {:?}", o.other);
