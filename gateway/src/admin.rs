@@ -252,6 +252,9 @@ fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // The headers are in, and nothing more of this request is read: the
+        // next request on the connection is due from its first byte.
+        crate::limits::request_done(session.stream());
         let _in_flight = self.state.drain.track();
         let req = session.req_header();
         let route = route(&req.method, req.uri.path());

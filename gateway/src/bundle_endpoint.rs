@@ -44,6 +44,8 @@ impl BundleEndpointApp {
 #[async_trait]
 impl ServeHttp for BundleEndpointApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // The headers are in: the next request is due from its first byte.
+        crate::limits::request_done(session.stream());
         let method = session.req_header().method.clone();
         let (status, body) = if method != Method::GET && method != Method::HEAD {
             (StatusCode::METHOD_NOT_ALLOWED, b"only GET\n".to_vec())

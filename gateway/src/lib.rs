@@ -11,6 +11,7 @@
 //! - [`trust`]: SVID, bundles, peer policy at run time; [`bundle_endpoint`]: the
 //!   SPIFFE bundle endpoint;
 //! - [`discovery`]: the discovery sources' supervisor and the watched-file source;
+//! - [`limits`]: connection caps and the header deadline of every HTTP listener;
 //! - [`admin`]: the admin HTTP API; [`metrics`]: the Prometheus registry;
 //! - [`logging`]: JSON / text / journald output for `tracing` and `log`.
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod dns;
 pub mod federation;
 pub mod health;
 pub mod lifecycle;
+pub mod limits;
 pub mod logging;
 pub mod mesh;
 pub mod metrics;

@@ -153,6 +153,11 @@ impl Reloader {
             warn!("listeners changed; they take effect on restart");
             next.listeners = current.listeners.clone();
         }
+        // Each listener's limiter, deadline and h2 settings are built at start.
+        if next.limits != current.limits {
+            warn!("limits changed; they take effect on restart");
+            next.limits = current.limits.clone();
+        }
         // The DNS server's sockets, ranges and resolver are built at start.
         if next.dns != current.dns {
             warn!("dns settings changed; they take effect on restart");

@@ -21,22 +21,26 @@ use tracing::{error, info};
 
 use std::time::Duration;
 
+use isthmus_federation::limits::ConnectionLimiter;
 use isthmus_federation::trust::tls::{SvidResolver, mtls_server_config, spiffe_client_config};
 use isthmus_federation::trust::{HandshakeMetrics, PeerPolicy, SpiffeAcceptor, SpiffeConnector};
 use isthmus_federation::{Catalog, ServiceKey};
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::protocols::http::v2::server::{H2Options, default_h2_options};
 
 use crate::admin::{AdminApp, AdminState};
 use crate::bundle_endpoint::BundleEndpointApp;
 use crate::cli::{EXIT_CONFIG, EXIT_FAILURE};
 use crate::config::Config;
+use crate::config::limits::LimitsConfig;
 use crate::dns::{ClusterSetListeners, DynApp};
 use crate::health::{Drain, Readiness};
 use crate::lifecycle::{Probe, Reloader, Signals, Startup, Upgrade};
+use crate::limits::{Guarded, LimitMetrics, ListenerGuard};
 use crate::mesh::MeshRelay;
 use crate::proxy::balance::Here;
-use crate::proxy::east_west::{Callers, EastWestApp, EastWestProxy};
+use crate::proxy::east_west::{Callers, EastWestApp, EastWestL4, EastWestLimits, EastWestProxy};
 use crate::proxy::outbound::{Common, OutboundProxy};
 use crate::proxy::tcp::TcpOutboundApp;
 use crate::proxy::{Lingering, ProxyMetrics, TcpMetrics};
@@ -160,6 +164,7 @@ pub fn run(config_path: &Path, upgrade_from: Option<u32>) -> ExitCode {
         "peer leases",
         LeaseWatcher::new(upstreams.clone(), hub.clone()),
     ));
+    let limit_metrics = LimitMetrics::new(&registry);
     let clusterset_listeners = match add_data_plane(
         &mut server,
         &config.load(),
@@ -168,6 +173,8 @@ pub fn run(config_path: &Path, upgrade_from: Option<u32>) -> ExitCode {
             catalog: &catalog,
             upstreams: &upstreams,
             drain: &drain,
+            config: &config,
+            limits: &limit_metrics,
         },
         dns.as_ref().map(|d| d.cluster_set.allocations()),
         &registry,
@@ -205,13 +212,18 @@ pub fn run(config_path: &Path, upgrade_from: Option<u32>) -> ExitCode {
         hub: hub.clone(),
         clusterset_ips,
     }));
+    let limits = config.load().limits.clone();
+    let admin = Guarded::new(
+        Arc::new(admin),
+        ListenerGuard::new("admin", limits.admin, limits.header_timeout, &limit_metrics),
+    );
     let mut admin_service = Service::new("admin".to_owned(), admin);
     admin_service.add_tcp(&admin_addr.to_string());
     // The admin API is light; keep its runtime small whatever `runtime.threads` says.
     admin_service.threads = Some(1);
     server.add_service(admin_service);
     if let Some(trust) = &trust {
-        if let Some(service) = bundle_endpoint_service(&config.load(), trust) {
+        if let Some(service) = bundle_endpoint_service(&config.load(), trust, &limit_metrics) {
             match service {
                 Ok(service) => {
                     server.add_service(service);
@@ -312,6 +324,10 @@ struct DataPlane<'a> {
     upstreams: &'a Arc<Upstreams>,
     /// Requests and TCP streams in flight, waited for on stop.
     drain: &'a Arc<Drain>,
+    /// The configuration in force (swapped on reload).
+    config: &'a Arc<ArcSwap<Config>>,
+    /// Refusals and header deadline cuts.
+    limits: &'a LimitMetrics,
 }
 
 /// Adds the outbound and east-west listeners and the mesh relay; returns the
@@ -329,7 +345,13 @@ fn add_data_plane(
         catalog,
         upstreams,
         drain,
+        config: live_config,
+        limits: limit_metrics,
     } = shared;
+    let limits = &config.limits;
+    let guard = |listener: &'static str, caps| {
+        ListenerGuard::new(listener, caps, limits.header_timeout, limit_metrics)
+    };
     let clusterset = clusterset.filter(|_| config.dns.clusterset_listeners);
     let conf = server.configuration.clone();
     let metrics = ProxyMetrics::new(registry);
@@ -377,10 +399,14 @@ fn add_data_plane(
         let mut options = HttpServerOptions::default();
         options.h2c = true;
         proxy.server_options = Some(options);
+        proxy.h2_options = Some(h2_options(limits));
         proxy
     };
     if let Some(addr) = config.listeners.outbound {
-        let proxy = Lingering(Arc::new(outbound_proxy(None)));
+        let proxy = Guarded::new(
+            Arc::new(Lingering(Arc::new(outbound_proxy(None)))),
+            guard("outbound", limits.outbound),
+        );
         let mut service = Service::new("outbound".to_owned(), proxy);
         service.add_tcp(&addr.to_string());
         service.threads = Some(threads);
@@ -424,7 +450,11 @@ fn add_data_plane(
     // they run in the DNS service, which knows the allocations.
     let clusterset_listeners = match clusterset {
         Some(allocations) => {
-            let http: Arc<dyn DynApp> = Arc::new(outbound_proxy(Some(allocations)));
+            // Counted apart from the outbound listener's, with its caps.
+            let http: Arc<dyn DynApp> = Arc::new(Guarded::new(
+                Arc::new(outbound_proxy(Some(allocations))),
+                guard("clusterset", limits.outbound),
+            ));
             let tcp_app = {
                 let (catalog, upstreams, tcp_metrics, drain) = (
                     catalog.clone(),
@@ -472,7 +502,7 @@ fn add_data_plane(
             .map(|p| (p.spiffe_id.clone(), p.cluster.clone()))
             .collect();
         let callers = Arc::new(Callers::default());
-        let proxy = pingora_proxy::http_proxy(
+        let mut proxy = pingora_proxy::http_proxy(
             &conf,
             EastWestProxy::new(
                 Common::new(
@@ -488,14 +518,22 @@ fn add_data_plane(
                 registry,
             ),
         );
+        proxy.h2_options = Some(h2_options(limits));
         let app = EastWestApp::new(
             acceptor,
             proxy,
             callers,
-            catalog.clone(),
-            upstreams.clone(),
-            tcp_metrics.clone(),
-            drain.clone(),
+            EastWestL4 {
+                catalog: catalog.clone(),
+                upstreams: upstreams.clone(),
+                tcp: tcp_metrics.clone(),
+                drain: drain.clone(),
+            },
+            EastWestLimits {
+                guard: guard("east_west", limits.east_west),
+                handshakes: ConnectionLimiter::new(limits.east_west_handshakes),
+                config: live_config.clone(),
+            },
         );
         let mut service = Service::new("east-west".to_owned(), app);
         service.add_tcp(&addr.to_string());
@@ -520,6 +558,13 @@ fn add_data_plane(
         HealthChecker::new(upstreams.clone(), catalog.clone(), probe_connector),
     ));
     Ok(clusterset_listeners)
+}
+
+/// Pingora's bounded HTTP/2 defaults with `limits.h2_max_concurrent_streams`.
+fn h2_options(limits: &LimitsConfig) -> H2Options {
+    let mut options = default_h2_options();
+    options.max_concurrent_streams(limits.h2_max_concurrent_streams);
+    options
 }
 
 /// Runs the mesh relay as a Pingora background service.
@@ -548,13 +593,25 @@ impl pingora_core::services::background::BackgroundService for RelayService {
 fn bundle_endpoint_service(
     config: &Config,
     trust: &Trust,
-) -> Option<pingora_error::Result<Service<BundleEndpointApp>>> {
+    limit_metrics: &LimitMetrics,
+) -> Option<pingora_error::Result<Service<Guarded<BundleEndpointApp>>>> {
     let endpoint = config.trust.bundle_endpoint.as_ref()?;
     let app = BundleEndpointApp {
         material: trust.material().clone(),
         trust_domain: config.gateway.trust_domain.clone(),
         refresh_hint: endpoint.refresh_hint,
     };
+    // Pingora completes the TLS handshake before the app sees the connection:
+    // the caps count connections from then on.
+    let app = Guarded::new(
+        Arc::new(app),
+        ListenerGuard::new(
+            "bundle_endpoint",
+            config.limits.bundle_endpoint,
+            config.limits.header_timeout,
+            limit_metrics,
+        ),
+    );
     let mut service = Service::new("bundle endpoint".to_owned(), app);
     // Pingora builds the listener's rustls config once; our resolver reads the
     // live SVID on every handshake, so rotation needs no rebuild. The

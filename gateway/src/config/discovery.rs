@@ -188,6 +188,8 @@ impl DnsServiceConfig {
             allow_ids: self.allow_ids.clone(),
             allow_trust_domains: self.allow_trust_domains.clone(),
             mode: self.mode,
+            // Source networks are a `[[services]]` key only.
+            allow_sources: Vec::new(),
             headless: self.headless,
         }
     }
@@ -315,6 +317,7 @@ fn dns_service(check: &mut Check, i: usize, raw: &RawDnsService) -> Option<DnsSe
         allow_ids: raw.allow_ids.clone(),
         allow_trust_domains: raw.allow_trust_domains.clone(),
         mode: raw.mode.clone(),
+        allow_sources: None,
         headless: raw.headless,
     };
     let mut inner = Check::default();

@@ -17,6 +17,7 @@ pub mod discovery;
 pub mod dns;
 mod error;
 pub mod federation;
+pub mod limits;
 pub mod model;
 pub mod raw;
 pub mod traffic;

@@ -90,6 +90,8 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     /// `[dns]`
     pub dns: super::dns::DnsConfig,
+    /// `[limits]`
+    pub limits: super::limits::LimitsConfig,
 }
 
 /// `[listeners]`: each is off unless given an address.
@@ -128,6 +130,13 @@ pub struct ServiceConfig {
     pub allow_trust_domains: Vec<TrustDomain>,
     /// East-west mode.
     pub mode: EastWestMode,
+    /// Passthrough only: the source networks whose connections the east-west
+    /// listener splices to the endpoints; empty: any source.
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_display_list"
+    )]
+    pub allow_sources: Vec<ipnet::IpNet>,
     /// Headless: DNS answers with the endpoints, not a clusterset IP.
     pub headless: bool,
 }
@@ -175,6 +184,15 @@ impl ServiceConfig {
                 }),
             passthrough: self.mode == EastWestMode::Passthrough,
         }
+    }
+
+    /// Whether a passthrough connection from `source` may reach it.
+    pub fn admits_source(&self, source: IpAddr) -> bool {
+        let source = match source {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(source, IpAddr::V4),
+            v4 => v4,
+        };
+        self.allow_sources.is_empty() || self.allow_sources.iter().any(|n| n.contains(&source))
     }
 
     /// Its `namespace/name`.
@@ -254,6 +272,23 @@ pub struct PeerConfig {
 }
 
 /// Serializes a value as its `Display` form (names, keys, localities).
+fn serialize_display_list<S: serde::Serializer, T: Display>(
+    v: &[T],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(ToString::to_string))
+}
+
+/// A network (`10.0.0.0/8`, `fd00::/8`) or one address (`10.1.2.3`).
+pub(super) fn parse_network(s: &str) -> Result<ipnet::IpNet, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(ip.into());
+    }
+    s.parse::<ipnet::IpNet>()
+        .map(|n| n.trunc())
+        .map_err(|_| format!("{s:?} is not a network such as \"10.0.0.0/8\" or an address"))
+}
+
 pub(super) fn serialize_display<S: serde::Serializer, T: Display>(
     v: &T,
     s: S,
@@ -540,6 +575,7 @@ impl Config {
         );
         let dns = super::dns::dns(&mut check, &raw.dns);
         let discovery = super::discovery::discovery(&mut check, &raw.discovery);
+        let limits = super::limits::limits(&mut check, &raw.limits);
         if let (Some(admin), Some(trust), Some(listeners)) = (&admin, &trust, &listeners) {
             let mut tcp = tcp_listeners(trust, listeners, &services);
             tcp.push((
@@ -554,19 +590,19 @@ impl Config {
             }
         }
         match (
-            gateway, admin, log, runtime, shutdown, trust, listeners, upstream, federation, dns,
+            (gateway, admin, log, runtime, shutdown),
+            (trust, listeners, upstream, federation, dns, limits),
         ) {
             (
-                Some(gateway),
-                Some(admin),
-                Some(log),
-                Some(runtime),
-                Some(shutdown),
-                Some(trust),
-                Some(listeners),
-                Some(upstream),
-                Some(federation),
-                Some(dns),
+                (Some(gateway), Some(admin), Some(log), Some(runtime), Some(shutdown)),
+                (
+                    Some(trust),
+                    Some(listeners),
+                    Some(upstream),
+                    Some(federation),
+                    Some(dns),
+                    Some(limits),
+                ),
             ) if check.errors.is_empty() => Ok(Self {
                 gateway,
                 admin,
@@ -583,6 +619,7 @@ impl Config {
                 federation,
                 discovery,
                 dns,
+                limits,
             }),
             _ => Err(ConfigErrors(check.errors)),
         }
@@ -1226,6 +1263,23 @@ pub(super) fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConf
                 "passthrough does not terminate TLS, so allow_ids/allow_trust_domains cannot be enforced; the workloads authorize",
             ));
         }
+        let allow_sources = list(
+            check,
+            &at("allow_sources"),
+            svc.allow_sources.as_deref(),
+            parse_network,
+        );
+        if svc.allow_sources.is_some() && mode != Some(EastWestMode::Passthrough) {
+            check.errors.push(ConfigError::new(
+                at("allow_sources"),
+                "applies to mode = \"passthrough\" only; terminated services authorize callers by SPIFFE ID (allow_ids, allow_trust_domains)",
+            ));
+        } else if svc.allow_sources.as_ref().is_some_and(Vec::is_empty) {
+            check.errors.push(ConfigError::new(
+                at("allow_sources"),
+                "is empty, which would refuse every source; leave it out to admit any source",
+            ));
+        }
         if check.errors.len() > before {
             continue;
         }
@@ -1252,6 +1306,7 @@ pub(super) fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConf
             allow_ids,
             allow_trust_domains,
             mode,
+            allow_sources,
             headless: svc.headless.unwrap_or(false),
         });
     }

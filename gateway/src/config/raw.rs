@@ -56,6 +56,51 @@ pub struct RawConfig {
     /// `[dns]`: the DNS server and clusterset IPs.
     #[serde(default)]
     pub dns: RawDns,
+    /// `[limits]`: what clients can make the listeners hold open.
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+/// `[limits]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// `limits.header_timeout`
+    pub header_timeout: Option<String>,
+    /// `limits.h2_max_concurrent_streams`
+    pub h2_max_concurrent_streams: Option<i64>,
+    /// `[limits.outbound]`
+    pub outbound: Option<RawConnectionLimits>,
+    /// `[limits.east_west]`
+    pub east_west: Option<RawEastWestLimits>,
+    /// `[limits.admin]`
+    pub admin: Option<RawConnectionLimits>,
+    /// `[limits.bundle_endpoint]`
+    pub bundle_endpoint: Option<RawConnectionLimits>,
+}
+
+/// `[limits.<listener>]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnectionLimits {
+    /// `limits.<listener>.connections`
+    pub connections: Option<i64>,
+    /// `limits.<listener>.connections_per_source`
+    pub connections_per_source: Option<i64>,
+}
+
+/// `[limits.east_west]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEastWestLimits {
+    /// `limits.east_west.connections`
+    pub connections: Option<i64>,
+    /// `limits.east_west.connections_per_source`
+    pub connections_per_source: Option<i64>,
+    /// `limits.east_west.handshakes`
+    pub handshakes: Option<i64>,
+    /// `limits.east_west.handshakes_per_source`
+    pub handshakes_per_source: Option<i64>,
 }
 
 /// `[dns]`
@@ -302,6 +347,8 @@ pub struct RawService {
     pub allow_trust_domains: Option<Vec<String>>,
     /// `services[].mode`
     pub mode: Option<String>,
+    /// `services[].allow_sources`
+    pub allow_sources: Option<Vec<String>>,
     /// `services[].headless`
     pub headless: Option<bool>,
 }

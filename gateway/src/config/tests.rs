@@ -1442,3 +1442,125 @@ fn each_traffic_rule_has_a_failing_case() {
     let twice = base.replacen("[upstream.locality]", "[[routes]]\nservice = \"shop/web\"\n[[routes.rules]]\nsplit = [{ weight = 1 }]\n[upstream.locality]", 1);
     assert!(errors_of(&twice).mentions("routes[1].service"));
 }
+
+#[test]
+fn limits_have_production_defaults_and_round_trip() {
+    use crate::config::limits::{DEFAULT_ADMIN, DEFAULT_HEADER_TIMEOUT, DEFAULT_OUTBOUND};
+    let c = parse_with_env(MINIMAL, "t", NO_ENV).expect("valid");
+    assert_eq!(c.limits.header_timeout, DEFAULT_HEADER_TIMEOUT);
+    assert_eq!(c.limits.outbound, DEFAULT_OUTBOUND);
+    assert_eq!(c.limits.admin, DEFAULT_ADMIN);
+    assert_eq!(c.limits.h2_max_concurrent_streams, 100);
+    let text = with("limits", "header_timeout = \"3s\"");
+    let text = text
+        + "\n[limits.east_west]\nconnections = 50\nconnections_per_source = 5\nhandshakes = 8\nhandshakes_per_source = 2\n[limits.admin]\nconnections_per_source = 3\n";
+    let c = parse_with_env(&text, "t", NO_ENV).expect("valid");
+    assert_eq!(c.limits.header_timeout, Duration::from_secs(3));
+    assert_eq!(
+        (c.limits.east_west.total, c.limits.east_west.per_source),
+        (50, 5)
+    );
+    assert_eq!(
+        (
+            c.limits.east_west_handshakes.total,
+            c.limits.east_west_handshakes.per_source
+        ),
+        (8, 2)
+    );
+    assert_eq!(
+        (c.limits.admin.total, c.limits.admin.per_source),
+        (DEFAULT_ADMIN.total, 3),
+        "an unset key keeps its default"
+    );
+    let again = parse_with_env(&toml::to_string(&c).unwrap(), "printed", NO_ENV).unwrap();
+    assert_eq!(c, again);
+}
+
+#[test]
+fn limits_mistakes_are_named() {
+    assert_rejects(
+        "limits",
+        "header_timeout = \"100ms\"",
+        "limits.header_timeout",
+    );
+    assert_rejects("limits", "header_timeout = \"1h\"", "limits.header_timeout");
+    assert_rejects(
+        "limits",
+        "header_timeout = \"soon\"",
+        "limits.header_timeout",
+    );
+    assert_rejects(
+        "limits",
+        "h2_max_concurrent_streams = 0",
+        "limits.h2_max_concurrent_streams",
+    );
+    assert_rejects(
+        "limits.outbound",
+        "connections = 0",
+        "limits.outbound.connections",
+    );
+    assert_rejects(
+        "limits.admin",
+        "connections_per_source = 1000",
+        "limits.admin.connections_per_source",
+    );
+    assert_rejects(
+        "limits.east_west",
+        "handshakes_per_source = 5000",
+        "limits.east_west.handshakes_per_source",
+    );
+    assert_rejects(
+        "limits.bundle_endpoint",
+        "handshakes = 5",
+        "limits.bundle_endpoint.handshakes",
+    );
+}
+
+#[test]
+fn passthrough_services_take_source_networks() {
+    let service = |extra: &str| {
+        format!(
+            "{MINIMAL}\n[[services]]\nnamespace = \"shop\"\nname = \"db\"\nports = [{{ port = 5432, protocol = \"tcp\" }}]\nexport = true\n{extra}\n"
+        )
+    };
+    let c = parse_with_env(
+        &service("mode = \"passthrough\"\nallow_sources = [\"10.1.0.0/16\", \"192.0.2.7\", \"fd00::/8\"]"),
+        "t",
+        NO_ENV,
+    )
+    .expect("valid");
+    let db = &c.services[0];
+    assert!(db.admits_source("10.1.200.3".parse().unwrap()));
+    assert!(db.admits_source("192.0.2.7".parse().unwrap()));
+    assert!(
+        db.admits_source("::ffff:10.1.0.1".parse().unwrap()),
+        "IPv4-mapped"
+    );
+    assert!(db.admits_source("fd12::1".parse().unwrap()));
+    assert!(!db.admits_source("10.2.0.1".parse().unwrap()));
+    assert!(!db.admits_source("192.0.2.8".parse().unwrap()));
+    let again = parse_with_env(&toml::to_string(&c).unwrap(), "printed", NO_ENV).unwrap();
+    assert_eq!(c, again);
+    let open = parse_with_env(&service("mode = \"passthrough\""), "t", NO_ENV).unwrap();
+    assert!(
+        open.services[0].admits_source("203.0.113.9".parse().unwrap()),
+        "no allow_sources: any source"
+    );
+    for (extra, path) in [
+        (
+            "mode = \"passthrough\"\nallow_sources = [\"10.0.0.0/33\"]",
+            "services[0].allow_sources[0]",
+        ),
+        (
+            "mode = \"passthrough\"\nallow_sources = []",
+            "services[0].allow_sources",
+        ),
+        (
+            "allow_sources = [\"10.0.0.0/8\"]",
+            "services[0].allow_sources",
+        ),
+    ] {
+        let errors = errors_of(&service(extra));
+        assert!(errors.mentions(path), "{extra}: {errors}");
+    }
+}

@@ -8,11 +8,13 @@
 //! in this cluster, never onwards, so nothing loops between gateways.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use isthmus_federation::catalog::{Protocol, ServiceEntry, parse_east_west_sni};
+use isthmus_federation::catalog::{Protocol, ServiceEntry, ServiceKey, parse_east_west_sni};
+use isthmus_federation::limits::{ConnectionLimiter, Refused};
 use isthmus_federation::trust::{PeerPolicy, SpiffeAcceptor};
 use isthmus_federation::{Catalog, ClusterName, SpiffeId};
 use pingora_core::apps::ServerApp;
@@ -25,10 +27,13 @@ use pingora_proxy::{HttpProxy, ProxyHttp, Session};
 use prometheus::IntCounterVec;
 use tracing::{debug, warn};
 
+use super::headers;
 use super::metrics::TcpMetrics;
 use super::outbound::{Common, RequestCtx};
 use super::tcp;
+use crate::config::Config;
 use crate::health::Drain;
+use crate::limits::ListenerGuard;
 use crate::mesh::{HelloRecorder, MeshTlsStream};
 use crate::upstream::Upstreams;
 
@@ -130,6 +135,7 @@ impl ProxyHttp for EastWestProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        crate::limits::headers_read(session.as_ref().stream());
         if self.common.route(session, ctx, true, None).await? {
             return Ok(true);
         }
@@ -183,15 +189,16 @@ impl ProxyHttp for EastWestProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         self.common.stamp(upstream, ctx)?;
-        // The subset was for this gateway (routing has used it), not the workload.
-        upstream.remove_header(super::outbound::SUBSET_HEADER);
-        // Tell the workload who called, as Envoy does; never trust one sent in.
-        upstream.remove_header("x-forwarded-client-cert");
+        // The subset was for this gateway (routing has used it), not the
+        // workload; no other internal header, and no XFCC sent in, is trusted.
+        let named_subset = upstream.headers.contains_key(headers::SUBSET);
+        let forged = headers::strip_internal(upstream) - usize::from(named_subset);
+        if forged > 0 {
+            self.common.metrics.stripped("east_west", forged);
+        }
+        // Tell the workload who called, as Envoy does, from the verified peer.
         if let Some(caller) = self.caller(session) {
-            upstream.insert_header(
-                "x-forwarded-client-cert",
-                format!("By={};URI={caller}", self.own_id),
-            )?;
+            upstream.insert_header(headers::XFCC, format!("By={};URI={caller}", self.own_id))?;
         }
         Ok(())
     }
@@ -253,6 +260,7 @@ impl ProxyHttp for EastWestProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        crate::limits::request_done(session.as_ref().stream());
         let caller = self.caller(session);
         let source = caller
             .as_ref()
@@ -276,6 +284,42 @@ pub struct EastWestApp {
     tcp: TcpMetrics,
     /// TCP streams are in flight here; HTTP requests are counted by `proxy`.
     drain: Arc<Drain>,
+    limits: EastWestLimits,
+}
+
+/// What the east-west listener lets one client hold.
+pub struct EastWestLimits {
+    /// Connection caps and the header deadline.
+    pub guard: ListenerGuard,
+    /// Caps on TLS handshakes in flight (ClientHello read to handshake done).
+    pub handshakes: Arc<ConnectionLimiter>,
+    /// The configuration in force, for passthrough services' `allow_sources`.
+    pub config: Arc<ArcSwap<Config>>,
+}
+
+impl EastWestLimits {
+    /// Whether a passthrough connection from `source` may reach `key`.
+    fn admits(&self, key: &ServiceKey, source: IpAddr) -> bool {
+        self.config
+            .load()
+            .services
+            .iter()
+            .find(|s| s.key() == *key)
+            .is_none_or(|s| s.admits_source(source))
+    }
+}
+
+/// What the east-west listener's L4 paths (passthrough, terminated TCP ports)
+/// use.
+pub struct EastWestL4 {
+    /// The catalog the SNI is looked up in.
+    pub catalog: Arc<ArcSwap<Catalog>>,
+    /// Backends and their protection.
+    pub upstreams: Arc<Upstreams>,
+    /// L4 connection metrics.
+    pub tcp: TcpMetrics,
+    /// TCP streams in flight, waited for on stop.
+    pub drain: Arc<Drain>,
 }
 
 impl EastWestApp {
@@ -284,11 +328,15 @@ impl EastWestApp {
         acceptor: SpiffeAcceptor,
         proxy: HttpProxy<EastWestProxy>,
         callers: Arc<Callers>,
-        catalog: Arc<ArcSwap<Catalog>>,
-        upstreams: Arc<Upstreams>,
-        tcp: TcpMetrics,
-        drain: Arc<Drain>,
+        l4: EastWestL4,
+        limits: EastWestLimits,
     ) -> Self {
+        let EastWestL4 {
+            catalog,
+            upstreams,
+            tcp,
+            drain,
+        } = l4;
         Self {
             acceptor,
             proxy: Arc::new(proxy),
@@ -297,6 +345,7 @@ impl EastWestApp {
             upstreams,
             tcp,
             drain,
+            limits,
         }
     }
 
@@ -352,6 +401,20 @@ impl ServerApp for EastWestApp {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let source = crate::limits::peer_ip(&stream);
+        let limits = &self.limits;
+        let _permit = limits.guard.admit_from(source)?;
+        let handshake = match limits.handshakes.try_acquire(source) {
+            Ok(permit) => permit,
+            Err(refused) => {
+                let reason = match refused {
+                    Refused::Total => "handshakes_total",
+                    Refused::PerSource => "handshakes_per_source",
+                };
+                limits.guard.refused(reason, source, &refused);
+                return None;
+            }
+        };
         // Refusals are counted by the acceptor; a scan must not flood the log.
         let mut start = match self
             .acceptor
@@ -367,6 +430,17 @@ impl ServerApp for EastWestApp {
         let sni = start.client_hello().server_name().map(str::to_owned);
         let target = self.sni_target(sni.as_deref());
         if let Some((entry, _)) = target.as_ref().filter(|(e, _)| e.passthrough) {
+            drop(handshake);
+            if !limits.admits(&entry.key, source) {
+                limits.guard.refused(
+                    "source_not_allowed",
+                    source,
+                    &format_args!("{source} is outside {}'s allow_sources", entry.key),
+                );
+                self.tcp
+                    .connection("east_west", &entry.key, "source_not_allowed");
+                return None;
+            }
             self.acceptor.metrics().record("server", "passthrough");
             let (hello, client) = start.io.into_parts();
             self.to_endpoint(entry, client, &hello).await;
@@ -380,6 +454,7 @@ impl ServerApp for EastWestApp {
                 return None;
             }
         };
+        drop(handshake);
         let caller = caller?;
         // A terminated TCP port: splice the decrypted stream to an endpoint.
         if let Some((entry, port)) = &target
@@ -401,7 +476,7 @@ impl ServerApp for EastWestApp {
         }
         // HTTP/1.1 keep-alive hands the stream back after each request; HTTP/2
         // serves the whole connection in one call.
-        let mut stream: Stream = Box::new(mesh);
+        let mut stream: Stream = limits.guard.deadline(Box::new(mesh));
         loop {
             stream = self.proxy.process_new(stream, shutdown).await?;
         }

@@ -1,10 +1,44 @@
-//! Request identity headers: `x-request-id` added when absent, W3C `traceparent`
-//! propagated or started.
+//! Request headers the gateway owns: the internal headers only gateways set
+//! (stripped from every client at every entry point), and the request identity
+//! headers (`x-request-id` added when absent, W3C `traceparent` propagated or
+//! started).
 
 use std::cell::Cell;
 use std::fmt::Write;
 
+use pingora_http::RequestHeader;
 use ring::rand::{SecureRandom, SystemRandom};
+
+/// Who called, as the east-west listener saw it on the verified mTLS peer
+/// certificate (Envoy's format). Only the east-west listener sets it.
+pub(crate) const XFCC: &str = "x-forwarded-client-cert";
+
+/// Names the subset a request is confined to, from a gateway to its peer's
+/// east-west listener (which trusts it from authenticated peers only).
+pub(crate) const SUBSET: &str = "x-isthmus-subset";
+
+/// Every header whose name starts with this is the gateway's own.
+pub(crate) const INTERNAL_PREFIX: &str = "x-isthmus-";
+
+/// Whether `name` (lowercase, as `http` stores names) is a header only
+/// gateways may set: `x-forwarded-client-cert` and every `x-isthmus-*`.
+pub(crate) fn is_internal(name: &str) -> bool {
+    name == XFCC || name.starts_with(INTERNAL_PREFIX)
+}
+
+/// Removes every internal header from `req`; returns how many names it removed.
+pub(crate) fn strip_internal(req: &mut RequestHeader) -> usize {
+    let internal: Vec<http::HeaderName> = req
+        .headers
+        .keys()
+        .filter(|name| is_internal(name.as_str()))
+        .cloned()
+        .collect();
+    for name in &internal {
+        req.remove_header(name);
+    }
+    internal.len()
+}
 
 thread_local! {
     /// Per-thread generator state, seeded once from the system RNG. Request and
@@ -86,6 +120,30 @@ pub(crate) fn new_traceparent() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_headers_are_stripped_and_others_kept() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        for (name, value) in [
+            (
+                "X-Forwarded-Client-Cert",
+                "By=spiffe://evil/x;URI=spiffe://evil/y",
+            ),
+            ("x-isthmus-subset", "canary"),
+            ("X-Isthmus-Anything", "1"),
+            ("x-isthmus-subset", "again"),
+            ("x-request-id", "keep"),
+            ("x-isthmusnot", "keep"),
+        ] {
+            req.append_header(name, value).unwrap();
+        }
+        assert_eq!(strip_internal(&mut req), 3);
+        let mut left: Vec<&str> = req.headers.keys().map(|n| n.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-isthmusnot", "x-request-id"]);
+        assert_eq!(strip_internal(&mut req), 0);
+        assert!(is_internal(SUBSET) && is_internal(XFCC));
+    }
 
     #[test]
     fn traceparents_are_validated_per_w3c() {

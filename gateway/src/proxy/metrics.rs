@@ -21,6 +21,7 @@ pub struct ProxyMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     errors: IntCounterVec,
+    forged: IntCounterVec,
 }
 
 /// The labels of one request.
@@ -64,11 +65,26 @@ impl ProxyMetrics {
              no_route, client_closed, client_error, internal).",
             &["listener", "service", "namespace", "reason"],
         );
+        let forged = metrics::counter_vec(
+            registry,
+            "forged_headers_total",
+            "Requests from clients that carried headers only gateways set \
+             (x-forwarded-client-cert, x-isthmus-*), by listener; the headers were stripped.",
+            &["listener"],
+        );
         Self {
             requests,
             duration,
             errors,
+            forged,
         }
+    }
+
+    /// A request on `listener` carried `names` internal headers, now stripped.
+    pub(crate) fn stripped(&self, listener: &str, names: usize) {
+        // A client can send these on every request: debug, not WARN.
+        tracing::debug!(listener, names, "stripped internal headers a client sent");
+        self.forged.with_label_values(&[listener]).inc();
     }
 
     pub(crate) fn error(&self, labels: &RequestLabels<'_>, reason: &str) {

@@ -38,10 +38,7 @@ use crate::upstream::{RequestLease, ServiceBackends, Upstreams, Use};
 /// The error a request gets when every backend is at its circuit-breaker limits.
 const OVERLOADED: ErrorType = ErrorType::Custom("every backend is at its limits");
 
-/// Names the subset a request is confined to, from a gateway to its peer's
-/// east-west listener (which trusts it from authenticated peers only; the
-/// outbound listener drops it from workloads).
-pub(crate) const SUBSET_HEADER: &str = "x-isthmus-subset";
+use super::headers::SUBSET as SUBSET_HEADER;
 
 /// Per-request state.
 pub struct RequestCtx {
@@ -684,6 +681,13 @@ impl ProxyHttp for OutboundProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        crate::limits::headers_read(session.as_ref().stream());
+        // Workloads never set the gateways' own headers: dropped before routing
+        // sees them, so they reach neither local endpoints nor peers.
+        let forged = headers::strip_internal(session.req_header_mut());
+        if forged > 0 {
+            self.common.metrics.stripped("outbound", forged);
+        }
         let by_address = self.by_address(session);
         self.common.route(session, ctx, false, by_address).await
     }
@@ -705,8 +709,8 @@ impl ProxyHttp for OutboundProxy {
         if let Some(authority) = &ctx.authority_override {
             set_authority(upstream, authority)?;
         }
-        // Only this gateway names subsets to its peers.
-        upstream.remove_header(SUBSET_HEADER);
+        // Only this gateway names subsets to its peers (the client's internal
+        // headers went in `request_filter`).
         if let (Some(Target::Remote(_)), Some(subset)) = (
             &ctx.target,
             ctx.destination.as_ref().and_then(|d| d.subset.as_deref()),
@@ -771,6 +775,7 @@ impl ProxyHttp for OutboundProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        crate::limits::request_done(session.as_ref().stream());
         let common = &self.common;
         common.log("outbound", session, e, ctx, common.cluster.as_str());
     }
