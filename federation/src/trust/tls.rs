@@ -1,7 +1,10 @@
 //! SPIFFE authentication for rustls.
 //!
 //! Peers are authenticated by SPIFFE ID, never by DNS name:
-//! - the leaf must carry exactly one URI SAN, a SPIFFE ID;
+//! - the leaf must be an X509-SVID leaf: exactly one URI SAN, a SPIFFE ID with
+//!   a path, not a CA, key usage with `digitalSignature` and without
+//!   `keyCertSign`/`cRLSign` ([`leaf_spiffe_id`](super::x509::CertInfo::leaf_spiffe_id), checked before the
+//!   chain so each refusal gets its own label);
 //! - its chain must validate against the bundle of *that ID's* trust domain, and
 //!   only that one (bundles are never merged, so one domain's CA cannot vouch for
 //!   another domain's identities);
@@ -37,7 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::store::TrustStore;
 use super::svid::Svid;
-use super::x509::{CertError, spiffe_id_of};
+use super::x509::{CertError, leaf_spiffe_id_of};
 use crate::{SpiffeId, TrustDomain};
 
 /// The process's crypto provider: ring, the one Pingora installs.
@@ -148,9 +151,10 @@ impl PeerPolicy {
 /// checks rustls/webpki report themselves).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SpiffeVerifyError {
-    /// The leaf does not carry exactly one valid SPIFFE ID.
+    /// The leaf is not an X509-SVID leaf: it does not carry exactly one valid
+    /// SPIFFE ID, or it is a CA, or its key usage is not a leaf's.
     #[error("peer certificate {0}")]
-    NoSpiffeId(CertError),
+    NotAnSvidLeaf(CertError),
     /// No bundle is known for the peer's trust domain.
     #[error("no trust bundle for trust domain {0:?}")]
     UnknownTrustDomain(String),
@@ -167,21 +171,34 @@ impl SpiffeVerifyError {
     /// The metric label for this refusal.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::NoSpiffeId(CertError::NoUriSan) => "no_uri_san",
-            Self::NoSpiffeId(CertError::MultipleUriSans(_)) => "multiple_uri_sans",
-            Self::NoSpiffeId(_) => "bad_spiffe_id",
+            Self::NotAnSvidLeaf(e) => leaf_label(e),
             Self::UnknownTrustDomain(_) => "unknown_trust_domain",
             Self::Unauthorized(_) => "unauthorized",
         }
     }
 }
 
-/// The SPIFFE ID of `leaf` and the trust of its domain.
+/// The metric label for a certificate that is not an X509-SVID leaf.
+fn leaf_label(e: &CertError) -> &'static str {
+    match e {
+        CertError::NoUriSan => "no_uri_san",
+        CertError::MultipleUriSans(_) => "multiple_uri_sans",
+        CertError::LeafIsCa => "leaf_is_ca",
+        CertError::NoKeyUsage | CertError::NoDigitalSignature => "leaf_no_digital_signature",
+        CertError::SigningKeyUsage(_) => "leaf_signing_key_usage",
+        CertError::Malformed(_) => "bad_certificate",
+        CertError::BadSpiffeId { .. } | CertError::RootSpiffeId(_) => "bad_spiffe_id",
+    }
+}
+
+/// The SPIFFE ID of `leaf` (checked as an X509-SVID leaf) and the trust of its
+/// domain.
 fn identify<'a>(
     trust: &'a TrustStore,
     leaf: &CertificateDer<'_>,
 ) -> Result<(SpiffeId, &'a super::store::DomainTrust), Error> {
-    let id = spiffe_id_of(leaf).map_err(|e| SpiffeVerifyError::NoSpiffeId(e).into_rustls())?;
+    let id =
+        leaf_spiffe_id_of(leaf).map_err(|e| SpiffeVerifyError::NotAnSvidLeaf(e).into_rustls())?;
     let domain = trust.get(id.trust_domain_str()).ok_or_else(|| {
         SpiffeVerifyError::UnknownTrustDomain(id.trust_domain_str().to_owned()).into_rustls()
     })?;
@@ -499,8 +516,8 @@ fn peer_id(certs: Option<&[CertificateDer<'static>]>) -> Result<SpiffeId, Handsh
         result: "no_client_cert",
         message: "peer presented no certificate".into(),
     })?;
-    spiffe_id_of(leaf).map_err(|e| HandshakeError {
-        result: "bad_spiffe_id",
+    leaf_spiffe_id_of(leaf).map_err(|e| HandshakeError {
+        result: leaf_label(&e),
         message: e.to_string(),
     })
 }
