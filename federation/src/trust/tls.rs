@@ -19,7 +19,8 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use prometheus::{IntCounterVec, Opts, Registry};
@@ -37,6 +38,7 @@ use rustls::{
     ServerConfig, SignatureScheme,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, warn};
 
 use super::store::TrustStore;
 use super::svid::Svid;
@@ -453,10 +455,60 @@ pub fn classify_io(error: &std::io::Error) -> &'static str {
     }
 }
 
+/// At most one WARN per this interval about peers whose certificate is not an
+/// X509-SVID leaf; the others go to DEBUG and are counted in the next WARN (the
+/// metric counts every one). Such a certificate passed no chain check yet, so
+/// anyone can send them in bulk.
+const LEAF_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Lets one log line through per interval and counts the ones held back.
+#[derive(Debug)]
+struct LogLimit {
+    start: Instant,
+    interval: Duration,
+    /// Milliseconds since `start` before which nothing more is let through.
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogLimit {
+    fn new(interval: Duration) -> Self {
+        Self {
+            start: Instant::now(),
+            interval,
+            next_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` if this line may go out.
+    fn allow(&self) -> Option<u64> {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_ms.load(Ordering::Relaxed);
+        let interval = u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX);
+        if now < next
+            || self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now.saturating_add(interval),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// `isthmus_tls_handshakes_total{side, result}`.
 #[derive(Debug, Clone)]
 pub struct HandshakeMetrics {
     handshakes: IntCounterVec,
+    leaf_warnings: Arc<LogLimit>,
 }
 
 impl HandshakeMetrics {
@@ -470,12 +522,32 @@ impl HandshakeMetrics {
             &["side", "result"],
         )?;
         registry.register(Box::new(handshakes.clone()))?;
-        Ok(Self { handshakes })
+        Ok(Self {
+            handshakes,
+            leaf_warnings: Arc::new(LogLimit::new(LEAF_WARN_INTERVAL)),
+        })
     }
 
     /// Counts one outcome.
     pub fn record(&self, side: &str, result: &str) {
         self.handshakes.with_label_values(&[side, result]).inc();
+    }
+
+    /// Counts one failure; a peer certificate that is not an X509-SVID leaf is
+    /// also logged, at WARN at most once per [`LEAF_WARN_INTERVAL`] (a peer, or
+    /// a CA, issuing such certificates is worth an operator's attention), else
+    /// at DEBUG. Other refusals are logged by the listener that knows the context.
+    fn record_failure(&self, side: &'static str, e: &HandshakeError) {
+        self.record(side, e.result);
+        if !e.result.starts_with("leaf_") {
+            return;
+        }
+        match self.leaf_warnings.allow() {
+            Some(suppressed) => warn!(side, result = e.result, error = %e.message,
+                suppressed, "TLS handshake refused: the peer's certificate is not an X509-SVID leaf"),
+            None => debug!(side, result = e.result, error = %e.message,
+                "TLS handshake refused: the peer's certificate is not an X509-SVID leaf"),
+        }
     }
 
     /// Count so far (for tests and debug output).
@@ -496,9 +568,19 @@ pub struct HandshakeError {
 
 impl HandshakeError {
     fn from_io(e: &std::io::Error) -> Self {
+        // rustls prints a verifier's own error with Debug; say it in words.
+        let spiffe = e.get_ref().and_then(|e| match e.downcast_ref::<Error>() {
+            Some(Error::InvalidCertificate(CertificateError::Other(OtherError(inner)))) => {
+                inner.downcast_ref::<SpiffeVerifyError>()
+            }
+            _ => None,
+        });
         Self {
             result: classify_io(e),
-            message: e.to_string(),
+            message: spiffe.map_or_else(
+                || e.to_string(),
+                |s| format!("invalid peer certificate: {s}"),
+            ),
         }
     }
 
@@ -567,7 +649,7 @@ impl SpiffeAcceptor {
             Ok(Ok(start)) => Ok(start),
         };
         if let Err(e) = &outcome {
-            self.metrics.record("server", e.result);
+            self.metrics.record_failure("server", e);
         }
         outcome
     }
@@ -594,10 +676,10 @@ impl SpiffeAcceptor {
                 }
             }
         };
-        self.metrics.record(
-            "server",
-            outcome.as_ref().map_or_else(|e| e.result, |_| "ok"),
-        );
+        match &outcome {
+            Ok(_) => self.metrics.record("server", "ok"),
+            Err(e) => self.metrics.record_failure("server", e),
+        }
         outcome
     }
 
@@ -682,10 +764,10 @@ impl SpiffeConnector {
             Ok((stream, id))
         }
         .await;
-        self.metrics.record(
-            "client",
-            outcome.as_ref().map_or_else(|e| e.result, |_| "ok"),
-        );
+        match &outcome {
+            Ok(_) => self.metrics.record("client", "ok"),
+            Err(e) => self.metrics.record_failure("client", e),
+        }
         outcome
     }
 }
@@ -693,6 +775,18 @@ impl SpiffeConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_leaf_warning_limit_lets_one_through_per_interval_and_counts_the_rest() {
+        let limit = LogLimit::new(Duration::from_secs(3600));
+        assert_eq!(limit.allow(), Some(0));
+        assert_eq!(limit.allow(), None);
+        assert_eq!(limit.allow(), None);
+        // As if the interval had passed.
+        limit.next_ms.store(0, Ordering::Relaxed);
+        assert_eq!(limit.allow(), Some(2));
+        assert_eq!(limit.allow(), None);
+    }
 
     #[test]
     fn policies_match_ids_domains_and_gateways() {
