@@ -267,7 +267,7 @@ mod tests {
 
     /// Reads the extensions straight from the DER with x509-parser (not through
     /// `CertInfo`, which the verifiers use, so a bug there cannot hide here).
-    fn extensions(pem: &str) -> (Option<(bool, bool)>, Option<(bool, u16)>, Vec<String>) {
+    fn extensions(pem: &str) -> Extensions {
         use x509_parser::prelude::{FromDer, X509Certificate};
         let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
         let (_, cert) = X509Certificate::from_der(&der).unwrap();
@@ -293,7 +293,14 @@ mod tests {
                 v
             })
             .unwrap_or_default();
-        (bc, ku, eku)
+        Extensions { bc, ku, eku }
+    }
+
+    /// (critical, CA), (critical, key usage flags), extended key usages.
+    struct Extensions {
+        bc: Option<(bool, bool)>,
+        ku: Option<(bool, u16)>,
+        eku: Vec<String>,
     }
 
     // RFC 5280 §4.2.1.3 bit positions, as x509-parser numbers them.
@@ -306,7 +313,7 @@ mod tests {
         let td: TrustDomain = "ku.example".parse().unwrap();
         let ca = create_ca(&td, DEFAULT_CA_VALIDITY).unwrap();
         // Signing certificate: CA:TRUE critical; keyCertSign + cRLSign only, critical.
-        let (bc, ku, _) = extensions(&ca.cert_pem);
+        let Extensions { bc, ku, .. } = extensions(&ca.cert_pem);
         assert_eq!(bc, Some((true, true)), "basicConstraints (critical, CA)");
         assert_eq!(ku, Some((true, KEY_CERT_SIGN | CRL_SIGN)), "keyUsage");
 
@@ -314,7 +321,7 @@ mod tests {
         let svid = issue_svid(&ca, &id, DEFAULT_SVID_VALIDITY).unwrap();
         // Leaf: CA:FALSE; digitalSignature only (ECDSA needs no keyEncipherment
         // or keyAgreement), critical; serverAuth and clientAuth.
-        let (bc, ku, eku) = extensions(&svid.cert_pem);
+        let Extensions { bc, ku, eku } = extensions(&svid.cert_pem);
         assert_eq!(bc.map(|(_, ca)| ca), Some(false), "basicConstraints CA");
         assert_eq!(ku, Some((true, DIGITAL_SIGNATURE)), "keyUsage");
         assert_eq!(eku, ["serverAuth", "clientAuth"]);
