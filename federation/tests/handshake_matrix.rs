@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use common::{HOUR, id, store, svid, td};
-use isthmus_federation::trust::ca::{self, CaMaterial, LeafSpec};
+use isthmus_federation::trust::ca::{self, CaMaterial, KeyUsagePurpose, LeafSpec};
 use isthmus_federation::trust::tls::{SpiffeServerVerifier, crypto_provider, mtls_server_config};
 use isthmus_federation::trust::{
     HandshakeMetrics, PeerPolicy, SpiffeAcceptor, SpiffeConnector, TlsMaterial,
@@ -173,6 +173,27 @@ fn leaf(
             not_before,
             not_after,
             is_ca: false,
+            key_usages: vec![KeyUsagePurpose::DigitalSignature],
+        },
+    )
+    .unwrap();
+    (issued.cert_pem, issued.key_pem)
+}
+
+/// A leaf for `spiffe_id` from `ca` with `key_usages` (and `is_ca`): valid in
+/// every other way, so only the X509-SVID leaf check can refuse it.
+fn leaf_with(
+    ca: &CaMaterial,
+    spiffe_id: &str,
+    is_ca: bool,
+    key_usages: Vec<KeyUsagePurpose>,
+) -> CertAndKey {
+    let issued = ca::issue_leaf(
+        ca,
+        &LeafSpec {
+            is_ca,
+            key_usages,
+            ..LeafSpec::svid(&id(spiffe_id), HOUR)
         },
     )
     .unwrap();
@@ -186,15 +207,8 @@ async fn every_bad_client_is_rejected_counted_and_the_server_keeps_serving() {
     let now = SystemTime::now();
     let valid = leaf(&pki.b, &[PEER_B], now - HOUR, now + HOUR);
 
-    let mut ca_leaf = ca::issue_leaf(
-        &pki.b,
-        &LeafSpec {
-            is_ca: true,
-            ..LeafSpec::svid(&id(PEER_B), HOUR)
-        },
-    )
-    .unwrap();
-    let ca_leaf = (std::mem::take(&mut ca_leaf.cert_pem), ca_leaf.key_pem);
+    use KeyUsagePurpose::{CrlSign, DigitalSignature, KeyCertSign, KeyEncipherment};
+    let ca_leaf = leaf_with(&pki.b, PEER_B, true, vec![DigitalSignature]);
 
     let cases: Vec<(&str, Option<CertAndKey>, &str)> = vec![
         (
@@ -278,10 +292,47 @@ async fn every_bad_client_is_rejected_counted_and_the_server_keeps_serving() {
             )),
             "bad_spiffe_id",
         ),
+        // X509-SVID §4.1/§4.3/§5.2, each from the trusted CA for an allowed ID.
+        ("CA certificate used as a leaf", Some(ca_leaf), "leaf_is_ca"),
         (
-            "CA certificate used as a leaf",
-            Some(ca_leaf),
-            "bad_certificate",
+            "leaf with keyCertSign",
+            Some(leaf_with(
+                &pki.b,
+                PEER_B,
+                false,
+                vec![DigitalSignature, KeyCertSign],
+            )),
+            "leaf_signing_key_usage",
+        ),
+        (
+            "leaf with cRLSign",
+            Some(leaf_with(
+                &pki.b,
+                PEER_B,
+                false,
+                vec![DigitalSignature, CrlSign],
+            )),
+            "leaf_signing_key_usage",
+        ),
+        (
+            "leaf without digitalSignature",
+            Some(leaf_with(&pki.b, PEER_B, false, vec![KeyEncipherment])),
+            "leaf_no_digital_signature",
+        ),
+        (
+            "leaf without a keyUsage extension",
+            Some(leaf_with(&pki.b, PEER_B, false, vec![])),
+            "leaf_no_digital_signature",
+        ),
+        (
+            "leaf whose SPIFFE ID has no path",
+            Some(leaf(
+                &pki.b,
+                &["spiffe://b.example"],
+                now - HOUR,
+                now + HOUR,
+            )),
+            "bad_spiffe_id",
         ),
     ];
 
@@ -406,4 +457,123 @@ async fn the_client_side_accepts_only_the_expected_peer() {
     assert_eq!(err.result, "bad_signature");
     assert_eq!(metrics.count("client", "ok"), 1);
     assert!(metrics_server.count("server", "ok") >= 1);
+}
+
+/// A bare rustls server presenting `cert` (bypassing this crate's own SVID
+/// check, as a misbehaving peer would), answering one echo per connection.
+async fn raw_server(cert: &CertAndKey) -> std::net::SocketAddr {
+    let config = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            CertificateDer::pem_slice_iter(cert.0.as_bytes())
+                .map(Result::unwrap)
+                .collect(),
+            PrivateKeyDer::from_pem_slice(cert.1.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    let mut buf = [0u8; 64];
+                    if let Ok(n) = tls.read(&mut buf).await {
+                        let _ = tls.write_all(&buf[..n]).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn the_client_side_refuses_a_server_leaf_that_is_not_an_svid_leaf() {
+    use KeyUsagePurpose::{CrlSign, DigitalSignature, KeyCertSign, KeyEncipherment};
+    let pki = Pki::new();
+    let material = TlsMaterial::new(
+        svid(&pki.b, PEER_B),
+        store(&[("a.example", &pki.a), ("b.example", &pki.b)]),
+        crypto_provider(),
+    );
+    let metrics = HandshakeMetrics::new(&prometheus::Registry::new()).unwrap();
+    let connector = SpiffeConnector::new(material, metrics.clone(), Duration::from_secs(5), vec![]);
+    let sni = ServerName::try_from("outbound_.8080_._.echo.default.svc.cluster.local").unwrap();
+    let connect = |addr| {
+        let (connector, sni) = (connector.clone(), sni.clone());
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            connector
+                .connect(tcp, sni, PeerPolicy::exact(id(SERVER_ID)))
+                .await
+        }
+    };
+    // The expected server, with a conforming SVID: connected and echoing.
+    let good = raw_server(&leaf_with(&pki.a, SERVER_ID, false, vec![DigitalSignature])).await;
+    let cases = [
+        (vec![DigitalSignature], true, "leaf_is_ca"),
+        (
+            vec![DigitalSignature, KeyCertSign],
+            false,
+            "leaf_signing_key_usage",
+        ),
+        (
+            vec![DigitalSignature, CrlSign],
+            false,
+            "leaf_signing_key_usage",
+        ),
+        (vec![KeyEncipherment], false, "leaf_no_digital_signature"),
+    ];
+    for (key_usages, is_ca, want) in cases {
+        // Issued by the right CA for exactly the expected ID: only the leaf
+        // check stands between this server and an authenticated channel.
+        let bad = raw_server(&leaf_with(&pki.a, SERVER_ID, is_ca, key_usages)).await;
+        let err = connect(bad).await.unwrap_err();
+        assert_eq!(err.result, want, "{}", err.message);
+        let (mut tls, peer) = connect(good).await.unwrap();
+        assert_eq!(peer.as_str(), SERVER_ID);
+        tls.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+    assert_eq!(metrics.count("client", "leaf_is_ca"), 1);
+    assert_eq!(metrics.count("client", "leaf_signing_key_usage"), 2);
+    assert_eq!(metrics.count("client", "leaf_no_digital_signature"), 1);
+    assert_eq!(metrics.count("client", "ok"), 4);
+}
+
+#[test]
+fn our_own_svid_must_be_an_svid_leaf_too() {
+    use KeyUsagePurpose::{DigitalSignature, KeyCertSign, KeyEncipherment};
+    let pki = Pki::new();
+    let load = |(cert, key): CertAndKey| {
+        isthmus_federation::trust::Svid::from_pem(
+            cert.as_bytes(),
+            key.as_bytes(),
+            Some(&id(SERVER_ID)),
+            &crypto_provider(),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
+    load(leaf_with(&pki.a, SERVER_ID, false, vec![DigitalSignature])).unwrap();
+    let err = load(leaf_with(&pki.a, SERVER_ID, true, vec![DigitalSignature])).unwrap_err();
+    assert!(err.contains("CA:TRUE"), "{err}");
+    let err = load(leaf_with(
+        &pki.a,
+        SERVER_ID,
+        false,
+        vec![DigitalSignature, KeyCertSign],
+    ))
+    .unwrap_err();
+    assert!(err.contains("keyCertSign"), "{err}");
+    let err = load(leaf_with(&pki.a, SERVER_ID, false, vec![KeyEncipherment])).unwrap_err();
+    assert!(err.contains("digitalSignature"), "{err}");
 }

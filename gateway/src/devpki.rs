@@ -2,11 +2,12 @@
 //!
 //! `init` writes a trust domain CA (`ca.crt`, `ca.key`) and its bundle in both
 //! formats (`bundle.pem`, `bundle.json`); `issue` writes an X509-SVID (`svid.crt`,
-//! `svid.key`) signed by such a CA. Keys are written mode 0600. Existing files are
-//! never overwritten without `--force`.
+//! `svid.key`) signed by such a CA. Keys are written mode 0600, always through a
+//! fresh file renamed into place. Existing files are never overwritten without
+//! `--force`.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -56,8 +57,19 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevPkiError + '_ {
     }
 }
 
+/// Mode of private keys.
+const SECRET_MODE: u32 = 0o600;
+/// Mode of certificates and bundles (before the umask).
+const PUBLIC_MODE: u32 = 0o644;
+
 /// Writes `files` into `dir` (created if needed), refusing to overwrite unless
-/// `force`; secret files get mode 0600. All files are checked before any is written.
+/// `force`. All files are checked before any is written.
+///
+/// Each file is written to a fresh temporary file in `dir`, created with its
+/// final mode (0600 for secrets), synced, then renamed over the target: a key
+/// is never readable by others for a moment, whatever mode an old file had
+/// (`--force` over a 0644 key leaves a 0600 one), and a reader never sees half a
+/// file.
 fn write_files(
     dir: &Path,
     files: &[(&str, &str, bool)],
@@ -68,14 +80,29 @@ fn write_files(
     if !force && let Some(existing) = paths.iter().find(|p| p.exists()) {
         return Err(DevPkiError::Exists(existing.clone()));
     }
-    for (path, (_, contents, secret)) in paths.iter().zip(files) {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        if *secret {
-            options.mode(0o600);
-        }
-        let mut file = options.open(path).map_err(io(path))?;
-        file.write_all(contents.as_bytes()).map_err(io(path))?;
+    for (path, (name, contents, secret)) in paths.iter().zip(files) {
+        let mode = if *secret { SECRET_MODE } else { PUBLIC_MODE };
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".tmp")
+            .permissions(std::fs::Permissions::from_mode(mode))
+            .tempfile_in(dir)
+            .map_err(io(dir))?;
+        tmp.write_all(contents.as_bytes()).map_err(io(path))?;
+        tmp.as_file().sync_all().map_err(io(path))?;
+        let persisted = if force {
+            tmp.persist(path)
+        } else {
+            // Someone may have created it since the check above.
+            tmp.persist_noclobber(path)
+        };
+        persisted.map_err(|e| match e.error.kind() {
+            std::io::ErrorKind::AlreadyExists => DevPkiError::Exists(path.clone()),
+            _ => DevPkiError::Io {
+                path: path.clone(),
+                source: e.error,
+            },
+        })?;
     }
     Ok(paths)
 }
@@ -150,7 +177,6 @@ mod tests {
     use super::*;
     use isthmus_federation::trust::Svid;
     use isthmus_federation::trust::tls::crypto_provider;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn init_then_issue_makes_a_usable_svid() {
@@ -195,5 +221,38 @@ mod tests {
         let other: SpiffeId = "spiffe://other.example/x".parse().unwrap();
         let err = issue(&ca_dir, &other, &out, ca::DEFAULT_SVID_VALIDITY, true).unwrap_err();
         assert!(err.to_string().contains("not for other.example"), "{err}");
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn force_replaces_keys_with_0600_files_whatever_the_old_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let td: TrustDomain = "dev.example".parse().unwrap();
+        let ca_dir = dir.path().join("ca");
+        init(&td, &ca_dir, ca::DEFAULT_CA_VALIDITY, false).unwrap();
+        let key = ca_dir.join(CA_KEY);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let old = std::fs::read(&key).unwrap();
+        init(&td, &ca_dir, ca::DEFAULT_CA_VALIDITY, true).unwrap();
+        assert_eq!(mode(&key), 0o600);
+        assert_ne!(std::fs::read(&key).unwrap(), old, "a new key was written");
+
+        let id: SpiffeId = "spiffe://dev.example/isthmus/gateway/gw".parse().unwrap();
+        let out = dir.path().join("gw");
+        issue(&ca_dir, &id, &out, ca::DEFAULT_SVID_VALIDITY, false).unwrap();
+        std::fs::set_permissions(out.join(SVID_KEY), std::fs::Permissions::from_mode(0o666))
+            .unwrap();
+        issue(&ca_dir, &id, &out, ca::DEFAULT_SVID_VALIDITY, true).unwrap();
+        assert_eq!(mode(&out.join(SVID_KEY)), 0o600);
+        // Certificates stay readable, and no temporary file is left behind.
+        assert_eq!(mode(&out.join(SVID_CERT)) & 0o600, 0o600);
+        let names: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 }

@@ -2,12 +2,20 @@
 //! (ECDSA P-256). Behind `isthmus ca init` / `isthmus ca issue`, the demo and the
 //! tests. Production deployments bring SVIDs from their own CA (SPIRE,
 //! cert-manager, ...); nothing else in Isthmus depends on this module.
+//!
+//! The certificates follow X509-SVID §4: the CA has `CA:TRUE` and key usage
+//! `keyCertSign, cRLSign` (no `digitalSignature`, which only leaves carry); a
+//! leaf has `CA:FALSE` and key usage `digitalSignature` only (an ECDSA key needs
+//! neither `keyEncipherment` nor `keyAgreement`), plus `serverAuth, clientAuth`.
+//! rcgen marks basic constraints and key usage critical, as §4.3 requires.
 
 use std::time::{Duration, SystemTime};
 
+/// Key usage bits for [`LeafSpec::key_usages`].
+pub use rcgen::KeyUsagePurpose;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    Issuer, KeyPair, SanType,
 };
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
@@ -63,7 +71,14 @@ pub struct LeafSpec {
     pub not_after: SystemTime,
     /// Mark the leaf as a CA (invalid for an SVID).
     pub is_ca: bool,
+    /// Key usage bits; an X509-SVID leaf has `DigitalSignature` and neither
+    /// `KeyCertSign` nor `CrlSign`. Empty leaves the extension out (invalid too).
+    pub key_usages: Vec<KeyUsagePurpose>,
 }
+
+/// The key usage of an X509-SVID signing certificate (X509-SVID §4.3).
+const CA_KEY_USAGES: [KeyUsagePurpose; 2] =
+    [KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
 
 impl LeafSpec {
     /// A valid SVID spec for `id`, valid from a few minutes ago for `validity`.
@@ -74,12 +89,14 @@ impl LeafSpec {
             not_before: now - CLOCK_SKEW,
             not_after: now + validity,
             is_ca: false,
+            key_usages: vec![KeyUsagePurpose::DigitalSignature],
         }
     }
 }
 
-/// Creates a self-signed CA for `trust_domain`: `CA:TRUE`, keyCertSign, and the
-/// URI SAN `spiffe://<td>` as X509-SVID §3.2 allows for signing certificates.
+/// Creates a self-signed CA for `trust_domain`: `CA:TRUE`, keyCertSign and
+/// cRLSign, and the URI SAN `spiffe://<td>` as X509-SVID §3.2 allows for signing
+/// certificates.
 pub fn create_ca(trust_domain: &TrustDomain, validity: Duration) -> Result<CaMaterial, CaError> {
     let key = KeyPair::generate()?;
     let params = ca_params(trust_domain, SystemTime::now(), validity)?;
@@ -101,11 +118,7 @@ fn ca_params(
     dn.push(DnType::CommonName, "Isthmus development CA");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = CA_KEY_USAGES.to_vec();
     params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
     params.not_before = (now - CLOCK_SKEW).into();
     params.not_after = (now + validity).into();
@@ -141,7 +154,7 @@ fn issuer(ca: &CaMaterial) -> Result<Issuer<'static, KeyPair>, CaError> {
     }
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.key_usages = CA_KEY_USAGES.to_vec();
     Ok(Issuer::new(params, key))
 }
 
@@ -174,7 +187,7 @@ pub fn issue_leaf(ca: &CaMaterial, spec: &LeafSpec) -> Result<IssuedSvid, CaErro
     } else {
         IsCa::ExplicitNoCa
     };
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.key_usages.clone_from(&spec.key_usages);
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
@@ -250,5 +263,133 @@ mod tests {
         assert!(!leaf.is_ca);
         assert_eq!(leaf.spiffe_id().unwrap(), id);
         assert!(is_private_key_pem(svid.key_pem.as_bytes()));
+    }
+
+    /// Reads the extensions straight from the DER with x509-parser (not through
+    /// `CertInfo`, which the verifiers use, so a bug there cannot hide here).
+    fn extensions(pem: &str) -> Extensions {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let bc = cert
+            .basic_constraints()
+            .unwrap()
+            .map(|bc| (bc.critical, bc.value.ca));
+        let ku = cert
+            .key_usage()
+            .unwrap()
+            .map(|ku| (ku.critical, ku.value.flags));
+        let eku = cert
+            .extended_key_usage()
+            .unwrap()
+            .map(|eku| {
+                let mut v = Vec::new();
+                if eku.value.server_auth {
+                    v.push("serverAuth".to_owned());
+                }
+                if eku.value.client_auth {
+                    v.push("clientAuth".to_owned());
+                }
+                v
+            })
+            .unwrap_or_default();
+        Extensions { bc, ku, eku }
+    }
+
+    /// (critical, CA), (critical, key usage flags), extended key usages.
+    struct Extensions {
+        bc: Option<(bool, bool)>,
+        ku: Option<(bool, u16)>,
+        eku: Vec<String>,
+    }
+
+    // RFC 5280 §4.2.1.3 bit positions, as x509-parser numbers them.
+    const DIGITAL_SIGNATURE: u16 = 1;
+    const KEY_CERT_SIGN: u16 = 1 << 5;
+    const CRL_SIGN: u16 = 1 << 6;
+
+    #[test]
+    fn ca_and_svid_key_usage_follow_x509_svid() {
+        let td: TrustDomain = "ku.example".parse().unwrap();
+        let ca = create_ca(&td, DEFAULT_CA_VALIDITY).unwrap();
+        // Signing certificate: CA:TRUE critical; keyCertSign + cRLSign only, critical.
+        let Extensions { bc, ku, .. } = extensions(&ca.cert_pem);
+        assert_eq!(bc, Some((true, true)), "basicConstraints (critical, CA)");
+        assert_eq!(ku, Some((true, KEY_CERT_SIGN | CRL_SIGN)), "keyUsage");
+
+        let id: SpiffeId = "spiffe://ku.example/isthmus/gateway/gw".parse().unwrap();
+        let svid = issue_svid(&ca, &id, DEFAULT_SVID_VALIDITY).unwrap();
+        // Leaf: CA:FALSE; digitalSignature only (ECDSA needs no keyEncipherment
+        // or keyAgreement), critical; serverAuth and clientAuth.
+        let Extensions { bc, ku, eku } = extensions(&svid.cert_pem);
+        assert_eq!(bc.map(|(_, ca)| ca), Some(false), "basicConstraints CA");
+        assert_eq!(ku, Some((true, DIGITAL_SIGNATURE)), "keyUsage");
+        assert_eq!(eku, ["serverAuth", "clientAuth"]);
+        // ...and it passes the leaf check the verifiers apply.
+        let der =
+            rustls_pki_types::CertificateDer::from_pem_slice(svid.cert_pem.as_bytes()).unwrap();
+        assert_eq!(CertInfo::parse(&der).unwrap().leaf_spiffe_id().unwrap(), id);
+    }
+
+    #[test]
+    fn the_leaf_check_refuses_each_violation() {
+        use crate::trust::CertError;
+        let td: TrustDomain = "ku.example".parse().unwrap();
+        let ca = create_ca(&td, DEFAULT_CA_VALIDITY).unwrap();
+        let id: SpiffeId = "spiffe://ku.example/workload".parse().unwrap();
+        let check = |spec: LeafSpec| {
+            let issued = issue_leaf(&ca, &spec).unwrap();
+            let der = rustls_pki_types::CertificateDer::from_pem_slice(issued.cert_pem.as_bytes())
+                .unwrap();
+            CertInfo::parse(&der).unwrap().leaf_spiffe_id()
+        };
+        let good = || LeafSpec::svid(&id, DEFAULT_SVID_VALIDITY);
+        let with = |key_usages: Vec<KeyUsagePurpose>| LeafSpec {
+            key_usages,
+            ..good()
+        };
+        assert_eq!(check(good()).unwrap(), id);
+        // keyEncipherment and keyAgreement are allowed beside digitalSignature.
+        assert!(
+            check(with(vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+                KeyUsagePurpose::KeyAgreement,
+            ]))
+            .is_ok()
+        );
+        assert_eq!(
+            check(LeafSpec {
+                is_ca: true,
+                ..good()
+            }),
+            Err(CertError::LeafIsCa)
+        );
+        assert_eq!(
+            check(with(vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyCertSign
+            ])),
+            Err(CertError::SigningKeyUsage("keyCertSign"))
+        );
+        assert_eq!(
+            check(with(vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::CrlSign
+            ])),
+            Err(CertError::SigningKeyUsage("cRLSign"))
+        );
+        assert_eq!(
+            check(with(vec![KeyUsagePurpose::KeyEncipherment])),
+            Err(CertError::NoDigitalSignature)
+        );
+        assert_eq!(check(with(vec![])), Err(CertError::NoKeyUsage));
+        assert!(matches!(
+            check(LeafSpec {
+                uris: vec!["spiffe://ku.example".into()],
+                ..good()
+            }),
+            Err(CertError::RootSpiffeId(_))
+        ));
     }
 }

@@ -6,7 +6,7 @@ pub mod ca;
 pub mod x509;
 
 pub use bundle::{BundleError, TrustBundle};
-pub use x509::{CertError, CertInfo};
+pub use x509::{CertError, CertInfo, KeyUsage};
 pub mod store;
 pub mod svid;
 pub mod tls;

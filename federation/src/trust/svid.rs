@@ -33,9 +33,6 @@ pub enum SvidError {
     /// The leaf certificate is unusable.
     #[error("leaf certificate {0}")]
     Leaf(#[from] CertError),
-    /// The leaf is a CA certificate.
-    #[error("leaf certificate is a CA; an X509-SVID leaf must have CA:FALSE")]
-    LeafIsCa,
     /// The leaf's SPIFFE ID is not the one this gateway must present.
     #[error("carries {found} but this gateway is {expected}")]
     WrongId {
@@ -64,8 +61,9 @@ pub struct Svid {
 
 impl Svid {
     /// Parses a PEM certificate chain (leaf first) and PEM key, checking that the
-    /// key matches, the leaf has exactly one SPIFFE ID and is not a CA, and that it
-    /// is `expected` when given.
+    /// key matches, the leaf is an X509-SVID leaf (exactly one SPIFFE ID, not a
+    /// CA, key usage with `digitalSignature` and without `keyCertSign`/`cRLSign`:
+    /// the checks peers apply to it), and that it is `expected` when given.
     pub fn from_pem(
         chain_pem: &[u8],
         key_pem: &[u8],
@@ -77,10 +75,7 @@ impl Svid {
             .map_err(|e| SvidError::Pem(e.to_string()))?;
         let leaf = chain.first().ok_or(SvidError::NoCertificate)?;
         let info = CertInfo::parse(leaf)?;
-        let spiffe_id = info.spiffe_id()?;
-        if info.is_ca {
-            return Err(SvidError::LeafIsCa);
-        }
+        let spiffe_id = info.leaf_spiffe_id()?;
         if let Some(expected) = expected
             && *expected != spiffe_id
         {

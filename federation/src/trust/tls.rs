@@ -1,7 +1,10 @@
 //! SPIFFE authentication for rustls.
 //!
 //! Peers are authenticated by SPIFFE ID, never by DNS name:
-//! - the leaf must carry exactly one URI SAN, a SPIFFE ID;
+//! - the leaf must be an X509-SVID leaf: exactly one URI SAN, a SPIFFE ID with
+//!   a path, not a CA, key usage with `digitalSignature` and without
+//!   `keyCertSign`/`cRLSign` ([`leaf_spiffe_id`](super::x509::CertInfo::leaf_spiffe_id), checked before the
+//!   chain so each refusal gets its own label);
 //! - its chain must validate against the bundle of *that ID's* trust domain, and
 //!   only that one (bundles are never merged, so one domain's CA cannot vouch for
 //!   another domain's identities);
@@ -16,7 +19,8 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use prometheus::{IntCounterVec, Opts, Registry};
@@ -34,10 +38,11 @@ use rustls::{
     ServerConfig, SignatureScheme,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, warn};
 
 use super::store::TrustStore;
 use super::svid::Svid;
-use super::x509::{CertError, spiffe_id_of};
+use super::x509::{CertError, leaf_spiffe_id_of};
 use crate::{SpiffeId, TrustDomain};
 
 /// The process's crypto provider: ring, the one Pingora installs.
@@ -162,9 +167,10 @@ impl PeerPolicy {
 /// checks rustls/webpki report themselves).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SpiffeVerifyError {
-    /// The leaf does not carry exactly one valid SPIFFE ID.
+    /// The leaf is not an X509-SVID leaf: it does not carry exactly one valid
+    /// SPIFFE ID, or it is a CA, or its key usage is not a leaf's.
     #[error("peer certificate {0}")]
-    NoSpiffeId(CertError),
+    NotAnSvidLeaf(CertError),
     /// No bundle is known for the peer's trust domain.
     #[error("no trust bundle for trust domain {0:?}")]
     UnknownTrustDomain(String),
@@ -181,21 +187,34 @@ impl SpiffeVerifyError {
     /// The metric label for this refusal.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::NoSpiffeId(CertError::NoUriSan) => "no_uri_san",
-            Self::NoSpiffeId(CertError::MultipleUriSans(_)) => "multiple_uri_sans",
-            Self::NoSpiffeId(_) => "bad_spiffe_id",
+            Self::NotAnSvidLeaf(e) => leaf_label(e),
             Self::UnknownTrustDomain(_) => "unknown_trust_domain",
             Self::Unauthorized(_) => "unauthorized",
         }
     }
 }
 
-/// The SPIFFE ID of `leaf` and the trust of its domain.
+/// The metric label for a certificate that is not an X509-SVID leaf.
+fn leaf_label(e: &CertError) -> &'static str {
+    match e {
+        CertError::NoUriSan => "no_uri_san",
+        CertError::MultipleUriSans(_) => "multiple_uri_sans",
+        CertError::LeafIsCa => "leaf_is_ca",
+        CertError::NoKeyUsage | CertError::NoDigitalSignature => "leaf_no_digital_signature",
+        CertError::SigningKeyUsage(_) => "leaf_signing_key_usage",
+        CertError::Malformed(_) => "bad_certificate",
+        CertError::BadSpiffeId { .. } | CertError::RootSpiffeId(_) => "bad_spiffe_id",
+    }
+}
+
+/// The SPIFFE ID of `leaf` (checked as an X509-SVID leaf) and the trust of its
+/// domain.
 fn identify<'a>(
     trust: &'a TrustStore,
     leaf: &CertificateDer<'_>,
 ) -> Result<(SpiffeId, &'a super::store::DomainTrust), Error> {
-    let id = spiffe_id_of(leaf).map_err(|e| SpiffeVerifyError::NoSpiffeId(e).into_rustls())?;
+    let id =
+        leaf_spiffe_id_of(leaf).map_err(|e| SpiffeVerifyError::NotAnSvidLeaf(e).into_rustls())?;
     let domain = trust.get(id.trust_domain_str()).ok_or_else(|| {
         SpiffeVerifyError::UnknownTrustDomain(id.trust_domain_str().to_owned()).into_rustls()
     })?;
@@ -450,10 +469,60 @@ pub fn classify_io(error: &std::io::Error) -> &'static str {
     }
 }
 
+/// At most one WARN per this interval about peers whose certificate is not an
+/// X509-SVID leaf; the others go to DEBUG and are counted in the next WARN (the
+/// metric counts every one). Such a certificate passed no chain check yet, so
+/// anyone can send them in bulk.
+const LEAF_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Lets one log line through per interval and counts the ones held back.
+#[derive(Debug)]
+struct LogLimit {
+    start: Instant,
+    interval: Duration,
+    /// Milliseconds since `start` before which nothing more is let through.
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogLimit {
+    fn new(interval: Duration) -> Self {
+        Self {
+            start: Instant::now(),
+            interval,
+            next_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` if this line may go out.
+    fn allow(&self) -> Option<u64> {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_ms.load(Ordering::Relaxed);
+        let interval = u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX);
+        if now < next
+            || self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now.saturating_add(interval),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// `isthmus_tls_handshakes_total{side, result}`.
 #[derive(Debug, Clone)]
 pub struct HandshakeMetrics {
     handshakes: IntCounterVec,
+    leaf_warnings: Arc<LogLimit>,
 }
 
 impl HandshakeMetrics {
@@ -467,12 +536,32 @@ impl HandshakeMetrics {
             &["side", "result"],
         )?;
         registry.register(Box::new(handshakes.clone()))?;
-        Ok(Self { handshakes })
+        Ok(Self {
+            handshakes,
+            leaf_warnings: Arc::new(LogLimit::new(LEAF_WARN_INTERVAL)),
+        })
     }
 
     /// Counts one outcome.
     pub fn record(&self, side: &str, result: &str) {
         self.handshakes.with_label_values(&[side, result]).inc();
+    }
+
+    /// Counts one failure; a peer certificate that is not an X509-SVID leaf is
+    /// also logged, at WARN at most once per [`LEAF_WARN_INTERVAL`] (a peer, or
+    /// a CA, issuing such certificates is worth an operator's attention), else
+    /// at DEBUG. Other refusals are logged by the listener that knows the context.
+    fn record_failure(&self, side: &'static str, e: &HandshakeError) {
+        self.record(side, e.result);
+        if !e.result.starts_with("leaf_") {
+            return;
+        }
+        match self.leaf_warnings.allow() {
+            Some(suppressed) => warn!(side, result = e.result, error = %e.message,
+                suppressed, "TLS handshake refused: the peer's certificate is not an X509-SVID leaf"),
+            None => debug!(side, result = e.result, error = %e.message,
+                "TLS handshake refused: the peer's certificate is not an X509-SVID leaf"),
+        }
     }
 
     /// Count so far (for tests and debug output).
@@ -493,9 +582,19 @@ pub struct HandshakeError {
 
 impl HandshakeError {
     fn from_io(e: &std::io::Error) -> Self {
+        // rustls prints a verifier's own error with Debug; say it in words.
+        let spiffe = e.get_ref().and_then(|e| match e.downcast_ref::<Error>() {
+            Some(Error::InvalidCertificate(CertificateError::Other(OtherError(inner)))) => {
+                inner.downcast_ref::<SpiffeVerifyError>()
+            }
+            _ => None,
+        });
         Self {
             result: classify_io(e),
-            message: e.to_string(),
+            message: spiffe.map_or_else(
+                || e.to_string(),
+                |s| format!("invalid peer certificate: {s}"),
+            ),
         }
     }
 
@@ -513,8 +612,8 @@ fn peer_id(certs: Option<&[CertificateDer<'static>]>) -> Result<SpiffeId, Handsh
         result: "no_client_cert",
         message: "peer presented no certificate".into(),
     })?;
-    spiffe_id_of(leaf).map_err(|e| HandshakeError {
-        result: "bad_spiffe_id",
+    leaf_spiffe_id_of(leaf).map_err(|e| HandshakeError {
+        result: leaf_label(&e),
         message: e.to_string(),
     })
 }
@@ -564,7 +663,7 @@ impl SpiffeAcceptor {
             Ok(Ok(start)) => Ok(start),
         };
         if let Err(e) = &outcome {
-            self.metrics.record("server", e.result);
+            self.metrics.record_failure("server", e);
         }
         outcome
     }
@@ -591,10 +690,10 @@ impl SpiffeAcceptor {
                 }
             }
         };
-        self.metrics.record(
-            "server",
-            outcome.as_ref().map_or_else(|e| e.result, |_| "ok"),
-        );
+        match &outcome {
+            Ok(_) => self.metrics.record("server", "ok"),
+            Err(e) => self.metrics.record_failure("server", e),
+        }
         outcome
     }
 
@@ -679,10 +778,10 @@ impl SpiffeConnector {
             Ok((stream, id))
         }
         .await;
-        self.metrics.record(
-            "client",
-            outcome.as_ref().map_or_else(|e| e.result, |_| "ok"),
-        );
+        match &outcome {
+            Ok(_) => self.metrics.record("client", "ok"),
+            Err(e) => self.metrics.record_failure("client", e),
+        }
         outcome
     }
 }
@@ -690,6 +789,18 @@ impl SpiffeConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_leaf_warning_limit_lets_one_through_per_interval_and_counts_the_rest() {
+        let limit = LogLimit::new(Duration::from_secs(3600));
+        assert_eq!(limit.allow(), Some(0));
+        assert_eq!(limit.allow(), None);
+        assert_eq!(limit.allow(), None);
+        // As if the interval had passed.
+        limit.next_ms.store(0, Ordering::Relaxed);
+        assert_eq!(limit.allow(), Some(2));
+        assert_eq!(limit.allow(), None);
+    }
 
     #[test]
     fn policies_match_ids_domains_and_gateways() {
