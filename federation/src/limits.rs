@@ -12,7 +12,9 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 /// The caps of one listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +168,53 @@ impl Drop for ConnectionPermit {
     }
 }
 
+/// Lets one log line through per interval and counts the ones held back: for
+/// what an attacker can trigger in bulk (refused connections, bad
+/// certificates), so that the journal cannot be flooded; the metrics count
+/// every one.
+#[derive(Debug)]
+pub struct LogLimit {
+    start: Instant,
+    interval: Duration,
+    /// Milliseconds since `start` before which nothing more is let through.
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogLimit {
+    /// At most one line per `interval`.
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            start: Instant::now(),
+            interval,
+            next_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` if this line may go out.
+    pub fn allow(&self) -> Option<u64> {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_ms.load(Ordering::Relaxed);
+        let interval = u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX);
+        if now < next
+            || self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now.saturating_add(interval),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,5 +279,17 @@ mod tests {
             drop(limiter.try_acquire(IpAddr::from([10, 0, 0, i])).unwrap());
         }
         assert!(limiter.open().by_source.is_empty());
+    }
+
+    #[test]
+    fn the_log_limit_lets_one_through_per_interval_and_counts_the_rest() {
+        let limit = LogLimit::new(Duration::from_secs(3600));
+        assert_eq!(limit.allow(), Some(0));
+        assert_eq!(limit.allow(), None);
+        assert_eq!(limit.allow(), None);
+        // As if the interval had passed.
+        limit.next_ms.store(0, Ordering::Relaxed);
+        assert_eq!(limit.allow(), Some(2));
+        assert_eq!(limit.allow(), None);
     }
 }

@@ -25,12 +25,12 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use isthmus_federation::limits::{ConnectionLimiter, ConnectionLimits, ConnectionPermit};
+use isthmus_federation::limits::{ConnectionLimiter, ConnectionLimits, ConnectionPermit, LogLimit};
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::tls::{ALPN, SslDigest};
@@ -89,9 +89,8 @@ pub struct ListenerGuard {
     header_timeout: Duration,
     metrics: LimitMetrics,
     cut: IntCounter,
-    started: Instant,
-    /// Milliseconds after `started` of the last refusal logged, plus one.
-    last_log: Arc<AtomicU64>,
+    /// Refusals are logged at most once per [`LOG_EVERY`].
+    log: Arc<LogLimit>,
 }
 
 impl ListenerGuard {
@@ -108,8 +107,7 @@ impl ListenerGuard {
             header_timeout,
             cut: metrics.header_timeouts.with_label_values(&[listener]),
             metrics: metrics.clone(),
-            started: Instant::now(),
-            last_log: Arc::new(AtomicU64::new(0)),
+            log: Arc::new(LogLimit::new(LOG_EVERY)),
         }
     }
 
@@ -141,19 +139,12 @@ impl ListenerGuard {
             .refused
             .with_label_values(&[self.listener, reason])
             .inc();
-        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let last = self.last_log.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last - 1) >= LOG_EVERY.as_millis() as u64;
-        if due
-            && self
-                .last_log
-                .compare_exchange(last, now + 1, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if let Some(held_back) = self.log.allow() {
             warn!(
                 listener = self.listener,
                 reason,
                 %source,
+                held_back,
                 "connection refused: {why} (further refusals on this listener are counted in \
                  isthmus_connections_refused_total and logged at most every 10s)"
             );

@@ -23,9 +23,11 @@ use super::proto::federation_client::FederationClient;
 use super::proto::federation_server::{Federation, FederationServer};
 use super::session::{self, Role, SessionEnd};
 use crate::SpiffeId;
-use crate::limits::{ConnectionLimiter, ConnectionLimits, ConnectionPermit};
+use crate::limits::{ConnectionLimiter, ConnectionLimits, ConnectionPermit, LogLimit};
 use crate::trust::{PeerPolicy, SpiffeAcceptor, SpiffeConnector};
 
+/// Refused federation handshakes are logged at WARN at most this often.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// HTTP/2 keepalive pings, so a dead TCP connection is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(10);
 /// Messages buffered per direction before the sender waits.
@@ -178,6 +180,7 @@ pub async fn serve(
         per_source: limits.max_connections_per_source,
     });
     let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes));
+    let log = Arc::new(LogLimit::new(REFUSAL_LOG_EVERY));
     let (conns_tx, conns_rx) = mpsc::channel::<Result<PeerConn, std::io::Error>>(16);
     let accept_stop = stop.clone();
     let accept_hub = hub.clone();
@@ -212,7 +215,7 @@ pub async fn serve(
                 debug!(%remote, "federation connection refused: too many handshakes in progress");
                 continue;
             };
-            let (acceptor, conns_tx) = (acceptor.clone(), conns_tx.clone());
+            let (acceptor, conns_tx, log) = (acceptor.clone(), conns_tx.clone(), log.clone());
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 let accepted = acceptor.accept(tcp).await;
@@ -227,9 +230,20 @@ pub async fn serve(
                             }))
                             .await;
                     }
-                    Ok((_, None)) => warn!(%remote, "federation client sent no certificate"),
-                    Err(e) => warn!(%remote, result = e.result, error = %e.message,
-                        "federation handshake refused"),
+                    // Anyone can make these: WARN now and then, the rest at
+                    // DEBUG (isthmus_tls_handshakes_total counts them all).
+                    Ok((_, None)) => match log.allow() {
+                        Some(held_back) => {
+                            warn!(%remote, held_back, "federation client sent no certificate")
+                        }
+                        None => debug!(%remote, "federation client sent no certificate"),
+                    },
+                    Err(e) => match log.allow() {
+                        Some(held_back) => warn!(%remote, result = e.result, error = %e.message,
+                            held_back, "federation handshake refused"),
+                        None => debug!(%remote, result = e.result, error = %e.message,
+                            "federation handshake refused"),
+                    },
                 }
             });
         }

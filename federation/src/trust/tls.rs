@@ -19,8 +19,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus::{IntCounterVec, Opts, Registry};
@@ -43,6 +42,7 @@ use tracing::{debug, warn};
 use super::store::TrustStore;
 use super::svid::Svid;
 use super::x509::{CertError, leaf_spiffe_id_of};
+use crate::limits::LogLimit;
 use crate::{SpiffeId, TrustDomain};
 
 /// The process's crypto provider: ring, the one Pingora installs.
@@ -475,49 +475,6 @@ pub fn classify_io(error: &std::io::Error) -> &'static str {
 /// anyone can send them in bulk.
 const LEAF_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Lets one log line through per interval and counts the ones held back.
-#[derive(Debug)]
-struct LogLimit {
-    start: Instant,
-    interval: Duration,
-    /// Milliseconds since `start` before which nothing more is let through.
-    next_ms: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-impl LogLimit {
-    fn new(interval: Duration) -> Self {
-        Self {
-            start: Instant::now(),
-            interval,
-            next_ms: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(lines held back since the last one)` if this line may go out.
-    fn allow(&self) -> Option<u64> {
-        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let next = self.next_ms.load(Ordering::Relaxed);
-        let interval = u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX);
-        if now < next
-            || self
-                .next_ms
-                .compare_exchange(
-                    next,
-                    now.saturating_add(interval),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_err()
-        {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(self.suppressed.swap(0, Ordering::Relaxed))
-    }
-}
-
 /// `isthmus_tls_handshakes_total{side, result}`.
 #[derive(Debug, Clone)]
 pub struct HandshakeMetrics {
@@ -789,18 +746,6 @@ impl SpiffeConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_leaf_warning_limit_lets_one_through_per_interval_and_counts_the_rest() {
-        let limit = LogLimit::new(Duration::from_secs(3600));
-        assert_eq!(limit.allow(), Some(0));
-        assert_eq!(limit.allow(), None);
-        assert_eq!(limit.allow(), None);
-        // As if the interval had passed.
-        limit.next_ms.store(0, Ordering::Relaxed);
-        assert_eq!(limit.allow(), Some(2));
-        assert_eq!(limit.allow(), None);
-    }
 
     #[test]
     fn policies_match_ids_domains_and_gateways() {
