@@ -13,7 +13,15 @@ ISTHMUS := target/debug/isthmus
 DEV_PKI := target/dev-pki
 DEV_ID := spiffe://cluster.local/isthmus/gateway/isthmus
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS := bundle spiffe_id peering_message dns_message
+# Fuzz targets of each fuzz dir (its own cargo workspace and target/).
+FEDERATION_FUZZ_TARGETS := bundle spiffe_id peering_message dns_message
+GATEWAY_FUZZ_TARGETS := client_hello config
+FUZZ_DIRS := federation/fuzz gateway/fuzz
+# Both fuzz dirs build into one target dir: the gateway's dependencies include
+# nearly all of the federation crate's, so the second build reuses the first.
+FUZZ_FLAGS := --target-dir target/fuzz
+FUZZ_RUNS := $(addprefix federation/fuzz:,$(FEDERATION_FUZZ_TARGETS)) \
+	$(addprefix gateway/fuzz:,$(GATEWAY_FUZZ_TARGETS))
 
 SHELL := /bin/bash
 .PHONY: deps run demo test lint fuzz packages image systemd-test
@@ -78,14 +86,21 @@ lint: deps
 
 # Build every fuzz target and run each for FUZZ_SECONDS from its seeds. The
 # stable toolchain builds them with RUSTC_BOOTSTRAP=1 (cargo-fuzz needs -Z flags).
+# Each fuzz dir starts from the workspace's Cargo.lock, so it fuzzes the
+# dependency versions that ship.
 fuzz: deps
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
-	RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build --fuzz-dir federation/fuzz
-	@for t in $(FUZZ_TARGETS); do \
-		mkdir -p federation/fuzz/corpus/$$t; \
-		echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
-		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --fuzz-dir federation/fuzz $$t \
-			federation/fuzz/corpus/$$t federation/fuzz/seeds/$$t -- \
+	@for dir in $(FUZZ_DIRS); do \
+		echo "== fuzz build $$dir"; \
+		cp Cargo.lock $$dir/Cargo.lock && \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build --fuzz-dir $$dir $(FUZZ_FLAGS) || exit 1; \
+	done
+	@for run in $(FUZZ_RUNS); do \
+		dir=$${run%%:*}; t=$${run##*:}; \
+		mkdir -p $$dir/corpus/$$t; \
+		echo "== fuzz $$dir $$t for $(FUZZ_SECONDS) s"; \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --fuzz-dir $$dir $(FUZZ_FLAGS) $$t \
+			$$dir/corpus/$$t $$dir/seeds/$$t -- \
 			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 2>&1 | grep -E '^(Done|#[0-9]+ +DONE)|ERROR|panicked' ; \
 		test $${PIPESTATUS[0]} -eq 0 || exit 1; \
 	done

@@ -272,6 +272,18 @@ impl ProxyHttp for EastWestProxy {
     }
 }
 
+/// The exported service port of `catalog` that a ClientHello's `sni` names,
+/// with its entry; `None` when the SNI names no exported port (the connection
+/// is then terminated here and routed by its HTTP requests, or refused).
+///
+/// Pure, so the fuzz target checks exactly what the listener routes by.
+pub fn sni_target(catalog: &Catalog, sni: Option<&str>) -> Option<(Arc<ServiceEntry>, u16)> {
+    let target = parse_east_west_sni(sni?)?;
+    let entry = catalog.get(&target.key)?;
+    (entry.exported && entry.port(Some(target.port)).is_some())
+        .then(|| (entry.clone(), target.port))
+}
+
 /// The east-west listener's app: reads the ClientHello, then either splices a
 /// passthrough service's TLS to its endpoint untouched, or terminates the peer
 /// gateway's mTLS and runs Pingora's HTTP proxy.
@@ -349,15 +361,6 @@ impl EastWestApp {
         }
     }
 
-    /// The exported service port `sni` names, with its entry.
-    fn sni_target(&self, sni: Option<&str>) -> Option<(Arc<ServiceEntry>, u16)> {
-        let target = parse_east_west_sni(sni?)?;
-        let catalog = self.catalog.load();
-        let entry = catalog.get(&target.key)?;
-        (entry.exported && entry.port(Some(target.port)).is_some())
-            .then(|| (entry.clone(), target.port))
-    }
-
     /// Splices `client` to the first endpoint of `entry` that accepts, after
     /// sending `prefix` (a replayed ClientHello for passthrough).
     async fn to_endpoint<C>(&self, entry: &ServiceEntry, client: C, prefix: &[u8])
@@ -428,7 +431,7 @@ impl ServerApp for EastWestApp {
             }
         };
         let sni = start.client_hello().server_name().map(str::to_owned);
-        let target = self.sni_target(sni.as_deref());
+        let target = sni_target(&self.catalog.load(), sni.as_deref());
         if let Some((entry, _)) = target.as_ref().filter(|(e, _)| e.passthrough) {
             drop(handshake);
             if !limits.admits(&entry.key, source) {
@@ -492,7 +495,87 @@ impl ServerApp for EastWestApp {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use isthmus_federation::catalog::{Protocol, ServicePort};
+    use isthmus_federation::trust::tls::mtls_server_config;
+    use isthmus_federation::trust::{HandshakeMetrics, ca};
+    use tokio::io::AsyncWriteExt;
+
     use super::*;
+
+    fn entry(key: &str, port: u16, exported: bool) -> ServiceEntry {
+        ServiceEntry {
+            key: key.parse().unwrap(),
+            ports: vec![ServicePort {
+                port,
+                protocol: Protocol::Tcp,
+                name: None,
+            }],
+            endpoints: vec![],
+            endpoint_info: Default::default(),
+            subsets: vec![],
+            remote: vec![],
+            exported,
+            allowed_callers: None,
+            passthrough: true,
+            headless: false,
+            headless_endpoints: vec![],
+        }
+    }
+
+    /// The client_hello fuzz target's seeds are real ClientHellos (openssl
+    /// s_client's, one re-framed across three records) that the listener
+    /// reads whole, with the SNI each names and the route that SNI takes.
+    #[tokio::test]
+    async fn the_client_hello_fuzz_seeds_are_the_hellos_they_claim() {
+        let hour = Duration::from_secs(3600);
+        let own = ca::create_ca(&"own.example".parse().unwrap(), hour).unwrap();
+        let id = "spiffe://own.example/isthmus/gateway/gw".parse().unwrap();
+        let material = ca::dev_material(&own, &id, &[("own.example", &own)], hour).unwrap();
+        let policy = Arc::new(ArcSwap::from_pointee(PeerPolicy::gateways_of([
+            "own.example".parse().unwrap(),
+        ])));
+        let config = mtls_server_config(&material, policy, vec![]).unwrap();
+        let metrics = HandshakeMetrics::new(&prometheus::Registry::new()).unwrap();
+        let acceptor = SpiffeAcceptor::new(Arc::new(config), metrics, hour);
+        let catalog = Catalog::new([entry("data/db", 5432, true), entry("shop/web", 8080, false)]);
+
+        let db = "outbound_.5432_._.db.data.svc.cluster.local";
+        let web = "outbound_.8080_.v2_.web.shop.svc.cluster.local";
+        let seeds =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/client_hello");
+        for (file, sni, routed) in [
+            ("openssl_tls13_passthrough_sni", Some(db), true),
+            ("openssl_tls13_split_3_records", Some(db), true),
+            ("openssl_tls12_subset_sni", Some(web), false),
+            ("openssl_no_sni", None, false),
+        ] {
+            let hello = std::fs::read(seeds.join(file)).unwrap();
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            client.write_all(&hello).await.unwrap();
+            let start = acceptor
+                .read_client_hello(HelloRecorder::new(server))
+                .await
+                .unwrap_or_else(|e| panic!("{file}: {}", e.message));
+            assert_eq!(start.client_hello().server_name(), sni, "{file}");
+            let target = sni_target(&catalog, sni);
+            assert_eq!(
+                target.is_some(),
+                routed,
+                "{file}: only exported ports route"
+            );
+            let (recorded, _) = start.io.into_parts();
+            assert_eq!(
+                recorded, hello,
+                "{file}: the whole hello is kept for a replay"
+            );
+        }
+        let wrong_port = "outbound_.5433_._.db.data.svc.cluster.local";
+        assert!(sni_target(&catalog, Some(wrong_port)).is_none());
+        let (entry, port) = sni_target(&catalog, Some(db)).unwrap();
+        assert_eq!((entry.key.to_string(), port), ("data/db".to_owned(), 5432));
+    }
 
     #[test]
     fn authorization_needs_a_known_allowed_caller_when_a_policy_is_set() {
