@@ -111,16 +111,30 @@ healthy_threshold = 1"#,
     let cut = format!(
         "isthmus_upstream_peer_cuts_total{{identity=\"{EVIL}\",peer=\"{addr}\",reason=\"health_check\"}}"
     );
-    let peer_healthy = format!("isthmus_upstream_healthy{{backend=\"{addr}\",identity=\"{EVIL}\"}}");
+    let peer_healthy =
+        format!("isthmus_upstream_healthy{{backend=\"{addr}\",identity=\"{EVIL}\"}}");
     let endpoint_healthy = format!("isthmus_upstream_healthy{{backend=\"{addr}\",identity=\"\"}}");
     // The refusal: the peer failed its probe, was marked down and cut.
-    wait_for(Duration::from_secs(10), "the peer to be marked down", || {
-        let m = gw.admin_get("/metrics").body;
-        (metric_value(&m, &cut).is_some_and(|v| v >= 1.0)
-            && metric_value(&m, &peer_healthy) == Some(0.0))
-        .then_some(())
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "the peer to be marked down",
+        || {
+            let m = gw.admin_get("/metrics").body;
+            (metric_value(&m, &cut).is_some_and(|v| v >= 1.0)
+                && metric_value(&m, &peer_healthy) == Some(0.0))
+            .then_some(())
+        },
+    )
     .unwrap();
+    // The collision is seen and reported once, state kept apart.
+    let m = gw.admin_get("/metrics").body;
+    assert_eq!(
+        metric_value(&m, "isthmus_upstream_shared_addresses"),
+        Some(1.0),
+        "{m}"
+    );
+    gw.wait_log("several backends share one address", Duration::from_secs(5))
+        .unwrap();
     // Legitimate traffic through many probe rounds: every request answered
     // by the endpoint, whose health never wavers.
     for round in 0..10 {
@@ -148,7 +162,9 @@ healthy_threshold = 1"#,
     assert_eq!(peer["identity"], EVIL, "{explain:#}");
     assert_eq!(peer["state"], "down", "{explain:#}");
     assert!(
-        peer["reasons"].to_string().contains("fails active health checks"),
+        peer["reasons"]
+            .to_string()
+            .contains("fails active health checks"),
         "{explain:#}"
     );
 }

@@ -330,6 +330,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_cut_ends_only_connections_to_that_address_expecting_that_identity() {
+        use futures::FutureExt;
+        let addr: SocketAddr = "127.0.0.1:15443".parse().unwrap();
+        let other_addr: SocketAddr = "127.0.0.1:15444".parse().unwrap();
+        let a: SpiffeId = "spiffe://a.example/isthmus/gateway/gw".parse().unwrap();
+        let b: SpiffeId = "spiffe://b.example/isthmus/gateway/gw".parse().unwrap();
+        let (cuts, mut rx) = broadcast::channel(8);
+        // Another peer at the same address, the same peer at another
+        // address, and an endpoint's address with no identity: no cut.
+        cuts.send(BackendId::gateway(addr, b.clone())).unwrap();
+        cuts.send(BackendId::gateway(other_addr, a.clone()))
+            .unwrap();
+        cuts.send(BackendId::endpoint(addr)).unwrap();
+        assert!(cut_for(&mut rx, addr, &a).now_or_never().is_none());
+        // That peer at that address: cut.
+        cuts.send(BackendId::gateway(addr, a.clone())).unwrap();
+        assert!(cut_for(&mut rx, addr, &a).now_or_never().is_some());
+    }
+
+    #[test]
     fn the_socket_directory_is_private_whatever_the_umask() {
         use std::os::unix::fs::PermissionsExt;
         let dir = private_socket_dir().unwrap();

@@ -221,6 +221,14 @@ impl<T> ByBackend<T> {
         });
     }
 
+    /// Addresses more than one identity has a value at, with how many.
+    pub fn shared_addresses(&self) -> impl Iterator<Item = (SocketAddr, usize)> + '_ {
+        self.by_addr
+            .iter()
+            .filter(|(_, at)| at.len() > 1)
+            .map(|(addr, at)| (*addr, at.len()))
+    }
+
     /// How many identities have a value.
     pub fn len(&self) -> usize {
         self.by_addr.values().map(Vec::len).sum()

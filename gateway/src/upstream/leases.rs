@@ -59,8 +59,9 @@ impl BackgroundService for LeaseWatcher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut changes = self.changes.lock().await;
         loop {
-            self.upstreams
-                .observe_leases(&peer_gateways(&self.hub.catalog().load()));
+            let catalog = self.hub.catalog().load();
+            self.upstreams.observe_leases(&peer_gateways(&catalog));
+            self.upstreams.observe_addresses(&catalog);
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return },
                 _ = shutdown.changed() => return,

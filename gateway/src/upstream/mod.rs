@@ -40,7 +40,7 @@ pub mod leases;
 pub mod outlier;
 pub mod probe;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -48,8 +48,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use isthmus_federation::ServiceKey;
-use isthmus_federation::catalog::ServiceEntry;
-use prometheus::{IntCounterVec, IntGaugeVec, Registry};
+use isthmus_federation::catalog::{Catalog, ServiceEntry};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use serde::Serialize;
 use tokio::sync::broadcast;
 use tracing::{info, warn};
@@ -265,6 +265,7 @@ struct UpstreamMetrics {
     failovers: IntCounterVec,
     panics: IntCounterVec,
     cuts: IntCounterVec,
+    shared_addresses: IntGauge,
 }
 
 impl UpstreamMetrics {
@@ -326,6 +327,11 @@ impl UpstreamMetrics {
                 "Times a peer gateway's mesh connections were cut because it was declared dead, by its address (peer), SPIFFE ID (identity) and reason (lease_lost: its peering session closed or its lease lapsed; health_check).",
                 &["peer", "identity", "reason"],
             ),
+            shared_addresses: metrics::gauge(
+                registry,
+                "upstream_shared_addresses",
+                "Backend addresses the catalog gives to more than one identity now (an endpoint here and a peer gateway, or two peer gateways); their state is kept apart.",
+            ),
         }
     }
 }
@@ -346,6 +352,8 @@ pub struct Upstreams {
     liveness: Mutex<ByBackend<(bool, Instant)>>,
     /// Peer gateways whose mesh connections must be cut now.
     cuts: broadcast::Sender<BackendId>,
+    /// Addresses more than one backend identity claimed at the last look.
+    shared: Mutex<BTreeSet<SocketAddr>>,
     metrics: UpstreamMetrics,
 }
 
@@ -362,6 +370,7 @@ impl Upstreams {
             health: RwLock::default(),
             liveness: Mutex::default(),
             cuts: broadcast::channel(64).0,
+            shared: Mutex::default(),
             metrics: UpstreamMetrics::new(registry),
         }
     }
@@ -559,6 +568,42 @@ impl Upstreams {
         for id in recovered {
             self.recovered(id.as_ref(), now);
         }
+    }
+
+    /// Notes the addresses more than one backend identity claims in
+    /// `catalog` (an endpoint here and a peer gateway, or two peers): counted
+    /// in `isthmus_upstream_shared_addresses`, logged at WARN when an address
+    /// starts to be shared (once, not per request). Their state stays apart,
+    /// being kept by identity; the federation hub refuses a peer advertising
+    /// a taken address, so one reaching here comes from the configuration
+    /// (static peers), a race, or an address reused after its holder left.
+    pub fn observe_addresses(&self, catalog: &Catalog) {
+        let mut claims: ByBackend<()> = ByBackend::default();
+        for entry in catalog.iter() {
+            for addr in &entry.endpoints {
+                claims.insert(BackendRef::endpoint(*addr), ());
+            }
+            for gw in &entry.remote {
+                claims.insert(BackendRef::gateway(gw.address, &gw.spiffe_id), ());
+            }
+        }
+        let now: BTreeSet<SocketAddr> = claims.shared_addresses().map(|(a, _)| a).collect();
+        let mut shared = self.shared.lock().expect("shared addresses lock");
+        for addr in now.difference(&shared) {
+            let who: Vec<String> = claims
+                .iter()
+                .filter(|(id, _)| id.addr == *addr)
+                .map(|(id, _)| {
+                    id.peer
+                        .map_or_else(|| "an endpoint here".to_owned(), ToString::to_string)
+                })
+                .collect();
+            warn!(address = %addr, claimed_by = ?who, "several backends share one address; each keeps its own health, ejection and slow start");
+        }
+        self.metrics
+            .shared_addresses
+            .set(i64::try_from(now.len()).unwrap_or(i64::MAX));
+        *shared = now;
     }
 
     /// Whether `id` is declared dead: a peer gateway whose lease is lost, or
@@ -1131,6 +1176,32 @@ mod tests {
         let to_b = picks.iter().filter(|s| **s == Slot::Gateway(1)).count();
         assert_eq!(to_a + to_b, 1000, "{picks:?}");
         assert!((450..=550).contains(&to_a), "even split, got {to_a}");
+    }
+
+    #[test]
+    fn peers_are_followed_by_identity_and_shared_addresses_counted() {
+        let u = upstreams();
+        let mut entry = shared_address_entry();
+        let shared = entry.endpoints[0];
+        entry.remote[1].live = false;
+        let catalog = Catalog::new([entry.clone()]);
+        let mut gateways = leases::peer_gateways(&catalog);
+        gateways.sort();
+        assert_eq!(
+            gateways,
+            [
+                (BackendId::gateway(shared, peer_id("a")), true),
+                (BackendId::gateway(shared, peer_id("b")), false),
+            ]
+        );
+        u.observe_addresses(&catalog);
+        assert_eq!(u.metrics.shared_addresses.get(), 1);
+        // The collision gone (the peers moved away): nothing shared.
+        for (i, gw) in entry.remote.iter_mut().enumerate() {
+            gw.address = SocketAddr::from(([127, 0, 2, i as u8 + 1], 15443));
+        }
+        u.observe_addresses(&Catalog::new([entry]));
+        assert_eq!(u.metrics.shared_addresses.get(), 0);
     }
 
     #[test]
