@@ -20,11 +20,13 @@
 //!
 //! # Locks
 //!
-//! The request path takes no lock to rate backends: a service's backends are
-//! an [`ArcSwap`] snapshot, and whether a backend is ejected is an atomic
-//! mirror of its outlier state. Where locks are taken, the order is
-//! `services` → a service's `backends_writer` → a backend's `outlier`, and
-//! `health` / `liveness` are each taken alone (never while holding another).
+//! Rating a backend a service has used takes no lock: a service's backends
+//! are an [`ArcSwap`] snapshot, and whether a backend is ejected is an atomic
+//! mirror of its outlier state (only a backend never used by the service
+//! falls back to the `health` map's read lock). Where locks are taken, the
+//! order is `services` → a service's `backends_writer` → a backend's
+//! `outlier`; `health`, `liveness` and `shared` are each taken alone (never
+//! while holding another).
 //! A backend's `outlier` mutex is a leaf: nothing else is locked, and no other
 //! backend's outlier is looked at through its mutex, while one is held. (It
 //! once was: [`Upstreams::record`] counted the service's ejected backends
