@@ -309,7 +309,10 @@ interval = "500ms"
         let r = curl(&["-H", HOST, &url]);
         assert_eq!(r.status, 200, "request {i} after B1 died: {}", r.body);
     }
-    let healthy = format!("isthmus_upstream_healthy{{backend=\"{b1_addr}\",identity=\"\"}}");
+    // B1 is a peer gateway: its health is kept under its SPIFFE ID.
+    let healthy = format!(
+        "isthmus_upstream_healthy{{backend=\"{b1_addr}\",identity=\"spiffe://b.example/isthmus/gateway/gw-b1\"}}"
+    );
     wait_for(
         Duration::from_secs(5),
         "health checks to mark B1 down",
