@@ -75,7 +75,7 @@ interval = "0s""#,
     assert_eq!(state["ejected"], true, "{state}");
     let metrics = gw.admin_get("/metrics").body;
     let ejections = format!(
-        "isthmus_upstream_ejections_total{{backend=\"{}\",namespace=\"shop\",service=\"web\"}}",
+        "isthmus_upstream_ejections_total{{backend=\"{}\",identity=\"\",namespace=\"shop\",service=\"web\"}}",
         flaky.addr
     );
     assert_eq!(metric_value(&metrics, &ejections), Some(1.0), "{metrics}");
@@ -309,7 +309,10 @@ interval = "500ms"
         let r = curl(&["-H", HOST, &url]);
         assert_eq!(r.status, 200, "request {i} after B1 died: {}", r.body);
     }
-    let healthy = format!("isthmus_upstream_healthy{{backend=\"{b1_addr}\"}}");
+    // B1 is a peer gateway: its health is kept under its SPIFFE ID.
+    let healthy = format!(
+        "isthmus_upstream_healthy{{backend=\"{b1_addr}\",identity=\"spiffe://b.example/isthmus/gateway/gw-b1\"}}"
+    );
     wait_for(
         Duration::from_secs(5),
         "health checks to mark B1 down",

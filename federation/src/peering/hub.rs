@@ -377,18 +377,6 @@ impl Hub {
         self.inner().authority.exports_for(peer).clone()
     }
 
-    /// Every peering peer's east-west address and whether its gateway is
-    /// live (a session open and its lease renewed); expired peers and peers
-    /// without an east-west listener are left out.
-    pub fn peer_gateways(&self) -> Vec<(std::net::SocketAddr, bool)> {
-        self.inner()
-            .peers
-            .values()
-            .filter(|r| r.state != LeaseState::Expired)
-            .filter_map(|r| Some((r.hello.east_west?, r.catalog.gateway.live)))
-            .collect()
-    }
-
     /// What this cluster exports, and its changes.
     pub fn exports(&self) -> watch::Receiver<ExportSet> {
         self.exports.subscribe()

@@ -28,6 +28,8 @@ use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
+use crate::upstream::{BackendId, BackendRef};
+
 /// First word of a relay request line.
 pub(crate) const MAGIC: &str = "ISTHMUS-MESH/1";
 /// Longest request or reply line.
@@ -133,20 +135,22 @@ pub struct MeshRelay {
     listener: std::os::unix::net::UnixListener,
     connector: SpiffeConnector,
     connect_timeout: Duration,
-    /// Peer addresses declared dead: their connections end at once.
-    cuts: broadcast::Sender<SocketAddr>,
+    /// Peer gateways declared dead: their connections end at once.
+    cuts: broadcast::Sender<BackendId>,
 }
 
 impl MeshRelay {
     /// Binds the relay socket in a new private directory under the system's
     /// temporary directory (under systemd, `PrivateTmp` makes that private too).
-    /// A peer address sent on `cuts` has its connections (and connection
+    /// A peer gateway sent on `cuts` has its connections (and connection
     /// attempts) ended at once, so requests waiting on a dead peer fail now
-    /// and are retried elsewhere instead of waiting for a timeout.
+    /// and are retried elsewhere instead of waiting for a timeout. Only
+    /// connections to that address expecting that SPIFFE ID are cut: another
+    /// peer claiming the same address keeps its connections.
     pub fn bind(
         connector: SpiffeConnector,
         connect_timeout: Duration,
-        cuts: broadcast::Sender<SocketAddr>,
+        cuts: broadcast::Sender<BackendId>,
     ) -> std::io::Result<Self> {
         let dir = private_socket_dir()?;
         let listener = std::os::unix::net::UnixListener::bind(dir.path().join("relay.sock"))?;
@@ -198,11 +202,12 @@ async fn reply<S: AsyncWrite + Unpin>(stream: &mut S, line: &str) -> bool {
     stream.write_all(line.as_bytes()).await.is_ok() && stream.flush().await.is_ok()
 }
 
-/// Resolves when `peer` is announced on `cuts`.
-async fn cut_for(cuts: &mut broadcast::Receiver<SocketAddr>, peer: SocketAddr) {
+/// Resolves when the peer gateway at `peer` expected to prove `expected` is
+/// announced on `cuts`.
+async fn cut_for(cuts: &mut broadcast::Receiver<BackendId>, peer: SocketAddr, expected: &SpiffeId) {
     loop {
         match cuts.recv().await {
-            Ok(addr) if addr == peer => return,
+            Ok(cut) if cut.as_ref() == BackendRef::gateway(peer, expected) => return,
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
             // The sender is gone with the gateway's upstreams: nothing will be cut.
             Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
@@ -215,16 +220,17 @@ async fn relay(
     mut local: UnixStream,
     connector: SpiffeConnector,
     connect_timeout: Duration,
-    mut cuts: broadcast::Receiver<SocketAddr>,
+    mut cuts: broadcast::Receiver<BackendId>,
 ) {
     let Some(request) = peer_of(&mut local).await else {
         return;
     };
     let peer = request.peer;
+    let expected = request.expected.clone();
     tokio::select! {
         () = serve_one(local, request, connector, connect_timeout) => {}
-        () = cut_for(&mut cuts, peer) => {
-            debug!(%peer, "east-west connection cut: the peer was declared dead");
+        () = cut_for(&mut cuts, peer, &expected) => {
+            debug!(%peer, %expected, "east-west connection cut: the peer was declared dead");
         }
     }
 }
@@ -322,6 +328,26 @@ pub(crate) async fn open(path: &Path, request: &RelayRequest) -> Result<UnixStre
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cut_ends_only_connections_to_that_address_expecting_that_identity() {
+        use futures::FutureExt;
+        let addr: SocketAddr = "127.0.0.1:15443".parse().unwrap();
+        let other_addr: SocketAddr = "127.0.0.1:15444".parse().unwrap();
+        let a: SpiffeId = "spiffe://a.example/isthmus/gateway/gw".parse().unwrap();
+        let b: SpiffeId = "spiffe://b.example/isthmus/gateway/gw".parse().unwrap();
+        let (cuts, mut rx) = broadcast::channel(8);
+        // Another peer at the same address, the same peer at another
+        // address, and an endpoint's address with no identity: no cut.
+        cuts.send(BackendId::gateway(addr, b.clone())).unwrap();
+        cuts.send(BackendId::gateway(other_addr, a.clone()))
+            .unwrap();
+        cuts.send(BackendId::endpoint(addr)).unwrap();
+        assert!(cut_for(&mut rx, addr, &a).now_or_never().is_none());
+        // That peer at that address: cut.
+        cuts.send(BackendId::gateway(addr, a.clone())).unwrap();
+        assert!(cut_for(&mut rx, addr, &a).now_or_never().is_some());
+    }
 
     #[test]
     fn the_socket_directory_is_private_whatever_the_umask() {

@@ -24,6 +24,11 @@
 //!
 //! A request may be confined to a [`Scope`]: one subset (endpoints with its
 //! labels here; gateways that announce it elsewhere) and/or one cluster.
+//!
+//! Targets are rated and remembered as tried by identity ([`BackendRef`]:
+//! address, and SPIFFE ID for a peer gateway), never by address alone: an
+//! endpoint here and a peer gateway claiming the same address are two
+//! backends with their own health, ejection, slow start and retries.
 
 use std::net::SocketAddr;
 
@@ -33,6 +38,7 @@ use serde::Serialize;
 
 use super::routing::{Availability, NoRoute, Target};
 use crate::config::model::LocalityPolicy;
+use crate::upstream::BackendRef;
 
 /// Where this gateway is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,6 +147,27 @@ pub enum Slot {
     Gateway(usize),
 }
 
+impl Slot {
+    /// Who the target in this slot of `entry` is.
+    pub fn backend(self, entry: &ServiceEntry) -> BackendRef<'_> {
+        match self {
+            Slot::Endpoint(i) => BackendRef::endpoint(entry.endpoints[i]),
+            Slot::Gateway(i) => {
+                let gw = &entry.remote[i];
+                BackendRef::gateway(gw.address, &gw.spiffe_id)
+            }
+        }
+    }
+
+    /// The target in this slot of `entry`.
+    pub fn target(self, entry: &ServiceEntry) -> Target {
+        match self {
+            Slot::Endpoint(i) => Target::Local(entry.endpoints[i]),
+            Slot::Gateway(i) => Target::Remote(entry.remote[i].clone()),
+        }
+    }
+}
+
 /// One target in a plan.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
@@ -152,7 +179,7 @@ pub struct Member {
     pub weight: u32,
     /// How it stands.
     pub rated: Rated,
-    /// This request tried it already.
+    /// This request tried it (this identity) already.
     pub tried: bool,
 }
 
@@ -228,16 +255,16 @@ pub struct Plan {
 
 /// Plans the next attempt for `entry` in `scope`: `local_only` leaves peer
 /// gateways out (the east-west listener never forwards onwards); `tried` are
-/// the addresses this request already tried; `rate` says how each address
-/// stands.
+/// the slots of `entry` this request already tried (every target with the
+/// same identity counts as tried); `rate` says how each backend stands.
 pub fn plan(
     entry: &ServiceEntry,
     here: &Here,
     policy: &LocalityPolicy,
     scope: Scope<'_>,
     local_only: bool,
-    tried: &[SocketAddr],
-    rate: impl Fn(SocketAddr) -> Rated,
+    tried: &[Slot],
+    rate: impl Fn(BackendRef<'_>) -> Rated,
 ) -> Plan {
     let mut levels: Vec<Level> = Vec::new();
     let mut add =
@@ -255,12 +282,15 @@ pub fn plan(
                 load: 0.0,
             }),
         };
-    let member = |slot, addr, weight| Member {
-        slot,
-        addr,
-        weight,
-        rated: rate(addr),
-        tried: tried.contains(&addr),
+    let member = |slot: Slot, addr, weight| {
+        let who = slot.backend(entry);
+        Member {
+            slot,
+            addr,
+            weight,
+            rated: rate(who),
+            tried: tried.iter().any(|t| t.backend(entry) == who),
+        }
     };
 
     let here_in_scope = scope.cluster.is_none_or(|c| *c == here.cluster);
@@ -400,6 +430,11 @@ impl Plan {
         u_level: f64,
         u_member: f64,
     ) -> Result<Target, NoRoute> {
+        self.pick(u_level, u_member).map(|slot| slot.target(entry))
+    }
+
+    /// [`Self::choose`], saying which slot of the entry it chose.
+    pub fn pick(&self, u_level: f64, u_member: f64) -> Result<Slot, NoRoute> {
         if self.levels.is_empty() {
             return Err(NoRoute::NoEndpoint);
         }
@@ -418,10 +453,7 @@ impl Plan {
             .or_else(|| self.last_resort(u_member, |m| !m.tried))
             .or_else(|| self.last_resort(u_member, |_| true))
             .ok_or(NoRoute::Overloaded)?;
-        Ok(match chosen.slot {
-            Slot::Endpoint(i) => Target::Local(entry.endpoints[i]),
-            Slot::Gateway(i) => Target::Remote(entry.remote[i].clone()),
-        })
+        Ok(chosen.slot)
     }
 
     /// Panic mode, or nothing available: any target that is not full, by

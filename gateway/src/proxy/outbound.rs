@@ -24,7 +24,7 @@ use rustls::pki_types::ServerName;
 use tokio::sync::watch;
 use tracing::info;
 
-use super::balance::{Draws, Scope, plan_or_fall_back};
+use super::balance::{Draws, Scope, Slot, plan_or_fall_back};
 use super::headers;
 use super::metrics::{ProxyMetrics, RequestLabels};
 use super::routing::{NoRoute, Routed, Target, resolve};
@@ -54,8 +54,9 @@ pub struct RequestCtx {
     lease: Option<RequestLease>,
     /// Whether the current attempt's outcome was recorded.
     recorded: bool,
-    /// Addresses tried so far, so retries go elsewhere.
-    tried: Vec<SocketAddr>,
+    /// Targets (slots of the routed entry) tried so far, so retries go to
+    /// another backend identity.
+    tried: Vec<Slot>,
     /// The current attempt's response status from upstream.
     upstream_status: Option<u16>,
     spread: usize,
@@ -255,19 +256,20 @@ impl Common {
             ));
         };
         let policy = &ctx.policy;
-        let (target, fell_back) = self.choose_target(routed, backends, ctx, relay.is_none());
+        let (slot, fell_back) = self.choose_target(routed, backends, ctx, relay.is_none());
         if fell_back {
             // Later attempts, and the peer, serve the whole service.
             ctx.destination = None;
         }
-        let target = match target {
-            Ok(t) => t,
+        let slot = match slot {
+            Ok(s) => s,
             Err(NoRoute::Overloaded) => {
                 self.upstreams.overloaded(&routed.entry.key);
                 return Err(Error::explain(OVERLOADED, "circuit breakers open"));
             }
             Err(e) => return Err(Error::explain(ErrorType::ConnectNoRoute, e.to_string())),
         };
+        let target = slot.target(&routed.entry);
         let mut peer = match (&target, relay) {
             (Target::Local(addr), _) => local_peer(*addr, routed.protocol),
             (Target::Remote(gw), Some(relay)) => {
@@ -297,7 +299,7 @@ impl Common {
         peer.options.read_timeout = Some(policy.request_timeout);
         peer.options.write_timeout = Some(policy.request_timeout);
         peer.options.idle_timeout = Some(policy.idle_timeout);
-        let backend = self.upstreams.backend(backends, target.addr());
+        let backend = self.upstreams.backend(backends, target.backend());
         if let Some(previous) = &ctx.target {
             let (from, to) = (self.cluster_of(previous), self.cluster_of(&target));
             if from != to {
@@ -309,21 +311,22 @@ impl Common {
         ctx.lease = Some(self.upstreams.lease_request(backend));
         ctx.recorded = false;
         ctx.upstream_status = None;
-        ctx.tried.push(target.addr());
+        ctx.tried.push(slot);
         ctx.target = Some(target);
         Ok(Box::new(peer))
     }
 
-    /// Plans and chooses the next attempt's target within the request's route
-    /// destination, or the whole service when nothing in it is available (the
-    /// second value says so; see [`plan_or_fall_back`]).
+    /// Plans and chooses the next attempt's target (its slot in the routed
+    /// entry) within the request's route destination, or the whole service
+    /// when nothing in it is available (the second value says so; see
+    /// [`plan_or_fall_back`]).
     fn choose_target(
         &self,
         routed: &Routed,
         backends: &ServiceBackends,
         ctx: &RequestCtx,
         local_only: bool,
-    ) -> (Result<Target, NoRoute>, bool) {
+    ) -> (Result<Slot, NoRoute>, bool) {
         let destination = ctx.destination.as_ref();
         let scope = Scope {
             subset: destination.and_then(|d| d.subset.as_deref()),
@@ -341,10 +344,7 @@ impl Common {
             )
         });
         let draws = Draws::new(ctx.spread as u64, ctx.tried.len() as u64);
-        (
-            planned.choose(&routed.entry, draws.level, draws.member),
-            fell_back,
-        )
+        (planned.pick(draws.level, draws.member), fell_back)
     }
 
     /// The cluster a target is in.
@@ -422,7 +422,7 @@ impl Common {
             let dead = ctx
                 .target
                 .as_ref()
-                .is_some_and(|t| self.upstreams.declared_dead(t.addr()));
+                .is_some_and(|t| self.upstreams.declared_dead(t.backend()));
             let reason = if dead {
                 retry = true;
                 "dead_backend"

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 
 use isthmus_federation::catalog::{Addressed, Catalog, Protocol, RemoteGateway, ServiceEntry};
 
+use crate::upstream::BackendRef;
+
 /// Where to send one attempt of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -80,6 +82,15 @@ impl Target {
         match self {
             Target::Local(a) => *a,
             Target::Remote(g) => g.address,
+        }
+    }
+
+    /// Who it is: its address and, for a peer gateway, the SPIFFE ID it must
+    /// prove. Backend state is kept by this, never by the address alone.
+    pub fn backend(&self) -> BackendRef<'_> {
+        match self {
+            Target::Local(a) => BackendRef::endpoint(*a),
+            Target::Remote(g) => BackendRef::gateway(g.address, &g.spiffe_id),
         }
     }
 }

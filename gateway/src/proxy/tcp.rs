@@ -88,8 +88,8 @@ where
             &policy,
         );
         let draws = Draws::new(spread as u64, tried.len() as u64);
-        let target = match plan.choose(entry, draws.level, draws.member) {
-            Ok(t) => t,
+        let slot = match plan.pick(draws.level, draws.member) {
+            Ok(s) => s,
             Err(NoRoute::Overloaded) => {
                 upstreams.overloaded(&entry.key);
                 return Err(L4Refusal::Overloaded);
@@ -97,8 +97,9 @@ where
             Err(_) if tried.is_empty() => return Err(L4Refusal::NoRoute),
             Err(_) => break,
         };
-        tried.push(target.addr());
-        let backend = upstreams.backend(&backends, target.addr());
+        tried.push(slot);
+        let target = slot.target(entry);
+        let backend = upstreams.backend(&backends, target.backend());
         let lease = upstreams.lease_connection(backend.clone());
         let error =
             match tokio::time::timeout(policy.connect_timeout, connect(target.clone())).await {

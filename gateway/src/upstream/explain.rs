@@ -8,7 +8,7 @@ use std::time::Instant;
 use isthmus_federation::catalog::{Catalog, ServiceEntry, ServiceKey};
 use serde::Serialize;
 
-use super::{ServiceBackends, Upstreams, Use};
+use super::{BackendRef, ServiceBackends, Upstreams, Use};
 use crate::config::model::LocalityPolicy;
 use crate::config::traffic::{HeaderMatch, SplitTarget};
 use crate::proxy::balance::{Level, Member, Plan, Scope, Slot, plan_or_fall_back};
@@ -93,6 +93,9 @@ pub struct TargetView {
     pub cluster: String,
     /// Its address.
     pub address: SocketAddr,
+    /// The SPIFFE ID a peer gateway must prove; absent for an endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
     /// Its locality.
     pub locality: String,
     /// `up`, `down` or `full`.
@@ -273,7 +276,8 @@ impl Upstreams {
         if !live {
             reasons.push("its peering session closed or its lease lapsed".to_owned());
         }
-        let (healthy, ejected_for) = self.backend_state(backends, m.addr, now);
+        let who = m.slot.backend(entry);
+        let (healthy, ejected_for) = self.backend_state(backends, who, now);
         if !healthy {
             reasons.push("fails active health checks".to_owned());
         }
@@ -310,6 +314,7 @@ impl Upstreams {
             kind,
             cluster,
             address: m.addr,
+            identity: who.peer.map(ToString::to_string),
             locality,
             state,
             reasons,
@@ -319,24 +324,23 @@ impl Upstreams {
         }
     }
 
-    /// Active health and the remaining ejection of `service`'s backend at `addr`.
+    /// Active health and the remaining ejection of `service`'s backend `id`.
     fn backend_state(
         &self,
         service: &ServiceBackends,
-        addr: SocketAddr,
+        id: BackendRef<'_>,
         now: Instant,
     ) -> (bool, Option<f64>) {
         let healthy = self
             .health
             .read()
             .expect("health lock")
-            .get(&addr)
+            .get(id)
             .is_none_or(|h| h.is_healthy());
         let ejected_for = service
             .backends
-            .read()
-            .expect("backends lock")
-            .get(&addr)
+            .load()
+            .get(id)
             .and_then(|b| b.outlier.lock().expect("outlier lock").ejected_until())
             .filter(|until| *until > now)
             .map(|until| (until - now).as_secs_f64());

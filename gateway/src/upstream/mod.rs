@@ -1,28 +1,48 @@
 //! Backends and their protection: which targets of a service may take
 //! traffic now, and what each request or connection did to them.
 //!
-//! A backend is one address serving one service: an endpoint in this cluster
-//! or a peer gateway. Each has
+//! A backend is one identity serving one service: an endpoint in this
+//! cluster `(address, none)` or a peer gateway `(address, its SPIFFE ID)`
+//! (see [`identity`]; state is never keyed by the address alone, which a peer
+//! chooses). Each has
 //! - circuit-breaker counters (requests in flight, requests waiting for a
 //!   connection, L4 connections) held by RAII leases;
 //! - passive outlier state ([`outlier`]) fed by every outcome;
-//! - active health ([`probe`]), shared by every service at that address;
+//! - active health ([`probe`]), shared by every service of that identity;
 //! - for a peer gateway, its peering lease (`RemoteGateway::live` in the
 //!   catalog): a closed session or a lapsed lease takes it out at once.
 //!
 //! Planning an attempt ([`crate::proxy::balance`]) stays a pure function; this
-//! module answers "how does this address stand" for it (including slow start
+//! module answers "how does this backend stand" for it (including slow start
 //! after a recovery), holds the routes, and cuts the mesh connections of a
 //! peer gateway the moment it is declared dead, so requests waiting on it are
 //! retried elsewhere instead of waiting for a timeout.
+//!
+//! # Locks
+//!
+//! Rating a backend a service has used takes no lock: a service's backends
+//! are an [`ArcSwap`] snapshot, and whether a backend is ejected is an atomic
+//! mirror of its outlier state (only a backend never used by the service
+//! falls back to the `health` map's read lock). Where locks are taken, the
+//! order is `services` → a service's `backends_writer` → a backend's
+//! `outlier`; `health`, `liveness` and `shared` are each taken alone (never
+//! while holding another).
+//! A backend's `outlier` mutex is a leaf: nothing else is locked, and no other
+//! backend's outlier is looked at through its mutex, while one is held. (It
+//! once was: [`Upstreams::record`] counted the service's ejected backends
+//! under the recording backend's outlier mutex by taking the backends lock
+//! and the other backends' outlier mutexes, an inversion of the order above
+//! that could deadlock two failing backends, or one against a writer queued
+//! on the backends lock.)
 
 mod budget;
 pub mod explain;
+pub mod identity;
 pub mod leases;
 pub mod outlier;
 pub mod probe;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -30,18 +50,19 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use isthmus_federation::ServiceKey;
-use isthmus_federation::catalog::ServiceEntry;
-use prometheus::{IntCounterVec, IntGaugeVec, Registry};
+use isthmus_federation::catalog::{Catalog, ServiceEntry};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use serde::Serialize;
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 pub use self::budget::RetryBudget;
+pub use self::identity::{BackendId, BackendRef, ByBackend};
 use self::outlier::{Outcome, Outlier, may_eject_another};
 use crate::config::model::RouteConfig;
 use crate::config::upstream::UpstreamConfig;
 use crate::metrics;
-use crate::proxy::balance::{self, Here, Plan, Rated, Scope};
+use crate::proxy::balance::{self, Here, Plan, Rated, Scope, Slot};
 use crate::proxy::routing::Availability;
 
 /// How long an expired peer gateway is remembered, so that its
@@ -59,7 +80,7 @@ pub enum Use {
     Tcp,
 }
 
-/// Active health of one address, shared by every service served there.
+/// Active health of one backend identity, shared by every service it serves.
 #[derive(Debug)]
 pub struct Health {
     healthy: AtomicBool,
@@ -83,17 +104,23 @@ impl Default for Health {
 }
 
 impl Health {
-    /// Whether active checks consider the address healthy.
+    /// Whether active checks consider the backend healthy.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
 }
 
-/// Notes that the address of `health` came back at `now`.
+/// Nanoseconds from `epoch` to `t` (0 when `t` is earlier).
+fn nanos_since(epoch: Instant, t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Notes that the backend of `health` came back at `now`.
 fn mark_recovered(health: &Health, epoch: Instant, now: Instant) {
-    let nanos = u64::try_from(now.duration_since(epoch).as_nanos()).unwrap_or(u64::MAX);
     // 0 means "never": a recovery in the first nanosecond counts as 1.
-    health.recovered_at.store(nanos.max(1), Ordering::Relaxed);
+    health
+        .recovered_at
+        .store(nanos_since(epoch, now).max(1), Ordering::Relaxed);
 }
 
 /// The share of its weight a backend carries at `now`: from
@@ -109,48 +136,58 @@ fn ramp(health: &Health, epoch: Instant, now: Instant, window: Duration) -> f64 
     (since / window.as_secs_f64()).clamp(SLOW_START_FLOOR, 1.0)
 }
 
-/// One service's backend at one address.
+/// One service's backend: one identity (address, and SPIFFE ID for a peer
+/// gateway).
 #[derive(Debug)]
 pub struct Backend {
-    addr: SocketAddr,
+    id: BackendId,
     health: Arc<Health>,
     requests: AtomicUsize,
     pending: AtomicUsize,
     connections: AtomicUsize,
+    /// A leaf lock: see "Locks" in the module documentation.
     outlier: Mutex<Outlier>,
-    /// Mirrors `outlier` being ejected, so picking takes no lock.
-    ejected: AtomicBool,
+    /// Mirrors `outlier`'s ejection: when it ends, in nanoseconds since the
+    /// `Upstreams` epoch; 0 when not ejected. Written under `outlier`, read
+    /// without any lock (rating, and counting a service's ejected backends).
+    ejected_until: AtomicU64,
 }
 
 impl Backend {
-    fn new(addr: SocketAddr, health: Arc<Health>) -> Self {
+    fn new(id: BackendId, health: Arc<Health>) -> Self {
         Self {
-            addr,
+            id,
             health,
             requests: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             outlier: Mutex::new(Outlier::default()),
-            ejected: AtomicBool::new(false),
+            ejected_until: AtomicU64::new(0),
         }
     }
 
-    /// Whether outlier detection holds it out now. The end of an ejection
-    /// is no recovery for slow start: the backend returns on probation, at
-    /// full weight, and is ejected for twice as long if it fails again.
-    fn is_ejected(&self, now: Instant) -> bool {
-        if !self.ejected.load(Ordering::Relaxed) {
-            return false;
-        }
-        let ejected = self.outlier.lock().expect("outlier lock").is_ejected(now);
-        if !ejected {
-            self.ejected.store(false, Ordering::Relaxed);
-        }
-        ejected
+    /// Who it is.
+    pub fn id(&self) -> BackendRef<'_> {
+        self.id.as_ref()
     }
 
-    fn availability(&self, now: Instant, limits: &UpstreamConfig, usage: Use) -> Availability {
-        if !self.health.is_healthy() || self.is_ejected(now) {
+    /// Whether outlier detection holds it out now (no lock taken). The end
+    /// of an ejection is no recovery for slow start: the backend returns on
+    /// probation, at full weight, and is ejected for twice as long if it
+    /// fails again.
+    fn is_ejected(&self, epoch: Instant, now: Instant) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && nanos_since(epoch, now) < until
+    }
+
+    fn availability(
+        &self,
+        epoch: Instant,
+        now: Instant,
+        limits: &UpstreamConfig,
+        usage: Use,
+    ) -> Availability {
+        if !self.health.is_healthy() || self.is_ejected(epoch, now) {
             return Availability::Down;
         }
         let cb = &limits.circuit_breaker;
@@ -173,7 +210,10 @@ impl Backend {
 #[derive(Debug)]
 pub struct ServiceBackends {
     key: ServiceKey,
-    backends: RwLock<HashMap<SocketAddr, Arc<Backend>>>,
+    /// By identity; read without a lock, replaced whole on a change.
+    backends: ArcSwap<ByBackend<Arc<Backend>>>,
+    /// Serialises changes of `backends` (a new backend, forgetting old ones).
+    backends_writer: Mutex<()>,
     /// Retries of this service's requests.
     pub budget: RetryBudget,
 }
@@ -227,6 +267,7 @@ struct UpstreamMetrics {
     failovers: IntCounterVec,
     panics: IntCounterVec,
     cuts: IntCounterVec,
+    shared_addresses: IntGauge,
 }
 
 impl UpstreamMetrics {
@@ -244,8 +285,8 @@ impl UpstreamMetrics {
             ejections: metrics::counter_vec(
                 registry,
                 "upstream_ejections_total",
-                "Backends ejected by outlier detection, by service, namespace and backend address.",
-                &["service", "namespace", "backend"],
+                "Backends ejected by outlier detection, by service, namespace, backend address and identity (a peer gateway's SPIFFE ID; empty for an endpoint in this cluster).",
+                &["service", "namespace", "backend", "identity"],
             ),
             overloaded: metrics::counter_vec(
                 registry,
@@ -261,8 +302,8 @@ impl UpstreamMetrics {
             ),
             healthy: gauge_vec(
                 "upstream_healthy",
-                "1 while active health checks pass for a backend address, 0 while they fail.",
-                &["backend"],
+                "1 while active health checks pass for a backend, 0 while they fail, by address and identity (a peer gateway's SPIFFE ID; empty for an endpoint in this cluster).",
+                &["backend", "identity"],
             ),
             health_checks: metrics::counter_vec(
                 registry,
@@ -285,8 +326,13 @@ impl UpstreamMetrics {
             cuts: metrics::counter_vec(
                 registry,
                 "upstream_peer_cuts_total",
-                "Times a peer gateway's mesh connections were cut because it was declared dead, by reason (lease_lost: its peering session closed or its lease lapsed; health_check).",
-                &["peer", "reason"],
+                "Times a peer gateway's mesh connections were cut because it was declared dead, by its address (peer), SPIFFE ID (identity) and reason (lease_lost: its peering session closed or its lease lapsed; health_check).",
+                &["peer", "identity", "reason"],
+            ),
+            shared_addresses: metrics::gauge(
+                registry,
+                "upstream_shared_addresses",
+                "Backend addresses the catalog gives to more than one identity now (an endpoint here and a peer gateway, or two peer gateways); their state is kept apart.",
             ),
         }
     }
@@ -300,13 +346,16 @@ pub struct Upstreams {
     here: Here,
     epoch: Instant,
     services: RwLock<HashMap<ServiceKey, Arc<ServiceBackends>>>,
-    health: RwLock<HashMap<SocketAddr, Arc<Health>>>,
-    /// Peering peers' gateway addresses, whether their lease was live when
-    /// last looked at, and since when (an expired peer is remembered as not
-    /// live for a while, so its return is a recovery too).
-    liveness: Mutex<HashMap<SocketAddr, (bool, Instant)>>,
-    /// Addresses whose mesh connections must be cut now.
-    cuts: broadcast::Sender<SocketAddr>,
+    /// Active health by backend identity.
+    health: RwLock<ByBackend<Arc<Health>>>,
+    /// Peer gateways (by identity), whether their lease was live when last
+    /// looked at, and since when (an expired peer is remembered as not live
+    /// for a while, so its return is a recovery too).
+    liveness: Mutex<ByBackend<(bool, Instant)>>,
+    /// Peer gateways whose mesh connections must be cut now.
+    cuts: broadcast::Sender<BackendId>,
+    /// Addresses more than one backend identity claimed at the last look.
+    shared: Mutex<BTreeSet<SocketAddr>>,
     metrics: UpstreamMetrics,
 }
 
@@ -323,6 +372,7 @@ impl Upstreams {
             health: RwLock::default(),
             liveness: Mutex::default(),
             cuts: broadcast::channel(64).0,
+            shared: Mutex::default(),
             metrics: UpstreamMetrics::new(registry),
         }
     }
@@ -348,19 +398,25 @@ impl Upstreams {
         !self.routes.load().is_empty()
     }
 
-    /// Where addresses whose mesh connections must be cut are announced:
-    /// the relay subscribes once per connection.
-    pub fn cut_signal(&self) -> broadcast::Sender<SocketAddr> {
+    /// Where peer gateways whose mesh connections must be cut are announced
+    /// (by identity: only connections to that address that expect that
+    /// SPIFFE ID are cut): the relay subscribes once per connection.
+    pub fn cut_signal(&self) -> broadcast::Sender<BackendId> {
         self.cuts.clone()
     }
 
-    fn cut(&self, addr: SocketAddr, reason: &str) {
+    fn cut(&self, id: BackendRef<'_>, reason: &str) {
+        // Only peer gateways' connections go through the relay; an endpoint
+        // here is never cut.
+        if id.peer.is_none() {
+            return;
+        }
         self.metrics
             .cuts
-            .with_label_values(&[&addr.to_string(), reason])
+            .with_label_values(&[&id.addr.to_string(), id.identity_label(), reason])
             .inc();
         // No receiver (no relay) is fine: there is nothing to cut.
-        let _ = self.cuts.send(addr);
+        let _ = self.cuts.send(id.to_owned_id());
     }
 
     /// Plans the next attempt of a request to `entry` in `scope`.
@@ -371,7 +427,7 @@ impl Upstreams {
         entry: &ServiceEntry,
         scope: Scope<'_>,
         local_only: bool,
-        tried: &[SocketAddr],
+        tried: &[Slot],
         usage: Use,
         policy: &UpstreamConfig,
     ) -> Plan {
@@ -393,11 +449,13 @@ impl Upstreams {
         entry: &ServiceEntry,
         scope: Scope<'_>,
         local_only: bool,
-        tried: &[SocketAddr],
+        tried: &[Slot],
         usage: Use,
         policy: &UpstreamConfig,
     ) -> Plan {
         let now = Instant::now();
+        // One snapshot of the service's backends for the whole plan, no lock.
+        let known = backends.backends.load();
         balance::plan(
             entry,
             &self.here,
@@ -405,35 +463,42 @@ impl Upstreams {
             scope,
             local_only,
             tried,
-            |a| self.rate(backends, a, usage, now, policy),
+            |b| self.rate_in(&known, b, usage, now, policy),
         )
     }
 
-    /// How `service`'s backend at `addr` stands for `usage` now, slow start
+    /// How `service`'s backend `id` stands for `usage` now, slow start
     /// included.
     pub fn rate(
         &self,
         service: &ServiceBackends,
-        addr: SocketAddr,
+        id: BackendRef<'_>,
+        usage: Use,
+        now: Instant,
+        policy: &UpstreamConfig,
+    ) -> Rated {
+        self.rate_in(&service.backends.load(), id, usage, now, policy)
+    }
+
+    /// [`Self::rate`] within a snapshot of the service's backends.
+    fn rate_in(
+        &self,
+        known: &ByBackend<Arc<Backend>>,
+        id: BackendRef<'_>,
         usage: Use,
         now: Instant,
         policy: &UpstreamConfig,
     ) -> Rated {
         let window = policy.locality.slow_start_window;
-        let known = service
-            .backends
-            .read()
-            .expect("backends lock")
-            .get(&addr)
-            .map(|b| Rated {
-                availability: b.availability(now, policy, usage),
-                ramp: ramp(&b.health, self.epoch, now, window),
-            });
+        let known = known.get(id).map(|b| Rated {
+            availability: b.availability(self.epoch, now, policy, usage),
+            ramp: ramp(&b.health, self.epoch, now, window),
+        });
         known.unwrap_or_else(|| {
             // Never used by this service: only active health (and slow start
             // after it recovered) can speak against it.
             let health = self.health.read().expect("health lock");
-            let Some(h) = health.get(&addr) else {
+            let Some(h) = health.get(id) else {
                 return Rated::UP;
             };
             Rated {
@@ -455,75 +520,122 @@ impl Upstreams {
             .inc();
     }
 
-    /// Follows peer gateways' leases (`gateways`: east-west address and
-    /// whether live, from the hub): a gateway whose session closed or lease
-    /// lapsed has its mesh connections cut (requests waiting on it are
-    /// retried elsewhere); one that is back starts slowly and is no longer
-    /// ejected.
-    pub fn observe_leases(&self, gateways: &[(SocketAddr, bool)]) {
-        let mut seen: HashMap<SocketAddr, bool> = HashMap::new();
-        for (addr, live) in gateways {
-            *seen.entry(*addr).or_insert(*live) &= *live;
+    /// Follows peer gateways' leases (`gateways`: identity, east-west
+    /// address and SPIFFE ID, and whether live): a gateway whose session
+    /// closed or lease lapsed has its mesh connections cut (requests waiting
+    /// on it are retried elsewhere); one that is back starts slowly and is no
+    /// longer ejected. Only that identity is touched: an endpoint here or
+    /// another peer at the same address keeps its state.
+    pub fn observe_leases(&self, gateways: &[(BackendId, bool)]) {
+        let mut seen: ByBackend<bool> = ByBackend::default();
+        for (id, live) in gateways {
+            *seen.get_or_insert_with(id.as_ref(), || *live) &= *live;
         }
         let now = Instant::now();
-        let mut known = self.liveness.lock().expect("liveness lock");
-        for (addr, live) in &seen {
-            match known.get(addr) {
-                Some((true, _)) if !live => {
-                    warn!(peer = %addr, "peer gateway lost its lease; cutting its connections, traffic fails over");
-                    self.cut(*addr, "lease_lost");
+        let mut recovered = Vec::new();
+        {
+            let mut known = self.liveness.lock().expect("liveness lock");
+            for (id, live) in seen.iter() {
+                match known.get(id) {
+                    Some((true, _)) if !live => {
+                        warn!(peer = %id, "peer gateway lost its lease; cutting its connections, traffic fails over");
+                        self.cut(id, "lease_lost");
+                    }
+                    Some((false, _)) if *live => {
+                        info!(peer = %id, "peer gateway is back; it gets traffic again, slowly");
+                        recovered.push(id.to_owned_id());
+                    }
+                    _ => {}
                 }
-                Some((false, _)) if *live => {
-                    info!(peer = %addr, "peer gateway is back; it gets traffic again, slowly");
-                    self.recovered(*addr, now);
+            }
+            // Gone (its services expired): no longer live.
+            for (id, (live, since)) in known.iter_mut() {
+                if *live && !seen.contains(id) {
+                    warn!(peer = %id, "peer gateway expired; cutting its connections");
+                    self.cut(id, "lease_lost");
+                    *live = false;
+                    *since = now;
                 }
-                _ => {}
             }
-        }
-        // Gone (its services expired): no longer live.
-        for (addr, (live, since)) in known.iter_mut() {
-            if *live && !seen.contains_key(addr) {
-                warn!(peer = %addr, "peer gateway expired; cutting its connections");
-                self.cut(*addr, "lease_lost");
-                *live = false;
-                *since = now;
+            for (id, live) in seen.iter() {
+                let entry = known.get_or_insert_with(id, || (*live, now));
+                if entry.0 != *live {
+                    *entry = (*live, now);
+                }
             }
+            known
+                .retain(|_, (live, since)| *live || now.duration_since(*since) < FORGET_DEAD_PEERS);
         }
-        for (addr, live) in seen {
-            let entry = known.entry(addr).or_insert((live, now));
-            if entry.0 != live {
-                *entry = (live, now);
-            }
+        // Outside the liveness lock: it is taken alone.
+        for id in recovered {
+            self.recovered(id.as_ref(), now);
         }
-        known.retain(|_, (live, since)| *live || now.duration_since(*since) < FORGET_DEAD_PEERS);
     }
 
-    /// Whether `addr` is declared dead: a peering peer whose lease is lost,
-    /// or an address failing active health checks. (An ejection is not: a
+    /// Notes the addresses more than one backend identity claims in
+    /// `catalog` (an endpoint here and a peer gateway, or two peers): counted
+    /// in `isthmus_upstream_shared_addresses`, logged at WARN when an address
+    /// starts to be shared (once, not per request). Their state stays apart,
+    /// being kept by identity; the federation hub refuses a peer advertising
+    /// a taken address, so one reaching here comes from the configuration
+    /// (static peers), a race, or an address reused after its holder left.
+    pub fn observe_addresses(&self, catalog: &Catalog) {
+        let mut claims: ByBackend<()> = ByBackend::default();
+        for entry in catalog.iter() {
+            for addr in &entry.endpoints {
+                claims.insert(BackendRef::endpoint(*addr), ());
+            }
+            for gw in &entry.remote {
+                claims.insert(BackendRef::gateway(gw.address, &gw.spiffe_id), ());
+            }
+        }
+        let now: BTreeSet<SocketAddr> = claims.shared_addresses().map(|(a, _)| a).collect();
+        let mut shared = self.shared.lock().expect("shared addresses lock");
+        for addr in now.difference(&shared) {
+            let who: Vec<String> = claims
+                .iter()
+                .filter(|(id, _)| id.addr == *addr)
+                .map(|(id, _)| {
+                    id.peer
+                        .map_or_else(|| "an endpoint here".to_owned(), ToString::to_string)
+                })
+                .collect();
+            warn!(address = %addr, claimed_by = ?who, "several backends share one address; each keeps its own health, ejection and slow start");
+        }
+        self.metrics
+            .shared_addresses
+            .set(i64::try_from(now.len()).unwrap_or(i64::MAX));
+        *shared = now;
+    }
+
+    /// Whether `id` is declared dead: a peer gateway whose lease is lost, or
+    /// a backend failing active health checks. (An ejection is not: a
     /// backend answering 5xx may merely be overloaded.)
-    pub fn declared_dead(&self, addr: SocketAddr) -> bool {
-        let lease_lost = self
-            .liveness
-            .lock()
-            .expect("liveness lock")
-            .get(&addr)
-            .is_some_and(|(live, _)| !live);
+    pub fn declared_dead(&self, id: BackendRef<'_>) -> bool {
+        let lease_lost = id.peer.is_some()
+            && self
+                .liveness
+                .lock()
+                .expect("liveness lock")
+                .get(id)
+                .is_some_and(|(live, _)| !live);
         lease_lost
             || self
                 .health
                 .read()
                 .expect("health lock")
-                .get(&addr)
+                .get(id)
                 .is_some_and(|h| !h.is_healthy())
     }
 
-    /// `addr` came back: slow start from now, and no ejection holds it out.
-    fn recovered(&self, addr: SocketAddr, now: Instant) {
-        mark_recovered(&self.health_of(addr), self.epoch, now);
+    /// `id` came back: slow start from now, and no ejection holds it out.
+    fn recovered(&self, id: BackendRef<'_>, now: Instant) {
+        mark_recovered(&self.health_of(id), self.epoch, now);
         for service in self.services.read().expect("services lock").values() {
-            if let Some(b) = service.backends.read().expect("backends lock").get(&addr) {
-                b.outlier.lock().expect("outlier lock").forgive();
-                b.ejected.store(false, Ordering::Relaxed);
+            if let Some(b) = service.backends.load().get(id) {
+                let mut outlier = b.outlier.lock().expect("outlier lock");
+                outlier.forgive();
+                b.ejected_until.store(0, Ordering::Relaxed);
             }
         }
     }
@@ -550,38 +662,44 @@ impl Upstreams {
             .or_insert_with(|| {
                 Arc::new(ServiceBackends {
                     key: key.clone(),
-                    backends: RwLock::default(),
+                    backends: ArcSwap::default(),
+                    backends_writer: Mutex::default(),
                     budget: RetryBudget::new(),
                 })
             })
             .clone()
     }
 
-    fn health_of(&self, addr: SocketAddr) -> Arc<Health> {
-        if let Some(h) = self.health.read().expect("health lock").get(&addr) {
+    fn health_of(&self, id: BackendRef<'_>) -> Arc<Health> {
+        if let Some(h) = self.health.read().expect("health lock").get(id) {
             return h.clone();
         }
         self.health
             .write()
             .expect("health lock")
-            .entry(addr)
-            .or_default()
+            .get_or_insert_with(id, Arc::default)
             .clone()
     }
 
-    /// `service`'s backend at `addr`, created on first use.
-    pub fn backend(&self, service: &ServiceBackends, addr: SocketAddr) -> Arc<Backend> {
-        if let Some(b) = service.backends.read().expect("backends lock").get(&addr) {
+    /// `service`'s backend `id`, created on first use.
+    pub fn backend(&self, service: &ServiceBackends, id: BackendRef<'_>) -> Arc<Backend> {
+        if let Some(b) = service.backends.load().get(id) {
             return b.clone();
         }
-        let health = self.health_of(addr);
-        service
-            .backends
-            .write()
-            .expect("backends lock")
-            .entry(addr)
-            .or_insert_with(|| Arc::new(Backend::new(addr, health)))
-            .clone()
+        let health = self.health_of(id);
+        let _writer = service
+            .backends_writer
+            .lock()
+            .expect("backends writer lock");
+        let current = service.backends.load_full();
+        if let Some(b) = current.get(id) {
+            return b.clone();
+        }
+        let backend = Arc::new(Backend::new(id.to_owned_id(), health));
+        let mut next = (*current).clone();
+        next.insert(id, backend.clone());
+        service.backends.store(Arc::new(next));
+        backend
     }
 
     /// Counts a request to `backend`, pending until [`RequestLease::connected`].
@@ -611,13 +729,15 @@ impl Upstreams {
     ) {
         let policy = self.policy.load();
         let now = Instant::now();
+        // Runs under `backend`'s outlier mutex, so it takes no lock (see
+        // "Locks" above): a lock-free snapshot of the service's backends and
+        // their atomic ejection mirrors.
         let may_eject = || {
             let ejected = service
                 .backends
-                .read()
-                .expect("backends lock")
+                .load()
                 .values()
-                .filter(|b| b.addr != backend.addr && b.is_ejected(now))
+                .filter(|b| b.id != backend.id && b.is_ejected(self.epoch, now))
                 .count();
             may_eject_another(
                 ejected,
@@ -625,25 +745,31 @@ impl Upstreams {
                 policy.outlier_detection.max_ejection_percent,
             )
         };
-        let ejected_for = backend.outlier.lock().expect("outlier lock").record(
-            outcome,
-            now,
-            &policy.outlier_detection,
-            may_eject,
-        );
+        let ejected_for = {
+            let mut outlier = backend.outlier.lock().expect("outlier lock");
+            let ejected_for = outlier.record(outcome, now, &policy.outlier_detection, may_eject);
+            if ejected_for.is_some() {
+                let until = outlier
+                    .ejected_until()
+                    .map_or(0, |u| nanos_since(self.epoch, u));
+                backend.ejected_until.store(until.max(1), Ordering::Relaxed);
+            }
+            ejected_for
+        };
         if let Some(length) = ejected_for {
-            backend.ejected.store(true, Ordering::Relaxed);
+            let id = backend.id();
             self.metrics
                 .ejections
                 .with_label_values(&[
                     service.key.name.as_str(),
                     service.key.namespace.as_str(),
-                    &backend.addr.to_string(),
+                    &id.addr.to_string(),
+                    id.identity_label(),
                 ])
                 .inc();
             warn!(
                 service = %service.key,
-                backend = %backend.addr,
+                backend = %id,
                 seconds = length.as_secs_f64(),
                 "backend ejected after consecutive failures"
             );
@@ -666,9 +792,9 @@ impl Upstreams {
             .inc();
     }
 
-    /// Records an active health check of `addr`; returns true when its health changed.
-    fn health_checked(&self, addr: SocketAddr, ok: bool, unhealthy: u32, healthy: u32) -> bool {
-        let health = self.health_of(addr);
+    /// Records an active health check of `id`; returns true when its health changed.
+    fn health_checked(&self, id: BackendRef<'_>, ok: bool, unhealthy: u32, healthy: u32) -> bool {
+        let health = self.health_of(id);
         self.metrics
             .health_checks
             .with_label_values(&[if ok { "ok" } else { "failed" }])
@@ -688,19 +814,15 @@ impl Upstreams {
             health.streak.store(0, Ordering::Relaxed);
             if ok {
                 mark_recovered(&health, self.epoch, Instant::now());
-            } else if self
-                .liveness
-                .lock()
-                .expect("liveness lock")
-                .contains_key(&addr)
-            {
-                // A peering peer's gateway: requests waiting on it go elsewhere.
-                self.cut(addr, "health_check");
+            } else {
+                // A peer gateway: requests waiting on it go elsewhere (an
+                // endpoint here has nothing to cut).
+                self.cut(id, "health_check");
             }
         }
         self.metrics
             .healthy
-            .with_label_values(&[&addr.to_string()])
+            .with_label_values(&[&id.addr.to_string(), id.identity_label()])
             .set(i64::from(health.is_healthy()));
         flipped
     }
@@ -713,8 +835,8 @@ impl Upstreams {
         }
     }
 
-    /// Forgets addresses and services no longer in use, keeping `live`.
-    fn retain(&self, live_services: &[ServiceKey], live_addrs: &[SocketAddr]) {
+    /// Forgets backends and services no longer in use, keeping `live`.
+    fn retain(&self, live_services: &[ServiceKey], live: &ByBackend<()>) {
         self.services
             .write()
             .expect("services lock")
@@ -722,13 +844,19 @@ impl Upstreams {
         self.health
             .write()
             .expect("health lock")
-            .retain(|a, _| live_addrs.contains(a));
+            .retain(|id, _| live.contains(id));
         for service in self.services.read().expect("services lock").values() {
-            service
-                .backends
-                .write()
-                .expect("backends lock")
-                .retain(|a, _| live_addrs.contains(a));
+            let _writer = service
+                .backends_writer
+                .lock()
+                .expect("backends writer lock");
+            let current = service.backends.load_full();
+            if current.iter().all(|(id, _)| live.contains(id)) {
+                continue;
+            }
+            let mut next = (*current).clone();
+            next.retain(|id, _| live.contains(id));
+            service.backends.store(Arc::new(next));
         }
     }
 
@@ -743,13 +871,13 @@ impl Upstreams {
             .map(|s| {
                 let mut backends: Vec<BackendSnapshot> = s
                     .backends
-                    .read()
-                    .expect("backends lock")
+                    .load()
                     .values()
                     .map(|b| {
                         let outlier = b.outlier.lock().expect("outlier lock");
                         BackendSnapshot {
-                            address: b.addr,
+                            address: b.id.addr,
+                            identity: b.id.peer.as_ref().map(ToString::to_string),
                             healthy: b.health.is_healthy(),
                             ejected: outlier.is_ejected(now),
                             ejected_for_seconds: outlier
@@ -762,7 +890,7 @@ impl Upstreams {
                         }
                     })
                     .collect();
-                backends.sort_by_key(|b| b.address);
+                backends.sort_by(|a, b| (a.address, &a.identity).cmp(&(b.address, &b.identity)));
                 ServiceSnapshot {
                     service: s.key.to_string(),
                     backends,
@@ -786,7 +914,7 @@ pub struct UpstreamsSnapshot {
 pub struct ServiceSnapshot {
     /// `namespace/name`.
     pub service: String,
-    /// Its backends, by address.
+    /// Its backends, by address and identity.
     pub backends: Vec<BackendSnapshot>,
 }
 
@@ -795,6 +923,9 @@ pub struct ServiceSnapshot {
 pub struct BackendSnapshot {
     /// Address.
     pub address: SocketAddr,
+    /// The SPIFFE ID of a peer gateway; absent for an endpoint here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
     /// Active health.
     pub healthy: bool,
     /// Ejected by outlier detection.
@@ -812,6 +943,7 @@ pub struct BackendSnapshot {
 
 #[cfg(test)]
 mod tests {
+    use isthmus_federation::SpiffeId;
     use isthmus_federation::catalog::Catalog;
 
     use super::*;
@@ -825,43 +957,293 @@ mod tests {
         Upstreams::new(UpstreamConfig::default(), here, &Registry::new())
     }
 
-    fn ramp_of(u: &Upstreams, addr: SocketAddr) -> f64 {
+    fn ramp_of(u: &Upstreams, id: BackendRef<'_>) -> f64 {
+        rated(u, id).ramp
+    }
+
+    fn rated(u: &Upstreams, id: BackendRef<'_>) -> Rated {
         let service = u.service(&"shop/web".parse().unwrap());
         let policy = u.policy();
-        u.rate(&service, addr, Use::Http, Instant::now(), &policy)
-            .ramp
+        u.rate(&service, id, Use::Http, Instant::now(), &policy)
+    }
+
+    fn peer_id(name: &str) -> SpiffeId {
+        format!("spiffe://{name}.example/isthmus/gateway/gw")
+            .parse()
+            .unwrap()
     }
 
     #[test]
     fn a_peer_losing_its_lease_is_cut_and_its_return_starts_slowly() {
         let u = upstreams();
         let mut cuts = u.cut_signal().subscribe();
-        let a: SocketAddr = "127.0.0.1:15443".parse().unwrap();
+        let a = BackendId::gateway("127.0.0.1:15443".parse().unwrap(), peer_id("a"));
+        let a_ = a.as_ref();
 
         // First seen live: no cut, and no slow start (a new peer gets traffic at once).
-        u.observe_leases(&[(a, true)]);
+        u.observe_leases(&[(a.clone(), true)]);
         assert!(cuts.try_recv().is_err());
-        assert_eq!(ramp_of(&u, a), 1.0);
-        assert!(!u.declared_dead(a));
+        assert_eq!(ramp_of(&u, a_), 1.0);
+        assert!(!u.declared_dead(a_));
 
         // Its lease is lost: its connections are cut, it is declared dead.
-        u.observe_leases(&[(a, false)]);
-        assert_eq!(cuts.try_recv(), Ok(a));
-        assert!(u.declared_dead(a));
+        u.observe_leases(&[(a.clone(), false)]);
+        assert_eq!(cuts.try_recv(), Ok(a.clone()));
+        assert!(u.declared_dead(a_));
 
         // Back: alive, at the floor of slow start.
-        u.observe_leases(&[(a, true)]);
-        assert!(!u.declared_dead(a));
-        assert!((ramp_of(&u, a) - SLOW_START_FLOOR).abs() < 0.01);
+        u.observe_leases(&[(a.clone(), true)]);
+        assert!(!u.declared_dead(a_));
+        assert!((ramp_of(&u, a_) - SLOW_START_FLOOR).abs() < 0.01);
 
         // Expired (gone from the hub while live): cut, and its return is a
         // recovery again, not a new peer.
         u.observe_leases(&[]);
-        assert_eq!(cuts.try_recv(), Ok(a));
-        assert!(u.declared_dead(a));
-        u.observe_leases(&[(a, true)]);
+        assert_eq!(cuts.try_recv(), Ok(a.clone()));
+        assert!(u.declared_dead(a_));
+        u.observe_leases(&[(a.clone(), true)]);
         assert!(cuts.try_recv().is_err());
+        assert!(ramp_of(&u, a_) < 0.2);
+    }
+
+    /// `shop/web` with one endpoint here and one peer gateway in the same
+    /// region, both at `127.0.0.1:8080` (the peer claims the endpoint's
+    /// address), plus a second peer `b` at the same address too.
+    fn shared_address_entry() -> ServiceEntry {
+        use isthmus_federation::catalog::{Protocol, RemoteGateway, ServicePort};
+        let shared: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let gateway = |cluster: &str| RemoteGateway {
+            cluster: cluster.parse().unwrap(),
+            spiffe_id: peer_id(cluster),
+            address: shared,
+            locality: "r".parse().unwrap(),
+            labels: Default::default(),
+            live: true,
+            subsets: vec![],
+        };
+        ServiceEntry {
+            key: "shop/web".parse().unwrap(),
+            ports: vec![ServicePort {
+                port: 80,
+                protocol: Protocol::Http,
+                name: None,
+            }],
+            endpoints: vec![shared],
+            endpoint_info: Default::default(),
+            subsets: vec![],
+            remote: vec![gateway("a"), gateway("b")],
+            exported: false,
+            allowed_callers: None,
+            passthrough: false,
+            headless: false,
+            headless_endpoints: vec![],
+        }
+    }
+
+    /// Slots chosen by 1000 evenly spread first attempts.
+    fn picks(u: &Upstreams, entry: &ServiceEntry) -> Vec<Slot> {
+        let backends = u.service(&entry.key);
+        let policy = u.policy();
+        let plan = u.plan(
+            &backends,
+            entry,
+            Scope::default(),
+            false,
+            &[],
+            Use::Http,
+            &policy,
+        );
+        assert!(!plan.panic);
+        (0..1000)
+            .map(|i| {
+                let d = balance::Draws::new(i, 0);
+                plan.pick(d.level, d.member).unwrap()
+            })
+            .collect()
+    }
+
+    /// Asserts the endpoint stands up, at full weight, and takes every request.
+    fn endpoint_is_whole(u: &Upstreams, entry: &ServiceEntry) {
+        let endpoint = Slot::Endpoint(0).backend(entry);
+        assert_eq!(rated(u, endpoint), Rated::UP);
+        assert!(!u.declared_dead(endpoint));
+        let picks = picks(u, entry);
+        assert!(
+            picks.iter().all(|s| *s == Slot::Endpoint(0)),
+            "the endpoint keeps 100% of the traffic"
+        );
+    }
+
+    #[test]
+    fn a_peer_at_an_endpoints_address_losing_its_lease_cuts_only_itself() {
+        let u = upstreams();
+        let entry = shared_address_entry();
+        let mut cuts = u.cut_signal().subscribe();
+        let a = Slot::Gateway(0).backend(&entry);
+        let b = Slot::Gateway(1).backend(&entry);
+        // Traffic went to every backend: each has state of its own.
+        let backends = u.service(&entry.key);
+        for slot in [Slot::Endpoint(0), Slot::Gateway(0), Slot::Gateway(1)] {
+            u.backend(&backends, slot.backend(&entry));
+        }
+        assert_eq!(backends.backends.load().len(), 3);
+
+        u.observe_leases(&[(a.to_owned_id(), true), (b.to_owned_id(), true)]);
+        u.observe_leases(&[(a.to_owned_id(), false), (b.to_owned_id(), true)]);
+        // Only a's connections are cut (the relay matches address and ID).
+        assert_eq!(cuts.try_recv(), Ok(a.to_owned_id()));
+        assert!(cuts.try_recv().is_err());
+        assert!(u.declared_dead(a));
+        assert!(!u.declared_dead(b));
+        endpoint_is_whole(&u, &entry);
+
+        // a returns: a slow start for a, and for no one else.
+        u.observe_leases(&[(a.to_owned_id(), true), (b.to_owned_id(), true)]);
+        assert!((ramp_of(&u, a) - SLOW_START_FLOOR).abs() < 0.01);
+        assert_eq!(ramp_of(&u, b), 1.0);
+        endpoint_is_whole(&u, &entry);
+
+        // The reverse: the endpoint failing health checks marks no peer down
+        // and cuts nothing (an endpoint has no mesh connections).
+        let policy = u.policy();
+        let endpoint = Slot::Endpoint(0).backend(&entry);
+        for _ in 0..policy.health_check.unhealthy_threshold {
+            u.health_checked(endpoint, false, policy.health_check.unhealthy_threshold, 1);
+        }
+        assert_eq!(rated(&u, endpoint).availability, Availability::Down);
+        assert!(u.declared_dead(endpoint));
+        assert!(cuts.try_recv().is_err());
+        assert_eq!(rated(&u, b), Rated::UP);
+        assert!(!u.declared_dead(b));
+    }
+
+    #[test]
+    fn a_peer_at_an_endpoints_address_failing_probes_marks_only_itself_down() {
+        let u = upstreams();
+        let entry = shared_address_entry();
+        let mut cuts = u.cut_signal().subscribe();
+        let a = Slot::Gateway(0).backend(&entry);
+        // The probe of the peer's mTLS fails (an endpoint answers there, or
+        // nothing): it is down and its mesh connections are cut.
+        assert!(!u.health_checked(a, false, 2, 2));
+        assert!(u.health_checked(a, false, 2, 2));
+        assert_eq!(cuts.try_recv(), Ok(a.to_owned_id()));
+        assert_eq!(rated(&u, a).availability, Availability::Down);
+        endpoint_is_whole(&u, &entry);
+        // It passes again: slow start for it alone.
+        u.health_checked(a, true, 2, 2);
+        assert!(u.health_checked(a, true, 2, 2));
         assert!(ramp_of(&u, a) < 0.2);
+        assert_eq!(ramp_of(&u, Slot::Gateway(1).backend(&entry)), 1.0);
+        endpoint_is_whole(&u, &entry);
+    }
+
+    #[test]
+    fn ejecting_a_peer_at_an_endpoints_address_leaves_the_endpoint_in_and_vice_versa() {
+        let u = upstreams();
+        let entry = shared_address_entry();
+        let backends = u.service(&entry.key);
+        let threshold = u.policy().outlier_detection.consecutive_failures;
+        let eject = |slot: Slot| {
+            let backend = u.backend(&backends, slot.backend(&entry));
+            for _ in 0..threshold {
+                u.record(&backends, &backend, Outcome::Failure, 3);
+            }
+            assert_eq!(
+                rated(&u, slot.backend(&entry)).availability,
+                Availability::Down
+            );
+        };
+        eject(Slot::Gateway(0));
+        endpoint_is_whole(&u, &entry);
+        assert_eq!(rated(&u, Slot::Gateway(1).backend(&entry)), Rated::UP);
+
+        // The reverse, in a fresh gateway: the endpoint ejected, the peers
+        // at its address stay in and take over, each at full weight.
+        let u = upstreams();
+        let backends = u.service(&entry.key);
+        let endpoint = u.backend(&backends, Slot::Endpoint(0).backend(&entry));
+        for _ in 0..threshold {
+            u.record(&backends, &endpoint, Outcome::Failure, 3);
+        }
+        assert_eq!(
+            rated(&u, Slot::Endpoint(0).backend(&entry)).availability,
+            Availability::Down
+        );
+        for slot in [Slot::Gateway(0), Slot::Gateway(1)] {
+            assert_eq!(rated(&u, slot.backend(&entry)), Rated::UP);
+        }
+        let picks = picks(&u, &entry);
+        let to_a = picks.iter().filter(|s| **s == Slot::Gateway(0)).count();
+        let to_b = picks.iter().filter(|s| **s == Slot::Gateway(1)).count();
+        assert_eq!(to_a + to_b, 1000, "{picks:?}");
+        assert!((450..=550).contains(&to_a), "even split, got {to_a}");
+    }
+
+    #[test]
+    fn peers_are_followed_by_identity_and_shared_addresses_counted() {
+        let u = upstreams();
+        let mut entry = shared_address_entry();
+        let shared = entry.endpoints[0];
+        entry.remote[1].live = false;
+        let catalog = Catalog::new([entry.clone()]);
+        let mut gateways = leases::peer_gateways(&catalog);
+        gateways.sort();
+        assert_eq!(
+            gateways,
+            [
+                (BackendId::gateway(shared, peer_id("a")), true),
+                (BackendId::gateway(shared, peer_id("b")), false),
+            ]
+        );
+        u.observe_addresses(&catalog);
+        assert_eq!(u.metrics.shared_addresses.get(), 1);
+        // The collision gone (the peers moved away): nothing shared.
+        for (i, gw) in entry.remote.iter_mut().enumerate() {
+            gw.address = SocketAddr::from(([127, 0, 2, i as u8 + 1], 15443));
+        }
+        u.observe_addresses(&Catalog::new([entry]));
+        assert_eq!(u.metrics.shared_addresses.get(), 0);
+    }
+
+    #[test]
+    fn recording_an_outcome_takes_no_other_backends_outlier_lock() {
+        // Under the old lock order, counting the service's ejected backends
+        // locked each ejected backend's outlier mutex while holding the
+        // recording backend's: two failing backends could deadlock.
+        let u = Arc::new(upstreams());
+        let entry = shared_address_entry();
+        let backends = u.service(&entry.key);
+        let threshold = u.policy().outlier_detection.consecutive_failures;
+        let other = u.backend(&backends, Slot::Gateway(1).backend(&entry));
+        for _ in 0..threshold {
+            u.record(&backends, &other, Outcome::Failure, 3);
+        }
+        assert!(other.is_ejected(u.epoch, Instant::now()));
+        // Hold the ejected backend's outlier mutex while another backend
+        // records failures up to an ejection (which counts the ejected).
+        let held = other.outlier.lock().unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        let worker = {
+            let (u, backends) = (u.clone(), backends.clone());
+            let endpoint = u.backend(&backends, Slot::Endpoint(0).backend(&entry));
+            std::thread::spawn(move || {
+                for _ in 0..threshold {
+                    u.record(&backends, &endpoint, Outcome::Failure, 3);
+                }
+                done.send(endpoint.is_ejected(u.epoch, Instant::now()))
+                    .unwrap();
+            })
+        };
+        let ejected = finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("record blocked on another backend's outlier lock");
+        drop(held);
+        worker.join().unwrap();
+        // 1 of 3 already out: with the default 50 % one more may go... or not;
+        // either way the decision was made without the other's lock.
+        let percent = u.policy().outlier_detection.max_ejection_percent;
+        assert_eq!(ejected, may_eject_another(1, 3, percent));
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! - an endpoint in this cluster must accept a TCP connection;
 //! - a peer gateway must complete an mTLS handshake proving the SPIFFE ID the
 //!   catalog expects of it (a live port answered by the wrong party fails).
+//!
+//! Results are kept by identity: a peer gateway's probe failing at an address
+//! that also hosts an endpoint here marks only that peer down.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -23,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use super::Upstreams;
+use super::{BackendRef, ByBackend, Upstreams};
 
 /// SNI of a probe: names no service, so the peer terminates TLS and then
 /// sees the connection close.
@@ -40,6 +43,14 @@ impl Probe {
     fn addr(&self) -> SocketAddr {
         match self {
             Probe::Endpoint(a) | Probe::Gateway(a, _) => *a,
+        }
+    }
+
+    /// Whose health it checks.
+    fn backend(&self) -> BackendRef<'_> {
+        match self {
+            Probe::Endpoint(a) => BackendRef::endpoint(*a),
+            Probe::Gateway(a, id) => BackendRef::gateway(*a, id),
         }
     }
 }
@@ -66,7 +77,7 @@ impl HealthChecker {
         }
     }
 
-    /// Every address to probe now; forgets state of addresses gone from the catalog.
+    /// Every backend to probe now; forgets state of backends gone from the catalog.
     fn targets(&self) -> BTreeSet<Probe> {
         let catalog = self.catalog.load();
         let mut probes = BTreeSet::new();
@@ -82,18 +93,16 @@ impl HealthChecker {
             }
         }
         let services: Vec<_> = catalog.iter().map(|e| e.key.clone()).collect();
-        let mut addrs: Vec<_> = catalog
-            .iter()
-            .flat_map(|e| {
-                e.endpoints
-                    .iter()
-                    .copied()
-                    .chain(e.remote.iter().map(|g| g.address))
-            })
-            .collect();
-        addrs.sort_unstable();
-        addrs.dedup();
-        self.upstreams.retain(&services, &addrs);
+        let mut live = ByBackend::default();
+        for entry in catalog.iter() {
+            for addr in &entry.endpoints {
+                live.insert(BackendRef::endpoint(*addr), ());
+            }
+            for gw in &entry.remote {
+                live.insert(BackendRef::gateway(gw.address, &gw.spiffe_id), ());
+            }
+        }
+        self.upstreams.retain(&services, &live);
         probes
     }
 
@@ -134,17 +143,17 @@ impl HealthChecker {
             });
         }
         while let Some(Ok((probe, result))) = probes.join_next().await {
-            let addr = probe.addr();
+            let backend = probe.backend();
             let flipped = self.upstreams.health_checked(
-                addr,
+                backend,
                 result.is_ok(),
                 hc.unhealthy_threshold,
                 hc.healthy_threshold,
             );
             match (flipped, result) {
-                (true, Ok(())) => info!(backend = %addr, "backend passes health checks again"),
+                (true, Ok(())) => info!(%backend, "backend passes health checks again"),
                 (true, Err(e)) => {
-                    warn!(backend = %addr, error = %e, "backend fails health checks; traffic avoids it")
+                    warn!(%backend, error = %e, "backend fails health checks; traffic avoids it")
                 }
                 (false, _) => {}
             }

@@ -60,7 +60,7 @@ fn entry(endpoints: &[&str], remote: Vec<RemoteGateway>) -> ServiceEntry {
 }
 
 /// Plans a first attempt over the whole service with the default policy.
-fn plan_all(e: &ServiceEntry, rate: impl Fn(SocketAddr) -> Rated) -> Plan {
+fn plan_all(e: &ServiceEntry, rate: impl Fn(BackendRef<'_>) -> Rated) -> Plan {
     plan(e, &here(), &policy(), Scope::default(), false, &[], rate)
 }
 
@@ -76,9 +76,9 @@ fn three_clusters() -> ServiceEntry {
     )
 }
 
-fn down_at(down: &'static [&'static str]) -> impl Fn(SocketAddr) -> Rated {
-    move |a| {
-        if down.iter().any(|d| addr(d) == a) {
+fn down_at(down: &'static [&'static str]) -> impl Fn(BackendRef<'_>) -> Rated {
+    move |b| {
+        if down.iter().any(|d| addr(d) == b.addr) {
             Rated {
                 availability: Availability::Down,
                 ramp: 1.0,
@@ -184,7 +184,8 @@ fn a_dead_level_spills_to_the_next_and_a_retry_goes_there_too() {
     );
     assert_eq!(share(&s, "127.0.1.2:15443"), 1.0, "all to the same region");
     // A retry after a failure on a (not yet known down) goes to the next level.
-    let tried = [addr("127.0.1.1:15443")];
+    let tried = [Slot::Gateway(1)];
+    assert_eq!(tried[0].backend(&e).addr, addr("127.0.1.1:15443"));
     let p = plan(
         &e,
         &here(),
@@ -281,7 +282,7 @@ fn below_the_panic_threshold_health_is_ignored() {
 #[test]
 fn slow_start_brings_a_returning_cluster_back_gradually() {
     let e = three_clusters();
-    let ramping = |a: SocketAddr| Rated {
+    let ramping = |BackendRef { addr: a, .. }: BackendRef<'_>| Rated {
         availability: Availability::Up,
         ramp: if a == addr("127.0.1.1:15443") {
             0.25
@@ -386,7 +387,7 @@ fn scopes_confine_to_a_subset_or_a_cluster() {
 #[test]
 fn full_targets_are_skipped_and_all_full_is_overloaded() {
     let e = entry(&["127.0.0.1:80", "127.0.0.2:80"], vec![]);
-    let one_full = |a: SocketAddr| Rated {
+    let one_full = |BackendRef { addr: a, .. }: BackendRef<'_>| Rated {
         availability: if a.port() == 80 && a.ip().to_string() == "127.0.0.1" {
             Availability::Full
         } else {
@@ -396,7 +397,7 @@ fn full_targets_are_skipped_and_all_full_is_overloaded() {
     };
     let p = plan_all(&e, one_full);
     assert_eq!(share(&shares(&p, &e, 100), "127.0.0.2:80"), 1.0);
-    let full = |_| Rated {
+    let full = |_: BackendRef<'_>| Rated {
         availability: Availability::Full,
         ramp: 1.0,
     };
@@ -466,4 +467,93 @@ fn a_scope_with_nothing_available_falls_back_to_the_whole_service() {
     assert_eq!(p.levels.len(), 3);
     let (_, fell_back) = plan_or_fall_back(Scope::default(), planner);
     assert!(!fell_back);
+}
+
+/// An endpoint here and a peer gateway in the same zone that claims the
+/// endpoint's address (a static peer, a race, an address reused).
+fn endpoint_and_gateway_sharing_an_address() -> ServiceEntry {
+    let mut gw = gateway("a", "us-east/us-east-1a", 1);
+    gw.address = addr("127.0.0.1:80");
+    entry(&["127.0.0.1:80"], vec![gw])
+}
+
+/// Rates the peer gateway (by identity) with `peer` and everything else up.
+fn peer_rated(peer: Rated) -> impl Fn(BackendRef<'_>) -> Rated {
+    move |b| if b.peer.is_some() { peer } else { Rated::UP }
+}
+
+#[test]
+fn a_peer_sharing_an_endpoints_address_down_or_slow_leaves_the_endpoint_whole() {
+    let e = endpoint_and_gateway_sharing_an_address();
+    let endpoint = Slot::Endpoint(0).backend(&e);
+    let peer = Slot::Gateway(0).backend(&e);
+    assert_eq!(endpoint.addr, peer.addr);
+    assert_ne!(endpoint, peer, "one address, two identities");
+    let down = Rated {
+        availability: Availability::Down,
+        ramp: 1.0,
+    };
+    let slow = Rated {
+        availability: Availability::Up,
+        ramp: 0.1,
+    };
+    for rated in [down, slow] {
+        let p = plan_all(&e, peer_rated(rated));
+        assert!(!p.panic);
+        let local = &p.levels[0];
+        assert!(!local.remote);
+        assert_eq!(local.members[0].rated, Rated::UP, "{rated:?}");
+        assert_eq!(local.health, 1.0);
+        assert_eq!(local.load, 1.0);
+        assert_eq!(local.members[0].effective_weight(), 1.0);
+        let picks = (0..100)
+            .map(|i| p.pick((f64::from(i) + 0.5) / 100.0, 0.5).unwrap())
+            .filter(|s| *s == Slot::Endpoint(0))
+            .count();
+        assert_eq!(picks, 100, "the endpoint keeps all the traffic");
+    }
+    // A retry after the peer failed may still go to the endpoint: it is
+    // another backend, not one already tried.
+    let p = plan(
+        &e,
+        &here(),
+        &policy(),
+        Scope::default(),
+        false,
+        &[Slot::Gateway(0)],
+        |_| Rated::UP,
+    );
+    assert!(!p.levels[0].members[0].tried);
+    assert!(p.levels[1].members[0].tried);
+    assert_eq!(p.pick(0.5, 0.5), Ok(Slot::Endpoint(0)));
+}
+
+#[test]
+fn an_endpoint_down_or_slow_leaves_a_peer_sharing_its_address_whole() {
+    let e = endpoint_and_gateway_sharing_an_address();
+    let endpoint_rated = |rated: Rated| {
+        move |b: BackendRef<'_>| {
+            if b.peer.is_none() { rated } else { Rated::UP }
+        }
+    };
+    let down = Rated {
+        availability: Availability::Down,
+        ramp: 1.0,
+    };
+    let p = plan_all(&e, endpoint_rated(down));
+    assert!(!p.panic);
+    assert_eq!(p.levels[1].members[0].rated, Rated::UP);
+    assert_eq!(p.levels[1].load, 1.0, "the peer takes over at full weight");
+    assert_eq!(p.pick(0.5, 0.5), Ok(Slot::Gateway(0)));
+    // Tried the endpoint: the peer at the same address is not tried.
+    let p = plan(
+        &e,
+        &here(),
+        &policy(),
+        Scope::default(),
+        false,
+        &[Slot::Endpoint(0)],
+        |_| Rated::UP,
+    );
+    assert_eq!(p.pick(0.5, 0.5), Ok(Slot::Gateway(0)));
 }
