@@ -39,10 +39,14 @@ pub const DEFAULT_EAST_WEST: ConnectionLimits = ConnectionLimits {
     total: 16_384,
     per_source: 1_024,
 };
-/// Default caps on east-west TLS handshakes in flight.
+/// Default caps on east-west TLS handshakes in flight. A peer gateway failing
+/// over to this cluster opens one connection per request waiting on it (356 at
+/// once in the partition test at 250 requests/s), all from one source: the
+/// per-source cap must stay above such a burst, so it matches the per-source
+/// connection cap, and the total leaves room for four such peers at once.
 pub const DEFAULT_EAST_WEST_HANDSHAKES: ConnectionLimits = ConnectionLimits {
-    total: 1_024,
-    per_source: 128,
+    total: 4_096,
+    per_source: 1_024,
 };
 /// Default caps of the admin API (probes and scrapers).
 pub const DEFAULT_ADMIN: ConnectionLimits = ConnectionLimits {
