@@ -1,13 +1,17 @@
-# Entry points for people and CI. Targets install what the build needs on a fresh
-# Debian machine first (cmake: Pingora builds zlib-ng with it; curl, openssl,
-# dig and kdig: the end-to-end tests use them as outside clients; nsd: the
-# upstream resolver in the DNS tests; lintian, rpm, cargo-deb and
-# cargo-generate-rpm: the packaging test builds and checks the packages).
+# Entry points for people and CI. Each target installs, on a fresh Debian
+# machine, only what it needs: building needs a Rust toolchain and cmake (Pingora
+# builds zlib-ng with it); the tests also need outside clients (curl, openssl,
+# dig, kdig), nsd (the upstream resolver in the DNS tests), nftables and
+# iproute2 (partitions in network namespaces), cargo-nextest, and what the
+# packaging test builds and checks packages with (lintian, rpm, cargo-deb,
+# cargo-generate-rpm).
 
 CARGO ?= cargo
-# command:Debian package
-APT_TOOLS := cmake:cmake curl:curl openssl:openssl dig:bind9-dnsutils kdig:knot-dnsutils \
-	/usr/sbin/nsd:nsd nft:nftables ip:iproute2 lintian:lintian rpm:rpm
+# What each kind of target needs from Debian, as command:package.
+BUILD_TOOLS := cmake:cmake
+TEST_TOOLS := curl:curl openssl:openssl dig:bind9-dnsutils kdig:knot-dnsutils \
+	/usr/sbin/nsd:nsd nft:nftables ip:iproute2
+PACKAGING_TOOLS := lintian:lintian rpm:rpm
 ISTHMUS := target/debug/isthmus
 # Development PKI for `make run`, made once with `isthmus ca`.
 DEV_PKI := target/dev-pki
@@ -24,22 +28,37 @@ FUZZ_RUNS := $(addprefix federation/fuzz:,$(FEDERATION_FUZZ_TARGETS)) \
 	$(addprefix gateway/fuzz:,$(GATEWAY_FUZZ_TARGETS))
 
 SHELL := /bin/bash
-.PHONY: deps run demo test lint fuzz packages image systemd-test
+.PHONY: deps deps-build deps-test deps-packaging run demo test lint fuzz packages image systemd-test
 
-deps:
-	@missing=""; for t in $(APT_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
+# Installs the Debian packages among $(1) (command:package) whose command is missing.
+define apt_install
+	@missing=""; for t in $(1); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+endef
+
+# Everything any target needs.
+deps: deps-test
+
+deps-build:
+	$(call apt_install,$(BUILD_TOOLS))
+
+# The test suite includes the packaging test, so it needs the packaging tools too.
+deps-test: deps-build deps-packaging
+	$(call apt_install,$(TEST_TOOLS))
 	@command -v cargo-nextest >/dev/null || $(CARGO) install --locked cargo-nextest
+
+deps-packaging: deps-build
+	$(call apt_install,$(PACKAGING_TOOLS))
 	@command -v cargo-deb >/dev/null || $(CARGO) install --locked cargo-deb
 	@command -v cargo-generate-rpm >/dev/null || $(CARGO) install --locked cargo-generate-rpm
 
 # Run the gateway with the packaged configuration plus a development identity
 # (overridden from the environment) and its SPIFFE bundle endpoint on :15013.
 # Ctrl-C stops it.
-run: deps
+run: deps-build
 	$(CARGO) build -p isthmus-gateway --bin isthmus
 	@test -f $(DEV_PKI)/ca/ca.crt || $(ISTHMUS) ca init --trust-domain cluster.local --out $(DEV_PKI)/ca
 	@test -f $(DEV_PKI)/gw/svid.crt || $(ISTHMUS) ca issue --ca $(DEV_PKI)/ca --spiffe-id $(DEV_ID) --out $(DEV_PKI)/gw
@@ -52,12 +71,12 @@ run: deps
 # A self-contained federation on loopback: clusters east and west and a VM, each
 # with its own trust domain, demo services and DNS. Prints the commands to try;
 # Ctrl-C stops it.
-demo: deps
+demo: deps-build
 	$(CARGO) build -p isthmus-gateway --bin isthmus
 	$(ISTHMUS) demo
 
 # The whole test suite: unit, integration and end-to-end (starts real processes).
-test: deps
+test: deps-test
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 # Packages and the OCI image; PROFILE=dev packages the debug build (faster, for
@@ -66,7 +85,7 @@ PROFILE ?= release
 PACKAGES := target/packages-$(PROFILE)
 
 # .deb and .rpm in target/packages-$(PROFILE), with what they hold and lintian's verdict.
-packages: deps
+packages: deps-packaging
 	$(CARGO) build --profile $(PROFILE) -p isthmus-gateway --bin isthmus
 	packaging/build.sh --profile $(PROFILE) --no-build --out $(PACKAGES)
 
@@ -76,11 +95,11 @@ systemd-test: packages
 
 # The OCI image (buildah), then run with podman: read-only, non-root, /readyz,
 # health check, clean stop.
-image: deps
+image: deps-build
 	$(CARGO) build --profile $(PROFILE) -p isthmus-gateway --bin isthmus
 	packaging/build-image.sh --profile $(PROFILE) --no-build --check
 
-lint: deps
+lint: deps-build
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
@@ -88,7 +107,7 @@ lint: deps
 # stable toolchain builds them with RUSTC_BOOTSTRAP=1 (cargo-fuzz needs -Z flags).
 # Each fuzz dir starts from the workspace's Cargo.lock, so it fuzzes the
 # dependency versions that ship.
-fuzz: deps
+fuzz: deps-build
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
 	@for dir in $(FUZZ_DIRS); do \
 		echo "== fuzz build $$dir"; \
