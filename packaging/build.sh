@@ -37,7 +37,9 @@ if [ "$build" = 1 ]; then
     echo "== cargo build --profile $profile"
     cargo build --profile "$profile" -p isthmus-gateway --bin isthmus
 fi
-binary="target/$target_dir/isthmus"
+# cargo, cargo-deb and cargo-generate-rpm all honour CARGO_TARGET_DIR (the
+# tests under `cargo llvm-cov` package the instrumented build).
+binary="${CARGO_TARGET_DIR:-target}/$target_dir/isthmus"
 test -x "$binary" || { echo "$0: $binary is missing; build it or drop --no-build" >&2; exit 1; }
 mkdir -p "$out"
 

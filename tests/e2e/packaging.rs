@@ -7,12 +7,14 @@
 use std::path::Path;
 use std::process::Command;
 
-use isthmus_tests::{isthmus_bin, workspace_root};
+use isthmus_tests::{isthmus_bin, target_dir, workspace_root};
 
 /// Runs `program args`, returns stdout; panics with stderr when it fails.
+/// `CARGO_TARGET_DIR` names where the binary to package was built.
 fn run(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
         .args(args)
+        .env("CARGO_TARGET_DIR", target_dir())
         .output()
         .unwrap_or_else(|e| panic!("{program}: {e}"));
     let (stdout, stderr) = (

@@ -29,22 +29,29 @@ pub fn isthmus_bin() -> &'static Path {
         if let Some(bin) = std::env::var_os("ISTHMUS_BIN") {
             return PathBuf::from(bin);
         }
+        let target_dir = target_dir();
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "isthmus-gateway",
-                "--bin",
-                "isthmus",
-            ])
+            .args(["build", "--quiet", "-p", "isthmus-gateway", "--bin", "isthmus"])
+            .arg("--target-dir")
+            .arg(&target_dir)
             .current_dir(workspace_root())
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building the isthmus binary failed");
-        workspace_root().join("target/debug/isthmus")
+        target_dir.join("debug/isthmus")
     })
+}
+
+/// Where cargo builds this run's binaries: `cargo llvm-cov` (`make test`)
+/// builds instrumented ones into a target dir of its own, so that the gateways
+/// the tests start count towards coverage too.
+pub fn target_dir() -> PathBuf {
+    ["CARGO_LLVM_COV_TARGET_DIR", "CARGO_TARGET_DIR"]
+        .iter()
+        .find_map(std::env::var_os)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// The workspace root (parent of this crate).
