@@ -13,6 +13,8 @@
 //! resulting path (`upstream.health_check.interval`, `services[].endpoints[].weight`)
 //! must appear in `docs/configuration.md` in backquotes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test reports failure
+
 use std::path::Path;
 
 use isthmus_gateway::config::raw::RawConfig;
