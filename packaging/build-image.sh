@@ -7,8 +7,9 @@
 #
 #   packaging/build-image.sh [--profile release|dev] [--no-build] [--check]
 #
-# Image storage lives in target/oci (this machine kind: runc, not crun; vfs
-# storage; explicit ulimits, see PACKAGING-NOTES.md).
+# Image storage lives in target/oci, with three settings this machine kind
+# needs: runc (crun refuses its cgroup layout), vfs storage, and explicit
+# ulimits (podman's default rlimits fail without CAP_SYS_RESOURCE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,4 +1,4 @@
-//! The `isthmus` command line. Exit codes follow sysexits(3), as DESIGN.md fixes:
+//! The `isthmus` command line. Exit codes follow sysexits(3) (docs/operations.md):
 //! 0 ok, 64 bad command line, 78 invalid configuration (and 1 for a failure at run
 //! time, such as a port already in use).
 

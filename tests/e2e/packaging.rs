@@ -70,6 +70,7 @@ fn packages_hold_the_gateway_and_pass_lintian_and_systemd_analyze() {
         "./usr/share/doc/isthmus/copyright",
         "./usr/share/doc/isthmus/changelog.Debian.gz",
         "./usr/share/doc/isthmus/README.md",
+        "./usr/share/doc/isthmus/operations.md",
         "./usr/share/doc/isthmus/examples/edge-vm.toml",
         "./usr/share/lintian/overrides/isthmus",
     ] {
@@ -120,6 +121,8 @@ fn packages_hold_the_gateway_and_pass_lintian_and_systemd_analyze() {
         "/usr/lib/systemd/system/isthmus.service",
         "/usr/lib/sysusers.d/isthmus.conf",
         "/usr/share/man/man1/isthmus.1",
+        "/usr/share/doc/isthmus/README.md",
+        "/usr/share/doc/isthmus/operations.md",
     ] {
         assert!(list.lines().any(|l| l == path), "{path} missing:\n{list}");
     }

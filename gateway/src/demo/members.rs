@@ -9,7 +9,7 @@ use isthmus_federation::{SpiffeId, TrustDomain};
 
 use crate::devpki;
 
-/// Admin API port (DESIGN.md's default).
+/// Admin API port (the default `admin.listen` port, docs/configuration.md).
 pub(super) const ADMIN_PORT: u16 = 15000;
 /// Outbound listener port.
 pub(super) const OUTBOUND_PORT: u16 = 15001;
