@@ -7,9 +7,9 @@
 //!   exported services in this cluster (never onwards, so nothing loops);
 //! - [`tcp`]: L4 for TCP service ports and passthrough.
 //!
-//! Routing decisions are pure functions ([`routing`]) tested without sockets.
+//! Routing decisions are pure functions ([`routing`]) tested without sockets;
+//! where each attempt goes is planned by [`crate::upstream::balance`].
 
-pub mod balance;
 pub mod east_west;
 mod headers;
 mod metrics;

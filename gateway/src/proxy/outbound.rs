@@ -24,14 +24,16 @@ use rustls::pki_types::ServerName;
 use tokio::sync::watch;
 use tracing::info;
 
-use super::balance::{Draws, Scope, Slot, plan_or_fall_back};
 use super::headers;
 use super::metrics::{ProxyMetrics, RequestLabels};
-use super::routing::{NoRoute, Routed, Target, resolve};
+use super::routing::{NoRoute, Routed, resolve};
 use crate::config::traffic::{RouteConfig, SplitTarget};
 use crate::config::upstream::UpstreamConfig;
 use crate::health::{Drain, InFlight};
 use crate::mesh::{MeshAlpn, mesh_peer};
+use crate::upstream::balance::{
+    Draws, NoTarget, PlanRequest, Scope, Slot, Target, plan_or_fall_back,
+};
 use crate::upstream::outlier::Outcome;
 use crate::upstream::{RequestLease, ServiceBackends, Upstreams, Use};
 
@@ -263,7 +265,7 @@ impl Common {
         }
         let slot = match slot {
             Ok(s) => s,
-            Err(NoRoute::Overloaded) => {
+            Err(NoTarget::Overloaded) => {
                 self.upstreams.overloaded(&routed.entry.key);
                 return Err(Error::explain(OVERLOADED, "circuit breakers open"));
             }
@@ -326,22 +328,22 @@ impl Common {
         backends: &ServiceBackends,
         ctx: &RequestCtx,
         local_only: bool,
-    ) -> (Result<Slot, NoRoute>, bool) {
+    ) -> (Result<Slot, NoTarget>, bool) {
         let destination = ctx.destination.as_ref();
         let scope = Scope {
             subset: destination.and_then(|d| d.subset.as_deref()),
             cluster: destination.and_then(|d| d.cluster.as_ref()),
         };
+        let request = PlanRequest {
+            entry: &routed.entry,
+            scope,
+            local_only,
+            tried: &ctx.tried,
+        };
         let (planned, fell_back) = plan_or_fall_back(scope, |scope| {
-            self.upstreams.plan(
-                backends,
-                &routed.entry,
-                scope,
-                local_only,
-                &ctx.tried,
-                Use::Http,
-                &ctx.policy,
-            )
+            let request = PlanRequest { scope, ..request };
+            self.upstreams
+                .plan(backends, request, Use::Http, &ctx.policy)
         });
         let draws = Draws::new(ctx.spread as u64, ctx.tried.len() as u64);
         (planned.pick(draws.level, draws.member), fell_back)

@@ -33,10 +33,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::balance::{Draws, Scope};
 use super::metrics::TcpMetrics;
-use super::routing::{NoRoute, Target};
 use crate::health::Drain;
+use crate::upstream::balance::{Draws, NoTarget, PlanRequest, Target};
 use crate::upstream::outlier::Outcome;
 use crate::upstream::{ConnectionLease, Upstreams, Use};
 
@@ -78,19 +77,16 @@ where
     let targets = entry.endpoints.len() + if local_only { 0 } else { entry.remote.len() };
     let mut tried = Vec::new();
     while tried.len() < policy.max_attempts {
-        let plan = upstreams.plan(
-            &backends,
-            entry,
-            Scope::default(),
+        let request = PlanRequest {
             local_only,
-            &tried,
-            Use::Tcp,
-            &policy,
-        );
+            tried: &tried,
+            ..PlanRequest::whole(entry)
+        };
+        let plan = upstreams.plan(&backends, request, Use::Tcp, &policy);
         let draws = Draws::new(spread as u64, tried.len() as u64);
         let slot = match plan.pick(draws.level, draws.member) {
             Ok(s) => s,
-            Err(NoRoute::Overloaded) => {
+            Err(NoTarget::Overloaded) => {
                 upstreams.overloaded(&entry.key);
                 return Err(L4Refusal::Overloaded);
             }

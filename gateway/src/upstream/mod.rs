@@ -12,7 +12,7 @@
 //! - for a peer gateway, its peering lease (`RemoteGateway::live` in the
 //!   catalog): a closed session or a lapsed lease takes it out at once.
 //!
-//! Planning an attempt ([`crate::proxy::balance`]) stays a pure function; this
+//! Planning an attempt ([`balance`]) stays a pure function; this
 //! module answers "how does this backend stand" for it (including slow start
 //! after a recovery), holds the routes, and cuts the mesh connections of a
 //! peer gateway the moment it is declared dead, so requests waiting on it are
@@ -35,6 +35,7 @@
 //! that could deadlock two failing backends, or one against a writer queued
 //! on the backends lock.)
 
+pub mod balance;
 mod budget;
 pub mod explain;
 pub mod identity;
@@ -50,20 +51,19 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use isthmus_federation::ServiceKey;
-use isthmus_federation::catalog::{Catalog, ServiceEntry};
+use isthmus_federation::catalog::Catalog;
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use serde::Serialize;
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
+use self::balance::{Availability, Here, Plan, PlanRequest, Rated};
 pub use self::budget::RetryBudget;
 pub use self::identity::{BackendId, BackendRef, ByBackend};
 use self::outlier::{Outcome, Outlier, may_eject_another};
 use crate::config::model::RouteConfig;
 use crate::config::upstream::UpstreamConfig;
 use crate::metrics;
-use crate::proxy::balance::{self, Here, Plan, Rated, Scope, Slot};
-use crate::proxy::routing::Availability;
 
 /// How long an expired peer gateway is remembered, so that its
 /// return counts as a recovery (slow start, ejections lifted).
@@ -419,52 +419,40 @@ impl Upstreams {
         let _ = self.cuts.send(id.to_owned_id());
     }
 
-    /// Plans the next attempt of a request to `entry` in `scope`.
-    #[allow(clippy::too_many_arguments)]
+    /// Plans the next attempt `request` over `backends` (the backends of
+    /// its service) for `usage`, under `policy`.
     pub fn plan(
         &self,
         backends: &ServiceBackends,
-        entry: &ServiceEntry,
-        scope: Scope<'_>,
-        local_only: bool,
-        tried: &[Slot],
+        request: PlanRequest<'_>,
         usage: Use,
         policy: &UpstreamConfig,
     ) -> Plan {
-        let plan = self.plan_uncounted(backends, entry, scope, local_only, tried, usage, policy);
+        let plan = self.plan_uncounted(backends, request, usage, policy);
         if plan.panic {
+            let key = &request.entry.key;
             self.metrics
                 .panics
-                .with_label_values(&[entry.key.name.as_str(), entry.key.namespace.as_str()])
+                .with_label_values(&[key.name.as_str(), key.namespace.as_str()])
                 .inc();
         }
         plan
     }
 
     /// [`Self::plan`] without counting it (for `/debug/explain`).
-    #[allow(clippy::too_many_arguments)]
     fn plan_uncounted(
         &self,
         backends: &ServiceBackends,
-        entry: &ServiceEntry,
-        scope: Scope<'_>,
-        local_only: bool,
-        tried: &[Slot],
+        request: PlanRequest<'_>,
         usage: Use,
         policy: &UpstreamConfig,
     ) -> Plan {
         let now = Instant::now();
         // One snapshot of the service's backends for the whole plan, no lock.
         let known = backends.backends.load();
-        balance::plan(
-            entry,
-            &self.here,
-            &policy.locality,
-            scope,
-            local_only,
-            tried,
-            |b| self.rate_in(&known, b, usage, now, policy),
-        )
+        balance::plan(request, &self.here, &policy.locality, |b| {
+            self.rate_in(&known, b, usage, now, policy)
+        })
     }
 
     /// How `service`'s backend `id` stands for `usage` now, slow start
@@ -944,8 +932,9 @@ pub struct BackendSnapshot {
 #[cfg(test)]
 mod tests {
     use isthmus_federation::SpiffeId;
-    use isthmus_federation::catalog::Catalog;
+    use isthmus_federation::catalog::{Catalog, ServiceEntry};
 
+    use super::balance::Slot;
     use super::*;
 
     fn upstreams() -> Upstreams {
@@ -1044,15 +1033,7 @@ mod tests {
     fn picks(u: &Upstreams, entry: &ServiceEntry) -> Vec<Slot> {
         let backends = u.service(&entry.key);
         let policy = u.policy();
-        let plan = u.plan(
-            &backends,
-            entry,
-            Scope::default(),
-            false,
-            &[],
-            Use::Http,
-            &policy,
-        );
+        let plan = u.plan(&backends, PlanRequest::whole(entry), Use::Http, &policy);
         assert!(!plan.panic);
         (0..1000)
             .map(|i| {
