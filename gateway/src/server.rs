@@ -39,13 +39,13 @@ use crate::health::{Drain, Readiness};
 use crate::lifecycle::{Probe, Reloader, Signals, Startup, Upgrade};
 use crate::limits::{Guarded, LimitMetrics, ListenerGuard};
 use crate::mesh::MeshRelay;
-use crate::proxy::balance::Here;
-use crate::proxy::east_west::{Callers, EastWestApp, EastWestL4, EastWestLimits, EastWestProxy};
-use crate::proxy::outbound::{Common, OutboundProxy};
+use crate::proxy::east_west::{Callers, EastWestApp, EastWestLimits, EastWestProxy};
+use crate::proxy::outbound::OutboundProxy;
 use crate::proxy::tcp::TcpOutboundApp;
-use crate::proxy::{Lingering, ProxyMetrics, TcpMetrics};
+use crate::proxy::{Lingering, ProxyMetrics, Runtime, TcpMetrics};
 use crate::trust::{Trust, TrustService};
 use crate::upstream::Upstreams;
+use crate::upstream::balance::Here;
 use crate::upstream::leases::LeaseWatcher;
 use crate::upstream::probe::HealthChecker;
 use crate::{logging, metrics};
@@ -356,7 +356,6 @@ fn add_data_plane(
     let conf = server.configuration.clone();
     let metrics = ProxyMetrics::new(registry);
     let tcp_metrics = TcpMetrics::new(registry);
-    let cluster = config.gateway.cluster.clone();
     let threads = config.runtime.threads;
 
     // The relay opens east-west connections for the outbound listener.
@@ -380,18 +379,29 @@ fn add_data_plane(
         }
         _ => None,
     };
+    // Each tcp port with `listen` gets a listener of its own; they share one
+    // connector to peer gateways (no ALPN: the stream is the service's bytes).
+    let l4_connector = trust.map(|t| {
+        SpiffeConnector::new(
+            t.material().clone(),
+            t.handshake_metrics.clone(),
+            EAST_WEST_HANDSHAKE_TIMEOUT,
+            Vec::new(),
+        )
+    });
+    let runtime = Arc::new(Runtime {
+        catalog: catalog.clone(),
+        upstreams: upstreams.clone(),
+        drain: drain.clone(),
+        cluster: config.gateway.cluster.clone(),
+        metrics,
+        tcp_metrics,
+        relay,
+        peers: l4_connector,
+    });
 
     let outbound_proxy = |clusterset: Option<_>| {
-        let mut outbound = OutboundProxy::new(
-            Common::new(
-                catalog.clone(),
-                metrics.clone(),
-                cluster.clone(),
-                upstreams.clone(),
-                drain.clone(),
-            ),
-            relay.clone(),
-        );
+        let mut outbound = OutboundProxy::new(runtime.clone());
         if let Some(allocations) = clusterset {
             outbound = outbound.with_clusterset(allocations);
         }
@@ -413,16 +423,6 @@ fn add_data_plane(
         server.add_service(service);
     }
 
-    // Each tcp port with `listen` gets a listener of its own; they share one
-    // connector to peer gateways (no ALPN: the stream is the service's bytes).
-    let l4_connector = trust.map(|t| {
-        SpiffeConnector::new(
-            t.material().clone(),
-            t.handshake_metrics.clone(),
-            EAST_WEST_HANDSHAKE_TIMEOUT,
-            Vec::new(),
-        )
-    });
     for svc in &config.services {
         for port in &svc.ports {
             let Some(addr) = port.listen else { continue };
@@ -430,15 +430,7 @@ fn add_data_plane(
                 namespace: svc.namespace.clone(),
                 name: svc.name.clone(),
             };
-            let app = TcpOutboundApp::new(
-                key.clone(),
-                port.port,
-                catalog.clone(),
-                l4_connector.clone(),
-                upstreams.clone(),
-                tcp_metrics.clone(),
-                drain.clone(),
-            );
+            let app = TcpOutboundApp::new(runtime.clone(), key.clone(), port.port);
             let mut service = Service::new(format!("tcp {key}:{}", port.port), app);
             service.add_tcp(&addr.to_string());
             service.threads = Some(threads);
@@ -456,23 +448,9 @@ fn add_data_plane(
                 guard("clusterset", limits.outbound),
             ));
             let tcp_app = {
-                let (catalog, upstreams, tcp_metrics, drain) = (
-                    catalog.clone(),
-                    upstreams.clone(),
-                    tcp_metrics.clone(),
-                    drain.clone(),
-                );
-                let connector = l4_connector.clone();
+                let runtime = runtime.clone();
                 move |key: &ServiceKey, port: u16| -> Arc<dyn DynApp> {
-                    Arc::new(TcpOutboundApp::new(
-                        key.clone(),
-                        port,
-                        catalog.clone(),
-                        connector.clone(),
-                        upstreams.clone(),
-                        tcp_metrics.clone(),
-                        drain.clone(),
-                    ))
+                    Arc::new(TcpOutboundApp::new(runtime.clone(), key.clone(), port))
                 }
             };
             Some(
@@ -505,13 +483,7 @@ fn add_data_plane(
         let mut proxy = pingora_proxy::http_proxy(
             &conf,
             EastWestProxy::new(
-                Common::new(
-                    catalog.clone(),
-                    metrics,
-                    cluster,
-                    upstreams.clone(),
-                    drain.clone(),
-                ),
+                runtime.clone(),
                 config.spiffe_id(),
                 peer_clusters,
                 callers.clone(),
@@ -523,12 +495,7 @@ fn add_data_plane(
             acceptor,
             proxy,
             callers,
-            EastWestL4 {
-                catalog: catalog.clone(),
-                upstreams: upstreams.clone(),
-                tcp: tcp_metrics.clone(),
-                drain: drain.clone(),
-            },
+            runtime.clone(),
             EastWestLimits {
                 guard: guard("east_west", limits.east_west),
                 handshakes: ConnectionLimiter::new(limits.east_west_handshakes),

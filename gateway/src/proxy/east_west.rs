@@ -27,15 +27,11 @@ use pingora_proxy::{HttpProxy, ProxyHttp, Session};
 use prometheus::IntCounterVec;
 use tracing::{debug, warn};
 
-use super::headers;
-use super::metrics::TcpMetrics;
-use super::outbound::{Common, RequestCtx};
-use super::tcp;
+use super::common::{Common, RequestCtx};
+use super::{Runtime, headers, tcp};
 use crate::config::Config;
-use crate::health::Drain;
 use crate::limits::ListenerGuard;
 use crate::mesh::{HelloRecorder, MeshTlsStream};
-use crate::upstream::Upstreams;
 
 /// The SPIFFE ID behind each peer certificate seen (by SHA-256 of the leaf).
 ///
@@ -97,9 +93,9 @@ pub struct EastWestProxy {
 }
 
 impl EastWestProxy {
-    /// A proxy to endpoints of exported services in `common`'s catalog.
+    /// A proxy to endpoints of exported services in `runtime`'s catalog.
     pub fn new(
-        common: Common,
+        runtime: Arc<Runtime>,
         own_id: SpiffeId,
         peer_clusters: HashMap<SpiffeId, ClusterName>,
         callers: Arc<Callers>,
@@ -112,7 +108,7 @@ impl EastWestProxy {
             &["service", "caller_trust_domain"],
         );
         Self {
-            common,
+            common: Common::new(runtime),
             denied,
             callers,
             own_id,
@@ -194,7 +190,7 @@ impl ProxyHttp for EastWestProxy {
         let named_subset = upstream.headers.contains_key(headers::SUBSET);
         let forged = headers::strip_internal(upstream) - usize::from(named_subset);
         if forged > 0 {
-            self.common.metrics.stripped("east_west", forged);
+            self.common.runtime.metrics.stripped("east_west", forged);
         }
         // Tell the workload who called, as Envoy does, from the verified peer.
         if let Some(caller) = self.caller(session) {
@@ -291,11 +287,9 @@ pub struct EastWestApp {
     acceptor: SpiffeAcceptor,
     proxy: Arc<HttpProxy<EastWestProxy>>,
     callers: Arc<Callers>,
-    catalog: Arc<ArcSwap<Catalog>>,
-    upstreams: Arc<Upstreams>,
-    tcp: TcpMetrics,
-    /// TCP streams are in flight here; HTTP requests are counted by `proxy`.
-    drain: Arc<Drain>,
+    /// For the L4 paths (passthrough, terminated TCP ports). TCP streams are
+    /// in flight in its drain here; HTTP requests are counted by `proxy`.
+    runtime: Arc<Runtime>,
     limits: EastWestLimits,
 }
 
@@ -321,42 +315,20 @@ impl EastWestLimits {
     }
 }
 
-/// What the east-west listener's L4 paths (passthrough, terminated TCP ports)
-/// use.
-pub struct EastWestL4 {
-    /// The catalog the SNI is looked up in.
-    pub catalog: Arc<ArcSwap<Catalog>>,
-    /// Backends and their protection.
-    pub upstreams: Arc<Upstreams>,
-    /// L4 connection metrics.
-    pub tcp: TcpMetrics,
-    /// TCP streams in flight, waited for on stop.
-    pub drain: Arc<Drain>,
-}
-
 impl EastWestApp {
     /// An app accepting with `acceptor` and proxying with `proxy`.
     pub fn new(
         acceptor: SpiffeAcceptor,
         proxy: HttpProxy<EastWestProxy>,
         callers: Arc<Callers>,
-        l4: EastWestL4,
+        runtime: Arc<Runtime>,
         limits: EastWestLimits,
     ) -> Self {
-        let EastWestL4 {
-            catalog,
-            upstreams,
-            tcp,
-            drain,
-        } = l4;
         Self {
             acceptor,
             proxy: Arc::new(proxy),
             callers,
-            catalog,
-            upstreams,
-            tcp,
-            drain,
+            runtime,
             limits,
         }
     }
@@ -367,30 +339,34 @@ impl EastWestApp {
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let _in_flight = self.drain.track();
-        let spread = self.tcp.next_spread();
-        let connected = tcp::connect_backend(&self.upstreams, entry, true, spread, |t| {
+        let runtime = &self.runtime;
+        let _in_flight = runtime.drain.track();
+        let spread = runtime.tcp_metrics.next_spread();
+        let connected = tcp::connect_backend(&runtime.upstreams, entry, true, spread, |t| {
             tcp::dial(t.addr())
         })
         .await;
         match connected {
             Ok((upstream, _lease)) => {
-                self.tcp.connection("east_west", &entry.key, "ok");
-                let idle = self.upstreams.policy().idle_timeout;
+                runtime
+                    .tcp_metrics
+                    .connection("east_west", &entry.key, "ok");
+                let idle = runtime.upstreams.policy().idle_timeout;
                 tcp::splice(
                     "east_west",
                     &entry.key,
                     client,
                     upstream,
                     prefix,
-                    &self.tcp,
+                    &runtime.tcp_metrics,
                     idle,
                 )
                 .await;
             }
             Err(refusal) => {
                 warn!(service = %entry.key, result = refusal.label(), "no endpoint took the east-west connection");
-                self.tcp
+                runtime
+                    .tcp_metrics
                     .connection("east_west", &entry.key, refusal.label());
             }
         }
@@ -431,7 +407,7 @@ impl ServerApp for EastWestApp {
             }
         };
         let sni = start.client_hello().server_name().map(str::to_owned);
-        let target = sni_target(&self.catalog.load(), sni.as_deref());
+        let target = sni_target(&self.runtime.catalog.load(), sni.as_deref());
         if let Some((entry, _)) = target.as_ref().filter(|(e, _)| e.passthrough) {
             drop(handshake);
             if !limits.admits(&entry.key, source) {
@@ -440,7 +416,8 @@ impl ServerApp for EastWestApp {
                     source,
                     &format_args!("{source} is outside {}'s allow_sources", entry.key),
                 );
-                self.tcp
+                self.runtime
+                    .tcp_metrics
                     .connection("east_west", &entry.key, "source_not_allowed");
                 return None;
             }
@@ -467,7 +444,9 @@ impl ServerApp for EastWestApp {
         {
             if let Err(reason) = authorize(entry.allowed_callers.as_ref(), Some(&caller)) {
                 warn!(%caller, service = %entry.key, reason, "east-west TCP connection denied");
-                self.tcp.connection("east_west", &entry.key, "denied");
+                self.runtime
+                    .tcp_metrics
+                    .connection("east_west", &entry.key, "denied");
                 return None;
             }
             self.to_endpoint(entry, tls, &[]).await;

@@ -7,9 +7,12 @@
 //!   exported services in this cluster (never onwards, so nothing loops);
 //! - [`tcp`]: L4 for TCP service ports and passthrough.
 //!
-//! Routing decisions are pure functions ([`routing`]) tested without sockets.
+//! The HTTP listeners share their request phases ([`common`]); every listener
+//! gets the same [`Runtime`], built once. Routing decisions are pure functions
+//! ([`routing`]) tested without sockets; where each attempt goes is
+//! planned by [`crate::upstream::balance`].
 
-pub mod balance;
+pub mod common;
 pub mod east_west;
 mod headers;
 mod metrics;
@@ -19,13 +22,45 @@ pub mod tcp;
 
 pub use metrics::{ProxyMetrics, TcpMetrics};
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use isthmus_federation::trust::SpiffeConnector;
+use isthmus_federation::{Catalog, ClusterName};
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
+
+use crate::health::Drain;
+use crate::upstream::Upstreams;
+
+/// What every listener of the data plane shares: built once at start-up and
+/// handed whole (behind an `Arc`) to each listener's constructor.
+pub struct Runtime {
+    /// The catalog in force, swapped whole on every change.
+    pub catalog: Arc<ArcSwap<Catalog>>,
+    /// Backends and their protection.
+    pub upstreams: Arc<Upstreams>,
+    /// Requests and TCP streams in flight, waited for on stop.
+    pub drain: Arc<Drain>,
+    /// This gateway's cluster (the destination of requests served here).
+    pub cluster: ClusterName,
+    /// HTTP request metrics.
+    pub metrics: ProxyMetrics,
+    /// L4 connection metrics.
+    pub tcp_metrics: TcpMetrics,
+    /// The mesh relay's socket, through which HTTP requests reach peer
+    /// gateways; without one, the outbound listeners route to endpoints in
+    /// this cluster only.
+    pub relay: Option<PathBuf>,
+    /// Opens L4 connections (one mTLS connection per stream) to peer
+    /// gateways; without one (no identity), TCP ports reach endpoints in this
+    /// cluster only.
+    pub peers: Option<SpiffeConnector>,
+}
 
 /// How long idle HTTP/1.1 keep-alive connections stay open after the
 /// listeners close (on stop and on upgrade). A client's next request on one

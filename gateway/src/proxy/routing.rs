@@ -1,31 +1,7 @@
 //! What a request addresses, resolved against a catalog snapshot; where each
-//! attempt goes is [`super::balance`]'s.
+//! attempt goes is [`crate::upstream::balance`]'s.
 
-use std::net::SocketAddr;
-
-use isthmus_federation::catalog::{Addressed, Catalog, Protocol, RemoteGateway, ServiceEntry};
-
-use crate::upstream::BackendRef;
-
-/// Where to send one attempt of a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// An endpoint in this cluster.
-    Local(SocketAddr),
-    /// A peer gateway in another cluster.
-    Remote(RemoteGateway),
-}
-
-/// How available a target is for one more request or connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Availability {
-    /// Healthy and below its limits.
-    Up,
-    /// Healthy but at a circuit-breaker limit.
-    Full,
-    /// Failing active health checks, or ejected by outlier detection.
-    Down,
-}
+use isthmus_federation::catalog::{Addressed, Catalog, Protocol, ServiceEntry};
 
 /// Why a request cannot be routed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,20 +12,15 @@ pub enum NoRoute {
     /// The service has no such port (or several ports and none was given).
     #[error("no such port on this service")]
     UnknownPort,
-    /// Known, but nothing serves it now.
-    #[error("no endpoint serves this service")]
-    NoEndpoint,
-    /// Every backend is at a circuit-breaker limit.
-    #[error("every backend of this service is at its limits")]
-    Overloaded,
 }
 
 impl NoRoute {
-    /// HTTP status for the client.
+    /// HTTP status for the client. (When the service is known but no target
+    /// can take the request, planning says why: see
+    /// [`crate::upstream::balance::NoTarget`].)
     pub fn status(&self) -> u16 {
         match self {
             Self::UnknownService | Self::UnknownPort => 404,
-            Self::NoEndpoint | Self::Overloaded => 503,
         }
     }
 }
@@ -74,25 +45,6 @@ pub fn resolve(catalog: &Catalog, addressed: &Addressed) -> Result<Routed, NoRou
         port: port.port,
         protocol: port.protocol,
     })
-}
-
-impl Target {
-    /// The address connected to.
-    pub fn addr(&self) -> SocketAddr {
-        match self {
-            Target::Local(a) => *a,
-            Target::Remote(g) => g.address,
-        }
-    }
-
-    /// Who it is: its address and, for a peer gateway, the SPIFFE ID it must
-    /// prove. Backend state is kept by this, never by the address alone.
-    pub fn backend(&self) -> BackendRef<'_> {
-        match self {
-            Target::Local(a) => BackendRef::endpoint(*a),
-            Target::Remote(g) => BackendRef::gateway(g.address, &g.spiffe_id),
-        }
-    }
 }
 
 #[cfg(test)]

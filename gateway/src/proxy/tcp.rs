@@ -20,11 +20,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use isthmus_federation::ServiceKey;
-use isthmus_federation::catalog::{Catalog, RemoteGateway, ServiceEntry, east_west_sni};
-use isthmus_federation::trust::{PeerPolicy, SpiffeConnector};
+use isthmus_federation::catalog::{RemoteGateway, ServiceEntry, east_west_sni};
+use isthmus_federation::trust::PeerPolicy;
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
@@ -33,10 +32,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::balance::{Draws, Scope};
+use super::Runtime;
 use super::metrics::TcpMetrics;
-use super::routing::{NoRoute, Target};
-use crate::health::Drain;
+use crate::upstream::balance::{Draws, NoTarget, PlanRequest, Target};
 use crate::upstream::outlier::Outcome;
 use crate::upstream::{ConnectionLease, Upstreams, Use};
 
@@ -78,19 +76,16 @@ where
     let targets = entry.endpoints.len() + if local_only { 0 } else { entry.remote.len() };
     let mut tried = Vec::new();
     while tried.len() < policy.max_attempts {
-        let plan = upstreams.plan(
-            &backends,
-            entry,
-            Scope::default(),
+        let request = PlanRequest {
             local_only,
-            &tried,
-            Use::Tcp,
-            &policy,
-        );
+            tried: &tried,
+            ..PlanRequest::whole(entry)
+        };
+        let plan = upstreams.plan(&backends, request, Use::Tcp, &policy);
         let draws = Draws::new(spread as u64, tried.len() as u64);
         let slot = match plan.pick(draws.level, draws.member) {
             Ok(s) => s,
-            Err(NoRoute::Overloaded) => {
+            Err(NoTarget::Overloaded) => {
                 upstreams.overloaded(&entry.key);
                 return Err(L4Refusal::Overloaded);
             }
@@ -239,36 +234,17 @@ pub(crate) async fn splice<C, U>(
 
 /// The outbound listener of one `tcp` service port.
 pub struct TcpOutboundApp {
+    runtime: Arc<Runtime>,
     key: ServiceKey,
     port: u16,
-    catalog: Arc<ArcSwap<Catalog>>,
-    connector: Option<SpiffeConnector>,
-    upstreams: Arc<Upstreams>,
-    metrics: TcpMetrics,
-    drain: Arc<Drain>,
 }
 
 impl TcpOutboundApp {
-    /// Proxies `key:port`; `connector` (with an identity) reaches peer gateways.
-    /// Each connection is in flight in `drain` until it closes.
-    pub fn new(
-        key: ServiceKey,
-        port: u16,
-        catalog: Arc<ArcSwap<Catalog>>,
-        connector: Option<SpiffeConnector>,
-        upstreams: Arc<Upstreams>,
-        metrics: TcpMetrics,
-        drain: Arc<Drain>,
-    ) -> Self {
-        Self {
-            key,
-            port,
-            catalog,
-            connector,
-            upstreams,
-            metrics,
-            drain,
-        }
+    /// Proxies `key:port` over `runtime`'s backends; its connector to peer
+    /// gateways (with an identity) reaches them. Each connection is in flight
+    /// in `runtime`'s drain until it closes.
+    pub fn new(runtime: Arc<Runtime>, key: ServiceKey, port: u16) -> Self {
+        Self { runtime, key, port }
     }
 
     /// Opens an mTLS connection to peer gateway `gw` for this service port.
@@ -277,7 +253,8 @@ impl TcpOutboundApp {
         gw: &RemoteGateway,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
         let connector = self
-            .connector
+            .runtime
+            .peers
             .as_ref()
             .ok_or("no identity to reach peers")?;
         let tcp = dial(gw.address).await?;
@@ -304,17 +281,19 @@ impl ServerApp for TcpOutboundApp {
         client: Stream,
         _shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let _in_flight = self.drain.track();
-        let Some(entry) = self.catalog.load().get(&self.key).cloned() else {
-            self.metrics
+        let runtime = &self.runtime;
+        let _in_flight = runtime.drain.track();
+        let Some(entry) = runtime.catalog.load().get(&self.key).cloned() else {
+            runtime
+                .tcp_metrics
                 .connection("outbound", &self.key, L4Refusal::NoRoute.label());
             return None;
         };
-        let spread = self.metrics.next_spread();
+        let spread = runtime.tcp_metrics.next_spread();
         let connected = connect_backend(
-            &self.upstreams,
+            &runtime.upstreams,
             &entry,
-            self.connector.is_none(),
+            runtime.peers.is_none(),
             spread,
             |target| async move {
                 match target {
@@ -327,18 +306,18 @@ impl ServerApp for TcpOutboundApp {
             },
         )
         .await;
-        let idle = self.upstreams.policy().idle_timeout;
+        let idle = runtime.upstreams.policy().idle_timeout;
         match connected {
             Ok((upstream, _lease)) => {
-                self.metrics.connection("outbound", &self.key, "ok");
-                let (key, m) = (&self.key, &self.metrics);
+                runtime.tcp_metrics.connection("outbound", &self.key, "ok");
+                let (key, m) = (&self.key, &runtime.tcp_metrics);
                 match upstream {
                     Upstream::Endpoint(u) => splice("outbound", key, client, u, &[], m, idle).await,
                     Upstream::Gateway(u) => splice("outbound", key, client, u, &[], m, idle).await,
                 }
             }
-            Err(refusal) => self
-                .metrics
+            Err(refusal) => runtime
+                .tcp_metrics
                 .connection("outbound", &self.key, refusal.label()),
         }
         None

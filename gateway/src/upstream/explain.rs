@@ -8,11 +8,13 @@ use std::time::Instant;
 use isthmus_federation::catalog::{Catalog, ServiceEntry, ServiceKey};
 use serde::Serialize;
 
+use super::balance::{
+    Availability, Level, Member, Plan, PlanRequest, Scope, Slot, plan_or_fall_back,
+};
 use super::{BackendRef, ServiceBackends, Upstreams, Use};
 use crate::config::model::LocalityPolicy;
 use crate::config::traffic::{HeaderMatch, SplitTarget};
-use crate::proxy::balance::{Level, Member, Plan, Scope, Slot, plan_or_fall_back};
-use crate::proxy::routing::Availability;
+use crate::config::upstream::UpstreamConfig;
 
 /// The whole answer.
 #[derive(Debug, Serialize)]
@@ -110,6 +112,34 @@ pub struct TargetView {
     pub load_percent: f64,
 }
 
+/// What one explanation looks at throughout: the service, its backends and
+/// the policy in force.
+#[derive(Clone, Copy)]
+struct Subject<'a> {
+    entry: &'a ServiceEntry,
+    backends: &'a ServiceBackends,
+    policy: &'a UpstreamConfig,
+}
+
+/// One destination of a route rule (or the whole service).
+struct Destination<'a> {
+    /// Where it confines requests.
+    target: &'a SplitTarget,
+    /// The rule's index; none for the whole service.
+    rule: Option<usize>,
+    /// The rule's header matches.
+    headers: &'a [HeaderMatch],
+    /// Its share of the rule's requests, 0 to 1.
+    share: f64,
+}
+
+/// One target of a plan, with the level it is in and the share it gets.
+struct Placed<'a> {
+    level: &'a Level,
+    member: &'a Member,
+    load: f64,
+}
+
 fn percent(x: f64) -> f64 {
     (x * 1000.0).round() / 10.0
 }
@@ -120,6 +150,11 @@ impl Upstreams {
         let entry = catalog.get(key)?;
         let policy = self.policy();
         let backends = self.service(key);
+        let subject = Subject {
+            entry,
+            backends: &backends,
+            policy: &policy,
+        };
         let mut destinations = Vec::new();
         let routes = self.routes(key);
         let whole = SplitTarget {
@@ -133,30 +168,31 @@ impl Upstreams {
             for target in &rule.split {
                 let share = f64::from(target.weight) / f64::from(total.max(1));
                 destinations.push(self.destination(
-                    entry,
-                    &backends,
-                    &policy,
-                    target,
-                    Some(i),
-                    &rule.headers,
-                    share,
+                    subject,
+                    Destination {
+                        target,
+                        rule: Some(i),
+                        headers: &rule.headers,
+                        share,
+                    },
                 ));
             }
         }
         // Without routes, or when no rule matches every request, requests
         // also go to the whole service.
         if rules.iter().all(|rule| !rule.headers.is_empty()) {
-            destinations.push(self.destination(entry, &backends, &policy, &whole, None, &[], 1.0));
+            destinations.push(self.destination(
+                subject,
+                Destination {
+                    target: &whole,
+                    rule: None,
+                    headers: &[],
+                    share: 1.0,
+                },
+            ));
         }
-        let whole_plan = self.plan_uncounted(
-            &backends,
-            entry,
-            Scope::default(),
-            false,
-            &[],
-            Use::Http,
-            &policy,
-        );
+        let whole_plan =
+            self.plan_uncounted(&backends, PlanRequest::whole(entry), Use::Http, &policy);
         Some(Explain {
             service: key.to_string(),
             gateway: GatewayView {
@@ -169,23 +205,23 @@ impl Upstreams {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn destination(
-        &self,
-        entry: &ServiceEntry,
-        backends: &ServiceBackends,
-        policy: &crate::config::upstream::UpstreamConfig,
-        target: &SplitTarget,
-        rule: Option<usize>,
-        headers: &[HeaderMatch],
-        share: f64,
-    ) -> DestinationView {
+    fn destination(&self, subject: Subject<'_>, destination: Destination<'_>) -> DestinationView {
+        let Destination {
+            target,
+            rule,
+            headers,
+            share,
+        } = destination;
         let scope = Scope {
             subset: target.subset.as_deref(),
             cluster: target.cluster.as_ref(),
         };
         let (planned, fell_back) = plan_or_fall_back(scope, |scope| {
-            self.plan_uncounted(backends, entry, scope, false, &[], Use::Http, policy)
+            let request = PlanRequest {
+                scope,
+                ..PlanRequest::whole(subject.entry)
+            };
+            self.plan_uncounted(subject.backends, request, Use::Http, subject.policy)
         });
         DestinationView {
             rule,
@@ -195,16 +231,11 @@ impl Upstreams {
             weight_percent: percent(share),
             fell_back,
             panic: planned.panic,
-            levels: self.levels(entry, backends, &planned),
+            levels: self.levels(subject, &planned),
         }
     }
 
-    fn levels(
-        &self,
-        entry: &ServiceEntry,
-        backends: &ServiceBackends,
-        plan: &Plan,
-    ) -> Vec<LevelView> {
+    fn levels(&self, subject: Subject<'_>, plan: &Plan) -> Vec<LevelView> {
         let panic_total = plan.panic_total();
         let now = Instant::now();
         plan.levels
@@ -228,8 +259,13 @@ impl Upstreams {
                         .members
                         .iter()
                         .zip(loads)
-                        .map(|(m, load)| {
-                            self.target_view(entry, backends, plan, level, m, load, now)
+                        .map(|(member, load)| {
+                            let placed = Placed {
+                                level,
+                                member,
+                                load,
+                            };
+                            self.target_view(subject, plan, placed, now)
                         })
                         .collect(),
                 }
@@ -237,17 +273,21 @@ impl Upstreams {
             .collect()
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn target_view(
         &self,
-        entry: &ServiceEntry,
-        backends: &ServiceBackends,
+        subject: Subject<'_>,
         plan: &Plan,
-        level: &Level,
-        m: &Member,
-        load: f64,
+        placed: Placed<'_>,
         now: Instant,
     ) -> TargetView {
+        let Subject {
+            entry, backends, ..
+        } = subject;
+        let Placed {
+            level,
+            member: m,
+            load,
+        } = placed;
         let (kind, cluster, locality, live) = match m.slot {
             Slot::Endpoint(_) => {
                 let locality = entry

@@ -12,7 +12,7 @@
 //! - for a peer gateway, its peering lease (`RemoteGateway::live` in the
 //!   catalog): a closed session or a lapsed lease takes it out at once.
 //!
-//! Planning an attempt ([`crate::proxy::balance`]) stays a pure function; this
+//! Planning an attempt ([`balance`]) stays a pure function; this
 //! module answers "how does this backend stand" for it (including slow start
 //! after a recovery), holds the routes, and cuts the mesh connections of a
 //! peer gateway the moment it is declared dead, so requests waiting on it are
@@ -24,17 +24,29 @@
 //! are an [`ArcSwap`] snapshot, and whether a backend is ejected is an atomic
 //! mirror of its outlier state (only a backend never used by the service
 //! falls back to the `health` map's read lock). Where locks are taken, the
-//! order is `services` → a service's `backends_writer` → a backend's
-//! `outlier`; `health`, `liveness` and `shared` are each taken alone (never
-//! while holding another).
+//! order is
+//!
+//! 1. [`Upstreams`]' `services` map,
+//! 2. a service's `backends_writer` ([`ServiceBackends`]),
+//! 3. a backend's `outlier` mutex ([`Backend`]),
+//!
+//! each optional, never backwards; `health`, `liveness` and `shared` are each
+//! taken alone (never while holding another). Each of these fields says so
+//! where it is declared.
+//!
 //! A backend's `outlier` mutex is a leaf: nothing else is locked, and no other
 //! backend's outlier is looked at through its mutex, while one is held. (It
 //! once was: [`Upstreams::record`] counted the service's ejected backends
 //! under the recording backend's outlier mutex by taking the backends lock
 //! and the other backends' outlier mutexes, an inversion of the order above
 //! that could deadlock two failing backends, or one against a writer queued
-//! on the backends lock.)
+//! on the backends lock. It now reads the lock-free `backends` snapshot and
+//! the atomic `ejected_until` mirrors instead; the tests
+//! `recording_an_outcome_takes_no_other_backends_outlier_lock` and
+//! `recording_an_outcome_takes_neither_the_services_nor_the_backends_lock`
+//! hold those locks while a backend records its way to an ejection.)
 
+pub mod balance;
 mod budget;
 pub mod explain;
 pub mod identity;
@@ -50,20 +62,19 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use isthmus_federation::ServiceKey;
-use isthmus_federation::catalog::{Catalog, ServiceEntry};
+use isthmus_federation::catalog::Catalog;
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use serde::Serialize;
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
+use self::balance::{Availability, Here, Plan, PlanRequest, Rated};
 pub use self::budget::RetryBudget;
 pub use self::identity::{BackendId, BackendRef, ByBackend};
 use self::outlier::{Outcome, Outlier, may_eject_another};
 use crate::config::model::RouteConfig;
 use crate::config::upstream::UpstreamConfig;
 use crate::metrics;
-use crate::proxy::balance::{self, Here, Plan, Rated, Scope, Slot};
-use crate::proxy::routing::Availability;
 
 /// How long an expired peer gateway is remembered, so that its
 /// return counts as a recovery (slow start, ejections lifted).
@@ -145,7 +156,14 @@ pub struct Backend {
     requests: AtomicUsize,
     pending: AtomicUsize,
     connections: AtomicUsize,
-    /// A leaf lock: see "Locks" in the module documentation.
+    /// Passive outlier state.
+    ///
+    /// Lock order: last, a leaf. It may be taken while holding
+    /// [`Upstreams`]' `services` (to forgive a recovered backend, to take a
+    /// snapshot); while it is held nothing else is locked: not the
+    /// `services` map, not the service's `backends_writer`, not another
+    /// backend's `outlier` (the service's other backends are looked at
+    /// through the lock-free `backends` snapshot and their `ejected_until`).
     outlier: Mutex<Outlier>,
     /// Mirrors `outlier`'s ejection: when it ends, in nanoseconds since the
     /// `Upstreams` epoch; 0 when not ejected. Written under `outlier`, read
@@ -210,9 +228,14 @@ impl Backend {
 #[derive(Debug)]
 pub struct ServiceBackends {
     key: ServiceKey,
-    /// By identity; read without a lock, replaced whole on a change.
+    /// By identity; read without a lock (also while a backend's `outlier` is
+    /// held), replaced whole on a change.
     backends: ArcSwap<ByBackend<Arc<Backend>>>,
     /// Serialises changes of `backends` (a new backend, forgetting old ones).
+    ///
+    /// Lock order: after [`Upstreams`]' `services` (forgetting old
+    /// backends holds that read lock), before any backend's `outlier` (which
+    /// is never held while taking this one).
     backends_writer: Mutex<()>,
     /// Retries of this service's requests.
     pub budget: RetryBudget,
@@ -345,16 +368,26 @@ pub struct Upstreams {
     routes: ArcSwap<HashMap<ServiceKey, Arc<RouteConfig>>>,
     here: Here,
     epoch: Instant,
+    /// The backends of each service that has sent traffic.
+    ///
+    /// Lock order: first. A service's `backends_writer` and a backend's
+    /// `outlier` may be taken while holding it, never the other way round.
     services: RwLock<HashMap<ServiceKey, Arc<ServiceBackends>>>,
     /// Active health by backend identity.
+    ///
+    /// Lock order: taken alone (released before any other lock is taken).
     health: RwLock<ByBackend<Arc<Health>>>,
     /// Peer gateways (by identity), whether their lease was live when last
     /// looked at, and since when (an expired peer is remembered as not live
     /// for a while, so its return is a recovery too).
+    ///
+    /// Lock order: taken alone.
     liveness: Mutex<ByBackend<(bool, Instant)>>,
     /// Peer gateways whose mesh connections must be cut now.
     cuts: broadcast::Sender<BackendId>,
     /// Addresses more than one backend identity claimed at the last look.
+    ///
+    /// Lock order: taken alone.
     shared: Mutex<BTreeSet<SocketAddr>>,
     metrics: UpstreamMetrics,
 }
@@ -419,52 +452,40 @@ impl Upstreams {
         let _ = self.cuts.send(id.to_owned_id());
     }
 
-    /// Plans the next attempt of a request to `entry` in `scope`.
-    #[allow(clippy::too_many_arguments)]
+    /// Plans the next attempt `request` over `backends` (the backends of
+    /// its service) for `usage`, under `policy`.
     pub fn plan(
         &self,
         backends: &ServiceBackends,
-        entry: &ServiceEntry,
-        scope: Scope<'_>,
-        local_only: bool,
-        tried: &[Slot],
+        request: PlanRequest<'_>,
         usage: Use,
         policy: &UpstreamConfig,
     ) -> Plan {
-        let plan = self.plan_uncounted(backends, entry, scope, local_only, tried, usage, policy);
+        let plan = self.plan_uncounted(backends, request, usage, policy);
         if plan.panic {
+            let key = &request.entry.key;
             self.metrics
                 .panics
-                .with_label_values(&[entry.key.name.as_str(), entry.key.namespace.as_str()])
+                .with_label_values(&[key.name.as_str(), key.namespace.as_str()])
                 .inc();
         }
         plan
     }
 
     /// [`Self::plan`] without counting it (for `/debug/explain`).
-    #[allow(clippy::too_many_arguments)]
     fn plan_uncounted(
         &self,
         backends: &ServiceBackends,
-        entry: &ServiceEntry,
-        scope: Scope<'_>,
-        local_only: bool,
-        tried: &[Slot],
+        request: PlanRequest<'_>,
         usage: Use,
         policy: &UpstreamConfig,
     ) -> Plan {
         let now = Instant::now();
         // One snapshot of the service's backends for the whole plan, no lock.
         let known = backends.backends.load();
-        balance::plan(
-            entry,
-            &self.here,
-            &policy.locality,
-            scope,
-            local_only,
-            tried,
-            |b| self.rate_in(&known, b, usage, now, policy),
-        )
+        balance::plan(request, &self.here, &policy.locality, |b| {
+            self.rate_in(&known, b, usage, now, policy)
+        })
     }
 
     /// How `service`'s backend `id` stands for `usage` now, slow start
@@ -944,8 +965,9 @@ pub struct BackendSnapshot {
 #[cfg(test)]
 mod tests {
     use isthmus_federation::SpiffeId;
-    use isthmus_federation::catalog::Catalog;
+    use isthmus_federation::catalog::{Catalog, ServiceEntry};
 
+    use super::balance::Slot;
     use super::*;
 
     fn upstreams() -> Upstreams {
@@ -1044,15 +1066,7 @@ mod tests {
     fn picks(u: &Upstreams, entry: &ServiceEntry) -> Vec<Slot> {
         let backends = u.service(&entry.key);
         let policy = u.policy();
-        let plan = u.plan(
-            &backends,
-            entry,
-            Scope::default(),
-            false,
-            &[],
-            Use::Http,
-            &policy,
-        );
+        let plan = u.plan(&backends, PlanRequest::whole(entry), Use::Http, &policy);
         assert!(!plan.panic);
         (0..1000)
             .map(|i| {
@@ -1244,6 +1258,38 @@ mod tests {
         // either way the decision was made without the other's lock.
         let percent = u.policy().outlier_detection.max_ejection_percent;
         assert_eq!(ejected, may_eject_another(1, 3, percent));
+    }
+
+    #[test]
+    fn recording_an_outcome_takes_neither_the_services_nor_the_backends_lock() {
+        // `record` runs under the recording backend's outlier mutex; the lock
+        // order puts `services` and `backends_writer` before it, so taking
+        // either there could deadlock against a thread that holds one of them
+        // and waits for that outlier mutex (`recovered`, `snapshot`).
+        let u = Arc::new(upstreams());
+        let entry = shared_address_entry();
+        let backends = u.service(&entry.key);
+        let endpoint = u.backend(&backends, Slot::Endpoint(0).backend(&entry));
+        let threshold = u.policy().outlier_detection.consecutive_failures;
+        let services = u.services.write().unwrap();
+        let writer = backends.backends_writer.lock().unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        let worker = {
+            let (u, backends, endpoint) = (u.clone(), backends.clone(), endpoint.clone());
+            std::thread::spawn(move || {
+                for _ in 0..threshold {
+                    u.record(&backends, &endpoint, Outcome::Failure, 3);
+                }
+                done.send(endpoint.is_ejected(u.epoch, Instant::now()))
+                    .unwrap();
+            })
+        };
+        let ejected = finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("record blocked on the services or the backends lock");
+        drop((writer, services));
+        worker.join().unwrap();
+        assert!(ejected, "the first of three may go");
     }
 
     #[test]

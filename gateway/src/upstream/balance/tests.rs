@@ -61,7 +61,7 @@ fn entry(endpoints: &[&str], remote: Vec<RemoteGateway>) -> ServiceEntry {
 
 /// Plans a first attempt over the whole service with the default policy.
 fn plan_all(e: &ServiceEntry, rate: impl Fn(BackendRef<'_>) -> Rated) -> Plan {
-    plan(e, &here(), &policy(), Scope::default(), false, &[], rate)
+    plan(PlanRequest::whole(e), &here(), &policy(), rate)
 }
 
 /// a: same zone, b: same region, c: another region.
@@ -187,12 +187,12 @@ fn a_dead_level_spills_to_the_next_and_a_retry_goes_there_too() {
     let tried = [Slot::Gateway(1)];
     assert_eq!(tried[0].backend(&e).addr, addr("127.0.1.1:15443"));
     let p = plan(
-        &e,
+        PlanRequest {
+            tried: &tried,
+            ..PlanRequest::whole(&e)
+        },
         &here(),
         &policy(),
-        Scope::default(),
-        false,
-        &tried,
         |_| Rated::UP,
     );
     assert_eq!(share(&shares(&p, &e, 100), "127.0.1.2:15443"), 1.0);
@@ -258,12 +258,9 @@ fn below_the_panic_threshold_health_is_ignored() {
     let mut never = policy();
     never.panic_threshold_percent = 0;
     let p = plan(
-        &e,
+        PlanRequest::whole(&e),
         &here(),
         &never,
-        Scope::default(),
-        false,
-        &[],
         down_at(&["127.0.0.1:80", "127.0.0.2:80", "127.0.0.3:80"]),
     );
     assert!(!p.panic);
@@ -275,7 +272,7 @@ fn below_the_panic_threshold_health_is_ignored() {
         "127.0.0.3:80",
         "127.0.0.4:80",
     ]);
-    let p = plan(&e, &here(), &never, Scope::default(), false, &[], all);
+    let p = plan(PlanRequest::whole(&e), &here(), &never, all);
     assert!(p.choose(&e, 0.3, 0.3).is_ok());
 }
 
@@ -356,7 +353,15 @@ fn scopes_confine_to_a_subset_or_a_cluster() {
         subset: Some("v2"),
         cluster: None,
     };
-    let p = plan(&e, &here(), &policy(), scope, false, &[], |_| Rated::UP);
+    let p = plan(
+        PlanRequest {
+            scope,
+            ..PlanRequest::whole(&e)
+        },
+        &here(),
+        &policy(),
+        |_| Rated::UP,
+    );
     let addrs: Vec<SocketAddr> = p
         .levels
         .iter()
@@ -368,19 +373,44 @@ fn scopes_confine_to_a_subset_or_a_cluster() {
         subset: Some("v3"),
         cluster: None,
     };
-    assert!(plan(&e, &here(), &policy(), scope, false, &[], |_| Rated::UP).is_empty());
+    assert!(
+        plan(
+            PlanRequest {
+                scope,
+                ..PlanRequest::whole(&e)
+            },
+            &here(),
+            &policy(),
+            |_| Rated::UP
+        )
+        .is_empty()
+    );
     let b: ClusterName = "b".parse().unwrap();
     let scope = Scope {
         subset: None,
         cluster: Some(&b),
     };
-    let p = plan(&e, &here(), &policy(), scope, false, &[], |_| Rated::UP);
+    let p = plan(
+        PlanRequest {
+            scope,
+            ..PlanRequest::whole(&e)
+        },
+        &here(),
+        &policy(),
+        |_| Rated::UP,
+    );
     assert_eq!(p.levels.len(), 1);
     assert_eq!(p.levels[0].members[0].addr, addr("127.0.1.2:15443"));
     // From east-west, peers never count.
-    let p = plan(&e, &here(), &policy(), Scope::default(), true, &[], |_| {
-        Rated::UP
-    });
+    let p = plan(
+        PlanRequest {
+            local_only: true,
+            ..PlanRequest::whole(&e)
+        },
+        &here(),
+        &policy(),
+        |_| Rated::UP,
+    );
     assert!(p.levels.iter().all(|l| !l.remote));
 }
 
@@ -402,10 +432,10 @@ fn full_targets_are_skipped_and_all_full_is_overloaded() {
         ramp: 1.0,
     };
     let p = plan_all(&e, full);
-    assert_eq!(p.choose(&e, 0.5, 0.5), Err(NoRoute::Overloaded));
+    assert_eq!(p.choose(&e, 0.5, 0.5), Err(NoTarget::Overloaded));
     let none = entry(&[], vec![]);
     let p = plan_all(&none, |_| Rated::UP);
-    assert_eq!(p.choose(&none, 0.5, 0.5), Err(NoRoute::NoEndpoint));
+    assert_eq!(p.choose(&none, 0.5, 0.5), Err(NoTarget::NoEndpoint));
 }
 
 #[test]
@@ -421,9 +451,7 @@ fn failover_priority_labels_come_before_locality() {
     let e = entry(&["127.0.0.1:80"], vec![near, far]);
     let mut by_network = policy();
     by_network.failover_priority = vec!["network".into()];
-    let p = plan(&e, &me, &by_network, Scope::default(), false, &[], |_| {
-        Rated::UP
-    });
+    let p = plan(PlanRequest::whole(&e), &me, &by_network, |_| Rated::UP);
     let order: Vec<(usize, Proximity, bool)> = p
         .levels
         .iter()
@@ -439,9 +467,7 @@ fn failover_priority_labels_come_before_locality() {
         ]
     );
     // Without a failover priority, locality alone decides.
-    let p = plan(&e, &me, &policy(), Scope::default(), false, &[], |_| {
-        Rated::UP
-    });
+    let p = plan(PlanRequest::whole(&e), &me, &policy(), |_| Rated::UP);
     assert_eq!(p.levels[1].proximity, Proximity::SameZone);
     assert!(p.levels[1].remote);
 }
@@ -449,7 +475,17 @@ fn failover_priority_labels_come_before_locality() {
 #[test]
 fn a_scope_with_nothing_available_falls_back_to_the_whole_service() {
     let e = three_clusters();
-    let planner = |scope: Scope<'_>| plan(&e, &here(), &policy(), scope, false, &[], |_| Rated::UP);
+    let planner = |scope: Scope<'_>| {
+        plan(
+            PlanRequest {
+                scope,
+                ..PlanRequest::whole(&e)
+            },
+            &here(),
+            &policy(),
+            |_| Rated::UP,
+        )
+    };
     let a: ClusterName = "a".parse().unwrap();
     let in_a = Scope {
         subset: None,
@@ -515,12 +551,12 @@ fn a_peer_sharing_an_endpoints_address_down_or_slow_leaves_the_endpoint_whole() 
     // A retry after the peer failed may still go to the endpoint: it is
     // another backend, not one already tried.
     let p = plan(
-        &e,
+        PlanRequest {
+            tried: &[Slot::Gateway(0)],
+            ..PlanRequest::whole(&e)
+        },
         &here(),
         &policy(),
-        Scope::default(),
-        false,
-        &[Slot::Gateway(0)],
         |_| Rated::UP,
     );
     assert!(!p.levels[0].members[0].tried);
@@ -547,12 +583,12 @@ fn an_endpoint_down_or_slow_leaves_a_peer_sharing_its_address_whole() {
     assert_eq!(p.pick(0.5, 0.5), Ok(Slot::Gateway(0)));
     // Tried the endpoint: the peer at the same address is not tried.
     let p = plan(
-        &e,
+        PlanRequest {
+            tried: &[Slot::Endpoint(0)],
+            ..PlanRequest::whole(&e)
+        },
         &here(),
         &policy(),
-        Scope::default(),
-        false,
-        &[Slot::Endpoint(0)],
         |_| Rated::UP,
     );
     assert_eq!(p.pick(0.5, 0.5), Ok(Slot::Gateway(0)));

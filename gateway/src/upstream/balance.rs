@@ -36,9 +36,8 @@ use isthmus_federation::catalog::{Labels, RemoteGateway, ServiceEntry};
 use isthmus_federation::{ClusterName, Locality};
 use serde::Serialize;
 
-use super::routing::{Availability, NoRoute, Target};
+use super::BackendRef;
 use crate::config::model::LocalityPolicy;
-use crate::upstream::BackendRef;
 
 /// Where this gateway is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +48,56 @@ pub struct Here {
     pub locality: Locality,
     /// Its labels (the default labels of its endpoints too).
     pub labels: Labels,
+}
+
+/// Where to send one attempt of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An endpoint in this cluster.
+    Local(SocketAddr),
+    /// A peer gateway in another cluster.
+    Remote(RemoteGateway),
+}
+
+impl Target {
+    /// The address connected to.
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Target::Local(a) => *a,
+            Target::Remote(g) => g.address,
+        }
+    }
+
+    /// Who it is: its address and, for a peer gateway, the SPIFFE ID it must
+    /// prove. Backend state is kept by this, never by the address alone.
+    pub fn backend(&self) -> BackendRef<'_> {
+        match self {
+            Target::Local(a) => BackendRef::endpoint(*a),
+            Target::Remote(g) => BackendRef::gateway(g.address, &g.spiffe_id),
+        }
+    }
+}
+
+/// How available a target is for one more request or connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    /// Healthy and below its limits.
+    Up,
+    /// Healthy but at a circuit-breaker limit.
+    Full,
+    /// Failing active health checks, or ejected by outlier detection.
+    Down,
+}
+
+/// Why a plan has no target for the next attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NoTarget {
+    /// Known, but nothing serves it now.
+    #[error("no endpoint serves this service")]
+    NoEndpoint,
+    /// Every backend is at a circuit-breaker limit.
+    #[error("every backend of this service is at its limits")]
+    Overloaded,
 }
 
 /// How many of `keys`, counted from the first, a target's labels (`theirs`)
@@ -253,19 +302,48 @@ pub struct Plan {
     pub panic: bool,
 }
 
-/// Plans the next attempt for `entry` in `scope`: `local_only` leaves peer
-/// gateways out (the east-west listener never forwards onwards); `tried` are
-/// the slots of `entry` this request already tried (every target with the
-/// same identity counts as tried); `rate` says how each backend stands.
+/// The next attempt of a request, to plan: built on the stack per attempt
+/// (it only borrows), so planning allocates nothing more than the plan.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanRequest<'a> {
+    /// The service.
+    pub entry: &'a ServiceEntry,
+    /// The part of it the request may go to.
+    pub scope: Scope<'a>,
+    /// Leaves peer gateways out (the east-west listener never forwards
+    /// onwards).
+    pub local_only: bool,
+    /// The slots of `entry` this request already tried (every target with
+    /// the same identity counts as tried).
+    pub tried: &'a [Slot],
+}
+
+impl<'a> PlanRequest<'a> {
+    /// A first attempt to anywhere in `entry` (peer gateways included).
+    pub fn whole(entry: &'a ServiceEntry) -> Self {
+        Self {
+            entry,
+            scope: Scope::default(),
+            local_only: false,
+            tried: &[],
+        }
+    }
+}
+
+/// Plans `request` for a gateway at `here` under `policy`; `rate` says how
+/// each backend stands.
 pub fn plan(
-    entry: &ServiceEntry,
+    request: PlanRequest<'_>,
     here: &Here,
     policy: &LocalityPolicy,
-    scope: Scope<'_>,
-    local_only: bool,
-    tried: &[Slot],
     rate: impl Fn(BackendRef<'_>) -> Rated,
 ) -> Plan {
+    let PlanRequest {
+        entry,
+        scope,
+        local_only,
+        tried,
+    } = request;
     let mut levels: Vec<Level> = Vec::new();
     let mut add =
         |label_rank: usize, proximity: Proximity, remote: bool, member: Member| match levels
@@ -429,14 +507,14 @@ impl Plan {
         entry: &ServiceEntry,
         u_level: f64,
         u_member: f64,
-    ) -> Result<Target, NoRoute> {
+    ) -> Result<Target, NoTarget> {
         self.pick(u_level, u_member).map(|slot| slot.target(entry))
     }
 
     /// [`Self::choose`], saying which slot of the entry it chose.
-    pub fn pick(&self, u_level: f64, u_member: f64) -> Result<Slot, NoRoute> {
+    pub fn pick(&self, u_level: f64, u_member: f64) -> Result<Slot, NoTarget> {
         if self.levels.is_empty() {
-            return Err(NoRoute::NoEndpoint);
+            return Err(NoTarget::NoEndpoint);
         }
         let chosen = if self.panic {
             None
@@ -452,7 +530,7 @@ impl Plan {
         let chosen = chosen
             .or_else(|| self.last_resort(u_member, |m| !m.tried))
             .or_else(|| self.last_resort(u_member, |_| true))
-            .ok_or(NoRoute::Overloaded)?;
+            .ok_or(NoTarget::Overloaded)?;
         Ok(chosen.slot)
     }
 
