@@ -31,6 +31,7 @@ pub mod limits;
 pub mod logging;
 pub mod mesh;
 pub mod metrics;
+pub mod net;
 pub mod proxy;
 pub mod server;
 pub mod trust;
