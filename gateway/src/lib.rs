@@ -24,6 +24,7 @@ pub mod demo;
 pub mod devpki;
 pub mod discovery;
 pub mod dns;
+pub mod exit;
 pub mod federation;
 pub mod health;
 pub mod lifecycle;
