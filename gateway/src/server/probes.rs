@@ -116,3 +116,58 @@ fn check_bindable(listeners: &[Probe]) -> Result<(), StartError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::Exit;
+
+    fn config(extra: &str) -> Config {
+        crate::config::parse_with_env(
+            &format!(
+                "[gateway]\nname = \"gw\"\ncluster = \"east\"\ntrust_domain = \"east.example.org\"\n[gateway.locality]\nregion = \"r\"\n{extra}"
+            ),
+            "t.toml",
+            std::iter::empty(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn listeners_are_named_by_their_configuration_path() {
+        let config = config(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[listeners]\noutbound = \"127.0.0.2:0\"\n\
+             [[services]]\nnamespace = \"ns\"\nname = \"db\"\n\
+             ports = [{ port = 5432, protocol = \"tcp\", listen = \"127.0.0.3:0\" }]\n\
+             endpoints = [\"10.0.0.1:5432\"]\n",
+        );
+        let probes = checked_listeners(&config, None, true).unwrap();
+        let names: Vec<(&str, bool)> = probes.iter().map(|p| (&*p.name, p.connect)).collect();
+        // A TCP service port is only checked bindable: a probe would reach a backend.
+        assert_eq!(
+            names,
+            [
+                ("admin.listen", true),
+                ("services[0].ports[0].listen", false),
+                ("listeners.outbound", true)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_taken_port_is_a_start_error_naming_the_listener() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let config = config(&format!("[admin]\nlisten = \"{addr}\"\n"));
+        let Err(e) = checked_listeners(&config, None, true) else {
+            panic!("{addr} is taken");
+        };
+        assert!(
+            matches!(&e, StartError::Listen { listener, .. } if listener == "admin.listen"),
+            "{e:?}"
+        );
+        assert_eq!(e.exit(), Exit::Failure);
+        // During an upgrade the old process holds the ports: no bind check.
+        assert_eq!(checked_listeners(&config, None, false).unwrap().len(), 1);
+    }
+}
