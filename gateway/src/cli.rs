@@ -1,6 +1,5 @@
-//! The `isthmus` command line. Exit codes follow sysexits(3) (docs/operations.md):
-//! 0 ok, 64 bad command line, 78 invalid configuration (and 1 for a failure at run
-//! time, such as a port already in use).
+//! The `isthmus` command line. Exit codes follow sysexits(3); they are listed
+//! in [`crate::exit::Exit`], the one place that defines them.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,14 +10,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use isthmus_federation::{SpiffeId, TrustDomain};
 
-use crate::config::{self, ConfigErrors};
-
-/// Exit code for a command line that cannot be parsed (EX_USAGE).
-pub const EXIT_USAGE: u8 = 64;
-/// Exit code for an invalid configuration (EX_CONFIG).
-pub const EXIT_CONFIG: u8 = 78;
-/// Exit code for any other failure.
-pub const EXIT_FAILURE: u8 = 1;
+use crate::config;
+use crate::exit::{Exit, print_config_errors};
 
 /// Where the packages install the configuration.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/isthmus/isthmus.toml";
@@ -130,10 +123,14 @@ pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let exit = if e.use_stderr() {
+                Exit::Usage
+            } else {
+                Exit::Success
+            };
             // clap writes help/version to stdout and errors to stderr.
             let _ = e.print();
-            return ExitCode::from(code);
+            return exit.into();
         }
     };
     match cli.command {
@@ -177,7 +174,7 @@ fn ca(command: CaCommand) -> ExitCode {
         }
         Err(e) => {
             eprintln!("isthmus: {e}");
-            ExitCode::from(EXIT_FAILURE)
+            Exit::Failure.into()
         }
     }
 }
@@ -187,11 +184,11 @@ fn probe(url: &str) -> ExitCode {
         Ok(200) => ExitCode::SUCCESS,
         Ok(status) => {
             eprintln!("isthmus: {url} answered {status}");
-            ExitCode::from(EXIT_FAILURE)
+            Exit::Failure.into()
         }
         Err(e) => {
             eprintln!("isthmus: {url}: {e}");
-            ExitCode::from(EXIT_FAILURE)
+            Exit::Failure.into()
         }
     }
 }
@@ -243,27 +240,10 @@ fn version_text() -> String {
     )
 }
 
-/// Loads the configuration and, with `[identity]`, every certificate, key and
-/// bundle file it names; file problems are configuration errors too.
-pub fn load_all(
-    path: &Path,
-    registry: &prometheus::Registry,
-) -> Result<(config::Config, Option<crate::trust::Trust>), ConfigErrors> {
-    let config = config::load(path)?;
-    let trust = crate::trust::load(&config, registry).map_err(|errors| {
-        ConfigErrors(
-            errors
-                .into_iter()
-                .map(|e| config::ConfigError::new(e.field, e.message))
-                .collect(),
-        )
-    })?;
-    Ok((config, trust))
-}
-
 fn check_config(path: &Path) -> ExitCode {
-    match load_all(path, &prometheus::Registry::new()) {
-        Ok((c, _)) => {
+    match crate::server::load(path, prometheus::Registry::new()) {
+        Ok(loaded) => {
+            let c = &loaded.config;
             print_stdout(&format!(
                 "{}: configuration is valid (gateway {}, cluster {}, {})\n",
                 path.display(),
@@ -273,10 +253,7 @@ fn check_config(path: &Path) -> ExitCode {
             ));
             ExitCode::SUCCESS
         }
-        Err(errors) => {
-            print_config_errors(path, &errors);
-            ExitCode::from(EXIT_CONFIG)
-        }
+        Err(e) => e.report(),
     }
 }
 
@@ -285,7 +262,7 @@ fn print_config(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(errors) => {
             print_config_errors(path, &errors);
-            return ExitCode::from(EXIT_CONFIG);
+            return Exit::Config.into();
         }
     };
     match toml::to_string_pretty(&config) {
@@ -298,23 +275,8 @@ fn print_config(path: &Path) -> ExitCode {
         }
         Err(e) => {
             eprintln!("isthmus: cannot print the configuration: {e}");
-            ExitCode::from(EXIT_FAILURE)
+            Exit::Failure.into()
         }
-    }
-}
-
-/// Prints each problem as `dotted.path: what is wrong`, one per line, on stderr.
-pub fn print_config_errors(path: &Path, errors: &ConfigErrors) {
-    let mut err = std::io::stderr().lock();
-    let _ = writeln!(
-        err,
-        "isthmus: {} has {} problem{}:",
-        path.display(),
-        errors.0.len(),
-        if errors.0.len() == 1 { "" } else { "s" }
-    );
-    for e in &errors.0 {
-        let _ = writeln!(err, "{e}");
     }
 }
 

@@ -57,7 +57,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<DnsSockets> {
     udp.bind(&addr.into())?;
     Ok(DnsSockets {
         udp: udp.into(),
-        tcp: crate::lifecycle::upgradable_tcp_listener(addr, false)?,
+        tcp: crate::net::upgradable_tcp_listener(addr, false)?,
     })
 }
 
@@ -428,7 +428,7 @@ impl ClusterSetListeners {
 fn listen(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     // Addresses outside loopback may be routed to this host without being
     // configured on an interface: freebind.
-    tokio::net::TcpListener::from_std(crate::lifecycle::upgradable_tcp_listener(addr, true)?)
+    tokio::net::TcpListener::from_std(crate::net::upgradable_tcp_listener(addr, true)?)
 }
 
 async fn accept(listener: tokio::net::TcpListener, app: Arc<dyn DynApp>, shutdown: ShutdownWatch) {

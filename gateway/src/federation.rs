@@ -183,7 +183,7 @@ impl FederationService {
             trust.handshake_metrics.clone(),
             HANDSHAKE_TIMEOUT,
         );
-        let listener = crate::lifecycle::upgradable_tcp_listener(addr, false)
+        let listener = crate::net::upgradable_tcp_listener(addr, false)
             .and_then(tokio::net::TcpListener::from_std)
             .map_err(|e| e.to_string())?;
         Ok((listener, acceptor))

@@ -1,13 +1,27 @@
-//! `isthmus run`: builds the Pingora server from the configuration and runs it
-//! until a stop signal.
+//! `isthmus run`, in three steps that each return a value:
 //!
-//! Order matters: the configuration is validated and every listen address is
-//! checked *before* anything is bound, so a bad config or a port in use is one
-//! clear error at start-up rather than a service that silently never listens
-//! (Pingora panics inside the service runtime when a bind fails).
+//! 1. [`load`]: the configuration ([`config::load`]) and the certificate, key
+//!    and bundle files it names;
+//! 2. [`build`]: every service of the gateway, composed from small builders:
+//!    the listeners and their bind check (`server/probes.rs`), federation and
+//!    discovery, DNS, the admin API and the identity's services
+//!    (`server/control.rs`), the backends and the data plane (here), then the
+//!    signal watcher of [`crate::lifecycle`];
+//! 3. [`Gateway::run`]: takes over from the old process of an upgrade, binds
+//!    and serves until a stop signal.
+//!
+//! Each step fails with a [`StartError`], which [`crate::exit`] maps to the
+//! exit code. Order matters: the configuration is validated and every listen
+//! address is checked *before* anything is bound, so a bad config or a port in
+//! use is one clear error at start-up rather than a service that silently
+//! never listens (Pingora panics inside the service runtime when a bind
+//! fails); and the old process of an upgrade is told to hand over only once
+//! everything is built.
 
-use std::net::SocketAddr;
-use std::path::Path;
+mod control;
+mod probes;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -16,39 +30,41 @@ use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
-use socket2::{Domain, Socket, Type};
 use tracing::{error, info};
 
 use std::time::Duration;
 
 use isthmus_federation::limits::ConnectionLimiter;
-use isthmus_federation::trust::tls::{SvidResolver, mtls_server_config, spiffe_client_config};
-use isthmus_federation::trust::{HandshakeMetrics, PeerPolicy, SpiffeAcceptor, SpiffeConnector};
+use isthmus_federation::peering::Hub;
+use isthmus_federation::trust::tls::mtls_server_config;
+use isthmus_federation::trust::{HandshakeMetrics, SpiffeAcceptor, SpiffeConnector};
 use isthmus_federation::{Catalog, ServiceKey};
 use pingora_core::apps::HttpServerOptions;
-use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::protocols::http::v2::server::{H2Options, default_h2_options};
 
-use crate::admin::{AdminApp, AdminState};
-use crate::bundle_endpoint::BundleEndpointApp;
-use crate::cli::{EXIT_CONFIG, EXIT_FAILURE};
-use crate::config::Config;
+use crate::admin::AdminState;
 use crate::config::limits::LimitsConfig;
+use crate::config::{self, Config, ConfigError, ConfigErrors};
 use crate::dns::{ClusterSetListeners, DynApp};
+use crate::exit::StartError;
 use crate::health::{Drain, Readiness};
-use crate::lifecycle::{Probe, Reloader, Signals, Startup, Upgrade};
+use crate::lifecycle::{Reloader, Signals, Startup, Upgrade};
 use crate::limits::{Guarded, LimitMetrics, ListenerGuard};
+use crate::logging::LogHandle;
 use crate::mesh::MeshRelay;
 use crate::proxy::east_west::{Callers, EastWestApp, EastWestLimits, EastWestProxy};
 use crate::proxy::outbound::OutboundProxy;
 use crate::proxy::tcp::TcpOutboundApp;
 use crate::proxy::{Lingering, ProxyMetrics, Runtime, TcpMetrics};
-use crate::trust::{Trust, TrustService};
+use crate::trust::Trust;
 use crate::upstream::Upstreams;
 use crate::upstream::balance::Here;
 use crate::upstream::leases::LeaseWatcher;
 use crate::upstream::probe::HealthChecker;
 use crate::{logging, metrics};
+
+use control::{add_admin, add_dns, add_federation, add_trust, federation_hub};
+use probes::checked_listeners;
 
 /// Seconds Pingora waits for service runtimes after its grace period; only
 /// reached when our drain (see `lifecycle`) has not exited the process first.
@@ -57,120 +73,142 @@ const RUNTIME_SHUTDOWN_TIMEOUT_SECS: u64 = 2;
 /// Runs the gateway; returns the process exit code. With `upgrade_from`, takes
 /// over the listening sockets of that running gateway (a binary upgrade).
 pub fn run(config_path: &Path, upgrade_from: Option<u32>) -> ExitCode {
-    let registry = metrics::new_registry();
-    let (config, trust) = match crate::cli::load_all(config_path, &registry) {
-        Ok(loaded) => loaded,
-        Err(errors) => {
-            crate::cli::print_config_errors(config_path, &errors);
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let trust = trust.map(Arc::new);
-    let log = match logging::init(&config.log) {
-        Ok(handle) => handle,
-        Err(e) => {
-            eprintln!("isthmus: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    install_panic_logger();
-    info!(
-        version = env!("CARGO_PKG_VERSION"),
-        config = %config_path.display(),
-        gateway = %config.gateway.name,
-        cluster = %config.gateway.cluster,
-        spiffe_id = %config.spiffe_id(),
-        "isthmus starting"
-    );
-
-    let listeners = match listeners(&config, trust.as_deref()) {
-        Ok(l) => l,
-        Err(e) => {
-            error!(error = %e, "cannot build the TLS readiness probe");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    // During an upgrade the old process holds the ports until it hands them over.
-    if upgrade_from.is_none()
-        && let Err((path, addr, e)) = check_bindable(&listeners)
-    {
-        error!(%addr, error = %e, "{path}: cannot listen on {addr}: {e}");
-        return ExitCode::from(EXIT_FAILURE);
+    let started = load(config_path, metrics::new_registry()).and_then(|loaded| {
+        let log = logging::init(&loaded.config.log)?;
+        install_panic_logger();
+        info!(
+            version = env!("CARGO_PKG_VERSION"),
+            config = %config_path.display(),
+            gateway = %loaded.config.gateway.name,
+            cluster = %loaded.config.gateway.cluster,
+            spiffe_id = %loaded.config.spiffe_id(),
+            "isthmus starting"
+        );
+        build(loaded, Some(log), upgrade_from)
+    });
+    match started.and_then(Gateway::run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => e.report(),
     }
+}
+
+/// A configuration and the identity material it names, both checked.
+pub struct Loaded {
+    /// The configuration file, read again on reload and by an upgrade.
+    pub path: PathBuf,
+    /// The configuration with environment overrides.
+    pub config: Config,
+    /// With `[identity]`: the SVID, its key and the trust bundles.
+    pub trust: Option<Trust>,
+    /// Where every metric is registered.
+    pub registry: prometheus::Registry,
+}
+
+/// Loads the configuration (see [`config::load`]) and, with `[identity]`,
+/// every certificate, key and bundle file it names; file problems are
+/// configuration errors too. The trust metrics go to `registry`.
+pub fn load(path: &Path, registry: prometheus::Registry) -> Result<Loaded, StartError> {
+    let invalid = |errors| StartError::Config {
+        path: path.to_owned(),
+        errors,
+    };
+    let config = config::load(path).map_err(invalid)?;
+    let trust = crate::trust::load(&config, &registry).map_err(|errors| {
+        invalid(ConfigErrors(
+            errors
+                .into_iter()
+                .map(|e| ConfigError::new(e.field, e.message))
+                .collect(),
+        ))
+    })?;
+    Ok(Loaded {
+        path: path.to_owned(),
+        config,
+        trust,
+        registry,
+    })
+}
+
+/// A gateway built and not yet serving: [`Gateway::run`] takes over from the
+/// old process of an upgrade, binds and serves.
+pub struct Gateway {
+    server: Server,
+    signals: Signals,
+    /// The old process of a binary upgrade and the socket it hands over on.
+    upgrade_from: Option<(u32, PathBuf)>,
+}
+
+impl Gateway {
+    /// Serves until a stop signal, then drains (see [`crate::lifecycle`]).
+    pub fn run(self) -> Result<(), StartError> {
+        let Gateway {
+            mut server,
+            signals,
+            upgrade_from,
+        } = self;
+        // Everything that can fail has been built: only now is the old process of
+        // an upgrade told to hand over.
+        if let Some((old, socket)) = upgrade_from {
+            take_over_from(old, &socket).map_err(|message| StartError::Upgrade {
+                old_pid: old,
+                message,
+            })?;
+        }
+        // With `upgrade`, this receives the listening sockets (Pingora exits the
+        // process if none arrive within 5 s).
+        server.bootstrap();
+        server.run(RunArgs {
+            shutdown_signal: Box::new(signals),
+        });
+        crate::lifecycle::log_stopped();
+        Ok(())
+    }
+}
+
+/// Builds every service of the gateway from `loaded`, in the order the
+/// services depend on each other. Binds only what must exist before Pingora
+/// starts (the DNS sockets, so a taken `dns.listen` fails here, and the mesh
+/// relay's socket) and signals no process. `log` takes `log.level` on reload.
+pub fn build(
+    loaded: Loaded,
+    log: Option<LogHandle>,
+    upgrade_from: Option<u32>,
+) -> Result<Gateway, StartError> {
+    let Loaded {
+        path,
+        config,
+        trust,
+        registry,
+    } = loaded;
+    let trust = trust.map(Arc::new);
+    // During an upgrade the old process holds the ports until it hands them over.
+    let listeners = checked_listeners(&config, trust.as_deref(), upgrade_from.is_none())?;
     if let Some(trust) = &trust {
         let svid = trust.material().svid();
         info!(spiffe_id = %svid.spiffe_id, fingerprint = %svid.fingerprint,
             trust_domains = trust.material().trust().iter().count(), "identity loaded");
     }
-
-    let readiness = Arc::new(Readiness::default());
-    readiness.set(
-        "config",
-        true,
-        format!("loaded from {}", config_path.display()),
-    );
-    readiness.set("listeners", false, "starting");
-    readiness.set("signals", false, "starting");
+    let readiness = readiness(&path);
     let drain = Arc::new(Drain::default());
-    let conf = pingora_conf(&config);
     let upgrade = Arc::new(Upgrade::new(
-        config_path.to_owned(),
+        path.clone(),
         config.runtime.upgrade_socket.clone(),
     ));
+    let mut server = pingora_server(&config, upgrade_from);
+    let phases = server.watch_execution_phase();
     let config = Arc::new(ArcSwap::from_pointee(config));
 
-    let upgrade_socket = conf.upgrade_sock.clone();
-    let opt = upgrade_from.map(|_| Opt {
-        upgrade: true,
-        ..Opt::default()
-    });
-    let mut server = Server::new_with_opt_and_conf(opt, conf);
-    let phases = server.watch_execution_phase();
-    let hub = match crate::federation::hub(&config.load(), trust.as_deref(), &registry) {
-        Ok(hub) => hub,
-        Err(e) => {
-            error!(error = %e, "cannot register the federation metrics");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    let (discovery, discovery_runner) =
-        match crate::discovery::discovery(&config.load(), hub.clone(), &registry) {
-            Ok(d) => d,
-            Err(e) => {
-                error!(error = %e, "cannot register the discovery metrics");
-                return ExitCode::from(EXIT_FAILURE);
-            }
-        };
-    let catalog = hub.catalog().clone();
-    let dns = match crate::dns::DnsParts::new(&config.load().dns, &registry) {
-        Ok(dns) => dns,
-        Err(e) => {
-            error!(error = %e, "cannot set up DNS");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    let here = Here {
-        cluster: config.load().gateway.cluster.clone(),
-        locality: config.load().gateway.locality.clone(),
-        labels: config.load().gateway.labels.clone(),
-    };
-    let upstreams = Arc::new(Upstreams::new(
-        config.load().upstream.clone(),
-        here,
-        &registry,
-    ));
-    upstreams.set_routes(&config.load().routes);
-    server.add_service(background_service(
-        "peer leases",
-        LeaseWatcher::new(upstreams.clone(), hub.clone()),
-    ));
+    let (hub, discovery, discovery_runner) =
+        federation_hub(&config.load(), trust.as_deref(), &registry)?;
+    let dns = crate::dns::DnsParts::new(&config.load().dns, &registry).map_err(StartError::Dns)?;
+    let upstreams = upstreams(&mut server, &config.load(), &hub, &registry);
     let limit_metrics = LimitMetrics::new(&registry);
-    let clusterset_listeners = match add_data_plane(
+    let clusterset_listeners = add_data_plane(
         &mut server,
         &config.load(),
         trust.as_ref(),
         DataPlane {
-            catalog: &catalog,
+            catalog: hub.catalog(),
             upstreams: &upstreams,
             drain: &drain,
             config: &config,
@@ -178,88 +216,37 @@ pub fn run(config_path: &Path, upgrade_from: Option<u32>) -> ExitCode {
         },
         dns.as_ref().map(|d| d.cluster_set.allocations()),
         &registry,
-    ) {
-        Ok(listeners) => listeners,
-        Err(e) => {
-            error!(error = %e, "cannot set up the data plane");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
+    )
+    .map_err(StartError::DataPlane)?;
     let clusterset_ips = dns.as_ref().map(|d| d.cluster_set.allocations());
     if let Some(dns) = dns {
-        readiness.set("dns", false, "starting");
-        server.add_service(background_service(
-            "dns",
-            crate::dns::DnsService {
-                cluster_set: dns.cluster_set,
-                hub: hub.clone(),
-                server: dns.server,
-                sockets: std::sync::Mutex::new(Some(dns.sockets)),
-                listeners: clusterset_listeners,
-                readiness: readiness.clone(),
-            },
-        ));
+        add_dns(&mut server, dns, &hub, clusterset_listeners, &readiness);
     }
-
-    let admin_addr = config.load().admin.listen;
-    let admin = AdminApp::new(Arc::new(AdminState {
-        registry: registry.clone(),
-        readiness: readiness.clone(),
-        config: config.clone(),
-        drain: drain.clone(),
-        trust: trust.clone(),
-        upstreams: upstreams.clone(),
-        hub: hub.clone(),
-        clusterset_ips,
-    }));
-    let limits = config.load().limits.clone();
-    let admin = Guarded::new(
-        Arc::new(admin),
-        ListenerGuard::new("admin", limits.admin, limits.header_timeout, &limit_metrics),
-    );
-    let mut admin_service = Service::new("admin".to_owned(), admin);
-    admin_service.add_tcp(&admin_addr.to_string());
-    // The admin API is light; keep its runtime small whatever `runtime.threads` says.
-    admin_service.threads = Some(1);
-    server.add_service(admin_service);
-    if let Some(trust) = &trust {
-        if let Some(service) = bundle_endpoint_service(&config.load(), trust, &limit_metrics) {
-            match service {
-                Ok(service) => {
-                    server.add_service(service);
-                }
-                Err(e) => {
-                    error!(error = %e, "cannot configure the bundle endpoint's TLS");
-                    return ExitCode::from(EXIT_FAILURE);
-                }
-            }
-        }
-        server.add_service(background_service(
-            "trust",
-            TrustService {
-                trust: trust.clone(),
-            },
-        ));
-    }
-    let federation = &config.load().federation;
-    if federation.enabled() {
-        readiness.set("federation", false, "starting");
-    }
-    let (peer_targets, targets) =
-        tokio::sync::watch::channel(crate::federation::targets(&config.load()));
-    server.add_service(background_service(
-        "federation",
-        crate::federation::FederationService {
-            hub: hub.clone(),
-            trust: trust.clone(),
-            listen: federation.listen,
-            targets,
-            connect_timeout: config.load().upstream.connect_timeout,
+    add_admin(
+        &mut server,
+        AdminState {
+            registry: registry.clone(),
             readiness: readiness.clone(),
-            enabled: federation.enabled(),
-            discovery: discovery_runner,
+            config: config.clone(),
+            drain: drain.clone(),
+            trust: trust.clone(),
+            upstreams: upstreams.clone(),
+            hub: hub.clone(),
+            clusterset_ips,
         },
-    ));
+        &limit_metrics,
+    );
+    if let Some(trust) = &trust {
+        add_trust(&mut server, &config.load(), trust, &limit_metrics)?;
+    }
+    let peer_targets = add_federation(
+        &mut server,
+        &config.load(),
+        &hub,
+        trust.clone(),
+        &readiness,
+        discovery_runner,
+    );
     server.add_service(background_service(
         "startup",
         Startup {
@@ -270,9 +257,9 @@ pub fn run(config_path: &Path, upgrade_from: Option<u32>) -> ExitCode {
     ));
 
     let reloader = Reloader::new(
-        config_path.to_owned(),
+        path,
         config.clone(),
-        Some(log),
+        log,
         trust,
         crate::federation::Reconfigure {
             hub,
@@ -282,33 +269,65 @@ pub fn run(config_path: &Path, upgrade_from: Option<u32>) -> ExitCode {
         upstreams,
         &registry,
     );
-    let signals = Signals {
-        reloader: Arc::new(reloader),
-        readiness,
-        drain,
-        config,
-        phases: std::sync::Mutex::new(Some(phases)),
-        upgrade,
-    };
-    // Everything that can fail has been built: only now is the old process of
-    // an upgrade told to hand over.
-    if let Some(old) = upgrade_from
-        && let Err(e) = take_over_from(old, Path::new(&upgrade_socket))
-    {
-        error!(
-            old_pid = old,
-            "binary upgrade: {e}; the running gateway keeps serving"
-        );
-        return ExitCode::from(EXIT_FAILURE);
-    }
-    // With `upgrade`, this receives the listening sockets (Pingora exits the
-    // process if none arrive within 5 s).
-    server.bootstrap();
-    server.run(RunArgs {
-        shutdown_signal: Box::new(signals),
+    let upgrade_socket = PathBuf::from(&server.configuration.upgrade_sock);
+    Ok(Gateway {
+        server,
+        signals: Signals {
+            reloader: Arc::new(reloader),
+            readiness,
+            drain,
+            config,
+            phases: std::sync::Mutex::new(Some(phases)),
+            upgrade,
+        },
+        upgrade_from: upgrade_from.map(|old| (old, upgrade_socket)),
+    })
+}
+
+/// Process readiness as start-up begins: the configuration is in, listeners
+/// and signal handlers are to come.
+fn readiness(config_path: &Path) -> Arc<Readiness> {
+    let readiness = Arc::new(Readiness::default());
+    readiness.set(
+        "config",
+        true,
+        format!("loaded from {}", config_path.display()),
+    );
+    readiness.set("listeners", false, "starting");
+    readiness.set("signals", false, "starting");
+    readiness
+}
+
+/// Pingora's server for `config`; with `upgrade_from`, one that receives the
+/// listening sockets of that process.
+fn pingora_server(config: &Config, upgrade_from: Option<u32>) -> Server {
+    let opt = upgrade_from.map(|_| Opt {
+        upgrade: true,
+        ..Opt::default()
     });
-    crate::lifecycle::log_stopped();
-    ExitCode::SUCCESS
+    Server::new_with_opt_and_conf(opt, pingora_conf(config))
+}
+
+/// The backends' state (health, outliers, leases) with the configured policy
+/// and routes, and the service that expires peer leases.
+fn upstreams(
+    server: &mut Server,
+    config: &Config,
+    hub: &Arc<Hub>,
+    registry: &prometheus::Registry,
+) -> Arc<Upstreams> {
+    let here = Here {
+        cluster: config.gateway.cluster.clone(),
+        locality: config.gateway.locality.clone(),
+        labels: config.gateway.labels.clone(),
+    };
+    let upstreams = Arc::new(Upstreams::new(config.upstream.clone(), here, registry));
+    upstreams.set_routes(&config.routes);
+    server.add_service(background_service(
+        "peer leases",
+        LeaseWatcher::new(upstreams.clone(), hub.clone()),
+    ));
+    upstreams
 }
 
 /// How long a peer gateway has to complete the east-west handshake.
@@ -556,123 +575,6 @@ impl pingora_core::services::background::BackgroundService for RelayService {
     }
 }
 
-/// The SPIFFE bundle endpoint's listening service, when configured.
-fn bundle_endpoint_service(
-    config: &Config,
-    trust: &Trust,
-    limit_metrics: &LimitMetrics,
-) -> Option<pingora_error::Result<Service<Guarded<BundleEndpointApp>>>> {
-    let endpoint = config.trust.bundle_endpoint.as_ref()?;
-    let app = BundleEndpointApp {
-        material: trust.material().clone(),
-        trust_domain: config.gateway.trust_domain.clone(),
-        refresh_hint: endpoint.refresh_hint,
-    };
-    // Pingora completes the TLS handshake before the app sees the connection:
-    // the caps count connections from then on.
-    let app = Guarded::new(
-        Arc::new(app),
-        ListenerGuard::new(
-            "bundle_endpoint",
-            config.limits.bundle_endpoint,
-            config.limits.header_timeout,
-            limit_metrics,
-        ),
-    );
-    let mut service = Service::new("bundle endpoint".to_owned(), app);
-    // Pingora builds the listener's rustls config once; our resolver reads the
-    // live SVID on every handshake, so rotation needs no rebuild. The
-    // certificate paths are unused when a resolver is set.
-    let mut tls = match TlsSettings::intermediate("", "") {
-        Ok(tls) => tls,
-        Err(e) => return Some(Err(e)),
-    };
-    tls.set_cert_resolver(Arc::new(SvidResolver::new(trust.material().clone())));
-    service.add_tls_with_settings(&endpoint.listen.to_string(), None, tls);
-    service.threads = Some(1);
-    Some(Ok(service))
-}
-
-/// Every listener the configuration asks for, named by its config path.
-fn listeners(config: &Config, trust: Option<&Trust>) -> Result<Vec<Probe>, rustls::Error> {
-    let mut probes = vec![Probe {
-        name: "admin.listen".into(),
-        addr: config.admin.listen,
-        tls: None,
-        http_path: Some("/healthz"),
-        connect: true,
-    }];
-    for (i, svc) in config.services.iter().enumerate() {
-        for (j, port) in svc.ports.iter().enumerate() {
-            if let Some(addr) = port.listen {
-                probes.push(Probe {
-                    name: format!("services[{i}].ports[{j}].listen"),
-                    addr,
-                    tls: None,
-                    http_path: None,
-                    connect: false,
-                });
-            }
-        }
-    }
-    if let Some(addr) = config.federation.listen.filter(|_| trust.is_some()) {
-        // Bound by the federation service; a TLS probe would be a peering
-        // session, so readiness follows the peers' syncs instead.
-        probes.push(Probe {
-            name: "federation.listen".into(),
-            addr,
-            tls: None,
-            http_path: None,
-            connect: false,
-        });
-    }
-    if let Some(addr) = config.listeners.outbound {
-        probes.push(Probe {
-            name: "listeners.outbound".into(),
-            addr,
-            tls: None,
-            // A TCP connect only: an HTTP probe would be routed and counted.
-            http_path: None,
-            connect: true,
-        });
-    }
-    if let (Some(trust), Some(addr)) = (trust, config.listeners.east_west) {
-        // The gateway reaches its own east-west port as a peer would. HTTP/1.1
-        // only: closing after the handshake is then an ordinary idle client,
-        // where an h2 connection without a preface is logged as an error.
-        let tls = spiffe_client_config(
-            trust.material(),
-            PeerPolicy::exact(config.spiffe_id()),
-            true,
-            vec![b"http/1.1".to_vec()],
-        )?;
-        probes.push(Probe {
-            name: "listeners.east_west".into(),
-            addr,
-            tls: Some(Arc::new(tls)),
-            http_path: None,
-            connect: true,
-        });
-    }
-    if let (Some(trust), Some(endpoint)) = (trust, &config.trust.bundle_endpoint) {
-        // The gateway checks it serves its own SVID, as its peers will.
-        let tls = spiffe_client_config(
-            trust.material(),
-            PeerPolicy::exact(config.spiffe_id()),
-            false,
-            vec![b"http/1.1".to_vec()],
-        )?;
-        probes.push(Probe {
-            name: "trust.bundle_endpoint.listen".into(),
-            addr: endpoint.listen,
-            tls: Some(Arc::new(tls)),
-            http_path: Some("/"),
-            connect: true,
-        });
-    }
-    Ok(probes)
-}
-
 fn pingora_conf(config: &Config) -> ServerConf {
     ServerConf {
         threads: config.runtime.threads,
@@ -706,22 +608,6 @@ fn take_over_from(old: u32, upgrade_socket: &Path) -> Result<(), String> {
     )
     .map_err(|e| format!("cannot signal process {old}: {e}"))?;
     info!(old_pid = old, socket = %upgrade_socket.display(), "binary upgrade: waiting for the listening sockets");
-    Ok(())
-}
-
-/// Binds and releases each address the way Pingora will (SO_REUSEADDR), to turn
-/// "address in use" or "cannot assign address" into an error before start-up.
-fn check_bindable(listeners: &[Probe]) -> Result<(), (&str, SocketAddr, std::io::Error)> {
-    for probe in listeners {
-        let addr = probe.addr;
-        let bind = || -> std::io::Result<()> {
-            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-            socket.set_reuse_address(true)?;
-            socket.bind(&addr.into())?;
-            socket.listen(1)
-        };
-        bind().map_err(|e| (probe.name.as_str(), addr, e))?;
-    }
     Ok(())
 }
 

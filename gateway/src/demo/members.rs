@@ -9,7 +9,7 @@ use isthmus_federation::{SpiffeId, TrustDomain};
 
 use crate::devpki;
 
-/// Admin API port (the default `admin.listen` port, docs/configuration.md).
+/// Admin API port (the default of `admin.listen`).
 pub(super) const ADMIN_PORT: u16 = 15000;
 /// Outbound listener port.
 pub(super) const OUTBOUND_PORT: u16 = 15001;
@@ -374,8 +374,9 @@ mod tests {
         for (i, spec) in MEMBERS.iter().enumerate() {
             let files = MemberFiles::new(work.path(), spec);
             std::fs::write(&files.config, gateway_toml(i, &endpoints)).unwrap();
-            let (config, trust) = crate::cli::load_all(&files.config, &prometheus::Registry::new())
-                .unwrap_or_else(|e| panic!("{}: {e:?}", spec.name));
+            let crate::server::Loaded { config, trust, .. } =
+                crate::server::load(&files.config, prometheus::Registry::new())
+                    .unwrap_or_else(|e| panic!("{}: {e:?}", spec.name));
             assert!(trust.is_some(), "{} has an identity", spec.name);
             assert_eq!(config.spiffe_id().to_string(), spec.spiffe_id());
             let services = config.services.len();

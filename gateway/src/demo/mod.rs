@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::cli::EXIT_FAILURE;
+use crate::exit::Exit;
 use members::{
     ADMIN_PORT, DNS_PORT, ENDPOINTS, Endpoint, MEMBERS, MemberFiles, NAMESPACE, OUTBOUND_PORT,
     SERVICE_PORT,
@@ -54,7 +54,7 @@ pub fn run(work_dir: Option<PathBuf>) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("isthmus demo: cannot start a runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
+            return Exit::Failure.into();
         }
     };
     let code = runtime.block_on(demo(work_dir));
@@ -71,7 +71,7 @@ fn say(text: &str) {
 
 fn fail(message: &str) -> ExitCode {
     eprintln!("isthmus demo: {message}");
-    ExitCode::from(EXIT_FAILURE)
+    Exit::Failure.into()
 }
 
 /// Every address the demo listens on must be free: another demo (or a
@@ -216,7 +216,7 @@ async fn supervise(sup: Arc<Supervisor>, control: tokio::net::TcpListener, temp:
     }
     if failed {
         sup.stop_all().await;
-        return ExitCode::from(EXIT_FAILURE);
+        return Exit::Failure.into();
     }
     let control_sup = sup.clone();
     tokio::spawn(http::serve(control, move |req| {
