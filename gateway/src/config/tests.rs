@@ -490,14 +490,20 @@ fn relative_paths_are_resolved_against_the_config_file() {
     );
 }
 
-/// `WITH_TRUST` with `from` replaced by `to`; must be rejected at `path`.
-fn assert_trust_rejects(from: &str, to: &str, path: &str) {
-    assert!(WITH_TRUST.contains(from), "{from}");
-    let errors = errors_of(&WITH_TRUST.replacen(from, to, 1));
+/// `base` with `from` (which it must contain) replaced by `to`; must be
+/// rejected at `path`.
+fn assert_replaced_rejects(base: &str, from: &str, to: &str, path: &str) {
+    assert!(base.contains(from), "{from}");
+    let errors = errors_of(&base.replacen(from, to, 1));
     assert!(
         errors.mentions(path),
         "expected {path} for {to:?}, got:\n{errors}"
     );
+}
+
+/// `WITH_TRUST` with `from` replaced by `to`; must be rejected at `path`.
+fn assert_trust_rejects(from: &str, to: &str, path: &str) {
+    assert_replaced_rejects(WITH_TRUST, from, to, path);
 }
 
 #[test]
@@ -695,12 +701,7 @@ fn data_plane_sections_build_the_static_catalog() {
 }
 
 fn assert_data_plane_rejects(from: &str, to: &str, path: &str) {
-    assert!(WITH_DATA_PLANE.contains(from), "{from}");
-    let errors = errors_of(&WITH_DATA_PLANE.replacen(from, to, 1));
-    assert!(
-        errors.mentions(path),
-        "expected {path} for {to:?}, got:\n{errors}"
-    );
+    assert_replaced_rejects(WITH_DATA_PLANE, from, to, path);
 }
 
 #[test]
@@ -1013,12 +1014,7 @@ fn federation_mistakes_are_named() {
             "trust.federated[1].accept_peer_bundles",
         ),
     ] {
-        assert!(WITH_FEDERATION.contains(from), "{from}");
-        let errors = errors_of(&WITH_FEDERATION.replacen(from, to, 1));
-        assert!(
-            errors.mentions(path),
-            "expected {path} for {to:?}, got:\n{errors}"
-        );
+        assert_replaced_rejects(WITH_FEDERATION, from, to, path);
     }
     let no_identity = format!("{}[federation]\nlisten = \"127.0.0.1:15012\"\n", MINIMAL);
     assert!(errors_of(&no_identity).mentions("federation.listen"));
@@ -1205,12 +1201,7 @@ fn dns_mistakes_are_named() {
             "listeners.outbound",
         ),
     ] {
-        assert!(WITH_DNS.contains(from), "{from}");
-        let errors = errors_of(&WITH_DNS.replacen(from, to, 1));
-        assert!(
-            errors.mentions(path),
-            "expected {path} for {to:?}, got:\n{errors}"
-        );
+        assert_replaced_rejects(WITH_DNS, from, to, path);
     }
 }
 
@@ -1431,12 +1422,7 @@ fn each_traffic_rule_has_a_failing_case() {
     ];
     let base = with_traffic();
     for (from, to, path) in cases {
-        assert!(base.contains(from), "{from}");
-        let errors = errors_of(&base.replacen(from, to, 1));
-        assert!(
-            errors.mentions(path),
-            "expected {path} for {to:?}, got:\n{errors}"
-        );
+        assert_replaced_rejects(&base, from, to, path);
     }
     // A second [[routes]] for the same service is refused.
     let twice = base.replacen("[upstream.locality]", "[[routes]]\nservice = \"shop/web\"\n[[routes.rules]]\nsplit = [{ weight = 1 }]\n[upstream.locality]", 1);
