@@ -177,7 +177,7 @@ fn parse_range(s: &str, v4: bool) -> Result<IpRange, String> {
 pub(super) fn dns(check: &mut Check, raw: &RawDns) -> Option<DnsConfig> {
     let before = check.errors.len();
     let listen = check.optional("dns.listen", raw.listen.as_deref(), parse_socket_addr);
-    let ttl = check.or_default("dns.ttl", raw.ttl.as_deref(), "5s", |s| {
+    let ttl = check.or_value("dns.ttl", raw.ttl.as_deref(), DEFAULT_TTL, |s| {
         parse_duration(s, MAX_TTL)
     });
     let v4 = check.or_default(
@@ -216,10 +216,10 @@ pub(super) fn dns(check: &mut Check, raw: &RawDns) -> Option<DnsConfig> {
             upstreams.push(addr);
         }
     }
-    let forward_timeout = check.or_default(
+    let forward_timeout = check.or_value(
         "dns.forward_timeout",
         raw.forward_timeout.as_deref(),
-        "2s",
+        DEFAULT_FORWARD_TIMEOUT,
         |s| parse_duration_between(s, MIN_FORWARD_TIMEOUT, MAX_FORWARD_TIMEOUT),
     );
     let cache_size = raw.cache_size.unwrap_or(DEFAULT_CACHE_SIZE);
@@ -299,10 +299,10 @@ pub(super) fn dns(check: &mut Check, raw: &RawDns) -> Option<DnsConfig> {
             format!("{per_source} is more than dns.tcp_max_connections ({total})"),
         );
     }
-    let tcp_idle_timeout = check.or_default(
+    let tcp_idle_timeout = check.or_value(
         "dns.tcp_idle_timeout",
         raw.tcp_idle_timeout.as_deref(),
-        "10s",
+        DEFAULT_TCP_IDLE_TIMEOUT,
         |s| parse_duration_between(s, MIN_TCP_IDLE_TIMEOUT, MAX_TCP_IDLE_TIMEOUT),
     );
     let (

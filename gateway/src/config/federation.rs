@@ -270,17 +270,18 @@ pub(super) fn federation(
         raw.listen.as_deref(),
         parse_socket_addr,
     );
-    let lease = match raw.lease.as_deref() {
-        None => Some(DEFAULT_LEASE),
-        Some(s) => check.parsed(
-            "federation.lease",
-            parse_duration_between(s, MIN_LEASE, MAX_LEASE),
-        ),
-    };
-    let grace = match raw.grace.as_deref() {
-        None => Some(DEFAULT_GRACE),
-        Some(s) => check.parsed("federation.grace", parse_duration(s, MAX_GRACE)),
-    };
+    let lease = check.or_value(
+        "federation.lease",
+        raw.lease.as_deref(),
+        DEFAULT_LEASE,
+        |s| parse_duration_between(s, MIN_LEASE, MAX_LEASE),
+    );
+    let grace = check.or_value(
+        "federation.grace",
+        raw.grace.as_deref(),
+        DEFAULT_GRACE,
+        |s| parse_duration(s, MAX_GRACE),
+    );
     let export = patterns(check, "federation.export", raw.export.as_deref());
     if raw.accept_peer_bundles == Some(true) {
         check.fail(
@@ -530,10 +531,12 @@ fn limits(check: &mut Check, raw: &RawFederationLimits) -> Option<PeeringLimits>
         1,
         10_000,
     );
-    let peer_retention = match raw.peer_retention.as_deref() {
-        None => Some(d.peer_retention),
-        Some(s) => check.parsed(&at("peer_retention"), parse_duration(s, MAX_PEER_RETENTION)),
-    };
+    let peer_retention = check.or_value(
+        &at("peer_retention"),
+        raw.peer_retention.as_deref(),
+        d.peer_retention,
+        |s| parse_duration(s, MAX_PEER_RETENTION),
+    );
     Some(PeeringLimits {
         max_services_per_peer: max_services_per_peer?,
         max_ports_per_service: max_ports_per_service?,

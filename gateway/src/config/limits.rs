@@ -228,13 +228,12 @@ fn listener(
 
 pub(super) fn limits(check: &mut Check, raw: &RawLimits) -> Option<LimitsConfig> {
     let before = check.errors.len();
-    let header_timeout = match raw.header_timeout.as_deref() {
-        None => Some(DEFAULT_HEADER_TIMEOUT),
-        Some(s) => check.parsed(
-            "limits.header_timeout",
-            parse_duration_between(s, MIN_HEADER_TIMEOUT, MAX_HEADER_TIMEOUT),
-        ),
-    };
+    let header_timeout = check.or_value(
+        "limits.header_timeout",
+        raw.header_timeout.as_deref(),
+        DEFAULT_HEADER_TIMEOUT,
+        |s| parse_duration_between(s, MIN_HEADER_TIMEOUT, MAX_HEADER_TIMEOUT),
+    );
     let h2_max_concurrent_streams = int(
         check,
         "limits.h2_max_concurrent_streams",

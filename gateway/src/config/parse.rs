@@ -54,6 +54,25 @@ impl Check {
         self.parsed(path, parse(value.unwrap_or(default)))
     }
 
+    /// Parses an optional field whose default is a typed value (a named
+    /// constant), `default` when absent.
+    pub(super) fn or_value<T, E, P>(
+        &mut self,
+        path: &str,
+        value: Option<&str>,
+        default: T,
+        parse: P,
+    ) -> Option<T>
+    where
+        E: Display,
+        P: FnOnce(&str) -> Result<T, E>,
+    {
+        match value {
+            None => Some(default),
+            Some(v) => self.parsed(path, parse(v)),
+        }
+    }
+
     /// Parses an optional field that has no default: `None` when absent or
     /// invalid (the error recorded).
     pub(super) fn optional<T, E, P>(

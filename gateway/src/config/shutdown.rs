@@ -29,12 +29,11 @@ pub struct ShutdownConfig {
 
 /// Checks `[shutdown]`.
 pub(super) fn shutdown(check: &mut Check, raw: &RawShutdown) -> Option<ShutdownConfig> {
-    let drain_timeout = match raw.drain_timeout.as_deref() {
-        None => DEFAULT_DRAIN_TIMEOUT,
-        Some(s) => check.parsed(
-            "shutdown.drain_timeout",
-            parse_duration(s, MAX_DRAIN_TIMEOUT),
-        )?,
-    };
+    let drain_timeout = check.or_value(
+        "shutdown.drain_timeout",
+        raw.drain_timeout.as_deref(),
+        DEFAULT_DRAIN_TIMEOUT,
+        |s| parse_duration(s, MAX_DRAIN_TIMEOUT),
+    )?;
     Some(ShutdownConfig { drain_timeout })
 }

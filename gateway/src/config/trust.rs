@@ -198,10 +198,12 @@ pub(super) fn trust(
         raw.allow_trust_domains.as_deref(),
         TrustDomain::from_str,
     );
-    let refresh_interval = match raw.refresh_interval.as_deref() {
-        None => Some(DEFAULT_REFRESH_INTERVAL),
-        Some(s) => check.parsed("trust.refresh_interval", parse_refresh(s)),
-    };
+    let refresh_interval = check.or_value(
+        "trust.refresh_interval",
+        raw.refresh_interval.as_deref(),
+        DEFAULT_REFRESH_INTERVAL,
+        parse_refresh,
+    );
     let mut federated = Vec::new();
     let mut seen = BTreeSet::new();
     for (i, f) in raw.federated.iter().flatten().enumerate() {
@@ -406,10 +408,12 @@ fn bundle_endpoint(check: &mut Check, raw: &RawBundleEndpoint) -> Option<BundleE
         raw.listen.as_deref(),
         parse_socket_addr,
     );
-    let refresh_hint = match raw.refresh_hint.as_deref() {
-        None => Some(DEFAULT_REFRESH_HINT),
-        Some(s) => check.parsed("trust.bundle_endpoint.refresh_hint", parse_refresh(s)),
-    };
+    let refresh_hint = check.or_value(
+        "trust.bundle_endpoint.refresh_hint",
+        raw.refresh_hint.as_deref(),
+        DEFAULT_REFRESH_HINT,
+        parse_refresh,
+    );
     Some(BundleEndpointConfig {
         listen: listen?,
         refresh_hint: refresh_hint?,

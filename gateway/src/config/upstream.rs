@@ -240,10 +240,7 @@ fn duration(
     value: Option<&str>,
     default: Duration,
 ) -> Option<Duration> {
-    match value {
-        None => Some(default),
-        Some(s) => check.parsed(path, parse_duration(s, MAX_TIMEOUT)),
-    }
+    check.or_value(path, value, default, |s| parse_duration(s, MAX_TIMEOUT))
 }
 
 pub(super) fn upstream(check: &mut Check, raw: &RawUpstream) -> Option<UpstreamConfig> {
