@@ -22,6 +22,24 @@ region = "us-east"
 
 const MINIMAL: &str = minimal!();
 
+/// `minimal!()` with an identity and the federated trust domain
+/// `west.example.org`, which the data plane and federation cases build on.
+macro_rules! with_west {
+    () => {
+        concat!(
+            minimal!(),
+            r#"[identity]
+cert = "svid.crt"
+key = "svid.key"
+bundle = "bundle.pem"
+[[trust.federated]]
+trust_domain = "west.example.org"
+bundle = "west.pem"
+"#
+        )
+    };
+}
+
 fn shipped_files() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
     let mut files = vec![root.join("isthmus.toml")];
@@ -641,15 +659,8 @@ fn trust_without_identity_is_rejected() {
 }
 
 const WITH_DATA_PLANE: &str = concat!(
-    minimal!(),
-    r#"[identity]
-cert = "svid.crt"
-key = "svid.key"
-bundle = "bundle.pem"
-[[trust.federated]]
-trust_domain = "west.example.org"
-bundle = "west.pem"
-[listeners]
+    with_west!(),
+    r#"[listeners]
 outbound = "127.0.0.1:15001"
 east_west = "127.0.0.1:15443"
 [[services]]
@@ -833,15 +844,8 @@ fn each_data_plane_rule_has_a_failing_case() {
 }
 
 const WITH_FEDERATION: &str = concat!(
-    minimal!(),
-    r#"[identity]
-cert = "svid.crt"
-key = "svid.key"
-bundle = "bundle.pem"
-[[trust.federated]]
-trust_domain = "west.example.org"
-bundle = "west.pem"
-[[trust.federated]]
+    with_west!(),
+    r#"[[trust.federated]]
 trust_domain = "vms.example.org"
 bundle = "vms.pem"
 accept_peer_bundles = true
