@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{ConfigError, ConfigErrors};
 use super::parse::{
     Check, Keyword, keyword, parse_duration, parse_duration_between, parse_path, parse_resolver,
-    port, resolve_path,
+    port, resolve_path, unique_list,
 };
 // `[[discovery.dns]]` entries and watched files hold `[[services]]` entries,
 // checked by the same rules: the one section this one builds on.
@@ -390,16 +390,13 @@ fn kubernetes(check: &mut Check, raw: &RawKubernetes) -> Option<KubernetesConfig
         }
         other => other.map(str::to_owned),
     };
-    let mut namespaces: Vec<Namespace> = Vec::new();
-    for (i, ns) in raw.namespaces.iter().flatten().enumerate() {
-        let path = format!("discovery.kubernetes.namespaces[{i}]");
-        if let Some(ns) = check.parsed(&path, Namespace::from_str(ns)) {
-            if namespaces.contains(&ns) {
-                check.fail(path, format!("{ns} is listed twice"));
-            }
-            namespaces.push(ns);
-        }
-    }
+    let namespaces = unique_list(
+        check,
+        "discovery.kubernetes.namespaces",
+        raw.namespaces.as_deref(),
+        Namespace::from_str,
+        Namespace::to_string,
+    );
     (check.errors.len() == before).then_some(KubernetesConfig {
         kubeconfig,
         context,
@@ -410,16 +407,16 @@ fn kubernetes(check: &mut Check, raw: &RawKubernetes) -> Option<KubernetesConfig
 /// Checks `[discovery]`. On errors (recorded in `check`) the result is the
 /// default and must not be used.
 pub(super) fn discovery(check: &mut Check, raw: &RawDiscovery) -> DiscoveryConfig {
-    let mut out = DiscoveryConfig::default();
-    for (i, f) in raw.files.iter().flatten().enumerate() {
-        let path = format!("discovery.files[{i}]");
-        if let Some(p) = check.parsed(&path, parse_path(f)) {
-            if out.files.contains(&p) {
-                check.fail(path, format!("{} is listed twice", p.display()));
-            }
-            out.files.push(p);
-        }
-    }
+    let mut out = DiscoveryConfig {
+        files: unique_list(
+            check,
+            "discovery.files",
+            raw.files.as_deref(),
+            parse_path,
+            |p| p.display().to_string(),
+        ),
+        ..DiscoveryConfig::default()
+    };
     for (i, r) in raw.dns_resolvers.iter().flatten().enumerate() {
         if let Some(addr) =
             check.parsed(&format!("discovery.dns_resolvers[{i}]"), parse_resolver(r))

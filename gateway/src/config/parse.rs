@@ -116,6 +116,30 @@ pub(super) fn list<T, E: Display>(
         .collect()
 }
 
+/// Parses each element of a list like [`list`], refusing one that repeats an
+/// earlier one: `<show(value)> is listed twice`.
+pub(super) fn unique_list<T: PartialEq, E: Display, S: Display>(
+    check: &mut Check,
+    path: &str,
+    values: Option<&[String]>,
+    parse: impl Fn(&str) -> Result<T, E>,
+    show: impl Fn(&T) -> S,
+) -> Vec<T> {
+    let mut out: Vec<T> = Vec::new();
+    for (i, v) in values.unwrap_or_default().iter().enumerate() {
+        let at = format!("{path}[{i}]");
+        let Some(item) = check.parsed(&at, parse(v)) else {
+            continue;
+        };
+        if out.contains(&item) {
+            check.fail(at, format!("{} is listed twice", show(&item)));
+        } else {
+            out.push(item);
+        }
+    }
+    out
+}
+
 /// An integer setting in `min..=max`, `default` when absent, as a `T`
 /// (`i64`, or the count type it is held in).
 pub(super) fn int<T: TryFrom<i64>>(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::parse::{Check, int, parse_duration};
+use super::parse::{Check, int, parse_duration, unique_list};
 
 /// Default TCP (and, to peer gateways, TLS) connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -318,28 +318,24 @@ fn as_factor<S: serde::Serializer>(percent: &u32, s: S) -> Result<S::Ok, S::Erro
 }
 
 fn locality(check: &mut Check, raw: &RawLocalityPolicy) -> Option<LocalityPolicy> {
-    let mut failover_order: Vec<String> = Vec::new();
-    for (i, region) in raw.failover_order.iter().flatten().enumerate() {
-        let path = format!("upstream.locality.failover_order[{i}]");
-        if let Err(e) = isthmus_federation::names::validate_label(region) {
-            check.fail(path, format!("region {e}"));
-        } else if failover_order.contains(region) {
-            check.fail(path, format!("{region:?} is listed twice"));
-        } else {
-            failover_order.push(region.clone());
-        }
-    }
-    let mut failover_priority: Vec<String> = Vec::new();
-    for (i, label) in raw.failover_priority.iter().flatten().enumerate() {
-        let path = format!("upstream.locality.failover_priority[{i}]");
-        if let Err(e) = isthmus_federation::catalog::validate_label_name(label) {
-            check.fail(path, e);
-        } else if failover_priority.contains(label) {
-            check.fail(path, format!("{label:?} is listed twice"));
-        } else {
-            failover_priority.push(label.clone());
-        }
-    }
+    let failover_order = unique_list(
+        check,
+        "upstream.locality.failover_order",
+        raw.failover_order.as_deref(),
+        |region| {
+            isthmus_federation::names::validate_label(region)
+                .map(|()| region.to_owned())
+                .map_err(|e| format!("region {e}"))
+        },
+        |region| format!("{region:?}"),
+    );
+    let failover_priority = unique_list(
+        check,
+        "upstream.locality.failover_priority",
+        raw.failover_priority.as_deref(),
+        |label| isthmus_federation::catalog::validate_label_name(label).map(|()| label.to_owned()),
+        |label| format!("{label:?}"),
+    );
     let overprovisioning = match raw.overprovisioning_factor {
         None => Some(DEFAULT_OVERPROVISIONING_PERCENT),
         Some(f) if (1.0..=10.0).contains(&f) => Some((f * 100.0).round() as i64),
