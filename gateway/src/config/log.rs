@@ -64,10 +64,10 @@ pub(super) fn log(check: &mut Check, raw: &RawLog) -> Option<LogConfig> {
         DEFAULT_LOG_LEVEL,
         parse_log_filter,
     );
-    let format = check.or_default(
+    let format = check.or_value(
         "log.format",
         raw.format.as_deref(),
-        "auto",
+        LogFormat::Auto,
         LogFormat::from_str,
     );
     Some(LogConfig {

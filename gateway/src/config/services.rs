@@ -2,7 +2,7 @@
 //! (address, locality, labels, weight) and subsets, who may call them through
 //! the east-west listener, and how (terminated or passed through).
 //!
-//! [`services`] also checks the services of watched files and of
+//! `services()` also checks the services of watched files and of
 //! `[[discovery.dns]]`, which follow the same rules.
 
 use std::fmt;
@@ -332,10 +332,10 @@ pub(super) fn services(check: &mut Check, raw: &[RawService]) -> Vec<ServiceConf
             svc.allow_trust_domains.as_deref(),
             TrustDomain::from_str,
         );
-        let mode = check.or_default(
+        let mode = check.or_value(
             &at("mode"),
             svc.mode.as_deref(),
-            "terminate",
+            EastWestMode::Terminate,
             EastWestMode::from_str,
         );
         if mode == Some(EastWestMode::Passthrough)
@@ -405,10 +405,10 @@ fn ports(check: &mut Check, path: &str, raw: &[RawPort]) -> Vec<PortConfig> {
                 None
             }
         };
-        let protocol = check.or_default(
+        let protocol = check.or_value(
             &at("protocol"),
             p.protocol.as_deref(),
-            "http",
+            Protocol::Http,
             Protocol::from_str,
         );
         let listen = check.optional(&at("listen"), p.listen.as_deref(), parse_socket_addr);

@@ -329,10 +329,10 @@ fn federated_domain(
         }
         None
     } else {
-        let profile = check.or_default(
+        let profile = check.or_value(
             &at("endpoint_profile"),
             raw.endpoint_profile.as_deref(),
-            "https_spiffe",
+            EndpointProfile::HttpsSpiffe,
             keyword::<EndpointProfile>,
         );
         match profile {
