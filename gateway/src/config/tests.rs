@@ -1554,3 +1554,47 @@ fn passthrough_services_take_source_networks() {
         assert!(errors.mentions(path), "{extra}: {errors}");
     }
 }
+
+/// Sections import the shared parsers (and errors), never each other: model.rs
+/// composes them, so no circle comes back. `[[discovery.dns]]` entries and
+/// watched files are `[[services]]` entries, so discovery alone builds on
+/// services.
+#[test]
+fn sections_import_only_the_shared_parsers() {
+    let sections = [
+        ("admin", include_str!("admin.rs")),
+        ("discovery", include_str!("discovery.rs")),
+        ("dns", include_str!("dns.rs")),
+        ("federation", include_str!("federation.rs")),
+        ("gateway", include_str!("gateway.rs")),
+        ("identity", include_str!("identity.rs")),
+        ("limits", include_str!("limits.rs")),
+        ("listeners", include_str!("listeners.rs")),
+        ("log", include_str!("log.rs")),
+        ("peers", include_str!("peers.rs")),
+        ("routes", include_str!("routes.rs")),
+        ("runtime", include_str!("runtime.rs")),
+        ("services", include_str!("services.rs")),
+        ("shutdown", include_str!("shutdown.rs")),
+        ("trust", include_str!("trust.rs")),
+        ("upstream", include_str!("upstream.rs")),
+    ];
+    for (name, text) in sections {
+        let code = text.lines().filter(|l| !l.trim_start().starts_with("//"));
+        for line in code {
+            for (_, rest) in line
+                .match_indices("super::")
+                .map(|(i, _)| line.split_at(i + 7))
+            {
+                let module: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let allowed = module == "parse"
+                    || module == "error"
+                    || (name == "discovery" && module == "services");
+                assert!(allowed, "{name}.rs uses super::{module}: {line}");
+            }
+        }
+    }
+}
