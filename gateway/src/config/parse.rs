@@ -36,7 +36,7 @@ impl Check {
     ) -> Option<T> {
         match value {
             None => {
-                self.errors.push(ConfigError::new(path, "is required"));
+                self.fail(path, "is required");
                 None
             }
             Some(v) => self.parsed(path, parse(v)),
