@@ -16,10 +16,13 @@ use isthmus_federation::{ClusterName, Namespace};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ConfigError, ConfigErrors};
-use super::model::{
-    Check, EastWestMode, PortConfig, ServiceConfig, parse_duration, parse_resolver, services,
+use super::parse::{
+    Check, Keyword, keyword, parse_duration, parse_duration_between, parse_path, parse_resolver,
+    port, resolve_path, unique_list,
 };
-use super::raw::{RawPort, RawService};
+// `[[discovery.dns]]` entries and watched files hold `[[services]]` entries,
+// checked by the same rules: the one section this one builds on.
+use super::services::{EastWestMode, PortConfig, RawPort, RawService, ServiceConfig, services};
 
 /// Default shortest time between two resolutions of a DNS-discovered name.
 pub const DEFAULT_DNS_MIN_TTL: Duration = dns::DEFAULT_MIN_TTL;
@@ -145,6 +148,12 @@ pub enum DnsRecordKind {
     A,
 }
 
+impl Keyword for DnsRecordKind {
+    const KIND: &'static str = "record type";
+    const WORDS: &'static [(&'static str, Self)] = &[("srv", Self::Srv), ("a", Self::A)];
+    const NOTE: &'static str = " (A and AAAA)";
+}
+
 /// `[[discovery.dns]]`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DnsServiceConfig {
@@ -246,32 +255,17 @@ impl DiscoveryConfig {
 
     /// Makes file paths absolute, relative to `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
-        let resolve = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
-        self.files.iter_mut().for_each(resolve);
+        for file in &mut self.files {
+            resolve_path(base, file);
+        }
         if let Some(kubeconfig) = self.kubernetes.as_mut().and_then(|k| k.kubeconfig.as_mut()) {
-            resolve(kubeconfig);
+            resolve_path(base, kubeconfig);
         }
     }
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s, DNS_TTL_BOUNDS.1)?;
-    if d < DNS_TTL_BOUNDS.0 {
-        return Err(format!("{s:?} is shorter than the minimum of 1s"));
-    }
-    Ok(d)
-}
-
-fn parse_path(s: &str) -> Result<PathBuf, &'static str> {
-    if s.trim().is_empty() {
-        Err("must not be empty")
-    } else {
-        Ok(PathBuf::from(s))
-    }
+    parse_duration_between(s, DNS_TTL_BOUNDS.0, DNS_TTL_BOUNDS.1)
 }
 
 /// A discovered service may not open listeners: those are bound at start
@@ -279,10 +273,10 @@ fn parse_path(s: &str) -> Result<PathBuf, &'static str> {
 fn refuse_listen(check: &mut Check, path: &str, ports: Option<&[RawPort]>) {
     for (j, p) in ports.unwrap_or_default().iter().enumerate() {
         if p.listen.is_some() {
-            check.errors.push(ConfigError::new(
+            check.fail(
                 format!("{path}.ports[{j}].listen"),
                 "a discovered service cannot open a listener; give the tcp port its listen address in [[services]]",
-            ));
+            );
         }
     }
 }
@@ -301,16 +295,10 @@ fn dns_service(check: &mut Check, i: usize, raw: &RawDnsService) -> Option<DnsSe
     let at = |field: &str| format!("discovery.dns[{i}].{field}");
     let before = check.errors.len();
     // The `[[services]]` rules, through the same code.
-    let ports = raw.ports.as_ref().map(|ports| {
-        // RawPort is plain data; a round trip through JSON copies it.
-        serde_json::to_value(ports)
-            .and_then(serde_json::from_value::<Vec<RawPort>>)
-            .unwrap_or_default()
-    });
     let as_service = RawService {
         namespace: raw.namespace.clone(),
         name: raw.name.clone(),
-        ports,
+        ports: raw.ports.clone(),
         endpoints: None,
         subsets: None,
         export: raw.export,
@@ -328,15 +316,7 @@ fn dns_service(check: &mut Check, i: usize, raw: &RawDnsService) -> Option<DnsSe
 
     let query = check.required(&at("query"), raw.query.as_deref(), dns::parse_query);
     let record = match raw.record.as_deref() {
-        Some("srv") => Some(DnsRecordKind::Srv),
-        Some("a") => Some(DnsRecordKind::A),
-        Some(other) => {
-            check.errors.push(ConfigError::new(
-                at("record"),
-                format!("unknown record type {other:?}; expected \"srv\" or \"a\" (A and AAAA)"),
-            ));
-            None
-        }
+        Some(s) => check.parsed(&at("record"), keyword::<DnsRecordKind>(s)),
         // `_http._tcp.<name>` is an SRV name.
         None => query.as_ref().map(|q| {
             if q.starts_with('_') {
@@ -346,33 +326,23 @@ fn dns_service(check: &mut Check, i: usize, raw: &RawDnsService) -> Option<DnsSe
             }
         }),
     };
-    let port = match raw.port {
-        None => None,
-        Some(n) if (1..=65535).contains(&n) => Some(n as u16),
-        Some(n) => {
-            check.errors.push(ConfigError::new(
-                at("port"),
-                format!("{n} is not a port number (1-65535)"),
-            ));
-            None
-        }
-    };
+    let port = raw.port.and_then(|n| check.parsed(&at("port"), port(n)));
     let port = match record {
         Some(DnsRecordKind::Srv) if raw.port.is_some() => {
-            check.errors.push(ConfigError::new(
+            check.fail(
                 at("port"),
                 "applies to record = \"a\" only; SRV records carry their ports",
-            ));
+            );
             None
         }
         Some(DnsRecordKind::A) if raw.port.is_none() => {
             match service.as_ref().map(|s| &s.ports[..]) {
                 Some([only]) => Some(only.port),
                 Some(_) => {
-                    check.errors.push(ConfigError::new(
+                    check.fail(
                     at("port"),
                     "is required for A/AAAA records when the service has more than one port: the port its endpoints listen on",
-                ));
+                );
                     None
                 }
                 None => None,
@@ -401,39 +371,32 @@ fn dns_service(check: &mut Check, i: usize, raw: &RawDnsService) -> Option<DnsSe
 
 fn kubernetes(check: &mut Check, raw: &RawKubernetes) -> Option<KubernetesConfig> {
     let before = check.errors.len();
-    let kubeconfig = raw
-        .kubeconfig
-        .as_deref()
-        .and_then(|p| check.parsed("discovery.kubernetes.kubeconfig", parse_path(p)));
+    let kubeconfig = check.optional(
+        "discovery.kubernetes.kubeconfig",
+        raw.kubeconfig.as_deref(),
+        parse_path,
+    );
     let context = match raw.context.as_deref() {
         Some(_) if raw.kubeconfig.is_none() => {
-            check.errors.push(ConfigError::new(
+            check.fail(
                 "discovery.kubernetes.context",
                 "needs kubeconfig; in the cluster the service account is used",
-            ));
+            );
             None
         }
         Some("") => {
-            check.errors.push(ConfigError::new(
-                "discovery.kubernetes.context",
-                "must not be empty",
-            ));
+            check.fail("discovery.kubernetes.context", "must not be empty");
             None
         }
         other => other.map(str::to_owned),
     };
-    let mut namespaces: Vec<Namespace> = Vec::new();
-    for (i, ns) in raw.namespaces.iter().flatten().enumerate() {
-        let path = format!("discovery.kubernetes.namespaces[{i}]");
-        if let Some(ns) = check.parsed(&path, Namespace::from_str(ns)) {
-            if namespaces.contains(&ns) {
-                check
-                    .errors
-                    .push(ConfigError::new(path, format!("{ns} is listed twice")));
-            }
-            namespaces.push(ns);
-        }
-    }
+    let namespaces = unique_list(
+        check,
+        "discovery.kubernetes.namespaces",
+        raw.namespaces.as_deref(),
+        Namespace::from_str,
+        Namespace::to_string,
+    );
     (check.errors.len() == before).then_some(KubernetesConfig {
         kubeconfig,
         context,
@@ -444,19 +407,16 @@ fn kubernetes(check: &mut Check, raw: &RawKubernetes) -> Option<KubernetesConfig
 /// Checks `[discovery]`. On errors (recorded in `check`) the result is the
 /// default and must not be used.
 pub(super) fn discovery(check: &mut Check, raw: &RawDiscovery) -> DiscoveryConfig {
-    let mut out = DiscoveryConfig::default();
-    for (i, f) in raw.files.iter().flatten().enumerate() {
-        let path = format!("discovery.files[{i}]");
-        if let Some(p) = check.parsed(&path, parse_path(f)) {
-            if out.files.contains(&p) {
-                check.errors.push(ConfigError::new(
-                    path,
-                    format!("{} is listed twice", p.display()),
-                ));
-            }
-            out.files.push(p);
-        }
-    }
+    let mut out = DiscoveryConfig {
+        files: unique_list(
+            check,
+            "discovery.files",
+            raw.files.as_deref(),
+            parse_path,
+            |p| p.display().to_string(),
+        ),
+        ..DiscoveryConfig::default()
+    };
     for (i, r) in raw.dns_resolvers.iter().flatten().enumerate() {
         if let Some(addr) =
             check.parsed(&format!("discovery.dns_resolvers[{i}]"), parse_resolver(r))
@@ -475,14 +435,14 @@ pub(super) fn discovery(check: &mut Check, raw: &RawDiscovery) -> DiscoveryConfi
             .unwrap_or(out.dns_max_ttl);
     }
     if out.dns_max_ttl < out.dns_min_ttl {
-        check.errors.push(ConfigError::new(
+        check.fail(
             "discovery.dns_max_ttl",
             format!(
                 "{} is shorter than discovery.dns_min_ttl ({})",
                 humantime::format_duration(out.dns_max_ttl),
                 humantime::format_duration(out.dns_min_ttl)
             ),
-        ));
+        );
     }
     if let Some(s) = raw.dns_timeout.as_deref() {
         out.dns_timeout = check
@@ -505,10 +465,10 @@ pub(super) fn discovery(check: &mut Check, raw: &RawDiscovery) -> DiscoveryConfi
                 .iter()
                 .any(|s| s.namespace == service.namespace && s.name == service.name)
             {
-                check.errors.push(ConfigError::new(
+                check.fail(
                     format!("discovery.dns[{i}].name"),
                     format!("{}/{} is listed twice", service.namespace, service.name),
-                ));
+                );
             }
             out.dns.push(service);
         }

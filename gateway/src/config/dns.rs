@@ -8,11 +8,12 @@ use std::time::Duration;
 use isthmus_federation::dns::guard::{DEFAULT_ALLOW_SOURCES, RATE_LIMIT_SOURCES};
 use isthmus_federation::dns::{DnsPolicy, ForwardConfig, IpRange, RateLimit, SourceAcl, SourceNet};
 use isthmus_federation::limits::ConnectionLimits;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::error::ConfigError;
-use super::model::{Check, parse_duration, parse_resolver, parse_socket_addr};
-use super::raw::RawDns;
+use super::parse::{
+    Check, int, list, parse_duration, parse_duration_between, parse_path, parse_resolver,
+    parse_socket_addr, serialize_display, serialize_display_list, serialize_display_opt,
+};
 
 /// Default record TTL: short, so that clients follow failover and withdrawal.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(5);
@@ -41,6 +42,44 @@ const MAX_CACHE_SIZE: u64 = 1_000_000;
 const MIN_FORWARD_TIMEOUT: Duration = Duration::from_millis(100);
 const MAX_FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// `[dns]` as written.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    /// `dns.listen`
+    pub listen: Option<String>,
+    /// `dns.ttl`
+    pub ttl: Option<String>,
+    /// `dns.clusterset_ipv4_range`
+    pub clusterset_ipv4_range: Option<String>,
+    /// `dns.clusterset_ipv6_range`
+    pub clusterset_ipv6_range: Option<String>,
+    /// `dns.state_file`
+    pub state_file: Option<String>,
+    /// `dns.clusterset_listeners`
+    pub clusterset_listeners: Option<bool>,
+    /// `dns.upstreams`
+    pub upstreams: Option<Vec<String>>,
+    /// `dns.forward_timeout`
+    pub forward_timeout: Option<String>,
+    /// `dns.cache_size`
+    pub cache_size: Option<u64>,
+    /// `dns.allow_sources`
+    pub allow_sources: Option<Vec<String>>,
+    /// `dns.rate_limit`
+    pub rate_limit: Option<i64>,
+    /// `dns.rate_limit_burst`
+    pub rate_limit_burst: Option<i64>,
+    /// `dns.rate_limit_slip`
+    pub rate_limit_slip: Option<i64>,
+    /// `dns.tcp_max_connections`
+    pub tcp_max_connections: Option<i64>,
+    /// `dns.tcp_max_connections_per_source`
+    pub tcp_max_connections_per_source: Option<i64>,
+    /// `dns.tcp_idle_timeout`
+    pub tcp_idle_timeout: Option<String>,
+}
+
 /// `[dns]`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DnsConfig {
@@ -51,11 +90,11 @@ pub struct DnsConfig {
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
     /// Where clusterset IPs come from.
-    #[serde(serialize_with = "super::model::serialize_display")]
+    #[serde(serialize_with = "serialize_display")]
     pub clusterset_ipv4_range: IpRange,
     /// Where clusterset IPv6 addresses come from; no AAAA records without it.
     #[serde(
-        serialize_with = "display_opt",
+        serialize_with = "serialize_display_opt",
         skip_serializing_if = "Option::is_none"
     )]
     pub clusterset_ipv6_range: Option<IpRange>,
@@ -73,7 +112,7 @@ pub struct DnsConfig {
     pub cache_size: u64,
     /// Networks whose hosts are answered (and get recursion); the rest get
     /// REFUSED.
-    #[serde(serialize_with = "display_all")]
+    #[serde(serialize_with = "serialize_display_list")]
     pub allow_sources: Vec<SourceNet>,
     /// UDP answers per second per source; 0: no limit.
     pub rate_limit: u32,
@@ -88,23 +127,6 @@ pub struct DnsConfig {
     /// A TCP connection without a query for this long is closed.
     #[serde(with = "humantime_serde")]
     pub tcp_idle_timeout: Duration,
-}
-
-fn display_all<S: serde::Serializer, T: std::fmt::Display>(
-    v: &[T],
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    s.collect_seq(v.iter().map(ToString::to_string))
-}
-
-fn display_opt<S: serde::Serializer, T: std::fmt::Display>(
-    v: &Option<T>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match v {
-        Some(v) => s.collect_str(v),
-        None => s.serialize_none(),
-    }
 }
 
 impl DnsConfig {
@@ -154,11 +176,8 @@ fn parse_range(s: &str, v4: bool) -> Result<IpRange, String> {
 
 pub(super) fn dns(check: &mut Check, raw: &RawDns) -> Option<DnsConfig> {
     let before = check.errors.len();
-    let listen = raw
-        .listen
-        .as_deref()
-        .and_then(|a| check.parsed("dns.listen", parse_socket_addr(a)));
-    let ttl = check.or_default("dns.ttl", raw.ttl.as_deref(), "5s", |s| {
+    let listen = check.optional("dns.listen", raw.listen.as_deref(), parse_socket_addr);
+    let ttl = check.or_value("dns.ttl", raw.ttl.as_deref(), DEFAULT_TTL, |s| {
         parse_duration(s, MAX_TTL)
     });
     let v4 = check.or_default(
@@ -167,19 +186,12 @@ pub(super) fn dns(check: &mut Check, raw: &RawDns) -> Option<DnsConfig> {
         DEFAULT_IPV4_RANGE,
         |s| parse_range(s, true),
     );
-    let v6 = raw
-        .clusterset_ipv6_range
-        .as_deref()
-        .and_then(|s| check.parsed("dns.clusterset_ipv6_range", parse_range(s, false)));
-    let state_file = match raw.state_file.as_deref() {
-        Some("") => {
-            check
-                .errors
-                .push(ConfigError::new("dns.state_file", "must not be empty"));
-            None
-        }
-        other => other.map(PathBuf::from),
-    };
+    let v6 = check.optional(
+        "dns.clusterset_ipv6_range",
+        raw.clusterset_ipv6_range.as_deref(),
+        |s| parse_range(s, false),
+    );
+    let state_file = check.optional("dns.state_file", raw.state_file.as_deref(), parse_path);
     let mut upstreams = Vec::new();
     for (i, u) in raw
         .upstreams
@@ -196,37 +208,26 @@ pub(super) fn dns(check: &mut Check, raw: &RawDns) -> Option<DnsConfig> {
             l.port() == addr.port() && (l.ip() == addr.ip() || l.ip().is_unspecified())
         });
         if loops {
-            check.errors.push(ConfigError::new(
+            check.fail(
                 &path,
                 format!("{addr} is this server (dns.listen): forwarding to it would loop"),
-            ));
+            );
         } else {
             upstreams.push(addr);
         }
     }
-    let forward_timeout = check.or_default(
+    let forward_timeout = check.or_value(
         "dns.forward_timeout",
         raw.forward_timeout.as_deref(),
-        "2s",
-        |s| {
-            parse_duration(s, MAX_FORWARD_TIMEOUT).and_then(|d| {
-                if d < MIN_FORWARD_TIMEOUT {
-                    Err(format!(
-                        "{s:?} is shorter than the minimum of {}",
-                        humantime::format_duration(MIN_FORWARD_TIMEOUT)
-                    ))
-                } else {
-                    Ok(d)
-                }
-            })
-        },
+        DEFAULT_FORWARD_TIMEOUT,
+        |s| parse_duration_between(s, MIN_FORWARD_TIMEOUT, MAX_FORWARD_TIMEOUT),
     );
     let cache_size = raw.cache_size.unwrap_or(DEFAULT_CACHE_SIZE);
     if cache_size > MAX_CACHE_SIZE {
-        check.errors.push(ConfigError::new(
+        check.fail(
             "dns.cache_size",
             format!("{cache_size} is more than the maximum of {MAX_CACHE_SIZE}"),
-        ));
+        );
     }
     let allow_sources = match raw.allow_sources.as_deref() {
         None => DEFAULT_ALLOW_SOURCES
@@ -234,22 +235,21 @@ pub(super) fn dns(check: &mut Check, raw: &RawDns) -> Option<DnsConfig> {
             .filter_map(|s| s.parse().ok())
             .collect(),
         Some([]) => {
-            check.errors.push(ConfigError::new(
+            check.fail(
                 "dns.allow_sources",
                 "must not be empty (it would refuse everyone); [\"0.0.0.0/0\", \"::/0\"] answers everyone",
-            ));
+            );
             Vec::new()
         }
-        Some(list) => list
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| {
-                check.parsed(&format!("dns.allow_sources[{i}]"), s.parse::<SourceNet>())
-            })
-            .collect(),
+        Some(sources) => list(
+            check,
+            "dns.allow_sources",
+            Some(sources),
+            str::parse::<SourceNet>,
+        ),
     };
     let int = |check: &mut Check, key: &str, value, default, min, max| {
-        super::upstream::int(check, &format!("dns.{key}"), value, default, min, max)
+        int(check, &format!("dns.{key}"), value, default, min, max)
     };
     let rate_limit = int(
         check,
@@ -294,27 +294,16 @@ pub(super) fn dns(check: &mut Check, raw: &RawDns) -> Option<DnsConfig> {
     if let (Some(total), Some(per_source)) = (tcp_total, tcp_per_source)
         && per_source > total
     {
-        check.errors.push(ConfigError::new(
+        check.fail(
             "dns.tcp_max_connections_per_source",
             format!("{per_source} is more than dns.tcp_max_connections ({total})"),
-        ));
+        );
     }
-    let tcp_idle_timeout = check.or_default(
+    let tcp_idle_timeout = check.or_value(
         "dns.tcp_idle_timeout",
         raw.tcp_idle_timeout.as_deref(),
-        "10s",
-        |s| {
-            parse_duration(s, MAX_TCP_IDLE_TIMEOUT).and_then(|d| {
-                if d < MIN_TCP_IDLE_TIMEOUT {
-                    Err(format!(
-                        "{s:?} is shorter than the minimum of {}",
-                        humantime::format_duration(MIN_TCP_IDLE_TIMEOUT)
-                    ))
-                } else {
-                    Ok(d)
-                }
-            })
-        },
+        DEFAULT_TCP_IDLE_TIMEOUT,
+        |s| parse_duration_between(s, MIN_TCP_IDLE_TIMEOUT, MAX_TCP_IDLE_TIMEOUT),
     );
     let (
         Some(ttl),
@@ -376,10 +365,10 @@ pub(super) fn outside_ranges(
     for (path, addr) in listeners {
         let Some(addr) = addr else { continue };
         if let Some(range) = dns.ranges().into_iter().find(|r| r.covers(addr.ip())) {
-            check.errors.push(ConfigError::new(
+            check.fail(
                 path,
                 format!("{addr} is inside dns.clusterset range {range}, whose addresses are given to services"),
-            ));
+            );
         }
     }
 }

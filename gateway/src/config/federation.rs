@@ -10,15 +10,12 @@ use isthmus_federation::peering::convert::{MAX_LEASE, MIN_LEASE};
 use isthmus_federation::peering::{Grant, PeerAuthority, PeeringLimits, ServicePatterns};
 use isthmus_federation::trust::tls::GATEWAY_PATH_PREFIX;
 use isthmus_federation::{ClusterName, Locality, SpiffeId, TrustDomain};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::error::ConfigError;
-use super::model::{
-    Check, ListenersConfig, TrustConfig, list, parse_duration, parse_path, parse_socket_addr,
-    require_bundle,
+use super::parse::{
+    Bundles, Check, int, list, parse_duration, parse_duration_between, parse_path,
+    parse_socket_addr, serialize_display_list,
 };
-use super::raw::{RawFederation, RawFederationLimits};
-use super::upstream::int;
 
 /// Default lease: peers hear from this gateway at least every third of it, and
 /// count on it no longer when it lapses. 1.5 s makes a partitioned peer stop
@@ -30,6 +27,94 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 const MAX_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// Longest time an expired peer may be remembered.
 const MAX_PEER_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// `[federation]` as written.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFederation {
+    /// `federation.listen`
+    pub listen: Option<String>,
+    /// `federation.advertise`
+    pub advertise: Option<String>,
+    /// `federation.lease`
+    pub lease: Option<String>,
+    /// `federation.grace`
+    pub grace: Option<String>,
+    /// `federation.accept_peer_bundles`: replaced by
+    /// `trust.federated[].accept_peer_bundles`; only `false` is accepted.
+    pub accept_peer_bundles: Option<bool>,
+    /// `federation.export`
+    pub export: Option<Vec<String>>,
+    /// `federation.state_file`
+    pub state_file: Option<String>,
+    /// `[[federation.peers]]`
+    pub peers: Option<Vec<RawFederationPeer>>,
+    /// `[[federation.accept]]`
+    pub accept: Option<Vec<RawFederationAccept>>,
+    /// `[federation.limits]`
+    #[serde(default)]
+    pub limits: RawFederationLimits,
+}
+
+/// `[[federation.accept]]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFederationAccept {
+    /// `federation.accept[].trust_domain`
+    pub trust_domain: Option<String>,
+    /// `federation.accept[].clusters`
+    pub clusters: Option<Vec<String>>,
+    /// `federation.accept[].localities`
+    pub localities: Option<Vec<String>>,
+    /// `federation.accept[].import`
+    pub import: Option<Vec<String>>,
+    /// `federation.accept[].export`
+    pub export: Option<Vec<String>>,
+}
+
+/// `[federation.limits]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFederationLimits {
+    /// `federation.limits.max_services_per_peer`
+    pub max_services_per_peer: Option<i64>,
+    /// `federation.limits.max_ports_per_service`
+    pub max_ports_per_service: Option<i64>,
+    /// `federation.limits.max_endpoints_per_service`
+    pub max_endpoints_per_service: Option<i64>,
+    /// `federation.limits.max_message_bytes`
+    pub max_message_bytes: Option<i64>,
+    /// `federation.limits.max_sessions_per_peer`
+    pub max_sessions_per_peer: Option<i64>,
+    /// `federation.limits.max_streams_per_connection`
+    pub max_streams_per_connection: Option<i64>,
+    /// `federation.limits.max_connections`
+    pub max_connections: Option<i64>,
+    /// `federation.limits.max_connections_per_source`
+    pub max_connections_per_source: Option<i64>,
+    /// `federation.limits.max_handshakes`
+    pub max_handshakes: Option<i64>,
+    /// `federation.limits.peer_retention`
+    pub peer_retention: Option<String>,
+}
+
+/// `[[federation.peers]]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFederationPeer {
+    /// `federation.peers[].address`
+    pub address: Option<String>,
+    /// `federation.peers[].spiffe_id`
+    pub spiffe_id: Option<String>,
+    /// `federation.peers[].clusters`
+    pub clusters: Option<Vec<String>>,
+    /// `federation.peers[].localities`
+    pub localities: Option<Vec<String>>,
+    /// `federation.peers[].import`
+    pub import: Option<Vec<String>>,
+    /// `federation.peers[].export`
+    pub export: Option<Vec<String>>,
+}
 
 /// `[federation]`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -91,7 +176,10 @@ pub struct GrantConfig {
     /// The clusters it may speak for.
     pub clusters: Vec<ClusterName>,
     /// Where it may say it runs (`region[/zone[/subzone]]`); empty: anywhere.
-    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "as_strings")]
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_display_list"
+    )]
     pub localities: Vec<Locality>,
     /// Which of its exports this gateway takes; empty: all.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -119,8 +207,12 @@ impl FederationConfig {
         self.listen.is_some() || !self.peers.is_empty()
     }
 
-    /// Who may peer and assert what, with `trust`'s opted-in bundle pushes.
-    pub fn authority(&self, trust: &TrustConfig) -> PeerAuthority {
+    /// Who may peer and assert what; `bundle_pushes`: the trust domains whose
+    /// bundles configured peers may push (`trust.federated[].accept_peer_bundles`).
+    pub(super) fn authority_with(
+        &self,
+        bundle_pushes: impl IntoIterator<Item = TrustDomain>,
+    ) -> PeerAuthority {
         PeerAuthority {
             peers: self
                 .peers
@@ -133,12 +225,7 @@ impl FederationConfig {
                 .map(|a| (a.trust_domain.clone(), a.grant.grant()))
                 .collect::<BTreeMap<_, _>>(),
             default_exports: ServicePatterns::new(self.export.clone()),
-            bundle_pushes: trust
-                .federated
-                .iter()
-                .filter(|f| f.accept_peer_bundles)
-                .map(|f| f.trust_domain.clone())
-                .collect::<BTreeSet<_>>(),
+            bundle_pushes: bundle_pushes.into_iter().collect::<BTreeSet<_>>(),
         }
     }
 }
@@ -167,51 +254,47 @@ fn patterns(check: &mut Check, path: &str, raw: Option<&[String]>) -> Vec<String
         .collect()
 }
 
+/// Checks `[federation]`. `east_west`: `listeners.east_west`, the default of
+/// `advertise`; `has_identity`: whether `[identity]` is set; `bundles`: the
+/// trust domains a peer may belong to.
 pub(super) fn federation(
     check: &mut Check,
     raw: &RawFederation,
-    listeners: Option<&ListenersConfig>,
+    east_west: Option<SocketAddr>,
     has_identity: bool,
-    own_td: Option<&TrustDomain>,
-    trust: Option<&TrustConfig>,
+    bundles: &Bundles<'_>,
 ) -> Option<FederationConfig> {
     let before = check.errors.len();
-    let listen = raw
-        .listen
-        .as_deref()
-        .and_then(|a| check.parsed("federation.listen", parse_socket_addr(a)));
-    let lease = match raw.lease.as_deref() {
-        None => Some(DEFAULT_LEASE),
-        Some(s) => check.parsed(
-            "federation.lease",
-            parse_duration(s, MAX_LEASE).and_then(|d| {
-                if d < MIN_LEASE {
-                    Err(format!(
-                        "{s:?} is shorter than the minimum of {}",
-                        humantime::format_duration(MIN_LEASE)
-                    ))
-                } else {
-                    Ok(d)
-                }
-            }),
-        ),
-    };
-    let grace = match raw.grace.as_deref() {
-        None => Some(DEFAULT_GRACE),
-        Some(s) => check.parsed("federation.grace", parse_duration(s, MAX_GRACE)),
-    };
+    let listen = check.optional(
+        "federation.listen",
+        raw.listen.as_deref(),
+        parse_socket_addr,
+    );
+    let lease = check.or_value(
+        "federation.lease",
+        raw.lease.as_deref(),
+        DEFAULT_LEASE,
+        |s| parse_duration_between(s, MIN_LEASE, MAX_LEASE),
+    );
+    let grace = check.or_value(
+        "federation.grace",
+        raw.grace.as_deref(),
+        DEFAULT_GRACE,
+        |s| parse_duration(s, MAX_GRACE),
+    );
     let export = patterns(check, "federation.export", raw.export.as_deref());
     if raw.accept_peer_bundles == Some(true) {
-        check.errors.push(ConfigError::new(
+        check.fail(
             "federation.accept_peer_bundles",
             "is no longer a global switch: opt in per trust domain with \
              trust.federated[].accept_peer_bundles = true",
-        ));
+        );
     }
-    let state_file = raw
-        .state_file
-        .as_deref()
-        .and_then(|p| check.parsed("federation.state_file", parse_path(p)));
+    let state_file = check.optional(
+        "federation.state_file",
+        raw.state_file.as_deref(),
+        parse_path,
+    );
     let mut peers = Vec::new();
     for (i, p) in raw.peers.as_deref().unwrap_or_default().iter().enumerate() {
         let at = |field: &str| format!("federation.peers[{i}].{field}");
@@ -232,12 +315,9 @@ pub(super) fn federation(
             },
         );
         if let Some(id) = &spiffe_id {
-            require_bundle(check, &at("spiffe_id"), id, own_td, trust);
+            bundles.require_for(check, &at("spiffe_id"), id);
             if peers.iter().any(|q: &FederationPeer| &q.spiffe_id == id) {
-                check.errors.push(ConfigError::new(
-                    at("spiffe_id"),
-                    format!("{id} is listed twice"),
-                ));
+                check.fail(at("spiffe_id"), format!("{id} is listed twice"));
             }
         }
         if let (Some(address), Some(spiffe_id), Some(grant)) = (address, spiffe_id, grant) {
@@ -267,19 +347,9 @@ pub(super) fn federation(
             },
         );
         if let Some(td) = &trust_domain {
-            let known = Some(td) == own_td
-                || trust.is_some_and(|t| t.federated.iter().any(|f| &f.trust_domain == td));
-            if !known {
-                check.errors.push(ConfigError::new(
-                    at("trust_domain"),
-                    format!("trust domain {td} has no bundle: add it to [[trust.federated]]"),
-                ));
-            }
+            bundles.require(check, &at("trust_domain"), td);
             if accept.iter().any(|q| &q.trust_domain == td) {
-                check.errors.push(ConfigError::new(
-                    at("trust_domain"),
-                    format!("{td} is listed twice"),
-                ));
+                check.fail(at("trust_domain"), format!("{td} is listed twice"));
             }
         }
         if let (Some(trust_domain), Some(grant)) = (trust_domain, grant) {
@@ -292,38 +362,35 @@ pub(super) fn federation(
     let limits = limits(check, &raw.limits);
     let enabled = listen.is_some() || !peers.is_empty();
     if !accept.is_empty() && listen.is_none() {
-        check.errors.push(ConfigError::new(
+        check.fail(
             "federation.accept",
             "needs federation.listen: accepted gateways dial this gateway's federation listener",
-        ));
+        );
     }
     if enabled && !has_identity {
-        check.errors.push(ConfigError::new(
+        check.fail(
             if listen.is_some() {
                 "federation.listen"
             } else {
                 "federation.peers"
             },
             "needs [identity]: peers authenticate this gateway by its SVID",
-        ));
+        );
     }
     let advertise = match raw.advertise.as_deref() {
         Some(a) => check.parsed("federation.advertise", parse_socket_addr(a)),
-        None => {
-            let east_west = listeners.and_then(|l| l.east_west);
-            match east_west {
-                Some(a) if a.ip().is_unspecified() && enabled => {
-                    check.errors.push(ConfigError::new(
-                        "federation.advertise",
-                        format!(
-                            "is required: listeners.east_west is {a}, which peers cannot connect to"
-                        ),
-                    ));
-                    None
-                }
-                other => other,
+        None => match east_west {
+            Some(a) if a.ip().is_unspecified() && enabled => {
+                check.fail(
+                    "federation.advertise",
+                    format!(
+                        "is required: listeners.east_west is {a}, which peers cannot connect to"
+                    ),
+                );
+                None
             }
-        }
+            other => other,
+        },
     };
     let (Some(lease), Some(grace), Some(limits)) = (lease, grace, limits) else {
         return None;
@@ -350,11 +417,6 @@ fn gateway_id(id: SpiffeId) -> Result<SpiffeId, String> {
             "{id} is not a gateway identity (spiffe://<trust-domain>{GATEWAY_PATH_PREFIX}<name>)"
         ))
     }
-}
-
-/// Localities as the configuration writes them (`"eu-west/eu-west-1a"`).
-fn as_strings<S: serde::Serializer>(localities: &[Locality], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(localities.iter().map(ToString::to_string))
 }
 
 /// The grant keys as written, shared by `[[federation.peers]]` and
@@ -386,10 +448,10 @@ fn grant(check: &mut Check, path: &str, raw: RawGrant<'_>) -> Option<GrantConfig
 fn clusters(check: &mut Check, path: &str, raw: Option<&[String]>) -> Option<Vec<ClusterName>> {
     match raw {
         None | Some([]) => {
-            check.errors.push(ConfigError::new(
+            check.fail(
                 path,
                 "is required: the cluster name(s) this peer may speak for, e.g. [\"west\"]",
-            ));
+            );
             None
         }
         Some(names) => {
@@ -404,8 +466,7 @@ fn limits(check: &mut Check, raw: &RawFederationLimits) -> Option<PeeringLimits>
     let d = PeeringLimits::default();
     let at = |field: &str| format!("federation.limits.{field}");
     let mut count = |field: &str, value: Option<i64>, default: usize, min: i64, max: i64| {
-        let n = int(check, &at(field), value, default as i64, min, max)?;
-        usize::try_from(n).ok()
+        int::<usize>(check, &at(field), value, default as i64, min, max)
     };
     let max_services_per_peer = count(
         "max_services_per_peer",
@@ -470,10 +531,12 @@ fn limits(check: &mut Check, raw: &RawFederationLimits) -> Option<PeeringLimits>
         1,
         10_000,
     );
-    let peer_retention = match raw.peer_retention.as_deref() {
-        None => Some(d.peer_retention),
-        Some(s) => check.parsed(&at("peer_retention"), parse_duration(s, MAX_PEER_RETENTION)),
-    };
+    let peer_retention = check.or_value(
+        &at("peer_retention"),
+        raw.peer_retention.as_deref(),
+        d.peer_retention,
+        |s| parse_duration(s, MAX_PEER_RETENTION),
+    );
     Some(PeeringLimits {
         max_services_per_peer: max_services_per_peer?,
         max_ports_per_service: max_ports_per_service?,

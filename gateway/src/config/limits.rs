@@ -11,11 +11,9 @@
 use std::time::Duration;
 
 use isthmus_federation::limits::ConnectionLimits;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::error::ConfigError;
-use super::model::{Check, parse_duration};
-use super::raw::{RawConnectionLimits, RawEastWestLimits, RawLimits};
+use super::parse::{Check, int, parse_duration_between};
 
 /// Default total time for a request's headers (HTTP/1.1), or for an HTTP/2
 /// connection's preface and each header block.
@@ -60,6 +58,48 @@ pub const DEFAULT_BUNDLE_ENDPOINT: ConnectionLimits = ConnectionLimits {
 };
 /// Upper bound of every connection cap.
 const MAX_CONNECTIONS: i64 = 1_000_000;
+
+/// `[limits]` as written.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// `limits.header_timeout`
+    pub header_timeout: Option<String>,
+    /// `limits.h2_max_concurrent_streams`
+    pub h2_max_concurrent_streams: Option<i64>,
+    /// `[limits.outbound]`
+    pub outbound: Option<RawConnectionLimits>,
+    /// `[limits.east_west]`
+    pub east_west: Option<RawEastWestLimits>,
+    /// `[limits.admin]`
+    pub admin: Option<RawConnectionLimits>,
+    /// `[limits.bundle_endpoint]`
+    pub bundle_endpoint: Option<RawConnectionLimits>,
+}
+
+/// `[limits.<listener>]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnectionLimits {
+    /// `limits.<listener>.connections`
+    pub connections: Option<i64>,
+    /// `limits.<listener>.connections_per_source`
+    pub connections_per_source: Option<i64>,
+}
+
+/// `[limits.east_west]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEastWestLimits {
+    /// `limits.east_west.connections`
+    pub connections: Option<i64>,
+    /// `limits.east_west.connections_per_source`
+    pub connections_per_source: Option<i64>,
+    /// `limits.east_west.handshakes`
+    pub handshakes: Option<i64>,
+    /// `limits.east_west.handshakes_per_source`
+    pub handshakes_per_source: Option<i64>,
+}
 
 /// `[limits]`
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,18 +181,10 @@ impl Serialize for LimitsConfig {
     }
 }
 
-fn count(check: &mut Check, path: &str, value: Option<i64>, default: usize) -> Option<usize> {
-    match value {
-        None => Some(default),
-        Some(n) if (1..=MAX_CONNECTIONS).contains(&n) => usize::try_from(n).ok(),
-        Some(n) => {
-            check.errors.push(ConfigError::new(
-                path,
-                format!("{n} is out of range; expected 1 to {MAX_CONNECTIONS}"),
-            ));
-            None
-        }
-    }
+/// One cap, 1 to [`MAX_CONNECTIONS`], `default` when absent.
+fn cap(check: &mut Check, path: &str, value: Option<i64>, default: usize) -> Option<usize> {
+    let default = i64::try_from(default).unwrap_or(MAX_CONNECTIONS);
+    int(check, path, value, default, 1, MAX_CONNECTIONS)
 }
 
 /// Caps from `connections` and `per_source` at `path`, defaulting to `default`.
@@ -165,14 +197,14 @@ fn caps(
 ) -> Option<ConnectionLimits> {
     let total_path = format!("{path}.{}", names.0);
     let per_path = format!("{path}.{}", names.1);
-    let total = count(check, &total_path, total, default.total);
-    let per_source = count(check, &per_path, per_source, default.per_source);
+    let total = cap(check, &total_path, total, default.total);
+    let per_source = cap(check, &per_path, per_source, default.per_source);
     let (total, per_source) = (total?, per_source?);
     if per_source > total {
-        check.errors.push(ConfigError::new(
+        check.fail(
             per_path,
             format!("{per_source} is more than {total_path} ({total})"),
-        ));
+        );
         return None;
     }
     Some(ConnectionLimits { total, per_source })
@@ -196,34 +228,20 @@ fn listener(
 
 pub(super) fn limits(check: &mut Check, raw: &RawLimits) -> Option<LimitsConfig> {
     let before = check.errors.len();
-    let header_timeout = match raw.header_timeout.as_deref() {
-        None => Some(DEFAULT_HEADER_TIMEOUT),
-        Some(s) => check.parsed(
-            "limits.header_timeout",
-            parse_duration(s, MAX_HEADER_TIMEOUT).and_then(|d| {
-                if d < MIN_HEADER_TIMEOUT {
-                    Err(format!(
-                        "{s:?} is shorter than the minimum of {}",
-                        humantime::format_duration(MIN_HEADER_TIMEOUT)
-                    ))
-                } else {
-                    Ok(d)
-                }
-            }),
-        ),
-    };
-    let streams = raw
-        .h2_max_concurrent_streams
-        .unwrap_or(DEFAULT_H2_MAX_CONCURRENT_STREAMS);
-    let h2_max_concurrent_streams = if (1..=MAX_H2_MAX_CONCURRENT_STREAMS).contains(&streams) {
-        u32::try_from(streams).ok()
-    } else {
-        check.errors.push(ConfigError::new(
-            "limits.h2_max_concurrent_streams",
-            format!("{streams} is out of range; expected 1 to {MAX_H2_MAX_CONCURRENT_STREAMS}"),
-        ));
-        None
-    };
+    let header_timeout = check.or_value(
+        "limits.header_timeout",
+        raw.header_timeout.as_deref(),
+        DEFAULT_HEADER_TIMEOUT,
+        |s| parse_duration_between(s, MIN_HEADER_TIMEOUT, MAX_HEADER_TIMEOUT),
+    );
+    let h2_max_concurrent_streams = int(
+        check,
+        "limits.h2_max_concurrent_streams",
+        raw.h2_max_concurrent_streams,
+        DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+        1,
+        MAX_H2_MAX_CONCURRENT_STREAMS,
+    );
     let outbound = listener(
         check,
         "limits.outbound",

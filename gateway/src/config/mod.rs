@@ -5,6 +5,16 @@
 //!    structs that deny unknown keys.
 //! 2. [`model`]: every field checked and converted into typed values.
 //!
+//! Each section has one file holding its raw struct, its typed struct and its
+//! checks ([`gateway`], [`admin`], [`log`], [`runtime`], [`shutdown`],
+//! [`identity`], [`trust`], [`listeners`], [`services`], [`peers`], [`routes`],
+//! [`upstream`], [`federation`], [`discovery`], [`dns`], [`limits`]). The
+//! parsers and checks they share (addresses, durations and their bounds, paths,
+//! ports, counts, networks, labels, keywords) are in `parse`; sections import
+//! from it and never from each other, except [`discovery`], whose entries are
+//! `[[services]]` entries checked by [`services`]'s rules. [`model`] composes
+//! them and runs the checks that span sections.
+//!
 //! Both stages collect every problem before failing: an unknown key or a value of
 //! the wrong type is recorded with its path, removed, and deserialization goes on,
 //! so one run of `isthmus check-config` lists everything that needs fixing.
@@ -13,15 +23,33 @@
 //! file path only, so the effective configuration can be printed and served on
 //! `/debug/config` as it is.
 
+pub mod admin;
 pub mod discovery;
 pub mod dns;
 mod error;
 pub mod federation;
+pub mod gateway;
+pub mod identity;
 pub mod limits;
+pub mod listeners;
+pub mod log;
 pub mod model;
+mod parse;
+pub mod peers;
 pub mod raw;
-pub mod traffic;
+pub mod routes;
+pub mod runtime;
+pub mod services;
+pub mod shutdown;
+pub mod trust;
 pub mod upstream;
+
+/// Where routes and endpoints were before `[[routes]]` and `[[services]]` had
+/// files of their own; kept so callers' paths stay valid.
+pub mod traffic {
+    pub use super::routes::{HeaderMatch, HeaderValueMatch, RouteConfig, RouteRule, SplitTarget};
+    pub use super::services::EndpointConfig;
+}
 
 use std::collections::HashMap;
 use std::path::Path;

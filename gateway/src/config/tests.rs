@@ -22,6 +22,24 @@ region = "us-east"
 
 const MINIMAL: &str = minimal!();
 
+/// `minimal!()` with an identity and the federated trust domain
+/// `west.example.org`, which the data plane and federation cases build on.
+macro_rules! with_west {
+    () => {
+        concat!(
+            minimal!(),
+            r#"[identity]
+cert = "svid.crt"
+key = "svid.key"
+bundle = "bundle.pem"
+[[trust.federated]]
+trust_domain = "west.example.org"
+bundle = "west.pem"
+"#
+        )
+    };
+}
+
 fn shipped_files() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
     let mut files = vec![root.join("isthmus.toml")];
@@ -490,14 +508,20 @@ fn relative_paths_are_resolved_against_the_config_file() {
     );
 }
 
-/// `WITH_TRUST` with `from` replaced by `to`; must be rejected at `path`.
-fn assert_trust_rejects(from: &str, to: &str, path: &str) {
-    assert!(WITH_TRUST.contains(from), "{from}");
-    let errors = errors_of(&WITH_TRUST.replacen(from, to, 1));
+/// `base` with `from` (which it must contain) replaced by `to`; must be
+/// rejected at `path`.
+fn assert_replaced_rejects(base: &str, from: &str, to: &str, path: &str) {
+    assert!(base.contains(from), "{from}");
+    let errors = errors_of(&base.replacen(from, to, 1));
     assert!(
         errors.mentions(path),
         "expected {path} for {to:?}, got:\n{errors}"
     );
+}
+
+/// `WITH_TRUST` with `from` replaced by `to`; must be rejected at `path`.
+fn assert_trust_rejects(from: &str, to: &str, path: &str) {
+    assert_replaced_rejects(WITH_TRUST, from, to, path);
 }
 
 #[test]
@@ -635,15 +659,8 @@ fn trust_without_identity_is_rejected() {
 }
 
 const WITH_DATA_PLANE: &str = concat!(
-    minimal!(),
-    r#"[identity]
-cert = "svid.crt"
-key = "svid.key"
-bundle = "bundle.pem"
-[[trust.federated]]
-trust_domain = "west.example.org"
-bundle = "west.pem"
-[listeners]
+    with_west!(),
+    r#"[listeners]
 outbound = "127.0.0.1:15001"
 east_west = "127.0.0.1:15443"
 [[services]]
@@ -695,12 +712,7 @@ fn data_plane_sections_build_the_static_catalog() {
 }
 
 fn assert_data_plane_rejects(from: &str, to: &str, path: &str) {
-    assert!(WITH_DATA_PLANE.contains(from), "{from}");
-    let errors = errors_of(&WITH_DATA_PLANE.replacen(from, to, 1));
-    assert!(
-        errors.mentions(path),
-        "expected {path} for {to:?}, got:\n{errors}"
-    );
+    assert_replaced_rejects(WITH_DATA_PLANE, from, to, path);
 }
 
 #[test]
@@ -832,15 +844,8 @@ fn each_data_plane_rule_has_a_failing_case() {
 }
 
 const WITH_FEDERATION: &str = concat!(
-    minimal!(),
-    r#"[identity]
-cert = "svid.crt"
-key = "svid.key"
-bundle = "bundle.pem"
-[[trust.federated]]
-trust_domain = "west.example.org"
-bundle = "west.pem"
-[[trust.federated]]
+    with_west!(),
+    r#"[[trust.federated]]
 trust_domain = "vms.example.org"
 bundle = "vms.pem"
 accept_peer_bundles = true
@@ -1013,12 +1018,7 @@ fn federation_mistakes_are_named() {
             "trust.federated[1].accept_peer_bundles",
         ),
     ] {
-        assert!(WITH_FEDERATION.contains(from), "{from}");
-        let errors = errors_of(&WITH_FEDERATION.replacen(from, to, 1));
-        assert!(
-            errors.mentions(path),
-            "expected {path} for {to:?}, got:\n{errors}"
-        );
+        assert_replaced_rejects(WITH_FEDERATION, from, to, path);
     }
     let no_identity = format!("{}[federation]\nlisten = \"127.0.0.1:15012\"\n", MINIMAL);
     assert!(errors_of(&no_identity).mentions("federation.listen"));
@@ -1205,12 +1205,7 @@ fn dns_mistakes_are_named() {
             "listeners.outbound",
         ),
     ] {
-        assert!(WITH_DNS.contains(from), "{from}");
-        let errors = errors_of(&WITH_DNS.replacen(from, to, 1));
-        assert!(
-            errors.mentions(path),
-            "expected {path} for {to:?}, got:\n{errors}"
-        );
+        assert_replaced_rejects(WITH_DNS, from, to, path);
     }
 }
 
@@ -1431,12 +1426,7 @@ fn each_traffic_rule_has_a_failing_case() {
     ];
     let base = with_traffic();
     for (from, to, path) in cases {
-        assert!(base.contains(from), "{from}");
-        let errors = errors_of(&base.replacen(from, to, 1));
-        assert!(
-            errors.mentions(path),
-            "expected {path} for {to:?}, got:\n{errors}"
-        );
+        assert_replaced_rejects(&base, from, to, path);
     }
     // A second [[routes]] for the same service is refused.
     let twice = base.replacen("[upstream.locality]", "[[routes]]\nservice = \"shop/web\"\n[[routes.rules]]\nsplit = [{ weight = 1 }]\n[upstream.locality]", 1);
@@ -1562,5 +1552,49 @@ fn passthrough_services_take_source_networks() {
     ] {
         let errors = errors_of(&service(extra));
         assert!(errors.mentions(path), "{extra}: {errors}");
+    }
+}
+
+/// Sections import the shared parsers (and errors), never each other: model.rs
+/// composes them, so no circle comes back. `[[discovery.dns]]` entries and
+/// watched files are `[[services]]` entries, so discovery alone builds on
+/// services.
+#[test]
+fn sections_import_only_the_shared_parsers() {
+    let sections = [
+        ("admin", include_str!("admin.rs")),
+        ("discovery", include_str!("discovery.rs")),
+        ("dns", include_str!("dns.rs")),
+        ("federation", include_str!("federation.rs")),
+        ("gateway", include_str!("gateway.rs")),
+        ("identity", include_str!("identity.rs")),
+        ("limits", include_str!("limits.rs")),
+        ("listeners", include_str!("listeners.rs")),
+        ("log", include_str!("log.rs")),
+        ("peers", include_str!("peers.rs")),
+        ("routes", include_str!("routes.rs")),
+        ("runtime", include_str!("runtime.rs")),
+        ("services", include_str!("services.rs")),
+        ("shutdown", include_str!("shutdown.rs")),
+        ("trust", include_str!("trust.rs")),
+        ("upstream", include_str!("upstream.rs")),
+    ];
+    for (name, text) in sections {
+        let code = text.lines().filter(|l| !l.trim_start().starts_with("//"));
+        for line in code {
+            for (_, rest) in line
+                .match_indices("super::")
+                .map(|(i, _)| line.split_at(i + 7))
+            {
+                let module: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let allowed = module == "parse"
+                    || module == "error"
+                    || (name == "discovery" && module == "services");
+                assert!(allowed, "{name}.rs uses super::{module}: {line}");
+            }
+        }
     }
 }

@@ -4,13 +4,9 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::error::ConfigError;
-use super::model::{Check, parse_duration};
-use super::raw::{
-    RawCircuitBreaker, RawHealthCheck, RawLocalityPolicy, RawOutlierDetection, RawUpstream,
-};
+use super::parse::{Check, int, parse_duration, unique_list};
 
 /// Default TCP (and, to peer gateways, TLS) connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -49,6 +45,92 @@ pub const DEFAULT_PANIC_THRESHOLD_PERCENT: i64 = 50;
 pub const DEFAULT_SLOW_START_WINDOW: Duration = Duration::from_secs(10);
 /// Longest accepted timeout or interval.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// `[upstream]` as written.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// `upstream.connect_timeout`
+    pub connect_timeout: Option<String>,
+    /// `upstream.request_timeout`
+    pub request_timeout: Option<String>,
+    /// `upstream.idle_timeout`
+    pub idle_timeout: Option<String>,
+    /// `upstream.max_attempts`
+    pub max_attempts: Option<i64>,
+    /// `upstream.retry_budget_percent`
+    pub retry_budget_percent: Option<i64>,
+    /// `upstream.retry_min_per_second`
+    pub retry_min_per_second: Option<i64>,
+    /// `[upstream.circuit_breaker]`
+    #[serde(default)]
+    pub circuit_breaker: RawCircuitBreaker,
+    /// `[upstream.outlier_detection]`
+    #[serde(default)]
+    pub outlier_detection: RawOutlierDetection,
+    /// `[upstream.health_check]`
+    #[serde(default)]
+    pub health_check: RawHealthCheck,
+    /// `[upstream.locality]`
+    #[serde(default)]
+    pub locality: RawLocalityPolicy,
+}
+
+/// `[upstream.locality]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLocalityPolicy {
+    /// `upstream.locality.failover_order`
+    pub failover_order: Option<Vec<String>>,
+    /// `upstream.locality.failover_priority`
+    pub failover_priority: Option<Vec<String>>,
+    /// `upstream.locality.overprovisioning_factor`
+    pub overprovisioning_factor: Option<f64>,
+    /// `upstream.locality.panic_threshold_percent`
+    pub panic_threshold_percent: Option<i64>,
+    /// `upstream.locality.slow_start_window`
+    pub slow_start_window: Option<String>,
+}
+
+/// `[upstream.circuit_breaker]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCircuitBreaker {
+    /// `upstream.circuit_breaker.max_connections`
+    pub max_connections: Option<i64>,
+    /// `upstream.circuit_breaker.max_pending_requests`
+    pub max_pending_requests: Option<i64>,
+    /// `upstream.circuit_breaker.max_requests`
+    pub max_requests: Option<i64>,
+}
+
+/// `[upstream.outlier_detection]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlierDetection {
+    /// `upstream.outlier_detection.consecutive_failures`
+    pub consecutive_failures: Option<i64>,
+    /// `upstream.outlier_detection.base_ejection_time`
+    pub base_ejection_time: Option<String>,
+    /// `upstream.outlier_detection.max_ejection_time`
+    pub max_ejection_time: Option<String>,
+    /// `upstream.outlier_detection.max_ejection_percent`
+    pub max_ejection_percent: Option<i64>,
+}
+
+/// `[upstream.health_check]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    /// `upstream.health_check.interval`
+    pub interval: Option<String>,
+    /// `upstream.health_check.timeout`
+    pub timeout: Option<String>,
+    /// `upstream.health_check.unhealthy_threshold`
+    pub unhealthy_threshold: Option<i64>,
+    /// `upstream.health_check.healthy_threshold`
+    pub healthy_threshold: Option<i64>,
+}
 
 /// `[upstream]`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -158,31 +240,7 @@ fn duration(
     value: Option<&str>,
     default: Duration,
 ) -> Option<Duration> {
-    match value {
-        None => Some(default),
-        Some(s) => check.parsed(path, parse_duration(s, MAX_TIMEOUT)),
-    }
-}
-
-/// An integer setting in `min..=max`, `default` when absent.
-pub(super) fn int(
-    check: &mut Check,
-    path: &str,
-    value: Option<i64>,
-    default: i64,
-    min: i64,
-    max: i64,
-) -> Option<i64> {
-    let n = value.unwrap_or(default);
-    if (min..=max).contains(&n) {
-        Some(n)
-    } else {
-        check.errors.push(ConfigError::new(
-            path,
-            format!("{n} is out of range; expected {min} to {max}"),
-        ));
-        None
-    }
+    check.or_value(path, value, default, |s| parse_duration(s, MAX_TIMEOUT))
 }
 
 pub(super) fn upstream(check: &mut Check, raw: &RawUpstream) -> Option<UpstreamConfig> {
@@ -210,9 +268,7 @@ pub(super) fn upstream(check: &mut Check, raw: &RawUpstream) -> Option<UpstreamC
         ("upstream.idle_timeout", idle_timeout),
     ] {
         if d.is_some_and(|d| d < Duration::from_millis(1)) {
-            check
-                .errors
-                .push(ConfigError::new(path, "must be at least 1ms"));
+            check.fail(path, "must be at least 1ms");
         }
     }
     let max_attempts = int(
@@ -247,9 +303,9 @@ pub(super) fn upstream(check: &mut Check, raw: &RawUpstream) -> Option<UpstreamC
         connect_timeout: connect_timeout?,
         request_timeout: request_timeout?,
         idle_timeout: idle_timeout?,
-        max_attempts: max_attempts? as usize,
-        retry_budget_percent: budget? as u32,
-        retry_min_per_second: min_per_second? as u32,
+        max_attempts: max_attempts?,
+        retry_budget_percent: budget?,
+        retry_min_per_second: min_per_second?,
         circuit_breaker: circuit_breaker?,
         outlier_detection: outlier_detection?,
         health_check: health_check?,
@@ -262,43 +318,32 @@ fn as_factor<S: serde::Serializer>(percent: &u32, s: S) -> Result<S::Ok, S::Erro
 }
 
 fn locality(check: &mut Check, raw: &RawLocalityPolicy) -> Option<LocalityPolicy> {
-    let mut failover_order: Vec<String> = Vec::new();
-    for (i, region) in raw.failover_order.iter().flatten().enumerate() {
-        let path = format!("upstream.locality.failover_order[{i}]");
-        if let Err(e) = isthmus_federation::names::validate_label(region) {
-            check
-                .errors
-                .push(ConfigError::new(path, format!("region {e}")));
-        } else if failover_order.contains(region) {
-            check.errors.push(ConfigError::new(
-                path,
-                format!("{region:?} is listed twice"),
-            ));
-        } else {
-            failover_order.push(region.clone());
-        }
-    }
-    let mut failover_priority: Vec<String> = Vec::new();
-    for (i, label) in raw.failover_priority.iter().flatten().enumerate() {
-        let path = format!("upstream.locality.failover_priority[{i}]");
-        if let Err(e) = isthmus_federation::catalog::validate_label_name(label) {
-            check.errors.push(ConfigError::new(path, e));
-        } else if failover_priority.contains(label) {
-            check
-                .errors
-                .push(ConfigError::new(path, format!("{label:?} is listed twice")));
-        } else {
-            failover_priority.push(label.clone());
-        }
-    }
+    let failover_order = unique_list(
+        check,
+        "upstream.locality.failover_order",
+        raw.failover_order.as_deref(),
+        |region| {
+            isthmus_federation::names::validate_label(region)
+                .map(|()| region.to_owned())
+                .map_err(|e| format!("region {e}"))
+        },
+        |region| format!("{region:?}"),
+    );
+    let failover_priority = unique_list(
+        check,
+        "upstream.locality.failover_priority",
+        raw.failover_priority.as_deref(),
+        |label| isthmus_federation::catalog::validate_label_name(label).map(|()| label.to_owned()),
+        |label| format!("{label:?}"),
+    );
     let overprovisioning = match raw.overprovisioning_factor {
         None => Some(DEFAULT_OVERPROVISIONING_PERCENT),
         Some(f) if (1.0..=10.0).contains(&f) => Some((f * 100.0).round() as i64),
         Some(f) => {
-            check.errors.push(ConfigError::new(
+            check.fail(
                 "upstream.locality.overprovisioning_factor",
                 format!("{f} is out of range; expected 1.0 to 10.0"),
-            ));
+            );
             None
         }
     };
@@ -320,7 +365,7 @@ fn locality(check: &mut Check, raw: &RawLocalityPolicy) -> Option<LocalityPolicy
         failover_order,
         failover_priority,
         overprovisioning_percent: overprovisioning? as u32,
-        panic_threshold_percent: panic? as u32,
+        panic_threshold_percent: panic?,
         slow_start_window: slow_start?,
     })
 }
@@ -335,7 +380,6 @@ fn circuit_breaker(check: &mut Check, raw: &RawCircuitBreaker) -> Option<Circuit
             1,
             10_000_000,
         )
-        .map(|n| n as usize)
     };
     let max_connections = limit("max_connections", raw.max_connections);
     let max_pending_requests = limit("max_pending_requests", raw.max_pending_requests);
@@ -373,20 +417,20 @@ fn outlier_detection(
     );
     if let (Some(b), Some(m)) = (base, max) {
         if b.is_zero() {
-            check.errors.push(ConfigError::new(
+            check.fail(
                 "upstream.outlier_detection.base_ejection_time",
                 "must be longer than 0s",
-            ));
+            );
         }
         if m < b {
-            check.errors.push(ConfigError::new(
+            check.fail(
                 "upstream.outlier_detection.max_ejection_time",
                 format!(
                     "{} is shorter than base_ejection_time ({})",
                     humantime::format_duration(m),
                     humantime::format_duration(b)
                 ),
-            ));
+            );
         }
     }
     let percent = int(
@@ -398,10 +442,10 @@ fn outlier_detection(
         100,
     );
     Some(OutlierDetectionConfig {
-        consecutive_failures: consecutive_failures? as u32,
+        consecutive_failures: consecutive_failures?,
         base_ejection_time: base?,
         max_ejection_time: max?,
-        max_ejection_percent: percent? as u32,
+        max_ejection_percent: percent?,
     })
 }
 
@@ -419,10 +463,7 @@ fn health_check(check: &mut Check, raw: &RawHealthCheck) -> Option<HealthCheckCo
         DEFAULT_HEALTH_CHECK_TIMEOUT,
     );
     if timeout.is_some_and(|t| t.is_zero()) {
-        check.errors.push(ConfigError::new(
-            "upstream.health_check.timeout",
-            "must be longer than 0s",
-        ));
+        check.fail("upstream.health_check.timeout", "must be longer than 0s");
     }
     let mut threshold = |key: &str, value, default| {
         int(
@@ -433,7 +474,6 @@ fn health_check(check: &mut Check, raw: &RawHealthCheck) -> Option<HealthCheckCo
             1,
             100,
         )
-        .map(|n| n as u32)
     };
     let unhealthy_threshold = threshold("unhealthy_threshold", raw.unhealthy_threshold, 2);
     let healthy_threshold = threshold("healthy_threshold", raw.healthy_threshold, 1);

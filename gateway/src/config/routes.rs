@@ -1,30 +1,66 @@
-//! Traffic shaping: endpoint labels, locality and weights, service subsets, and
-//! `[[routes]]` (header matches and weighted splits over subsets and clusters).
+//! `[[routes]]`: header matches and weighted splits over a service's subsets
+//! and clusters.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-
 use std::str::FromStr;
 
-use isthmus_federation::catalog::{
-    EndpointInfo, Labels, MAX_LABEL_LEN, Subset, validate_label_name,
-};
 use isthmus_federation::names::validate_label;
-use isthmus_federation::{ClusterName, Locality, ServiceKey};
-use serde::Serialize;
+use isthmus_federation::{ClusterName, ServiceKey};
+use serde::{Deserialize, Serialize};
 
-use super::error::ConfigError;
-use super::model::{Check, parse_socket_addr};
-use super::raw::{RawEndpoint, RawHeaderMatch, RawRoute, RawSplit, RawSubset};
+use super::parse::{Check, serialize_display, weight};
 
-/// Largest endpoint or split weight.
-const MAX_WEIGHT: i64 = 10_000;
+/// `[[routes]]` as written.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// `routes[].service`
+    pub service: Option<String>,
+    /// `[[routes.rules]]`
+    pub rules: Option<Vec<RawRouteRule>>,
+}
+
+/// `[[routes.rules]]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteRule {
+    /// `routes[].rules[].headers`
+    pub headers: Option<Vec<RawHeaderMatch>>,
+    /// `routes[].rules[].split`
+    pub split: Option<Vec<RawSplit>>,
+}
+
+/// `routes[].rules[].headers[]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderMatch {
+    /// `routes[].rules[].headers[].name`
+    pub name: Option<String>,
+    /// `routes[].rules[].headers[].exact`
+    pub exact: Option<String>,
+    /// `routes[].rules[].headers[].prefix`
+    pub prefix: Option<String>,
+    /// `routes[].rules[].headers[].present`
+    pub present: Option<bool>,
+}
+
+/// `routes[].rules[].split[]`
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSplit {
+    /// `routes[].rules[].split[].subset`
+    pub subset: Option<String>,
+    /// `routes[].rules[].split[].cluster`
+    pub cluster: Option<String>,
+    /// `routes[].rules[].split[].weight`
+    pub weight: Option<i64>,
+}
 
 /// One service's routes: the first rule whose headers match decides.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RouteConfig {
     /// The service routed, written `namespace/name`.
-    #[serde(serialize_with = "super::model::serialize_display")]
+    #[serde(serialize_with = "serialize_display")]
     pub service: ServiceKey,
     /// Its rules, in order.
     pub rules: Vec<RouteRule>,
@@ -91,154 +127,6 @@ pub struct SplitTarget {
     pub weight: u32,
 }
 
-/// `services[].endpoints[]`: an address, with its locality, labels and weight.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointConfig {
-    /// Where it listens.
-    pub address: SocketAddr,
-    /// The rest (defaults when given as a plain address).
-    pub info: EndpointInfo,
-}
-
-/// As it was written: `"ip:port"` when it has nothing else, a table otherwise
-/// (so the effective configuration parses back).
-impl Serialize for EndpointConfig {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        if self.info == EndpointInfo::default() {
-            return s.collect_str(&self.address);
-        }
-        let mut map = s.serialize_map(None)?;
-        map.serialize_entry("address", &self.address.to_string())?;
-        if let Some(l) = &self.info.locality {
-            map.serialize_entry("locality", &l.to_string())?;
-        }
-        if !self.info.labels.is_empty() {
-            map.serialize_entry("labels", &self.info.labels)?;
-        }
-        map.serialize_entry("weight", &self.info.weight)?;
-        map.end()
-    }
-}
-
-/// `services[].endpoints`
-pub(super) fn endpoints(
-    check: &mut Check,
-    path: &str,
-    raw: Option<&[RawEndpoint]>,
-) -> Vec<EndpointConfig> {
-    let mut out: Vec<EndpointConfig> = Vec::new();
-    for (i, e) in raw.unwrap_or_default().iter().enumerate() {
-        let at = |field: &str| format!("{path}[{i}]{field}");
-        let (address, table) = match e {
-            RawEndpoint::Address(a) => (check.parsed(&at(""), parse_socket_addr(a)), None),
-            RawEndpoint::Table(t) => (
-                check.required(&at(".address"), t.address.as_deref(), parse_socket_addr),
-                Some(t),
-            ),
-        };
-        let details = table.and_then(|t| {
-            let locality = t.locality.as_deref().and_then(|l| {
-                check.parsed(
-                    &at(".locality"),
-                    Locality::from_str(l).map_err(|e| e.to_string()),
-                )
-            });
-            let labels = labels(check, &at(".labels"), t.labels.as_ref());
-            let weight = weight(check, &at(".weight"), t.weight, 1);
-            Some(EndpointInfo {
-                locality,
-                labels,
-                weight: weight?,
-            })
-        });
-        let Some(address) = address else { continue };
-        if out.iter().any(|e| e.address == address) {
-            check.errors.push(ConfigError::new(
-                at(""),
-                format!("{address} is listed twice"),
-            ));
-            continue;
-        }
-        if table.is_some() && details.is_none() {
-            continue;
-        }
-        out.push(EndpointConfig {
-            address,
-            info: details.unwrap_or_default(),
-        });
-    }
-    out
-}
-
-/// Labels (of an endpoint, a subset or the gateway), names and values checked.
-pub(super) fn labels(
-    check: &mut Check,
-    path: &str,
-    raw: Option<&BTreeMap<String, String>>,
-) -> Labels {
-    let mut out = Labels::new();
-    for (k, v) in raw.into_iter().flatten() {
-        if let Err(e) = validate_label_name(k) {
-            check
-                .errors
-                .push(ConfigError::new(format!("{path}.{k}"), e));
-            continue;
-        }
-        if v.len() > MAX_LABEL_LEN {
-            check.errors.push(ConfigError::new(
-                format!("{path}.{k}"),
-                format!("the value is longer than {MAX_LABEL_LEN} bytes"),
-            ));
-            continue;
-        }
-        out.insert(k.clone(), v.clone());
-    }
-    out
-}
-
-fn weight(check: &mut Check, path: &str, raw: Option<i64>, min: i64) -> Option<u32> {
-    let w = raw.unwrap_or(1);
-    if (min..=MAX_WEIGHT).contains(&w) {
-        u32::try_from(w).ok()
-    } else {
-        check.errors.push(ConfigError::new(
-            path,
-            format!("{w} is out of range; expected {min} to {MAX_WEIGHT}"),
-        ));
-        None
-    }
-}
-
-/// `services[].subsets`
-pub(super) fn subsets(check: &mut Check, path: &str, raw: Option<&[RawSubset]>) -> Vec<Subset> {
-    let mut out: Vec<Subset> = Vec::new();
-    for (i, s) in raw.unwrap_or_default().iter().enumerate() {
-        let at = |field: &str| format!("{path}[{i}].{field}");
-        let name = check.required(&at("name"), s.name.as_deref(), |n| {
-            validate_label(n).map(|()| n.to_owned())
-        });
-        let labels = labels(check, &at("labels"), s.labels.as_ref());
-        if labels.is_empty() {
-            check.errors.push(ConfigError::new(
-                at("labels"),
-                "is required: the labels an endpoint must have to be in the subset",
-            ));
-            continue;
-        }
-        let Some(name) = name else { continue };
-        if out.iter().any(|o| o.name == name) {
-            check.errors.push(ConfigError::new(
-                at("name"),
-                format!("{name:?} is listed twice"),
-            ));
-            continue;
-        }
-        out.push(Subset { name, labels });
-    }
-    out
-}
-
 /// `[[routes]]`. `local_subsets` are the subsets each locally defined service
 /// has; a split naming another subset of such a service is a mistake (a
 /// service served only by peers may name any: the peers define its subsets).
@@ -255,19 +143,17 @@ pub(super) fn routes(
         });
         let raw_rules = r.rules.as_deref().unwrap_or_default();
         if raw_rules.is_empty() {
-            check
-                .errors
-                .push(ConfigError::new(at("rules"), "needs at least one rule"));
+            check.fail(at("rules"), "needs at least one rule");
         }
         let mut rules = Vec::new();
         let mut catch_all: Option<usize> = None;
         for (j, rule) in raw_rules.iter().enumerate() {
             let rule_at = |field: &str| format!("routes[{i}].rules[{j}].{field}");
             if let Some(k) = catch_all {
-                check.errors.push(ConfigError::new(
+                check.fail(
                     rule_at("headers"),
                     format!("is never reached: rules[{k}] matches every request"),
-                ));
+                );
             }
             let headers: Vec<HeaderMatch> = rule
                 .headers
@@ -290,10 +176,10 @@ pub(super) fn routes(
         }
         let Some(service) = service else { continue };
         if out.iter().any(|o| o.service == service) {
-            check.errors.push(ConfigError::new(
+            check.fail(
                 at("service"),
                 format!("{service} has routes already; put every rule in one [[routes]]"),
-            ));
+            );
             continue;
         }
         out.push(RouteConfig { service, rules });
@@ -312,10 +198,7 @@ fn header_match(check: &mut Check, path: &str, raw: &RawHeaderMatch) -> Option<H
         (None, Some(v), None) => Some(HeaderValueMatch::Prefix(v.clone())),
         (None, None, Some(p)) => Some(HeaderValueMatch::Present(p)),
         _ => {
-            check.errors.push(ConfigError::new(
-                path,
-                "needs exactly one of exact, prefix or present",
-            ));
+            check.fail(path, "needs exactly one of exact, prefix or present");
             None
         }
     };
@@ -333,10 +216,10 @@ fn split(
 ) -> Vec<SplitTarget> {
     let raw = raw.unwrap_or_default();
     if raw.is_empty() {
-        check.errors.push(ConfigError::new(
+        check.fail(
             path,
             "needs at least one destination { subset, cluster, weight }",
-        ));
+        );
     }
     let mut out: Vec<SplitTarget> = Vec::new();
     for (k, s) in raw.iter().enumerate() {
@@ -372,10 +255,10 @@ fn split(
         }
     }
     if !out.is_empty() && out.iter().all(|t| t.weight == 0) {
-        check.errors.push(ConfigError::new(
+        check.fail(
             path,
             "every weight is 0: at least one destination must get traffic",
-        ));
+        );
     }
     out
 }
