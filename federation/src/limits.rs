@@ -10,10 +10,11 @@
 //! refuses the connection at once (and counts it): it never waits, so a flood
 //! from one source never stalls anyone else.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// The caps of one listener.
@@ -105,7 +106,7 @@ impl ConnectionLimiter {
     fn open(&self) -> MutexGuard<'_, Open> {
         // The counts stay consistent whatever panicked while holding the lock:
         // each update is a single increment or decrement.
-        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+        self.open.lock()
     }
 
     /// Admits a connection from `source`, or says why not. The connection

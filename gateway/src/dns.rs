@@ -11,11 +11,12 @@
 //! (`ip route add local 10.96.240.0/20 dev lo`); 127.240.0.0/16, the default,
 //! needs nothing.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -134,11 +135,7 @@ impl BackgroundService for DnsService {
             self.hub.catalog_changes(),
             stop.clone(),
         ));
-        let sockets = self
-            .sockets
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let sockets = self.sockets.lock().take();
         if let Some(sockets) = sockets {
             match (
                 tokio::net::UdpSocket::from_std(sockets.udp),

@@ -6,9 +6,10 @@
 //! sees *why* a gateway is not ready. [`Drain`] counts in-flight work so a
 //! graceful stop waits exactly as long as it must, not a fixed grace period.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -45,7 +46,7 @@ pub struct ReadinessReport {
 impl Readiness {
     /// Registers (or updates) condition `name`.
     pub fn set(&self, name: &'static str, ok: bool, detail: impl Into<String>) {
-        let mut conditions = self.conditions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut conditions = self.conditions.lock();
         conditions.insert(
             name,
             Condition {
@@ -70,11 +71,7 @@ impl Readiness {
 
     /// The current state of every condition.
     pub fn report(&self) -> ReadinessReport {
-        let conditions = self
-            .conditions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let conditions = self.conditions.lock().clone();
         let draining = self.is_draining();
         ReadinessReport {
             ready: !draining && !conditions.is_empty() && conditions.values().all(|c| c.ok),

@@ -6,9 +6,9 @@
 //! request span appears on every line logged while serving that request. The
 //! filter is behind a reload handle: `log.level` changes on SIGHUP.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write as _};
-use std::sync::Mutex;
 
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
@@ -224,10 +224,8 @@ where
         match &self.sink {
             Sink::Json(out) => {
                 let line = json_line(level, &target, message, fields);
-                if let Ok(mut out) = out.lock() {
-                    // Nowhere to report a failed write of a log line.
-                    let _ = writeln!(out, "{line}");
-                }
+                // Nowhere to report a failed write of a log line.
+                let _ = writeln!(out.lock(), "{line}");
             }
             Sink::Journal(journal) => journal_record(journal, level, &target, &message, &fields),
         }
@@ -319,7 +317,7 @@ mod tests {
 
     impl std::io::Write for Buffer {
         fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(data);
+            self.0.lock().extend_from_slice(data);
             Ok(data.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -340,7 +338,7 @@ mod tests {
             inner.record("request_id", "req-2");
             tracing::warn!(attempt = 2, "retrying");
         });
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let text = String::from_utf8(buffer.0.lock().clone()).unwrap();
         let v: Value = serde_json::from_str(text.trim()).unwrap();
         assert_eq!(v["message"], "retrying");
         assert_eq!(v["level"], "WARN");

@@ -277,7 +277,7 @@ pub fn build(
             readiness,
             drain,
             config,
-            phases: std::sync::Mutex::new(Some(phases)),
+            phases: parking_lot::Mutex::new(Some(phases)),
             upgrade,
         },
         upgrade_from: upgrade_from.map(|old| (old, upgrade_socket)),
@@ -554,18 +554,18 @@ fn h2_options(limits: &LimitsConfig) -> H2Options {
 }
 
 /// Runs the mesh relay as a Pingora background service.
-struct RelayService(std::sync::Mutex<Option<MeshRelay>>);
+struct RelayService(parking_lot::Mutex<Option<MeshRelay>>);
 
 impl RelayService {
     fn new(relay: MeshRelay) -> Self {
-        Self(std::sync::Mutex::new(Some(relay)))
+        Self(parking_lot::Mutex::new(Some(relay)))
     }
 }
 
 #[async_trait::async_trait]
 impl pingora_core::services::background::BackgroundService for RelayService {
     async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
-        let relay = self.0.lock().ok().and_then(|mut r| r.take());
+        let relay = self.0.lock().take();
         let Some(relay) = relay else { return };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let serve = tokio::spawn(relay.serve(stop_rx));

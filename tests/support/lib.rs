@@ -12,10 +12,11 @@ pub mod mesh;
 pub mod netns;
 pub mod rogue;
 
+use parking_lot::Mutex;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -32,7 +33,14 @@ pub fn isthmus_bin() -> &'static Path {
         let target_dir = target_dir();
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "isthmus-gateway", "--bin", "isthmus"])
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "isthmus-gateway",
+                "--bin",
+                "isthmus",
+            ])
             .arg("--target-dir")
             .arg(&target_dir)
             .current_dir(workspace_root())
@@ -73,9 +81,7 @@ pub fn free_addr() -> SocketAddr {
     loop {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
         let addr = l.local_addr().expect("local address");
-        let mut given = given
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut given = given.lock();
         if given.insert(addr.port()) {
             return addr;
         }
@@ -192,7 +198,7 @@ impl EchoServer {
 
     /// Changes how it answers from the next request on.
     pub fn set(&self, behaviour: Behaviour) {
-        *self.behaviour.lock().expect("behaviour lock") = behaviour;
+        *self.behaviour.lock() = behaviour;
     }
 }
 
@@ -235,7 +241,7 @@ fn echo_connection(conn: std::net::TcpStream, name: &str, behaviour: &Mutex<Beha
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        let status = match *behaviour.lock().expect("behaviour lock") {
+        let status = match *behaviour.lock() {
             Behaviour::Status(status) => status,
             Behaviour::Delay(d) => {
                 std::thread::sleep(d);

@@ -18,10 +18,10 @@
 //! - [`transfer`] and [`minimal_any`]: zone transfers are refused, and ANY
 //!   is answered with one RRset (RFC 8482).
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::str::FromStr;
-use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hickory_proto::rr::RecordType;
@@ -256,7 +256,7 @@ impl RateLimiter {
         }
         let key = SourceKey::of(unmapped(source));
         // Each update is self-contained: a panic elsewhere leaves it usable.
-        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut table = self.table.lock();
         let table = &mut *table;
         if !table.buckets.contains_key(&key) && table.buckets.len() >= limit.max_sources {
             // Pruning scans the table: at most once per refill time, so a
@@ -283,11 +283,7 @@ impl RateLimiter {
 
     /// Sources tracked now.
     pub fn tracked(&self) -> usize {
-        self.table
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .buckets
-            .len()
+        self.table.lock().buckets.len()
     }
 }
 

@@ -16,8 +16,9 @@ pub mod metrics;
 pub mod server;
 pub mod zone;
 
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -100,10 +101,7 @@ impl ClusterSet {
             .filter(|e| !e.headless && (e.exported || !e.remote.is_empty()))
             .map(|e| &e.key);
         let (allocations, exhausted) = {
-            let mut allocator = self
-                .allocator
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut allocator = self.allocator.lock();
             let (allocations, saved) = allocator.sync(keys);
             if let Err(e) = saved {
                 tracing::error!(error = %e, "cannot save the clusterset IPs; they may change on restart");

@@ -11,9 +11,10 @@
 //! both (new root, new SVID) at once sees both applied: the new SVID is checked
 //! against the bundle it will be verified with.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use notify::{RecursiveMode, Watcher};
@@ -312,8 +313,8 @@ impl FileMaterial {
         &self.metrics
     }
 
-    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Vec<u8>>> {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    fn seen(&self) -> parking_lot::MutexGuard<'_, HashMap<PathBuf, Vec<u8>>> {
+        self.seen.lock()
     }
 
     fn reject(&self, kind: &str, e: MaterialError, report: &mut ReloadReport) {

@@ -1,10 +1,11 @@
 //! The demo's gateway processes and the control API that stops and starts them.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use http::{Method, Request, Response, StatusCode};
@@ -70,7 +71,7 @@ impl Supervisor {
     }
 
     fn lock(member: &Member) -> MutexGuard<'_, Proc> {
-        member.proc.lock().unwrap_or_else(PoisonError::into_inner)
+        member.proc.lock()
     }
 
     /// The member called `name` (gateway or cluster name).

@@ -28,7 +28,7 @@ pub struct Signals {
     /// The configuration in force, for the drain timeout.
     pub config: Arc<ArcSwap<Config>>,
     /// Pingora's execution phases: the drain starts once its listeners closed.
-    pub phases: std::sync::Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
+    pub phases: parking_lot::Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
     /// Starts the new process of a binary upgrade.
     pub upgrade: Arc<Upgrade>,
 }
@@ -106,7 +106,7 @@ impl Signals {
     /// most `shutdown.drain_timeout`, or until a second stop signal) and exits.
     /// Pingora's own grace period, a fixed sleep, is only the fallback.
     fn exit_when_drained(&self, mut h: Handlers) {
-        let phases = self.phases.lock().ok().and_then(|mut p| p.take());
+        let phases = self.phases.lock().take();
         let (drain, config) = (self.drain.clone(), self.config.clone());
         tokio::spawn(async move {
             let drained = async {

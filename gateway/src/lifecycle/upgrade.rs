@@ -14,7 +14,7 @@ pub struct Upgrade {
     config: PathBuf,
     upgrade_socket: PathBuf,
     /// The new process while one runs and has not exited.
-    running: std::sync::Mutex<Option<u32>>,
+    running: parking_lot::Mutex<Option<u32>>,
 }
 
 impl Upgrade {
@@ -24,7 +24,7 @@ impl Upgrade {
             exe: std::env::current_exe(),
             config,
             upgrade_socket,
-            running: std::sync::Mutex::new(None),
+            running: parking_lot::Mutex::new(None),
         }
     }
 
@@ -36,9 +36,7 @@ impl Upgrade {
                 return;
             }
         };
-        let Ok(mut running) = self.running.lock() else {
-            return;
-        };
+        let mut running = self.running.lock();
         if let Some(pid) = *running {
             warn!(pid, "binary upgrade already in progress; SIGUSR2 ignored");
             return;
@@ -69,9 +67,7 @@ impl Upgrade {
         let this = self.clone();
         std::thread::spawn(move || {
             let status = child.wait();
-            if let Ok(mut running) = this.running.lock() {
-                *running = None;
-            }
+            *this.running.lock() = None;
             match status {
                 Ok(status) => error!(
                     pid, %status,

@@ -49,7 +49,7 @@ pub(super) fn add_dns(
             cluster_set: dns.cluster_set,
             hub: hub.clone(),
             server: dns.server,
-            sockets: std::sync::Mutex::new(Some(dns.sockets)),
+            sockets: parking_lot::Mutex::new(Some(dns.sockets)),
             listeners,
             readiness: readiness.clone(),
         },

@@ -371,17 +371,12 @@ impl Upstreams {
         id: BackendRef<'_>,
         now: Instant,
     ) -> (bool, Option<f64>) {
-        let healthy = self
-            .health
-            .read()
-            .expect("health lock")
-            .get(id)
-            .is_none_or(|h| h.is_healthy());
+        let healthy = self.health.read().get(id).is_none_or(|h| h.is_healthy());
         let ejected_for = service
             .backends
             .load()
             .get(id)
-            .and_then(|b| b.outlier.lock().expect("outlier lock").ejected_until())
+            .and_then(|b| b.outlier.lock().ejected_until())
             .filter(|until| *until > now)
             .map(|until| (until - now).as_secs_f64());
         (healthy, ejected_for)

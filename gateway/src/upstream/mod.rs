@@ -54,10 +54,11 @@ pub mod leases;
 pub mod outlier;
 pub mod probe;
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -518,7 +519,7 @@ impl Upstreams {
         known.unwrap_or_else(|| {
             // Never used by this service: only active health (and slow start
             // after it recovered) can speak against it.
-            let health = self.health.read().expect("health lock");
+            let health = self.health.read();
             let Some(h) = health.get(id) else {
                 return Rated::UP;
             };
@@ -555,7 +556,7 @@ impl Upstreams {
         let now = Instant::now();
         let mut recovered = Vec::new();
         {
-            let mut known = self.liveness.lock().expect("liveness lock");
+            let mut known = self.liveness.lock();
             for (id, live) in seen.iter() {
                 match known.get(id) {
                     Some((true, _)) if !live => {
@@ -611,7 +612,7 @@ impl Upstreams {
             }
         }
         let now: BTreeSet<SocketAddr> = claims.shared_addresses().map(|(a, _)| a).collect();
-        let mut shared = self.shared.lock().expect("shared addresses lock");
+        let mut shared = self.shared.lock();
         for addr in now.difference(&shared) {
             let who: Vec<String> = claims
                 .iter()
@@ -633,28 +634,17 @@ impl Upstreams {
     /// a backend failing active health checks. (An ejection is not: a
     /// backend answering 5xx may merely be overloaded.)
     pub fn declared_dead(&self, id: BackendRef<'_>) -> bool {
-        let lease_lost = id.peer.is_some()
-            && self
-                .liveness
-                .lock()
-                .expect("liveness lock")
-                .get(id)
-                .is_some_and(|(live, _)| !live);
-        lease_lost
-            || self
-                .health
-                .read()
-                .expect("health lock")
-                .get(id)
-                .is_some_and(|h| !h.is_healthy())
+        let lease_lost =
+            id.peer.is_some() && self.liveness.lock().get(id).is_some_and(|(live, _)| !live);
+        lease_lost || self.health.read().get(id).is_some_and(|h| !h.is_healthy())
     }
 
     /// `id` came back: slow start from now, and no ejection holds it out.
     fn recovered(&self, id: BackendRef<'_>, now: Instant) {
         mark_recovered(&self.health_of(id), self.epoch, now);
-        for service in self.services.read().expect("services lock").values() {
+        for service in self.services.read().values() {
             if let Some(b) = service.backends.load().get(id) {
-                let mut outlier = b.outlier.lock().expect("outlier lock");
+                let mut outlier = b.outlier.lock();
                 outlier.forgive();
                 b.ejected_until.store(0, Ordering::Relaxed);
             }
@@ -673,12 +663,11 @@ impl Upstreams {
 
     /// The backends of `key`, created on first use.
     pub fn service(&self, key: &ServiceKey) -> Arc<ServiceBackends> {
-        if let Some(s) = self.services.read().expect("services lock").get(key) {
+        if let Some(s) = self.services.read().get(key) {
             return s.clone();
         }
         self.services
             .write()
-            .expect("services lock")
             .entry(key.clone())
             .or_insert_with(|| {
                 Arc::new(ServiceBackends {
@@ -692,12 +681,11 @@ impl Upstreams {
     }
 
     fn health_of(&self, id: BackendRef<'_>) -> Arc<Health> {
-        if let Some(h) = self.health.read().expect("health lock").get(id) {
+        if let Some(h) = self.health.read().get(id) {
             return h.clone();
         }
         self.health
             .write()
-            .expect("health lock")
             .get_or_insert_with(id, Arc::default)
             .clone()
     }
@@ -708,10 +696,7 @@ impl Upstreams {
             return b.clone();
         }
         let health = self.health_of(id);
-        let _writer = service
-            .backends_writer
-            .lock()
-            .expect("backends writer lock");
+        let _writer = service.backends_writer.lock();
         let current = service.backends.load_full();
         if let Some(b) = current.get(id) {
             return b.clone();
@@ -767,7 +752,7 @@ impl Upstreams {
             )
         };
         let ejected_for = {
-            let mut outlier = backend.outlier.lock().expect("outlier lock");
+            let mut outlier = backend.outlier.lock();
             let ejected_for = outlier.record(outcome, now, &policy.outlier_detection, may_eject);
             if ejected_for.is_some() {
                 let until = outlier
@@ -850,7 +835,7 @@ impl Upstreams {
 
     /// Marks every address healthy: active checks are off.
     fn forget_health(&self) {
-        for health in self.health.read().expect("health lock").values() {
+        for health in self.health.read().values() {
             health.healthy.store(true, Ordering::Relaxed);
             health.streak.store(0, Ordering::Relaxed);
         }
@@ -860,17 +845,10 @@ impl Upstreams {
     fn retain(&self, live_services: &[ServiceKey], live: &ByBackend<()>) {
         self.services
             .write()
-            .expect("services lock")
             .retain(|k, _| live_services.contains(k));
-        self.health
-            .write()
-            .expect("health lock")
-            .retain(|id, _| live.contains(id));
-        for service in self.services.read().expect("services lock").values() {
-            let _writer = service
-                .backends_writer
-                .lock()
-                .expect("backends writer lock");
+        self.health.write().retain(|id, _| live.contains(id));
+        for service in self.services.read().values() {
+            let _writer = service.backends_writer.lock();
             let current = service.backends.load_full();
             if current.iter().all(|(id, _)| live.contains(id)) {
                 continue;
@@ -887,7 +865,6 @@ impl Upstreams {
         let mut services: Vec<ServiceSnapshot> = self
             .services
             .read()
-            .expect("services lock")
             .values()
             .map(|s| {
                 let mut backends: Vec<BackendSnapshot> = s
@@ -895,7 +872,7 @@ impl Upstreams {
                     .load()
                     .values()
                     .map(|b| {
-                        let outlier = b.outlier.lock().expect("outlier lock");
+                        let outlier = b.outlier.lock();
                         BackendSnapshot {
                             address: b.id.addr,
                             identity: b.id.peer.as_ref().map(ToString::to_string),
@@ -1236,7 +1213,7 @@ mod tests {
         assert!(other.is_ejected(u.epoch, Instant::now()));
         // Hold the ejected backend's outlier mutex while another backend
         // records failures up to an ejection (which counts the ejected).
-        let held = other.outlier.lock().unwrap();
+        let held = other.outlier.lock();
         let (done, finished) = std::sync::mpsc::channel();
         let worker = {
             let (u, backends) = (u.clone(), backends.clone());
@@ -1271,8 +1248,8 @@ mod tests {
         let backends = u.service(&entry.key);
         let endpoint = u.backend(&backends, Slot::Endpoint(0).backend(&entry));
         let threshold = u.policy().outlier_detection.consecutive_failures;
-        let services = u.services.write().unwrap();
-        let writer = backends.backends_writer.lock().unwrap();
+        let services = u.services.write();
+        let writer = backends.backends_writer.lock();
         let (done, finished) = std::sync::mpsc::channel();
         let worker = {
             let (u, backends, endpoint) = (u.clone(), backends.clone(), endpoint.clone());

@@ -5,9 +5,10 @@
 //! service replays them to a real `kube::Client`. No real API server runs
 //! here.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -64,7 +65,6 @@ impl Replay {
     fn list(&self, resource: &'static str, bodies: &[&'static str]) {
         self.lists
             .lock()
-            .unwrap()
             .insert(resource, bodies.iter().copied().collect());
     }
 
@@ -73,7 +73,6 @@ impl Replay {
         let (tx, rx) = unbounded_channel();
         self.watches
             .lock()
-            .unwrap()
             .entry(resource)
             .or_default()
             .push_back(UnboundedReceiverStream::new(rx));
@@ -81,12 +80,12 @@ impl Replay {
     }
 
     fn requests(&self) -> Vec<String> {
-        self.requests.lock().unwrap().clone()
+        self.requests.lock().clone()
     }
 
     fn respond(&self, req: &http::Request<kube::client::Body>) -> http::Response<Body> {
         let uri = req.uri().clone();
-        self.requests.lock().unwrap().push(uri.to_string());
+        self.requests.lock().push(uri.to_string());
         let path = uri.path();
         let namespace = path
             .split("/namespaces/")
@@ -97,7 +96,7 @@ impl Replay {
         };
         let watching = uri.query().unwrap_or_default().contains("watch=true");
         if !watching {
-            let mut lists = self.lists.lock().unwrap();
+            let mut lists = self.lists.lock();
             let queue = lists.entry(resource).or_default();
             let body = if queue.len() > 1 {
                 queue.pop_front()
@@ -109,12 +108,11 @@ impl Replay {
         let scripted = self
             .watches
             .lock()
-            .unwrap()
             .get_mut(resource)
             .and_then(VecDeque::pop_front);
         let stream = scripted.unwrap_or_else(|| {
             let (tx, rx) = unbounded_channel();
-            self.idle.lock().unwrap().push(tx);
+            self.idle.lock().push(tx);
             UnboundedReceiverStream::new(rx)
         });
         let body = StreamBody::new(stream.map(|b| Ok::<_, Infallible>(Frame::data(b))));
