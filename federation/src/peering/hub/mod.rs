@@ -32,6 +32,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{Notify, watch};
 
 pub use admission::{HelloRefused, SessionGuard};
+pub use debug::{CatalogServiceView, CatalogView, PeerView, PeersView, RemoteGatewayView};
 pub use exports::{DeltaOutcome, Refusal};
 pub use leases::LeaseState;
 use record::PeerRecord;
