@@ -60,6 +60,12 @@ pub struct ExportSet {
     pub services: Arc<BTreeMap<ServiceKey, Export>>,
 }
 
+/// The hub's mutable state, behind its one mutex ([`Hub::inner`]). The
+/// mutex is held briefly and never across an `.await`; while it is held the
+/// hub updates metrics and may read the export set (`/debug/peers`), but
+/// takes no other lock of its own: the catalog is published, the export set
+/// changed, the trust store updated and the state file written after it is
+/// released.
 struct Inner {
     /// By source name, as last set.
     sources: BTreeMap<String, Vec<LocalService>>,
