@@ -21,11 +21,11 @@ impl Hub {
         let mut inner = self.inner();
         if let Err(refused) = self.admit(&inner, hello) {
             drop(inner);
-            warn!(peer = %hello.spiffe_id, cluster = %hello.cluster, reason = refused.reason,
+            warn!(peer = %hello.spiffe_id, cluster = %hello.cluster, reason = refused.reason.label(),
                 error = %refused.message, "peer hello refused");
             self.metrics
                 .refused
-                .with_label_values(&[refused.reason])
+                .with_label_values(&[refused.reason.label()])
                 .inc();
             return Err(refused);
         }
@@ -71,14 +71,14 @@ impl Hub {
         let id = &hello.spiffe_id;
         let Some(grant) = inner.authority.grant(id) else {
             return Err(HelloRefused::new(
-                "not_granted",
+                HelloRefusal::NotGranted,
                 format!("{id} is neither in federation.peers nor accepted by federation.accept"),
             ));
         };
         if !grant.clusters.contains(&hello.cluster) {
             let allowed: Vec<&str> = grant.clusters.iter().map(|c| c.as_str()).collect();
             return Err(HelloRefused::new(
-                "cluster",
+                HelloRefusal::Cluster,
                 format!(
                     "{id} may speak for cluster(s) {} only, not {:?}",
                     allowed.join(", "),
@@ -91,7 +91,7 @@ impl Hub {
         {
             let allowed: Vec<String> = grant.localities.iter().map(ToString::to_string).collect();
             return Err(HelloRefused::new(
-                "locality",
+                HelloRefusal::Locality,
                 format!(
                     "{id} may run in {} only, not {}",
                     allowed.join(", "),
@@ -103,14 +103,14 @@ impl Hub {
             && let Some(owner) = address_owner(inner, &self.me, id, address)
         {
             return Err(HelloRefused::new(
-                "address",
+                HelloRefusal::Address,
                 format!("east-west address {address} is {owner}'s"),
             ));
         }
         let open = inner.peers.get(id).map_or(0, |r| r.sessions);
         if open >= self.limits.max_sessions_per_peer {
             return Err(HelloRefused::new(
-                "sessions",
+                HelloRefusal::Sessions,
                 format!(
                     "{id} holds {open} sessions already; at most {}",
                     self.limits.max_sessions_per_peer
@@ -142,18 +142,55 @@ impl Hub {
     }
 }
 
+/// Why a hello was refused: the `reason` label of
+/// `isthmus_federation_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HelloRefusal {
+    /// Its identity is neither a configured peer nor accepted.
+    NotGranted,
+    /// It speaks for a cluster its grant does not name.
+    Cluster,
+    /// It runs outside the localities its grant names.
+    Locality,
+    /// Its east-west address is someone else's.
+    Address,
+    /// It holds as many sessions as a peer may.
+    Sessions,
+}
+
+impl HelloRefusal {
+    /// Every reason, for tests and documentation.
+    pub const ALL: [Self; 5] = [
+        Self::NotGranted,
+        Self::Cluster,
+        Self::Locality,
+        Self::Address,
+        Self::Sessions,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NotGranted => "not_granted",
+            Self::Cluster => "cluster",
+            Self::Locality => "locality",
+            Self::Address => "address",
+            Self::Sessions => "sessions",
+        }
+    }
+}
+
 /// Why a peer's hello was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloRefused {
-    /// The metric label: `not_granted`, `cluster`, `locality`, `address` or
-    /// `sessions`.
-    pub reason: &'static str,
+    /// Why, the metric label.
+    pub reason: HelloRefusal,
     /// What the NACK and the log say.
     pub message: String,
 }
 
 impl HelloRefused {
-    fn new(reason: &'static str, message: String) -> Self {
+    fn new(reason: HelloRefusal, message: String) -> Self {
         Self { reason, message }
     }
 }

@@ -8,6 +8,61 @@ use crate::TrustDomain;
 use crate::peering::convert::PeerHello;
 use crate::trust::{BundleSource, DomainTrust, TrustBundle};
 
+/// What became of a bundle a peer pushed: the `result` label of
+/// `isthmus_federation_trust_bundles_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleOutcome {
+    /// Taken: it replaced the bundle in use.
+    Updated,
+    /// The same authorities as the bundle in use.
+    Unchanged,
+    /// Not for this gateway to take: no trust material, or this gateway's
+    /// own trust domain.
+    Ignored,
+    /// Not a valid or usable SPIFFE bundle.
+    Invalid,
+    /// Refused: a bundle for another trust domain than the peer's.
+    OtherTrustDomain,
+    /// Refused: the trust domain is not opted in to pushes.
+    NotOptedIn,
+    /// Refused: the peer is not in `federation.peers`.
+    NotConfiguredPeer,
+    /// Refused: the bundle in use comes from its bundle endpoint.
+    EndpointSourced,
+    /// Refused: an older `spiffe_sequence`, or none, than the one in use.
+    Rollback,
+}
+
+impl BundleOutcome {
+    /// Every outcome, for tests and documentation.
+    pub const ALL: [Self; 9] = [
+        Self::Updated,
+        Self::Unchanged,
+        Self::Ignored,
+        Self::Invalid,
+        Self::OtherTrustDomain,
+        Self::NotOptedIn,
+        Self::NotConfiguredPeer,
+        Self::EndpointSourced,
+        Self::Rollback,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Updated => "updated",
+            Self::Unchanged => "unchanged",
+            Self::Ignored => "ignored",
+            Self::Invalid => "invalid",
+            Self::OtherTrustDomain => "other_trust_domain",
+            Self::NotOptedIn => "not_opted_in",
+            Self::NotConfiguredPeer => "not_configured_peer",
+            Self::EndpointSourced => "endpoint_sourced",
+            Self::Rollback => "rollback",
+        }
+    }
+}
+
 impl Hub {
     /// This trust domain's bundle in the SPIFFE format, and its revision.
     pub fn own_bundle(&self) -> Option<(u64, Vec<u8>)> {
@@ -27,48 +82,48 @@ impl Hub {
     /// operator opted that trust domain in to pushes, from a configured peer
     /// of that trust domain (which it proved in the handshake), never for
     /// this gateway's own, never over a bundle that came from an endpoint, and
-    /// never older than the one in use. Returns the metric label.
-    pub fn peer_bundle(&self, peer: &PeerHello, trust_domain: &str, data: &[u8]) -> &'static str {
+    /// never older than the one in use. Returns what became of it.
+    pub fn peer_bundle(&self, peer: &PeerHello, trust_domain: &str, data: &[u8]) -> BundleOutcome {
         let result = self.take_peer_bundle(peer, trust_domain, data);
         self.metrics
             .bundles
-            .with_label_values(&[peer.spiffe_id.trust_domain_str(), result])
+            .with_label_values(&[peer.spiffe_id.trust_domain_str(), result.label()])
             .inc();
         result
     }
 
-    fn take_peer_bundle(&self, peer: &PeerHello, trust_domain: &str, data: &[u8]) -> &'static str {
+    fn take_peer_bundle(&self, peer: &PeerHello, trust_domain: &str, data: &[u8]) -> BundleOutcome {
         let Some(material) = self.material.as_ref() else {
-            return "ignored";
+            return BundleOutcome::Ignored;
         };
         let peer_td = peer.spiffe_id.trust_domain_str();
         if peer_td == self.me.spiffe_id.trust_domain_str() && trust_domain == peer_td {
             // A gateway of this trust domain: its bundle is ours, which only
             // local configuration sets. Routine, so not worth a warning.
             debug!(peer = %peer.spiffe_id, "bundle from a peer of this trust domain; ours stays");
-            return "ignored";
+            return BundleOutcome::Ignored;
         }
-        let refuse = |result: &'static str, why: &str| {
-            warn!(peer = %peer.spiffe_id, trust_domain, result, "peer's trust bundle refused: {why}");
+        let refuse = |result: BundleOutcome, why: &str| {
+            warn!(peer = %peer.spiffe_id, trust_domain, result = result.label(), "peer's trust bundle refused: {why}");
             result
         };
         if trust_domain != peer_td {
             return refuse(
-                "other_trust_domain",
+                BundleOutcome::OtherTrustDomain,
                 "a peer may push only its own trust domain's bundle",
             );
         }
         let authority = self.authority();
         if !authority.bundle_pushes.contains(peer_td) {
             return refuse(
-                "not_opted_in",
+                BundleOutcome::NotOptedIn,
                 "this trust domain's bundle comes from its configured source only \
                  (opt in with trust.federated[].accept_peer_bundles)",
             );
         }
         if !authority.is_configured(&peer.spiffe_id) {
             return refuse(
-                "not_configured_peer",
+                BundleOutcome::NotConfiguredPeer,
                 "only peers listed in federation.peers may push bundles",
             );
         }
@@ -77,19 +132,19 @@ impl Hub {
             Ok(b) => b,
             Err(e) => {
                 warn!(peer = %peer.spiffe_id, error = %e, "peer sent an invalid trust bundle; keeping the one in use");
-                return "invalid";
+                return BundleOutcome::Invalid;
             }
         };
         let store = material.trust();
         if let Some(current) = store.get(peer_td) {
             if matches!(current.source, BundleSource::Endpoint(_)) {
                 return refuse(
-                    "endpoint_sourced",
+                    BundleOutcome::EndpointSourced,
                     "the bundle in use comes from its bundle endpoint",
                 );
             }
             if current.bundle.authorities == bundle.authorities {
-                return "unchanged";
+                return BundleOutcome::Unchanged;
             }
             if let Some(have) = current.bundle.sequence {
                 match bundle.sequence {
@@ -97,7 +152,7 @@ impl Hub {
                     got => {
                         warn!(peer = %peer.spiffe_id, ?got, have,
                             "peer sent a bundle with an older or no spiffe_sequence; keeping the one in use");
-                        return "rollback";
+                        return BundleOutcome::Rollback;
                     }
                 }
             }
@@ -112,11 +167,11 @@ impl Hub {
                 material.update_trust(|s| s.with(domain.clone()));
                 info!(peer = %peer.spiffe_id, trust_domain = peer_td, authorities,
                     "federated trust bundle updated by its peer gateway");
-                "updated"
+                BundleOutcome::Updated
             }
             Err(e) => {
                 warn!(peer = %peer.spiffe_id, error = %e, "peer sent an unusable trust bundle");
-                "invalid"
+                BundleOutcome::Invalid
             }
         }
     }

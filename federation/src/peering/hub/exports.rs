@@ -22,14 +22,39 @@ pub enum DeltaOutcome {
     Resync(String),
 }
 
+/// Why an export was refused: the `reason` label of
+/// `isthmus_federation_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportRefusal {
+    /// The peer is no longer granted any imports.
+    NotGranted,
+    /// Outside the services this gateway imports from the peer.
+    Import,
+    /// Over the number of services the peer may export here.
+    ServicesCap,
+}
+
+impl ExportRefusal {
+    /// Every reason, for tests and documentation.
+    pub const ALL: [Self; 3] = [Self::NotGranted, Self::Import, Self::ServicesCap];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NotGranted => "not_granted",
+            Self::Import => "import",
+            Self::ServicesCap => "services_cap",
+        }
+    }
+}
+
 /// An export a peer sent that this gateway did not take.
 #[derive(Debug, Clone)]
 pub struct Refusal {
     /// The service, `namespace/name`.
     pub service: String,
-    /// The metric label: `import` (outside the peer's grant) or
-    /// `services_cap` (over the services a peer may export).
-    pub reason: &'static str,
+    /// Why, the metric label.
+    pub reason: ExportRefusal,
     /// What the NACK says.
     pub error: ConvertError,
 }
@@ -82,7 +107,10 @@ impl Hub {
 
     fn count_refused(&self, refused: &[Refusal]) {
         for r in refused {
-            self.metrics.refused.with_label_values(&[r.reason]).inc();
+            self.metrics
+                .refused
+                .with_label_values(&[r.reason.label()])
+                .inc();
         }
     }
 
@@ -187,7 +215,7 @@ fn authorize(
 ) -> (Vec<Export>, Vec<Refusal>) {
     let mut taken = Vec::with_capacity(exports.len().min(room));
     let mut refused = Vec::new();
-    let refuse = |export: Export, reason: &'static str, message: String| Refusal {
+    let refuse = |export: Export, reason: ExportRefusal, message: String| Refusal {
         service: export.key.to_string(),
         reason,
         error: ConvertError {
@@ -199,18 +227,18 @@ fn authorize(
         match imports {
             None => refused.push(refuse(
                 export,
-                "not_granted",
+                ExportRefusal::NotGranted,
                 "this peer is no longer granted any imports".into(),
             )),
             Some(imports) if !imports.allows(&export.key) => refused.push(refuse(
                 export,
-                "import",
+                ExportRefusal::Import,
                 "not among the services this gateway imports from this peer".into(),
             )),
             Some(_) if held(&export.key) => taken.push(export),
             Some(_) if room == 0 => refused.push(refuse(
                 export,
-                "services_cap",
+                ExportRefusal::ServicesCap,
                 "over the number of services this peer may export here".into(),
             )),
             Some(_) => {

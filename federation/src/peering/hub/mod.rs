@@ -31,9 +31,10 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use tokio::sync::{Notify, watch};
 
-pub use admission::{HelloRefused, SessionGuard};
+pub use admission::{HelloRefusal, HelloRefused, SessionGuard};
+pub use bundles::BundleOutcome;
 pub use debug::{CatalogServiceView, CatalogView, PeerView, PeersView, RemoteGatewayView};
-pub use exports::{DeltaOutcome, Refusal};
+pub use exports::{DeltaOutcome, ExportRefusal, Refusal};
 pub use leases::LeaseState;
 use record::PeerRecord;
 

@@ -11,14 +11,14 @@ fn a_hello_outside_its_grant_is_refused() {
     let stranger = hello("east", 1);
     assert_eq!(
         hub.session_open(&stranger).unwrap_err().reason,
-        "not_granted"
+        HelloRefusal::NotGranted
     );
 
     // Granted, but claiming another cluster.
     let mut spoof = west.clone();
     spoof.cluster = "east".parse().unwrap();
     let err = hub.session_open(&spoof).unwrap_err();
-    assert_eq!(err.reason, "cluster");
+    assert_eq!(err.reason, HelloRefusal::Cluster);
     assert!(err.message.contains("west"), "{}", err.message);
     assert_eq!(refused(&hub, "cluster"), 1);
     assert!(hub.debug_peers().peers.is_empty());
@@ -46,7 +46,10 @@ fn a_hello_outside_its_granted_localities_is_refused() {
     // Claims this gateway's zone to draw its traffic.
     let mut spoof = west.clone();
     spoof.locality = "us-east/us-east-1a".parse().unwrap();
-    assert_eq!(hub.session_open(&spoof).unwrap_err().reason, "locality");
+    assert_eq!(
+        hub.session_open(&spoof).unwrap_err().reason,
+        HelloRefusal::Locality
+    );
     let mut honest = west.clone();
     honest.locality = "eu-west/eu-west-1b".parse().unwrap();
     let _ok = hub.session_open(&honest).unwrap();
@@ -74,7 +77,7 @@ fn a_peer_may_not_announce_an_address_that_is_not_its_own() {
     // North announces west's address, then a local endpoint's.
     north.east_west = west.east_west;
     let err = hub.session_open(&north).unwrap_err();
-    assert_eq!(err.reason, "address");
+    assert_eq!(err.reason, HelloRefusal::Address);
     assert!(
         err.message.contains("peer spiffe://west"),
         "{}",
@@ -98,7 +101,10 @@ fn sessions_per_peer_are_capped() {
         hub.session_open(&west).unwrap(),
         hub.session_open(&west).unwrap(),
     );
-    assert_eq!(hub.session_open(&west).unwrap_err().reason, "sessions");
+    assert_eq!(
+        hub.session_open(&west).unwrap_err().reason,
+        HelloRefusal::Sessions
+    );
     drop(_a);
     let _c = hub.session_open(&west).unwrap();
 }

@@ -22,7 +22,7 @@ fn exports_outside_the_imports_or_over_the_cap_are_refused() {
     );
     let reasons: Vec<(&str, &str)> = refused_now
         .iter()
-        .map(|r| (r.service.as_str(), r.reason))
+        .map(|r| (r.service.as_str(), r.reason.label()))
         .collect();
     assert_eq!(reasons, [("kube-system/dns", "import")]);
     hub.recompute();
@@ -44,7 +44,10 @@ fn exports_outside_the_imports_or_over_the_cap_are_refused() {
     assert_eq!(outcome, DeltaOutcome::Applied);
     assert_eq!(refused_now.len(), 1);
     assert_eq!(
-        (refused_now[0].service.as_str(), refused_now[0].reason),
+        (
+            refused_now[0].service.as_str(),
+            refused_now[0].reason.label()
+        ),
         ("shop/new", "services_cap")
     );
     assert_eq!(refused(&hub, "services_cap"), 1);

@@ -3,6 +3,7 @@
 mod admission;
 mod debug;
 mod exports;
+mod labels;
 mod leases;
 mod recompute;
 
