@@ -26,7 +26,12 @@ pub enum LeaseState {
 }
 
 impl LeaseState {
-    fn label(self) -> &'static str {
+    /// Every state, for the gauge and tests.
+    pub const ALL: [Self; 3] = [Self::Live, Self::Lapsed, Self::Expired];
+
+    /// The `state` label of `isthmus_federation_peers`, and the state's name
+    /// in `/debug/peers`.
+    pub fn label(self) -> &'static str {
         match self {
             Self::Live => "live",
             Self::Lapsed => "lapsed",
@@ -99,7 +104,7 @@ impl Hub {
                     .forget_peer(id.as_str(), record.hello.cluster.as_str());
             }
         }
-        let mut counts: BTreeMap<&str, i64> = [("live", 0), ("lapsed", 0), ("expired", 0)].into();
+        let mut counts: BTreeMap<&str, i64> = LeaseState::ALL.map(|s| (s.label(), 0)).into();
         for record in inner.peers.values() {
             *counts.entry(record.state.label()).or_default() += 1;
         }

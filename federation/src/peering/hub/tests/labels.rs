@@ -16,7 +16,7 @@ fn names(help: &str, label: &str) -> bool {
 }
 
 #[test]
-fn every_refusal_reason_and_bundle_outcome_is_documented_in_its_metric() {
+fn every_lease_state_refusal_reason_and_bundle_outcome_is_documented_in_its_metric() {
     let hub = hub_with(&[], &[], PeeringLimits::default());
     let refused = help(&hub.metrics().refused);
     for label in HelloRefusal::ALL
@@ -25,6 +25,13 @@ fn every_refusal_reason_and_bundle_outcome_is_documented_in_its_metric() {
         .chain(ExportRefusal::ALL.map(ExportRefusal::label))
     {
         assert!(names(&refused, label), "{label} not in: {refused}");
+    }
+    let peers = help(&hub.metrics().peers);
+    for state in LeaseState::ALL {
+        let label = state.label();
+        assert!(names(&peers, label), "{label} not in: {peers}");
+        // `/debug/peers` names the state as the metric does.
+        assert_eq!(serde_json::to_value(state).unwrap(), label);
     }
     let bundles = help(&hub.metrics().bundles);
     for label in BundleOutcome::ALL.map(BundleOutcome::label) {
