@@ -197,9 +197,7 @@ impl DnsServer {
                 metadata,
                 edns.as_ref(),
                 transport,
-                &[],
-                &[],
-                &[],
+                Sections::EMPTY,
             ));
         }
         if !allowed {
@@ -255,9 +253,11 @@ impl DnsServer {
             metadata,
             edns.as_ref(),
             transport,
-            answers,
-            authorities,
-            additionals,
+            Sections {
+                answers,
+                authorities,
+                additionals,
+            },
         ))
     }
 
@@ -270,7 +270,7 @@ impl DnsServer {
         let (Some(resolver), Ok(info)) = (&self.forwarder, request.request_info()) else {
             metadata.response_code = ResponseCode::Refused;
             self.count(request, ResponseCode::Refused, "none");
-            return self.encode(request, metadata, edns.as_ref(), transport, &[], &[], &[]);
+            return self.encode(request, metadata, edns.as_ref(), transport, Sections::EMPTY);
         };
         let Ok(_permit) = self.forwards.try_acquire() else {
             self.metrics
@@ -279,7 +279,7 @@ impl DnsServer {
                 .inc();
             metadata.response_code = ResponseCode::ServFail;
             self.count(request, ResponseCode::ServFail, "forward");
-            return self.encode(request, metadata, edns.as_ref(), transport, &[], &[], &[]);
+            return self.encode(request, metadata, edns.as_ref(), transport, Sections::EMPTY);
         };
         let started = Instant::now();
         let name: Name = info.query.name().into();
@@ -329,9 +329,11 @@ impl DnsServer {
             metadata,
             edns.as_ref(),
             transport,
-            &answers,
-            &authorities,
-            &[],
+            Sections {
+                answers: &answers,
+                authorities: &authorities,
+                additionals: &[],
+            },
         )
     }
 
@@ -346,7 +348,7 @@ impl DnsServer {
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.response_code = rcode;
         self.count(request, rcode, source);
-        Step::Reply(self.encode(request, metadata, edns, transport, &[], &[], &[]))
+        Step::Reply(self.encode(request, metadata, edns, transport, Sections::EMPTY))
     }
 
     /// The RFC 8482 answer to ANY for a name that is not ours: one
@@ -367,7 +369,11 @@ impl DnsServer {
             RData::HINFO(HINFO::new("RFC8482".to_owned(), String::new())),
         );
         self.count(request, ResponseCode::NoError, "rfc8482");
-        Step::Reply(self.encode(request, metadata, edns, transport, &[&hinfo], &[], &[]))
+        let sections = Sections {
+            answers: &[&hinfo],
+            ..Sections::EMPTY
+        };
+        Step::Reply(self.encode(request, metadata, edns, transport, sections))
     }
 
     /// FORMERR (or nothing) for a malformed packet; nothing at all for a
@@ -422,17 +428,19 @@ impl DnsServer {
             .inc();
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn encode(
         &self,
         request: &Request,
         metadata: Metadata,
         edns: Option<&Edns>,
         transport: Transport,
-        answers: &[&Record],
-        authorities: &[&Record],
-        additionals: &[&Record],
+        sections: Sections<'_>,
     ) -> Vec<u8> {
+        let Sections {
+            answers,
+            authorities,
+            additionals,
+        } = sections;
         let max = match (transport, &request.edns) {
             (Transport::Tcp, _) => u16::MAX,
             (Transport::Udp, Some(e)) => e.max_payload().clamp(512, MAX_UDP_PAYLOAD),
@@ -467,6 +475,23 @@ impl DnsServer {
             }
         }
     }
+}
+
+/// The record sections of a reply (its update section is always empty).
+#[derive(Debug, Clone, Copy)]
+struct Sections<'a> {
+    answers: &'a [&'a Record],
+    authorities: &'a [&'a Record],
+    additionals: &'a [&'a Record],
+}
+
+impl Sections<'_> {
+    /// No records: a reply that is all header (an error, a truncation).
+    const EMPTY: Sections<'static> = Sections {
+        answers: &[],
+        authorities: &[],
+        additionals: &[],
+    };
 }
 
 /// Whether every name in the question section `bytes` (as it came, starting

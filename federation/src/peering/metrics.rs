@@ -53,7 +53,7 @@ impl PeeringMetrics {
         Ok(Self {
             peers: gauge_vec(
                 "isthmus_federation_peers",
-                "Known peer gateways by state: connected (a live session), lapsed (lease lapsed, last-known-good still served) or expired (its services removed).",
+                "Known peer gateways by lease state: live (renewed in time), lapsed (lease lapsed, last-known-good still served) or expired (its services removed).",
                 &["state"],
             )?,
             peer_up: gauge_vec(

@@ -25,6 +25,8 @@ pub mod proto {
 
 pub use authority::{Grant, PeerAuthority, PeeringLimits, ServicePatterns};
 pub use convert::{ConvertError, PeerHello};
-pub use hub::{ExportSet, HelloRefused, Hub, LeaseState, Refusal};
+pub use hub::{
+    BundleOutcome, ExportRefusal, ExportSet, HelloRefusal, HelloRefused, Hub, LeaseState, Refusal,
+};
 pub use metrics::PeeringMetrics;
 pub use transport::{PeerTarget, dial, incarnation, serve};

@@ -424,7 +424,7 @@ impl Session<'_> {
                 let result = self
                     .hub
                     .peer_bundle(&self.peer, &b.trust_domain, &b.spiffe_bundle);
-                debug!(peer = %self.peer.spiffe_id, result, "trust bundle received");
+                debug!(peer = %self.peer.spiffe_id, result = result.label(), "trust bundle received");
                 Ok(())
             }
             Some(Kind::Lease(_)) => Ok(()),

@@ -1,0 +1,91 @@
+//! The hub's tests, by concern, with the helpers they share.
+
+mod admission;
+mod debug;
+mod exports;
+mod labels;
+mod leases;
+mod recompute;
+
+use super::*;
+use crate::peering::authority::Grant;
+
+fn hello(name: &str, incarnation: u64) -> PeerHello {
+    PeerHello {
+        spiffe_id: format!("spiffe://{name}.example/isthmus/gateway/gw")
+            .parse()
+            .unwrap(),
+        cluster: name.parse().unwrap(),
+        locality: "r".parse().unwrap(),
+        east_west: Some(([127, 0, 0, 9], 15443).into()),
+        incarnation,
+        lease: Duration::from_millis(500),
+        labels: Default::default(),
+    }
+}
+
+fn me() -> PeerHello {
+    PeerHello {
+        east_west: Some(([127, 0, 0, 1], 15443).into()),
+        ..hello("me", 1)
+    }
+}
+
+fn export(key: &str) -> Export {
+    Export {
+        key: key.parse().unwrap(),
+        ports: vec![crate::catalog::ServicePort {
+            port: 80,
+            protocol: crate::catalog::Protocol::Http,
+            name: None,
+        }],
+        export_time_millis: 1,
+        headless: false,
+        endpoints: vec![],
+        subsets: vec!["v2".into()],
+    }
+}
+
+/// A hub for `me` that grants each of `peers` its own cluster (named as
+/// the peer) and `imports`.
+fn hub_with(peers: &[&PeerHello], imports: &[&str], limits: PeeringLimits) -> Arc<Hub> {
+    let metrics = PeeringMetrics::new(&prometheus::Registry::new()).unwrap();
+    let hub = Hub::new(
+        me(),
+        Duration::from_secs(30),
+        Arc::new(ArcSwap::default()),
+        None,
+        limits,
+        None,
+        metrics,
+    );
+    hub.set_authority(PeerAuthority {
+        peers: peers
+            .iter()
+            .map(|p| {
+                let grant = Grant {
+                    clusters: [p.cluster.clone()].into(),
+                    localities: vec![],
+                    imports: ServicePatterns::new(
+                        imports.iter().map(|s| (*s).to_owned()).collect(),
+                    ),
+                    exports: None,
+                };
+                (p.spiffe_id.clone(), grant)
+            })
+            .collect(),
+        ..PeerAuthority::default()
+    });
+    hub
+}
+
+fn refused(hub: &Hub, reason: &str) -> u64 {
+    hub.metrics().refused.with_label_values(&[reason]).get()
+}
+
+/// Whether the peer gateway serving shop/web is live in the catalog.
+fn live(hub: &Hub) -> Option<bool> {
+    let catalog = hub.catalog().load();
+    let entry = catalog.get(&"shop/web".parse().unwrap())?;
+    Some(entry.remote.first()?.live)
+}
