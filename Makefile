@@ -89,10 +89,12 @@ demo: deps-build
 	$(ISTHMUS) demo
 
 # The whole test suite: unit, integration and end-to-end (starts real processes),
-# built with coverage instrumentation (in target/llvm-cov-target; the
-# gateways the end-to-end tests start count too), then line coverage per crate.
+# built with coverage instrumentation in target/llvm-cov-target, then line
+# coverage per crate. The end-to-end tests start that build's isthmus
+# (ISTHMUS_BIN), so the gateways they run count too.
 test: deps-test
-	$(CARGO) llvm-cov nextest --workspace --no-fail-fast --no-report
+	ISTHMUS_BIN=$(CURDIR)/target/llvm-cov-target/debug/isthmus \
+		$(CARGO) llvm-cov nextest --workspace --no-fail-fast --no-report
 	$(CARGO) llvm-cov report --json --summary-only --output-path target/coverage.json
 	python3 tests/coverage.py target/coverage.json $(COVERAGE_MINIMUMS)
 

@@ -51,13 +51,17 @@ pub fn isthmus_bin() -> &'static Path {
     })
 }
 
-/// Where cargo builds this run's binaries: `cargo llvm-cov` (`make test`)
-/// builds instrumented ones into a target dir of its own, so that the gateways
-/// the tests start count towards coverage too.
+/// Where this run's binaries are: the directory two levels above
+/// `ISTHMUS_BIN` when that is set (`make test` points it at the instrumented
+/// build `cargo llvm-cov` made, so that the gateways the tests start count
+/// towards coverage too), else `CARGO_TARGET_DIR` or the workspace's `target/`.
 pub fn target_dir() -> PathBuf {
-    ["CARGO_LLVM_COV_TARGET_DIR", "CARGO_TARGET_DIR"]
-        .iter()
-        .find_map(std::env::var_os)
+    if let Some(bin) = std::env::var_os("ISTHMUS_BIN") {
+        if let Some(dir) = Path::new(&bin).parent().and_then(Path::parent) {
+            return dir.to_owned();
+        }
+    }
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))
 }
@@ -512,6 +516,8 @@ endpoints = [{endpoints}]
 
 /// Sends `signal` (e.g. "HUP", "TERM") to process `pid` with kill(1).
 pub fn send_signal(pid: u32, signal: &str) -> Result<()> {
+    // `kill 0` signals the whole process group: the test runner too.
+    anyhow::ensure!(pid != 0, "no process to send SIG{signal} to");
     let status = Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(pid.to_string())
@@ -633,9 +639,28 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        // Under `cargo llvm-cov` (`make test`) the gateway must exit by itself
+        // to write its coverage profile: SIGTERM, which it answers by draining
+        // (idle here) and exiting within a few seconds. Otherwise, or if it
+        // does not, SIGKILL at once.
+        // (`self.child` is gone once a test waited for the exit: pid 0 would
+        // signal the whole process group, the test runner included.)
+        let running = self.child.is_some() && self.try_exit_status().is_none();
+        if measuring_coverage() && running {
+            let _ = self.signal("TERM");
+            let _ = wait_for(Duration::from_secs(5), "isthmus to exit", || {
+                self.try_exit_status()
+            });
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
+}
+
+/// Whether the processes this run starts write coverage profiles (`cargo
+/// llvm-cov` sets `LLVM_PROFILE_FILE`).
+pub fn measuring_coverage() -> bool {
+    std::env::var_os("LLVM_PROFILE_FILE").is_some()
 }
