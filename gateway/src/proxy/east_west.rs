@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use isthmus_federation::catalog::{Protocol, ServiceEntry, ServiceKey, parse_east_west_sni};
 use isthmus_federation::limits::{ConnectionLimiter, Refused};
-use isthmus_federation::trust::{PeerPolicy, SpiffeAcceptor};
+use isthmus_federation::trust::{HandshakeResult, HandshakeSide, PeerPolicy, SpiffeAcceptor};
 use isthmus_federation::{Catalog, ClusterName, SpiffeId};
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::{Ssl, Stream};
@@ -402,7 +402,7 @@ impl ServerApp for EastWestApp {
         {
             Ok(start) => start,
             Err(e) => {
-                debug!(result = e.result, error = %e.message, "east-west ClientHello refused");
+                debug!(result = e.result.label(), error = %e.message, "east-west ClientHello refused");
                 return None;
             }
         };
@@ -421,7 +421,9 @@ impl ServerApp for EastWestApp {
                     .connection("east_west", &entry.key, "source_not_allowed");
                 return None;
             }
-            self.acceptor.metrics().record("server", "passthrough");
+            self.acceptor
+                .metrics()
+                .record(HandshakeSide::Server, HandshakeResult::Passthrough);
             let (hello, client) = start.io.into_parts();
             self.to_endpoint(entry, client, &hello).await;
             return None;
@@ -430,7 +432,7 @@ impl ServerApp for EastWestApp {
         let (tls, caller) = match self.acceptor.finish(start).await {
             Ok(accepted) => accepted,
             Err(e) => {
-                debug!(result = e.result, error = %e.message, "east-west handshake refused");
+                debug!(result = e.result.label(), error = %e.message, "east-west handshake refused");
                 return None;
             }
         };
