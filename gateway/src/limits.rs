@@ -30,7 +30,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use isthmus_federation::limits::{ConnectionLimiter, ConnectionLimits, ConnectionPermit, LogLimit};
+use isthmus_federation::limits::{
+    ConnectionLimiter, ConnectionLimits, ConnectionPermit, LogLimit, Refused,
+};
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::tls::{ALPN, SslDigest};
@@ -74,6 +76,41 @@ impl LimitMetrics {
         Self {
             refused,
             header_timeouts,
+        }
+    }
+}
+
+isthmus_federation::label_enum! {
+    /// Why a listener closed a connection at once: the `reason` label of
+    /// `isthmus_connections_refused_total`.
+    pub enum RefusalReason {
+        /// The listener holds its total of connections already.
+        Total => "total",
+        /// The source holds its share of the listener's connections already.
+        PerSource => "per_source",
+        /// The east-west listener holds its total of TLS handshakes in flight.
+        HandshakesTotal => "handshakes_total",
+        /// The source holds its share of the east-west TLS handshakes in flight.
+        HandshakesPerSource => "handshakes_per_source",
+        /// The client is outside a passthrough service's `allow_sources`.
+        SourceNotAllowed => "source_not_allowed",
+    }
+}
+
+impl RefusalReason {
+    /// The reason for a refusal by a listener's connection caps.
+    pub fn connections(refused: Refused) -> Self {
+        match refused {
+            Refused::Total => Self::Total,
+            Refused::PerSource => Self::PerSource,
+        }
+    }
+
+    /// The reason for a refusal by the caps on TLS handshakes in flight.
+    pub fn handshakes(refused: Refused) -> Self {
+        match refused {
+            Refused::Total => Self::HandshakesTotal,
+            Refused::PerSource => Self::HandshakesPerSource,
         }
     }
 }
@@ -122,7 +159,7 @@ impl ListenerGuard {
         self.limiter
             .try_acquire(source)
             .map_err(|refused| {
-                self.refused(refused.label(), source, &refused);
+                self.refused(RefusalReason::connections(refused), source, &refused);
             })
             .ok()
     }
@@ -134,7 +171,8 @@ impl ListenerGuard {
 
     /// Counts a connection from `source` refused for `reason`, and logs it at
     /// WARN at most once per 10 s per listener.
-    pub fn refused(&self, reason: &str, source: IpAddr, why: &dyn fmt::Display) {
+    pub fn refused(&self, reason: RefusalReason, source: IpAddr, why: &dyn fmt::Display) {
+        let reason = reason.label();
         self.metrics
             .refused
             .with_label_values(&[self.listener, reason])

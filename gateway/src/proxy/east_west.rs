@@ -14,7 +14,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use isthmus_federation::catalog::{Protocol, ServiceEntry, ServiceKey, parse_east_west_sni};
-use isthmus_federation::limits::{ConnectionLimiter, Refused};
+use isthmus_federation::limits::ConnectionLimiter;
 use isthmus_federation::trust::{HandshakeResult, HandshakeSide, PeerPolicy, SpiffeAcceptor};
 use isthmus_federation::{Catalog, ClusterName, SpiffeId};
 use pingora_core::apps::ServerApp;
@@ -28,9 +28,10 @@ use prometheus::IntCounterVec;
 use tracing::{debug, warn};
 
 use super::common::{Common, RequestCtx};
+use super::metrics::L4Result;
 use super::{Runtime, headers, tcp};
 use crate::config::Config;
-use crate::limits::ListenerGuard;
+use crate::limits::{ListenerGuard, RefusalReason};
 use crate::mesh::{HelloRecorder, MeshTlsStream};
 
 /// The SPIFFE ID behind each peer certificate seen (by SHA-256 of the leaf).
@@ -350,7 +351,7 @@ impl EastWestApp {
             Ok((upstream, _lease)) => {
                 runtime
                     .tcp_metrics
-                    .connection("east_west", &entry.key, "ok");
+                    .connection("east_west", &entry.key, L4Result::Ok);
                 let idle = runtime.upstreams.policy().idle_timeout;
                 tcp::splice(
                     "east_west",
@@ -364,10 +365,10 @@ impl EastWestApp {
                 .await;
             }
             Err(refusal) => {
-                warn!(service = %entry.key, result = refusal.label(), "no endpoint took the east-west connection");
+                warn!(service = %entry.key, result = refusal.result().label(), "no endpoint took the east-west connection");
                 runtime
                     .tcp_metrics
-                    .connection("east_west", &entry.key, refusal.label());
+                    .connection("east_west", &entry.key, refusal.result());
             }
         }
     }
@@ -386,10 +387,7 @@ impl ServerApp for EastWestApp {
         let handshake = match limits.handshakes.try_acquire(source) {
             Ok(permit) => permit,
             Err(refused) => {
-                let reason = match refused {
-                    Refused::Total => "handshakes_total",
-                    Refused::PerSource => "handshakes_per_source",
-                };
+                let reason = RefusalReason::handshakes(refused);
                 limits.guard.refused(reason, source, &refused);
                 return None;
             }
@@ -412,13 +410,15 @@ impl ServerApp for EastWestApp {
             drop(handshake);
             if !limits.admits(&entry.key, source) {
                 limits.guard.refused(
-                    "source_not_allowed",
+                    RefusalReason::SourceNotAllowed,
                     source,
                     &format_args!("{source} is outside {}'s allow_sources", entry.key),
                 );
-                self.runtime
-                    .tcp_metrics
-                    .connection("east_west", &entry.key, "source_not_allowed");
+                self.runtime.tcp_metrics.connection(
+                    "east_west",
+                    &entry.key,
+                    L4Result::SourceNotAllowed,
+                );
                 return None;
             }
             self.acceptor
@@ -448,7 +448,7 @@ impl ServerApp for EastWestApp {
                 warn!(%caller, service = %entry.key, reason, "east-west TCP connection denied");
                 self.runtime
                     .tcp_metrics
-                    .connection("east_west", &entry.key, "denied");
+                    .connection("east_west", &entry.key, L4Result::Denied);
                 return None;
             }
             self.to_endpoint(entry, tls, &[]).await;
