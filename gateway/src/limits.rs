@@ -46,7 +46,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tracing::warn;
 
-use crate::metrics;
+use crate::metrics::{self, Listener};
 
 /// The refusal and cut counters every listener shares.
 #[derive(Clone)]
@@ -121,7 +121,7 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// One listener's caps, deadline and counters.
 #[derive(Clone)]
 pub struct ListenerGuard {
-    listener: &'static str,
+    listener: Listener,
     limiter: Arc<ConnectionLimiter>,
     header_timeout: Duration,
     metrics: LimitMetrics,
@@ -133,7 +133,7 @@ pub struct ListenerGuard {
 impl ListenerGuard {
     /// The guard of `listener` (the metric label) with `limits`.
     pub fn new(
-        listener: &'static str,
+        listener: Listener,
         limits: ConnectionLimits,
         header_timeout: Duration,
         metrics: &LimitMetrics,
@@ -142,14 +142,16 @@ impl ListenerGuard {
             listener,
             limiter: ConnectionLimiter::new(limits),
             header_timeout,
-            cut: metrics.header_timeouts.with_label_values(&[listener]),
+            cut: metrics
+                .header_timeouts
+                .with_label_values(&[listener.label()]),
             metrics: metrics.clone(),
             log: Arc::new(LogLimit::new(LOG_EVERY)),
         }
     }
 
     /// The listener's name in metrics and logs.
-    pub fn listener(&self) -> &'static str {
+    pub fn listener(&self) -> Listener {
         self.listener
     }
 
@@ -175,11 +177,11 @@ impl ListenerGuard {
         let reason = reason.label();
         self.metrics
             .refused
-            .with_label_values(&[self.listener, reason])
+            .with_label_values(&[self.listener.label(), reason])
             .inc();
         if let Some(held_back) = self.log.allow() {
             warn!(
-                listener = self.listener,
+                listener = self.listener.label(),
                 reason,
                 %source,
                 held_back,

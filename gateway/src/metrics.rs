@@ -27,6 +27,26 @@ impl Profile {
     };
 }
 
+isthmus_federation::label_enum! {
+    /// A listener that accepts connections from outside: the `listener` label
+    /// of the data-plane and connection-cap metrics. The clusterset listeners
+    /// serve through the outbound proxy, so their requests and L4 connections
+    /// count under `outbound`; only their connection caps and header deadline
+    /// count under `clusterset`.
+    pub enum Listener {
+        /// `outbound.listen` and the outbound `tcp` ports.
+        Outbound => "outbound",
+        /// `east_west.listen`.
+        EastWest => "east_west",
+        /// The listeners at clusterset IPs.
+        Clusterset => "clusterset",
+        /// `admin.listen`.
+        Admin => "admin",
+        /// The SPIFFE bundle endpoint.
+        BundleEndpoint => "bundle_endpoint",
+    }
+}
+
 /// Creates the process registry with build information and process metrics
 /// (`isthmus_process_cpu_seconds_total`, `isthmus_process_resident_memory_bytes`, ...).
 pub fn new_registry() -> Registry {

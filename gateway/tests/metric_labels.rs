@@ -23,7 +23,7 @@ use isthmus_gateway::admin::Route;
 use isthmus_gateway::dns::BindError;
 use isthmus_gateway::lifecycle::ReloadResult;
 use isthmus_gateway::limits::RefusalReason;
-use isthmus_gateway::metrics::Profile;
+use isthmus_gateway::metrics::{Listener, Profile};
 use isthmus_gateway::proxy::{Direction, L4Result, RequestError};
 use isthmus_gateway::upstream::{CutReason, HealthCheckResult, RetryReason};
 
@@ -59,7 +59,9 @@ fn every_vocabulary() -> Vec<Vocabulary> {
         ("isthmus_request_errors_total", "reason", RequestError),
         ("isthmus_tcp_connections_total", "result", L4Result),
         ("isthmus_tcp_bytes_total", "direction", Direction),
+        ("isthmus_connections_refused_total", "listener", Listener),
         ("isthmus_connections_refused_total", "reason", RefusalReason),
+        ("isthmus_header_timeouts_total", "listener", Listener),
         ("isthmus_upstream_retries_total", "reason", RetryReason),
         (
             "isthmus_upstream_health_checks_total",

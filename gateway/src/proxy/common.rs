@@ -29,6 +29,7 @@ use crate::config::traffic::{RouteConfig, SplitTarget};
 use crate::config::upstream::UpstreamConfig;
 use crate::health::InFlight;
 use crate::mesh::{MeshAlpn, mesh_peer};
+use crate::metrics::Listener;
 use crate::upstream::balance::{
     Draws, NoTarget, PlanRequest, Scope, Slot, Target, plan_or_fall_back,
 };
@@ -491,7 +492,7 @@ impl Common {
     /// Records metrics and the access log line.
     pub(crate) fn log(
         &self,
-        listener: &str,
+        listener: Listener,
         session: &Session,
         e: Option<&Error>,
         ctx: &mut RequestCtx,
@@ -537,7 +538,7 @@ impl Common {
         info!(
             target: "isthmus::access",
             request_id = %ctx.request_id,
-            listener,
+            listener = listener.label(),
             method = %req.method,
             path = %req.uri.path(),
             status,

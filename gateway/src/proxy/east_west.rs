@@ -33,6 +33,7 @@ use super::{Runtime, headers, tcp};
 use crate::config::Config;
 use crate::limits::{ListenerGuard, RefusalReason};
 use crate::mesh::{HelloRecorder, MeshTlsStream};
+use crate::metrics::Listener;
 
 /// The SPIFFE ID behind each peer certificate seen (by SHA-256 of the leaf).
 ///
@@ -191,7 +192,10 @@ impl ProxyHttp for EastWestProxy {
         let named_subset = upstream.headers.contains_key(headers::SUBSET);
         let forged = headers::strip_internal(upstream) - usize::from(named_subset);
         if forged > 0 {
-            self.common.runtime.metrics.stripped("east_west", forged);
+            self.common
+                .runtime
+                .metrics
+                .stripped(Listener::EastWest, forged);
         }
         // Tell the workload who called, as Envoy does, from the verified peer.
         if let Some(caller) = self.caller(session) {
@@ -265,7 +269,8 @@ impl ProxyHttp for EastWestProxy {
             .map(|c| c.as_str().to_owned())
             .or_else(|| caller.map(|id| id.trust_domain_str().to_owned()))
             .unwrap_or_default();
-        self.common.log("east_west", session, e, ctx, &source);
+        self.common
+            .log(Listener::EastWest, session, e, ctx, &source);
     }
 }
 
@@ -351,10 +356,10 @@ impl EastWestApp {
             Ok((upstream, _lease)) => {
                 runtime
                     .tcp_metrics
-                    .connection("east_west", &entry.key, L4Result::Ok);
+                    .connection(Listener::EastWest, &entry.key, L4Result::Ok);
                 let idle = runtime.upstreams.policy().idle_timeout;
                 tcp::splice(
-                    "east_west",
+                    Listener::EastWest,
                     &entry.key,
                     client,
                     upstream,
@@ -368,7 +373,7 @@ impl EastWestApp {
                 warn!(service = %entry.key, result = refusal.result().label(), "no endpoint took the east-west connection");
                 runtime
                     .tcp_metrics
-                    .connection("east_west", &entry.key, refusal.result());
+                    .connection(Listener::EastWest, &entry.key, refusal.result());
             }
         }
     }
@@ -415,7 +420,7 @@ impl ServerApp for EastWestApp {
                     &format_args!("{source} is outside {}'s allow_sources", entry.key),
                 );
                 self.runtime.tcp_metrics.connection(
-                    "east_west",
+                    Listener::EastWest,
                     &entry.key,
                     L4Result::SourceNotAllowed,
                 );
@@ -446,9 +451,11 @@ impl ServerApp for EastWestApp {
         {
             if let Err(reason) = authorize(entry.allowed_callers.as_ref(), Some(&caller)) {
                 warn!(%caller, service = %entry.key, reason, "east-west TCP connection denied");
-                self.runtime
-                    .tcp_metrics
-                    .connection("east_west", &entry.key, L4Result::Denied);
+                self.runtime.tcp_metrics.connection(
+                    Listener::EastWest,
+                    &entry.key,
+                    L4Result::Denied,
+                );
                 return None;
             }
             self.to_endpoint(entry, tls, &[]).await;

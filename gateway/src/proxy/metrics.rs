@@ -3,7 +3,7 @@
 use isthmus_federation::ServiceKey;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Registry};
 
-use crate::metrics;
+use crate::metrics::{self, Listener};
 
 isthmus_federation::label_enum! {
     /// Why a request failed in the gateway: the `reason` label of
@@ -83,7 +83,7 @@ pub struct ProxyMetrics {
 
 /// The labels of one request.
 pub(crate) struct RequestLabels<'a> {
-    pub(crate) listener: &'a str,
+    pub(crate) listener: Listener,
     pub(crate) service: &'a str,
     pub(crate) namespace: &'a str,
     pub(crate) source_cluster: &'a str,
@@ -138,8 +138,9 @@ impl ProxyMetrics {
     }
 
     /// A request on `listener` carried `names` internal headers, now stripped.
-    pub(crate) fn stripped(&self, listener: &str, names: usize) {
+    pub(crate) fn stripped(&self, listener: Listener, names: usize) {
         // A client can send these on every request: debug, not WARN.
+        let listener = listener.label();
         tracing::debug!(listener, names, "stripped internal headers a client sent");
         self.forged.with_label_values(&[listener]).inc();
     }
@@ -147,7 +148,7 @@ impl ProxyMetrics {
     pub(crate) fn error(&self, labels: &RequestLabels<'_>, reason: RequestError) {
         self.errors
             .with_label_values(&[
-                labels.listener,
+                labels.listener.label(),
                 labels.service,
                 labels.namespace,
                 reason.label(),
@@ -157,7 +158,7 @@ impl ProxyMetrics {
 
     pub(crate) fn record(&self, labels: &RequestLabels<'_>, code: u16, seconds: f64) {
         let base = [
-            labels.listener,
+            labels.listener.label(),
             labels.service,
             labels.namespace,
             labels.source_cluster,
@@ -203,10 +204,10 @@ impl TcpMetrics {
         }
     }
 
-    pub(crate) fn connection(&self, listener: &str, key: &ServiceKey, result: L4Result) {
+    pub(crate) fn connection(&self, listener: Listener, key: &ServiceKey, result: L4Result) {
         self.connections
             .with_label_values(&[
-                listener,
+                listener.label(),
                 key.name.as_str(),
                 key.namespace.as_str(),
                 result.label(),
@@ -214,8 +215,14 @@ impl TcpMetrics {
             .inc();
     }
 
-    pub(crate) fn bytes(&self, listener: &str, key: &ServiceKey, from_client: u64, to_client: u64) {
-        let (name, ns) = (key.name.as_str(), key.namespace.as_str());
+    pub(crate) fn bytes(
+        &self,
+        listener: Listener,
+        key: &ServiceKey,
+        from_client: u64,
+        to_client: u64,
+    ) {
+        let (listener, name, ns) = (listener.label(), key.name.as_str(), key.namespace.as_str());
         self.bytes
             .with_label_values(&[listener, name, ns, Direction::FromClient.label()])
             .inc_by(from_client);
