@@ -16,7 +16,7 @@ use std::path::Path;
 
 use isthmus_federation::discovery::FailureKind;
 use isthmus_federation::dns::{
-    AnswerSource, PolicyRefusal, RateLimitAction, TcpRefusal, Transport,
+    AnswerSource, PolicyRefusal, QueryType, RateLimitAction, Rcode, TcpRefusal, Transport,
 };
 use isthmus_federation::trust::{FetchResult, HandshakeResult, HandshakeSide, MaterialKind};
 use isthmus_gateway::admin::Route;
@@ -70,6 +70,8 @@ fn every_vocabulary() -> Vec<Vocabulary> {
         ),
         ("isthmus_upstream_peer_cuts_total", "reason", CutReason),
         ("isthmus_discovery_errors_total", "kind", FailureKind),
+        ("isthmus_dns_queries_total", "type", QueryType),
+        ("isthmus_dns_queries_total", "rcode", Rcode),
         ("isthmus_dns_queries_total", "source", AnswerSource),
         ("isthmus_dns_malformed_total", "transport", Transport),
         ("isthmus_dns_overloaded_total", "transport", Transport),

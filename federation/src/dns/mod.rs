@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 pub use guard::{DnsPolicy, RateLimit, SourceAcl, SourceNet};
 pub use ips::{Allocations, Allocator, ClusterSetIp, IpRange, IpRangeError};
-pub use metrics::DnsMetrics;
+pub use metrics::{DnsMetrics, QueryType, Rcode};
 pub use server::{
     AnswerSource, DnsServer, ForwardConfig, PolicyRefusal, RateLimitAction, TcpRefusal, Transport,
 };

@@ -50,7 +50,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, watch};
 
 use super::guard::{DnsPolicy, RateLimiter, Verdict, transfer};
-use super::metrics::{DnsMetrics, rcode_label, type_label};
+use super::metrics::{DnsMetrics, QueryType, Rcode};
 use super::zone::{Answer, ClusterSetZone};
 use crate::limits::{ConnectionLimiter, Refused};
 
@@ -506,10 +506,10 @@ impl DnsServer {
             .queries
             .queries()
             .first()
-            .map_or("none", |q| type_label(q.query_type()));
+            .map_or(QueryType::NoQuestion, |q| QueryType::of(q.query_type()));
         self.metrics
             .queries
-            .with_label_values(&[rtype, rcode_label(rcode), source.label()])
+            .with_label_values(&[rtype.label(), Rcode::of(rcode).label(), source.label()])
             .inc();
     }
 
