@@ -854,14 +854,14 @@ impl Upstreams {
     /// Records an active health check of `id`; returns true when its health changed.
     fn health_checked(&self, id: BackendRef<'_>, ok: bool, unhealthy: u32, healthy: u32) -> bool {
         let health = self.health_of(id);
+        let result = if ok {
+            HealthCheckResult::Ok
+        } else {
+            HealthCheckResult::Failed
+        };
         self.metrics
             .health_checks
-            .with_label_values(&[if ok {
-                HealthCheckResult::Ok
-            } else {
-                HealthCheckResult::Failed
-            }
-            .label()])
+            .with_label_values(&[result.label()])
             .inc();
         let was = health.is_healthy();
         let streak = if ok == was {
