@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod discovery;
 pub mod dns;
 pub mod identity;
+pub mod labels;
 pub mod limits;
 pub mod locality;
 pub mod names;

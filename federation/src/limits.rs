@@ -26,22 +26,15 @@ pub struct ConnectionLimits {
     pub per_source: usize,
 }
 
-/// Why a connection was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
-    /// The listener holds `total` connections already.
-    Total,
-    /// The source holds `per_source` connections already.
-    PerSource,
-}
-
-impl Refused {
-    /// The metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Total => "total",
-            Self::PerSource => "per_source",
-        }
+crate::label_enum! {
+    /// Why a connection was refused. Each listener's refusal metric names these
+    /// in its own words (see `docs/metrics.md`); [`Refused::label`] is the
+    /// plain one.
+    pub enum Refused {
+        /// The listener holds `total` connections already.
+        Total => "total",
+        /// The source holds `per_source` connections already.
+        PerSource => "per_source",
     }
 }
 

@@ -88,7 +88,7 @@ async fn start_server(
                         }
                     }
                     Err(e) => {
-                        let _ = tx.send(e.result.to_owned());
+                        let _ = tx.send(e.result.label().to_owned());
                     }
                 }
             });
@@ -437,7 +437,7 @@ async fn the_client_side_accepts_only_the_expected_peer() {
         )
         .await
         .unwrap_err();
-    assert_eq!(err.result, "unauthorized");
+    assert_eq!(err.result.label(), "unauthorized");
     assert_eq!(metrics.count("client", "unauthorized"), 1);
     // The server sees the client's alert.
     assert_eq!(results.recv().await.unwrap(), "peer_rejected");
@@ -454,7 +454,7 @@ async fn the_client_side_accepts_only_the_expected_peer() {
         .connect(tcp, sni, PeerPolicy::exact(id(SERVER_ID)))
         .await
         .unwrap_err();
-    assert_eq!(err.result, "bad_signature");
+    assert_eq!(err.result.label(), "bad_signature");
     assert_eq!(metrics.count("client", "ok"), 1);
     assert!(metrics_server.count("server", "ok") >= 1);
 }
@@ -535,7 +535,7 @@ async fn the_client_side_refuses_a_server_leaf_that_is_not_an_svid_leaf() {
         // check stands between this server and an authenticated channel.
         let bad = raw_server(&leaf_with(&pki.a, SERVER_ID, is_ca, key_usages)).await;
         let err = connect(bad).await.unwrap_err();
-        assert_eq!(err.result, want, "{}", err.message);
+        assert_eq!(err.result.label(), want, "{}", err.message);
         let (mut tls, peer) = connect(good).await.unwrap();
         assert_eq!(peer.as_str(), SERVER_ID);
         tls.write_all(b"ping").await.unwrap();

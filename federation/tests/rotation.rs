@@ -57,7 +57,7 @@ async fn handshake(connector: &SpiffeConnector, addr: std::net::SocketAddr) -> R
     let (mut tls, _) = connector
         .connect(tcp, sni, PeerPolicy::exact(id(SERVER_ID)))
         .await
-        .map_err(|e| e.result.to_owned())?;
+        .map_err(|e| e.result.label().to_owned())?;
     // The server may still refuse our certificate after the client side finished.
     tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
     let mut buf = [0u8; 4];

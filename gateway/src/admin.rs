@@ -31,49 +31,32 @@ const JSON: &str = "application/json";
 use crate::health::{Drain, Readiness};
 use crate::metrics;
 
-/// What an admin request asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    /// `/metrics`
-    Metrics,
-    /// `/healthz`
-    Healthz,
-    /// `/readyz`
-    Readyz,
-    /// `/debug/config`
-    DebugConfig,
-    /// `/debug/trust`
-    DebugTrust,
-    /// `/debug/upstreams`
-    DebugUpstreams,
-    /// `/debug/catalog`
-    DebugCatalog,
-    /// `/debug/peers`
-    DebugPeers,
-    /// `/debug/explain`
-    DebugExplain,
-    /// A known path with a method other than GET or HEAD.
-    MethodNotAllowed,
-    /// Anything else.
-    NotFound,
-}
-
-impl Route {
-    /// The label used for this route in metrics (bounded: never the raw path).
-    pub fn label(self) -> &'static str {
-        match self {
-            Route::Metrics => "/metrics",
-            Route::Healthz => "/healthz",
-            Route::Readyz => "/readyz",
-            Route::DebugConfig => "/debug/config",
-            Route::DebugTrust => "/debug/trust",
-            Route::DebugUpstreams => "/debug/upstreams",
-            Route::DebugCatalog => "/debug/catalog",
-            Route::DebugPeers => "/debug/peers",
-            Route::DebugExplain => "/debug/explain",
-            Route::MethodNotAllowed => "method_not_allowed",
-            Route::NotFound => "not_found",
-        }
+isthmus_federation::label_enum! {
+    /// What an admin request asks for: the `route` label of
+    /// `isthmus_admin_requests_total` (bounded: never the raw path).
+    pub enum Route {
+        /// `/metrics`
+        Metrics => "/metrics",
+        /// `/healthz`
+        Healthz => "/healthz",
+        /// `/readyz`
+        Readyz => "/readyz",
+        /// `/debug/config`
+        DebugConfig => "/debug/config",
+        /// `/debug/trust`
+        DebugTrust => "/debug/trust",
+        /// `/debug/upstreams`
+        DebugUpstreams => "/debug/upstreams",
+        /// `/debug/catalog`
+        DebugCatalog => "/debug/catalog",
+        /// `/debug/peers`
+        DebugPeers => "/debug/peers",
+        /// `/debug/explain`
+        DebugExplain => "/debug/explain",
+        /// A known path with a method other than GET or HEAD.
+        MethodNotAllowed => "method_not_allowed",
+        /// Anything else.
+        NotFound => "not_found",
     }
 }
 

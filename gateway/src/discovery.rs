@@ -22,7 +22,7 @@ use isthmus_federation::ClusterName;
 use isthmus_federation::discovery::dns::{DnsSettings, DnsTarget};
 use isthmus_federation::discovery::file::{FileWatcher, read_bounded};
 use isthmus_federation::discovery::kubernetes::KubernetesSettings;
-use isthmus_federation::discovery::{DiscoveryMetrics, Publish, SourceHandle};
+use isthmus_federation::discovery::{DiscoveryMetrics, FailureKind, Publish, SourceHandle};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -230,7 +230,7 @@ fn load(path: &Path, cluster: &ClusterName, handle: &mut SourceHandle, seen: &mu
                     path.display()
                 );
             }
-            handle.failed("read");
+            handle.failed(FailureKind::Read);
             seen.read_error = Some(e);
             seen.bytes = None;
             return;
@@ -270,7 +270,7 @@ fn load(path: &Path, cluster: &ClusterName, handle: &mut SourceHandle, seen: &mu
                 problems = errors.0.len(),
                 "{origin} rejected; its previous services stay in force"
             );
-            handle.failed("invalid");
+            handle.failed(FailureKind::Invalid);
         }
     }
 }
@@ -305,7 +305,7 @@ pub async fn run_file(
                             path.display(),
                             FILE_POLL.as_secs()
                         );
-                        handle.failed("watch");
+                        handle.failed(FailureKind::Watch);
                     }
                     watch_error = Some(e);
                 }

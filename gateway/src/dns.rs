@@ -215,6 +215,33 @@ pub struct ClusterSetListeners {
     metrics: ListenerMetrics,
 }
 
+isthmus_federation::label_enum! {
+    /// Why a clusterset listener could not be opened: the `reason` label of
+    /// `isthmus_clusterset_listener_errors_total`.
+    pub enum BindError {
+        /// Something else listens there already.
+        AddressInUse => "address_in_use",
+        /// The process may not bind that address or port.
+        PermissionDenied => "permission_denied",
+        /// The clusterset IP is not assigned to an interface here.
+        AddressNotAvailable => "address_not_available",
+        /// Any other error.
+        Other => "other",
+    }
+}
+
+impl BindError {
+    /// The reason for a failed bind.
+    fn of(e: &io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::AddrInUse => Self::AddressInUse,
+            io::ErrorKind::PermissionDenied => Self::PermissionDenied,
+            io::ErrorKind::AddrNotAvailable => Self::AddressNotAvailable,
+            _ => Self::Other,
+        }
+    }
+}
+
 #[derive(Clone)]
 struct ListenerMetrics {
     listeners: IntGauge,
@@ -391,13 +418,10 @@ impl ClusterSetListeners {
                         open.insert(addr, (serves, task));
                     }
                     Err(e) => {
-                        let reason = match e.kind() {
-                            io::ErrorKind::AddrInUse => "address_in_use",
-                            io::ErrorKind::PermissionDenied => "permission_denied",
-                            io::ErrorKind::AddrNotAvailable => "address_not_available",
-                            _ => "other",
-                        };
-                        self.metrics.bind_errors.with_label_values(&[reason]).inc();
+                        self.metrics
+                            .bind_errors
+                            .with_label_values(&[BindError::of(&e).label()])
+                            .inc();
                         if !failed_before {
                             warn!(%addr, error = %e, "cannot open a clusterset listener; retrying every 30s");
                         }

@@ -30,7 +30,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use isthmus_federation::limits::{ConnectionLimiter, ConnectionLimits, ConnectionPermit, LogLimit};
+use isthmus_federation::limits::{
+    ConnectionLimiter, ConnectionLimits, ConnectionPermit, LogLimit, Refused,
+};
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::tls::{ALPN, SslDigest};
@@ -44,7 +46,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tracing::warn;
 
-use crate::metrics;
+use crate::metrics::{self, Listener};
 
 /// The refusal and cut counters every listener shares.
 #[derive(Clone)]
@@ -78,13 +80,48 @@ impl LimitMetrics {
     }
 }
 
+isthmus_federation::label_enum! {
+    /// Why a listener closed a connection at once: the `reason` label of
+    /// `isthmus_connections_refused_total`.
+    pub enum RefusalReason {
+        /// The listener holds its total of connections already.
+        Total => "total",
+        /// The source holds its share of the listener's connections already.
+        PerSource => "per_source",
+        /// The east-west listener holds its total of TLS handshakes in flight.
+        HandshakesTotal => "handshakes_total",
+        /// The source holds its share of the east-west TLS handshakes in flight.
+        HandshakesPerSource => "handshakes_per_source",
+        /// The client is outside a passthrough service's `allow_sources`.
+        SourceNotAllowed => "source_not_allowed",
+    }
+}
+
+impl RefusalReason {
+    /// The reason for a refusal by a listener's connection caps.
+    pub fn connections(refused: Refused) -> Self {
+        match refused {
+            Refused::Total => Self::Total,
+            Refused::PerSource => Self::PerSource,
+        }
+    }
+
+    /// The reason for a refusal by the caps on TLS handshakes in flight.
+    pub fn handshakes(refused: Refused) -> Self {
+        match refused {
+            Refused::Total => Self::HandshakesTotal,
+            Refused::PerSource => Self::HandshakesPerSource,
+        }
+    }
+}
+
 /// Logs an attacker can trigger in bulk at most once per [`LOG_EVERY`].
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// One listener's caps, deadline and counters.
 #[derive(Clone)]
 pub struct ListenerGuard {
-    listener: &'static str,
+    listener: Listener,
     limiter: Arc<ConnectionLimiter>,
     header_timeout: Duration,
     metrics: LimitMetrics,
@@ -96,7 +133,7 @@ pub struct ListenerGuard {
 impl ListenerGuard {
     /// The guard of `listener` (the metric label) with `limits`.
     pub fn new(
-        listener: &'static str,
+        listener: Listener,
         limits: ConnectionLimits,
         header_timeout: Duration,
         metrics: &LimitMetrics,
@@ -105,14 +142,16 @@ impl ListenerGuard {
             listener,
             limiter: ConnectionLimiter::new(limits),
             header_timeout,
-            cut: metrics.header_timeouts.with_label_values(&[listener]),
+            cut: metrics
+                .header_timeouts
+                .with_label_values(&[listener.label()]),
             metrics: metrics.clone(),
             log: Arc::new(LogLimit::new(LOG_EVERY)),
         }
     }
 
     /// The listener's name in metrics and logs.
-    pub fn listener(&self) -> &'static str {
+    pub fn listener(&self) -> Listener {
         self.listener
     }
 
@@ -122,7 +161,7 @@ impl ListenerGuard {
         self.limiter
             .try_acquire(source)
             .map_err(|refused| {
-                self.refused(refused.label(), source, &refused);
+                self.refused(RefusalReason::connections(refused), source, &refused);
             })
             .ok()
     }
@@ -134,14 +173,15 @@ impl ListenerGuard {
 
     /// Counts a connection from `source` refused for `reason`, and logs it at
     /// WARN at most once per 10 s per listener.
-    pub fn refused(&self, reason: &str, source: IpAddr, why: &dyn fmt::Display) {
+    pub fn refused(&self, reason: RefusalReason, source: IpAddr, why: &dyn fmt::Display) {
+        let reason = reason.label();
         self.metrics
             .refused
-            .with_label_values(&[self.listener, reason])
+            .with_label_values(&[self.listener.label(), reason])
             .inc();
         if let Some(held_back) = self.log.allow() {
             warn!(
-                listener = self.listener,
+                listener = self.listener.label(),
                 reason,
                 %source,
                 held_back,

@@ -8,6 +8,45 @@ use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, 
 /// Prefix of every metric this process exports.
 pub const NAMESPACE: &str = "isthmus";
 
+isthmus_federation::label_enum! {
+    /// How the binary was built: the `profile` label of `isthmus_build_info`.
+    pub enum Profile {
+        /// With debug assertions.
+        Debug => "debug",
+        /// Without.
+        Release => "release",
+    }
+}
+
+impl Profile {
+    /// The profile of this binary.
+    pub const CURRENT: Self = if cfg!(debug_assertions) {
+        Self::Debug
+    } else {
+        Self::Release
+    };
+}
+
+isthmus_federation::label_enum! {
+    /// A listener that accepts connections from outside: the `listener` label
+    /// of the data-plane and connection-cap metrics. The clusterset listeners
+    /// serve through the outbound proxy, so their requests and L4 connections
+    /// count under `outbound`; only their connection caps and header deadline
+    /// count under `clusterset`.
+    pub enum Listener {
+        /// `outbound.listen` and the outbound `tcp` ports.
+        Outbound => "outbound",
+        /// `east_west.listen`.
+        EastWest => "east_west",
+        /// The listeners at clusterset IPs.
+        Clusterset => "clusterset",
+        /// `admin.listen`.
+        Admin => "admin",
+        /// The SPIFFE bundle endpoint.
+        BundleEndpoint => "bundle_endpoint",
+    }
+}
+
 /// Creates the process registry with build information and process metrics
 /// (`isthmus_process_cpu_seconds_total`, `isthmus_process_resident_memory_bytes`, ...).
 pub fn new_registry() -> Registry {
@@ -21,11 +60,7 @@ pub fn new_registry() -> Registry {
         .with_label_values(&[
             env!("CARGO_PKG_VERSION"),
             env!("ISTHMUS_RUSTC_VERSION"),
-            if cfg!(debug_assertions) {
-                "debug"
-            } else {
-                "release"
-            },
+            Profile::CURRENT.label(),
         ])
         .set(1);
     register(&registry, build_info);

@@ -52,6 +52,7 @@ use crate::lifecycle::{Reloader, Signals, Startup, Upgrade};
 use crate::limits::{Guarded, LimitMetrics, ListenerGuard};
 use crate::logging::LogHandle;
 use crate::mesh::MeshRelay;
+use crate::metrics::Listener;
 use crate::proxy::east_west::{Callers, EastWestApp, EastWestLimits, EastWestProxy};
 use crate::proxy::outbound::OutboundProxy;
 use crate::proxy::tcp::TcpOutboundApp;
@@ -368,7 +369,7 @@ fn add_data_plane(
         limits: limit_metrics,
     } = shared;
     let limits = &config.limits;
-    let guard = |listener: &'static str, caps| {
+    let guard = |listener: Listener, caps| {
         ListenerGuard::new(listener, caps, limits.header_timeout, limit_metrics)
     };
     let clusterset = clusterset.filter(|_| config.dns.clusterset_listeners);
@@ -434,7 +435,7 @@ fn add_data_plane(
     if let Some(addr) = config.listeners.outbound {
         let proxy = Guarded::new(
             Arc::new(Lingering(Arc::new(outbound_proxy(None)))),
-            guard("outbound", limits.outbound),
+            guard(Listener::Outbound, limits.outbound),
         );
         let mut service = Service::new("outbound".to_owned(), proxy);
         service.add_tcp(&addr.to_string());
@@ -464,7 +465,7 @@ fn add_data_plane(
             // Counted apart from the outbound listener's, with its caps.
             let http: Arc<dyn DynApp> = Arc::new(Guarded::new(
                 Arc::new(outbound_proxy(Some(allocations))),
-                guard("clusterset", limits.outbound),
+                guard(Listener::Clusterset, limits.outbound),
             ));
             let tcp_app = {
                 let runtime = runtime.clone();
@@ -516,7 +517,7 @@ fn add_data_plane(
             callers,
             runtime.clone(),
             EastWestLimits {
-                guard: guard("east_west", limits.east_west),
+                guard: guard(Listener::EastWest, limits.east_west),
                 handshakes: ConnectionLimiter::new(limits.east_west_handshakes),
                 config: live_config.clone(),
             },

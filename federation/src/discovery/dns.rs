@@ -42,7 +42,7 @@ use hickory_resolver::{Resolver, TokioResolver};
 use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
-use super::{Backoff, SourceHandle};
+use super::{Backoff, FailureKind, SourceHandle};
 use crate::ClusterName;
 use crate::catalog::{HeadlessEndpoint, LocalService};
 
@@ -329,7 +329,7 @@ pub async fn run(
                 Ok(r) => resolver = Some(r),
                 Err(e) => {
                     error!(source = handle.name(), "{}: {e}", handle.name());
-                    handle.failed("resolvers");
+                    handle.failed(FailureKind::Resolvers);
                 }
             }
         }
@@ -372,7 +372,7 @@ pub async fn run(
                             "DNS resolution of {} failed; keeping the last known endpoints",
                             target.query
                         );
-                        handle.failed("resolve");
+                        handle.failed(FailureKind::Resolve);
                         wait
                     }
                 }

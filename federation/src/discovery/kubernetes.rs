@@ -46,7 +46,7 @@ use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
 use tracing::{debug, error, info, warn};
 
-use super::{Backoff, SourceHandle};
+use super::{Backoff, FailureKind, SourceHandle};
 use crate::catalog::{Export, HeadlessEndpoint, LocalService, Protocol, ServiceKey, ServicePort};
 use crate::{ClusterName, Hostname, Namespace, PortName};
 
@@ -122,7 +122,7 @@ pub async fn run(
             Err(e) => {
                 let wait = backoff.next_delay();
                 error!(source = handle.name(), retry_in = ?wait, "{}: {e}", handle.name());
-                handle.failed("client");
+                handle.failed(FailureKind::Client);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop.changed() => return,
@@ -241,11 +241,11 @@ impl State {
             Update::Export(i, e) => self.exports.get_mut(i).is_some_and(|s| s.apply(*e)),
             Update::Failed(kind, e) => {
                 let label = match &e {
-                    watcher::Error::InitialListFailed(_) => "list",
-                    watcher::Error::WatchError(status) if status.code == 410 => "gone",
-                    _ => "watch",
+                    watcher::Error::InitialListFailed(_) => FailureKind::List,
+                    watcher::Error::WatchError(status) if status.code == 410 => FailureKind::Gone,
+                    _ => FailureKind::Watch,
                 };
-                if label == "gone" {
+                if label == FailureKind::Gone {
                     info!(
                         source = handle.name(),
                         resource = %kind,

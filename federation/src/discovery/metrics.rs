@@ -3,6 +3,29 @@
 
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 
+crate::label_enum! {
+    /// Which input a source could not use: the `kind` label of
+    /// `isthmus_discovery_errors_total`.
+    pub enum FailureKind {
+        /// A file source could not read its file.
+        Read => "read",
+        /// A file source's file is not a valid service list.
+        Invalid => "invalid",
+        /// A file source lost its watch, or a Kubernetes watch failed.
+        Watch => "watch",
+        /// A DNS source's name did not resolve.
+        Resolve => "resolve",
+        /// A DNS source could not build its resolvers.
+        Resolvers => "resolvers",
+        /// A Kubernetes source could not build its client.
+        Client => "client",
+        /// A Kubernetes source's initial list failed.
+        List => "list",
+        /// A Kubernetes watch expired (410 Gone); the source lists again.
+        Gone => "gone",
+    }
+}
+
 /// Discovery metrics, labelled by source (`<kind>:<id>`).
 #[derive(Debug, Clone)]
 pub struct DiscoveryMetrics {

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use tracing::info;
 
-pub use metrics::DiscoveryMetrics;
+pub use metrics::{DiscoveryMetrics, FailureKind};
 
 use crate::catalog::LocalService;
 use crate::peering::Hub;
@@ -108,10 +108,10 @@ impl SourceHandle {
 
     /// Counts an input the source could not use (the caller logs it); the
     /// last good view stays published.
-    pub fn failed(&self, kind: &str) {
+    pub fn failed(&self, kind: FailureKind) {
         self.metrics
             .errors
-            .with_label_values(&[&self.name, kind])
+            .with_label_values(&[&self.name, kind.label()])
             .inc();
     }
 

@@ -36,39 +36,100 @@ pub struct DnsMetrics {
     pub clusterset_exhausted: IntGauge,
 }
 
-/// The `type` label: common types by name, the rest as `other` (bounded
-/// cardinality whatever clients send).
-pub fn type_label(rtype: hickory_proto::rr::RecordType) -> &'static str {
-    use hickory_proto::rr::RecordType as T;
-    match rtype {
-        T::A => "A",
-        T::AAAA => "AAAA",
-        T::SRV => "SRV",
-        T::TXT => "TXT",
-        T::PTR => "PTR",
-        T::SOA => "SOA",
-        T::NS => "NS",
-        T::CNAME => "CNAME",
-        T::MX => "MX",
-        T::ANY => "ANY",
-        T::HTTPS => "HTTPS",
-        T::SVCB => "SVCB",
-        _ => "other",
+crate::label_enum! {
+    /// The `type` label of `isthmus_dns_queries_total`: common types by name,
+    /// the rest as `other` (bounded cardinality whatever clients send).
+    pub enum QueryType {
+        /// A.
+        A => "A",
+        /// AAAA.
+        Aaaa => "AAAA",
+        /// SRV.
+        Srv => "SRV",
+        /// TXT.
+        Txt => "TXT",
+        /// PTR.
+        Ptr => "PTR",
+        /// SOA.
+        Soa => "SOA",
+        /// NS.
+        Ns => "NS",
+        /// CNAME.
+        Cname => "CNAME",
+        /// MX.
+        Mx => "MX",
+        /// ANY.
+        Any => "ANY",
+        /// HTTPS.
+        Https => "HTTPS",
+        /// SVCB.
+        Svcb => "SVCB",
+        /// Any other type.
+        Other => "other",
+        /// The message carried no question.
+        NoQuestion => "none",
     }
 }
 
-/// The `rcode` label.
-pub fn rcode_label(rcode: hickory_proto::op::ResponseCode) -> &'static str {
-    use hickory_proto::op::ResponseCode as R;
-    match rcode {
-        R::NoError => "NOERROR",
-        R::FormErr => "FORMERR",
-        R::ServFail => "SERVFAIL",
-        R::NXDomain => "NXDOMAIN",
-        R::NotImp => "NOTIMP",
-        R::Refused => "REFUSED",
-        R::BADVERS => "BADVERS",
-        _ => "other",
+impl QueryType {
+    /// The label of `rtype`.
+    pub fn of(rtype: hickory_proto::rr::RecordType) -> Self {
+        use hickory_proto::rr::RecordType as T;
+        match rtype {
+            T::A => Self::A,
+            T::AAAA => Self::Aaaa,
+            T::SRV => Self::Srv,
+            T::TXT => Self::Txt,
+            T::PTR => Self::Ptr,
+            T::SOA => Self::Soa,
+            T::NS => Self::Ns,
+            T::CNAME => Self::Cname,
+            T::MX => Self::Mx,
+            T::ANY => Self::Any,
+            T::HTTPS => Self::Https,
+            T::SVCB => Self::Svcb,
+            _ => Self::Other,
+        }
+    }
+}
+
+crate::label_enum! {
+    /// The `rcode` label of `isthmus_dns_queries_total`: the response codes
+    /// this server sends by name, any other as `other`.
+    pub enum Rcode {
+        /// NOERROR.
+        NoError => "NOERROR",
+        /// FORMERR.
+        FormErr => "FORMERR",
+        /// SERVFAIL.
+        ServFail => "SERVFAIL",
+        /// NXDOMAIN.
+        NxDomain => "NXDOMAIN",
+        /// NOTIMP.
+        NotImp => "NOTIMP",
+        /// REFUSED.
+        Refused => "REFUSED",
+        /// BADVERS.
+        BadVers => "BADVERS",
+        /// Any other code.
+        Other => "other",
+    }
+}
+
+impl Rcode {
+    /// The label of `rcode`.
+    pub fn of(rcode: hickory_proto::op::ResponseCode) -> Self {
+        use hickory_proto::op::ResponseCode as R;
+        match rcode {
+            R::NoError => Self::NoError,
+            R::FormErr => Self::FormErr,
+            R::ServFail => Self::ServFail,
+            R::NXDomain => Self::NxDomain,
+            R::NotImp => Self::NotImp,
+            R::Refused => Self::Refused,
+            R::BADVERS => Self::BadVers,
+            _ => Self::Other,
+        }
     }
 }
 

@@ -26,8 +26,10 @@ use tokio::sync::watch;
 
 pub use guard::{DnsPolicy, RateLimit, SourceAcl, SourceNet};
 pub use ips::{Allocations, Allocator, ClusterSetIp, IpRange, IpRangeError};
-pub use metrics::DnsMetrics;
-pub use server::{DnsServer, ForwardConfig, Transport};
+pub use metrics::{DnsMetrics, QueryType, Rcode};
+pub use server::{
+    AnswerSource, DnsServer, ForwardConfig, PolicyRefusal, RateLimitAction, TcpRefusal, Transport,
+};
 pub use zone::{ClusterSetZone, ZoneSettings};
 
 use crate::catalog::Catalog;

@@ -50,9 +50,9 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, watch};
 
 use super::guard::{DnsPolicy, RateLimiter, Verdict, transfer};
-use super::metrics::{DnsMetrics, rcode_label, type_label};
+use super::metrics::{DnsMetrics, QueryType, Rcode};
 use super::zone::{Answer, ClusterSetZone};
-use crate::limits::ConnectionLimiter;
+use crate::limits::{ConnectionLimiter, Refused};
 
 /// Forwarded queries in flight at once, across transports.
 pub const MAX_FORWARDS_IN_FLIGHT: usize = 1024;
@@ -72,23 +72,79 @@ pub struct ForwardConfig {
     pub cache_size: u64,
 }
 
-/// The transport a query came over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    /// UDP: answers are truncated to the client's buffer.
-    Udp,
-    /// TCP: answers up to 64 KiB.
-    Tcp,
+crate::label_enum! {
+    /// The transport a query came over: the `transport` label of
+    /// `isthmus_dns_malformed_total` and `isthmus_dns_overloaded_total`.
+    pub enum Transport {
+        /// UDP: answers are truncated to the client's buffer.
+        Udp => "udp",
+        /// TCP: answers up to 64 KiB.
+        Tcp => "tcp",
+    }
+}
+
+crate::label_enum! {
+    /// Why a query was REFUSED by policy: the `reason` label of
+    /// `isthmus_dns_refused_total`.
+    pub enum PolicyRefusal {
+        /// The client is outside `dns.allow_sources`.
+        Source => "source",
+        /// A zone transfer (AXFR or IXFR).
+        Transfer => "transfer",
+    }
+}
+
+crate::label_enum! {
+    /// What response-rate limiting did with an answer: the `action` label of
+    /// `isthmus_dns_rate_limited_total`.
+    pub enum RateLimitAction {
+        /// Not sent.
+        Drop => "drop",
+        /// Sent empty with the TC bit, so a real client retries over TCP.
+        Slip => "slip",
+    }
+}
+
+crate::label_enum! {
+    /// Why a DNS TCP connection was closed at once: the `reason` label of
+    /// `isthmus_dns_tcp_connections_refused_total`.
+    pub enum TcpRefusal {
+        /// The client is outside `dns.allow_sources`.
+        Source => "source",
+        /// The listener holds its total of connections already.
+        Total => "total",
+        /// The client's source holds its share of connections already.
+        PerSource => "per_source",
+    }
+}
+
+impl From<Refused> for TcpRefusal {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::Total => Self::Total,
+            Refused::PerSource => Self::PerSource,
+        }
+    }
+}
+
+crate::label_enum! {
+    /// Who answered a query: the `source` label of `isthmus_dns_queries_total`.
+    pub enum AnswerSource {
+        /// This server's `clusterset.local` zone.
+        Clusterset => "clusterset",
+        /// An upstream resolver or its cache.
+        Forward => "forward",
+        /// The HINFO synthesised for ANY (RFC 8482).
+        Rfc8482 => "rfc8482",
+        /// REFUSED by policy.
+        Policy => "policy",
+        /// No source could answer: a query this server does not answer (not
+        /// in the zone with no resolver configured, or not answerable at all).
+        NoSource => "none",
+    }
 }
 
 impl Transport {
-    fn label(self) -> &'static str {
-        match self {
-            Self::Udp => "udp",
-            Self::Tcp => "tcp",
-        }
-    }
-
     fn protocol(self) -> Protocol {
         match self {
             Self::Udp => Protocol::Udp,
@@ -164,7 +220,7 @@ impl DnsServer {
             Transport::Tcp => Verdict::Answer,
         };
         if verdict == Verdict::Drop {
-            self.rate_limited("drop");
+            self.rate_limited(RateLimitAction::Drop);
             return Step::Drop;
         }
         let allowed = self.policy.allow_sources.allows(src.ip());
@@ -189,7 +245,7 @@ impl DnsServer {
         let edns = response_edns(&request);
         if verdict == Verdict::Slip {
             // Empty, with TC: a real client asks again over TCP.
-            self.rate_limited("slip");
+            self.rate_limited(RateLimitAction::Slip);
             let mut metadata = Metadata::response_from_request(&request.metadata);
             metadata.truncation = true;
             return Step::Reply(self.encode(
@@ -201,21 +257,41 @@ impl DnsServer {
             ));
         }
         if !allowed {
-            self.refused("source");
+            self.refused(PolicyRefusal::Source);
             tracing::debug!(%src, transport = transport.label(), "DNS query from a source outside dns.allow_sources: REFUSED");
             let rcode = ResponseCode::Refused;
-            return self.reply(&request, edns.as_ref(), transport, rcode, "policy");
+            return self.reply(
+                &request,
+                edns.as_ref(),
+                transport,
+                rcode,
+                AnswerSource::Policy,
+            );
         }
         let query = match answerable(&request) {
             Ok(query) => query,
-            Err(rcode) => return self.reply(&request, edns.as_ref(), transport, rcode, "none"),
+            Err(rcode) => {
+                return self.reply(
+                    &request,
+                    edns.as_ref(),
+                    transport,
+                    rcode,
+                    AnswerSource::NoSource,
+                );
+            }
         };
         if transfer(query.query_type()) {
             // The zone is built from the catalog and never transferred.
-            self.refused("transfer");
+            self.refused(PolicyRefusal::Transfer);
             tracing::debug!(%src, transport = transport.label(), "zone transfer asked: REFUSED");
             let rcode = ResponseCode::Refused;
-            return self.reply(&request, edns.as_ref(), transport, rcode, "policy");
+            return self.reply(
+                &request,
+                edns.as_ref(),
+                transport,
+                rcode,
+                AnswerSource::Policy,
+            );
         }
         let zone = self.zone.load();
         let answer = zone.lookup(query.name(), query.query_type());
@@ -243,11 +319,17 @@ impl DnsServer {
                 }
                 Answer::NotOurs => {
                     let rcode = ResponseCode::Refused;
-                    return self.reply(&request, edns.as_ref(), transport, rcode, "none");
+                    return self.reply(
+                        &request,
+                        edns.as_ref(),
+                        transport,
+                        rcode,
+                        AnswerSource::NoSource,
+                    );
                 }
             };
         metadata.response_code = rcode;
-        self.count(&request, rcode, "clusterset");
+        self.count(&request, rcode, AnswerSource::Clusterset);
         Step::Reply(self.encode(
             &request,
             metadata,
@@ -269,7 +351,7 @@ impl DnsServer {
         metadata.recursion_available = true;
         let (Some(resolver), Ok(info)) = (&self.forwarder, request.request_info()) else {
             metadata.response_code = ResponseCode::Refused;
-            self.count(request, ResponseCode::Refused, "none");
+            self.count(request, ResponseCode::Refused, AnswerSource::NoSource);
             return self.encode(request, metadata, edns.as_ref(), transport, Sections::EMPTY);
         };
         let Ok(_permit) = self.forwards.try_acquire() else {
@@ -278,7 +360,7 @@ impl DnsServer {
                 .with_label_values(&[transport.label()])
                 .inc();
             metadata.response_code = ResponseCode::ServFail;
-            self.count(request, ResponseCode::ServFail, "forward");
+            self.count(request, ResponseCode::ServFail, AnswerSource::Forward);
             return self.encode(request, metadata, edns.as_ref(), transport, Sections::EMPTY);
         };
         let started = Instant::now();
@@ -321,7 +403,7 @@ impl DnsServer {
             }
         };
         metadata.response_code = rcode;
-        self.count(request, rcode, "forward");
+        self.count(request, rcode, AnswerSource::Forward);
         let answers: Vec<&Record> = records.iter().collect();
         let authorities: Vec<&Record> = authorities.iter().collect();
         self.encode(
@@ -343,7 +425,7 @@ impl DnsServer {
         edns: Option<&Edns>,
         transport: Transport,
         rcode: ResponseCode,
-        source: &str,
+        source: AnswerSource,
     ) -> Step {
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.response_code = rcode;
@@ -368,7 +450,7 @@ impl DnsServer {
             ANY_HINFO_TTL,
             RData::HINFO(HINFO::new("RFC8482".to_owned(), String::new())),
         );
-        self.count(request, ResponseCode::NoError, "rfc8482");
+        self.count(request, ResponseCode::NoError, AnswerSource::Rfc8482);
         let sections = Sections {
             answers: &[&hinfo],
             ..Sections::EMPTY
@@ -387,22 +469,28 @@ impl DnsServer {
     ) -> Step {
         self.malformed(transport);
         if !allowed {
-            self.refused("source");
+            self.refused(PolicyRefusal::Source);
             return Step::Drop;
         }
         if verdict == Verdict::Slip {
-            self.rate_limited("drop");
+            self.rate_limited(RateLimitAction::Drop);
             return Step::Drop;
         }
         formerr(packet)
     }
 
-    fn refused(&self, reason: &str) {
-        self.metrics.refused.with_label_values(&[reason]).inc();
+    fn refused(&self, reason: PolicyRefusal) {
+        self.metrics
+            .refused
+            .with_label_values(&[reason.label()])
+            .inc();
     }
 
-    fn rate_limited(&self, action: &str) {
-        self.metrics.rate_limited.with_label_values(&[action]).inc();
+    fn rate_limited(&self, action: RateLimitAction) {
+        self.metrics
+            .rate_limited
+            .with_label_values(&[action.label()])
+            .inc();
     }
 
     fn malformed(&self, transport: Transport) {
@@ -412,19 +500,22 @@ impl DnsServer {
             .inc();
     }
 
-    fn tcp_refused(&self, reason: &str) {
-        self.metrics.tcp_refused.with_label_values(&[reason]).inc();
+    fn tcp_refused(&self, reason: TcpRefusal) {
+        self.metrics
+            .tcp_refused
+            .with_label_values(&[reason.label()])
+            .inc();
     }
 
-    fn count(&self, request: &Request, rcode: ResponseCode, source: &str) {
+    fn count(&self, request: &Request, rcode: ResponseCode, source: AnswerSource) {
         let rtype = request
             .queries
             .queries()
             .first()
-            .map_or("none", |q| type_label(q.query_type()));
+            .map_or(QueryType::NoQuestion, |q| QueryType::of(q.query_type()));
         self.metrics
             .queries
-            .with_label_values(&[rtype, rcode_label(rcode), source])
+            .with_label_values(&[rtype.label(), Rcode::of(rcode).label(), source.label()])
             .inc();
     }
 
@@ -669,14 +760,14 @@ pub async fn serve_tcp(
         // Refusals close the connection at once (dropping the stream): no
         // one waits behind a source that holds too many.
         if !server.policy.allow_sources.allows(src.ip()) {
-            server.tcp_refused("source");
+            server.tcp_refused(TcpRefusal::Source);
             tracing::debug!(%src, "DNS TCP connection from a source outside dns.allow_sources: closed");
             continue;
         }
         let permit = match server.tcp.try_acquire(src.ip()) {
             Ok(permit) => permit,
             Err(why) => {
-                server.tcp_refused(why.label());
+                server.tcp_refused(why.into());
                 tracing::debug!(%src, reason = %why, "DNS TCP connection refused");
                 continue;
             }

@@ -239,9 +239,9 @@ pub async fn serve(
                         None => debug!(%remote, "federation client sent no certificate"),
                     },
                     Err(e) => match log.allow() {
-                        Some(held_back) => warn!(%remote, result = e.result, error = %e.message,
+                        Some(held_back) => warn!(%remote, result = %e.result, error = %e.message,
                             held_back, "federation handshake refused"),
-                        None => debug!(%remote, result = e.result, error = %e.message,
+                        None => debug!(%remote, result = %e.result, error = %e.message,
                             "federation handshake refused"),
                     },
                 }

@@ -116,15 +116,39 @@ pub enum FetchError {
 }
 
 impl FetchError {
-    fn label(&self) -> &'static str {
+    /// Its `result` label.
+    pub fn result(&self) -> FetchResult {
         match self {
-            Self::Resolve(_) | Self::Connect(_) => "connect_error",
-            Self::Tls(_) => "tls_error",
-            Self::Http(_) | Self::Status(_) => "http_error",
-            Self::Bundle(_) => "invalid_bundle",
-            Self::Timeout(_) => "timeout",
-            Self::Rollback { .. } | Self::MissingSequence { .. } => "rollback",
+            Self::Resolve(_) | Self::Connect(_) => FetchResult::ConnectError,
+            Self::Tls(_) => FetchResult::TlsError,
+            Self::Http(_) | Self::Status(_) => FetchResult::HttpError,
+            Self::Bundle(_) => FetchResult::InvalidBundle,
+            Self::Timeout(_) => FetchResult::Timeout,
+            Self::Rollback { .. } | Self::MissingSequence { .. } => FetchResult::Rollback,
         }
+    }
+}
+
+crate::label_enum! {
+    /// How a fetch ended: the `result` label of
+    /// `isthmus_trust_bundle_fetches_total`.
+    pub enum FetchResult {
+        /// A new bundle is in use.
+        Updated => "updated",
+        /// The same bundle as before.
+        Unchanged => "unchanged",
+        /// The endpoint could not be resolved or connected to.
+        ConnectError => "connect_error",
+        /// The TLS handshake with the endpoint failed.
+        TlsError => "tls_error",
+        /// The HTTP exchange failed or its status was not 200.
+        HttpError => "http_error",
+        /// The body is not a valid bundle.
+        InvalidBundle => "invalid_bundle",
+        /// No answer in time.
+        Timeout => "timeout",
+        /// An older sequence number than the bundle in use, or none.
+        Rollback => "rollback",
     }
 }
 
@@ -313,11 +337,14 @@ impl BundleFetcher {
         }
         .await;
         let label = match &result {
-            Ok(FetchOutcome::Updated) => "updated",
-            Ok(FetchOutcome::Unchanged) => "unchanged",
-            Err(e) => e.label(),
+            Ok(FetchOutcome::Updated) => FetchResult::Updated,
+            Ok(FetchOutcome::Unchanged) => FetchResult::Unchanged,
+            Err(e) => e.result(),
         };
-        self.metrics.fetches.with_label_values(&[td, label]).inc();
+        self.metrics
+            .fetches
+            .with_label_values(&[td, label.label()])
+            .inc();
         result
     }
 

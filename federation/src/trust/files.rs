@@ -93,6 +93,17 @@ impl MaterialFiles {
     }
 }
 
+crate::label_enum! {
+    /// Which material a reload changed or rejected: the `kind` label of
+    /// `isthmus_tls_reloads_total` and `isthmus_tls_reload_errors_total`.
+    pub enum MaterialKind {
+        /// The certificate and key this gateway presents.
+        Svid => "svid",
+        /// A trust bundle read from a file.
+        Bundle => "bundle",
+    }
+}
+
 /// Rotation metrics.
 #[derive(Debug, Clone)]
 pub struct MaterialMetrics {
@@ -142,7 +153,8 @@ impl MaterialMetrics {
         })
     }
 
-    /// Rejected changes of `kind` so far.
+    /// Rejected changes of `kind` (a [`MaterialKind`] label: tests read the
+    /// exported value) so far.
     pub fn reload_errors(&self, kind: &str) -> u64 {
         self.reload_errors.with_label_values(&[kind]).get()
     }
@@ -317,8 +329,12 @@ impl FileMaterial {
         self.seen.lock()
     }
 
-    fn reject(&self, kind: &str, e: MaterialError, report: &mut ReloadReport) {
-        self.metrics.reload_errors.with_label_values(&[kind]).inc();
+    fn reject(&self, kind: MaterialKind, e: MaterialError, report: &mut ReloadReport) {
+        self.metrics
+            .reload_errors
+            .with_label_values(&[kind.label()])
+            .inc();
+        let kind = kind.label();
         error!(field = %e.field, problem = %e.message,
             "{kind} rejected; the previous {kind} stays in use: {e}");
         report.rejected.push(e);
@@ -334,7 +350,7 @@ impl FileMaterial {
                 Ok(data) => data,
                 Err(e) => {
                     // A file briefly missing mid-rename reads again on the next event.
-                    self.reject("bundle", e, &mut report);
+                    self.reject(MaterialKind::Bundle, e, &mut report);
                     continue;
                 }
             };
@@ -362,7 +378,10 @@ impl FileMaterial {
                         .update_trust(|store| store.with(domain.clone()));
                     own_bundle_changed |=
                         file.trust_domain.as_str() == self.files.own_trust_domain();
-                    self.metrics.reloads.with_label_values(&["bundle"]).inc();
+                    self.metrics
+                        .reloads
+                        .with_label_values(&[MaterialKind::Bundle.label()])
+                        .inc();
                     info!(trust_domain = %file.trust_domain, file = %file.path.display(),
                         authorities = count, "trust bundle reloaded");
                     report.applied.push(format!(
@@ -370,7 +389,7 @@ impl FileMaterial {
                         file.trust_domain
                     ));
                 }
-                Err(e) => self.reject("bundle", e, &mut report),
+                Err(e) => self.reject(MaterialKind::Bundle, e, &mut report),
             }
         }
         let files = &self.files;
@@ -379,7 +398,7 @@ impl FileMaterial {
         let (cert, key) = match svid_files {
             Ok(pair) => pair,
             Err(e) => {
-                self.reject("svid", e, &mut report);
+                self.reject(MaterialKind::Svid, e, &mut report);
                 self.metrics.observe(&self.material);
                 return report;
             }
@@ -405,9 +424,12 @@ impl FileMaterial {
                         "SVID reloaded");
                     report.applied.push(format!("svid {}", svid.fingerprint));
                     self.material.set_svid(svid);
-                    self.metrics.reloads.with_label_values(&["svid"]).inc();
+                    self.metrics
+                        .reloads
+                        .with_label_values(&[MaterialKind::Svid.label()])
+                        .inc();
                 }
-                Err(e) => self.reject("svid", e, &mut report),
+                Err(e) => self.reject(MaterialKind::Svid, e, &mut report),
             }
         }
         self.metrics.observe(&self.material);

@@ -14,13 +14,17 @@ pub mod tls;
 pub use store::{BundleSource, DomainTrust, TrustStore};
 pub use svid::{Svid, SvidError};
 pub use tls::{
-    HandshakeError, HandshakeMetrics, PeerPolicy, SpiffeAcceptor, SpiffeConnector, TlsMaterial,
+    HandshakeError, HandshakeMetrics, HandshakeResult, HandshakeSide, PeerPolicy, SpiffeAcceptor,
+    SpiffeConnector, TlsMaterial,
 };
 pub mod files;
 
 pub use files::{
-    BundleFile, BundleRole, FileMaterial, MaterialError, MaterialFiles, MaterialMetrics,
+    BundleFile, BundleRole, FileMaterial, MaterialError, MaterialFiles, MaterialKind,
+    MaterialMetrics,
 };
 pub mod endpoint;
 
-pub use endpoint::{BundleEndpoint, BundleFetcher, EndpointProfile, FetchError, FetchMetrics};
+pub use endpoint::{
+    BundleEndpoint, BundleFetcher, EndpointProfile, FetchError, FetchMetrics, FetchResult,
+};

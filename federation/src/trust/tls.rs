@@ -185,25 +185,27 @@ impl SpiffeVerifyError {
     }
 
     /// The metric label for this refusal.
-    pub fn label(&self) -> &'static str {
+    pub fn result(&self) -> HandshakeResult {
         match self {
-            Self::NotAnSvidLeaf(e) => leaf_label(e),
-            Self::UnknownTrustDomain(_) => "unknown_trust_domain",
-            Self::Unauthorized(_) => "unauthorized",
+            Self::NotAnSvidLeaf(e) => leaf_result(e),
+            Self::UnknownTrustDomain(_) => HandshakeResult::UnknownTrustDomain,
+            Self::Unauthorized(_) => HandshakeResult::Unauthorized,
         }
     }
 }
 
 /// The metric label for a certificate that is not an X509-SVID leaf.
-fn leaf_label(e: &CertError) -> &'static str {
+fn leaf_result(e: &CertError) -> HandshakeResult {
     match e {
-        CertError::NoUriSan => "no_uri_san",
-        CertError::MultipleUriSans(_) => "multiple_uri_sans",
-        CertError::LeafIsCa => "leaf_is_ca",
-        CertError::NoKeyUsage | CertError::NoDigitalSignature => "leaf_no_digital_signature",
-        CertError::SigningKeyUsage(_) => "leaf_signing_key_usage",
-        CertError::Malformed(_) => "bad_certificate",
-        CertError::BadSpiffeId { .. } | CertError::RootSpiffeId(_) => "bad_spiffe_id",
+        CertError::NoUriSan => HandshakeResult::NoUriSan,
+        CertError::MultipleUriSans(_) => HandshakeResult::MultipleUriSans,
+        CertError::LeafIsCa => HandshakeResult::LeafIsCa,
+        CertError::NoKeyUsage | CertError::NoDigitalSignature => {
+            HandshakeResult::LeafNoDigitalSignature
+        }
+        CertError::SigningKeyUsage(_) => HandshakeResult::LeafSigningKeyUsage,
+        CertError::Malformed(_) => HandshakeResult::BadCertificate,
+        CertError::BadSpiffeId { .. } | CertError::RootSpiffeId(_) => HandshakeResult::BadSpiffeId,
     }
 }
 
@@ -435,37 +437,122 @@ pub fn spiffe_client_config(
 }
 
 /// The metric label for a failed handshake.
-pub fn classify(error: &Error) -> &'static str {
+pub fn classify(error: &Error) -> HandshakeResult {
     match error {
-        Error::NoCertificatesPresented => "no_client_cert",
+        Error::NoCertificatesPresented => HandshakeResult::NoClientCert,
         Error::InvalidCertificate(e) => match e {
-            CertificateError::UnknownIssuer => "unknown_ca",
+            CertificateError::UnknownIssuer => HandshakeResult::UnknownCa,
             // An issuer with a trusted CA's name but not its key.
-            CertificateError::BadSignature => "bad_signature",
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::BadSignature => HandshakeResult::BadSignature,
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                HandshakeResult::Expired
+            }
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                "not_yet_valid"
+                HandshakeResult::NotYetValid
             }
             CertificateError::Other(OtherError(inner)) => inner
                 .downcast_ref::<SpiffeVerifyError>()
-                .map_or("bad_certificate", SpiffeVerifyError::label),
-            _ => "bad_certificate",
+                .map_or(HandshakeResult::BadCertificate, SpiffeVerifyError::result),
+            _ => HandshakeResult::BadCertificate,
         },
-        Error::AlertReceived(_) => "peer_rejected",
-        Error::InvalidMessage(_) | Error::InappropriateMessage { .. } => "malformed",
-        Error::PeerIncompatible(_) => "incompatible",
-        _ => "protocol_error",
+        Error::AlertReceived(_) => HandshakeResult::PeerRejected,
+        Error::InvalidMessage(_) | Error::InappropriateMessage { .. } => HandshakeResult::Malformed,
+        Error::PeerIncompatible(_) => HandshakeResult::Incompatible,
+        _ => HandshakeResult::ProtocolError,
     }
 }
 
 /// The metric label for a failed handshake reported as an I/O error (as
 /// tokio-rustls does).
-pub fn classify_io(error: &std::io::Error) -> &'static str {
+pub fn classify_io(error: &std::io::Error) -> HandshakeResult {
     match error.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
         Some(e) => classify(e),
-        None if error.kind() == std::io::ErrorKind::UnexpectedEof => "eof",
-        None if error.kind() == std::io::ErrorKind::TimedOut => "timeout",
-        None => "io_error",
+        None if error.kind() == std::io::ErrorKind::UnexpectedEof => HandshakeResult::Eof,
+        None if error.kind() == std::io::ErrorKind::TimedOut => HandshakeResult::Timeout,
+        None => HandshakeResult::IoError,
+    }
+}
+
+crate::label_enum! {
+    /// Which end of a handshake this gateway was: the `side` label of
+    /// `isthmus_tls_handshakes_total`.
+    pub enum HandshakeSide {
+        /// It accepted the connection.
+        Server => "server",
+        /// It opened the connection.
+        Client => "client",
+    }
+}
+
+crate::label_enum! {
+    /// How a handshake ended: the `result` label of
+    /// `isthmus_tls_handshakes_total`.
+    pub enum HandshakeResult {
+        /// Completed and authorised.
+        Ok => "ok",
+        /// Not terminated: an east-west passthrough connection, spliced as is.
+        Passthrough => "passthrough",
+        /// The chain does not end at a CA of the peer's trust domain.
+        UnknownCa => "unknown_ca",
+        /// An issuer with a trusted CA's name but not its key.
+        BadSignature => "bad_signature",
+        /// The certificate has expired.
+        Expired => "expired",
+        /// The certificate is not valid yet.
+        NotYetValid => "not_yet_valid",
+        /// No bundle is known for the peer's trust domain.
+        UnknownTrustDomain => "unknown_trust_domain",
+        /// Authenticated, but not allowed by policy.
+        Unauthorized => "unauthorized",
+        /// The client presented no certificate.
+        NoClientCert => "no_client_cert",
+        /// The leaf carries no URI SAN.
+        NoUriSan => "no_uri_san",
+        /// The leaf carries more than one URI SAN.
+        MultipleUriSans => "multiple_uri_sans",
+        /// The leaf's URI SAN is not a valid SPIFFE ID of a workload.
+        BadSpiffeId => "bad_spiffe_id",
+        /// The leaf is a CA certificate.
+        LeafIsCa => "leaf_is_ca",
+        /// The leaf may sign certificates or CRLs.
+        LeafSigningKeyUsage => "leaf_signing_key_usage",
+        /// The leaf lacks the digital signature key usage.
+        LeafNoDigitalSignature => "leaf_no_digital_signature",
+        /// Any other certificate problem.
+        BadCertificate => "bad_certificate",
+        /// The peer sent an alert: it refused this gateway's certificate.
+        PeerRejected => "peer_rejected",
+        /// Not a valid TLS message.
+        Malformed => "malformed",
+        /// No protocol version or cipher suite in common.
+        Incompatible => "incompatible",
+        /// Any other TLS protocol error.
+        ProtocolError => "protocol_error",
+        /// The peer closed the connection during the handshake.
+        Eof => "eof",
+        /// No handshake within the timeout.
+        Timeout => "timeout",
+        /// Another I/O error.
+        IoError => "io_error",
+        /// This gateway could not build the client configuration.
+        ConfigError => "config_error",
+    }
+}
+
+impl std::fmt::Display for HandshakeResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+impl HandshakeResult {
+    /// Whether the peer's certificate is not an X509-SVID leaf because of
+    /// what it may do (a CA, or key usages of one): worth an operator's WARN.
+    fn is_leaf_misuse(self) -> bool {
+        matches!(
+            self,
+            Self::LeafIsCa | Self::LeafSigningKeyUsage | Self::LeafNoDigitalSignature
+        )
     }
 }
 
@@ -500,23 +587,26 @@ impl HandshakeMetrics {
     }
 
     /// Counts one outcome.
-    pub fn record(&self, side: &str, result: &str) {
-        self.handshakes.with_label_values(&[side, result]).inc();
+    pub fn record(&self, side: HandshakeSide, result: HandshakeResult) {
+        self.handshakes
+            .with_label_values(&[side.label(), result.label()])
+            .inc();
     }
 
     /// Counts one failure; a peer certificate that is not an X509-SVID leaf is
     /// also logged, at WARN at most once per [`LEAF_WARN_INTERVAL`] (a peer, or
     /// a CA, issuing such certificates is worth an operator's attention), else
     /// at DEBUG. Other refusals are logged by the listener that knows the context.
-    fn record_failure(&self, side: &'static str, e: &HandshakeError) {
+    fn record_failure(&self, side: HandshakeSide, e: &HandshakeError) {
         self.record(side, e.result);
-        if !e.result.starts_with("leaf_") {
+        if !e.result.is_leaf_misuse() {
             return;
         }
+        let (side, result) = (side.label(), e.result.label());
         match self.leaf_warnings.allow() {
-            Some(suppressed) => warn!(side, result = e.result, error = %e.message,
+            Some(suppressed) => warn!(side, result, error = %e.message,
                 suppressed, "TLS handshake refused: the peer's certificate is not an X509-SVID leaf"),
-            None => debug!(side, result = e.result, error = %e.message,
+            None => debug!(side, result, error = %e.message,
                 "TLS handshake refused: the peer's certificate is not an X509-SVID leaf"),
         }
     }
@@ -532,7 +622,7 @@ impl HandshakeMetrics {
 #[error("TLS handshake failed ({result}): {message}")]
 pub struct HandshakeError {
     /// The metric label.
-    pub result: &'static str,
+    pub result: HandshakeResult,
     /// Details for the log.
     pub message: String,
 }
@@ -557,7 +647,7 @@ impl HandshakeError {
 
     fn timeout(after: Duration) -> Self {
         Self {
-            result: "timeout",
+            result: HandshakeResult::Timeout,
             message: format!("no handshake within {after:?}"),
         }
     }
@@ -566,11 +656,11 @@ impl HandshakeError {
 /// The SPIFFE ID of the peer of an established connection.
 fn peer_id(certs: Option<&[CertificateDer<'static>]>) -> Result<SpiffeId, HandshakeError> {
     let leaf = certs.and_then(<[_]>::first).ok_or(HandshakeError {
-        result: "no_client_cert",
+        result: HandshakeResult::NoClientCert,
         message: "peer presented no certificate".into(),
     })?;
     leaf_spiffe_id_of(leaf).map_err(|e| HandshakeError {
-        result: leaf_label(&e),
+        result: leaf_result(&e),
         message: e.to_string(),
     })
 }
@@ -620,7 +710,7 @@ impl SpiffeAcceptor {
             Ok(Ok(start)) => Ok(start),
         };
         if let Err(e) = &outcome {
-            self.metrics.record_failure("server", e);
+            self.metrics.record_failure(HandshakeSide::Server, e);
         }
         outcome
     }
@@ -648,8 +738,10 @@ impl SpiffeAcceptor {
             }
         };
         match &outcome {
-            Ok(_) => self.metrics.record("server", "ok"),
-            Err(e) => self.metrics.record_failure("server", e),
+            Ok(_) => self
+                .metrics
+                .record(HandshakeSide::Server, HandshakeResult::Ok),
+            Err(e) => self.metrics.record_failure(HandshakeSide::Server, e),
         }
         outcome
     }
@@ -722,7 +814,7 @@ impl SpiffeConnector {
             let config =
                 spiffe_client_config(&self.material, expected, true, alpn).map_err(|e| {
                     HandshakeError {
-                        result: "config_error",
+                        result: HandshakeResult::ConfigError,
                         message: e.to_string(),
                     }
                 })?;
@@ -736,8 +828,10 @@ impl SpiffeConnector {
         }
         .await;
         match &outcome {
-            Ok(_) => self.metrics.record("client", "ok"),
-            Err(e) => self.metrics.record_failure("client", e),
+            Ok(_) => self
+                .metrics
+                .record(HandshakeSide::Client, HandshakeResult::Ok),
+            Err(e) => self.metrics.record_failure(HandshakeSide::Client, e),
         }
         outcome
     }

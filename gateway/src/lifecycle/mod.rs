@@ -38,7 +38,7 @@ mod upgrade;
 use tracing::info;
 
 pub use readiness::{Probe, Startup, probe_address};
-pub use reload::Reloader;
+pub use reload::{ReloadResult, Reloader};
 pub use signals::Signals;
 pub use systemd::{notify_systemd, watchdog_timeout};
 pub use upgrade::Upgrade;

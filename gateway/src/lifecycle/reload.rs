@@ -12,6 +12,16 @@ use crate::config::{self, Config, ConfigErrors};
 use crate::logging::LogHandle;
 use crate::metrics;
 
+isthmus_federation::label_enum! {
+    /// How a reload ended: the `result` label of `isthmus_config_reloads_total`.
+    pub enum ReloadResult {
+        /// The new configuration is in force.
+        Success => "success",
+        /// It was rejected; the running configuration stays in force.
+        Error => "error",
+    }
+}
+
 /// Re-reads the configuration file and applies what can change at run time.
 pub struct Reloader {
     path: PathBuf,
@@ -72,6 +82,10 @@ impl Reloader {
         result
     }
 
+    fn count(&self, result: ReloadResult) {
+        self.reloads.with_label_values(&[result.label()]).inc();
+    }
+
     /// Loads the file again; on success swaps it in, on failure keeps the old one.
     fn reload_config(&self) -> Result<(), ConfigErrors> {
         let mut next = match config::load(&self.path) {
@@ -85,7 +99,7 @@ impl Reloader {
                     problems = errors.0.len(),
                     "configuration reload rejected; the running configuration stays in force"
                 );
-                self.reloads.with_label_values(&["error"]).inc();
+                self.count(ReloadResult::Error);
                 return Err(errors);
             }
         };
@@ -174,7 +188,7 @@ impl Reloader {
             error!(error = %e, "cannot apply log.level");
         }
         self.config.store(Arc::new(next));
-        self.reloads.with_label_values(&["success"]).inc();
+        self.count(ReloadResult::Success);
         self.last_success.set(unix_now());
         info!(file = %self.path.display(), "configuration reloaded");
         Ok(())

@@ -23,17 +23,18 @@ use tracing::info;
 
 use super::Runtime;
 use super::headers::{self, SUBSET as SUBSET_HEADER};
-use super::metrics::RequestLabels;
+use super::metrics::{RequestError, RequestLabels};
 use super::routing::{NoRoute, Routed, resolve};
 use crate::config::traffic::{RouteConfig, SplitTarget};
 use crate::config::upstream::UpstreamConfig;
 use crate::health::InFlight;
 use crate::mesh::{MeshAlpn, mesh_peer};
+use crate::metrics::Listener;
 use crate::upstream::balance::{
     Draws, NoTarget, PlanRequest, Scope, Slot, Target, plan_or_fall_back,
 };
 use crate::upstream::outlier::Outcome;
-use crate::upstream::{RequestLease, ServiceBackends, Use};
+use crate::upstream::{RequestLease, RetryReason, ServiceBackends, Use};
 
 /// The error a request gets when every backend is at its circuit-breaker limits.
 const OVERLOADED: ErrorType = ErrorType::Custom("every backend is at its limits");
@@ -381,7 +382,9 @@ impl Common {
         self.record(ctx, Outcome::Failure);
         let retry = ctx.tried.len() < ctx.policy.max_attempts;
         if let (true, Some(r)) = (retry, &ctx.routed) {
-            self.runtime.upstreams.retried(&r.entry.key, "connect");
+            self.runtime
+                .upstreams
+                .retried(&r.entry.key, RetryReason::Connect);
         }
         e.set_retry(retry);
         e
@@ -417,7 +420,7 @@ impl Common {
                 .is_some_and(|t| self.runtime.upstreams.declared_dead(t.backend()));
             let reason = if dead {
                 retry = true;
-                "dead_backend"
+                RetryReason::DeadBackend
             } else {
                 retry = backends.budget.try_retry(
                     Instant::now(),
@@ -425,9 +428,9 @@ impl Common {
                     ctx.policy.retry_min_per_second,
                 );
                 if retry {
-                    "after_send"
+                    RetryReason::AfterSend
                 } else {
-                    "budget_exhausted"
+                    RetryReason::BudgetExhausted
                 }
             };
             self.runtime.upstreams.retried(key, reason);
@@ -489,7 +492,7 @@ impl Common {
     /// Records metrics and the access log line.
     pub(crate) fn log(
         &self,
-        listener: &str,
+        listener: Listener,
         session: &Session,
         e: Option<&Error>,
         ctx: &mut RequestCtx,
@@ -535,7 +538,7 @@ impl Common {
         info!(
             target: "isthmus::access",
             request_id = %ctx.request_id,
-            listener,
+            listener = listener.label(),
             method = %req.method,
             path = %req.uri.path(),
             status,
@@ -591,19 +594,23 @@ fn choose_destination(
 }
 
 /// The `reason` label of `isthmus_request_errors_total` for `e`.
-fn error_reason(e: &Error) -> &'static str {
+fn error_reason(e: &Error) -> RequestError {
     use ErrorType::*;
     match (e.etype(), e.esource()) {
-        (t, _) if *t == OVERLOADED => "overloaded",
-        (ConnectNoRoute, _) => "no_route",
-        (ConnectRefused, _) => "connect_refused",
-        (ConnectTimedout, _) => "connect_timeout",
-        (TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | HandshakeError, _) => "tls",
-        (ReadTimedout | WriteTimedout, ErrorSource::Upstream) => "upstream_timeout",
-        (_, ErrorSource::Upstream) => "upstream_closed",
-        (ReadError | WriteError | ConnectionClosed, ErrorSource::Downstream) => "client_closed",
-        (_, ErrorSource::Downstream) => "client_error",
-        _ => "internal",
+        (t, _) if *t == OVERLOADED => RequestError::Overloaded,
+        (ConnectNoRoute, _) => RequestError::NoRoute,
+        (ConnectRefused, _) => RequestError::ConnectRefused,
+        (ConnectTimedout, _) => RequestError::ConnectTimeout,
+        (TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | HandshakeError, _) => {
+            RequestError::Tls
+        }
+        (ReadTimedout | WriteTimedout, ErrorSource::Upstream) => RequestError::UpstreamTimeout,
+        (_, ErrorSource::Upstream) => RequestError::UpstreamClosed,
+        (ReadError | WriteError | ConnectionClosed, ErrorSource::Downstream) => {
+            RequestError::ClientClosed
+        }
+        (_, ErrorSource::Downstream) => RequestError::ClientError,
+        _ => RequestError::Internal,
     }
 }
 

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use isthmus_federation::catalog::{Protocol, ServiceEntry, ServiceKey, parse_east_west_sni};
-use isthmus_federation::limits::{ConnectionLimiter, Refused};
-use isthmus_federation::trust::{PeerPolicy, SpiffeAcceptor};
+use isthmus_federation::limits::ConnectionLimiter;
+use isthmus_federation::trust::{HandshakeResult, HandshakeSide, PeerPolicy, SpiffeAcceptor};
 use isthmus_federation::{Catalog, ClusterName, SpiffeId};
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::{Ssl, Stream};
@@ -28,10 +28,12 @@ use prometheus::IntCounterVec;
 use tracing::{debug, warn};
 
 use super::common::{Common, RequestCtx};
+use super::metrics::L4Result;
 use super::{Runtime, headers, tcp};
 use crate::config::Config;
-use crate::limits::ListenerGuard;
+use crate::limits::{ListenerGuard, RefusalReason};
 use crate::mesh::{HelloRecorder, MeshTlsStream};
+use crate::metrics::Listener;
 
 /// The SPIFFE ID behind each peer certificate seen (by SHA-256 of the leaf).
 ///
@@ -190,7 +192,10 @@ impl ProxyHttp for EastWestProxy {
         let named_subset = upstream.headers.contains_key(headers::SUBSET);
         let forged = headers::strip_internal(upstream) - usize::from(named_subset);
         if forged > 0 {
-            self.common.runtime.metrics.stripped("east_west", forged);
+            self.common
+                .runtime
+                .metrics
+                .stripped(Listener::EastWest, forged);
         }
         // Tell the workload who called, as Envoy does, from the verified peer.
         if let Some(caller) = self.caller(session) {
@@ -264,7 +269,8 @@ impl ProxyHttp for EastWestProxy {
             .map(|c| c.as_str().to_owned())
             .or_else(|| caller.map(|id| id.trust_domain_str().to_owned()))
             .unwrap_or_default();
-        self.common.log("east_west", session, e, ctx, &source);
+        self.common
+            .log(Listener::EastWest, session, e, ctx, &source);
     }
 }
 
@@ -350,10 +356,10 @@ impl EastWestApp {
             Ok((upstream, _lease)) => {
                 runtime
                     .tcp_metrics
-                    .connection("east_west", &entry.key, "ok");
+                    .connection(Listener::EastWest, &entry.key, L4Result::Ok);
                 let idle = runtime.upstreams.policy().idle_timeout;
                 tcp::splice(
-                    "east_west",
+                    Listener::EastWest,
                     &entry.key,
                     client,
                     upstream,
@@ -364,10 +370,10 @@ impl EastWestApp {
                 .await;
             }
             Err(refusal) => {
-                warn!(service = %entry.key, result = refusal.label(), "no endpoint took the east-west connection");
+                warn!(service = %entry.key, result = refusal.result().label(), "no endpoint took the east-west connection");
                 runtime
                     .tcp_metrics
-                    .connection("east_west", &entry.key, refusal.label());
+                    .connection(Listener::EastWest, &entry.key, refusal.result());
             }
         }
     }
@@ -386,10 +392,7 @@ impl ServerApp for EastWestApp {
         let handshake = match limits.handshakes.try_acquire(source) {
             Ok(permit) => permit,
             Err(refused) => {
-                let reason = match refused {
-                    Refused::Total => "handshakes_total",
-                    Refused::PerSource => "handshakes_per_source",
-                };
+                let reason = RefusalReason::handshakes(refused);
                 limits.guard.refused(reason, source, &refused);
                 return None;
             }
@@ -402,7 +405,7 @@ impl ServerApp for EastWestApp {
         {
             Ok(start) => start,
             Err(e) => {
-                debug!(result = e.result, error = %e.message, "east-west ClientHello refused");
+                debug!(result = e.result.label(), error = %e.message, "east-west ClientHello refused");
                 return None;
             }
         };
@@ -412,16 +415,20 @@ impl ServerApp for EastWestApp {
             drop(handshake);
             if !limits.admits(&entry.key, source) {
                 limits.guard.refused(
-                    "source_not_allowed",
+                    RefusalReason::SourceNotAllowed,
                     source,
                     &format_args!("{source} is outside {}'s allow_sources", entry.key),
                 );
-                self.runtime
-                    .tcp_metrics
-                    .connection("east_west", &entry.key, "source_not_allowed");
+                self.runtime.tcp_metrics.connection(
+                    Listener::EastWest,
+                    &entry.key,
+                    L4Result::SourceNotAllowed,
+                );
                 return None;
             }
-            self.acceptor.metrics().record("server", "passthrough");
+            self.acceptor
+                .metrics()
+                .record(HandshakeSide::Server, HandshakeResult::Passthrough);
             let (hello, client) = start.io.into_parts();
             self.to_endpoint(entry, client, &hello).await;
             return None;
@@ -430,7 +437,7 @@ impl ServerApp for EastWestApp {
         let (tls, caller) = match self.acceptor.finish(start).await {
             Ok(accepted) => accepted,
             Err(e) => {
-                debug!(result = e.result, error = %e.message, "east-west handshake refused");
+                debug!(result = e.result.label(), error = %e.message, "east-west handshake refused");
                 return None;
             }
         };
@@ -444,9 +451,11 @@ impl ServerApp for EastWestApp {
         {
             if let Err(reason) = authorize(entry.allowed_callers.as_ref(), Some(&caller)) {
                 warn!(%caller, service = %entry.key, reason, "east-west TCP connection denied");
-                self.runtime
-                    .tcp_metrics
-                    .connection("east_west", &entry.key, "denied");
+                self.runtime.tcp_metrics.connection(
+                    Listener::EastWest,
+                    &entry.key,
+                    L4Result::Denied,
+                );
                 return None;
             }
             self.to_endpoint(entry, tls, &[]).await;

@@ -3,7 +3,64 @@
 use isthmus_federation::ServiceKey;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Registry};
 
-use crate::metrics;
+use crate::metrics::{self, Listener};
+
+isthmus_federation::label_enum! {
+    /// Why a request failed in the gateway: the `reason` label of
+    /// `isthmus_request_errors_total`.
+    pub enum RequestError {
+        /// The backend refused the connection.
+        ConnectRefused => "connect_refused",
+        /// The connection to the backend timed out.
+        ConnectTimeout => "connect_timeout",
+        /// The TLS handshake with the backend or peer gateway failed.
+        Tls => "tls",
+        /// The backend did not answer in time.
+        UpstreamTimeout => "upstream_timeout",
+        /// The backend closed the connection or failed otherwise.
+        UpstreamClosed => "upstream_closed",
+        /// Every backend was at a circuit-breaker limit.
+        Overloaded => "overloaded",
+        /// No backend to try.
+        NoRoute => "no_route",
+        /// The client went away.
+        ClientClosed => "client_closed",
+        /// The client sent something the gateway could not take.
+        ClientError => "client_error",
+        /// Anything else.
+        Internal => "internal",
+    }
+}
+
+isthmus_federation::label_enum! {
+    /// How an L4 connection was handled: the `result` label of
+    /// `isthmus_tcp_connections_total`.
+    pub enum L4Result {
+        /// Spliced to a backend.
+        Ok => "ok",
+        /// No backend could be connected to.
+        ConnectError => "connect_error",
+        /// The service is unknown or has no backend.
+        NoRoute => "no_route",
+        /// Every backend was at a circuit-breaker limit.
+        Overloaded => "overloaded",
+        /// The client is outside a passthrough service's `allow_sources`.
+        SourceNotAllowed => "source_not_allowed",
+        /// The caller is not allowed by the service's `allow_*` lists.
+        Denied => "denied",
+    }
+}
+
+isthmus_federation::label_enum! {
+    /// Which way spliced bytes went: the `direction` label of
+    /// `isthmus_tcp_bytes_total`.
+    pub enum Direction {
+        /// From the client to the backend.
+        FromClient => "from_client",
+        /// From the backend to the client.
+        ToClient => "to_client",
+    }
+}
 
 /// Labels shared by the request metrics.
 const LABELS: &[&str] = &[
@@ -26,7 +83,7 @@ pub struct ProxyMetrics {
 
 /// The labels of one request.
 pub(crate) struct RequestLabels<'a> {
-    pub(crate) listener: &'a str,
+    pub(crate) listener: Listener,
     pub(crate) service: &'a str,
     pub(crate) namespace: &'a str,
     pub(crate) source_cluster: &'a str,
@@ -81,21 +138,27 @@ impl ProxyMetrics {
     }
 
     /// A request on `listener` carried `names` internal headers, now stripped.
-    pub(crate) fn stripped(&self, listener: &str, names: usize) {
+    pub(crate) fn stripped(&self, listener: Listener, names: usize) {
         // A client can send these on every request: debug, not WARN.
+        let listener = listener.label();
         tracing::debug!(listener, names, "stripped internal headers a client sent");
         self.forged.with_label_values(&[listener]).inc();
     }
 
-    pub(crate) fn error(&self, labels: &RequestLabels<'_>, reason: &str) {
+    pub(crate) fn error(&self, labels: &RequestLabels<'_>, reason: RequestError) {
         self.errors
-            .with_label_values(&[labels.listener, labels.service, labels.namespace, reason])
+            .with_label_values(&[
+                labels.listener.label(),
+                labels.service,
+                labels.namespace,
+                reason.label(),
+            ])
             .inc();
     }
 
     pub(crate) fn record(&self, labels: &RequestLabels<'_>, code: u16, seconds: f64) {
         let base = [
-            labels.listener,
+            labels.listener.label(),
             labels.service,
             labels.namespace,
             labels.source_cluster,
@@ -124,7 +187,8 @@ impl TcpMetrics {
         let connections = metrics::counter_vec(
             registry,
             "tcp_connections_total",
-            "L4 connections by listener, service, namespace and result (ok, connect_error, no_route, denied).",
+            "L4 connections by listener, service, namespace and result (ok, connect_error, no_route, \
+             overloaded, source_not_allowed, denied).",
             &["listener", "service", "namespace", "result"],
         );
         let bytes = metrics::counter_vec(
@@ -140,19 +204,30 @@ impl TcpMetrics {
         }
     }
 
-    pub(crate) fn connection(&self, listener: &str, key: &ServiceKey, result: &str) {
+    pub(crate) fn connection(&self, listener: Listener, key: &ServiceKey, result: L4Result) {
         self.connections
-            .with_label_values(&[listener, key.name.as_str(), key.namespace.as_str(), result])
+            .with_label_values(&[
+                listener.label(),
+                key.name.as_str(),
+                key.namespace.as_str(),
+                result.label(),
+            ])
             .inc();
     }
 
-    pub(crate) fn bytes(&self, listener: &str, key: &ServiceKey, from_client: u64, to_client: u64) {
-        let (name, ns) = (key.name.as_str(), key.namespace.as_str());
+    pub(crate) fn bytes(
+        &self,
+        listener: Listener,
+        key: &ServiceKey,
+        from_client: u64,
+        to_client: u64,
+    ) {
+        let (listener, name, ns) = (listener.label(), key.name.as_str(), key.namespace.as_str());
         self.bytes
-            .with_label_values(&[listener, name, ns, "from_client"])
+            .with_label_values(&[listener, name, ns, Direction::FromClient.label()])
             .inc_by(from_client);
         self.bytes
-            .with_label_values(&[listener, name, ns, "to_client"])
+            .with_label_values(&[listener, name, ns, Direction::ToClient.label()])
             .inc_by(to_client);
     }
 

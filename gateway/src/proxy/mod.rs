@@ -20,7 +20,7 @@ pub mod outbound;
 pub mod routing;
 pub mod tcp;
 
-pub use metrics::{ProxyMetrics, TcpMetrics};
+pub use metrics::{Direction, L4Result, ProxyMetrics, RequestError, TcpMetrics};
 
 use std::path::PathBuf;
 use std::sync::Arc;

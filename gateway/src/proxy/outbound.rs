@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use super::Runtime;
 use super::common::{Common, RequestCtx};
 use super::headers::{self, SUBSET as SUBSET_HEADER};
+use crate::metrics::Listener;
 use crate::upstream::balance::Target;
 
 /// Replaces the request's authority (Host, and the URI's when it has one).
@@ -78,7 +79,10 @@ impl ProxyHttp for OutboundProxy {
         // sees them, so they reach neither local endpoints nor peers.
         let forged = headers::strip_internal(session.req_header_mut());
         if forged > 0 {
-            self.common.runtime.metrics.stripped("outbound", forged);
+            self.common
+                .runtime
+                .metrics
+                .stripped(Listener::Outbound, forged);
         }
         let by_address = self.by_address(session);
         self.common.route(session, ctx, false, by_address).await
@@ -170,6 +174,12 @@ impl ProxyHttp for OutboundProxy {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         crate::limits::request_done(session.as_ref().stream());
         let common = &self.common;
-        common.log("outbound", session, e, ctx, common.runtime.cluster.as_str());
+        common.log(
+            Listener::Outbound,
+            session,
+            e,
+            ctx,
+            common.runtime.cluster.as_str(),
+        );
     }
 }

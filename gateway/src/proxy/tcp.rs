@@ -33,10 +33,11 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::Runtime;
-use super::metrics::TcpMetrics;
+use super::metrics::{L4Result, TcpMetrics};
+use crate::metrics::Listener;
 use crate::upstream::balance::{Draws, NoTarget, PlanRequest, Target};
 use crate::upstream::outlier::Outcome;
-use crate::upstream::{ConnectionLease, Upstreams, Use};
+use crate::upstream::{ConnectionLease, RetryReason, Upstreams, Use};
 
 /// Why no upstream connection was made; the `result` label of
 /// `isthmus_tcp_connections_total`.
@@ -48,11 +49,11 @@ pub(crate) enum L4Refusal {
 }
 
 impl L4Refusal {
-    pub(crate) fn label(self) -> &'static str {
+    pub(crate) fn result(self) -> L4Result {
         match self {
-            Self::NoRoute => "no_route",
-            Self::Overloaded => "overloaded",
-            Self::ConnectError => "connect_error",
+            Self::NoRoute => L4Result::NoRoute,
+            Self::Overloaded => L4Result::Overloaded,
+            Self::ConnectError => L4Result::ConnectError,
         }
     }
 }
@@ -109,7 +110,7 @@ where
         warn!(service = %entry.key, backend = %target.addr(), %error,
             "L4 connection to a backend failed");
         if tried.len() < policy.max_attempts {
-            upstreams.retried(&entry.key, "connect");
+            upstreams.retried(&entry.key, RetryReason::Connect);
         }
     }
     Err(L4Refusal::ConnectError)
@@ -183,7 +184,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
 /// `idle_timeout`; `prefix` is sent upstream first (a replayed ClientHello).
 /// Bytes are counted for `key`.
 pub(crate) async fn splice<C, U>(
-    listener: &str,
+    listener: Listener,
     key: &ServiceKey,
     client: C,
     mut upstream: U,
@@ -227,7 +228,7 @@ pub(crate) async fn splice<C, U>(
             Err(e) => debug!(service = %key, error = %e, "L4 connection ended"),
         },
         () = watchdog => {
-            debug!(service = %key, listener, ?idle_timeout, "L4 connection idle; closed");
+            debug!(service = %key, listener = listener.label(), ?idle_timeout, "L4 connection idle; closed");
         }
     }
 }
@@ -284,9 +285,11 @@ impl ServerApp for TcpOutboundApp {
         let runtime = &self.runtime;
         let _in_flight = runtime.drain.track();
         let Some(entry) = runtime.catalog.load().get(&self.key).cloned() else {
-            runtime
-                .tcp_metrics
-                .connection("outbound", &self.key, L4Refusal::NoRoute.label());
+            runtime.tcp_metrics.connection(
+                Listener::Outbound,
+                &self.key,
+                L4Refusal::NoRoute.result(),
+            );
             return None;
         };
         let spread = runtime.tcp_metrics.next_spread();
@@ -309,16 +312,24 @@ impl ServerApp for TcpOutboundApp {
         let idle = runtime.upstreams.policy().idle_timeout;
         match connected {
             Ok((upstream, _lease)) => {
-                runtime.tcp_metrics.connection("outbound", &self.key, "ok");
+                runtime
+                    .tcp_metrics
+                    .connection(Listener::Outbound, &self.key, L4Result::Ok);
                 let (key, m) = (&self.key, &runtime.tcp_metrics);
                 match upstream {
-                    Upstream::Endpoint(u) => splice("outbound", key, client, u, &[], m, idle).await,
-                    Upstream::Gateway(u) => splice("outbound", key, client, u, &[], m, idle).await,
+                    Upstream::Endpoint(u) => {
+                        splice(Listener::Outbound, key, client, u, &[], m, idle).await
+                    }
+                    Upstream::Gateway(u) => {
+                        splice(Listener::Outbound, key, client, u, &[], m, idle).await
+                    }
                 }
             }
-            Err(refusal) => runtime
-                .tcp_metrics
-                .connection("outbound", &self.key, refusal.label()),
+            Err(refusal) => {
+                runtime
+                    .tcp_metrics
+                    .connection(Listener::Outbound, &self.key, refusal.result())
+            }
         }
         None
     }

@@ -18,6 +18,7 @@ use crate::dns::ClusterSetListeners;
 use crate::exit::StartError;
 use crate::health::Readiness;
 use crate::limits::{Guarded, LimitMetrics, ListenerGuard};
+use crate::metrics::Listener;
 use crate::trust::{Trust, TrustService};
 
 /// The federation hub with the configured services and peers, and the
@@ -62,7 +63,12 @@ pub(super) fn add_admin(server: &mut Server, state: AdminState, limit_metrics: &
     let limits = &config.limits;
     let admin = Guarded::new(
         Arc::new(AdminApp::new(Arc::new(state))),
-        ListenerGuard::new("admin", limits.admin, limits.header_timeout, limit_metrics),
+        ListenerGuard::new(
+            Listener::Admin,
+            limits.admin,
+            limits.header_timeout,
+            limit_metrics,
+        ),
     );
     let mut admin_service = Service::new("admin".to_owned(), admin);
     admin_service.add_tcp(&config.admin.listen.to_string());
@@ -139,7 +145,7 @@ fn bundle_endpoint_service(
     let app = Guarded::new(
         Arc::new(app),
         ListenerGuard::new(
-            "bundle_endpoint",
+            Listener::BundleEndpoint,
             config.limits.bundle_endpoint,
             config.limits.header_timeout,
             limit_metrics,

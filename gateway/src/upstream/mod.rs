@@ -280,6 +280,44 @@ impl Drop for ConnectionLease {
     }
 }
 
+isthmus_federation::label_enum! {
+    /// Why an attempt was retried, or not: the `reason` label of
+    /// `isthmus_upstream_retries_total`.
+    pub enum RetryReason {
+        /// The connection to the backend failed before the request went out.
+        Connect => "connect",
+        /// The request went out and failed; the retry budget granted a retry.
+        AfterSend => "after_send",
+        /// The request went out to a backend declared dead meanwhile: retried
+        /// outside the budget.
+        DeadBackend => "dead_backend",
+        /// A retry the budget refused.
+        BudgetExhausted => "budget_exhausted",
+    }
+}
+
+isthmus_federation::label_enum! {
+    /// Why a peer gateway's mesh connections were cut: the `reason` label of
+    /// `isthmus_upstream_peer_cuts_total`.
+    pub enum CutReason {
+        /// Its peering session closed or its lease lapsed.
+        LeaseLost => "lease_lost",
+        /// Its active health checks failed.
+        HealthCheck => "health_check",
+    }
+}
+
+isthmus_federation::label_enum! {
+    /// How an active health check ended: the `result` label of
+    /// `isthmus_upstream_health_checks_total`.
+    pub enum HealthCheckResult {
+        /// The backend answered as healthy.
+        Ok => "ok",
+        /// It did not.
+        Failed => "failed",
+    }
+}
+
 /// Metrics of backend protection.
 #[derive(Clone)]
 struct UpstreamMetrics {
@@ -439,7 +477,7 @@ impl Upstreams {
         self.cuts.clone()
     }
 
-    fn cut(&self, id: BackendRef<'_>, reason: &str) {
+    fn cut(&self, id: BackendRef<'_>, reason: CutReason) {
         // Only peer gateways' connections go through the relay; an endpoint
         // here is never cut.
         if id.peer.is_none() {
@@ -447,7 +485,7 @@ impl Upstreams {
         }
         self.metrics
             .cuts
-            .with_label_values(&[&id.addr.to_string(), id.identity_label(), reason])
+            .with_label_values(&[&id.addr.to_string(), id.identity_label(), reason.label()])
             .inc();
         // No receiver (no relay) is fine: there is nothing to cut.
         let _ = self.cuts.send(id.to_owned_id());
@@ -561,7 +599,7 @@ impl Upstreams {
                 match known.get(id) {
                     Some((true, _)) if !live => {
                         warn!(peer = %id, "peer gateway lost its lease; cutting its connections, traffic fails over");
-                        self.cut(id, "lease_lost");
+                        self.cut(id, CutReason::LeaseLost);
                     }
                     Some((false, _)) if *live => {
                         info!(peer = %id, "peer gateway is back; it gets traffic again, slowly");
@@ -574,7 +612,7 @@ impl Upstreams {
             for (id, (live, since)) in known.iter_mut() {
                 if *live && !seen.contains(id) {
                     warn!(peer = %id, "peer gateway expired; cutting its connections");
-                    self.cut(id, "lease_lost");
+                    self.cut(id, CutReason::LeaseLost);
                     *live = false;
                     *since = now;
                 }
@@ -791,19 +829,24 @@ impl Upstreams {
     }
 
     /// Counts a retry (or one the budget refused) by reason.
-    pub fn retried(&self, key: &ServiceKey, reason: &str) {
+    pub fn retried(&self, key: &ServiceKey, reason: RetryReason) {
         self.metrics
             .retries
-            .with_label_values(&[key.name.as_str(), key.namespace.as_str(), reason])
+            .with_label_values(&[key.name.as_str(), key.namespace.as_str(), reason.label()])
             .inc();
     }
 
     /// Records an active health check of `id`; returns true when its health changed.
     fn health_checked(&self, id: BackendRef<'_>, ok: bool, unhealthy: u32, healthy: u32) -> bool {
         let health = self.health_of(id);
+        let result = if ok {
+            HealthCheckResult::Ok
+        } else {
+            HealthCheckResult::Failed
+        };
         self.metrics
             .health_checks
-            .with_label_values(&[if ok { "ok" } else { "failed" }])
+            .with_label_values(&[result.label()])
             .inc();
         let was = health.is_healthy();
         let streak = if ok == was {
@@ -823,7 +866,7 @@ impl Upstreams {
             } else {
                 // A peer gateway: requests waiting on it go elsewhere (an
                 // endpoint here has nothing to cut).
-                self.cut(id, "health_check");
+                self.cut(id, CutReason::HealthCheck);
             }
         }
         self.metrics
