@@ -56,10 +56,10 @@ pub fn isthmus_bin() -> &'static Path {
 /// build `cargo llvm-cov` made, so that the gateways the tests start count
 /// towards coverage too), else `CARGO_TARGET_DIR` or the workspace's `target/`.
 pub fn target_dir() -> PathBuf {
-    if let Some(bin) = std::env::var_os("ISTHMUS_BIN") {
-        if let Some(dir) = Path::new(&bin).parent().and_then(Path::parent) {
-            return dir.to_owned();
-        }
+    if let Some(bin) = std::env::var_os("ISTHMUS_BIN")
+        && let Some(dir) = Path::new(&bin).parent().and_then(Path::parent)
+    {
+        return dir.to_owned();
     }
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
