@@ -32,7 +32,10 @@ GATEWAY_FUZZ_TARGETS := client_hello config
 FUZZ_DIRS := federation/fuzz gateway/fuzz
 # Both fuzz dirs build into one target dir: the gateway's dependencies include
 # nearly all of the federation crate's, so the second build reuses the first.
-FUZZ_FLAGS := --target-dir target/fuzz
+# FUZZ_BUILD=--dev builds the targets unoptimised: minutes less to build, for
+# the short smoke runs CI makes; leave it empty for real fuzzing.
+FUZZ_BUILD ?=
+FUZZ_FLAGS := --target-dir target/fuzz $(FUZZ_BUILD)
 FUZZ_RUNS := $(addprefix federation/fuzz:,$(FEDERATION_FUZZ_TARGETS)) \
 	$(addprefix gateway/fuzz:,$(GATEWAY_FUZZ_TARGETS))
 
