@@ -12,13 +12,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use isthmus_tests::two_clusters::TwoClusters;
 use isthmus_tests::{
-    DevPki, EchoServer, Gateway, curl, free_addr, gateway_config, metric_sum, solo_gateway,
-    wait_for,
+    DevPki, EchoServer, Gateway, curl, free_addr, metric_sum, solo_gateway, wait_for,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-const START: Duration = Duration::from_secs(20);
 /// `limits.header_timeout` of the slow-header tests.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(8);
 /// Slow connections opened against each listener.
@@ -442,65 +441,18 @@ fn peer_tls(tls_dir: &Path) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
-struct TwoClusters {
-    /// Held so A runs for the whole test.
-    _a: Gateway,
-    b: Gateway,
-    outbound_a: SocketAddr,
-    east_west_b: SocketAddr,
-    tls_a: std::path::PathBuf,
-    _pki: DevPki,
-}
-
 /// A (outbound) reaches shop/web in B (east-west, with `b_limits` and
 /// `b_services` added) over SPIFFE mTLS.
 fn two_clusters(upstream: SocketAddr, b_limits: &str, b_services: &str) -> TwoClusters {
-    let pki = DevPki::new();
-    let ca_a = pki.ca("ca-a", "a.example");
-    let ca_b = pki.ca("ca-b", "b.example");
-    let tls_a = pki.issue(&ca_a, "spiffe://a.example/isthmus/gateway/gw-a", "tls-a");
-    let tls_b = pki.issue(&ca_b, "spiffe://b.example/isthmus/gateway/gw-b", "tls-b");
-    let (admin_a, admin_b, outbound_a, east_west_b) =
-        (free_addr(), free_addr(), free_addr(), free_addr());
-    let a = gateway_config(
-        "gw-a",
-        "a.example",
-        admin_a,
-        &tls_a,
-        &ca_a.join("bundle.pem"),
-        &format!(
-            r#"[[trust.federated]]
-trust_domain = "b.example"
-bundle = "{b_bundle}"
-[listeners]
-outbound = "{outbound_a}"
-[[services]]
+    TwoClusters::builder()
+        .a(r#"[[services]]
 namespace = "shop"
 name = "web"
-ports = [{{ port = 8080 }}]
-[[peers]]
-cluster = "gw-b-cluster"
-spiffe_id = "spiffe://b.example/isthmus/gateway/gw-b"
-address = "{east_west_b}"
-locality = "test"
-services = ["shop/web"]
-"#,
-            b_bundle = ca_b.join("bundle.pem").display()
-        ),
-    );
-    let b = gateway_config(
-        "gw-b",
-        "b.example",
-        admin_b,
-        &tls_b,
-        &ca_b.join("bundle.pem"),
-        &format!(
-            r#"[[trust.federated]]
-trust_domain = "a.example"
-bundle = "{a_bundle}"
-[listeners]
-east_west = "{east_west_b}"
-[[services]]
+ports = [{ port = 8080 }]
+"#)
+        .peer_services(&["shop/web"])
+        .b(&format!(
+            r#"[[services]]
 namespace = "shop"
 name = "web"
 ports = [{{ port = 8080 }}]
@@ -508,22 +460,9 @@ endpoints = ["{upstream}"]
 export = true
 {b_services}
 {b_limits}
-"#,
-            a_bundle = ca_a.join("bundle.pem").display()
-        ),
-    );
-    let mut b = Gateway::start(&b, admin_b, &[]).unwrap();
-    let mut a = Gateway::start(&a, admin_a, &[]).unwrap();
-    b.wait_ready(START).unwrap();
-    a.wait_ready(START).unwrap();
-    TwoClusters {
-        _a: a,
-        b,
-        outbound_a,
-        east_west_b,
-        tls_a,
-        _pki: pki,
-    }
+"#
+        ))
+        .start()
 }
 
 #[test]
@@ -543,7 +482,7 @@ handshakes_per_source = 2000
         ),
         "",
     );
-    let connector = peer_tls(&c.tls_a);
+    let connector = peer_tls(&c.domains.tls_a);
     let (east_west_b, outbound_a) = (c.east_west_b, c.outbound_a);
     let give_up = HEADER_TIMEOUT + Duration::from_secs(10);
     flood_while_serving(

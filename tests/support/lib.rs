@@ -11,6 +11,7 @@ pub mod load;
 pub mod mesh;
 pub mod netns;
 pub mod rogue;
+pub mod two_clusters;
 
 use parking_lot::Mutex;
 use std::net::{SocketAddr, TcpListener};
@@ -98,6 +99,19 @@ pub fn isthmus(args: &[&str], env: &[(&str, &str)]) -> Output {
         cmd.env(k, v);
     }
     cmd.output().expect("isthmus runs")
+}
+
+/// Writes `config` to `dir/check.toml` and runs `isthmus check-config` on it:
+/// its exit code and standard error.
+pub fn check_config(dir: &Path, config: &str) -> (Option<i32>, String) {
+    let file = dir.join("check.toml");
+    std::fs::write(&file, config).expect("the configuration is written");
+    let path = file.to_str().expect("a UTF-8 path");
+    let out = isthmus(&["check-config", "--config", path], &[]);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Polls `f` every few milliseconds until it returns `Some` or `timeout` passes.
