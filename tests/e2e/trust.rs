@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
+use isthmus_tests::two_clusters::{GW_A, TwoDomains, federated};
 use isthmus_tests::{
-    DevPki, Gateway, free_addr, gateway_config, isthmus, metric_value, openssl_s_client,
-    replace_file, wait_for,
+    DevPki, Gateway, check_config, free_addr, gateway_config, isthmus, metric_value,
+    openssl_s_client, replace_file, wait_for,
 };
 
 const START: Duration = Duration::from_secs(20);
@@ -22,11 +23,13 @@ fn authorities(debug: &serde_json::Value, td: &str) -> Option<usize> {
 
 #[test]
 fn federation_through_bundle_endpoints_with_rotation() {
-    let pki = DevPki::new();
-    let ca_a = pki.ca("ca-a", "a.example");
-    let ca_b = pki.ca("ca-b", "b.example");
-    let tls_a = pki.issue(&ca_a, "spiffe://a.example/isthmus/gateway/gw-a", "tls-a");
-    let tls_b = pki.issue(&ca_b, "spiffe://b.example/isthmus/gateway/gw-b", "tls-b");
+    let TwoDomains {
+        pki,
+        ca_a,
+        ca_b,
+        tls_a,
+        tls_b,
+    } = TwoDomains::new();
     // A's bundle lives in its own file so it can be rotated.
     let bundle_a = pki.path().join("a-bundle.pem");
     std::fs::copy(ca_a.join("bundle.pem"), &bundle_a).unwrap();
@@ -39,9 +42,8 @@ fn federation_through_bundle_endpoints_with_rotation() {
         &tls_a,
         &bundle_a,
         &format!(
-            "[[trust.federated]]\ntrust_domain = \"b.example\"\nbundle = \"{}\"\n\
-             [trust.bundle_endpoint]\nlisten = \"{endpoint_a}\"\nrefresh_hint = \"1s\"\n",
-            ca_b.join("bundle.json").display()
+            "{}[trust.bundle_endpoint]\nlisten = \"{endpoint_a}\"\nrefresh_hint = \"1s\"\n",
+            federated("b.example", &ca_b.join("bundle.json"))
         ),
     );
     let config_b = gateway_config(
@@ -51,10 +53,8 @@ fn federation_through_bundle_endpoints_with_rotation() {
         &tls_b,
         &ca_b.join("bundle.pem"),
         &format!(
-            "[[trust.federated]]\ntrust_domain = \"a.example\"\nbundle = \"{}\"\n\
-             endpoint_url = \"https://{endpoint_a}/\"\n\
-             endpoint_spiffe_id = \"spiffe://a.example/isthmus/gateway/gw-a\"\n",
-            ca_a.join("bundle.pem").display()
+            "{}endpoint_url = \"https://{endpoint_a}/\"\nendpoint_spiffe_id = \"{GW_A}\"\n",
+            federated("a.example", &ca_a.join("bundle.pem"))
         ),
     );
     let mut a = Gateway::start(&config_a, admin_a, &[]).unwrap();
@@ -201,15 +201,7 @@ fn bad_identity_files_are_configuration_errors() {
         "wrong",
     );
     let admin = free_addr();
-    let check = |config: &str| {
-        let file = pki.path().join("check.toml");
-        std::fs::write(&file, config).unwrap();
-        let out = isthmus(&["check-config", "--config", file.to_str().unwrap()], &[]);
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let check = |config: &str| check_config(pki.path(), config);
     let good = gateway_config("gw-a", "a.example", admin, &tls, &ca.join("bundle.pem"), "");
     assert_eq!(check(&good).0, Some(0), "{}", check(&good).1);
 
