@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use isthmus_tests::two_clusters::TwoClusters;
 use isthmus_tests::{
-    DevPki, EchoServer, Gateway, curl, free_addr, metric_sum, solo_gateway, wait_for,
+    DevPki, EchoServer, Gateway, OpensslMode, OpensslServer, curl, free_addr, metric_sum,
+    solo_gateway, wait_for,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -560,56 +561,12 @@ fn east_west_handshakes_in_flight_are_capped_per_source() {
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
 }
 
-/// `openssl s_server -www` on a free loopback port with `tls_dir`'s
-/// certificate: answers any HTTPS GET with 200; killed on drop.
-struct OpensslWww {
-    child: std::process::Child,
-    addr: SocketAddr,
-}
-
-impl OpensslWww {
-    fn start(tls_dir: &Path) -> Self {
-        let addr = free_addr();
-        let child = std::process::Command::new("openssl")
-            .args([
-                "s_server",
-                "-quiet",
-                "-www",
-                "-accept",
-                &addr.to_string(),
-                "-cert",
-            ])
-            .arg(tls_dir.join("svid.crt"))
-            .arg("-key")
-            .arg(tls_dir.join("svid.key"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("openssl is installed");
-        wait_for(
-            Duration::from_secs(10),
-            "openssl s_server to listen",
-            || std::net::TcpStream::connect(addr).ok().map(|_| ()),
-        )
-        .unwrap();
-        Self { child, addr }
-    }
-}
-
-impl Drop for OpensslWww {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn passthrough_from_a_source_outside_allow_sources_is_refused() {
     let pki = DevPki::new();
     let ca = pki.ca("ca-b", "b.example");
     let workload = pki.issue(&ca, "spiffe://b.example/ns/shop/sa/ledger", "workload");
-    let server = OpensslWww::start(&workload);
+    let server = OpensslServer::start(&workload, OpensslMode::Www);
     let upstream = EchoServer::start("pod-in-b");
     let c = two_clusters(
         upstream.addr,

@@ -140,23 +140,7 @@ fn leaves_that_are_not_x509_svid_leaves_are_refused_while_peers_keep_flowing() {
         ..
     } = TwoClusters::builder()
         .without_outbound()
-        .a(&format!(
-            r#"[[services]]
-namespace = "shop"
-name = "db"
-ports = [{{ port = 5432, protocol = "tcp", listen = "{db_listen}" }}]
-"#
-        ))
-        .peer_services(&["shop/db"])
-        .b(&format!(
-            r#"[[services]]
-namespace = "shop"
-name = "db"
-ports = [{{ port = 5432, protocol = "tcp" }}]
-endpoints = ["{echo}"]
-export = true
-"#
-        ))
+        .shop_db(db_listen, echo)
         .start();
     let (ca_a, ca_b) = (&domains.ca_a, &domains.ca_b);
 

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use isthmus_tests::two_clusters::{TwoClusters, TwoDomains, tcp_exchange};
-use isthmus_tests::{EchoServer, Gateway, curl, free_addr, metric_value};
+use isthmus_tests::{
+    EchoServer, Gateway, OpensslMode, OpensslServer, curl, free_addr, metric_value,
+};
 
 const START: Duration = Duration::from_secs(20);
 
@@ -169,50 +171,6 @@ fn http1_and_h2c_cross_two_gateways_over_spiffe_mtls() {
     assert!(c.a.log().contains("\"request_id\":\"client-chosen-id\""));
 }
 
-/// `openssl s_server` on a free loopback port with `tls_dir`'s certificate,
-/// reversing each line it receives; killed on drop.
-struct OpensslServer {
-    child: std::process::Child,
-    addr: std::net::SocketAddr,
-}
-
-impl OpensslServer {
-    fn start(tls_dir: &std::path::Path) -> Self {
-        let addr = free_addr();
-        let child = std::process::Command::new("openssl")
-            .args([
-                "s_server",
-                "-quiet",
-                "-rev",
-                "-accept",
-                &addr.to_string(),
-                "-cert",
-            ])
-            .arg(tls_dir.join("svid.crt"))
-            .arg("-key")
-            .arg(tls_dir.join("svid.key"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("openssl is installed");
-        isthmus_tests::wait_for(
-            Duration::from_secs(10),
-            "openssl s_server to listen",
-            || std::net::TcpStream::connect(addr).ok().map(|_| ()),
-        )
-        .unwrap();
-        Self { child, addr }
-    }
-}
-
-impl Drop for OpensslServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn passthrough_routes_the_workloads_own_tls_by_sni() {
     let domains = TwoDomains::new();
@@ -221,7 +179,7 @@ fn passthrough_routes_the_workloads_own_tls_by_sni() {
     let workload = domains
         .pki
         .issue(ca_b, "spiffe://b.example/ns/shop/sa/ledger", "workload");
-    let server = OpensslServer::start(&workload);
+    let server = OpensslServer::start(&workload, OpensslMode::Reverse);
     let (admin_b, east_west_b) = (free_addr(), free_addr());
     let config = domains.b_config(
         admin_b,
@@ -524,26 +482,13 @@ fn tcp_ports_cross_two_gateways_one_tls_connection_per_stream() {
     let (db_listen, cache_listen) = (free_addr(), free_addr());
     let TwoClusters { a, b, .. } = TwoClusters::builder()
         .without_outbound()
+        .shop_db(db_listen, remote_echo)
         .a(&format!(
             r#"[[services]]
-namespace = "shop"
-name = "db"
-ports = [{{ port = 5432, protocol = "tcp", listen = "{db_listen}" }}]
-[[services]]
 namespace = "shop"
 name = "cache"
 ports = [{{ port = 6379, protocol = "tcp", listen = "{cache_listen}" }}]
 endpoints = ["{local_echo}"]
-"#
-        ))
-        .peer_services(&["shop/db"])
-        .b(&format!(
-            r#"[[services]]
-namespace = "shop"
-name = "db"
-ports = [{{ port = 5432, protocol = "tcp" }}]
-endpoints = ["{remote_echo}"]
-export = true
 "#
         ))
         .start();

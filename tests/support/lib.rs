@@ -382,6 +382,65 @@ pub fn replace_file(path: &Path, contents: &[u8]) {
     std::fs::rename(&tmp, path).expect("rename over the target");
 }
 
+/// What an [`OpensslServer`] does with a connection.
+#[derive(Clone, Copy, Debug)]
+pub enum OpensslMode {
+    /// `-rev`: reverses each line it receives.
+    Reverse,
+    /// `-www`: answers any HTTPS GET with 200.
+    Www,
+}
+
+/// `openssl s_server` on a free loopback port with `tls_dir`'s certificate
+/// (`svid.crt`, `svid.key`); killed on drop.
+pub struct OpensslServer {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl OpensslServer {
+    /// Starts it and waits until it accepts connections.
+    pub fn start(tls_dir: &Path, mode: OpensslMode) -> Self {
+        let addr = free_addr();
+        let mode = match mode {
+            OpensslMode::Reverse => "-rev",
+            OpensslMode::Www => "-www",
+        };
+        let child = Command::new("openssl")
+            .args([
+                "s_server",
+                "-quiet",
+                mode,
+                "-accept",
+                &addr.to_string(),
+                "-cert",
+            ])
+            .arg(tls_dir.join("svid.crt"))
+            .arg("-key")
+            .arg(tls_dir.join("svid.key"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl is installed");
+        wait_for(
+            Duration::from_secs(10),
+            "openssl s_server to listen",
+            || std::net::TcpStream::connect(addr).ok().map(|_| ()),
+        )
+        .expect("openssl s_server listens");
+        Self { child, addr }
+    }
+}
+
+impl Drop for OpensslServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// `openssl s_client` to `addr`, verifying against `ca_file`; returns its output.
 pub fn openssl_s_client(addr: SocketAddr, ca_file: &Path) -> String {
     let out = Command::new("openssl")

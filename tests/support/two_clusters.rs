@@ -198,22 +198,46 @@ impl TwoClusters {
 
 impl TwoClustersBuilder {
     /// TOML added to A's configuration before its peer entry (its
-    /// `[[services]]`, say).
+    /// `[[services]]`, say), after what earlier calls added.
     pub fn a(mut self, toml: &str) -> Self {
-        self.a_services = toml.to_owned();
+        self.a_services.push_str(toml);
         self
     }
 
-    /// TOML added to B's configuration after its east-west listener.
+    /// TOML added to B's configuration after its east-west listener, after
+    /// what earlier calls added.
     pub fn b(mut self, toml: &str) -> Self {
-        self.b_services = toml.to_owned();
+        self.b_services.push_str(toml);
         self
     }
 
-    /// The `services` A's peer entry for B lists.
+    /// `services` added to the list A's peer entry for B has.
     pub fn peer_services(mut self, services: &[&str]) -> Self {
-        self.peer_services = services.iter().map(|s| (*s).to_owned()).collect();
+        self.peer_services
+            .extend(services.iter().map(|s| (*s).to_owned()));
         self
+    }
+
+    /// The TCP service shop/db (port 5432) across the pair: A listens for it
+    /// on `listen` and asks B for it; B serves it from `endpoint`, exported.
+    pub fn shop_db(self, listen: SocketAddr, endpoint: SocketAddr) -> Self {
+        self.a(&format!(
+            r#"[[services]]
+namespace = "shop"
+name = "db"
+ports = [{{ port = 5432, protocol = "tcp", listen = "{listen}" }}]
+"#
+        ))
+        .peer_services(&["shop/db"])
+        .b(&format!(
+            r#"[[services]]
+namespace = "shop"
+name = "db"
+ports = [{{ port = 5432, protocol = "tcp" }}]
+endpoints = ["{endpoint}"]
+export = true
+"#
+        ))
     }
 
     /// A gets no outbound listener (its TCP services listen on their own).
