@@ -54,26 +54,20 @@ macro_rules! delegate_async_write {
                     data,
                 )
             }
-            fn poll_flush(
-                mut self: ::std::pin::Pin<&mut Self>,
-                cx: &mut ::std::task::Context<'_>,
-            ) -> ::std::task::Poll<::std::io::Result<()>> {
-                ::tokio::io::AsyncWrite::poll_flush(
-                    ::std::pin::Pin::new(&mut self.$field),
-                    cx,
-                )
-            }
-            fn poll_shutdown(
-                mut self: ::std::pin::Pin<&mut Self>,
-                cx: &mut ::std::task::Context<'_>,
-            ) -> ::std::task::Poll<::std::io::Result<()>> {
-                ::tokio::io::AsyncWrite::poll_shutdown(
-                    ::std::pin::Pin::new(&mut self.$field),
-                    cx,
-                )
-            }
+            delegate_async_write!(@unit $field, poll_flush poll_shutdown);
             $($vectored)*
         }
+    };
+    // poll_flush and poll_shutdown, which take nothing but the context.
+    (@unit $field:ident, $($poll:ident)*) => {
+        $(
+            fn $poll(
+                mut self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                ::tokio::io::AsyncWrite::$poll(::std::pin::Pin::new(&mut self.$field), cx)
+            }
+        )*
     };
 }
 
