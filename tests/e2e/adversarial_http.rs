@@ -446,23 +446,8 @@ fn peer_tls(tls_dir: &Path) -> tokio_rustls::TlsConnector {
 /// `b_services` added) over SPIFFE mTLS.
 fn two_clusters(upstream: SocketAddr, b_limits: &str, b_services: &str) -> TwoClusters {
     TwoClusters::builder()
-        .a(r#"[[services]]
-namespace = "shop"
-name = "web"
-ports = [{ port = 8080 }]
-"#)
-        .peer_services(&["shop/web"])
-        .b(&format!(
-            r#"[[services]]
-namespace = "shop"
-name = "web"
-ports = [{{ port = 8080 }}]
-endpoints = ["{upstream}"]
-export = true
-{b_services}
-{b_limits}
-"#
-        ))
+        .shop_web(upstream)
+        .b(&format!("{b_services}\n{b_limits}\n"))
         .start()
 }
 

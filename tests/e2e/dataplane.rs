@@ -20,11 +20,8 @@ fn two_clusters(
     grpc_upstream: std::net::SocketAddr,
 ) -> TwoClusters {
     TwoClusters::builder()
+        .shop_web(upstream)
         .a(r#"[[services]]
-namespace = "shop"
-name = "web"
-ports = [{ port = 8080 }]
-[[services]]
 namespace = "shop"
 name = "hidden"
 ports = [{ port = 80 }]
@@ -37,15 +34,9 @@ namespace = "shop"
 name = "grpc"
 ports = [{ port = 9090, protocol = "grpc" }]
 "#)
-        .peer_services(&["shop/web", "shop/hidden", "shop/admin", "shop/grpc"])
+        .peer_services(&["shop/hidden", "shop/admin", "shop/grpc"])
         .b(&format!(
             r#"[[services]]
-namespace = "shop"
-name = "web"
-ports = [{{ port = 8080 }}]
-endpoints = ["{upstream}"]
-export = true
-[[services]]
 namespace = "shop"
 name = "hidden"
 ports = [{{ port = 80 }}]

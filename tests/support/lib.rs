@@ -508,27 +508,37 @@ pub fn gateway_config(
     extra: &str,
 ) -> String {
     format!(
-        r#"[gateway]
-name = "{name}"
-cluster = "{name}-cluster"
-trust_domain = "{td}"
-[gateway.locality]
-region = "test"
-[identity]
+        r#"{head}[identity]
 cert = "{cert}"
 key = "{key}"
 bundle = "{bundle}"
+{extra}
+"#,
+        head = config_head(name, &format!("{name}-cluster"), td, admin, 1),
+        cert = tls_dir.join("svid.crt").display(),
+        key = tls_dir.join("svid.key").display(),
+        bundle = bundle.display(),
+    )
+}
+
+/// The tables every test gateway's configuration starts with: `[gateway]`
+/// (region `test`), `[admin]` on `admin`, JSON logs and `threads` runtime
+/// threads.
+fn config_head(name: &str, cluster: &str, td: &str, admin: SocketAddr, threads: u8) -> String {
+    format!(
+        r#"[gateway]
+name = "{name}"
+cluster = "{cluster}"
+trust_domain = "{td}"
+[gateway.locality]
+region = "test"
 [admin]
 listen = "{admin}"
 [log]
 format = "json"
 [runtime]
-threads = 1
-{extra}
-"#,
-        cert = tls_dir.join("svid.crt").display(),
-        key = tls_dir.join("svid.key").display(),
-        bundle = bundle.display(),
+threads = {threads}
+"#
     )
 }
 
@@ -559,19 +569,7 @@ pub fn solo_config(
     extra: &str,
 ) -> String {
     format!(
-        r#"[gateway]
-name = "gw-solo"
-cluster = "solo"
-trust_domain = "solo.example"
-[gateway.locality]
-region = "test"
-[admin]
-listen = "{admin}"
-[log]
-format = "json"
-[runtime]
-threads = 2
-[listeners]
+        r#"{head}[listeners]
 outbound = "{outbound}"
 [[services]]
 namespace = "shop"
@@ -579,7 +577,8 @@ name = "web"
 ports = [{{ port = 80 }}]
 endpoints = [{endpoints}]
 {extra}
-"#
+"#,
+        head = config_head("gw-solo", "solo", "solo.example", admin, 2),
     )
 }
 

@@ -218,6 +218,26 @@ impl TwoClustersBuilder {
         self
     }
 
+    /// The HTTP service shop/web (port 8080) across the pair: A asks B for
+    /// it; B serves it from `endpoint`, exported.
+    pub fn shop_web(self, endpoint: SocketAddr) -> Self {
+        self.a(r#"[[services]]
+namespace = "shop"
+name = "web"
+ports = [{ port = 8080 }]
+"#)
+            .peer_services(&["shop/web"])
+            .b(&format!(
+                r#"[[services]]
+namespace = "shop"
+name = "web"
+ports = [{{ port = 8080 }}]
+endpoints = ["{endpoint}"]
+export = true
+"#
+            ))
+    }
+
     /// The TCP service shop/db (port 5432) across the pair: A listens for it
     /// on `listen` and asks B for it; B serves it from `endpoint`, exported.
     pub fn shop_db(self, listen: SocketAddr, endpoint: SocketAddr) -> Self {
