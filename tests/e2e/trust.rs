@@ -3,6 +3,7 @@
 //! client, rotation through files, and bad files rejected while serving goes on.
 #![allow(clippy::unwrap_used)] // a panic is how a test reports failure
 
+use std::path::Path;
 use std::time::Duration;
 
 use isthmus_tests::two_clusters::{GW_A, TwoDomains, federated};
@@ -202,7 +203,11 @@ fn bad_identity_files_are_configuration_errors() {
     );
     let admin = free_addr();
     let check = |config: &str| check_config(pki.path(), config);
-    let good = gateway_config("gw-a", "a.example", admin, &tls, &ca.join("bundle.pem"), "");
+    // gw-a's configuration with the SVID in `tls_dir` and a.example's `bundle`.
+    let config = |tls_dir: &Path, bundle: &Path| {
+        gateway_config("gw-a", "a.example", admin, tls_dir, bundle, "")
+    };
+    let good = config(&tls, &ca.join("bundle.pem"));
     assert_eq!(check(&good).0, Some(0), "{}", check(&good).1);
 
     let (code, err) = check(&good.replace("svid.crt", "missing.crt"));
@@ -212,28 +217,14 @@ fn bad_identity_files_are_configuration_errors() {
         "{err}"
     );
 
-    let (code, err) = check(&gateway_config(
-        "gw-a",
-        "a.example",
-        admin,
-        &wrong_id,
-        &ca.join("bundle.pem"),
-        "",
-    ));
+    let (code, err) = check(&config(&wrong_id, &ca.join("bundle.pem")));
     assert_eq!(code, Some(78));
     assert!(
         err.contains("identity.cert:") && err.contains("somebody-else"),
         "{err}"
     );
 
-    let (code, err) = check(&gateway_config(
-        "gw-a",
-        "a.example",
-        admin,
-        &tls,
-        &other_ca.join("bundle.pem"),
-        "",
-    ));
+    let (code, err) = check(&config(&tls, &other_ca.join("bundle.pem")));
     assert_eq!(code, Some(78));
     assert!(
         err.contains("does not validate against the bundle"),
@@ -245,14 +236,7 @@ fn bad_identity_files_are_configuration_errors() {
     std::fs::create_dir_all(&mixed).unwrap();
     std::fs::copy(tls.join("svid.crt"), mixed.join("svid.crt")).unwrap();
     std::fs::copy(wrong_id.join("svid.key"), mixed.join("svid.key")).unwrap();
-    let (code, err) = check(&gateway_config(
-        "gw-a",
-        "a.example",
-        admin,
-        &mixed,
-        &ca.join("bundle.pem"),
-        "",
-    ));
+    let (code, err) = check(&config(&mixed, &ca.join("bundle.pem")));
     assert_eq!(code, Some(78));
     assert!(
         err.contains("identity.key:") && err.contains("does not match"),
