@@ -29,17 +29,11 @@ fn served_by(r: &HttpResponse) -> String {
 fn gateway_with_a_peer_at(local: SocketAddr, extra: &str) -> (Gateway, String, TwoDomains) {
     let domains = TwoDomains::new();
     let (admin, outbound) = (free_addr(), free_addr());
-    let config = domains.a_config(
+    let config = domains.a_outbound_config(
         admin,
+        outbound,
         &format!(
-            r#"[listeners]
-outbound = "{outbound}"
-[[services]]
-namespace = "shop"
-name = "web"
-ports = [{{ port = 80 }}]
-endpoints = ["{local}"]
-{peer}{extra}"#,
+            "endpoints = [\"{local}\"]\n{peer}{extra}",
             peer = peer("evil-cluster", EVIL, local, Some(&["shop/web"])),
         ),
     );

@@ -259,19 +259,10 @@ export = true
         ));
         bs.push((gw, east_west));
     }
-    let config = domains.a_config(
+    let config = domains.a_outbound_config(
         admin_a,
-        &format!(
-            r#"[listeners]
-outbound = "{outbound_a}"
-[[services]]
-namespace = "shop"
-name = "web"
-ports = [{{ port = 80 }}]
-[upstream.health_check]
-interval = "500ms"
-{peers}"#
-        ),
+        outbound_a,
+        &format!("[upstream.health_check]\ninterval = \"500ms\"\n{peers}"),
     );
     let mut a = Gateway::start(&config, admin_a, &[]).unwrap();
     a.wait_ready(START).unwrap();

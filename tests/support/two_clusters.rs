@@ -89,6 +89,29 @@ impl TwoDomains {
         )
     }
 
+    /// [`Self::a_config`] with an outbound listener on `outbound` and the
+    /// service shop/web (port 80); `extra` follows it, so it may go on with
+    /// keys of that `[[services]]` table such as `endpoints`.
+    pub fn a_outbound_config(
+        &self,
+        admin: SocketAddr,
+        outbound: SocketAddr,
+        extra: &str,
+    ) -> String {
+        self.a_config(
+            admin,
+            &format!(
+                r#"[listeners]
+outbound = "{outbound}"
+[[services]]
+namespace = "shop"
+name = "web"
+ports = [{{ port = 80 }}]
+{extra}"#
+            ),
+        )
+    }
+
     /// The configuration of gateway `name` in b.example with the SVID in
     /// `tls`: admin API on `admin`, a.example federated, then `extra`.
     pub fn b_config_of(&self, name: &str, tls: &Path, admin: SocketAddr, extra: &str) -> String {
