@@ -73,18 +73,19 @@ mod tests {
 
     use super::*;
 
-    /// A recorder on one end of an in-memory pipe, and the other end.
-    fn recorder() -> (DuplexStream, HelloRecorder<DuplexStream>) {
-        let (client, server) = tokio::io::duplex(1 << 20);
+    /// A recorder on one end of an in-memory pipe, and the other end (kept
+    /// open) with `sent` written to it.
+    async fn recorder(sent: &[u8]) -> (DuplexStream, HelloRecorder<DuplexStream>) {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        tokio::io::AsyncWriteExt::write_all(&mut client, sent)
+            .await
+            .unwrap();
         (client, HelloRecorder::new(server))
     }
 
     #[tokio::test]
     async fn records_until_stopped_and_bounds_the_hello() {
-        let (mut client, mut rec) = recorder();
-        tokio::io::AsyncWriteExt::write_all(&mut client, b"hello world")
-            .await
-            .unwrap();
+        let (_client, mut rec) = recorder(b"hello world").await;
         let mut buf = [0u8; 5];
         rec.read_exact(&mut buf).await.unwrap();
         rec.stop_recording();
@@ -92,15 +93,12 @@ mod tests {
         let (recorded, _) = rec.into_parts();
         assert!(recorded.is_empty(), "stopped recording drops the copy");
 
-        let (mut client, mut rec) = recorder();
-        tokio::io::AsyncWriteExt::write_all(&mut client, b"abc")
-            .await
-            .unwrap();
+        let (_client, mut rec) = recorder(b"abc").await;
         let mut three = [0u8; 3];
         rec.read_exact(&mut three).await.unwrap();
         assert_eq!(rec.into_parts().0, b"abc");
 
-        let (mut client, mut rec) = recorder();
+        let (mut client, mut rec) = recorder(b"").await;
         let big = vec![0u8; MAX_CLIENT_HELLO + 1];
         tokio::spawn(async move { tokio::io::AsyncWriteExt::write_all(&mut client, &big).await });
         let mut sink = vec![0u8; MAX_CLIENT_HELLO + 1];
