@@ -8,18 +8,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use isthmus_tests::two_clusters::{TwoDomains, peer};
-use isthmus_tests::{EchoServer, Gateway, HttpResponse, curl, free_addr, metric_value, wait_for};
+use isthmus_tests::{
+    EchoServer, Gateway, curl, free_addr, metric_value, served_by, upstream_backends, wait_for,
+};
 
 const START: Duration = Duration::from_secs(20);
 const HOST: &str = "Host: web.shop.svc.clusterset.local";
 const EVIL: &str = "spiffe://b.example/isthmus/gateway/gw-evil";
-
-fn served_by(r: &HttpResponse) -> String {
-    serde_json::from_str::<serde_json::Value>(&r.body)
-        .ok()
-        .and_then(|v| v["served_by"].as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
 
 /// Gateway A (cluster `gw-a-cluster`) serving shop/web from `local`, with a
 /// static peer `evil-cluster` (SPIFFE ID [`EVIL`]) configured at the same
@@ -45,13 +40,8 @@ fn gateway_with_a_peer_at(local: SocketAddr, extra: &str) -> (Gateway, String, T
 /// `/debug/upstreams`' shop/web backend at `addr` with `identity` (none: the
 /// endpoint here).
 fn backend_state(gw: &Gateway, addr: SocketAddr, identity: Option<&str>) -> serde_json::Value {
-    let doc = gw.admin_json("/debug/upstreams");
-    doc["services"]
-        .as_array()
+    upstream_backends(gw, "shop/web")
         .into_iter()
-        .flatten()
-        .filter(|s| s["service"] == "shop/web")
-        .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
         .find(|b| b["address"] == addr.to_string() && b["identity"].as_str() == identity)
         .unwrap_or(serde_json::Value::Null)
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use isthmus_tests::two_clusters::{TwoDomains, peer};
 use isthmus_tests::{
-    Behaviour, EchoServer, Gateway, HttpResponse, curl, free_addr, metric_value, solo_gateway,
-    wait_for,
+    Behaviour, EchoServer, Gateway, HttpResponse, curl, free_addr, metric_value, served_by,
+    solo_gateway, upstream_backends, wait_for,
 };
 
 const START: Duration = Duration::from_secs(20);
@@ -22,22 +22,10 @@ fn gateway(endpoints: &[SocketAddr], upstream: &str) -> (Gateway, String) {
     (gw, format!("http://{outbound}/"))
 }
 
-fn served_by(r: &HttpResponse) -> String {
-    serde_json::from_str::<serde_json::Value>(&r.body)
-        .ok()
-        .and_then(|v| v["served_by"].as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 /// The state `/debug/upstreams` reports for `backend` of shop/web.
 fn backend_state(gw: &Gateway, backend: SocketAddr) -> serde_json::Value {
-    let doc = gw.admin_json("/debug/upstreams");
-    doc["services"]
-        .as_array()
+    upstream_backends(gw, "shop/web")
         .into_iter()
-        .flatten()
-        .filter(|s| s["service"] == "shop/web")
-        .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
         .find(|b| b["address"] == backend.to_string())
         .unwrap_or(serde_json::Value::Null)
 }

@@ -139,6 +139,27 @@ pub struct HttpResponse {
     pub body: String,
 }
 
+/// The `served_by` field of an [`EchoServer`]'s JSON answer in `r` (empty
+/// when the body is not one).
+pub fn served_by(r: &HttpResponse) -> String {
+    serde_json::from_str::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v["served_by"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The backends `/debug/upstreams` of `gw` lists for `service` (`ns/name`).
+pub fn upstream_backends(gw: &Gateway, service: &str) -> Vec<serde_json::Value> {
+    let doc = gw.admin_json("/debug/upstreams");
+    doc["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["service"] == service)
+        .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
 /// `GET url` with curl; status 0 when nothing answered.
 pub fn curl_get(url: &str) -> HttpResponse {
     curl(&[url])
