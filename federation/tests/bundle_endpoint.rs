@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use common::{HOUR, domain, id, svid, td};
+use common::{HOUR, domain, id, serve_tcp, svid, td};
 use http::{Response, Uri};
 use http_body_util::Full;
 use hyper::service::service_fn;
@@ -26,34 +26,28 @@ use isthmus_federation::trust::{
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
 
 const ENDPOINT_ID: &str = "spiffe://remote.example/isthmus/gateway/gw-remote";
 
 /// Serves whatever `doc` holds at any path, over TLS with `config`.
 async fn serve(config: ServerConfig, doc: Arc<ArcSwap<String>>) -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let (acceptor, doc) = (acceptor.clone(), doc.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let service = service_fn(move |_req| {
-                    let body = doc.load().as_str().to_owned();
-                    async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+    serve_tcp(move |tcp| {
+        let (acceptor, doc) = (acceptor.clone(), doc.clone());
+        async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = service_fn(move |_req| {
+                let body = doc.load().as_str().to_owned();
+                async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
             });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
         }
-    });
-    addr
+    })
+    .await
 }
 
 fn bundle_json(cas: &[&CaMaterial], sequence: u64, hint_secs: u64) -> String {

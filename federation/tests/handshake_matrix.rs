@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use common::{HOUR, id, store, svid, td};
+use common::{HOUR, id, serve_tcp, store, svid, td};
 use isthmus_federation::trust::ca::{self, CaMaterial, KeyUsagePurpose, LeafSpec};
 use isthmus_federation::trust::tls::{SpiffeServerVerifier, crypto_provider, mtls_server_config};
 use isthmus_federation::trust::{
@@ -19,7 +19,7 @@ use rustls::ClientConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 struct Pki {
@@ -68,32 +68,28 @@ async fn start_server(
     let config = mtls_server_config(&material, policy, vec![]).unwrap();
     let metrics = HandshakeMetrics::new(&prometheus::Registry::new()).unwrap();
     let acceptor = SpiffeAcceptor::new(Arc::new(config), metrics.clone(), Duration::from_secs(5));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match acceptor.accept(tcp).await {
-                    Ok((mut tls, peer)) => {
-                        let _ = tx.send(format!("ok {}", peer.unwrap()));
-                        // Echo one message so the client sees a working channel.
-                        let mut buf = [0u8; 64];
-                        if let Ok(n) = tls.read(&mut buf).await {
-                            let _ = tls.write_all(&buf[..n]).await;
-                            let _ = tls.flush().await;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(e.result.label().to_owned());
+    let addr = serve_tcp(move |tcp| {
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        async move {
+            match acceptor.accept(tcp).await {
+                Ok((mut tls, peer)) => {
+                    let _ = tx.send(format!("ok {}", peer.unwrap()));
+                    // Echo one message so the client sees a working channel.
+                    let mut buf = [0u8; 64];
+                    if let Ok(n) = tls.read(&mut buf).await {
+                        let _ = tls.write_all(&buf[..n]).await;
+                        let _ = tls.flush().await;
                     }
                 }
-            });
+                Err(e) => {
+                    let _ = tx.send(e.result.label().to_owned());
+                }
+            }
         }
-    });
+    })
+    .await;
     (addr, metrics, rx)
 }
 
@@ -474,23 +470,18 @@ async fn raw_server(cert: &CertAndKey) -> std::net::SocketAddr {
         )
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                if let Ok(mut tls) = acceptor.accept(tcp).await {
-                    let mut buf = [0u8; 64];
-                    if let Ok(n) = tls.read(&mut buf).await {
-                        let _ = tls.write_all(&buf[..n]).await;
-                    }
+    serve_tcp(move |tcp| {
+        let acceptor = acceptor.clone();
+        async move {
+            if let Ok(mut tls) = acceptor.accept(tcp).await {
+                let mut buf = [0u8; 64];
+                if let Ok(n) = tls.read(&mut buf).await {
+                    let _ = tls.write_all(&buf[..n]).await;
                 }
-            });
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use common::{HOUR, domain, id, svid, td};
+use common::{HOUR, domain, id, serve_tcp, svid, td};
 use isthmus_federation::trust::ca::{self, CaMaterial};
 use isthmus_federation::trust::tls::{crypto_provider, mtls_server_config};
 use isthmus_federation::trust::{
@@ -21,7 +21,7 @@ use isthmus_federation::trust::{
 };
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const SERVER_ID: &str = "spiffe://a.example/isthmus/gateway/server";
 const CLIENT_ID: &str = "spiffe://b.example/isthmus/gateway/client";
@@ -120,24 +120,20 @@ async fn root_rotation_mid_traffic() {
         server_metrics.clone(),
         Duration::from_secs(5),
     );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                if let Ok((mut tls, _)) = acceptor.accept(tcp).await {
-                    let mut buf = [0u8; 4];
-                    while tls.read_exact(&mut buf).await.is_ok() {
-                        if tls.write_all(&buf).await.is_err() {
-                            break;
-                        }
+    let addr = serve_tcp(move |tcp| {
+        let acceptor = acceptor.clone();
+        async move {
+            if let Ok((mut tls, _)) = acceptor.accept(tcp).await {
+                let mut buf = [0u8; 4];
+                while tls.read_exact(&mut buf).await.is_ok() {
+                    if tls.write_all(&buf).await.is_err() {
+                        break;
                     }
                 }
-            });
+            }
         }
-    });
+    })
+    .await;
 
     // An established connection from b.example that pings throughout.
     let metrics = HandshakeMetrics::new(&prometheus::Registry::new()).unwrap();

@@ -39,20 +39,8 @@ ADMIN=$(free_port)
 
 # --- Isthmus: SERVICES exported services, no identity needed for DNS.
 {
+  gateway_toml gw-bench bench bench.example "$ADMIN"
   cat <<EOF
-[gateway]
-name = "gw-bench"
-cluster = "bench"
-trust_domain = "bench.example"
-[gateway.locality]
-region = "bench"
-[admin]
-listen = "127.0.0.1:$ADMIN"
-[log]
-format = "json"
-level = "warn"
-[runtime]
-threads = 1
 [dns]
 listen = "127.0.0.1:$ISTHMUS_DNS"
 clusterset_ipv4_range = "127.250.0.0/16"

@@ -388,25 +388,8 @@ services_toml() {
 # Configuration of gateway $1 with $2 extra services; $3=none: no peers and no services.
 config() {
   local i=$1 extra=${2:-0} mode=${3:-}
+  gateway_toml "gw-$i" "c$i" "$TD" "$(admin "$i")" "$WORK/tls-$i" "$WORK/tls-$i/bundle.pem" "z$(( i % 3 ))"
   cat <<TOML
-[gateway]
-name = "gw-$i"
-cluster = "c$i"
-trust_domain = "$TD"
-[gateway.locality]
-region = "bench"
-zone = "z$(( i % 3 ))"
-[identity]
-cert = "$WORK/tls-$i/svid.crt"
-key = "$WORK/tls-$i/svid.key"
-bundle = "$WORK/tls-$i/bundle.pem"
-[admin]
-listen = "127.0.0.1:$(admin "$i")"
-[log]
-level = "warn"
-format = "json"
-[runtime]
-threads = 1
 [listeners]
 outbound = "127.0.0.1:$(outbound "$i")"
 east_west = "127.0.0.1:$(east_west "$i")"

@@ -7,6 +7,12 @@
 #   start VAR CMD...           runs CMD in the background, logs to $WORK/VAR.log,
 #                              records its pid in VAR and in PIDS
 #   free_port                  a loopback TCP port the kernel has just handed out
+#   gateway_toml NAME CLUSTER TD ADMIN_PORT [SVID_DIR BUNDLE [ZONE]]
+#                              prints the tables every bench gateway starts with:
+#                              [gateway] (region "bench", zone ZONE if given),
+#                              [identity] from SVID_DIR/svid.{crt,key} and BUNDLE
+#                              when given, [admin], [log] (warn, json), [runtime]
+#                              (one thread); the caller appends the rest
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 ISTHMUS=${ISTHMUS_BIN:-$ROOT/target/release/isthmus}
@@ -46,4 +52,15 @@ start() {
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+gateway_toml() {
+  local name=$1 cluster=$2 td=$3 admin=$4 svid=${5:-} bundle=${6:-} zone=${7:-}
+  printf '[gateway]\nname = "%s"\ncluster = "%s"\ntrust_domain = "%s"\n' "$name" "$cluster" "$td"
+  printf '[gateway.locality]\nregion = "bench"\n'
+  [ -z "$zone" ] || printf 'zone = "%s"\n' "$zone"
+  [ -z "$svid" ] || printf '[identity]\ncert = "%s"\nkey = "%s"\nbundle = "%s"\n' \
+    "$svid/svid.crt" "$svid/svid.key" "$bundle"
+  printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$admin"
+  printf '[log]\nlevel = "warn"\nformat = "json"\n[runtime]\nthreads = 1\n'
 }

@@ -54,38 +54,8 @@ NGX
   echo "$WORK/$1/nginx.conf"
 }
 
-ORIGIN=$(free_port)
-start ORIGIN_PID nginx -c "$(nginx_conf origin "server { listen 127.0.0.1:$ORIGIN; location / { return 200 \"ok\n\"; } }")"
-wait_port "$ORIGIN"
-
-# --- proxies, path (a) ---
-ISA=$(free_port); ISA_ADMIN=$(free_port)
-cat > "$WORK/isthmus-a.toml" <<TOML
-[gateway]
-name = "bench"
-cluster = "bench"
-trust_domain = "a.example"
-[gateway.locality]
-region = "bench"
-[admin]
-listen = "127.0.0.1:$ISA_ADMIN"
-[log]
-level = "warn"
-format = "json"
-[runtime]
-threads = 1
-[listeners]
-outbound = "127.0.0.1:$ISA"
-[[services]]
-namespace = "bench"
-name = "web"
-ports = [{ port = 80 }]
-endpoints = ["127.0.0.1:$ORIGIN"]
-TOML
-start ISTHMUS_A_PID "$ISTHMUS" run --config "$WORK/isthmus-a.toml"
-
-HPA=$(free_port)
-cat > "$WORK/haproxy-a.cfg" <<HAP
+haproxy_head() { # the global and defaults sections every HAProxy here shares
+  cat <<HAP
 global
   nbthread 1
 defaults
@@ -94,12 +64,40 @@ defaults
   timeout client 30s
   timeout server 30s
   http-reuse always
+HAP
+}
+
+ORIGIN=$(free_port)
+start ORIGIN_PID nginx -c "$(nginx_conf origin "server { listen 127.0.0.1:$ORIGIN; location / { return 200 \"ok\n\"; } }")"
+wait_port "$ORIGIN"
+
+# --- proxies, path (a) ---
+ISA=$(free_port); ISA_ADMIN=$(free_port)
+{
+  gateway_toml bench bench a.example "$ISA_ADMIN"
+  cat <<TOML
+[listeners]
+outbound = "127.0.0.1:$ISA"
+[[services]]
+namespace = "bench"
+name = "web"
+ports = [{ port = 80 }]
+endpoints = ["127.0.0.1:$ORIGIN"]
+TOML
+} > "$WORK/isthmus-a.toml"
+start ISTHMUS_A_PID "$ISTHMUS" run --config "$WORK/isthmus-a.toml"
+
+HPA=$(free_port)
+{
+  haproxy_head
+  cat <<HAP
 frontend fe
   bind 127.0.0.1:$HPA
   default_backend be
 backend be
   server origin 127.0.0.1:$ORIGIN
 HAP
+} > "$WORK/haproxy-a.cfg"
 start HAPROXY_A_PID haproxy -db -f "$WORK/haproxy-a.cfg"
 
 NGA=$(free_port)
@@ -108,27 +106,12 @@ start NGINX_A_PID nginx -c "$(nginx_conf nginx-a "upstream origin { server 127.0
 
 # --- proxies, path (b): A -> mTLS -> B ---
 IB_EW=$(free_port); IB_ADMIN=$(free_port); IA2=$(free_port); IA2_ADMIN=$(free_port)
-cat > "$WORK/isthmus-b2.toml" <<TOML
-[gateway]
-name = "gw-b"
-cluster = "b"
-trust_domain = "b.example"
-[gateway.locality]
-region = "bench"
-[identity]
-cert = "$WORK/b/svid.crt"
-key = "$WORK/b/svid.key"
-bundle = "$WORK/ca-b/bundle.pem"
+{
+  gateway_toml gw-b b b.example "$IB_ADMIN" "$WORK/b" "$WORK/ca-b/bundle.pem"
+  cat <<TOML
 [[trust.federated]]
 trust_domain = "a.example"
 bundle = "$WORK/ca-a/bundle.pem"
-[admin]
-listen = "127.0.0.1:$IB_ADMIN"
-[log]
-level = "warn"
-format = "json"
-[runtime]
-threads = 1
 [listeners]
 east_west = "127.0.0.1:$IB_EW"
 [[services]]
@@ -138,27 +121,13 @@ ports = [{ port = 80 }]
 endpoints = ["127.0.0.1:$ORIGIN"]
 export = true
 TOML
-cat > "$WORK/isthmus-a2.toml" <<TOML
-[gateway]
-name = "gw-a"
-cluster = "a"
-trust_domain = "a.example"
-[gateway.locality]
-region = "bench"
-[identity]
-cert = "$WORK/a/svid.crt"
-key = "$WORK/a/svid.key"
-bundle = "$WORK/ca-a/bundle.pem"
+} > "$WORK/isthmus-b2.toml"
+{
+  gateway_toml gw-a a a.example "$IA2_ADMIN" "$WORK/a" "$WORK/ca-a/bundle.pem"
+  cat <<TOML
 [[trust.federated]]
 trust_domain = "b.example"
 bundle = "$WORK/ca-b/bundle.pem"
-[admin]
-listen = "127.0.0.1:$IA2_ADMIN"
-[log]
-level = "warn"
-format = "json"
-[runtime]
-threads = 1
 [listeners]
 outbound = "127.0.0.1:$IA2"
 [[services]]
@@ -172,38 +141,28 @@ address = "127.0.0.1:$IB_EW"
 locality = "bench"
 services = ["bench/web"]
 TOML
+} > "$WORK/isthmus-a2.toml"
 start ISTHMUS_B2_PID "$ISTHMUS" run --config "$WORK/isthmus-b2.toml"
 start ISTHMUS_A2_PID "$ISTHMUS" run --config "$WORK/isthmus-a2.toml"
 
 HPB_EW=$(free_port); HPA2=$(free_port)
-cat > "$WORK/haproxy-b2.cfg" <<HAP
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
+{
+  haproxy_head
+  cat <<HAP
 frontend ew
   bind 127.0.0.1:$HPB_EW ssl crt $WORK/b/combined.pem ca-file $WORK/ca-a/ca.crt verify required alpn h2,http/1.1
   default_backend be
 backend be
   server origin 127.0.0.1:$ORIGIN
 HAP
+} > "$WORK/haproxy-b2.cfg"
 # HAProxy, like NGINX below, refuses a URI-SAN-only certificate on its name
 # check (with or without verifyhost), so its A side verifies nothing about B;
 # B still requires and verifies A's SVID. Isthmus verifies both ways, so this
 # favours the peers slightly.
-cat > "$WORK/haproxy-a2.cfg" <<HAP
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
+{
+  haproxy_head
+  cat <<HAP
 frontend fe
   bind 127.0.0.1:$HPA2
   default_backend peer
@@ -213,6 +172,7 @@ backend peer
   http-response set-status 200 reason OK if { status 200 }
   server gw-b 127.0.0.1:$HPB_EW ssl crt $WORK/a/combined.pem ca-file $WORK/ca-b/ca.crt verify none alpn h2 sni str(outbound_.80_._.web.bench.svc.cluster.local)
 HAP
+} > "$WORK/haproxy-a2.cfg"
 start HAPROXY_B2_PID haproxy -db -f "$WORK/haproxy-b2.cfg"
 start HAPROXY_A2_PID haproxy -db -f "$WORK/haproxy-a2.cfg"
 

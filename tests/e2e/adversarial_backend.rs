@@ -7,75 +7,41 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use isthmus_tests::two_clusters::{TwoDomains, peer};
 use isthmus_tests::{
-    DevPki, EchoServer, Gateway, HttpResponse, curl, free_addr, gateway_config, metric_value,
-    wait_for,
+    EchoServer, Gateway, curl, free_addr, metric_value, served_by, upstream_backends, wait_for,
 };
 
 const START: Duration = Duration::from_secs(20);
 const HOST: &str = "Host: web.shop.svc.clusterset.local";
 const EVIL: &str = "spiffe://b.example/isthmus/gateway/gw-evil";
 
-fn served_by(r: &HttpResponse) -> String {
-    serde_json::from_str::<serde_json::Value>(&r.body)
-        .ok()
-        .and_then(|v| v["served_by"].as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 /// Gateway A (cluster `gw-a-cluster`) serving shop/web from `local`, with a
 /// static peer `evil-cluster` (SPIFFE ID [`EVIL`]) configured at the same
 /// address, serving shop/web too; `extra` is appended to its config.
 /// Returns it with its outbound URL. Nothing at `local` speaks mTLS, so every
 /// probe of and connection to the peer fails.
-fn gateway_with_a_peer_at(local: SocketAddr, extra: &str) -> (Gateway, String, DevPki) {
-    let pki = DevPki::new();
-    let ca_a = pki.ca("ca-a", "a.example");
-    let ca_b = pki.ca("ca-b", "b.example");
-    let tls_a = pki.issue(&ca_a, "spiffe://a.example/isthmus/gateway/gw-a", "tls-a");
+fn gateway_with_a_peer_at(local: SocketAddr, extra: &str) -> (Gateway, String, TwoDomains) {
+    let domains = TwoDomains::new();
     let (admin, outbound) = (free_addr(), free_addr());
-    let config = gateway_config(
-        "gw-a",
-        "a.example",
+    let config = domains.a_outbound_config(
         admin,
-        &tls_a,
-        &ca_a.join("bundle.pem"),
+        outbound,
         &format!(
-            r#"[[trust.federated]]
-trust_domain = "b.example"
-bundle = "{b_bundle}"
-[listeners]
-outbound = "{outbound}"
-[[services]]
-namespace = "shop"
-name = "web"
-ports = [{{ port = 80 }}]
-endpoints = ["{local}"]
-[[peers]]
-cluster = "evil-cluster"
-spiffe_id = "{EVIL}"
-address = "{local}"
-locality = "test"
-services = ["shop/web"]
-{extra}"#,
-            b_bundle = ca_b.join("bundle.pem").display(),
+            "endpoints = [\"{local}\"]\n{peer}{extra}",
+            peer = peer("evil-cluster", EVIL, local, Some(&["shop/web"])),
         ),
     );
     let mut gw = Gateway::start(&config, admin, &[]).unwrap();
     gw.wait_ready(START).unwrap();
-    (gw, format!("http://{outbound}/"), pki)
+    (gw, format!("http://{outbound}/"), domains)
 }
 
 /// `/debug/upstreams`' shop/web backend at `addr` with `identity` (none: the
 /// endpoint here).
 fn backend_state(gw: &Gateway, addr: SocketAddr, identity: Option<&str>) -> serde_json::Value {
-    let doc = gw.admin_json("/debug/upstreams");
-    doc["services"]
-        .as_array()
+    upstream_backends(gw, "shop/web")
         .into_iter()
-        .flatten()
-        .filter(|s| s["service"] == "shop/web")
-        .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
         .find(|b| b["address"] == addr.to_string() && b["identity"].as_str() == identity)
         .unwrap_or(serde_json::Value::Null)
 }

@@ -13,18 +13,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use isthmus_tests::dns::{DigOutput, Nsd, dig};
+use isthmus_tests::dns::{DigOutput, Nsd, dig, upstream_zone};
 use isthmus_tests::{EchoServer, Gateway, free_addr, metric_sum, minimal_config, wait_for};
 
-const UPSTREAM_ZONE: &str = "$ORIGIN upstream.test.
-$TTL 300
-@ IN SOA ns.upstream.test. hostmaster.upstream.test. 1 3600 600 86400 60
-@ IN NS ns.upstream.test.
-ns IN A 127.0.0.53
-www IN A 192.0.2.10
-www IN TXT \"a long text record that an ANY query would amplify\"
+/// The upstream's zone, with records an ANY query would amplify.
+fn upstream() -> String {
+    upstream_zone(
+        "www IN TXT \"a long text record that an ANY query would amplify\"
 www IN MX 10 mail.upstream.test.
-";
+",
+    )
+}
 
 const WEB: &str = "web.shop.svc.clusterset.local";
 
@@ -225,7 +224,7 @@ fn idle_tcp_connections_from_one_source_do_not_exhaust_dns_over_tcp_for_another(
 
 #[test]
 fn sources_outside_allow_sources_are_refused_and_get_no_recursion() -> Result<()> {
-    let upstream = Nsd::start(&[("upstream.test.", UPSTREAM_ZONE)], "")?;
+    let upstream = Nsd::start(&[("upstream.test.", &upstream())], "")?;
     let (gw, dns, _web) = start(
         "127.245.0.0/16",
         &format!(
@@ -295,7 +294,7 @@ fn sources_outside_allow_sources_are_refused_and_get_no_recursion() -> Result<()
 
 #[test]
 fn any_is_answered_minimally_and_zone_transfers_are_refused() -> Result<()> {
-    let upstream = Nsd::start(&[("upstream.test.", UPSTREAM_ZONE)], "")?;
+    let upstream = Nsd::start(&[("upstream.test.", &upstream())], "")?;
     let (gw, dns, _web) = start(
         "127.246.0.0/16",
         &format!(
@@ -581,7 +580,7 @@ fn ptr_for_an_address_outside_the_clusterset_ranges_is_not_answered_from_the_cat
 
     let upstream = Nsd::start(
         &[
-            ("upstream.test.", UPSTREAM_ZONE),
+            ("upstream.test.", &upstream()),
             ("2.0.192.in-addr.arpa.", REVERSE_ZONE),
         ],
         "",

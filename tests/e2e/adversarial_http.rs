@@ -12,13 +12,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use isthmus_tests::two_clusters::TwoClusters;
 use isthmus_tests::{
-    DevPki, EchoServer, Gateway, curl, free_addr, gateway_config, metric_sum, solo_gateway,
-    wait_for,
+    DevPki, EchoServer, Gateway, OpensslMode, OpensslServer, curl, free_addr, metric_sum,
+    solo_gateway, wait_for,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-const START: Duration = Duration::from_secs(20);
 /// `limits.header_timeout` of the slow-header tests.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(8);
 /// Slow connections opened against each listener.
@@ -442,88 +442,13 @@ fn peer_tls(tls_dir: &Path) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
-struct TwoClusters {
-    /// Held so A runs for the whole test.
-    _a: Gateway,
-    b: Gateway,
-    outbound_a: SocketAddr,
-    east_west_b: SocketAddr,
-    tls_a: std::path::PathBuf,
-    _pki: DevPki,
-}
-
 /// A (outbound) reaches shop/web in B (east-west, with `b_limits` and
 /// `b_services` added) over SPIFFE mTLS.
 fn two_clusters(upstream: SocketAddr, b_limits: &str, b_services: &str) -> TwoClusters {
-    let pki = DevPki::new();
-    let ca_a = pki.ca("ca-a", "a.example");
-    let ca_b = pki.ca("ca-b", "b.example");
-    let tls_a = pki.issue(&ca_a, "spiffe://a.example/isthmus/gateway/gw-a", "tls-a");
-    let tls_b = pki.issue(&ca_b, "spiffe://b.example/isthmus/gateway/gw-b", "tls-b");
-    let (admin_a, admin_b, outbound_a, east_west_b) =
-        (free_addr(), free_addr(), free_addr(), free_addr());
-    let a = gateway_config(
-        "gw-a",
-        "a.example",
-        admin_a,
-        &tls_a,
-        &ca_a.join("bundle.pem"),
-        &format!(
-            r#"[[trust.federated]]
-trust_domain = "b.example"
-bundle = "{b_bundle}"
-[listeners]
-outbound = "{outbound_a}"
-[[services]]
-namespace = "shop"
-name = "web"
-ports = [{{ port = 8080 }}]
-[[peers]]
-cluster = "gw-b-cluster"
-spiffe_id = "spiffe://b.example/isthmus/gateway/gw-b"
-address = "{east_west_b}"
-locality = "test"
-services = ["shop/web"]
-"#,
-            b_bundle = ca_b.join("bundle.pem").display()
-        ),
-    );
-    let b = gateway_config(
-        "gw-b",
-        "b.example",
-        admin_b,
-        &tls_b,
-        &ca_b.join("bundle.pem"),
-        &format!(
-            r#"[[trust.federated]]
-trust_domain = "a.example"
-bundle = "{a_bundle}"
-[listeners]
-east_west = "{east_west_b}"
-[[services]]
-namespace = "shop"
-name = "web"
-ports = [{{ port = 8080 }}]
-endpoints = ["{upstream}"]
-export = true
-{b_services}
-{b_limits}
-"#,
-            a_bundle = ca_a.join("bundle.pem").display()
-        ),
-    );
-    let mut b = Gateway::start(&b, admin_b, &[]).unwrap();
-    let mut a = Gateway::start(&a, admin_a, &[]).unwrap();
-    b.wait_ready(START).unwrap();
-    a.wait_ready(START).unwrap();
-    TwoClusters {
-        _a: a,
-        b,
-        outbound_a,
-        east_west_b,
-        tls_a,
-        _pki: pki,
-    }
+    TwoClusters::builder()
+        .shop_web(upstream)
+        .b(&format!("{b_services}\n{b_limits}\n"))
+        .start()
 }
 
 #[test]
@@ -543,7 +468,7 @@ handshakes_per_source = 2000
         ),
         "",
     );
-    let connector = peer_tls(&c.tls_a);
+    let connector = peer_tls(&c.domains.tls_a);
     let (east_west_b, outbound_a) = (c.east_west_b, c.outbound_a);
     let give_up = HEADER_TIMEOUT + Duration::from_secs(10);
     flood_while_serving(
@@ -621,56 +546,12 @@ fn east_west_handshakes_in_flight_are_capped_per_source() {
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
 }
 
-/// `openssl s_server -www` on a free loopback port with `tls_dir`'s
-/// certificate: answers any HTTPS GET with 200; killed on drop.
-struct OpensslWww {
-    child: std::process::Child,
-    addr: SocketAddr,
-}
-
-impl OpensslWww {
-    fn start(tls_dir: &Path) -> Self {
-        let addr = free_addr();
-        let child = std::process::Command::new("openssl")
-            .args([
-                "s_server",
-                "-quiet",
-                "-www",
-                "-accept",
-                &addr.to_string(),
-                "-cert",
-            ])
-            .arg(tls_dir.join("svid.crt"))
-            .arg("-key")
-            .arg(tls_dir.join("svid.key"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("openssl is installed");
-        wait_for(
-            Duration::from_secs(10),
-            "openssl s_server to listen",
-            || std::net::TcpStream::connect(addr).ok().map(|_| ()),
-        )
-        .unwrap();
-        Self { child, addr }
-    }
-}
-
-impl Drop for OpensslWww {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn passthrough_from_a_source_outside_allow_sources_is_refused() {
     let pki = DevPki::new();
     let ca = pki.ca("ca-b", "b.example");
     let workload = pki.issue(&ca, "spiffe://b.example/ns/shop/sa/ledger", "workload");
-    let server = OpensslWww::start(&workload);
+    let server = OpensslServer::start(&workload, OpensslMode::Www);
     let upstream = EchoServer::start("pod-in-b");
     let c = two_clusters(
         upstream.addr,

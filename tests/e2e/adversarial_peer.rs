@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Result;
 use isthmus_federation::peering::proto::{self, peer_message::Kind};
 use isthmus_tests::load::{Load, LoadSpec};
-use isthmus_tests::mesh::{Mesh, remote_clusters, web_service};
+use isthmus_tests::mesh::{Mesh, remote_clusters, shop_service, web_service};
 use isthmus_tests::rogue::{RoguePeer, hello, service};
 use isthmus_tests::{DevPki, EchoServer, Gateway, curl, free_addr, metric_value, wait_for};
 
@@ -35,10 +35,7 @@ impl Arena {
         let mesh = Mesh::new(&["v", "l", "m"]);
         let web = EchoServer::start("web-in-l");
         let local = EchoServer::start("local-in-v");
-        let local_service = format!(
-            "[[services]]\nnamespace = \"shop\"\nname = \"local\"\nports = [{{ port = 80 }}]\nendpoints = [\"{}\"]\nexport = true\n",
-            local.addr
-        );
+        let local_service = shop_service("local", local.addr);
         // V grants M only what a tenant of its own namespace needs.
         let v_config = tweak(mesh.config(0, &[1, 2], &local_service).replace(
             &format!("clusters = [\"{}\"]\n", mesh.members[2].cluster()),

@@ -11,7 +11,6 @@
 //!   writes keys 0600 even over an existing 0644 key.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test reports failure
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -24,17 +23,16 @@ use isthmus_federation::trust::{
     BundleSource, DomainTrust, PeerPolicy, Svid, TlsMaterial, TrustBundle, TrustStore,
 };
 use isthmus_federation::{SpiffeId, TrustDomain};
+use isthmus_tests::two_clusters::{GW_A, GW_B, TwoClusters, tcp_exchange};
 use isthmus_tests::{
-    DevPki, Gateway, free_addr, gateway_config, isthmus, metric_sum, replace_file, tcp_echo,
-    wait_for,
+    DevPki, Gateway, check_config, free_addr, gateway_config, isthmus, metric_sum, replace_file,
+    tcp_echo, wait_for,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const START: Duration = Duration::from_secs(20);
-const GW_A: &str = "spiffe://a.example/isthmus/gateway/gw-a";
-const GW_B: &str = "spiffe://b.example/isthmus/gateway/gw-b";
 /// B's exported TCP service shop/db, as a peer gateway names it.
 const DB_SNI: &str = "outbound_.5432_._.db.shop.svc.cluster.local";
 
@@ -121,20 +119,6 @@ impl PeerClient {
     }
 }
 
-/// Lines through A's TCP listener for shop/db → mTLS → B → echo.
-fn exchange(addr: SocketAddr, lines: usize) {
-    let conn = std::net::TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut writer = conn.try_clone().unwrap();
-    let mut reader = BufReader::new(conn);
-    for i in 0..lines {
-        writer.write_all(format!("line {i}\n").as_bytes()).unwrap();
-        let mut back = String::new();
-        reader.read_line(&mut back).unwrap();
-        assert_eq!(back, format!("line {i}\n"));
-    }
-}
-
 fn handshakes(gw: &Gateway, side: &str, result: &str) -> f64 {
     metric_sum(
         &gw.admin_get("/metrics").body,
@@ -147,66 +131,21 @@ fn handshakes(gw: &Gateway, side: &str, result: &str) -> f64 {
 fn leaves_that_are_not_x509_svid_leaves_are_refused_while_peers_keep_flowing() {
     use KeyUsagePurpose::{CrlSign, DigitalSignature, KeyCertSign, KeyEncipherment};
     let echo = tcp_echo();
-    let pki = DevPki::new();
-    let ca_a = pki.ca("ca-a", "a.example");
-    let ca_b = pki.ca("ca-b", "b.example");
-    let tls_a = pki.issue(&ca_a, GW_A, "tls-a");
-    let tls_b = pki.issue(&ca_b, GW_B, "tls-b");
-    let (admin_a, admin_b, east_west_b, db_listen) =
-        (free_addr(), free_addr(), free_addr(), free_addr());
-    let a = gateway_config(
-        "gw-a",
-        "a.example",
-        admin_a,
-        &tls_a,
-        &ca_a.join("bundle.pem"),
-        &format!(
-            r#"[[trust.federated]]
-trust_domain = "b.example"
-bundle = "{b_bundle}"
-[[services]]
-namespace = "shop"
-name = "db"
-ports = [{{ port = 5432, protocol = "tcp", listen = "{db_listen}" }}]
-[[peers]]
-cluster = "gw-b-cluster"
-spiffe_id = "{GW_B}"
-address = "{east_west_b}"
-locality = "test"
-services = ["shop/db"]
-"#,
-            b_bundle = ca_b.join("bundle.pem").display()
-        ),
-    );
-    let b = gateway_config(
-        "gw-b",
-        "b.example",
-        admin_b,
-        &tls_b,
-        &ca_b.join("bundle.pem"),
-        &format!(
-            r#"[[trust.federated]]
-trust_domain = "a.example"
-bundle = "{a_bundle}"
-[listeners]
-east_west = "{east_west_b}"
-[[services]]
-namespace = "shop"
-name = "db"
-ports = [{{ port = 5432, protocol = "tcp" }}]
-endpoints = ["{echo}"]
-export = true
-"#,
-            a_bundle = ca_a.join("bundle.pem").display()
-        ),
-    );
-    let mut b = Gateway::start(&b, admin_b, &[]).unwrap();
-    let mut a = Gateway::start(&a, admin_a, &[]).unwrap();
-    b.wait_ready(START).unwrap();
-    a.wait_ready(START).unwrap();
+    let db_listen = free_addr();
+    let TwoClusters {
+        mut a,
+        mut b,
+        east_west_b,
+        domains,
+        ..
+    } = TwoClusters::builder()
+        .without_outbound()
+        .shop_db(db_listen, echo)
+        .start();
+    let (ca_a, ca_b) = (&domains.ca_a, &domains.ca_b);
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let a_ca = read_ca(&ca_a);
+    let a_ca = read_ca(ca_a);
     let conforming = gw_a_leaf(&a_ca, false, vec![DigitalSignature]);
     let client =
         |cert: &(String, String)| PeerClient::new(&ca_b.join("bundle.pem"), &conforming, cert);
@@ -214,7 +153,7 @@ export = true
     // Control: the same client code with a conforming leaf gets through, and so
     // does the real peer gateway.
     assert!(rt.block_on(good.echo(east_west_b, "hello\n")));
-    exchange(db_listen, 3);
+    tcp_exchange(db_listen, 3);
 
     let cases = [
         (
@@ -255,7 +194,7 @@ export = true
             rt.block_on(good.echo(east_west_b, "still here\n")),
             "{name}"
         );
-        exchange(db_listen, 2);
+        tcp_exchange(db_listen, 2);
         legit += 2;
     }
     // Every refusal under its own label, and nothing else failed: the four
@@ -326,16 +265,9 @@ fn our_own_svid_must_be_an_x509_svid_leaf_at_start_and_on_reload() {
     let admin = free_addr();
     let bundle = ca_dir.join("bundle.pem");
     let check = |dir: &Path| {
-        let file = pki.path().join("check.toml");
-        std::fs::write(
-            &file,
-            gateway_config("gw-a", "a.example", admin, dir, &bundle, ""),
-        )
-        .unwrap();
-        let out = isthmus(&["check-config", "--config", file.to_str().unwrap()], &[]);
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        check_config(
+            pki.path(),
+            &gateway_config("gw-a", "a.example", admin, dir, &bundle, ""),
         )
     };
     assert_eq!(check(&tls).0, Some(0), "{}", check(&tls).1);
@@ -408,7 +340,7 @@ fn our_own_svid_must_be_an_x509_svid_leaf_at_start_and_on_reload() {
         fingerprint
     );
     assert_eq!(gw.admin_get("/readyz").status, 200);
-    exchange(listen, 2);
+    tcp_exchange(listen, 2);
     gw.signal("TERM").unwrap();
     let (status, _) = gw.wait_exit(Duration::from_secs(5)).unwrap();
     assert_eq!(status.code(), Some(0));

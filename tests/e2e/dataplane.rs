@@ -4,89 +4,39 @@
 
 use std::time::Duration;
 
-use isthmus_tests::{DevPki, EchoServer, Gateway, curl, free_addr, gateway_config, metric_value};
+use isthmus_tests::two_clusters::{TwoClusters, TwoDomains, tcp_exchange};
+use isthmus_tests::{
+    EchoServer, Gateway, OpensslMode, OpensslServer, curl, free_addr, metric_value,
+};
 
 const START: Duration = Duration::from_secs(20);
-
-struct TwoClusters {
-    a: Gateway,
-    b: Gateway,
-    outbound_a: std::net::SocketAddr,
-    _pki: DevPki,
-}
 
 /// A has an outbound listener and knows B serves shop/web, shop/hidden,
 /// shop/admin and shop/grpc; B serves shop/web from `upstream` (exported),
 /// shop/hidden (not exported), shop/admin (exported to another caller only) and
-/// shop/grpc from `grpc_upstream` (gRPC, exported).
+/// shop/grpc from `grpc_upstream` (gRPC, exported), and has A as a peer.
 fn two_clusters(
     upstream: std::net::SocketAddr,
     grpc_upstream: std::net::SocketAddr,
 ) -> TwoClusters {
-    let pki = DevPki::new();
-    let ca_a = pki.ca("ca-a", "a.example");
-    let ca_b = pki.ca("ca-b", "b.example");
-    let tls_a = pki.issue(&ca_a, "spiffe://a.example/isthmus/gateway/gw-a", "tls-a");
-    let tls_b = pki.issue(&ca_b, "spiffe://b.example/isthmus/gateway/gw-b", "tls-b");
-    let (admin_a, admin_b, outbound_a, east_west_b) =
-        (free_addr(), free_addr(), free_addr(), free_addr());
-    let a = gateway_config(
-        "gw-a",
-        "a.example",
-        admin_a,
-        &tls_a,
-        &ca_a.join("bundle.pem"),
-        &format!(
-            r#"[[trust.federated]]
-trust_domain = "b.example"
-bundle = "{b_bundle}"
-[listeners]
-outbound = "{outbound_a}"
-[[services]]
-namespace = "shop"
-name = "web"
-ports = [{{ port = 8080 }}]
-[[services]]
+    TwoClusters::builder()
+        .shop_web(upstream)
+        .a(r#"[[services]]
 namespace = "shop"
 name = "hidden"
-ports = [{{ port = 80 }}]
+ports = [{ port = 80 }]
 [[services]]
 namespace = "shop"
 name = "admin"
-ports = [{{ port = 80 }}]
+ports = [{ port = 80 }]
 [[services]]
 namespace = "shop"
 name = "grpc"
-ports = [{{ port = 9090, protocol = "grpc" }}]
-[[peers]]
-cluster = "gw-b-cluster"
-spiffe_id = "spiffe://b.example/isthmus/gateway/gw-b"
-address = "{east_west_b}"
-locality = "test"
-services = ["shop/web", "shop/hidden", "shop/admin", "shop/grpc"]
-"#,
-            b_bundle = ca_b.join("bundle.pem").display()
-        ),
-    );
-    let b = gateway_config(
-        "gw-b",
-        "b.example",
-        admin_b,
-        &tls_b,
-        &ca_b.join("bundle.pem"),
-        &format!(
-            r#"[[trust.federated]]
-trust_domain = "a.example"
-bundle = "{a_bundle}"
-[listeners]
-east_west = "{east_west_b}"
-[[services]]
-namespace = "shop"
-name = "web"
-ports = [{{ port = 8080 }}]
-endpoints = ["{upstream}"]
-export = true
-[[services]]
+ports = [{ port = 9090, protocol = "grpc" }]
+"#)
+        .peer_services(&["shop/hidden", "shop/admin", "shop/grpc"])
+        .b(&format!(
+            r#"[[services]]
 namespace = "shop"
 name = "hidden"
 ports = [{{ port = 80 }}]
@@ -104,25 +54,10 @@ name = "grpc"
 ports = [{{ port = 9090, protocol = "grpc" }}]
 endpoints = ["{grpc_upstream}"]
 export = true
-[[peers]]
-cluster = "gw-a-cluster"
-spiffe_id = "spiffe://a.example/isthmus/gateway/gw-a"
-address = "{outbound_a}"
-locality = "test"
-"#,
-            a_bundle = ca_a.join("bundle.pem").display()
-        ),
-    );
-    let mut b = Gateway::start(&b, admin_b, &[]).unwrap();
-    let mut a = Gateway::start(&a, admin_a, &[]).unwrap();
-    b.wait_ready(START).unwrap();
-    a.wait_ready(START).unwrap();
-    TwoClusters {
-        a,
-        b,
-        outbound_a,
-        _pki: pki,
-    }
+"#
+        ))
+        .b_peers_a()
+        .start()
 }
 
 #[test]
@@ -227,71 +162,20 @@ fn http1_and_h2c_cross_two_gateways_over_spiffe_mtls() {
     assert!(c.a.log().contains("\"request_id\":\"client-chosen-id\""));
 }
 
-/// `openssl s_server` on a free loopback port with `tls_dir`'s certificate,
-/// reversing each line it receives; killed on drop.
-struct OpensslServer {
-    child: std::process::Child,
-    addr: std::net::SocketAddr,
-}
-
-impl OpensslServer {
-    fn start(tls_dir: &std::path::Path) -> Self {
-        let addr = free_addr();
-        let child = std::process::Command::new("openssl")
-            .args([
-                "s_server",
-                "-quiet",
-                "-rev",
-                "-accept",
-                &addr.to_string(),
-                "-cert",
-            ])
-            .arg(tls_dir.join("svid.crt"))
-            .arg("-key")
-            .arg(tls_dir.join("svid.key"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("openssl is installed");
-        isthmus_tests::wait_for(
-            Duration::from_secs(10),
-            "openssl s_server to listen",
-            || std::net::TcpStream::connect(addr).ok().map(|_| ()),
-        )
-        .unwrap();
-        Self { child, addr }
-    }
-}
-
-impl Drop for OpensslServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn passthrough_routes_the_workloads_own_tls_by_sni() {
-    let pki = DevPki::new();
-    let ca_b = pki.ca("ca-b", "b.example");
-    let ca_a = pki.ca("ca-a", "a.example");
-    let tls_b = pki.issue(&ca_b, "spiffe://b.example/isthmus/gateway/gw-b", "tls-b");
+    let domains = TwoDomains::new();
+    let ca_b = &domains.ca_b;
     // The workload's own identity, which only the workload presents.
-    let workload = pki.issue(&ca_b, "spiffe://b.example/ns/shop/sa/ledger", "workload");
-    let server = OpensslServer::start(&workload);
+    let workload = domains
+        .pki
+        .issue(ca_b, "spiffe://b.example/ns/shop/sa/ledger", "workload");
+    let server = OpensslServer::start(&workload, OpensslMode::Reverse);
     let (admin_b, east_west_b) = (free_addr(), free_addr());
-    let config = gateway_config(
-        "gw-b",
-        "b.example",
+    let config = domains.b_config(
         admin_b,
-        &tls_b,
-        &ca_b.join("bundle.pem"),
         &format!(
-            r#"[[trust.federated]]
-trust_domain = "a.example"
-bundle = "{a_bundle}"
-[listeners]
+            r#"[listeners]
 east_west = "{east_west_b}"
 [[services]]
 namespace = "shop"
@@ -301,7 +185,6 @@ endpoints = ["{upstream}"]
 export = true
 mode = "passthrough"
 "#,
-            a_bundle = ca_a.join("bundle.pem").display(),
             upstream = server.addr,
         ),
     );
@@ -585,91 +468,28 @@ fn a_slow_client_does_not_stall_others() {
 
 #[test]
 fn tcp_ports_cross_two_gateways_one_tls_connection_per_stream() {
-    use std::io::{BufRead, BufReader, Write};
-
     let remote_echo = isthmus_tests::tcp_echo();
     let local_echo = isthmus_tests::tcp_echo();
-    let pki = DevPki::new();
-    let ca_a = pki.ca("ca-a", "a.example");
-    let ca_b = pki.ca("ca-b", "b.example");
-    let tls_a = pki.issue(&ca_a, "spiffe://a.example/isthmus/gateway/gw-a", "tls-a");
-    let tls_b = pki.issue(&ca_b, "spiffe://b.example/isthmus/gateway/gw-b", "tls-b");
-    let (admin_a, admin_b, east_west_b) = (free_addr(), free_addr(), free_addr());
     let (db_listen, cache_listen) = (free_addr(), free_addr());
-    let a = gateway_config(
-        "gw-a",
-        "a.example",
-        admin_a,
-        &tls_a,
-        &ca_a.join("bundle.pem"),
-        &format!(
-            r#"[[trust.federated]]
-trust_domain = "b.example"
-bundle = "{b_bundle}"
-[[services]]
-namespace = "shop"
-name = "db"
-ports = [{{ port = 5432, protocol = "tcp", listen = "{db_listen}" }}]
-[[services]]
+    let TwoClusters { a, b, .. } = TwoClusters::builder()
+        .without_outbound()
+        .shop_db(db_listen, remote_echo)
+        .a(&format!(
+            r#"[[services]]
 namespace = "shop"
 name = "cache"
 ports = [{{ port = 6379, protocol = "tcp", listen = "{cache_listen}" }}]
 endpoints = ["{local_echo}"]
-[[peers]]
-cluster = "gw-b-cluster"
-spiffe_id = "spiffe://b.example/isthmus/gateway/gw-b"
-address = "{east_west_b}"
-locality = "test"
-services = ["shop/db"]
-"#,
-            b_bundle = ca_b.join("bundle.pem").display()
-        ),
-    );
-    let b = gateway_config(
-        "gw-b",
-        "b.example",
-        admin_b,
-        &tls_b,
-        &ca_b.join("bundle.pem"),
-        &format!(
-            r#"[[trust.federated]]
-trust_domain = "a.example"
-bundle = "{a_bundle}"
-[listeners]
-east_west = "{east_west_b}"
-[[services]]
-namespace = "shop"
-name = "db"
-ports = [{{ port = 5432, protocol = "tcp" }}]
-endpoints = ["{remote_echo}"]
-export = true
-"#,
-            a_bundle = ca_a.join("bundle.pem").display()
-        ),
-    );
-    let mut b = Gateway::start(&b, admin_b, &[]).unwrap();
-    let mut a = Gateway::start(&a, admin_a, &[]).unwrap();
-    b.wait_ready(START).unwrap();
-    a.wait_ready(START).unwrap();
+"#
+        ))
+        .start();
 
-    let exchange = |addr: std::net::SocketAddr, lines: usize| {
-        let conn = std::net::TcpStream::connect(addr).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut writer = conn.try_clone().unwrap();
-        let mut reader = BufReader::new(conn);
-        for i in 0..lines {
-            writer.write_all(format!("line {i}\n").as_bytes()).unwrap();
-            let mut back = String::new();
-            reader.read_line(&mut back).unwrap();
-            assert_eq!(back, format!("line {i}\n"));
-        }
-    };
     // Through A's TCP listener, over mTLS to B, to B's echo; several streams.
     for _ in 0..3 {
-        exchange(db_listen, 5);
+        tcp_exchange(db_listen, 5);
     }
     // A local TCP service stays local.
-    exchange(cache_listen, 2);
+    tcp_exchange(cache_listen, 2);
 
     let ok = |gw: &Gateway, listener: &str, service: &str| {
         let m = gw.admin_get("/metrics").body;

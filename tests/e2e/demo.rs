@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use isthmus_tests::{curl_get, isthmus_bin, wait_for};
+use isthmus_tests::{curl_get, isthmus_bin, send_signal, wait_for};
 
 const READY_LINE: &str = "demo ready; Ctrl-C stops it";
 
@@ -99,7 +99,7 @@ impl Demo {
 impl Drop for Demo {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = signal(child.id(), "TERM");
+            let _ = send_signal(child.id(), "TERM");
             let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -111,17 +111,6 @@ impl Drop for Demo {
             let _ = child.wait();
         }
     }
-}
-
-fn signal(pid: u32, signal: &str) -> Result<()> {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()?;
-    if !status.success() {
-        bail!("kill -{signal} {pid} failed");
-    }
-    Ok(())
 }
 
 /// Runs `line` with `sh -c` (at most 30 s); its exit code (None: killed) and
@@ -288,7 +277,7 @@ fn the_demo_runs_every_command_it_prints_fails_over_and_stops_cleanly() -> Resul
     assert_eq!(after.len(), 3, "three gateways run again");
 
     // Ctrl-C: exit 0, no gateway left, the temporary directory gone.
-    signal(demo.pid(), "INT")?;
+    send_signal(demo.pid(), "INT")?;
     let status = demo.wait_exit(Duration::from_secs(15))?;
     assert!(status.success(), "{status}; stderr:\n{}", demo.stderr());
     for pid in before.iter().chain(&after) {

@@ -11,17 +11,9 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use isthmus_tests::dns::{Nsd, dig, kdig_short};
+use isthmus_tests::dns::{Nsd, dig, kdig_short, upstream_zone};
 use isthmus_tests::mesh::{Mesh, reload, web_service};
 use isthmus_tests::{EchoServer, Gateway, curl, free_addr, metric_value, minimal_config, wait_for};
-
-const UPSTREAM_ZONE: &str = "$ORIGIN upstream.test.
-$TTL 300
-@ IN SOA ns.upstream.test. hostmaster.upstream.test. 1 3600 600 86400 60
-@ IN NS ns.upstream.test.
-ns IN A 127.0.0.53
-www IN A 192.0.2.10
-";
 
 /// A gateway without identity serving `services` (TOML) with `[dns]` on
 /// `dns` and the given extra `[dns]` keys.
@@ -44,7 +36,7 @@ fn db_endpoints(n: u8) -> String {
 #[test]
 fn clusterset_local_answers_per_the_mcs_spec_forwards_the_rest_and_survives_garbage() -> Result<()>
 {
-    let upstream = Nsd::start(&[("upstream.test.", UPSTREAM_ZONE)], "")?;
+    let upstream = Nsd::start(&[("upstream.test.", &upstream_zone(""))], "")?;
     let web = EchoServer::start("web-here");
     let state = tempfile::tempdir()?;
     let dns = free_addr();

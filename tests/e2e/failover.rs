@@ -6,6 +6,7 @@
 //! once A does.
 #![allow(clippy::unwrap_used)] // a panic is how a test reports failure
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -34,7 +35,7 @@ const RETURN_WITHIN: Duration = Duration::from_secs(15);
 const MIN_RATE: f64 = 200.0;
 
 /// demo/echo on port 8080 (`http`) at `endpoint`, exported.
-fn echo_service(endpoint: std::net::SocketAddr) -> String {
+fn echo_service(endpoint: SocketAddr) -> String {
     format!(
         "[[services]]\nnamespace = \"demo\"\nname = \"echo\"\nports = [{{ port = 8080, name = \"http\" }}]\nendpoints = [\"{endpoint}\"]\nexport = true\n"
     )
@@ -215,8 +216,7 @@ impl Fault {
                 a.wait_exit(Duration::from_secs(5))?;
             }
             Fault::Partition(p) => {
-                let a = &fed.mesh.members[A];
-                let ports = [a.east_west.port(), a.federation.port()];
+                let ports = a_addrs(fed).map(|addr| addr.port());
                 *p = Some(Partition::drop_tcp_ports("isthmus_partition", &ports)?);
             }
         }
@@ -228,14 +228,9 @@ impl Fault {
         if let Fault::Partition(p) = self {
             let partition = p.as_ref().context("partitioned")?;
             eprintln!("partitioned A:\n{}", partition.listing()?);
-            let a = &fed.mesh.members[A];
-            for addr in [a.east_west, a.federation] {
-                let reach = netns::probe(addr, Duration::from_millis(300));
-                v.check(
-                    reach == Reach::Silent,
-                    format!("partition blackholes {addr}: {reach:?}"),
-                );
-            }
+            check_a_reach(fed, Duration::from_millis(300), Reach::Silent, v, |addr| {
+                format!("partition blackholes {addr}")
+            });
         }
         Ok(())
     }
@@ -245,17 +240,33 @@ impl Fault {
             Fault::Kill => fed.start_a()?,
             Fault::Partition(p) => {
                 p.as_mut().context("partitioned")?.heal()?;
-                let a = &fed.mesh.members[A];
-                for addr in [a.east_west, a.federation] {
-                    let reach = netns::probe(addr, Duration::from_secs(1));
-                    v.check(
-                        reach == Reach::Open,
-                        format!("healed: {addr} answers: {reach:?}"),
-                    );
-                }
+                check_a_reach(fed, Duration::from_secs(1), Reach::Open, v, |addr| {
+                    format!("healed: {addr} answers")
+                });
             }
         }
         Ok(())
+    }
+}
+
+/// A's east-west and federation addresses: what a partition cuts.
+fn a_addrs(fed: &Federation) -> [SocketAddr; 2] {
+    let a = &fed.mesh.members[A];
+    [a.east_west, a.federation]
+}
+
+/// Probes each of A's addresses (for up to `wait`) and checks it is `want`;
+/// `says` names the check for an address.
+fn check_a_reach(
+    fed: &Federation,
+    wait: Duration,
+    want: Reach,
+    v: &mut Verdicts,
+    says: impl Fn(SocketAddr) -> String,
+) {
+    for addr in a_addrs(fed) {
+        let reach = netns::probe(addr, wait);
+        v.check(reach == want, format!("{}: {reach:?}", says(addr)));
     }
 }
 

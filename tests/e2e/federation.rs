@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use isthmus_tests::mesh::{Mesh, peer, reload, remote_clusters, web_service};
+use isthmus_tests::mesh::{Mesh, peer, reload, remote_clusters, shop_service, web_service};
 use isthmus_tests::{EchoServer, Gateway, curl, metric_value, wait_for};
 
 #[test]
@@ -14,10 +14,7 @@ fn three_gateways_federate_withdraw_resync_and_expire() -> Result<()> {
     let mesh = Mesh::new(&["a", "b", "c"]);
     let web = EchoServer::start("web-in-a");
     let api = EchoServer::start("api-in-c");
-    let api_service = format!(
-        "[[services]]\nnamespace = \"shop\"\nname = \"api\"\nports = [{{ port = 80 }}]\nendpoints = [\"{}\"]\nexport = true\n",
-        api.addr
-    );
+    let api_service = shop_service("api", api.addr);
     let mut a = Gateway::start(&mesh.full_config(0, ""), mesh.members[0].admin, &[])?;
     let mut b = Gateway::start(&mesh.full_config(1, ""), mesh.members[1].admin, &[])?;
     let mut c = Gateway::start(

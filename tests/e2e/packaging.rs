@@ -37,6 +37,16 @@ fn built(output: &str, kind: &str) -> String {
         .to_owned()
 }
 
+/// Asserts that each of `paths` has a line of `listing` that `names` it.
+fn assert_listed(listing: &str, paths: &[&str], names: impl Fn(&str, &str) -> bool) {
+    for path in paths {
+        assert!(
+            listing.lines().any(|l| names(l, path)),
+            "{path} missing:\n{listing}"
+        );
+    }
+}
+
 #[test]
 fn packages_hold_the_gateway_and_pass_lintian_and_systemd_analyze() {
     isthmus_bin(); // the debug build the packages hold
@@ -61,7 +71,7 @@ fn packages_hold_the_gateway_and_pass_lintian_and_systemd_analyze() {
 
     // .deb: contents, control data, conffiles, maintainer scripts.
     let contents = run("dpkg-deb", &["-c", &deb]);
-    for path in [
+    let deb_paths = [
         "./usr/bin/isthmus",
         "./etc/isthmus/isthmus.toml",
         "./usr/lib/systemd/system/isthmus.service",
@@ -73,12 +83,10 @@ fn packages_hold_the_gateway_and_pass_lintian_and_systemd_analyze() {
         "./usr/share/doc/isthmus/operations.md",
         "./usr/share/doc/isthmus/examples/edge-vm.toml",
         "./usr/share/lintian/overrides/isthmus",
-    ] {
-        assert!(
-            contents.lines().any(|l| l.ends_with(&format!(" {path}"))),
-            "{path} missing:\n{contents}"
-        );
-    }
+    ];
+    assert_listed(&contents, &deb_paths, |line, path| {
+        line.ends_with(&format!(" {path}"))
+    });
     let info = run("dpkg-deb", &["-I", &deb]);
     for line in ["Package: isthmus", "Section: net"] {
         assert!(info.contains(line), "{line:?} missing:\n{info}");
@@ -115,7 +123,7 @@ fn packages_hold_the_gateway_and_pass_lintian_and_systemd_analyze() {
 
     // .rpm: the same files, the conffile kept on upgrade, stop on erase.
     let list = run("rpm", &["-qpl", &rpm]);
-    for path in [
+    let rpm_paths = [
         "/usr/bin/isthmus",
         "/etc/isthmus/isthmus.toml",
         "/usr/lib/systemd/system/isthmus.service",
@@ -123,9 +131,8 @@ fn packages_hold_the_gateway_and_pass_lintian_and_systemd_analyze() {
         "/usr/share/man/man1/isthmus.1",
         "/usr/share/doc/isthmus/README.md",
         "/usr/share/doc/isthmus/operations.md",
-    ] {
-        assert!(list.lines().any(|l| l == path), "{path} missing:\n{list}");
-    }
+    ];
+    assert_listed(&list, &rpm_paths, |line, path| line == path);
     let info = run("rpm", &["-qpi", &rpm]);
     for line in ["Name        : isthmus", "License     : Apache-2.0"] {
         assert!(info.contains(line), "{line:?} missing:\n{info}");

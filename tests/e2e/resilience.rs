@@ -6,9 +6,10 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use isthmus_tests::two_clusters::{TwoDomains, peer};
 use isthmus_tests::{
-    Behaviour, DevPki, EchoServer, Gateway, HttpResponse, curl, free_addr, gateway_config,
-    metric_value, solo_gateway, wait_for,
+    Behaviour, EchoServer, Gateway, HttpResponse, curl, free_addr, metric_value, served_by,
+    solo_gateway, upstream_backends, wait_for,
 };
 
 const START: Duration = Duration::from_secs(20);
@@ -21,22 +22,10 @@ fn gateway(endpoints: &[SocketAddr], upstream: &str) -> (Gateway, String) {
     (gw, format!("http://{outbound}/"))
 }
 
-fn served_by(r: &HttpResponse) -> String {
-    serde_json::from_str::<serde_json::Value>(&r.body)
-        .ok()
-        .and_then(|v| v["served_by"].as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 /// The state `/debug/upstreams` reports for `backend` of shop/web.
 fn backend_state(gw: &Gateway, backend: SocketAddr) -> serde_json::Value {
-    let doc = gw.admin_json("/debug/upstreams");
-    doc["services"]
-        .as_array()
+    upstream_backends(gw, "shop/web")
         .into_iter()
-        .flatten()
-        .filter(|s| s["service"] == "shop/web")
-        .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
         .find(|b| b["address"] == backend.to_string())
         .unwrap_or(serde_json::Value::Null)
 }
@@ -223,31 +212,20 @@ max_attempts = 1"#,
 #[test]
 fn a_dead_peer_gateway_stops_getting_requests() {
     let upstream = EchoServer::start("web");
-    let pki = DevPki::new();
-    let ca_a = pki.ca("ca-a", "a.example");
-    let ca_b = pki.ca("ca-b", "b.example");
-    let tls_a = pki.issue(&ca_a, "spiffe://a.example/isthmus/gateway/gw-a", "tls-a");
+    let domains = TwoDomains::new();
     let (admin_a, outbound_a) = (free_addr(), free_addr());
     let mut peers = String::new();
     let mut bs = Vec::new();
     for name in ["gw-b1", "gw-b2"] {
-        let tls = pki.issue(
-            &ca_b,
-            &format!("spiffe://b.example/isthmus/gateway/{name}"),
-            name,
-        );
+        let id = format!("spiffe://b.example/isthmus/gateway/{name}");
+        let tls = domains.pki.issue(&domains.ca_b, &id, name);
         let (admin, east_west) = (free_addr(), free_addr());
-        let config = gateway_config(
+        let config = domains.b_config_of(
             name,
-            "b.example",
-            admin,
             &tls,
-            &ca_b.join("bundle.pem"),
+            admin,
             &format!(
-                r#"[[trust.federated]]
-trust_domain = "a.example"
-bundle = "{a_bundle}"
-[listeners]
+                r#"[listeners]
 east_west = "{east_west}"
 [[services]]
 namespace = "shop"
@@ -257,43 +235,22 @@ endpoints = ["{upstream}"]
 export = true
 "#,
                 upstream = upstream.addr,
-                a_bundle = ca_a.join("bundle.pem").display()
             ),
         );
         let mut gw = Gateway::start(&config, admin, &[]).unwrap();
         gw.wait_ready(START).unwrap();
-        peers.push_str(&format!(
-            r#"[[peers]]
-cluster = "{name}-cluster"
-spiffe_id = "spiffe://b.example/isthmus/gateway/{name}"
-address = "{east_west}"
-locality = "test"
-services = ["shop/web"]
-"#
+        peers.push_str(&peer(
+            &format!("{name}-cluster"),
+            &id,
+            east_west,
+            Some(&["shop/web"]),
         ));
         bs.push((gw, east_west));
     }
-    let config = gateway_config(
-        "gw-a",
-        "a.example",
+    let config = domains.a_outbound_config(
         admin_a,
-        &tls_a,
-        &ca_a.join("bundle.pem"),
-        &format!(
-            r#"[[trust.federated]]
-trust_domain = "b.example"
-bundle = "{b_bundle}"
-[listeners]
-outbound = "{outbound_a}"
-[[services]]
-namespace = "shop"
-name = "web"
-ports = [{{ port = 80 }}]
-[upstream.health_check]
-interval = "500ms"
-{peers}"#,
-            b_bundle = ca_b.join("bundle.pem").display()
-        ),
+        outbound_a,
+        &format!("[upstream.health_check]\ninterval = \"500ms\"\n{peers}"),
     );
     let mut a = Gateway::start(&config, admin_a, &[]).unwrap();
     a.wait_ready(START).unwrap();

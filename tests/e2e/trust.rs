@@ -3,11 +3,13 @@
 //! client, rotation through files, and bad files rejected while serving goes on.
 #![allow(clippy::unwrap_used)] // a panic is how a test reports failure
 
+use std::path::Path;
 use std::time::Duration;
 
+use isthmus_tests::two_clusters::{GW_A, TwoDomains, federated};
 use isthmus_tests::{
-    DevPki, Gateway, free_addr, gateway_config, isthmus, metric_value, openssl_s_client,
-    replace_file, wait_for,
+    DevPki, Gateway, check_config, free_addr, gateway_config, isthmus, metric_value,
+    openssl_s_client, replace_file, wait_for,
 };
 
 const START: Duration = Duration::from_secs(20);
@@ -22,11 +24,13 @@ fn authorities(debug: &serde_json::Value, td: &str) -> Option<usize> {
 
 #[test]
 fn federation_through_bundle_endpoints_with_rotation() {
-    let pki = DevPki::new();
-    let ca_a = pki.ca("ca-a", "a.example");
-    let ca_b = pki.ca("ca-b", "b.example");
-    let tls_a = pki.issue(&ca_a, "spiffe://a.example/isthmus/gateway/gw-a", "tls-a");
-    let tls_b = pki.issue(&ca_b, "spiffe://b.example/isthmus/gateway/gw-b", "tls-b");
+    let TwoDomains {
+        pki,
+        ca_a,
+        ca_b,
+        tls_a,
+        tls_b,
+    } = TwoDomains::new();
     // A's bundle lives in its own file so it can be rotated.
     let bundle_a = pki.path().join("a-bundle.pem");
     std::fs::copy(ca_a.join("bundle.pem"), &bundle_a).unwrap();
@@ -39,9 +43,8 @@ fn federation_through_bundle_endpoints_with_rotation() {
         &tls_a,
         &bundle_a,
         &format!(
-            "[[trust.federated]]\ntrust_domain = \"b.example\"\nbundle = \"{}\"\n\
-             [trust.bundle_endpoint]\nlisten = \"{endpoint_a}\"\nrefresh_hint = \"1s\"\n",
-            ca_b.join("bundle.json").display()
+            "{}[trust.bundle_endpoint]\nlisten = \"{endpoint_a}\"\nrefresh_hint = \"1s\"\n",
+            federated("b.example", &ca_b.join("bundle.json"))
         ),
     );
     let config_b = gateway_config(
@@ -51,10 +54,8 @@ fn federation_through_bundle_endpoints_with_rotation() {
         &tls_b,
         &ca_b.join("bundle.pem"),
         &format!(
-            "[[trust.federated]]\ntrust_domain = \"a.example\"\nbundle = \"{}\"\n\
-             endpoint_url = \"https://{endpoint_a}/\"\n\
-             endpoint_spiffe_id = \"spiffe://a.example/isthmus/gateway/gw-a\"\n",
-            ca_a.join("bundle.pem").display()
+            "{}endpoint_url = \"https://{endpoint_a}/\"\nendpoint_spiffe_id = \"{GW_A}\"\n",
+            federated("a.example", &ca_a.join("bundle.pem"))
         ),
     );
     let mut a = Gateway::start(&config_a, admin_a, &[]).unwrap();
@@ -201,16 +202,12 @@ fn bad_identity_files_are_configuration_errors() {
         "wrong",
     );
     let admin = free_addr();
-    let check = |config: &str| {
-        let file = pki.path().join("check.toml");
-        std::fs::write(&file, config).unwrap();
-        let out = isthmus(&["check-config", "--config", file.to_str().unwrap()], &[]);
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+    let check = |config: &str| check_config(pki.path(), config);
+    // gw-a's configuration with the SVID in `tls_dir` and a.example's `bundle`.
+    let config = |tls_dir: &Path, bundle: &Path| {
+        gateway_config("gw-a", "a.example", admin, tls_dir, bundle, "")
     };
-    let good = gateway_config("gw-a", "a.example", admin, &tls, &ca.join("bundle.pem"), "");
+    let good = config(&tls, &ca.join("bundle.pem"));
     assert_eq!(check(&good).0, Some(0), "{}", check(&good).1);
 
     let (code, err) = check(&good.replace("svid.crt", "missing.crt"));
@@ -220,28 +217,14 @@ fn bad_identity_files_are_configuration_errors() {
         "{err}"
     );
 
-    let (code, err) = check(&gateway_config(
-        "gw-a",
-        "a.example",
-        admin,
-        &wrong_id,
-        &ca.join("bundle.pem"),
-        "",
-    ));
+    let (code, err) = check(&config(&wrong_id, &ca.join("bundle.pem")));
     assert_eq!(code, Some(78));
     assert!(
         err.contains("identity.cert:") && err.contains("somebody-else"),
         "{err}"
     );
 
-    let (code, err) = check(&gateway_config(
-        "gw-a",
-        "a.example",
-        admin,
-        &tls,
-        &other_ca.join("bundle.pem"),
-        "",
-    ));
+    let (code, err) = check(&config(&tls, &other_ca.join("bundle.pem")));
     assert_eq!(code, Some(78));
     assert!(
         err.contains("does not validate against the bundle"),
@@ -253,14 +236,7 @@ fn bad_identity_files_are_configuration_errors() {
     std::fs::create_dir_all(&mixed).unwrap();
     std::fs::copy(tls.join("svid.crt"), mixed.join("svid.crt")).unwrap();
     std::fs::copy(wrong_id.join("svid.key"), mixed.join("svid.key")).unwrap();
-    let (code, err) = check(&gateway_config(
-        "gw-a",
-        "a.example",
-        admin,
-        &mixed,
-        &ca.join("bundle.pem"),
-        "",
-    ));
+    let (code, err) = check(&config(&mixed, &ca.join("bundle.pem")));
     assert_eq!(code, Some(78));
     assert!(
         err.contains("identity.key:") && err.contains("does not match"),

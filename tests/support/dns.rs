@@ -9,6 +9,20 @@ use anyhow::{Context, Result, bail};
 
 use crate::{free_addr, wait_for};
 
+/// A zone for `upstream.test.` as an upstream resolver serves it (SOA, NS and
+/// `www` A 192.0.2.10), with the `extra` records appended.
+pub fn upstream_zone(extra: &str) -> String {
+    format!(
+        "$ORIGIN upstream.test.
+$TTL 300
+@ IN SOA ns.upstream.test. hostmaster.upstream.test. 1 3600 600 86400 60
+@ IN NS ns.upstream.test.
+ns IN A 127.0.0.53
+www IN A 192.0.2.10
+{extra}"
+    )
+}
+
 /// An NSD server on loopback serving the zones it was given.
 pub struct Nsd {
     /// Where it answers (UDP and TCP).

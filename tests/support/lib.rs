@@ -11,6 +11,7 @@ pub mod load;
 pub mod mesh;
 pub mod netns;
 pub mod rogue;
+pub mod two_clusters;
 
 use parking_lot::Mutex;
 use std::net::{SocketAddr, TcpListener};
@@ -104,6 +105,19 @@ pub fn isthmus(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("isthmus runs")
 }
 
+/// Writes `config` to `dir/check.toml` and runs `isthmus check-config` on it:
+/// its exit code and standard error.
+pub fn check_config(dir: &Path, config: &str) -> (Option<i32>, String) {
+    let file = dir.join("check.toml");
+    std::fs::write(&file, config).expect("the configuration is written");
+    let path = file.to_str().expect("a UTF-8 path");
+    let out = isthmus(&["check-config", "--config", path], &[]);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Polls `f` every few milliseconds until it returns `Some` or `timeout` passes.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
@@ -127,6 +141,27 @@ pub struct HttpResponse {
     pub status: u16,
     /// Body as text.
     pub body: String,
+}
+
+/// The `served_by` field of an [`EchoServer`]'s JSON answer in `r` (empty
+/// when the body is not one).
+pub fn served_by(r: &HttpResponse) -> String {
+    serde_json::from_str::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v["served_by"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The backends `/debug/upstreams` of `gw` lists for `service` (`ns/name`).
+pub fn upstream_backends(gw: &Gateway, service: &str) -> Vec<serde_json::Value> {
+    let doc = gw.admin_json("/debug/upstreams");
+    doc["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["service"] == service)
+        .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
+        .collect()
 }
 
 /// `GET url` with curl; status 0 when nothing answered.
@@ -372,6 +407,65 @@ pub fn replace_file(path: &Path, contents: &[u8]) {
     std::fs::rename(&tmp, path).expect("rename over the target");
 }
 
+/// What an [`OpensslServer`] does with a connection.
+#[derive(Clone, Copy, Debug)]
+pub enum OpensslMode {
+    /// `-rev`: reverses each line it receives.
+    Reverse,
+    /// `-www`: answers any HTTPS GET with 200.
+    Www,
+}
+
+/// `openssl s_server` on a free loopback port with `tls_dir`'s certificate
+/// (`svid.crt`, `svid.key`); killed on drop.
+pub struct OpensslServer {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl OpensslServer {
+    /// Starts it and waits until it accepts connections.
+    pub fn start(tls_dir: &Path, mode: OpensslMode) -> Self {
+        let addr = free_addr();
+        let mode = match mode {
+            OpensslMode::Reverse => "-rev",
+            OpensslMode::Www => "-www",
+        };
+        let child = Command::new("openssl")
+            .args([
+                "s_server",
+                "-quiet",
+                mode,
+                "-accept",
+                &addr.to_string(),
+                "-cert",
+            ])
+            .arg(tls_dir.join("svid.crt"))
+            .arg("-key")
+            .arg(tls_dir.join("svid.key"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl is installed");
+        wait_for(
+            Duration::from_secs(10),
+            "openssl s_server to listen",
+            || std::net::TcpStream::connect(addr).ok().map(|_| ()),
+        )
+        .expect("openssl s_server listens");
+        Self { child, addr }
+    }
+}
+
+impl Drop for OpensslServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// `openssl s_client` to `addr`, verifying against `ca_file`; returns its output.
 pub fn openssl_s_client(addr: SocketAddr, ca_file: &Path) -> String {
     let out = Command::new("openssl")
@@ -439,27 +533,37 @@ pub fn gateway_config(
     extra: &str,
 ) -> String {
     format!(
-        r#"[gateway]
-name = "{name}"
-cluster = "{name}-cluster"
-trust_domain = "{td}"
-[gateway.locality]
-region = "test"
-[identity]
+        r#"{head}[identity]
 cert = "{cert}"
 key = "{key}"
 bundle = "{bundle}"
+{extra}
+"#,
+        head = config_head(name, &format!("{name}-cluster"), td, admin, 1),
+        cert = tls_dir.join("svid.crt").display(),
+        key = tls_dir.join("svid.key").display(),
+        bundle = bundle.display(),
+    )
+}
+
+/// The tables every test gateway's configuration starts with: `[gateway]`
+/// (region `test`), `[admin]` on `admin`, JSON logs and `threads` runtime
+/// threads.
+fn config_head(name: &str, cluster: &str, td: &str, admin: SocketAddr, threads: u8) -> String {
+    format!(
+        r#"[gateway]
+name = "{name}"
+cluster = "{cluster}"
+trust_domain = "{td}"
+[gateway.locality]
+region = "test"
 [admin]
 listen = "{admin}"
 [log]
 format = "json"
 [runtime]
-threads = 1
-{extra}
-"#,
-        cert = tls_dir.join("svid.crt").display(),
-        key = tls_dir.join("svid.key").display(),
-        bundle = bundle.display(),
+threads = {threads}
+"#
     )
 }
 
@@ -490,19 +594,7 @@ pub fn solo_config(
     extra: &str,
 ) -> String {
     format!(
-        r#"[gateway]
-name = "gw-solo"
-cluster = "solo"
-trust_domain = "solo.example"
-[gateway.locality]
-region = "test"
-[admin]
-listen = "{admin}"
-[log]
-format = "json"
-[runtime]
-threads = 2
-[listeners]
+        r#"{head}[listeners]
 outbound = "{outbound}"
 [[services]]
 namespace = "shop"
@@ -510,7 +602,8 @@ name = "web"
 ports = [{{ port = 80 }}]
 endpoints = [{endpoints}]
 {extra}
-"#
+"#,
+        head = config_head("gw-solo", "solo", "solo.example", admin, 2),
     )
 }
 

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use serde_json::Value;
 
+use crate::two_clusters::federated;
 use crate::{DevPki, Gateway, free_addr, gateway_config};
 
 /// One gateway of a test federation; cluster `<name>-cluster`, trust domain
@@ -101,11 +102,7 @@ impl Mesh {
         let mut extra = String::new();
         for (j, other) in self.members.iter().enumerate() {
             if j != i {
-                extra.push_str(&format!(
-                    "[[trust.federated]]\ntrust_domain = \"{}\"\nbundle = \"{}\"\n",
-                    other.td(),
-                    other.ca.join("bundle.pem").display()
-                ));
+                extra.push_str(&federated(&other.td(), &other.ca.join("bundle.pem")));
             }
         }
         extra.push_str(&format!(
@@ -159,6 +156,13 @@ impl Mesh {
         let others: Vec<usize> = (0..self.members.len()).filter(|j| *j != i).collect();
         self.config(i, &others, services)
     }
+}
+
+/// shop/`name` on port 80 at `endpoint`, exported.
+pub fn shop_service(name: &str, endpoint: SocketAddr) -> String {
+    format!(
+        "[[services]]\nnamespace = \"shop\"\nname = \"{name}\"\nports = [{{ port = 80 }}]\nendpoints = [\"{endpoint}\"]\nexport = true\n"
+    )
 }
 
 /// shop/web on port 8080 (named `http`) at `endpoint`, exported or not.

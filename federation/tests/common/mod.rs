@@ -1,12 +1,15 @@
 //! PKI and trust-store helpers shared by the federation integration tests.
 #![allow(dead_code, unreachable_pub)] // each test binary uses a different subset
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use isthmus_federation::trust::ca::{self, CaMaterial};
 use isthmus_federation::trust::tls::crypto_provider;
 use isthmus_federation::trust::{BundleSource, DomainTrust, Svid, TrustBundle, TrustStore};
 use isthmus_federation::{SpiffeId, TrustDomain};
+use tokio::net::{TcpListener, TcpStream};
 
 pub const HOUR: Duration = Duration::from_secs(3600);
 
@@ -47,4 +50,24 @@ pub fn svid(ca: &CaMaterial, spiffe_id: &str) -> Svid {
         &crypto_provider(),
     )
     .expect("valid SVID")
+}
+
+/// Accepts TCP connections on a fresh loopback port for the rest of the test,
+/// each handed to `handle` in a task of its own; the port's address.
+pub async fn serve_tcp<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let addr = listener.local_addr().expect("a bound address");
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            tokio::spawn(handle(tcp));
+        }
+    });
+    addr
 }

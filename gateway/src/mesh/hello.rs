@@ -65,35 +65,27 @@ impl<S: AsyncRead + Unpin> AsyncRead for HelloRecorder<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for HelloRecorder<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+delegate_async_write!([S: AsyncWrite + Unpin] HelloRecorder<S>, inner);
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, DuplexStream};
 
     use super::*;
 
-    #[tokio::test]
-    async fn records_until_stopped_and_bounds_the_hello() {
+    /// A recorder on one end of an in-memory pipe, and the other end (kept
+    /// open) with `sent` written to it.
+    async fn recorder(sent: &[u8]) -> (DuplexStream, HelloRecorder<DuplexStream>) {
         let (mut client, server) = tokio::io::duplex(1 << 20);
-        let mut rec = HelloRecorder::new(server);
-        tokio::io::AsyncWriteExt::write_all(&mut client, b"hello world")
+        tokio::io::AsyncWriteExt::write_all(&mut client, sent)
             .await
             .unwrap();
+        (client, HelloRecorder::new(server))
+    }
+
+    #[tokio::test]
+    async fn records_until_stopped_and_bounds_the_hello() {
+        let (_client, mut rec) = recorder(b"hello world").await;
         let mut buf = [0u8; 5];
         rec.read_exact(&mut buf).await.unwrap();
         rec.stop_recording();
@@ -101,17 +93,12 @@ mod tests {
         let (recorded, _) = rec.into_parts();
         assert!(recorded.is_empty(), "stopped recording drops the copy");
 
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        let mut rec = HelloRecorder::new(server);
-        tokio::io::AsyncWriteExt::write_all(&mut client, b"abc")
-            .await
-            .unwrap();
+        let (_client, mut rec) = recorder(b"abc").await;
         let mut three = [0u8; 3];
         rec.read_exact(&mut three).await.unwrap();
         assert_eq!(rec.into_parts().0, b"abc");
 
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        let mut rec = HelloRecorder::new(server);
+        let (mut client, mut rec) = recorder(b"").await;
         let big = vec![0u8; MAX_CLIENT_HELLO + 1];
         tokio::spawn(async move { tokio::io::AsyncWriteExt::write_all(&mut client, &big).await });
         let mut sink = vec![0u8; MAX_CLIENT_HELLO + 1];

@@ -15,6 +15,62 @@
 //!   traits (negotiated ALPN; a TLS digest whose `cert_digest` is the SHA-256 of
 //!   the peer's leaf) so Pingora's HTTP server runs on it.
 
+/// Implements tokio's `AsyncWrite` for the wrapper `$ty` (with the impl's
+/// generics in brackets) by handing every call to its field `$field`;
+/// `vectored` hands vectored writes over too, where without it the trait's
+/// defaults apply (the first non-empty buffer is written).
+macro_rules! delegate_async_write {
+    ([$($generics:tt)*] $ty:ty, $field:ident) => {
+        delegate_async_write!(@impl [$($generics)*] $ty, $field, {});
+    };
+    ([$($generics:tt)*] $ty:ty, $field:ident, vectored) => {
+        delegate_async_write!(@impl [$($generics)*] $ty, $field, {
+            fn poll_write_vectored(
+                mut self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+                bufs: &[::std::io::IoSlice<'_>],
+            ) -> ::std::task::Poll<::std::io::Result<usize>> {
+                ::tokio::io::AsyncWrite::poll_write_vectored(
+                    ::std::pin::Pin::new(&mut self.$field),
+                    cx,
+                    bufs,
+                )
+            }
+            fn is_write_vectored(&self) -> bool {
+                ::tokio::io::AsyncWrite::is_write_vectored(&self.$field)
+            }
+        });
+    };
+    (@impl [$($generics:tt)*] $ty:ty, $field:ident, {$($vectored:tt)*}) => {
+        impl<$($generics)*> ::tokio::io::AsyncWrite for $ty {
+            fn poll_write(
+                mut self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+                data: &[u8],
+            ) -> ::std::task::Poll<::std::io::Result<usize>> {
+                ::tokio::io::AsyncWrite::poll_write(
+                    ::std::pin::Pin::new(&mut self.$field),
+                    cx,
+                    data,
+                )
+            }
+            delegate_async_write!(@unit $field, poll_flush poll_shutdown);
+            $($vectored)*
+        }
+    };
+    // poll_flush and poll_shutdown, which take nothing but the context.
+    (@unit $field:ident, $($poll:ident)*) => {
+        $(
+            fn $poll(
+                mut self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                ::tokio::io::AsyncWrite::$poll(::std::pin::Pin::new(&mut self.$field), cx)
+            }
+        )*
+    };
+}
+
 mod connect;
 mod hello;
 mod relay;
