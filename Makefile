@@ -96,6 +96,8 @@ demo: deps-build
 # coverage per crate. The end-to-end tests start that build's isthmus
 # (ISTHMUS_BIN), so the gateways they run count too.
 test: deps-test
+	@# Stale objects of earlier builds would map old lines into the report.
+	$(CARGO) llvm-cov clean --workspace
 	ISTHMUS_BIN=$(CURDIR)/target/llvm-cov-target/debug/isthmus \
 		$(CARGO) llvm-cov nextest --workspace --no-fail-fast --no-report
 	$(CARGO) llvm-cov report --json --summary-only --output-path target/coverage.json
