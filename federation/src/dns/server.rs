@@ -1094,15 +1094,6 @@ mod tests {
     fn udp_answers_fit_the_clients_buffer_with_tc_and_tcp_answers_do_not_need_to() {
         // 300 endpoints: about 4.8 KB of A records.
         let entry = crate::catalog::ServiceEntry {
-            key: "data/big".parse().unwrap(),
-            ports: vec![],
-            endpoints: vec![],
-            endpoint_info: Default::default(),
-            subsets: vec![],
-            remote: vec![],
-            exported: true,
-            allowed_callers: None,
-            passthrough: false,
             headless: true,
             headless_endpoints: (0..300u32)
                 .map(|i| crate::catalog::HeadlessEndpoint {
@@ -1111,6 +1102,7 @@ mod tests {
                     address: std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)),
                 })
                 .collect(),
+            ..crate::catalog::ServiceEntry::exported("data/big".parse().unwrap())
         };
         let zone = ClusterSetZone::build(
             &crate::Catalog::new([entry]),

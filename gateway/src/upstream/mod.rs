@@ -1064,21 +1064,15 @@ mod tests {
             subsets: vec![],
         };
         ServiceEntry {
-            key: "shop/web".parse().unwrap(),
             ports: vec![ServicePort {
                 port: 80,
                 protocol: Protocol::Http,
                 name: None,
             }],
             endpoints: vec![shared],
-            endpoint_info: Default::default(),
-            subsets: vec![],
             remote: vec![gateway("a"), gateway("b")],
             exported: false,
-            allowed_callers: None,
-            passthrough: false,
-            headless: false,
-            headless_endpoints: vec![],
+            ..ServiceEntry::exported("shop/web".parse().unwrap())
         }
     }
 
@@ -1328,24 +1322,17 @@ mod tests {
             subsets: vec![],
         };
         let entry = ServiceEntry {
-            key: "shop/web".parse().unwrap(),
             ports: vec![ServicePort {
                 port: 80,
                 protocol: Protocol::Http,
                 name: None,
             }],
-            endpoints: vec![],
-            endpoint_info: Default::default(),
-            subsets: vec![],
             remote: vec![
                 gateway("a", "r", 1, false),
                 gateway("b", "elsewhere", 2, true),
             ],
             exported: false,
-            allowed_callers: None,
-            passthrough: false,
-            headless: false,
-            headless_endpoints: vec![],
+            ..ServiceEntry::exported("shop/web".parse().unwrap())
         };
         let catalog = Catalog::new([entry]);
         let doc = serde_json::to_value(u.explain(&catalog, &"shop/web".parse().unwrap()).unwrap())

@@ -41,21 +41,14 @@ fn gateway(cluster: &str, locality: &str, n: u8) -> RemoteGateway {
 /// An entry with `endpoints` here and `remote` gateways.
 fn entry(endpoints: &[&str], remote: Vec<RemoteGateway>) -> ServiceEntry {
     ServiceEntry {
-        key: "shop/web".parse().unwrap(),
         ports: vec![ServicePort {
             port: 80,
             protocol: Protocol::Http,
             name: None,
         }],
         endpoints: endpoints.iter().map(|e| addr(e)).collect(),
-        endpoint_info: BTreeMap::new(),
-        subsets: vec![],
         remote,
-        exported: true,
-        allowed_callers: None,
-        passthrough: false,
-        headless: false,
-        headless_endpoints: vec![],
+        ..ServiceEntry::exported("shop/web".parse().unwrap())
     }
 }
 
