@@ -61,16 +61,7 @@ fn a_peer_may_not_announce_an_address_that_is_not_its_own() {
     north.east_west = Some(([127, 0, 0, 10], 15443).into());
     let hub = hub_with(&[&west, &north], &[], PeeringLimits::default());
     let endpoint: std::net::SocketAddr = ([127, 0, 0, 20], 8080).into();
-    let mut local = LocalService {
-        export: export("shop/db"),
-        endpoints: vec![endpoint],
-        endpoint_info: BTreeMap::new(),
-        subsets: vec![],
-        exported: true,
-        allowed_callers: None,
-        passthrough: false,
-    };
-    local.export.export_time_millis = 0;
+    let local = local("shop/db", endpoint, 0);
     hub.set_source("config", vec![local]);
     let _west = hub.session_open(&west).unwrap();
 
