@@ -120,18 +120,8 @@ fn check_bindable(listeners: &[Probe]) -> Result<(), StartError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::test_config as config;
     use crate::exit::Exit;
-
-    fn config(extra: &str) -> Config {
-        crate::config::parse_with_env(
-            &format!(
-                "[gateway]\nname = \"gw\"\ncluster = \"east\"\ntrust_domain = \"east.example.org\"\n[gateway.locality]\nregion = \"r\"\n{extra}"
-            ),
-            "t.toml",
-            std::iter::empty(),
-        )
-        .unwrap()
-    }
 
     #[test]
     fn listeners_are_named_by_their_configuration_path() {
