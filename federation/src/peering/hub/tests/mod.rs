@@ -101,6 +101,11 @@ fn hub_with(peers: &[&PeerHello], imports: &[&str], limits: PeeringLimits) -> Ar
     hub
 }
 
+/// Why `hub` refuses `hello`'s session.
+fn refusal(hub: &Arc<Hub>, hello: &PeerHello) -> HelloRefusal {
+    hub.session_open(hello).unwrap_err().reason
+}
+
 fn refused(hub: &Hub, reason: &str) -> u64 {
     hub.metrics().refused.with_label_values(&[reason]).get()
 }
