@@ -178,12 +178,19 @@ mod tests {
     use isthmus_federation::trust::Svid;
     use isthmus_federation::trust::tls::crypto_provider;
 
-    #[test]
-    fn init_then_issue_makes_a_usable_svid() {
+    /// A dev CA for `dev.example` initialised in `ca/` of a new temporary
+    /// directory (which lives as long as the first of the three).
+    fn initialised_ca() -> (tempfile::TempDir, TrustDomain, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let td: TrustDomain = "dev.example".parse().unwrap();
         let ca_dir = dir.path().join("ca");
         init(&td, &ca_dir, ca::DEFAULT_CA_VALIDITY, false).unwrap();
+        (dir, td, ca_dir)
+    }
+
+    #[test]
+    fn init_then_issue_makes_a_usable_svid() {
+        let (dir, td, ca_dir) = initialised_ca();
         let mode = std::fs::metadata(ca_dir.join(CA_KEY))
             .unwrap()
             .permissions()
@@ -229,10 +236,7 @@ mod tests {
 
     #[test]
     fn force_replaces_keys_with_0600_files_whatever_the_old_mode() {
-        let dir = tempfile::tempdir().unwrap();
-        let td: TrustDomain = "dev.example".parse().unwrap();
-        let ca_dir = dir.path().join("ca");
-        init(&td, &ca_dir, ca::DEFAULT_CA_VALIDITY, false).unwrap();
+        let (dir, td, ca_dir) = initialised_ca();
         let key = ca_dir.join(CA_KEY);
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
         let old = std::fs::read(&key).unwrap();

@@ -630,6 +630,14 @@ mod tests {
     const T: Duration = Duration::from_millis(300);
 
     /// A deadline-wrapped server stream and its client, over loopback TCP.
+    /// Asserts a read on `stream` is still waiting after three deadlines:
+    /// nothing cut it (`why` says why nothing should).
+    async fn uncut_for_three_deadlines(stream: &mut Stream, why: &str) {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(3 * T, stream.read(&mut buf)).await;
+        assert!(read.is_err(), "{why}");
+    }
+
     async fn pair() -> (Stream, tokio::net::TcpStream, IntCounter) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
@@ -669,19 +677,17 @@ mod tests {
         }
         headers_read(Some(&stream));
         // Idle past the deadline: nothing owed, so no cut.
-        assert!(
-            tokio::time::timeout(3 * T, stream.read(&mut buf))
-                .await
-                .is_err(),
-            "the wait ends by the test's timeout, not by a cut"
-        );
+        uncut_for_three_deadlines(
+            &mut stream,
+            "the wait ends by the test's timeout, not by a cut",
+        )
+        .await;
         request_done(Some(&stream));
-        assert!(
-            tokio::time::timeout(3 * T, stream.read(&mut buf))
-                .await
-                .is_err(),
-            "between requests nothing is owed until the first byte"
-        );
+        uncut_for_three_deadlines(
+            &mut stream,
+            "between requests nothing is owed until the first byte",
+        )
+        .await;
         client.write_all(b"G").await.unwrap();
         assert_eq!(stream.read(&mut buf).await.unwrap(), 1);
         let err = stream.read(&mut buf).await.unwrap_err();

@@ -23,19 +23,11 @@ fn server() -> &'static DnsServer {
     static SERVER: OnceLock<DnsServer> = OnceLock::new();
     SERVER.get_or_init(|| {
         let entry = |key: &str, headless: bool| ServiceEntry {
-            key: key.parse().expect("key"),
             ports: vec![ServicePort {
                 port: 8080,
                 protocol: Protocol::Http,
                 name: Some("http".parse().expect("port name")),
             }],
-            endpoints: vec![],
-            endpoint_info: Default::default(),
-            subsets: vec![],
-            remote: vec![],
-            exported: true,
-            allowed_callers: None,
-            passthrough: false,
             headless,
             headless_endpoints: if headless {
                 vec![HeadlessEndpoint {
@@ -46,6 +38,7 @@ fn server() -> &'static DnsServer {
             } else {
                 vec![]
             },
+            ..ServiceEntry::exported(key.parse().expect("key"))
         };
         let catalog = Catalog::new([entry("shop/web", false), entry("data/db", true)]);
         let v4: IpRange = "127.240.0.0/16".parse().expect("range");

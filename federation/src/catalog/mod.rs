@@ -269,6 +269,25 @@ pub struct ServiceEntry {
 }
 
 impl ServiceEntry {
+    /// An exported entry keyed `key` and nothing more: no ports, endpoints,
+    /// subsets, peer gateways or caller policy, neither passthrough nor
+    /// headless. Callers fill in what they need with `..` struct update.
+    pub fn exported(key: ServiceKey) -> Self {
+        Self {
+            key,
+            ports: vec![],
+            endpoints: vec![],
+            endpoint_info: BTreeMap::new(),
+            subsets: vec![],
+            remote: vec![],
+            exported: true,
+            allowed_callers: None,
+            passthrough: false,
+            headless: false,
+            headless_endpoints: vec![],
+        }
+    }
+
     /// The subset named `name`.
     pub fn subset(&self, name: &str) -> Option<&Subset> {
         self.subsets.iter().find(|s| s.name == name)
@@ -471,21 +490,12 @@ mod tests {
     #[test]
     fn a_single_port_is_the_default() {
         let entry = ServiceEntry {
-            key: key("shop/web"),
             ports: vec![ServicePort {
                 port: 80,
                 protocol: Protocol::Http,
                 name: None,
             }],
-            endpoints: vec![],
-            endpoint_info: BTreeMap::new(),
-            subsets: vec![],
-            remote: vec![],
-            exported: true,
-            allowed_callers: None,
-            passthrough: false,
-            headless: false,
-            headless_endpoints: vec![],
+            ..ServiceEntry::exported(key("shop/web"))
         };
         assert_eq!(entry.port(None).unwrap().port, 80);
         assert!(entry.port(Some(81)).is_none());

@@ -257,41 +257,27 @@ impl DnsServer {
             ));
         }
         if !allowed {
-            self.refused(PolicyRefusal::Source);
             tracing::debug!(%src, transport = transport.label(), "DNS query from a source outside dns.allow_sources: REFUSED");
-            let rcode = ResponseCode::Refused;
-            return self.reply(
+            return self.refuse(&request, edns.as_ref(), transport, PolicyRefusal::Source);
+        }
+        // Neither the zone's nor an upstream's answer: only an rcode.
+        let unanswered = |rcode| {
+            self.reply(
                 &request,
                 edns.as_ref(),
                 transport,
                 rcode,
-                AnswerSource::Policy,
-            );
-        }
+                AnswerSource::NoSource,
+            )
+        };
         let query = match answerable(&request) {
             Ok(query) => query,
-            Err(rcode) => {
-                return self.reply(
-                    &request,
-                    edns.as_ref(),
-                    transport,
-                    rcode,
-                    AnswerSource::NoSource,
-                );
-            }
+            Err(rcode) => return unanswered(rcode),
         };
         if transfer(query.query_type()) {
             // The zone is built from the catalog and never transferred.
-            self.refused(PolicyRefusal::Transfer);
             tracing::debug!(%src, transport = transport.label(), "zone transfer asked: REFUSED");
-            let rcode = ResponseCode::Refused;
-            return self.reply(
-                &request,
-                edns.as_ref(),
-                transport,
-                rcode,
-                AnswerSource::Policy,
-            );
+            return self.refuse(&request, edns.as_ref(), transport, PolicyRefusal::Transfer);
         }
         let zone = self.zone.load();
         let answer = zone.lookup(query.name(), query.query_type());
@@ -317,16 +303,7 @@ impl DnsServer {
                     }
                     return Step::Forward(Box::new(request));
                 }
-                Answer::NotOurs => {
-                    let rcode = ResponseCode::Refused;
-                    return self.reply(
-                        &request,
-                        edns.as_ref(),
-                        transport,
-                        rcode,
-                        AnswerSource::NoSource,
-                    );
-                }
+                Answer::NotOurs => return unanswered(ResponseCode::Refused),
             };
         metadata.response_code = rcode;
         self.count(&request, rcode, AnswerSource::Clusterset);
@@ -419,6 +396,19 @@ impl DnsServer {
         )
     }
 
+    /// REFUSED by policy, counted under `reason`.
+    fn refuse(
+        &self,
+        request: &Request,
+        edns: Option<&Edns>,
+        transport: Transport,
+        reason: PolicyRefusal,
+    ) -> Step {
+        self.refused(reason);
+        let rcode = ResponseCode::Refused;
+        self.reply(request, edns, transport, rcode, AnswerSource::Policy)
+    }
+
     fn reply(
         &self,
         request: &Request,
@@ -480,31 +470,19 @@ impl DnsServer {
     }
 
     fn refused(&self, reason: PolicyRefusal) {
-        self.metrics
-            .refused
-            .with_label_values(&[reason.label()])
-            .inc();
+        inc(&self.metrics.refused, reason.label());
     }
 
     fn rate_limited(&self, action: RateLimitAction) {
-        self.metrics
-            .rate_limited
-            .with_label_values(&[action.label()])
-            .inc();
+        inc(&self.metrics.rate_limited, action.label());
     }
 
     fn malformed(&self, transport: Transport) {
-        self.metrics
-            .malformed
-            .with_label_values(&[transport.label()])
-            .inc();
+        inc(&self.metrics.malformed, transport.label());
     }
 
     fn tcp_refused(&self, reason: TcpRefusal) {
-        self.metrics
-            .tcp_refused
-            .with_label_values(&[reason.label()])
-            .inc();
+        inc(&self.metrics.tcp_refused, reason.label());
     }
 
     fn count(&self, request: &Request, rcode: ResponseCode, source: AnswerSource) {
@@ -590,6 +568,11 @@ impl Sections<'_> {
 /// point only at an earlier question, never into the 12-byte header, which
 /// holds no name (a request doing so is malformed, and its question could not
 /// be echoed in a reply, whose header differs).
+/// Counts one more event under `label` in a labelled counter.
+fn inc(counter: &prometheus::IntCounterVec, label: &str) {
+    counter.with_label_values(&[label]).inc();
+}
+
 fn question_names_are_self_contained(bytes: &[u8]) -> bool {
     const HEADER: usize = 12;
     let mut i = 0;
@@ -878,23 +861,20 @@ mod tests {
         }
     }
 
+    /// The reply to a plain UDP query (no EDNS) for `name` from `SRC`.
+    fn ask(s: &DnsServer, name: &str, rtype: RecordType) -> Message {
+        reply(s.handle(&query(name, rtype, None), SRC, Transport::Udp))
+    }
+
     #[test]
     fn answers_are_authoritative_and_outside_names_refused_without_upstreams() {
         let s = server();
-        let m = reply(s.handle(
-            &query("web.shop.svc.clusterset.local.", RecordType::A, None),
-            SRC,
-            Transport::Udp,
-        ));
+        let m = ask(&s, "web.shop.svc.clusterset.local.", RecordType::A);
         assert_eq!(m.metadata.id, 4242);
         assert!(m.metadata.authoritative);
         assert_eq!(m.metadata.response_code, ResponseCode::NoError);
         assert_eq!(m.answers.len(), 1);
-        let refused = reply(s.handle(
-            &query("example.com.", RecordType::A, None),
-            SRC,
-            Transport::Udp,
-        ));
+        let refused = ask(&s, "example.com.", RecordType::A);
         assert_eq!(refused.metadata.response_code, ResponseCode::Refused);
         let nx = reply(s.handle(
             &query("nope.shop.svc.clusterset.local.", RecordType::A, Some(1232)),
@@ -957,18 +937,10 @@ mod tests {
             s.metrics().refused.with_label_values(&["transfer"]).get(),
             4
         );
-        let m = reply(s.handle(
-            &query("web.shop.svc.clusterset.local.", RecordType::ANY, None),
-            SRC,
-            Transport::Udp,
-        ));
+        let m = ask(&s, "web.shop.svc.clusterset.local.", RecordType::ANY);
         assert_eq!(m.answers.len(), 1, "one RRset of A and AAAA");
         // Without upstreams, ANY for other names is refused like any query.
-        let m = reply(s.handle(
-            &query("example.com.", RecordType::ANY, None),
-            SRC,
-            Transport::Udp,
-        ));
+        let m = ask(&s, "example.com.", RecordType::ANY);
         assert_eq!(m.metadata.response_code, ResponseCode::Refused);
     }
 
@@ -977,11 +949,7 @@ mod tests {
         // data/db's endpoint 10.1.0.5 has a hostname but is outside the
         // ranges: without upstreams the query is REFUSED like other names.
         let s = server();
-        let m = reply(s.handle(
-            &query("5.0.1.10.in-addr.arpa.", RecordType::PTR, None),
-            SRC,
-            Transport::Udp,
-        ));
+        let m = ask(&s, "5.0.1.10.in-addr.arpa.", RecordType::PTR);
         assert_eq!(m.metadata.response_code, ResponseCode::Refused);
         assert!(m.answers.is_empty());
     }
@@ -1094,15 +1062,6 @@ mod tests {
     fn udp_answers_fit_the_clients_buffer_with_tc_and_tcp_answers_do_not_need_to() {
         // 300 endpoints: about 4.8 KB of A records.
         let entry = crate::catalog::ServiceEntry {
-            key: "data/big".parse().unwrap(),
-            ports: vec![],
-            endpoints: vec![],
-            endpoint_info: Default::default(),
-            subsets: vec![],
-            remote: vec![],
-            exported: true,
-            allowed_callers: None,
-            passthrough: false,
             headless: true,
             headless_endpoints: (0..300u32)
                 .map(|i| crate::catalog::HeadlessEndpoint {
@@ -1111,6 +1070,7 @@ mod tests {
                     address: std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)),
                 })
                 .collect(),
+            ..crate::catalog::ServiceEntry::exported("data/big".parse().unwrap())
         };
         let zone = ClusterSetZone::build(
             &crate::Catalog::new([entry]),

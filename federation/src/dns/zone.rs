@@ -363,7 +363,6 @@ pub(crate) mod tests {
 
     fn entry(key: &str, headless: bool) -> ServiceEntry {
         ServiceEntry {
-            key: key.parse().unwrap(),
             ports: vec![
                 ServicePort {
                     port: 8080,
@@ -376,9 +375,6 @@ pub(crate) mod tests {
                     name: None,
                 },
             ],
-            endpoints: vec![],
-            endpoint_info: Default::default(),
-            subsets: vec![],
             remote: vec![RemoteGateway {
                 cluster: "east".parse().unwrap(),
                 spiffe_id: "spiffe://east.example/isthmus/gateway/gw".parse().unwrap(),
@@ -389,8 +385,6 @@ pub(crate) mod tests {
                 subsets: vec![],
             }],
             exported: false,
-            allowed_callers: None,
-            passthrough: false,
             headless,
             headless_endpoints: if headless {
                 vec![
@@ -408,6 +402,7 @@ pub(crate) mod tests {
             } else {
                 vec![]
             },
+            ..ServiceEntry::exported(key.parse().unwrap())
         }
     }
 

@@ -235,6 +235,15 @@ pub fn export_to_proto(export: &Export, cluster: &ClusterName) -> proto::Exporte
     }
 }
 
+/// Refuses a service carrying `len` `field`, more than `max`.
+fn at_most(field: &str, len: usize, max: usize) -> Result<(), ConvertError> {
+    if len > max {
+        let message = format!("{len} {field}; at most {max} per service");
+        return Err(ConvertError::new(field, message));
+    }
+    Ok(())
+}
+
 /// Checks one exported service of the peer fronting `cluster`, within
 /// `limits`. An export whose origin is another cluster is refused: gateways
 /// export only their own cluster's services, so accepting it could route in a
@@ -247,26 +256,12 @@ pub fn export_from_proto(
     let key = service_key(&service.namespace, &service.name)?;
     // Caps first: each port may become a listener and each endpoint a DNS
     // record, so a peer must not make this gateway allocate without bound.
-    if service.ports.len() > limits.max_ports_per_service {
-        return Err(ConvertError::new(
-            "ports",
-            format!(
-                "{} ports; at most {} per service",
-                service.ports.len(),
-                limits.max_ports_per_service
-            ),
-        ));
-    }
-    if service.endpoints.len() > limits.max_endpoints_per_service {
-        return Err(ConvertError::new(
-            "endpoints",
-            format!(
-                "{} endpoints; at most {} per service",
-                service.endpoints.len(),
-                limits.max_endpoints_per_service
-            ),
-        ));
-    }
+    at_most("ports", service.ports.len(), limits.max_ports_per_service)?;
+    at_most(
+        "endpoints",
+        service.endpoints.len(),
+        limits.max_endpoints_per_service,
+    )?;
     if service.origin_cluster != cluster.as_str() {
         return Err(ConvertError::new(
             "origin_cluster",

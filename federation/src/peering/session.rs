@@ -241,17 +241,12 @@ impl Session<'_> {
             .values()
             .map(|e| convert::export_to_proto(e, cluster))
             .collect();
-        self.send(Kind::Snapshot(proto::CatalogSnapshot {
+        let snapshot = Kind::Snapshot(proto::CatalogSnapshot {
             version: set.version,
             services,
-        }))
-        .await?;
-        self.count_sync("snapshot", "sent");
-        self.sent = Sent {
-            version: set.version,
-            services: view,
-        };
-        Ok(())
+        });
+        self.send_sync(snapshot, "snapshot", set.version, view)
+            .await
     }
 
     async fn send_delta(&mut self, set: &ExportSet) -> Result<(), SessionEnd> {
@@ -275,18 +270,27 @@ impl Session<'_> {
         if upserts.is_empty() && removals.is_empty() {
             return Ok(());
         }
-        self.send(Kind::Delta(proto::CatalogDelta {
+        let delta = Kind::Delta(proto::CatalogDelta {
             base_version: self.sent.version,
             version: set.version,
             upserts,
             removals,
-        }))
-        .await?;
-        self.count_sync("delta", "sent");
-        self.sent = Sent {
-            version: set.version,
-            services: view,
-        };
+        });
+        self.send_sync(delta, "delta", set.version, view).await
+    }
+
+    /// Sends `sync` (counted as a `kind`) and remembers `services` at
+    /// `version` as what the peer now has.
+    async fn send_sync(
+        &mut self,
+        sync: Kind,
+        kind: &str,
+        version: u64,
+        services: BTreeMap<ServiceKey, Export>,
+    ) -> Result<(), SessionEnd> {
+        self.send(sync).await?;
+        self.count_sync(kind, "sent");
+        self.sent = Sent { version, services };
         Ok(())
     }
 
@@ -354,6 +358,21 @@ impl Session<'_> {
         }
     }
 
+    /// Counts a received `kind` and converts its `services` (the message's
+    /// `field`): the good exports, the first of each key, and what was wrong.
+    fn received(
+        &self,
+        kind: &str,
+        services: &[proto::ExportedService],
+        field: &str,
+    ) -> (Vec<Export>, Vec<ConvertError>) {
+        self.count_sync(kind, "received");
+        let (good, mut bad) =
+            convert::exports_from_proto(services, field, &self.peer.cluster, self.hub.limits());
+        let good = dedup(good, &mut bad, field);
+        (good, bad)
+    }
+
     async fn handle(
         &mut self,
         msg: proto::PeerMessage,
@@ -361,28 +380,14 @@ impl Session<'_> {
     ) -> Result<(), SessionEnd> {
         match msg.kind {
             Some(Kind::Snapshot(s)) => {
-                self.count_sync("snapshot", "received");
-                let (good, mut bad) = convert::exports_from_proto(
-                    &s.services,
-                    "services",
-                    &self.peer.cluster,
-                    self.hub.limits(),
-                );
-                let good = dedup(good, &mut bad, "services");
+                let (good, mut bad) = self.received("snapshot", &s.services, "services");
                 debug!(peer = %self.peer.spiffe_id, version = s.version, services = good.len(), "snapshot received");
                 let refused = self.hub.apply_snapshot(&self.peer, s.version, good);
                 bad.extend(refused.into_iter().map(|r| r.error));
                 self.ack_or_refuse(s.version, "snapshot", bad).await
             }
             Some(Kind::Delta(d)) => {
-                self.count_sync("delta", "received");
-                let (good, mut bad) = convert::exports_from_proto(
-                    &d.upserts,
-                    "upserts",
-                    &self.peer.cluster,
-                    self.hub.limits(),
-                );
-                let good = dedup(good, &mut bad, "upserts");
+                let (good, mut bad) = self.received("delta", &d.upserts, "upserts");
                 let mut removals = Vec::with_capacity(d.removals.len());
                 for (i, r) in d.removals.iter().enumerate() {
                     match convert::service_key(&r.namespace, &r.name) {

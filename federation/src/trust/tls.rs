@@ -237,6 +237,31 @@ impl SpiffeClientVerifier {
     }
 }
 
+/// The handshake-signature half of a verifier, the same for both sides:
+/// checked with the algorithms of the verifier's `material`.
+macro_rules! handshake_signatures_by_material {
+    () => {
+        handshake_signatures_by_material!(verify_tls12_signature, verify_tls13_signature);
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.material.algorithms().supported_schemes()
+        }
+    };
+    // Each method calls the rustls function of the same name.
+    ($($verify:ident),+) => {
+        $(
+            fn $verify(
+                &self,
+                message: &[u8],
+                cert: &CertificateDer<'_>,
+                dss: &DigitallySignedStruct,
+            ) -> Result<HandshakeSignatureValid, Error> {
+                $verify(message, cert, dss, self.material.algorithms())
+            }
+        )+
+    };
+}
+
 impl ClientCertVerifier for SpiffeClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         // Advertising CA names would leak the federation's topology; SPIFFE
@@ -261,27 +286,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(message, cert, dss, self.material.algorithms())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(message, cert, dss, self.material.algorithms())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.material.algorithms().supported_schemes()
-    }
+    handshake_signatures_by_material!();
 }
 
 /// Client side: authenticates the server by SPIFFE ID, ignoring the SNI name
@@ -324,27 +329,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(message, cert, dss, self.material.algorithms())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(message, cert, dss, self.material.algorithms())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.material.algorithms().supported_schemes()
-    }
+    handshake_signatures_by_material!();
 }
 
 /// Presents the current SVID, as a server and as a client.

@@ -92,21 +92,14 @@ fn listener() -> &'static Listener {
         let metrics = HandshakeMetrics::new(&prometheus::Registry::new()).expect("metrics");
         let acceptor = SpiffeAcceptor::new(Arc::new(config), metrics, Duration::from_secs(5));
         let entry = |key: &str, port: u16, protocol, exported, passthrough| ServiceEntry {
-            key: key.parse().expect("key"),
             ports: vec![ServicePort {
                 port,
                 protocol,
                 name: None,
             }],
-            endpoints: vec![],
-            endpoint_info: Default::default(),
-            subsets: vec![],
-            remote: vec![],
             exported,
-            allowed_callers: None,
             passthrough,
-            headless: false,
-            headless_endpoints: vec![],
+            ..ServiceEntry::exported(key.parse().expect("key"))
         };
         let catalog = Catalog::new([
             entry("shop/web", 8080, Protocol::Http, true, false),

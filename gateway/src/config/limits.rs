@@ -27,35 +27,24 @@ const MAX_H2_MAX_CONCURRENT_STREAMS: i64 = 10_000;
 /// Default caps of the outbound listener (and, counted apart, of all the
 /// clusterset listeners together). On an edge VM every local workload is one
 /// source (loopback), so the per-source cap is generous.
-pub const DEFAULT_OUTBOUND: ConnectionLimits = ConnectionLimits {
-    total: 16_384,
-    per_source: 4_096,
-};
+pub const DEFAULT_OUTBOUND: ConnectionLimits = connection_caps(16_384, 4_096);
 /// Default caps of the east-west listener: peer gateways multiplex HTTP/2, so
 /// a few connections per peer is normal.
-pub const DEFAULT_EAST_WEST: ConnectionLimits = ConnectionLimits {
-    total: 16_384,
-    per_source: 1_024,
-};
+pub const DEFAULT_EAST_WEST: ConnectionLimits = connection_caps(16_384, 1_024);
 /// Default caps on east-west TLS handshakes in flight. A peer gateway failing
 /// over to this cluster opens one connection per request waiting on it (356 at
 /// once in the partition test at 250 requests/s), all from one source: the
 /// per-source cap must stay above such a burst, so it matches the per-source
 /// connection cap, and the total leaves room for four such peers at once.
-pub const DEFAULT_EAST_WEST_HANDSHAKES: ConnectionLimits = ConnectionLimits {
-    total: 4_096,
-    per_source: 1_024,
-};
+pub const DEFAULT_EAST_WEST_HANDSHAKES: ConnectionLimits = connection_caps(4_096, 1_024);
 /// Default caps of the admin API (probes and scrapers).
-pub const DEFAULT_ADMIN: ConnectionLimits = ConnectionLimits {
-    total: 256,
-    per_source: 64,
-};
+pub const DEFAULT_ADMIN: ConnectionLimits = connection_caps(256, 64);
 /// Default caps of the SPIFFE bundle endpoint (peers fetch every few minutes).
-pub const DEFAULT_BUNDLE_ENDPOINT: ConnectionLimits = ConnectionLimits {
-    total: 1_024,
-    per_source: 64,
-};
+pub const DEFAULT_BUNDLE_ENDPOINT: ConnectionLimits = connection_caps(1_024, 64);
+/// `total` connections at once, `per_source` of them from one source.
+const fn connection_caps(total: usize, per_source: usize) -> ConnectionLimits {
+    ConnectionLimits { total, per_source }
+}
 /// Upper bound of every connection cap.
 const MAX_CONNECTIONS: i64 = 1_000_000;
 

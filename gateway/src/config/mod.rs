@@ -245,5 +245,19 @@ impl<'a> Step<'a> {
     }
 }
 
+/// Gateway `gw` of cluster `east`, the least a configuration needs, then
+/// `extra`: for other modules' tests.
+#[cfg(test)]
+pub(crate) fn test_config(extra: &str) -> Config {
+    parse_with_env(
+        &format!(
+            "[gateway]\nname = \"gw\"\ncluster = \"east\"\ntrust_domain = \"east.example.org\"\n[gateway.locality]\nregion = \"r\"\n{extra}"
+        ),
+        "t.toml",
+        std::iter::empty(),
+    )
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests;

@@ -34,16 +34,7 @@ fn service(name: &str, endpoint: &str) -> String {
     )
 }
 
-fn config(extra: &str) -> Config {
-    crate::config::parse_with_env(
-        &format!(
-            "[gateway]\nname = \"gw\"\ncluster = \"east\"\ntrust_domain = \"east.example.org\"\n[gateway.locality]\nregion = \"r\"\n{extra}"
-        ),
-        "t.toml",
-        std::iter::empty(),
-    )
-    .unwrap()
-}
+use crate::config::test_config as config;
 
 #[tokio::test]
 async fn a_watched_file_follows_edits_and_keeps_the_last_good_one() {

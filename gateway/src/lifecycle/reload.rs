@@ -105,14 +105,16 @@ impl Reloader {
         };
         let current = self.config.load();
         // Listener addresses and thread counts are fixed when the services start.
-        if next.admin != current.admin {
-            warn!("admin.listen changed; it takes effect on restart");
-            next.admin = current.admin.clone();
-        }
-        if next.runtime != current.runtime {
-            warn!("runtime.threads changed; it takes effect on restart");
-            next.runtime = current.runtime.clone();
-        }
+        keep_running(
+            &mut next.admin,
+            &current.admin,
+            "admin.listen changed; it takes effect on restart",
+        );
+        keep_running(
+            &mut next.runtime,
+            &current.runtime,
+            "runtime.threads changed; it takes effect on restart",
+        );
         // Which files hold the identity and which trust domains are federated are
         // fixed at start; their *contents* rotate without a restart.
         if next.identity != current.identity || next.trust != current.trust {
@@ -120,20 +122,23 @@ impl Reloader {
             next.identity = current.identity.clone();
             next.trust = current.trust.clone();
         }
-        if next.listeners != current.listeners {
-            warn!("listeners changed; they take effect on restart");
-            next.listeners = current.listeners.clone();
-        }
+        keep_running(
+            &mut next.listeners,
+            &current.listeners,
+            "listeners changed; they take effect on restart",
+        );
         // Each listener's limiter, deadline and h2 settings are built at start.
-        if next.limits != current.limits {
-            warn!("limits changed; they take effect on restart");
-            next.limits = current.limits.clone();
-        }
+        keep_running(
+            &mut next.limits,
+            &current.limits,
+            "limits changed; they take effect on restart",
+        );
         // The DNS server's sockets, ranges and resolver are built at start.
-        if next.dns != current.dns {
-            warn!("dns settings changed; they take effect on restart");
-            next.dns = current.dns.clone();
-        }
+        keep_running(
+            &mut next.dns,
+            &current.dns,
+            "dns settings changed; they take effect on restart",
+        );
         // The federation's listener and identity settings are fixed at start;
         // its peers, filters, services and static peers apply at once.
         if next.federation.listen != current.federation.listen
@@ -192,6 +197,15 @@ impl Reloader {
         self.last_success.set(unix_now());
         info!(file = %self.path.display(), "configuration reloaded");
         Ok(())
+    }
+}
+
+/// A setting fixed at start: where the reloaded file changes it, warns with
+/// `message` and keeps the running value.
+fn keep_running<T: PartialEq + Clone>(next: &mut T, current: &T, message: &str) {
+    if next != current {
+        warn!("{message}");
+        *next = current.clone();
     }
 }
 

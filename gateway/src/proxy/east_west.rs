@@ -494,21 +494,14 @@ mod tests {
 
     fn entry(key: &str, port: u16, exported: bool) -> ServiceEntry {
         ServiceEntry {
-            key: key.parse().unwrap(),
             ports: vec![ServicePort {
                 port,
                 protocol: Protocol::Tcp,
                 name: None,
             }],
-            endpoints: vec![],
-            endpoint_info: Default::default(),
-            subsets: vec![],
-            remote: vec![],
             exported,
-            allowed_callers: None,
             passthrough: true,
-            headless: false,
-            headless_endpoints: vec![],
+            ..ServiceEntry::exported(key.parse().unwrap())
         }
     }
 

@@ -54,7 +54,6 @@ mod tests {
 
     fn entry(endpoints: &[&str]) -> ServiceEntry {
         ServiceEntry {
-            key: "shop/web".parse::<ServiceKey>().unwrap(),
             ports: vec![
                 ServicePort {
                     port: 80,
@@ -68,14 +67,7 @@ mod tests {
                 },
             ],
             endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
-            endpoint_info: Default::default(),
-            subsets: vec![],
-            remote: vec![],
-            exported: true,
-            allowed_callers: None,
-            passthrough: false,
-            headless: false,
-            headless_endpoints: vec![],
+            ..ServiceEntry::exported("shop/web".parse::<ServiceKey>().unwrap())
         }
     }
 

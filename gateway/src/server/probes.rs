@@ -71,37 +71,41 @@ fn listeners(config: &Config, trust: Option<&Trust>) -> Result<Vec<Probe>, rustl
         // The gateway reaches its own east-west port as a peer would. HTTP/1.1
         // only: closing after the handshake is then an ordinary idle client,
         // where an h2 connection without a preface is logged as an error.
-        let tls = spiffe_client_config(
-            trust.material(),
-            PeerPolicy::exact(config.spiffe_id()),
-            true,
-            vec![b"http/1.1".to_vec()],
-        )?;
         probes.push(Probe {
             name: "listeners.east_west".into(),
             addr,
-            tls: Some(Arc::new(tls)),
+            tls: Some(own_client(config, trust, true)?),
             http_path: None,
             connect: true,
         });
     }
     if let (Some(trust), Some(endpoint)) = (trust, &config.trust.bundle_endpoint) {
         // The gateway checks it serves its own SVID, as its peers will.
-        let tls = spiffe_client_config(
-            trust.material(),
-            PeerPolicy::exact(config.spiffe_id()),
-            false,
-            vec![b"http/1.1".to_vec()],
-        )?;
         probes.push(Probe {
             name: "trust.bundle_endpoint.listen".into(),
             addr: endpoint.listen,
-            tls: Some(Arc::new(tls)),
+            tls: Some(own_client(config, trust, false)?),
             http_path: Some("/"),
             connect: true,
         });
     }
     Ok(probes)
+}
+
+/// An HTTP/1.1 TLS client that accepts only this gateway's own SVID, and
+/// presents it when `present_svid`.
+fn own_client(
+    config: &Config,
+    trust: &Trust,
+    present_svid: bool,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let tls = spiffe_client_config(
+        trust.material(),
+        PeerPolicy::exact(config.spiffe_id()),
+        present_svid,
+        vec![b"http/1.1".to_vec()],
+    )?;
+    Ok(Arc::new(tls))
 }
 
 /// Turns "address in use" or "cannot assign address" on any listener into an
@@ -120,18 +124,8 @@ fn check_bindable(listeners: &[Probe]) -> Result<(), StartError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::test_config as config;
     use crate::exit::Exit;
-
-    fn config(extra: &str) -> Config {
-        crate::config::parse_with_env(
-            &format!(
-                "[gateway]\nname = \"gw\"\ncluster = \"east\"\ntrust_domain = \"east.example.org\"\n[gateway.locality]\nregion = \"r\"\n{extra}"
-            ),
-            "t.toml",
-            std::iter::empty(),
-        )
-        .unwrap()
-    }
 
     #[test]
     fn listeners_are_named_by_their_configuration_path() {

@@ -84,20 +84,21 @@ mod tests {
 
     use super::*;
 
+    /// Counts `n` requests at `t`.
+    fn requests(b: &RetryBudget, t: Instant, n: usize) {
+        (0..n).for_each(|_| b.request(t));
+    }
+
     #[test]
     fn retries_are_a_share_of_requests_plus_a_floor() {
         let b = RetryBudget::new();
         let t = b.epoch;
-        for _ in 0..100 {
-            b.request(t);
-        }
+        requests(&b, t, 100);
         // 20% of 100 plus a floor of 1/s over the 10 s window: 30.
         let granted = (0..100).filter(|_| b.try_retry(t, 20, 1)).count();
         assert_eq!(granted, 30);
         // Ten more requests buy two more retries.
-        for _ in 0..10 {
-            b.request(t);
-        }
+        requests(&b, t, 10);
         assert_eq!((0..10).filter(|_| b.try_retry(t, 20, 1)).count(), 2);
     }
 
@@ -105,9 +106,7 @@ mod tests {
     fn old_windows_stop_counting() {
         let b = RetryBudget::new();
         let t = b.epoch;
-        for _ in 0..10 {
-            b.request(t);
-        }
+        requests(&b, t, 10);
         assert_eq!((0..10).filter(|_| b.try_retry(t, 0, 1)).count(), 10);
         assert!(!b.try_retry(t, 0, 1));
         // The next window still sees the previous one; the one after does not.

@@ -1064,21 +1064,15 @@ mod tests {
             subsets: vec![],
         };
         ServiceEntry {
-            key: "shop/web".parse().unwrap(),
             ports: vec![ServicePort {
                 port: 80,
                 protocol: Protocol::Http,
                 name: None,
             }],
             endpoints: vec![shared],
-            endpoint_info: Default::default(),
-            subsets: vec![],
             remote: vec![gateway("a"), gateway("b")],
             exported: false,
-            allowed_callers: None,
-            passthrough: false,
-            headless: false,
-            headless_endpoints: vec![],
+            ..ServiceEntry::exported("shop/web".parse().unwrap())
         }
     }
 
@@ -1240,6 +1234,26 @@ mod tests {
         assert_eq!(u.metrics.shared_addresses.get(), 0);
     }
 
+    /// Records `failures` failures of `backend` on a new thread, which then
+    /// sends whether `backend` ended ejected: its handle and that answer.
+    fn fail_on_another_thread(
+        u: &Arc<Upstreams>,
+        backends: &Arc<ServiceBackends>,
+        backend: Arc<Backend>,
+        failures: u32,
+    ) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Receiver<bool>) {
+        let (done, finished) = std::sync::mpsc::channel();
+        let (u, backends) = (u.clone(), backends.clone());
+        let worker = std::thread::spawn(move || {
+            for _ in 0..failures {
+                u.record(&backends, &backend, Outcome::Failure, 3);
+            }
+            done.send(backend.is_ejected(u.epoch, Instant::now()))
+                .unwrap();
+        });
+        (worker, finished)
+    }
+
     #[test]
     fn recording_an_outcome_takes_no_other_backends_outlier_lock() {
         // Under the old lock order, counting the service's ejected backends
@@ -1257,18 +1271,8 @@ mod tests {
         // Hold the ejected backend's outlier mutex while another backend
         // records failures up to an ejection (which counts the ejected).
         let held = other.outlier.lock();
-        let (done, finished) = std::sync::mpsc::channel();
-        let worker = {
-            let (u, backends) = (u.clone(), backends.clone());
-            let endpoint = u.backend(&backends, Slot::Endpoint(0).backend(&entry));
-            std::thread::spawn(move || {
-                for _ in 0..threshold {
-                    u.record(&backends, &endpoint, Outcome::Failure, 3);
-                }
-                done.send(endpoint.is_ejected(u.epoch, Instant::now()))
-                    .unwrap();
-            })
-        };
+        let endpoint = u.backend(&backends, Slot::Endpoint(0).backend(&entry));
+        let (worker, finished) = fail_on_another_thread(&u, &backends, endpoint, threshold);
         let ejected = finished
             .recv_timeout(Duration::from_secs(10))
             .expect("record blocked on another backend's outlier lock");
@@ -1293,17 +1297,7 @@ mod tests {
         let threshold = u.policy().outlier_detection.consecutive_failures;
         let services = u.services.write();
         let writer = backends.backends_writer.lock();
-        let (done, finished) = std::sync::mpsc::channel();
-        let worker = {
-            let (u, backends, endpoint) = (u.clone(), backends.clone(), endpoint.clone());
-            std::thread::spawn(move || {
-                for _ in 0..threshold {
-                    u.record(&backends, &endpoint, Outcome::Failure, 3);
-                }
-                done.send(endpoint.is_ejected(u.epoch, Instant::now()))
-                    .unwrap();
-            })
-        };
+        let (worker, finished) = fail_on_another_thread(&u, &backends, endpoint, threshold);
         let ejected = finished
             .recv_timeout(Duration::from_secs(10))
             .expect("record blocked on the services or the backends lock");
@@ -1328,24 +1322,17 @@ mod tests {
             subsets: vec![],
         };
         let entry = ServiceEntry {
-            key: "shop/web".parse().unwrap(),
             ports: vec![ServicePort {
                 port: 80,
                 protocol: Protocol::Http,
                 name: None,
             }],
-            endpoints: vec![],
-            endpoint_info: Default::default(),
-            subsets: vec![],
             remote: vec![
                 gateway("a", "r", 1, false),
                 gateway("b", "elsewhere", 2, true),
             ],
             exported: false,
-            allowed_callers: None,
-            passthrough: false,
-            headless: false,
-            headless_endpoints: vec![],
+            ..ServiceEntry::exported("shop/web".parse().unwrap())
         };
         let catalog = Catalog::new([entry]);
         let doc = serde_json::to_value(u.explain(&catalog, &"shop/web".parse().unwrap()).unwrap())

@@ -41,27 +41,25 @@ fn gateway(cluster: &str, locality: &str, n: u8) -> RemoteGateway {
 /// An entry with `endpoints` here and `remote` gateways.
 fn entry(endpoints: &[&str], remote: Vec<RemoteGateway>) -> ServiceEntry {
     ServiceEntry {
-        key: "shop/web".parse().unwrap(),
         ports: vec![ServicePort {
             port: 80,
             protocol: Protocol::Http,
             name: None,
         }],
         endpoints: endpoints.iter().map(|e| addr(e)).collect(),
-        endpoint_info: BTreeMap::new(),
-        subsets: vec![],
         remote,
-        exported: true,
-        allowed_callers: None,
-        passthrough: false,
-        headless: false,
-        headless_endpoints: vec![],
+        ..ServiceEntry::exported("shop/web".parse().unwrap())
     }
 }
 
 /// Plans a first attempt over the whole service with the default policy.
 fn plan_all(e: &ServiceEntry, rate: impl Fn(BackendRef<'_>) -> Rated) -> Plan {
     plan(PlanRequest::whole(e), &here(), &policy(), rate)
+}
+
+/// Plans `request` with the default policy, everything up.
+fn plan_up(request: PlanRequest<'_>) -> Plan {
+    plan(request, &here(), &policy(), |_| Rated::UP)
 }
 
 /// a: same zone, b: same region, c: another region.
@@ -111,42 +109,48 @@ fn share(s: &BTreeMap<SocketAddr, f64>, a: &str) -> f64 {
 
 #[test]
 fn proximity_orders_zone_region_failover_order_then_elsewhere() {
-    let me = loc("us-east/us-east-1a");
     let order = vec!["ap-south".to_owned()];
-    assert_eq!(
-        Proximity::of(&me, &loc("us-east/us-east-1a"), &order),
-        Proximity::SameZone
-    );
-    assert_eq!(
-        Proximity::of(&me, &loc("us-east/us-east-1b"), &order),
-        Proximity::SameRegion
-    );
-    assert_eq!(
-        Proximity::of(&me, &loc("us-east"), &order),
-        Proximity::SameRegion
-    );
-    assert_eq!(
-        Proximity::of(&me, &loc("ap-south/x"), &order),
-        Proximity::FailoverOrder(0)
-    );
-    assert_eq!(
-        Proximity::of(&me, &loc("eu-west"), &order),
-        Proximity::Elsewhere
-    );
+    for (me, other, want) in [
+        (
+            "us-east/us-east-1a",
+            "us-east/us-east-1a",
+            Proximity::SameZone,
+        ),
+        (
+            "us-east/us-east-1a",
+            "us-east/us-east-1b",
+            Proximity::SameRegion,
+        ),
+        ("us-east/us-east-1a", "us-east", Proximity::SameRegion),
+        (
+            "us-east/us-east-1a",
+            "ap-south/x",
+            Proximity::FailoverOrder(0),
+        ),
+        ("us-east/us-east-1a", "eu-west", Proximity::Elsewhere),
+        (
+            "us-east/us-east-1a/rack7",
+            "us-east/us-east-1a/rack7",
+            Proximity::SameSubzone,
+        ),
+        (
+            "us-east/us-east-1a/rack7",
+            "us-east/us-east-1a/rack8",
+            Proximity::SameZone,
+        ),
+        (
+            "us-east/us-east-1a/rack7",
+            "us-east/us-east-1a",
+            Proximity::SameZone,
+        ),
+    ] {
+        assert_eq!(
+            Proximity::of(&loc(me), &loc(other), &order),
+            want,
+            "{me} ~ {other}"
+        );
+    }
     assert!(Proximity::SameZone < Proximity::SameRegion);
-    let rack = loc("us-east/us-east-1a/rack7");
-    assert_eq!(
-        Proximity::of(&rack, &loc("us-east/us-east-1a/rack7"), &order),
-        Proximity::SameSubzone
-    );
-    assert_eq!(
-        Proximity::of(&rack, &loc("us-east/us-east-1a/rack8"), &order),
-        Proximity::SameZone
-    );
-    assert_eq!(
-        Proximity::of(&rack, &loc("us-east/us-east-1a"), &order),
-        Proximity::SameZone
-    );
     assert!(Proximity::FailoverOrder(3) < Proximity::Elsewhere);
 }
 
@@ -186,15 +190,10 @@ fn a_dead_level_spills_to_the_next_and_a_retry_goes_there_too() {
     // A retry after a failure on a (not yet known down) goes to the next level.
     let tried = [Slot::Gateway(1)];
     assert_eq!(tried[0].backend(&e).addr, addr("127.0.1.1:15443"));
-    let p = plan(
-        PlanRequest {
-            tried: &tried,
-            ..PlanRequest::whole(&e)
-        },
-        &here(),
-        &policy(),
-        |_| Rated::UP,
-    );
+    let p = plan_up(PlanRequest {
+        tried: &tried,
+        ..PlanRequest::whole(&e)
+    });
     assert_eq!(share(&shares(&p, &e, 100), "127.0.1.2:15443"), 1.0);
     // Both closer levels dead: the far region takes over, not panic.
     let p = plan_all(&e, down_at(&["127.0.1.1:15443", "127.0.1.2:15443"]));
@@ -353,15 +352,10 @@ fn scopes_confine_to_a_subset_or_a_cluster() {
         subset: Some("v2"),
         cluster: None,
     };
-    let p = plan(
-        PlanRequest {
-            scope,
-            ..PlanRequest::whole(&e)
-        },
-        &here(),
-        &policy(),
-        |_| Rated::UP,
-    );
+    let p = plan_up(PlanRequest {
+        scope,
+        ..PlanRequest::whole(&e)
+    });
     let addrs: Vec<SocketAddr> = p
         .levels
         .iter()
@@ -374,15 +368,10 @@ fn scopes_confine_to_a_subset_or_a_cluster() {
         cluster: None,
     };
     assert!(
-        plan(
-            PlanRequest {
-                scope,
-                ..PlanRequest::whole(&e)
-            },
-            &here(),
-            &policy(),
-            |_| Rated::UP
-        )
+        plan_up(PlanRequest {
+            scope,
+            ..PlanRequest::whole(&e)
+        })
         .is_empty()
     );
     let b: ClusterName = "b".parse().unwrap();
@@ -390,27 +379,17 @@ fn scopes_confine_to_a_subset_or_a_cluster() {
         subset: None,
         cluster: Some(&b),
     };
-    let p = plan(
-        PlanRequest {
-            scope,
-            ..PlanRequest::whole(&e)
-        },
-        &here(),
-        &policy(),
-        |_| Rated::UP,
-    );
+    let p = plan_up(PlanRequest {
+        scope,
+        ..PlanRequest::whole(&e)
+    });
     assert_eq!(p.levels.len(), 1);
     assert_eq!(p.levels[0].members[0].addr, addr("127.0.1.2:15443"));
     // From east-west, peers never count.
-    let p = plan(
-        PlanRequest {
-            local_only: true,
-            ..PlanRequest::whole(&e)
-        },
-        &here(),
-        &policy(),
-        |_| Rated::UP,
-    );
+    let p = plan_up(PlanRequest {
+        local_only: true,
+        ..PlanRequest::whole(&e)
+    });
     assert!(p.levels.iter().all(|l| !l.remote));
 }
 
@@ -476,15 +455,10 @@ fn failover_priority_labels_come_before_locality() {
 fn a_scope_with_nothing_available_falls_back_to_the_whole_service() {
     let e = three_clusters();
     let planner = |scope: Scope<'_>| {
-        plan(
-            PlanRequest {
-                scope,
-                ..PlanRequest::whole(&e)
-            },
-            &here(),
-            &policy(),
-            |_| Rated::UP,
-        )
+        plan_up(PlanRequest {
+            scope,
+            ..PlanRequest::whole(&e)
+        })
     };
     let a: ClusterName = "a".parse().unwrap();
     let in_a = Scope {
@@ -550,15 +524,10 @@ fn a_peer_sharing_an_endpoints_address_down_or_slow_leaves_the_endpoint_whole() 
     }
     // A retry after the peer failed may still go to the endpoint: it is
     // another backend, not one already tried.
-    let p = plan(
-        PlanRequest {
-            tried: &[Slot::Gateway(0)],
-            ..PlanRequest::whole(&e)
-        },
-        &here(),
-        &policy(),
-        |_| Rated::UP,
-    );
+    let p = plan_up(PlanRequest {
+        tried: &[Slot::Gateway(0)],
+        ..PlanRequest::whole(&e)
+    });
     assert!(!p.levels[0].members[0].tried);
     assert!(p.levels[1].members[0].tried);
     assert_eq!(p.pick(0.5, 0.5), Ok(Slot::Endpoint(0)));
@@ -582,14 +551,9 @@ fn an_endpoint_down_or_slow_leaves_a_peer_sharing_its_address_whole() {
     assert_eq!(p.levels[1].load, 1.0, "the peer takes over at full weight");
     assert_eq!(p.pick(0.5, 0.5), Ok(Slot::Gateway(0)));
     // Tried the endpoint: the peer at the same address is not tried.
-    let p = plan(
-        PlanRequest {
-            tried: &[Slot::Endpoint(0)],
-            ..PlanRequest::whole(&e)
-        },
-        &here(),
-        &policy(),
-        |_| Rated::UP,
-    );
+    let p = plan_up(PlanRequest {
+        tried: &[Slot::Endpoint(0)],
+        ..PlanRequest::whole(&e)
+    });
     assert_eq!(p.pick(0.5, 0.5), Ok(Slot::Gateway(0)));
 }

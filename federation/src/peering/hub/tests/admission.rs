@@ -9,10 +9,7 @@ fn a_hello_outside_its_grant_is_refused() {
 
     // Not granted at all.
     let stranger = hello("east", 1);
-    assert_eq!(
-        hub.session_open(&stranger).unwrap_err().reason,
-        HelloRefusal::NotGranted
-    );
+    assert_eq!(refusal(&hub, &stranger), HelloRefusal::NotGranted);
 
     // Granted, but claiming another cluster.
     let mut spoof = west.clone();
@@ -46,10 +43,7 @@ fn a_hello_outside_its_granted_localities_is_refused() {
     // Claims this gateway's zone to draw its traffic.
     let mut spoof = west.clone();
     spoof.locality = "us-east/us-east-1a".parse().unwrap();
-    assert_eq!(
-        hub.session_open(&spoof).unwrap_err().reason,
-        HelloRefusal::Locality
-    );
+    assert_eq!(refusal(&hub, &spoof), HelloRefusal::Locality);
     let mut honest = west.clone();
     honest.locality = "eu-west/eu-west-1b".parse().unwrap();
     let _ok = hub.session_open(&honest).unwrap();
@@ -61,16 +55,7 @@ fn a_peer_may_not_announce_an_address_that_is_not_its_own() {
     north.east_west = Some(([127, 0, 0, 10], 15443).into());
     let hub = hub_with(&[&west, &north], &[], PeeringLimits::default());
     let endpoint: std::net::SocketAddr = ([127, 0, 0, 20], 8080).into();
-    let mut local = LocalService {
-        export: export("shop/db"),
-        endpoints: vec![endpoint],
-        endpoint_info: BTreeMap::new(),
-        subsets: vec![],
-        exported: true,
-        allowed_callers: None,
-        passthrough: false,
-    };
-    local.export.export_time_millis = 0;
+    let local = local("shop/db", endpoint, 0);
     hub.set_source("config", vec![local]);
     let _west = hub.session_open(&west).unwrap();
 
@@ -101,10 +86,7 @@ fn sessions_per_peer_are_capped() {
         hub.session_open(&west).unwrap(),
         hub.session_open(&west).unwrap(),
     );
-    assert_eq!(
-        hub.session_open(&west).unwrap_err().reason,
-        HelloRefusal::Sessions
-    );
+    assert_eq!(refusal(&hub, &west), HelloRefusal::Sessions);
     drop(_a);
     let _c = hub.session_open(&west).unwrap();
 }

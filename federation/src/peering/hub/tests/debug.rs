@@ -43,26 +43,15 @@ fn hub_in_several_states() -> (Arc<Hub>, Vec<SessionGuard>) {
     );
     hub.set_authority(authority);
 
-    let mut web = LocalService {
-        export: export("shop/web"),
-        endpoints: vec![([127, 0, 0, 20], 8080).into()],
-        endpoint_info: BTreeMap::new(),
-        subsets: vec![],
-        exported: true,
-        allowed_callers: None,
-        passthrough: false,
-    };
-    web.export.export_time_millis = 1_600_000_000_000;
-    let mut db = LocalService {
-        export: export("shop/db"),
-        endpoints: vec![([127, 0, 0, 21], 5432).into()],
-        endpoint_info: BTreeMap::new(),
-        subsets: vec![],
+    let web = local(
+        "shop/web",
+        ([127, 0, 0, 20], 8080).into(),
+        1_600_000_000_000,
+    );
+    let db = LocalService {
         exported: false,
-        allowed_callers: None,
-        passthrough: false,
+        ..local("shop/db", ([127, 0, 0, 21], 5432).into(), 1_600_000_000_000)
     };
-    db.export.export_time_millis = 1_600_000_000_000;
     hub.set_source("config", vec![web, db]);
     hub.set_static_peers(vec![PeerCatalog {
         gateway: RemoteGateway {

@@ -46,19 +46,41 @@ fn export(key: &str) -> Export {
     }
 }
 
-/// A hub for `me` that grants each of `peers` its own cluster (named as
-/// the peer) and `imports`.
-fn hub_with(peers: &[&PeerHello], imports: &[&str], limits: PeeringLimits) -> Arc<Hub> {
+/// This cluster's exported service `key` at `endpoint`, exported at
+/// `export_time_millis`.
+fn local(key: &str, endpoint: std::net::SocketAddr, export_time_millis: u64) -> LocalService {
+    let mut export = export(key);
+    export.export_time_millis = export_time_millis;
+    LocalService {
+        export,
+        endpoints: vec![endpoint],
+        endpoint_info: BTreeMap::new(),
+        subsets: vec![],
+        exported: true,
+        allowed_callers: None,
+        passthrough: false,
+    }
+}
+
+/// A hub for `me` with no authority set yet; `state_file` keeps its export
+/// times across restarts.
+fn hub(limits: PeeringLimits, state_file: Option<PathBuf>) -> Arc<Hub> {
     let metrics = PeeringMetrics::new(&prometheus::Registry::new()).unwrap();
-    let hub = Hub::new(
+    Hub::new(
         me(),
         Duration::from_secs(30),
         Arc::new(ArcSwap::default()),
         None,
         limits,
-        None,
+        state_file,
         metrics,
-    );
+    )
+}
+
+/// A hub for `me` that grants each of `peers` its own cluster (named as
+/// the peer) and `imports`.
+fn hub_with(peers: &[&PeerHello], imports: &[&str], limits: PeeringLimits) -> Arc<Hub> {
+    let hub = hub(limits, None);
     hub.set_authority(PeerAuthority {
         peers: peers
             .iter()
@@ -77,6 +99,11 @@ fn hub_with(peers: &[&PeerHello], imports: &[&str], limits: PeeringLimits) -> Ar
         ..PeerAuthority::default()
     });
     hub
+}
+
+/// Why `hub` refuses `hello`'s session.
+fn refusal(hub: &Arc<Hub>, hello: &PeerHello) -> HelloRefusal {
+    hub.session_open(hello).unwrap_err().reason
 }
 
 fn refused(hub: &Hub, reason: &str) -> u64 {

@@ -6,27 +6,9 @@ use super::*;
 fn own_export_times_survive_a_restart_through_the_state_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.json");
-    let mut local = LocalService {
-        export: export("shop/web"),
-        endpoints: vec![([127, 0, 0, 20], 8080).into()],
-        endpoint_info: BTreeMap::new(),
-        subsets: vec![],
-        exported: true,
-        allowed_callers: None,
-        passthrough: false,
-    };
-    local.export.export_time_millis = 0;
+    let local = local("shop/web", ([127, 0, 0, 20], 8080).into(), 0);
     let start = |path: &std::path::Path| {
-        let metrics = PeeringMetrics::new(&prometheus::Registry::new()).unwrap();
-        let hub = Hub::new(
-            me(),
-            Duration::from_secs(30),
-            Arc::new(ArcSwap::default()),
-            None,
-            PeeringLimits::default(),
-            Some(path.to_owned()),
-            metrics,
-        );
+        let hub = hub(PeeringLimits::default(), Some(path.to_owned()));
         hub.set_source("config", vec![local.clone()]);
         hub.exports().borrow().services[&"shop/web".parse::<ServiceKey>().unwrap()]
             .export_time_millis
