@@ -10,7 +10,7 @@
 //! refuses the connection at once (and counts it): it never waits, so a flood
 //! from one source never stalls anyone else.
 
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
@@ -96,17 +96,11 @@ impl ConnectionLimiter {
         self.limits
     }
 
-    fn open(&self) -> MutexGuard<'_, Open> {
-        // The counts stay consistent whatever panicked while holding the lock:
-        // each update is a single increment or decrement.
-        self.open.lock()
-    }
-
     /// Admits a connection from `source`, or says why not. The connection
     /// counts until the permit is dropped.
     pub fn try_acquire(self: &Arc<Self>, source: IpAddr) -> Result<ConnectionPermit, Refused> {
         let key = SourceKey::of(source);
-        let mut open = self.open();
+        let mut open = self.open.lock();
         if open.total >= self.limits.total {
             return Err(Refused::Total);
         }
@@ -124,12 +118,13 @@ impl ConnectionLimiter {
 
     /// Connections open now.
     pub fn open_total(&self) -> usize {
-        self.open().total
+        self.open.lock().total
     }
 
     /// Connections open now from `source`'s key.
     pub fn open_from(&self, source: IpAddr) -> usize {
-        self.open()
+        self.open
+            .lock()
             .by_source
             .get(&SourceKey::of(source))
             .copied()
@@ -137,7 +132,7 @@ impl ConnectionLimiter {
     }
 
     fn release(&self, key: SourceKey) {
-        let mut open = self.open();
+        let mut open = self.open.lock();
         open.total = open.total.saturating_sub(1);
         if let Some(n) = open.by_source.get_mut(&key) {
             *n -= 1;
@@ -272,7 +267,7 @@ mod tests {
         for i in 0..100u8 {
             drop(limiter.try_acquire(IpAddr::from([10, 0, 0, i])).unwrap());
         }
-        assert!(limiter.open().by_source.is_empty());
+        assert!(limiter.open.lock().by_source.is_empty());
     }
 
     #[test]

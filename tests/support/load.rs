@@ -134,7 +134,7 @@ impl Load {
     /// The requests that ended so far.
     pub fn snapshot(&self) -> Report {
         Report {
-            samples: lock(&self.samples).clone(),
+            samples: self.samples.lock().clone(),
             duration: self.elapsed(),
             connections: self.opened.load(Ordering::Relaxed),
         }
@@ -148,7 +148,7 @@ impl Load {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let mut samples = lock(&self.samples).clone();
+        let mut samples = self.samples.lock().clone();
         samples.sort_by_key(|s| s.start);
         Report {
             samples,
@@ -162,10 +162,6 @@ impl Drop for Load {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> parking_lot::MutexGuard<'_, T> {
-    m.lock()
 }
 
 /// Idle keep-alive connections, used in turn (first out, last back in).
@@ -183,7 +179,7 @@ async fn run(
     for _ in 0..spec.connections {
         if let Ok(c) = connect(&spec).await {
             opened.fetch_add(1, Ordering::Relaxed);
-            lock(&pool).push_back(c);
+            pool.lock().push_back(c);
         }
     }
     let period = Duration::from_secs_f64(1.0 / spec.rate);
@@ -210,7 +206,7 @@ async fn run(
                         reason: format!("no response within {:?}", spec.timeout),
                     },
                 };
-            lock(&samples).push(Sample {
+            samples.lock().push(Sample {
                 start: sent - started,
                 latency: sent.elapsed(),
                 outcome,
@@ -236,7 +232,7 @@ async fn connect(spec: &LoadSpec) -> Result<SendRequest<Empty<Bytes>>, String> {
 /// is idle; the connection goes back to the pool only after a success.
 async fn request(spec: &LoadSpec, pool: &Pool, opened: &AtomicUsize) -> Result<String, String> {
     let idle = {
-        let mut idle = lock(pool);
+        let mut idle = pool.lock();
         idle.retain(|c| !c.is_closed());
         idle.pop_front()
     };
@@ -278,7 +274,7 @@ async fn request(spec: &LoadSpec, pool: &Pool, opened: &AtomicUsize) -> Result<S
         return Err(format!("status {}: {head}", status.as_u16()));
     }
     if !closing {
-        lock(pool).push_back(sender);
+        pool.lock().push_back(sender);
     }
     Ok(served_by(&body))
 }

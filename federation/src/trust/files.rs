@@ -325,10 +325,6 @@ impl FileMaterial {
         &self.metrics
     }
 
-    fn seen(&self) -> parking_lot::MutexGuard<'_, HashMap<PathBuf, Vec<u8>>> {
-        self.seen.lock()
-    }
-
     fn reject(&self, kind: MaterialKind, e: MaterialError, report: &mut ReloadReport) {
         self.metrics
             .reload_errors
@@ -354,10 +350,10 @@ impl FileMaterial {
                     continue;
                 }
             };
-            if self.seen().get(&file.path) == Some(&data) {
+            if self.seen.lock().get(&file.path) == Some(&data) {
                 continue;
             }
-            self.seen().insert(file.path.clone(), data.clone());
+            self.seen.lock().insert(file.path.clone(), data.clone());
             if file.role == BundleRole::Bootstrap
                 && self
                     .material
@@ -404,14 +400,14 @@ impl FileMaterial {
             }
         };
         let unchanged = {
-            let seen = self.seen();
+            let seen = self.seen.lock();
             seen.get(&files.svid_cert) == Some(&cert) && seen.get(&files.svid_key) == Some(&key)
         };
         // A rejected SVID is retried when our own bundle changes: the usual
         // cause is a new SVID that arrived before its new root.
         if !unchanged || own_bundle_changed {
             {
-                let mut seen = self.seen();
+                let mut seen = self.seen.lock();
                 seen.insert(files.svid_cert.clone(), cert.clone());
                 seen.insert(files.svid_key.clone(), key.clone());
             }

@@ -1,6 +1,6 @@
 //! The demo's gateway processes and the control API that stops and starts them.
 
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::Mutex;
 use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -70,10 +70,6 @@ impl Supervisor {
         }
     }
 
-    fn lock(member: &Member) -> MutexGuard<'_, Proc> {
-        member.proc.lock()
-    }
-
     /// The member called `name` (gateway or cluster name).
     pub(super) fn member(&self, name: &str) -> Option<&Member> {
         self.members
@@ -83,7 +79,7 @@ impl Supervisor {
 
     /// Starts `member`'s gateway unless it runs; its output goes to its log.
     pub(super) fn spawn(&self, member: &Member) -> Result<u32, String> {
-        let mut proc = Self::lock(member);
+        let mut proc = member.proc.lock();
         if let Proc::Running(child) = &*proc {
             return Ok(child.id());
         }
@@ -123,7 +119,7 @@ impl Supervisor {
 
     /// Kills `member`'s gateway at once (SIGKILL), as a dead cluster would be.
     pub(super) fn kill(&self, member: &Member) {
-        let mut proc = Self::lock(member);
+        let mut proc = member.proc.lock();
         if let Proc::Running(child) = &mut *proc {
             let _ = child.kill();
             let _ = child.wait();
@@ -133,7 +129,7 @@ impl Supervisor {
 
     /// The pid of `member`'s gateway, when it runs.
     pub(super) fn pid(&self, member: &Member) -> Option<u32> {
-        match &*Self::lock(member) {
+        match &*member.proc.lock() {
             Proc::Running(child) => Some(child.id()),
             _ => None,
         }
@@ -143,7 +139,7 @@ impl Supervisor {
     pub(super) fn reap(&self) -> Vec<String> {
         let mut exits = Vec::new();
         for member in &self.members {
-            let mut proc = Self::lock(member);
+            let mut proc = member.proc.lock();
             if let Proc::Running(child) = &mut *proc
                 && let Ok(Some(status)) = child.try_wait()
             {
@@ -171,7 +167,7 @@ impl Supervisor {
         let admin = member.spec.addr(ADMIN_PORT);
         loop {
             {
-                let mut proc = Self::lock(member);
+                let mut proc = member.proc.lock();
                 match &mut *proc {
                     Proc::Running(child) => {
                         if let Ok(Some(status)) = child.try_wait() {
@@ -231,7 +227,7 @@ impl Supervisor {
     }
 
     fn member_json(&self, member: &Member) -> serde_json::Value {
-        let (state, pid, status) = match &*Self::lock(member) {
+        let (state, pid, status) = match &*member.proc.lock() {
             Proc::Running(child) => ("running", Some(child.id()), None),
             Proc::Stopped => ("stopped", None, None),
             Proc::Exited(status) => ("exited", None, Some(status.clone())),
