@@ -183,6 +183,29 @@ pub struct TransportConnector {
 
 const DEFAULT_POOL_SIZE: usize = 128;
 
+/// ISTHMUS PATCH (cloudflare/pingora#883, and one `getpeername` per reuse
+/// saved): whether a pooled connection (`id`, `socket` digest) may serve
+/// `peer`. The pool is keyed by the peer's reuse hash already; this guards
+/// against a connection that is not what the pool believes it is. A stream made
+/// by the connector records the address it was made to: compare that (virtual
+/// streams have no fd to ask, and real ones need not be asked again on every
+/// reuse). Without a record (proxied peers, streams made elsewhere), ask the
+/// socket, as upstream does.
+#[cfg(unix)]
+pub(crate) fn pooled_stream_matches<P: Peer>(
+    peer: &P,
+    id: crate::protocols::UniqueIDType,
+    socket: Option<&crate::protocols::SocketDigest>,
+) -> bool {
+    if peer.get_proxy().is_none() {
+        if let Some(Some(made_to)) = socket.and_then(|d| d.peer_addr.get()) {
+            return made_to == peer.address();
+        }
+    }
+    // Negative ids are virtual streams (or none): no fd to ask.
+    id >= 0 && peer.matches_fd(id)
+}
+
 impl TransportConnector {
     /// Create a new [TransportConnector] with the given [ConnectorOptions]
     pub fn new(mut options: Option<ConnectorOptions>) -> Self {
@@ -261,8 +284,11 @@ impl TransportConnector {
                         // test_reusable_stream: we assume server would never actively send data
                         // first on an idle stream.
                         #[cfg(unix)]
-                        if peer.matches_fd(stream.id())
-                            && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
+                        if pooled_stream_matches(
+                            peer,
+                            stream.id(),
+                            stream.get_socket_digest().as_deref(),
+                        ) && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
                         {
                             Some(stream)
                         } else {

@@ -127,7 +127,20 @@ where
                     return Ok((HttpSession::H1(h1), true));
                 }
             }
-            let session = self.h2.new_http_session(peer).await?;
+            // ISTHMUS PATCH: one connection attempt per peer at a time; those
+            // that waited take streams on the connection it made, or fail
+            // with it (see v2::ConnectTurns).
+            let waited_since = std::time::Instant::now();
+            let mut turn = self.h2.connect_turn(peer).await;
+            if let Some(e) = turn.failed_since(waited_since) {
+                return Err(e);
+            }
+            if let Some(h2) = self.h2.reused_http_session(peer).await? {
+                return Ok((HttpSession::H2(h2), true));
+            }
+            let session = self.h2.new_http_session(peer).await.inspect_err(|e| {
+                turn.failed(e);
+            })?;
             Ok((session, false))
         }
     }

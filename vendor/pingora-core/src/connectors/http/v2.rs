@@ -296,6 +296,92 @@ impl InUsePool {
     }
 }
 
+/// ISTHMUS PATCH (no upstream issue yet): one h2 connection attempt per
+/// reuse hash at a time. Without it, N requests that find no pooled
+/// connection to a peer open N connections at once (a handshake storm when a
+/// failover sends a burst to a fresh peer); with it they queue for a turn, and
+/// the first connection's streams serve those behind it.
+#[derive(Default)]
+struct ConnectTurns {
+    turns: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<Option<FailedAttempt>>>>>,
+}
+
+/// A connection attempt that failed: the requests that waited for it fail
+/// the same way at once instead of each waiting out its own attempt.
+#[derive(Clone)]
+struct FailedAttempt {
+    at: std::time::Instant,
+    etype: pingora_error::ErrorType,
+    retry: bool,
+    context: String,
+}
+
+/// The right to open a connection for one reuse hash; see [`ConnectTurns`].
+pub(crate) struct ConnectTurn<'a> {
+    turns: &'a ConnectTurns,
+    key: u64,
+    entry: Arc<tokio::sync::Mutex<Option<FailedAttempt>>>,
+    slot: Option<tokio::sync::OwnedMutexGuard<Option<FailedAttempt>>>,
+}
+
+impl ConnectTurn<'_> {
+    /// The error of an attempt that failed after `since` (while this turn
+    /// was awaited), if one did.
+    pub(crate) fn failed_since(&self, since: std::time::Instant) -> Option<Box<Error>> {
+        let failed = self.slot.as_ref()?.as_ref()?;
+        if failed.at < since {
+            return None;
+        }
+        let mut e = Error::explain(
+            failed.etype.clone(),
+            format!(
+                "the connection attempt this request waited for failed: {}",
+                failed.context
+            ),
+        );
+        e.set_retry(failed.retry);
+        Some(e)
+    }
+
+    /// Records that this turn's attempt failed with `e`.
+    pub(crate) fn failed(&mut self, e: &Error) {
+        if let Some(slot) = self.slot.as_mut() {
+            **slot = Some(FailedAttempt {
+                at: std::time::Instant::now(),
+                etype: e.etype().clone(),
+                retry: e.retry(),
+                context: e.to_string(),
+            });
+        }
+    }
+}
+
+impl Drop for ConnectTurn<'_> {
+    fn drop(&mut self) {
+        let mut turns = self.turns.turns.lock();
+        // Hand the turn on, then forget the key if nobody waits for it: the
+        // map holds one reference and `entry` another; waiters took theirs
+        // under this lock.
+        self.slot = None;
+        if Arc::strong_count(&self.entry) == 2 {
+            turns.remove(&self.key);
+        }
+    }
+}
+
+impl ConnectTurns {
+    async fn turn(&self, key: u64) -> ConnectTurn<'_> {
+        let entry = self.turns.lock().entry(key).or_default().clone();
+        let slot = entry.clone().lock_owned().await;
+        ConnectTurn {
+            turns: self,
+            key,
+            entry,
+            slot: Some(slot),
+        }
+    }
+}
+
 const DEFAULT_POOL_SIZE: usize = 128;
 
 /// Http2 connector
@@ -307,6 +393,8 @@ pub struct Connector {
     // the pool of h2 connections that have ongoing streams
     in_use_pool: InUsePool,
     pool_callback: Option<PoolCallback>,
+    // ISTHMUS PATCH: single-flight connection setup, see ConnectTurns.
+    connect_turns: ConnectTurns,
 }
 
 impl Connector {
@@ -324,6 +412,7 @@ impl Connector {
             idle_pool: Arc::new(ConnectionPool::new(pool_size)),
             in_use_pool: InUsePool::new(),
             pool_callback,
+            connect_turns: ConnectTurns::default(),
         }
     }
 
@@ -337,6 +426,11 @@ impl Connector {
 
     pub fn in_use_pool(&self) -> &InUsePool {
         &self.in_use_pool
+    }
+
+    /// ISTHMUS PATCH: waits for the turn to open a connection to `peer`.
+    pub(crate) async fn connect_turn<P: Peer>(&self, peer: &P) -> ConnectTurn<'_> {
+        self.connect_turns.turn(peer.reuse_hash()).await
     }
 
     /// Create a new Http2 connection to the given server
@@ -421,7 +515,11 @@ impl Connector {
             .or_else(|| self.idle_pool.get(&reuse_hash));
         if let Some(conn) = maybe_conn {
             #[cfg(unix)]
-            if !peer.matches_fd(conn.id()) {
+            if !crate::connectors::pooled_stream_matches(
+                peer,
+                conn.id(),
+                conn.digest().socket_digest.as_deref(),
+            ) {
                 return Ok(None);
             }
             #[cfg(windows)]

@@ -728,6 +728,11 @@ impl AsRawSocket for Stream {
 #[cfg(unix)]
 impl UniqueID for Stream {
     fn id(&self) -> UniqueIDType {
+        // ISTHMUS PATCH (cloudflare/pingora#883): a virtual stream has no fd;
+        // its own id keeps it apart from the others in the pools.
+        if let RawStream::Virtual(s) = &self.stream().get_ref().stream {
+            return s.id();
+        }
         self.as_raw_fd()
     }
 }

@@ -27,11 +27,43 @@ pub trait VirtualSocket: AsyncRead + AsyncWrite + Unpin + Send + Sync + std::fmt
 #[derive(Debug)]
 pub struct VirtualSocketStream {
     pub(crate) socket: Box<dyn VirtualSocket>,
+    // ISTHMUS PATCH (cloudflare/pingora#883): an identity of its own, so the
+    // connection pools, which key connections by id, can hold several.
+    pub(crate) id: crate::protocols::UniqueIDType,
+}
+
+// ISTHMUS PATCH (cloudflare/pingora#883): virtual stream ids count down from
+// -2, a range no real fd occupies (-1 stays "no fd").
+#[cfg(unix)]
+static NEXT_VIRTUAL_ID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-2);
+
+#[cfg(unix)]
+fn next_virtual_id() -> crate::protocols::UniqueIDType {
+    use std::sync::atomic::Ordering;
+    // Wraps after 2^31 streams back to -2 (never reaching -1 or a real fd).
+    let id = NEXT_VIRTUAL_ID.fetch_sub(1, Ordering::Relaxed);
+    if id == i32::MIN {
+        NEXT_VIRTUAL_ID.store(-2, Ordering::Relaxed);
+    }
+    id
+}
+
+#[cfg(windows)]
+fn next_virtual_id() -> crate::protocols::UniqueIDType {
+    !0 // INVALID_SOCKET, as before: virtual streams are not pooled on windows
 }
 
 impl VirtualSocketStream {
     pub fn new(socket: Box<dyn VirtualSocket>) -> Self {
-        Self { socket }
+        Self {
+            socket,
+            id: next_virtual_id(),
+        }
+    }
+
+    /// ISTHMUS PATCH (cloudflare/pingora#883): this stream's unique id.
+    pub fn id(&self) -> crate::protocols::UniqueIDType {
+        self.id
     }
 
     #[inline]
