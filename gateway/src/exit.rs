@@ -86,7 +86,7 @@ pub enum StartError {
     /// The DNS server cannot be set up.
     #[error("cannot set up DNS: {0}")]
     Dns(String),
-    /// A data-plane listener or the mesh relay cannot be set up.
+    /// A data-plane listener cannot be set up.
     #[error("cannot set up the data plane: {0}")]
     DataPlane(String),
     /// The bundle endpoint's TLS listener cannot be configured.

@@ -16,7 +16,7 @@
 //! - [`dns`]: the `clusterset.local` DNS server and the clusterset listeners;
 //! - [`proxy`]: the listeners (outbound, east-west, TCP) and their request
 //!   logic; [`upstream`]: backends' health, outlier ejection, leases and the
-//!   per-attempt plan; [`mesh`]: the relay that opens east-west connections;
+//!   per-attempt plan; [`mesh`]: the connector that opens east-west connections;
 //! - [`trust`]: SVID, bundles, peer policy at run time; [`bundle_endpoint`]: the
 //!   SPIFFE bundle endpoint;
 //! - [`limits`]: connection caps and the header deadline of every HTTP listener;

@@ -51,7 +51,7 @@ use crate::health::{Drain, Readiness};
 use crate::lifecycle::{Reloader, Signals, Startup, Upgrade};
 use crate::limits::{Guarded, LimitMetrics, ListenerGuard};
 use crate::logging::LogHandle;
-use crate::mesh::MeshRelay;
+use crate::mesh::MeshConnector;
 use crate::metrics::Listener;
 use crate::proxy::east_west::{Callers, EastWestApp, EastWestLimits, EastWestProxy};
 use crate::proxy::outbound::OutboundProxy;
@@ -168,8 +168,8 @@ impl Gateway {
 
 /// Builds every service of the gateway from `loaded`, in the order the
 /// services depend on each other. Binds only what must exist before Pingora
-/// starts (the DNS sockets, so a taken `dns.listen` fails here, and the mesh
-/// relay's socket) and signals no process. `log` takes `log.level` on reload.
+/// starts (the DNS sockets, so a taken `dns.listen` fails here) and signals
+/// no process. `log` takes `log.level` on reload.
 pub fn build(
     loaded: Loaded,
     log: Option<LogHandle>,
@@ -350,7 +350,7 @@ struct DataPlane<'a> {
     limits: &'a LimitMetrics,
 }
 
-/// Adds the outbound and east-west listeners and the mesh relay; returns the
+/// Adds the outbound and east-west listeners and the mesh connector; returns the
 /// clusterset listeners when `clusterset` (the clusterset IPs) is given and
 /// `dns.clusterset_listeners` is on.
 fn add_data_plane(
@@ -378,24 +378,21 @@ fn add_data_plane(
     let tcp_metrics = TcpMetrics::new(registry);
     let threads = config.runtime.threads;
 
-    // The relay opens east-west connections for the outbound listener.
-    let relay = match trust {
+    // The mesh connector opens east-west connections for the outbound listener.
+    let mesh = match trust {
         Some(trust) if config.listeners.outbound.is_some() || clusterset.is_some() => {
-            let connector = SpiffeConnector::new(
+            let tls = SpiffeConnector::new(
                 trust.material().clone(),
                 trust.handshake_metrics.clone(),
                 EAST_WEST_HANDSHAKE_TIMEOUT,
                 vec![b"h2".to_vec()],
             );
-            let relay = MeshRelay::bind(
-                connector,
-                config.upstream.connect_timeout,
-                upstreams.cut_signal(),
-            )
-            .map_err(|e| format!("mesh relay: {e}"))?;
-            let path = relay.path();
-            server.add_service(background_service("mesh relay", RelayService::new(relay)));
-            Some(path)
+            let mesh = MeshConnector::new(tls, upstreams.cut_signal());
+            server.add_service(background_service(
+                "mesh connection cuts",
+                MeshCutService(mesh.clone()),
+            ));
+            Some(mesh)
         }
         _ => None,
     };
@@ -416,7 +413,7 @@ fn add_data_plane(
         cluster: config.gateway.cluster.clone(),
         metrics,
         tcp_metrics,
-        relay,
+        mesh,
         peers: l4_connector,
     });
 
@@ -554,25 +551,14 @@ fn h2_options(limits: &LimitsConfig) -> H2Options {
     options
 }
 
-/// Runs the mesh relay as a Pingora background service.
-struct RelayService(parking_lot::Mutex<Option<MeshRelay>>);
-
-impl RelayService {
-    fn new(relay: MeshRelay) -> Self {
-        Self(parking_lot::Mutex::new(Some(relay)))
-    }
-}
+/// Cuts the east-west connections of peer gateways declared dead, as a
+/// Pingora background service.
+struct MeshCutService(Arc<MeshConnector>);
 
 #[async_trait::async_trait]
-impl pingora_core::services::background::BackgroundService for RelayService {
-    async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
-        let relay = self.0.lock().take();
-        let Some(relay) = relay else { return };
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let serve = tokio::spawn(relay.serve(stop_rx));
-        let _ = shutdown.changed().await;
-        let _ = stop_tx.send(true);
-        let _ = serve.await;
+impl pingora_core::services::background::BackgroundService for MeshCutService {
+    async fn start(&self, shutdown: pingora_core::server::ShutdownWatch) {
+        self.0.clone().serve_cuts(shutdown).await;
     }
 }
 

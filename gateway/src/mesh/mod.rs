@@ -3,13 +3,13 @@
 //! Pingora's rustls connector verifies DNS names only, and its listener cannot
 //! count every failed handshake. Isthmus therefore owns the TLS of the east-west
 //! hop and hands Pingora an already-authenticated stream:
-//! - upstream, [`mesh_peer`] builds the `HttpPeer` whose custom L4 connector
-//!   ([`MeshConnect`]) asks the in-process [`MeshRelay`] for a connection: the
-//!   relay opens TCP to the peer gateway and runs `SpiffeConnector` (the peer's
-//!   SPIFFE ID checked against its trust domain's bundle, the service SNI sent,
-//!   the outcome counted). Pingora sees a plaintext h2c peer and pools and
-//!   multiplexes HTTP/2 over it; the TLS underneath is ours. (The relay exists
-//!   because Pingora 0.9 never reuses custom virtual sockets; see `relay`.)
+//! - upstream, [`MeshConnector::peer`] builds the `HttpPeer` whose custom L4
+//!   connector opens TCP to the peer gateway and runs `SpiffeConnector` (the
+//!   peer's SPIFFE ID checked against its trust domain's bundle, the service
+//!   SNI sent, the outcome counted), and hands Pingora the TLS stream as a
+//!   virtual socket. Pingora sees a plaintext h2c peer and pools and
+//!   multiplexes HTTP/2 over it; the TLS underneath is ours. (Pingora 0.9
+//!   reuses such streams only with the patch in vendor/PATCHES.md.)
 //! - downstream, the east-west listener accepts plain TCP, runs `SpiffeAcceptor`
 //!   and wraps the result in [`MeshTlsStream`], which implements Pingora's `IO`
 //!   traits (negotiated ALPN; a TLS digest whose `cert_digest` is the SHA-256 of
@@ -73,10 +73,8 @@ macro_rules! delegate_async_write {
 
 mod connect;
 mod hello;
-mod relay;
 mod stream;
 
-pub use connect::{MeshConnect, mesh_peer};
+pub use connect::{MeshAlpn, MeshConnector};
 pub use hello::{HelloRecorder, MAX_CLIENT_HELLO};
-pub use relay::{MeshAlpn, MeshRelay};
 pub use stream::{EastWestIo, MeshTlsStream};

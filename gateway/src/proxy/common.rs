@@ -4,7 +4,6 @@
 //! and the access log.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -28,7 +27,7 @@ use super::routing::{NoRoute, Routed, resolve};
 use crate::config::traffic::{RouteConfig, SplitTarget};
 use crate::config::upstream::UpstreamConfig;
 use crate::health::InFlight;
-use crate::mesh::{MeshAlpn, mesh_peer};
+use crate::mesh::{MeshAlpn, MeshConnector};
 use crate::metrics::Listener;
 use crate::upstream::balance::{
     Draws, NoTarget, PlanRequest, Scope, Slot, Target, plan_or_fall_back,
@@ -230,13 +229,13 @@ impl Common {
         Ok(())
     }
 
-    /// Picks the next upstream for this request: `relay` (the mesh relay's
+    /// Picks the next upstream for this request: `mesh` (the mesh connector)
     /// socket) reaches peer gateways; without it only local endpoints qualify.
     pub(crate) fn next_peer(
         &self,
         session: &Session,
         ctx: &mut RequestCtx,
-        relay: Option<&Path>,
+        mesh: Option<&Arc<MeshConnector>>,
     ) -> Result<Box<HttpPeer>> {
         let (Some(routed), Some(backends)) = (ctx.routed.as_ref(), ctx.backends.as_ref()) else {
             return Err(Error::explain(
@@ -245,7 +244,7 @@ impl Common {
             ));
         };
         let policy = &ctx.policy;
-        let (slot, fell_back) = self.choose_target(routed, backends, ctx, relay.is_none());
+        let (slot, fell_back) = self.choose_target(routed, backends, ctx, mesh.is_none());
         if fell_back {
             // Later attempts, and the peer, serve the whole service.
             ctx.destination = None;
@@ -259,9 +258,9 @@ impl Common {
             Err(e) => return Err(Error::explain(ErrorType::ConnectNoRoute, e.to_string())),
         };
         let target = slot.target(&routed.entry);
-        let mut peer = match (&target, relay) {
+        let mut peer = match (&target, mesh) {
             (Target::Local(addr), _) => local_peer(*addr, routed.protocol),
-            (Target::Remote(gw), Some(relay)) => {
+            (Target::Remote(gw), Some(mesh)) => {
                 let subset = ctx.destination.as_ref().and_then(|d| d.subset.as_deref());
                 let sni = east_west_sni(&routed.entry.key, routed.port, subset);
                 let sni = ServerName::try_from(sni)
@@ -273,16 +272,17 @@ impl Common {
                 } else {
                     MeshAlpn::H2
                 };
-                mesh_peer(
-                    relay,
+                mesh.peer(
                     gw.address,
                     gw.spiffe_id.clone(),
                     sni,
                     alpn,
                     policy.connect_timeout,
-                )?
+                )
             }
-            (Target::Remote(_), None) => unreachable!("pick routes locally without a relay"),
+            (Target::Remote(_), None) => {
+                unreachable!("pick routes locally without a mesh connector")
+            }
         };
         peer.options.connection_timeout = Some(policy.connect_timeout);
         peer.options.read_timeout = Some(policy.request_timeout);

@@ -176,7 +176,7 @@ impl ProxyHttp for EastWestProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        // No relay: east-west traffic goes to this cluster's endpoints only.
+        // No mesh connector: east-west traffic goes to this cluster's endpoints only.
         self.common.next_peer(session, ctx, None)
     }
 

@@ -22,7 +22,6 @@ pub mod tcp;
 
 pub use metrics::{Direction, L4Result, ProxyMetrics, RequestError, TcpMetrics};
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +34,7 @@ use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 
 use crate::health::Drain;
+use crate::mesh::MeshConnector;
 use crate::upstream::Upstreams;
 
 /// What every listener of the data plane shares: built once at start-up and
@@ -52,10 +52,10 @@ pub struct Runtime {
     pub metrics: ProxyMetrics,
     /// L4 connection metrics.
     pub tcp_metrics: TcpMetrics,
-    /// The mesh relay's socket, through which HTTP requests reach peer
+    /// Opens the connections through which HTTP requests reach peer
     /// gateways; without one, the outbound listeners route to endpoints in
     /// this cluster only.
-    pub relay: Option<PathBuf>,
+    pub mesh: Option<Arc<MeshConnector>>,
     /// Opens L4 connections (one mTLS connection per stream) to peer
     /// gateways; without one (no identity), TCP ports reach endpoints in this
     /// cluster only.

@@ -93,8 +93,8 @@ impl ProxyHttp for OutboundProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let relay = self.common.runtime.relay.as_deref();
-        self.common.next_peer(session, ctx, relay)
+        let mesh = self.common.runtime.mesh.as_ref();
+        self.common.next_peer(session, ctx, mesh)
     }
 
     async fn upstream_request_filter(

@@ -472,13 +472,13 @@ impl Upstreams {
 
     /// Where peer gateways whose mesh connections must be cut are announced
     /// (by identity: only connections to that address that expect that
-    /// SPIFFE ID are cut): the relay subscribes once per connection.
+    /// SPIFFE ID are cut): the mesh connector subscribes.
     pub fn cut_signal(&self) -> broadcast::Sender<BackendId> {
         self.cuts.clone()
     }
 
     fn cut(&self, id: BackendRef<'_>, reason: CutReason) {
-        // Only peer gateways' connections go through the relay; an endpoint
+        // Only peer gateways' connections are mesh connections; an endpoint
         // here is never cut.
         if id.peer.is_none() {
             return;
@@ -487,7 +487,7 @@ impl Upstreams {
             .cuts
             .with_label_values(&[&id.addr.to_string(), id.identity_label(), reason.label()])
             .inc();
-        // No receiver (no relay) is fine: there is nothing to cut.
+        // No receiver (no mesh connector) is fine: there is nothing to cut.
         let _ = self.cuts.send(id.to_owned_id());
     }
 
@@ -1118,7 +1118,7 @@ mod tests {
 
         u.observe_leases(&[(a.to_owned_id(), true), (b.to_owned_id(), true)]);
         u.observe_leases(&[(a.to_owned_id(), false), (b.to_owned_id(), true)]);
-        // Only a's connections are cut (the relay matches address and ID).
+        // Only a's connections are cut (the mesh connector matches address and ID).
         assert_eq!(cuts.try_recv(), Ok(a.to_owned_id()));
         assert!(cuts.try_recv().is_err());
         assert!(u.declared_dead(a));
