@@ -496,16 +496,10 @@ fn add_data_plane(
             .iter()
             .map(|p| (p.spiffe_id.clone(), p.cluster.clone()))
             .collect();
-        let callers = Arc::new(Callers::default());
+        let callers = Arc::new(Callers::new(config.spiffe_id()));
         let mut proxy = pingora_proxy::http_proxy(
             &conf,
-            EastWestProxy::new(
-                runtime.clone(),
-                config.spiffe_id(),
-                peer_clusters,
-                callers.clone(),
-                registry,
-            ),
+            EastWestProxy::new(runtime.clone(), peer_clusters, callers.clone(), registry),
         );
         proxy.h2_options = Some(h2_options(limits));
         let app = EastWestApp::new(

@@ -41,9 +41,20 @@ use crate::metrics::Listener;
 /// our data to it, so the caller's ID is looked up by the certificate digest.
 /// Entries are added only after a successful authentication; reads are
 /// lock-free; the map holds one entry per distinct peer certificate.
-#[derive(Default)]
 pub struct Callers {
-    by_cert: ArcSwap<HashMap<Vec<u8>, SpiffeId>>,
+    /// This gateway, named in the XFCC header it sends.
+    own_id: SpiffeId,
+    by_cert: ArcSwap<HashMap<Vec<u8>, Arc<Caller>>>,
+}
+
+/// A verified east-west caller, with what each of its requests needs
+/// computed once per certificate rather than per request.
+#[derive(Debug)]
+pub struct Caller {
+    /// Its SPIFFE ID.
+    pub id: SpiffeId,
+    /// The `x-forwarded-client-cert` value sent to endpoints for it.
+    xfcc: http::HeaderValue,
 }
 
 /// Most certificates remembered before the map starts over (rotations add
@@ -51,22 +62,43 @@ pub struct Callers {
 const MAX_CALLERS: usize = 4096;
 
 impl Callers {
+    /// No callers yet; `own_id` is this gateway's SPIFFE ID.
+    pub fn new(own_id: SpiffeId) -> Self {
+        Self {
+            own_id,
+            by_cert: ArcSwap::default(),
+        }
+    }
+
     fn remember(&self, cert_digest: &[u8], id: &SpiffeId) {
-        if self.by_cert.load().get(cert_digest) == Some(id) {
+        if self
+            .by_cert
+            .load()
+            .get(cert_digest)
+            .is_some_and(|c| &c.id == id)
+        {
             return;
         }
+        // SPIFFE IDs are URIs: always a valid header value.
+        let Ok(xfcc) = http::HeaderValue::try_from(format!("By={};URI={id}", self.own_id)) else {
+            return;
+        };
+        let caller = Arc::new(Caller {
+            id: id.clone(),
+            xfcc,
+        });
         self.by_cert.rcu(|map| {
             let mut map = if map.len() >= MAX_CALLERS {
                 HashMap::new()
             } else {
                 HashMap::clone(map)
             };
-            map.insert(cert_digest.to_vec(), id.clone());
+            map.insert(cert_digest.to_vec(), caller.clone());
             map
         });
     }
 
-    fn lookup(&self, cert_digest: &[u8]) -> Option<SpiffeId> {
+    fn lookup(&self, cert_digest: &[u8]) -> Option<Arc<Caller>> {
         self.by_cert.load().get(cert_digest).cloned()
     }
 }
@@ -89,7 +121,6 @@ pub struct EastWestProxy {
     common: Common,
     denied: IntCounterVec,
     callers: Arc<Callers>,
-    own_id: SpiffeId,
     /// Cluster of each peer gateway, for metrics.
     peer_clusters: HashMap<SpiffeId, ClusterName>,
 }
@@ -98,7 +129,6 @@ impl EastWestProxy {
     /// A proxy to endpoints of exported services in `runtime`'s catalog.
     pub fn new(
         runtime: Arc<Runtime>,
-        own_id: SpiffeId,
         peer_clusters: HashMap<SpiffeId, ClusterName>,
         callers: Arc<Callers>,
         registry: &prometheus::Registry,
@@ -113,12 +143,11 @@ impl EastWestProxy {
             common: Common::new(runtime),
             denied,
             callers,
-            own_id,
             peer_clusters,
         }
     }
 
-    fn caller(&self, session: &Session) -> Option<SpiffeId> {
+    fn caller(&self, session: &Session) -> Option<Arc<Caller>> {
         let digest = session.digest()?.ssl_digest.as_ref()?;
         self.callers.lookup(&digest.cert_digest)
     }
@@ -138,8 +167,9 @@ impl ProxyHttp for EastWestProxy {
             return Ok(true);
         }
         let caller = self.caller(session);
+        let caller = caller.as_ref().map(|c| &c.id);
         let policy = ctx.routed().and_then(|r| r.entry.allowed_callers.as_ref());
-        match authorize(policy, caller.as_ref()) {
+        match authorize(policy, caller) {
             Ok(()) => Ok(false),
             Err(reason) => {
                 let service = ctx
@@ -148,12 +178,12 @@ impl ProxyHttp for EastWestProxy {
                     .unwrap_or_default();
                 warn!(
                     request_id = %ctx.request_id(),
-                    caller = caller.as_ref().map(ToString::to_string),
+                    caller = caller.map(ToString::to_string),
                     service,
                     reason,
                     "east-west request denied"
                 );
-                let caller_td = caller.as_ref().map_or("", |c| c.trust_domain_str());
+                let caller_td = caller.map_or("", |c| c.trust_domain_str());
                 self.denied
                     .with_label_values(&[service.as_str(), caller_td])
                     .inc();
@@ -199,7 +229,7 @@ impl ProxyHttp for EastWestProxy {
         }
         // Tell the workload who called, as Envoy does, from the verified peer.
         if let Some(caller) = self.caller(session) {
-            upstream.insert_header(headers::XFCC, format!("By={};URI={caller}", self.own_id))?;
+            upstream.insert_header(headers::XFCC, caller.xfcc.clone())?;
         }
         Ok(())
     }
@@ -263,14 +293,12 @@ impl ProxyHttp for EastWestProxy {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         crate::limits::request_done(session.as_ref().stream());
         let caller = self.caller(session);
-        let source = caller
-            .as_ref()
-            .and_then(|id| self.peer_clusters.get(id))
-            .map(|c| c.as_str().to_owned())
-            .or_else(|| caller.map(|id| id.trust_domain_str().to_owned()))
-            .unwrap_or_default();
-        self.common
-            .log(Listener::EastWest, session, e, ctx, &source);
+        let source = caller.as_ref().map_or("", |c| {
+            self.peer_clusters
+                .get(&c.id)
+                .map_or(c.id.trust_domain_str(), ClusterName::as_str)
+        });
+        self.common.log(Listener::EastWest, session, e, ctx, source);
     }
 }
 
@@ -341,7 +369,7 @@ impl EastWestApp {
 
     /// Splices `client` to the first endpoint of `entry` that accepts, after
     /// sending `prefix` (a replayed ClientHello for passthrough).
-    async fn to_endpoint<C>(&self, entry: &ServiceEntry, client: C, prefix: &[u8])
+    async fn to_endpoint<C>(&self, entry: &Arc<ServiceEntry>, client: C, prefix: &[u8])
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {

@@ -164,12 +164,31 @@ impl ProxyMetrics {
             labels.source_cluster,
             labels.destination_cluster,
         ];
-        let code = code.to_string();
-        let mut with_code = base.to_vec();
-        with_code.push(&code);
-        self.requests.with_label_values(&with_code).inc();
+        let mut digits = [0u8; 3];
+        let [b0, b1, b2, b3, b4] = base;
+        self.requests
+            .with_label_values(&[b0, b1, b2, b3, b4, status_label(code, &mut digits)])
+            .inc();
         self.duration.with_label_values(&base).observe(seconds);
     }
+}
+
+/// `code` as a label, written into `digits` without the formatting machinery
+/// (HTTP status codes have three digits; 0 is a request that got no
+/// response; anything else cannot be a status and is "other").
+fn status_label(code: u16, digits: &mut [u8; 3]) -> &str {
+    if code == 0 {
+        return "0";
+    }
+    if !(100..=999).contains(&code) {
+        return "other";
+    }
+    *digits = [
+        b'0' + (code / 100) as u8,
+        b'0' + (code / 10 % 10) as u8,
+        b'0' + (code % 10) as u8,
+    ];
+    std::str::from_utf8(digits).unwrap_or("other")
 }
 
 /// `isthmus_tcp_connections_total` and `isthmus_tcp_bytes_total` for connections
@@ -235,5 +254,21 @@ impl TcpMetrics {
     pub(crate) fn next_spread(&self) -> usize {
         self.spread
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_labels_are_the_codes_digits() {
+        let mut digits = [0; 3];
+        for code in [100, 200, 204, 431, 503, 999] {
+            assert_eq!(status_label(code, &mut digits), code.to_string());
+        }
+        assert_eq!(status_label(0, &mut digits), "0");
+        assert_eq!(status_label(42, &mut digits), "other");
+        assert_eq!(status_label(1000, &mut digits), "other");
     }
 }

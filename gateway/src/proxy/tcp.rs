@@ -63,7 +63,7 @@ impl L4Refusal {
 /// holds the connection's place in the backend's circuit breaker.
 pub(crate) async fn connect_backend<S, F, Fut>(
     upstreams: &Upstreams,
-    entry: &ServiceEntry,
+    entry: &Arc<ServiceEntry>,
     local_only: bool,
     spread: usize,
     mut connect: F,

@@ -31,6 +31,7 @@
 //! backends with their own health, ejection, slow start and retries.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use isthmus_federation::catalog::{Labels, RemoteGateway, ServiceEntry};
 use isthmus_federation::{ClusterName, Locality};
@@ -56,8 +57,31 @@ pub enum Target {
     /// An endpoint in this cluster.
     Local(SocketAddr),
     /// A peer gateway in another cluster.
-    Remote(RemoteGateway),
+    Remote(GatewayRef),
 }
+
+/// A peer gateway of a catalog entry, sharing the entry: choosing one for a
+/// request copies no strings.
+#[derive(Debug, Clone)]
+pub struct GatewayRef {
+    entry: Arc<ServiceEntry>,
+    index: usize,
+}
+
+impl std::ops::Deref for GatewayRef {
+    type Target = RemoteGateway;
+    fn deref(&self) -> &RemoteGateway {
+        &self.entry.remote[self.index]
+    }
+}
+
+impl PartialEq for GatewayRef {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for GatewayRef {}
 
 impl Target {
     /// The address connected to.
@@ -209,10 +233,13 @@ impl Slot {
     }
 
     /// The target in this slot of `entry`.
-    pub fn target(self, entry: &ServiceEntry) -> Target {
+    pub fn target(self, entry: &Arc<ServiceEntry>) -> Target {
         match self {
             Slot::Endpoint(i) => Target::Local(entry.endpoints[i]),
-            Slot::Gateway(i) => Target::Remote(entry.remote[i].clone()),
+            Slot::Gateway(index) => Target::Remote(GatewayRef {
+                entry: entry.clone(),
+                index,
+            }),
         }
     }
 }
@@ -504,7 +531,7 @@ impl Plan {
     /// (see [`Draws`]).
     pub fn choose(
         &self,
-        entry: &ServiceEntry,
+        entry: &Arc<ServiceEntry>,
         u_level: f64,
         u_member: f64,
     ) -> Result<Target, NoTarget> {

@@ -90,6 +90,7 @@ fn down_at(down: &'static [&'static str]) -> impl Fn(BackendRef<'_>) -> Rated {
 /// Share of `n` evenly spread choices that go to each address.
 fn shares(plan: &Plan, e: &ServiceEntry, n: usize) -> BTreeMap<SocketAddr, f64> {
     let mut counts: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+    let e = &Arc::new(e.clone());
     for i in 0..n {
         let u = (i as f64 + 0.5) / n as f64;
         // Two different low-discrepancy sequences for the two choices.
@@ -272,7 +273,7 @@ fn below_the_panic_threshold_health_is_ignored() {
         "127.0.0.4:80",
     ]);
     let p = plan(PlanRequest::whole(&e), &here(), &never, all);
-    assert!(p.choose(&e, 0.3, 0.3).is_ok());
+    assert!(p.choose(&Arc::new(e), 0.3, 0.3).is_ok());
 }
 
 #[test]
@@ -411,10 +412,13 @@ fn full_targets_are_skipped_and_all_full_is_overloaded() {
         ramp: 1.0,
     };
     let p = plan_all(&e, full);
-    assert_eq!(p.choose(&e, 0.5, 0.5), Err(NoTarget::Overloaded));
+    assert_eq!(p.choose(&Arc::new(e), 0.5, 0.5), Err(NoTarget::Overloaded));
     let none = entry(&[], vec![]);
     let p = plan_all(&none, |_| Rated::UP);
-    assert_eq!(p.choose(&none, 0.5, 0.5), Err(NoTarget::NoEndpoint));
+    assert_eq!(
+        p.choose(&Arc::new(none), 0.5, 0.5),
+        Err(NoTarget::NoEndpoint)
+    );
 }
 
 #[test]
