@@ -33,6 +33,10 @@ const MOVE_WITHIN: Duration = Duration::from_secs(2);
 const RETURN_WITHIN: Duration = Duration::from_secs(15);
 /// Requests per second the load generator must reach through C.
 const MIN_RATE: f64 = 200.0;
+/// C's handshakes to peer gateways from the fault until `MOVE_WITHIN * 2`
+/// after it: a few connections to B (one attempt at a time per peer), not
+/// one per request stranded by the fault (hundreds before single-flight).
+const MAX_FAILOVER_HANDSHAKES: f64 = 16.0;
 
 /// demo/echo on port 8080 (`http`) at `endpoint`, exported.
 fn echo_service(endpoint: SocketAddr) -> String {
@@ -127,6 +131,15 @@ impl Federation {
                 ("from_cluster", CLUSTER_A),
                 ("to_cluster", CLUSTER_B),
             ],
+        )
+    }
+
+    /// C's TLS handshakes to peer gateways (every result).
+    fn client_handshakes_metric(&self) -> f64 {
+        metric_sum(
+            &self.c.admin_get("/metrics").body,
+            "isthmus_tls_handshakes_total",
+            &[("side", "client")],
         )
     }
 
@@ -276,6 +289,7 @@ fn scenario(fed: &mut Federation, mut fault: Fault) -> Result<()> {
     let load = Load::start(fed.load_spec());
 
     sleep_until(&load, FAULT_AT);
+    let handshakes_before = fed.client_handshakes_metric();
     let fault_at = load.elapsed();
     fault.inflict(fed)?;
     eprintln!(
@@ -301,6 +315,7 @@ fn scenario(fed: &mut Federation, mut fault: Fault) -> Result<()> {
     let explain = explains.last().map(|(_, d)| d.clone()).unwrap_or_default();
     let b_served_later = fed.served_metric(CLUSTER_B);
     let failovers = fed.failovers_metric();
+    let handshakes = fed.client_handshakes_metric() - handshakes_before;
     let metrics = fed.c.admin_get("/metrics").body;
     for line in metrics.lines().filter(|l| {
         l.starts_with("isthmus_upstream_peer_cuts_total")
@@ -357,7 +372,8 @@ fn scenario(fed: &mut Federation, mut fault: Fault) -> Result<()> {
          last request served by A {} after the {}, A served {a_before}/{ok_before} before \
          and {a_after}/{ok_after} from {MOVE_WITHIN:?} after until it was back, \
          traffic back on A in second {returned:?} (A back at {recover_at:.1?}), \
-         C's metrics: B served {b_served_then} -> {b_served_later}, failovers A->B {failovers}",
+         C's metrics: B served {b_served_then} -> {b_served_later}, failovers A->B {failovers}, \
+         handshakes to peers during the failover {handshakes}",
         fault.name(),
         report.rate(),
         report.total(),
@@ -397,6 +413,14 @@ fn scenario(fed: &mut Federation, mut fault: Fault) -> Result<()> {
     v.check(
         failovers > 0.0,
         format!("C's isthmus_upstream_failovers_total A->B > 0: {failovers}"),
+    );
+    // The requests stranded by the fault move to B together: they wait for
+    // one connection attempt per peer (single-flight), not one each.
+    v.check(
+        handshakes <= MAX_FAILOVER_HANDSHAKES,
+        format!(
+            "C's handshakes to peers during the failover <= {MAX_FAILOVER_HANDSHAKES}: {handshakes}"
+        ),
     );
     // A's state in explain over time: (since the fault, state, load).
     let a_states: Vec<(Duration, String)> = explains
