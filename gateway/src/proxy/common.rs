@@ -534,25 +534,24 @@ impl Common {
         if let Some(e) = e {
             self.runtime.metrics.error(&labels, error_reason(e));
         }
+        // Borrowed strings and `display` values: the JSON layer writes them
+        // straight into its line buffer, with no `String` per field.
         let req = session.req_header();
         info!(
             target: "isthmus::access",
-            request_id = %ctx.request_id,
+            request_id = ctx.request_id.as_str(),
             listener = listener.label(),
-            method = %req.method,
-            path = %req.uri.path(),
+            method = req.method.as_str(),
+            path = req.uri.path(),
             status,
             service,
             namespace,
             source_cluster,
             destination_cluster = destination,
-            upstream = ctx.target.as_ref().map(|t| match t {
-                Target::Local(a) => a.to_string(),
-                Target::Remote(g) => g.address.to_string(),
-            }),
+            upstream = ctx.target.as_ref().map(|t| display(t.addr())),
             attempts = ctx.tried.len(),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
-            error = e.map(|e| e.to_string()),
+            error = e.map(display),
             "request"
         );
     }
