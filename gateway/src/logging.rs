@@ -38,6 +38,7 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
+use crate::config::log::PPM;
 use crate::config::model::{LogConfig, LogFormat};
 
 /// Error setting up logging.
@@ -312,6 +313,29 @@ impl Write for BufferedLine<'_> {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Whether the access log keeps a request: every failed one, and of the
+/// others about `sample_ppm` in a million (`log.access_sample`). The choice
+/// is a hash of the request id, not a draw: every gateway on a request's way
+/// (it forwards `x-request-id`) keeps the same requests, so a sampled
+/// request's lines can still be followed from hop to hop.
+pub fn access_sampled(request_id: &str, sample_ppm: u32, failed: bool) -> bool {
+    if failed || sample_ppm >= PPM {
+        return true;
+    }
+    if sample_ppm == 0 {
+        return false;
+    }
+    // FNV-1a, then SplitMix64's finaliser so that every bit depends on every byte.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in request_id.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    h % u64::from(PPM) < u64::from(sample_ppm)
 }
 
 /// Fields recorded on a span, kept in its extensions for the events inside it
@@ -935,5 +959,35 @@ mod tests {
         assert_eq!(v["upstream"], "10.0.0.1:80");
         assert_eq!(v["error"], "peer said \"no\"");
         assert!(v.get("missing").is_none());
+    }
+
+    #[test]
+    fn sampling_keeps_its_share_by_request_id_and_every_failure() {
+        let ids: Vec<String> = (0..100_000).map(|i| format!("{i:032x}")).collect();
+        for ppm in [1_000, 100_000, 500_000] {
+            let kept = ids
+                .iter()
+                .filter(|id| access_sampled(id, ppm, false))
+                .count();
+            let expected = ids.len() * ppm as usize / PPM as usize;
+            assert!(
+                kept.abs_diff(expected) <= expected / 10 + 10,
+                "{ppm} ppm kept {kept}, expected about {expected}"
+            );
+        }
+        // The same id, the same choice: on every gateway, every time.
+        for id in &ids[..1000] {
+            assert_eq!(
+                access_sampled(id, 100_000, false),
+                access_sampled(id, 100_000, false)
+            );
+        }
+        assert!(ids.iter().all(|id| access_sampled(id, PPM, false)));
+        assert!(!ids.iter().any(|id| access_sampled(id, 0, false)));
+        assert!(
+            ids.iter().all(|id| access_sampled(id, 0, true)),
+            "failures always"
+        );
+        assert!(access_sampled("", 0, true));
     }
 }

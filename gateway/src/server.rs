@@ -421,6 +421,7 @@ fn add_data_plane(
         tcp_metrics,
         relay,
         peers: l4_connector,
+        config: live_config.clone(),
     });
 
     let outbound_proxy = |clusterset: Option<_>| {

@@ -28,6 +28,7 @@ use super::routing::{NoRoute, Routed, resolve};
 use crate::config::traffic::{RouteConfig, SplitTarget};
 use crate::config::upstream::UpstreamConfig;
 use crate::health::InFlight;
+use crate::logging;
 use crate::mesh::{MeshAlpn, mesh_peer};
 use crate::metrics::Listener;
 use crate::upstream::balance::{
@@ -533,6 +534,12 @@ impl Common {
             .record(&labels, status, elapsed.as_secs_f64());
         if let Some(e) = e {
             self.runtime.metrics.error(&labels, error_reason(e));
+        }
+        // Failed requests are always logged; the others as `log.access_sample` says.
+        let failed = status >= 500 || e.is_some();
+        let sample = self.runtime.config.load().log.access_sample_ppm;
+        if !logging::access_sampled(&ctx.request_id, sample, failed) {
+            return;
         }
         // Borrowed strings and `display` values: the JSON layer writes them
         // straight into its line buffer, with no `String` per field.
