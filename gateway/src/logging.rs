@@ -990,4 +990,24 @@ mod tests {
         );
         assert!(access_sampled("", 0, true));
     }
+
+    #[test]
+    fn text_lines_are_buffered_and_warnings_written_at_once() {
+        let (buffer, out) = unattended();
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(Buffered(buffer.clone()));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: "isthmus::access", status = 200, "request");
+            assert_eq!(out.writes(), 0, "INFO waits for the flush");
+            tracing::warn!("trouble");
+        });
+        assert_eq!(out.writes(), 1, "the warning took the line before it along");
+        let text = out.text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].contains("isthmus::access") && lines[0].contains("status=200"));
+        assert!(lines[1].contains("WARN") && lines[1].contains("trouble"));
+    }
 }
