@@ -87,10 +87,13 @@ pub fn run(config_path: &Path, upgrade_from: Option<u32>) -> ExitCode {
         );
         build(loaded, Some(log), upgrade_from)
     });
-    match started.and_then(Gateway::run) {
+    let code = match started.and_then(Gateway::run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => e.report(),
-    }
+    };
+    // Lines still buffered would be lost with the process.
+    logging::flush();
+    code
 }
 
 /// A configuration and the identity material it names, both checked.
@@ -415,6 +418,7 @@ fn add_data_plane(
         tcp_metrics,
         mesh,
         peers: l4_connector,
+        config: live_config.clone(),
     });
 
     let outbound_proxy = |clusterset: Option<_>| {

@@ -38,6 +38,7 @@ listen = "127.0.0.1:15000"
 [log]
 level = "info"
 format = "auto"
+access_sample = 1.0
 
 [runtime]
 threads = 2

@@ -159,6 +159,8 @@ fn run_with_its_port_taken_fails_with_a_clear_error() {
         log.contains(&format!("admin.listen: cannot listen on {admin}")),
         "{log}"
     );
+    // Lines buffered before the error are written out too.
+    assert!(log.contains("isthmus starting"), "{log}");
 }
 
 #[test]

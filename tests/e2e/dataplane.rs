@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use isthmus_tests::two_clusters::{TwoClusters, TwoDomains, tcp_exchange};
 use isthmus_tests::{
-    EchoServer, Gateway, OpensslMode, OpensslServer, curl, free_addr, metric_value,
+    Behaviour, EchoServer, Gateway, OpensslMode, OpensslServer, curl, free_addr, metric_value,
 };
 
 const START: Duration = Duration::from_secs(20);
@@ -159,7 +159,7 @@ fn http1_and_h2c_cross_two_gateways_over_spiffe_mtls() {
         "{handshakes} handshakes for 8 requests to 3 services"
     );
     // Access log lines carry the request id.
-    assert!(c.a.log().contains("\"request_id\":\"client-chosen-id\""));
+    c.a.access_lines(&["client-chosen-id"]).unwrap();
 }
 
 #[test]
@@ -410,14 +410,74 @@ fn a_dead_endpoint_costs_no_request() {
     let dead = free_addr();
     let (gw, outbound) = single_gateway(&[dead, live.addr]);
     let url = format!("http://{outbound}/");
-    for i in 0..20 {
-        let r = curl(&["-H", "Host: web.shop.svc.clusterset.local", &url]);
+    let ids: Vec<String> = (0..20).map(|i| format!("dead-endpoint-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let r = curl(&[
+            "-H",
+            "Host: web.shop.svc.clusterset.local",
+            "-H",
+            &format!("x-request-id: {id}"),
+            &url,
+        ]);
         assert_eq!(r.status, 200, "request {i}: {}", r.body);
     }
     // Half the requests hit the dead endpoint first and were retried.
-    let log = gw.log();
-    let retried = log.lines().filter(|l| l.contains("\"attempts\":2")).count();
-    assert!(retried >= 5, "{retried} requests retried:\n{log}");
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let lines = gw.access_lines(&ids).unwrap();
+    let retried = lines.iter().filter(|l| l["attempts"] == 2).count();
+    assert!(retried >= 5, "{retried} requests retried:\n{}", gw.log());
+}
+
+#[test]
+fn the_access_log_samples_keeps_failures_and_is_written_out_at_stop() {
+    let upstream = EchoServer::start("web");
+    let (admin, outbound) = (free_addr(), free_addr());
+    let endpoints = format!("\"{}\"", upstream.addr);
+    let config = isthmus_tests::solo_config(admin, outbound, &endpoints, "");
+    let sampled =
+        |ratio: &str| config.replace("[log]\n", &format!("[log]\naccess_sample = {ratio}\n"));
+    let mut gw = Gateway::start(&sampled("0.0"), admin, &[]).unwrap();
+    gw.wait_ready(START).unwrap();
+    let url = format!("http://{outbound}/");
+    let get = |id: &str| {
+        curl(&[
+            "-H",
+            "Host: web.shop.svc.clusterset.local",
+            "-H",
+            &format!("x-request-id: {id}"),
+            &url,
+        ])
+        .status
+    };
+    // access_sample = 0: successes are not logged, failures are.
+    for i in 0..5 {
+        assert_eq!(get(&format!("unsampled-{i}")), 200);
+    }
+    upstream.set(Behaviour::Status(503));
+    assert_eq!(get("failed"), 503);
+    upstream.set(Behaviour::Status(200));
+    let failed = gw.access_lines(&["failed"]).unwrap();
+    assert_eq!(failed[0]["status"], 503, "{}", failed[0]);
+    // Lines are written in order: the earlier successes would be there by now.
+    assert!(!gw.log().contains("unsampled-"), "{}", gw.log());
+
+    // Back to every request on reload; then a request right before SIGTERM.
+    std::fs::write(gw.config_path(), sampled("1.0")).unwrap();
+    gw.signal("HUP").unwrap();
+    gw.wait_log("configuration reloaded", START).unwrap();
+    assert_eq!(get("before-stop"), 200);
+    gw.signal("TERM").unwrap();
+    let (status, _) = gw.wait_exit(START).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", gw.log());
+    let log = gw.log_json();
+    let logged = |id: &str| log.iter().any(|l| l["request_id"] == id);
+    assert!(logged("before-stop"), "{}", gw.log());
+    // The line logged just before the process exits made it out too.
+    assert!(
+        log.iter().any(|l| l["message"] == "isthmus stopped"),
+        "{}",
+        gw.log()
+    );
 }
 
 #[test]

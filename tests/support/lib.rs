@@ -711,6 +711,25 @@ impl Gateway {
         .with_context(|| format!("gateway log:\n{}", self.log()))
     }
 
+    /// Waits until the access log has a line for each of `request_ids` (the
+    /// gateway writes INFO lines up to 100 ms late, many at a time), then
+    /// returns those lines, parsed, in the order of `request_ids`.
+    pub fn access_lines(&self, request_ids: &[&str]) -> Result<Vec<serde_json::Value>> {
+        let found = || -> Option<Vec<serde_json::Value>> {
+            let lines: Vec<serde_json::Value> = self
+                .log_json()
+                .into_iter()
+                .filter(|l| l["target"] == "isthmus::access")
+                .collect();
+            request_ids
+                .iter()
+                .map(|id| lines.iter().find(|l| l["request_id"] == *id).cloned())
+                .collect()
+        };
+        wait_for(Duration::from_secs(5), "the access log lines", found)
+            .with_context(|| format!("request ids {request_ids:?}; gateway log:\n{}", self.log()))
+    }
+
     /// Sends `signal` (e.g. "HUP", "TERM") with kill(1).
     pub fn signal(&self, signal: &str) -> Result<()> {
         send_signal(self.pid(), signal)

@@ -9,6 +9,12 @@ use super::parse::{Check, Keyword, keyword};
 /// Default log filter.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
+/// The share of successful requests the access log keeps by default: all.
+pub const DEFAULT_ACCESS_SAMPLE_PPM: u32 = PPM;
+
+/// Parts per million: `log.access_sample` is kept in millionths.
+pub const PPM: u32 = 1_000_000;
+
 /// `[log]` as written.
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -17,6 +23,8 @@ pub struct RawLog {
     pub level: Option<String>,
     /// `log.format`
     pub format: Option<String>,
+    /// `log.access_sample`
+    pub access_sample: Option<f64>,
 }
 
 /// How log lines are written.
@@ -54,6 +62,15 @@ pub struct LogConfig {
     pub level: String,
     /// Output format.
     pub format: LogFormat,
+    /// The share of successful requests the access log keeps, in millionths
+    /// ([`PPM`] keeps all); failed ones are always kept. Shown as the ratio it
+    /// was written as.
+    #[serde(rename = "access_sample", serialize_with = "as_ratio")]
+    pub access_sample_ppm: u32,
+}
+
+fn as_ratio<S: serde::Serializer>(ppm: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(f64::from(*ppm) / f64::from(PPM))
 }
 
 /// Checks `[log]`.
@@ -70,9 +87,23 @@ pub(super) fn log(check: &mut Check, raw: &RawLog) -> Option<LogConfig> {
         LogFormat::Auto,
         LogFormat::from_str,
     );
+    let access_sample = match raw.access_sample {
+        None => Some(DEFAULT_ACCESS_SAMPLE_PPM),
+        Some(r) if (0.0..=1.0).contains(&r) => Some((r * f64::from(PPM)).round() as u32),
+        Some(r) => {
+            check.fail(
+                "log.access_sample",
+                format!(
+                    "{r} is out of range; expected a ratio from 0.0 (log failed requests only) to 1.0 (log every request)"
+                ),
+            );
+            None
+        }
+    };
     Some(LogConfig {
         level: level?,
         format: format?,
+        access_sample_ppm: access_sample?,
     })
 }
 

@@ -155,6 +155,7 @@ fn minimal_file_gets_documented_defaults() {
     assert_eq!(c.admin.listen, model::DEFAULT_ADMIN_LISTEN.parse().unwrap());
     assert_eq!(c.log.level, model::DEFAULT_LOG_LEVEL);
     assert_eq!(c.log.format, model::LogFormat::Auto);
+    assert_eq!(c.log.access_sample_ppm, 1_000_000);
     assert_eq!(c.shutdown.drain_timeout, model::DEFAULT_DRAIN_TIMEOUT);
     assert!(c.runtime.threads >= 1);
     assert_eq!(c.upstream, model::UpstreamConfig::default());
@@ -285,6 +286,10 @@ fn each_rule_has_a_failing_case() {
     assert_rejects("admin", "listen = 15000", "admin.listen");
     assert_rejects("log", r#"level = "info,=,""#, "log.level");
     assert_rejects("log", r#"format = "yaml""#, "log.format");
+    assert_rejects("log", "access_sample = 1.5", "log.access_sample");
+    assert_rejects("log", "access_sample = -0.1", "log.access_sample");
+    assert_rejects("log", "access_sample = nan", "log.access_sample");
+    assert_rejects("log", r#"access_sample = "10%""#, "log.access_sample");
     assert_rejects("runtime", "threads = 0", "runtime.threads");
     assert_rejects("runtime", "threads = 5000", "runtime.threads");
     assert_rejects("runtime", r#"threads = "many""#, "runtime.threads");

@@ -43,7 +43,9 @@ pub use signals::Signals;
 pub use systemd::{notify_systemd, watchdog_timeout};
 pub use upgrade::Upgrade;
 
-/// The last line a stopping gateway logs.
+/// The last line a stopping gateway logs; writes it and every line still
+/// buffered, as the process exits next.
 pub fn log_stopped() {
     info!("isthmus stopped");
+    crate::logging::flush();
 }

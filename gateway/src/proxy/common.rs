@@ -27,6 +27,7 @@ use super::routing::{NoRoute, Routed, resolve};
 use crate::config::traffic::{RouteConfig, SplitTarget};
 use crate::config::upstream::UpstreamConfig;
 use crate::health::InFlight;
+use crate::logging;
 use crate::mesh::{MeshAlpn, MeshConnector};
 use crate::metrics::Listener;
 use crate::upstream::balance::{
@@ -534,25 +535,30 @@ impl Common {
         if let Some(e) = e {
             self.runtime.metrics.error(&labels, error_reason(e));
         }
+        // Failed requests are always logged; the others as `log.access_sample` says.
+        let failed = status >= 500 || e.is_some();
+        let sample = self.runtime.config.load().log.access_sample_ppm;
+        if !logging::access_sampled(&ctx.request_id, sample, failed) {
+            return;
+        }
+        // Borrowed strings and `display` values: the JSON layer writes them
+        // straight into its line buffer, with no `String` per field.
         let req = session.req_header();
         info!(
             target: "isthmus::access",
-            request_id = %ctx.request_id,
+            request_id = ctx.request_id.as_str(),
             listener = listener.label(),
-            method = %req.method,
-            path = %req.uri.path(),
+            method = req.method.as_str(),
+            path = req.uri.path(),
             status,
             service,
             namespace,
             source_cluster,
             destination_cluster = destination,
-            upstream = ctx.target.as_ref().map(|t| match t {
-                Target::Local(a) => a.to_string(),
-                Target::Remote(g) => g.address.to_string(),
-            }),
+            upstream = ctx.target.as_ref().map(|t| display(t.addr())),
             attempts = ctx.tried.len(),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
-            error = e.map(|e| e.to_string()),
+            error = e.map(display),
             "request"
         );
     }

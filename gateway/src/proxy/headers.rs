@@ -4,7 +4,6 @@
 //! started).
 
 use std::cell::Cell;
-use std::fmt::Write;
 
 use pingora_http::RequestHeader;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -70,23 +69,33 @@ fn next_u64() -> u64 {
     })
 }
 
-/// `N` random bytes as lowercase hex.
-fn random_hex<const N: usize>() -> String {
-    let mut out = String::with_capacity(N * 2);
-    let mut left = N;
-    while left > 0 {
+/// Lowercase hex digits, indexed by nibble.
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Fills `out` with random lowercase hex: two digits per random byte, the
+/// bytes of each 64-bit draw in little-endian order. A table lookup per
+/// nibble: ids are made on every request, and `write!` costs more than the
+/// randomness.
+fn fill_random_hex(out: &mut [u8]) {
+    for chunk in out.chunks_mut(16) {
         let word = next_u64().to_le_bytes();
-        for b in &word[..left.min(8)] {
-            let _ = write!(out, "{b:02x}");
+        for (pair, b) in chunk.chunks_exact_mut(2).zip(word) {
+            pair[0] = HEX[usize::from(b >> 4)];
+            pair[1] = HEX[usize::from(b & 0x0f)];
         }
-        left = left.saturating_sub(8);
     }
-    out
+}
+
+/// Only ASCII hex digits and dashes are ever written into these buffers.
+fn ascii(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap_or_default()
 }
 
 /// A fresh request id (128 random bits, hex).
 pub(crate) fn new_request_id() -> String {
-    random_hex::<16>()
+    let mut id = [0u8; 32];
+    fill_random_hex(&mut id);
+    ascii(&id).to_owned()
 }
 
 /// The trace id of a valid W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
@@ -112,9 +121,13 @@ pub(crate) fn trace_id(traceparent: &str) -> Option<&str> {
     valid.then_some(trace)
 }
 
-/// A new `traceparent` starting a sampled trace.
+/// A new `traceparent` starting a sampled trace:
+/// `00-<32 hex trace id>-<16 hex parent id>-01`.
 pub(crate) fn new_traceparent() -> String {
-    format!("00-{}-{}-01", random_hex::<16>(), random_hex::<8>())
+    let mut tp = *b"00-________________________________-________________-01";
+    fill_random_hex(&mut tp[3..35]);
+    fill_random_hex(&mut tp[36..52]);
+    ascii(&tp).to_owned()
 }
 
 #[cfg(test)]
@@ -173,5 +186,33 @@ mod tests {
                 .join()
                 .unwrap();
         assert!(other.iter().all(|id| !seen.contains(id)));
+    }
+
+    /// The same draws written with `format!`: what the table must reproduce.
+    fn formatted_hex(bytes: usize) -> String {
+        let mut out = String::new();
+        let mut left = bytes;
+        while left > 0 {
+            for b in &next_u64().to_le_bytes()[..left.min(8)] {
+                out.push_str(&format!("{b:02x}"));
+            }
+            left = left.saturating_sub(8);
+        }
+        out
+    }
+
+    #[test]
+    fn ids_are_the_formatted_hex_of_the_same_draws() {
+        for seed in [0, 1, 0x0123_4567_89ab_cdef, u64::MAX] {
+            STATE.with(|s| s.set(seed));
+            let id = new_request_id();
+            let tp = new_traceparent();
+            STATE.with(|s| s.set(seed));
+            assert_eq!(id, formatted_hex(16));
+            let expected = format!("00-{}-{}-01", formatted_hex(16), formatted_hex(8));
+            assert_eq!(tp, expected);
+            assert_eq!(tp.len(), 55);
+            assert_eq!(trace_id(&tp), Some(&tp[3..35]));
+        }
     }
 }

@@ -33,6 +33,7 @@ use pingora_core::apps::ServerApp;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 
+use crate::config::Config;
 use crate::health::Drain;
 use crate::mesh::MeshConnector;
 use crate::upstream::Upstreams;
@@ -60,6 +61,9 @@ pub struct Runtime {
     /// gateways; without one (no identity), TCP ports reach endpoints in this
     /// cluster only.
     pub peers: Option<SpiffeConnector>,
+    /// The configuration in force (swapped on reload): the access log's
+    /// `log.access_sample`.
+    pub config: Arc<ArcSwap<Config>>,
 }
 
 /// How long idle HTTP/1.1 keep-alive connections stay open after the
