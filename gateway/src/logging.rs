@@ -68,9 +68,28 @@ impl LogHandle {
     /// Replaces the filter with `level` (already validated by the config).
     pub fn set_level(&self, level: &str) -> Result<(), LoggingError> {
         let filter = build_filter(level);
+        let bridged = bridged_level(&filter);
         self.filter
             .reload(filter)
-            .map_err(|e| LoggingError::Reload(e.to_string()))
+            .map_err(|e| LoggingError::Reload(e.to_string()))?;
+        log::set_max_level(bridged);
+        Ok(())
+    }
+}
+
+/// The most verbose `log` level `filter` can let through. `log`'s macros
+/// compare against this before anything else, so Pingora's per-request
+/// `debug!` calls cost one load instead of a trip through the bridge when
+/// the filter would drop them anyway.
+fn bridged_level(filter: &EnvFilter) -> log::LevelFilter {
+    use tracing::level_filters::LevelFilter;
+    match filter.max_level_hint() {
+        Some(LevelFilter::OFF) => log::LevelFilter::Off,
+        Some(LevelFilter::ERROR) => log::LevelFilter::Error,
+        Some(LevelFilter::WARN) => log::LevelFilter::Warn,
+        Some(LevelFilter::INFO) => log::LevelFilter::Info,
+        Some(LevelFilter::DEBUG) => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
     }
 }
 
@@ -137,7 +156,9 @@ pub fn flush() {
 
 /// Installs the global subscriber and the `log` bridge. Call once, early.
 pub fn init(config: &LogConfig) -> Result<LogHandle, LoggingError> {
-    let (filter, handle) = reload::Layer::new(build_filter(&config.level));
+    let filter = build_filter(&config.level);
+    let bridged = bridged_level(&filter);
+    let (filter, handle) = reload::Layer::new(filter);
     let stdout = || -> Result<Arc<LineBuffer>, LoggingError> {
         let buffer = LineBuffer::new(Box::new(std::io::stdout()), FLUSH_INTERVAL);
         LineBuffer::spawn_writer(&buffer).map_err(LoggingError::Writer)?;
@@ -166,6 +187,7 @@ pub fn init(config: &LogConfig) -> Result<LogHandle, LoggingError> {
         .map_err(|e| LoggingError::AlreadyInitialised(e.to_string()))?;
     // Pingora logs through `log`: forward its records into tracing.
     tracing_log::LogTracer::init().map_err(|e| LoggingError::AlreadyInitialised(e.to_string()))?;
+    log::set_max_level(bridged);
     Ok(LogHandle { filter: handle })
 }
 
@@ -706,6 +728,15 @@ fn journal_record(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bridged_log_level_follows_the_most_verbose_directive() {
+        let level = |l: &str| bridged_level(&build_filter(l));
+        assert_eq!(level("warn"), log::LevelFilter::Warn);
+        assert_eq!(level("info"), log::LevelFilter::Info);
+        assert_eq!(level("info,pingora_core=debug"), log::LevelFilter::Debug);
+        assert_eq!(level("trace"), log::LevelFilter::Trace);
+    }
 
     /// The line `fields` make, parsed.
     fn parsed_line(level: Level, target: &str, fields: &JsonFields) -> (String, Value) {
