@@ -26,6 +26,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use pingora_core::listeners::{DEFAULT_L4_WRITE_BUFFER_SIZE, L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
@@ -341,6 +342,23 @@ fn east_west_alpn() -> Vec<Vec<u8>> {
     vec![b"h2".to_vec(), b"http/1.1".to_vec()]
 }
 
+/// L4 buffers of the outbound listener (HTTP/1.1 and h2c). No read buffer:
+/// request heads are read into the session's own 4 KiB buffer and bodies and
+/// HTTP/2 frames into theirs, so one in front would only add a copy (Pingora's
+/// default is 64 KiB per connection). The write buffer gathers a response's
+/// head and a small body into one send; it exists only while it holds data.
+const HTTP_L4_BUFFERS: L4BufferSettings = L4BufferSettings {
+    read: Some(0),
+    write: Some(DEFAULT_L4_WRITE_BUFFER_SIZE),
+};
+/// L4 buffers of the east-west listener: rustls reads the socket in small
+/// pieces, so a read buffer of one full TLS record (16 KiB of plaintext plus
+/// its overhead) saves system calls; it exists only while it holds data.
+const TLS_L4_BUFFERS: L4BufferSettings = L4BufferSettings {
+    read: Some(17 * 1024),
+    write: Some(DEFAULT_L4_WRITE_BUFFER_SIZE),
+};
+
 /// What every listener of the data plane shares.
 struct DataPlane<'a> {
     catalog: &'a Arc<ArcSwap<Catalog>>,
@@ -439,7 +457,7 @@ fn add_data_plane(
             guard(Listener::Outbound, limits.outbound),
         );
         let mut service = Service::new("outbound".to_owned(), proxy);
-        service.add_tcp(&addr.to_string());
+        service.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(HTTP_L4_BUFFERS));
         service.threads = Some(threads);
         server.add_service(service);
     }
@@ -518,7 +536,7 @@ fn add_data_plane(
             },
         );
         let mut service = Service::new("east-west".to_owned(), app);
-        service.add_tcp(&addr.to_string());
+        service.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(TLS_L4_BUFFERS));
         service.threads = Some(threads);
         server.add_service(service);
     }

@@ -306,11 +306,15 @@ where
                 socket_digest: stream.get_socket_digest(),
             });
 
+            // ISTHMUS PATCH: the HTTP/2 connection's future is boxed, so the HTTP/1 keep-alive
+            // loop below, which lives in this future for as long as its connection, does not
+            // carry its size.
+            Box::pin(async move {
             let h2_options = self.h2_options();
             let h2_conn = match server::handshake(stream, h2_options).await {
                 Err(e) => {
                     error!("H2 handshake error {e}");
-                    return None;
+                    return;
                 }
                 Ok(c) => c,
             };
@@ -340,10 +344,19 @@ where
                 },
             )
             .await;
+            })
+            .await;
         } else if custom || matches!(stream.selected_alpn_proto(), Some(ALPN::Custom(_))) {
             return self.clone().process_custom_session(stream, shutdown).await;
         } else {
             // No ALPN or ALPN::H1 and h2c was not configured, fallback to HTTP/1.1
+            // ISTHMUS PATCH: the session exists only once the request's first bytes are in.
+            let keepalive = (!*shutdown.borrow()).then_some(60);
+            let first = match wait_for_request(&mut stream, keepalive, shutdown).await {
+                NextRequest::Bytes(bytes) => Some(bytes),
+                NextRequest::Closed => return None,
+                NextRequest::Shutdown => None,
+            };
             let mut session = ServerSession::new_http1(stream);
             if *shutdown.borrow() {
                 // stop downstream from reusing if this service is shutting down soon
@@ -357,11 +370,34 @@ where
                     .and_then(|opts| opts.keepalive_request_limit),
             );
 
+            if let Some(bytes) = first {
+                session.set_pipelined_prefix(bytes);
+            }
+
             let mut result = self.process_new_http(session, shutdown).await;
-            while let Some((stream, persistent_settings)) = result.map(|r| r.consume()) {
+            while let Some((mut stream, persistent_settings)) = result.map(|r| r.consume()) {
+                // ISTHMUS PATCH: while the connection is idle, nothing but the stream is held
+                // (not the session, its header buffer or the application's request future).
+                let mut next = None;
+                if persistent_settings
+                    .as_ref()
+                    .map_or(true, |s| s.pipelined_prefix.is_none())
+                {
+                    let keepalive = persistent_settings
+                        .as_ref()
+                        .map_or(Some(60), |s| s.keepalive_timeout);
+                    match wait_for_request(&mut stream, keepalive, shutdown).await {
+                        NextRequest::Bytes(bytes) => next = Some(bytes),
+                        NextRequest::Closed => return None,
+                        NextRequest::Shutdown => {}
+                    }
+                }
                 let mut session = ServerSession::new_http1(stream);
                 if let Some(persistent_settings) = persistent_settings {
                     persistent_settings.apply_to_session(&mut session);
+                }
+                if let Some(bytes) = next {
+                    session.set_pipelined_prefix(bytes);
                 }
 
                 result = self.process_new_http(session, shutdown).await;
@@ -372,6 +408,86 @@ where
 
     async fn cleanup(&self) {
         self.http_cleanup().await;
+    }
+}
+
+/// What [`wait_for_request`] found on an HTTP/1 connection between requests.
+enum NextRequest {
+    /// The first bytes of the next request.
+    Bytes(BytesMut),
+    /// The client closed the connection, the read failed or the keep-alive timeout passed:
+    /// close it, as the session would have on reading nothing.
+    Closed,
+    /// The service is shutting down: let the session read the request itself, so the
+    /// application decides when idle connections close (Pingora's proxy does on cleanup).
+    Shutdown,
+}
+
+/// The size of the buffer a request's head is first read into: the session's initial
+/// header buffer size.
+const FIRST_READ_SIZE: usize = 4096;
+
+/// ISTHMUS PATCH (no upstream issue): waits on an idle HTTP/1 connection until the next
+/// request's first bytes arrive, before the session, its header buffer and the
+/// application's request future (the largest allocation of an idle connection in
+/// Pingora's proxy) exist. The bytes are read into a buffer on the stack, which costs the
+/// same one read as the session's own would, and handed to the session as a prefix it
+/// parses before reading more. `keepalive` is the session's keep-alive timeout in seconds
+/// (`Some(0)`: none; `None`: keep-alive off, the default read timeout of 60 s applies).
+async fn wait_for_request(
+    stream: &mut Stream,
+    keepalive: Option<u64>,
+    shutdown: &ShutdownWatch,
+) -> NextRequest {
+    use std::future::poll_fn;
+    use std::mem::MaybeUninit;
+    use std::pin::Pin;
+    use std::task::Poll;
+    use tokio::io::{AsyncRead, ReadBuf};
+
+    if *shutdown.borrow() {
+        return NextRequest::Shutdown;
+    }
+    let read = poll_fn(|cx| {
+        let mut stack = [MaybeUninit::<u8>::uninit(); FIRST_READ_SIZE];
+        let mut buf = ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                let mut bytes = BytesMut::with_capacity(FIRST_READ_SIZE);
+                bytes.extend_from_slice(buf.filled());
+                Poll::Ready(Some(bytes))
+            }
+            Poll::Ready(Ok(())) => Poll::Ready(None),
+            Poll::Ready(Err(e)) => {
+                debug!("Read error while waiting for a request: {e}");
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    });
+    let read = async {
+        match keepalive {
+            Some(0) => read.await,
+            secs => {
+                let limit = Duration::from_secs(secs.unwrap_or(60));
+                pingora_timeout::timeout(limit, read).await.unwrap_or(None)
+            }
+        }
+    };
+    let mut watch = shutdown.clone();
+    let shutting_down = async move {
+        while watch.changed().await.is_ok() {
+            if *watch.borrow() {
+                return;
+            }
+        }
+        // The sender is gone: no shutdown to wait for.
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        biased;
+        bytes = read => bytes.map_or(NextRequest::Closed, NextRequest::Bytes),
+        _ = shutting_down => NextRequest::Shutdown,
     }
 }
 

@@ -31,7 +31,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 #[cfg(target_os = "linux")]
 use tokio::io::Interest;
-use tokio::io::{self, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadBuf};
+use tokio::io::{self, AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 #[cfg(unix)]
 use tokio::net::UnixStream;
@@ -418,57 +418,109 @@ impl L4BufferSettings {
     }
 }
 
-/// The L4 buffers in front of a [`RawStreamWrapper`]: a read buffer over a write
-/// buffer, the same layering as tokio's [`BufStream`](tokio::io::BufStream).
+/// The L4 buffers in front of a [`RawStreamWrapper`]: a read buffer and a write
+/// buffer, each of its configured capacity.
 ///
-/// A zero read capacity leaves the read buffer out, because [`BufReader`] panics on
-/// a zero capacity. Reads then go straight to the raw stream, as they did through
-/// an empty `BufReader`. [`BufWriter`] accepts a zero capacity and writes straight
-/// through.
-#[derive(Debug)]
-enum BufferedStream {
-    UnbufferedRead(BufWriter<RawStreamWrapper>),
-    BufferedRead(BufReader<BufWriter<RawStreamWrapper>>),
+/// ISTHMUS PATCH: both buffers are allocated when a read or a write needs them and
+/// freed as soon as they are empty again (the read buffer once drained, the write
+/// buffer once flushed), so an idle connection holds no buffer at all (HAProxy's
+/// approach). Upstream Pingora allocates both, through tokio's `BufReader` and
+/// `BufWriter`, when the stream is set up and keeps them for the connection's life,
+/// a 64 KiB read buffer by default. Reads and writes behave as through `BufReader`
+/// over `BufWriter`: a read at least as large as the read buffer, or any read with a
+/// zero read capacity, goes straight to the socket, as does a write at least as large
+/// as the write buffer.
+struct BufferedStream {
+    inner: RawStreamWrapper,
+    read_cap: usize,
+    /// Read but not yet returned: `read_buf[read_pos..]`. Empty (no allocation) when
+    /// drained.
+    read_buf: Vec<u8>,
+    read_pos: usize,
+    write_cap: usize,
+    /// Written but not yet sent: `write_buf[write_pos..]`. Empty (no allocation) when
+    /// flushed.
+    write_buf: Vec<u8>,
+    write_pos: usize,
+}
+
+impl std::fmt::Debug for BufferedStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BufferedStream")
+            .field("inner", &self.inner)
+            .field("read_buffered", &(self.read_buf.len() - self.read_pos))
+            .field("read_cap", &self.read_cap)
+            .field("write_buffered", &(self.write_buf.len() - self.write_pos))
+            .field("write_cap", &self.write_cap)
+            .finish()
+    }
 }
 
 impl BufferedStream {
     fn with_capacity(read: usize, write: usize, stream: RawStreamWrapper) -> Self {
-        let writer = BufWriter::with_capacity(write, stream);
-        if read == 0 {
-            BufferedStream::UnbufferedRead(writer)
-        } else {
-            BufferedStream::BufferedRead(BufReader::with_capacity(read, writer))
-        }
-    }
-
-    fn writer(&self) -> &BufWriter<RawStreamWrapper> {
-        match self {
-            BufferedStream::UnbufferedRead(writer) => writer,
-            BufferedStream::BufferedRead(reader) => reader.get_ref(),
-        }
-    }
-
-    fn writer_mut(&mut self) -> &mut BufWriter<RawStreamWrapper> {
-        match self {
-            BufferedStream::UnbufferedRead(writer) => writer,
-            BufferedStream::BufferedRead(reader) => reader.get_mut(),
+        BufferedStream {
+            inner: stream,
+            read_cap: read,
+            read_buf: Vec::new(),
+            read_pos: 0,
+            write_cap: write,
+            write_buf: Vec::new(),
+            write_pos: 0,
         }
     }
 
     fn get_ref(&self) -> &RawStreamWrapper {
-        self.writer().get_ref()
+        &self.inner
     }
 
     fn get_mut(&mut self) -> &mut RawStreamWrapper {
-        self.writer_mut().get_mut()
+        &mut self.inner
     }
 
     /// Return the raw stream. Anything left in either buffer is lost.
     fn into_inner(self) -> RawStreamWrapper {
-        match self {
-            BufferedStream::UnbufferedRead(writer) => writer.into_inner(),
-            BufferedStream::BufferedRead(reader) => reader.into_inner().into_inner(),
+        self.inner
+    }
+
+    /// Copies buffered read bytes into `buf`; frees the buffer once drained.
+    fn take_buffered(&mut self, buf: &mut ReadBuf<'_>) {
+        let available = &self.read_buf[self.read_pos..];
+        let n = available.len().min(buf.remaining());
+        buf.put_slice(&available[..n]);
+        self.read_pos += n;
+        if self.read_pos == self.read_buf.len() {
+            self.read_buf = Vec::new();
+            self.read_pos = 0;
         }
+    }
+
+    /// Sends what the write buffer holds; frees it once empty.
+    fn poll_flush_buf(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.write_pos < self.write_buf.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.write_buf[self.write_pos..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "failed to write the buffered data",
+                    )));
+                }
+                Poll::Ready(Ok(n)) => self.write_pos += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.write_buf = Vec::new();
+        self.write_pos = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Appends `buf` to the write buffer, allocating it if needed; the caller has made
+    /// room.
+    fn buffer_write(&mut self, buf: &[u8]) {
+        if self.write_buf.capacity() == 0 {
+            self.write_buf.reserve_exact(self.write_cap);
+        }
+        self.write_buf.extend_from_slice(buf);
     }
 }
 
@@ -478,30 +530,63 @@ impl AsyncRead for BufferedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut *self {
-            BufferedStream::UnbufferedRead(writer) => Pin::new(writer).poll_read(cx, buf),
-            BufferedStream::BufferedRead(reader) => Pin::new(reader).poll_read(cx, buf),
+        let this = &mut *self;
+        if this.read_pos < this.read_buf.len() {
+            this.take_buffered(buf);
+            return Poll::Ready(Ok(()));
         }
+        if buf.remaining() >= this.read_cap {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        // Allocate only once the socket is readable (as far as the reactor knows): an idle
+        // connection waits without a buffer.
+        match &this.inner.stream {
+            RawStream::Tcp(s) => std::task::ready!(s.poll_read_ready(cx))?,
+            #[cfg(unix)]
+            RawStream::Unix(s) => std::task::ready!(s.poll_read_ready(cx))?,
+            RawStream::Virtual(_) => {}
+        }
+        // Fill a fresh buffer; it is freed again when the read would block after all.
+        let mut storage = Vec::with_capacity(this.read_cap);
+        let mut fill = ReadBuf::uninit(storage.spare_capacity_mut());
+        std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut fill))?;
+        let n = fill.filled().len();
+        // Safety: `fill` was handed out over `storage`'s spare capacity and reports
+        // its first `n` bytes filled, hence initialized.
+        unsafe { storage.set_len(n) };
+        this.read_buf = storage;
+        this.read_pos = 0;
+        this.take_buffered(buf);
+        Poll::Ready(Ok(()))
     }
 }
 
-// `BufReader` only forwards writes to the `BufWriter` under it, so write to the `BufWriter`
-// directly.
 impl AsyncWrite for BufferedStream {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(self.writer_mut()).poll_write(cx, buf)
+        let this = &mut *self;
+        if this.write_buf.len() + buf.len() > this.write_cap {
+            std::task::ready!(this.poll_flush_buf(cx))?;
+        }
+        if buf.len() >= this.write_cap {
+            Pin::new(&mut this.inner).poll_write(cx, buf)
+        } else {
+            this.buffer_write(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
-        Pin::new(self.writer_mut()).poll_flush(cx)
+        std::task::ready!(self.poll_flush_buf(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
-        Pin::new(self.writer_mut()).poll_shutdown(cx)
+        std::task::ready!(self.poll_flush_buf(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -509,11 +594,23 @@ impl AsyncWrite for BufferedStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(self.writer_mut()).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if this.write_buf.len() + total > this.write_cap {
+            std::task::ready!(this.poll_flush_buf(cx))?;
+        }
+        if total >= this.write_cap {
+            Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        } else {
+            for b in bufs {
+                this.buffer_write(b);
+            }
+            Poll::Ready(Ok(total))
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.writer().is_write_vectored()
+        true
     }
 }
 
