@@ -39,7 +39,8 @@
 #   FLOOR_PATCHED=1    also build and measure the floor against vendor/pingora-*
 #   COMPARE="label=/path/to/isthmus ..."   more Isthmus builds, each one more row
 #       (access log off), interleaved with the rest: how two builds are compared
-#   FLOOR_COMPARE="label=/path/to/pingora-floor ..."   the same for floor builds
+#   FLOOR_COMPARE="floor-label=/path/to/pingora-floor ..."   the same for floor
+#       builds (labels starting with "floor", so the ratios treat them as floors)
 #   PASSES=0           skip the system-call and allocation passes
 #   KEEP=1             keep the work directory (configurations, logs, raw results)
 # The floor is built here (cargo, into target/bench-floor, with a copy of the
@@ -64,7 +65,7 @@ bench_isthmus
 bench_workdir proxy-bench
 
 # perf opens one event per system call and thread.
-ulimit -n 65536 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 wait_port() { for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 
 # --- the floor: built here, outside the workspace, on the workspace's lock ---
