@@ -68,7 +68,68 @@ pub fn new_registry() -> Registry {
         &registry,
         prometheus::process_collector::ProcessCollector::new(std::process::id() as i32, NAMESPACE),
     );
+    #[cfg(feature = "count-allocations")]
+    if let Some(read) = allocations::READ.get() {
+        register(&registry, allocations::Allocations::new(*read));
+    }
     registry
+}
+
+/// Hands the registry the binary's allocation count (built with the
+/// `count-allocations` feature: `gateway/src/main.rs` wraps the global
+/// allocator). Call it before the first [`new_registry`]; later calls are
+/// ignored.
+#[cfg(feature = "count-allocations")]
+pub fn count_allocations(read: fn() -> u64) {
+    let _ = allocations::READ.set(read);
+}
+
+/// `isthmus_process_allocations_total`, for the benchmarks: exported only by
+/// a binary built with the `count-allocations` feature.
+#[cfg(feature = "count-allocations")]
+mod allocations {
+    use std::sync::OnceLock;
+
+    use prometheus::core::{Collector, Desc};
+    use prometheus::proto::MetricFamily;
+    use prometheus::{IntCounter, Opts};
+
+    use super::NAMESPACE;
+
+    /// Reads the binary's allocation count.
+    pub(super) static READ: OnceLock<fn() -> u64> = OnceLock::new();
+
+    /// A counter that catches up with the allocation count when gathered.
+    pub(super) struct Allocations {
+        counter: IntCounter,
+        read: fn() -> u64,
+    }
+
+    impl Allocations {
+        pub(super) fn new(read: fn() -> u64) -> Self {
+            let counter = IntCounter::with_opts(
+                Opts::new(
+                    "process_allocations_total",
+                    "Heap allocations since the process started.",
+                )
+                .namespace(NAMESPACE),
+            )
+            .expect("static metric definition is valid");
+            Self { counter, read }
+        }
+    }
+
+    impl Collector for Allocations {
+        fn desc(&self) -> Vec<&Desc> {
+            self.counter.desc()
+        }
+
+        fn collect(&self) -> Vec<MetricFamily> {
+            let (now, seen) = ((self.read)(), self.counter.get());
+            self.counter.inc_by(now.saturating_sub(seen));
+            self.counter.collect()
+        }
+    }
 }
 
 /// Registers `collector`, panicking on a duplicate name: that is a programming

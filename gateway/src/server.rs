@@ -581,6 +581,11 @@ impl pingora_core::services::background::BackgroundService for MeshCutService {
 fn pingora_conf(config: &Config) -> ServerConf {
     ServerConf {
         threads: config.runtime.threads,
+        // One current-thread runtime per worker thread instead of a
+        // work-stealing pool: a proxied request then stays on the thread that
+        // accepted its connection, with fewer wake-ups and context switches
+        // (measured with tests/bench/proxy-bench.sh: docs/performance.md).
+        work_stealing: false,
         // Our drain exits the process as soon as in-flight work is done (see
         // `lifecycle`); Pingora's unconditional grace-period sleep is the
         // fallback, a little longer than the drain may take.
