@@ -231,7 +231,7 @@ impl Common {
     }
 
     /// Picks the next upstream for this request: `mesh` (the mesh connector)
-    /// socket) reaches peer gateways; without it only local endpoints qualify.
+    /// reaches peer gateways; without it only local endpoints qualify.
     pub(crate) fn next_peer(
         &self,
         session: &Session,
