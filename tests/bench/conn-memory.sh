@@ -176,12 +176,8 @@ outbound = "127.0.0.1:$PORT"
 [limits.outbound]
 connections = 1000000
 connections_per_source = 1000000
-[[services]]
-namespace = "bench"
-name = "web"
-ports = [{ port = 80 }]
-endpoints = ["127.0.0.1:$ORIGIN"]
 TOML
+        web_service "$ORIGIN"
       } > "$WORK/isthmus.toml"
       # shellcheck disable=SC2086
       start PROXY_PID env $ISTHMUS_ENV "$ISTHMUS" run --config "$WORK/isthmus.toml"

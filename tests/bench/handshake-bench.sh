@@ -61,13 +61,8 @@ trust_domain = "a.example"
 bundle = "$WORK/ca-a/bundle.pem"
 [listeners]
 east_west = "127.0.0.1:$IB_EW"
-[[services]]
-namespace = "bench"
-name = "web"
-ports = [{ port = 80 }]
-endpoints = ["127.0.0.1:$ORIGIN"]
-export = true
 TOML
+  web_service "$ORIGIN" export
 } > "$WORK/isthmus-b.toml"
 start ISTHMUS_PID "$ISTHMUS" run --config "$WORK/isthmus-b.toml"
 

@@ -13,6 +13,10 @@
 #                              [identity] from SVID_DIR/svid.{crt,key} and BUNDLE
 #                              when given, [admin], [log] (warn, json), [runtime]
 #                              (one thread); the caller appends the rest
+#   web_service ORIGIN_PORT [export]
+#                              prints the service every bench proxies, bench/web on
+#                              port 80 with the origin as its endpoint (exported
+#                              when a second argument is given)
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 ISTHMUS=${ISTHMUS_BIN:-$ROOT/target/release/isthmus}
@@ -63,4 +67,9 @@ gateway_toml() {
     "$svid/svid.crt" "$svid/svid.key" "$bundle"
   printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$admin"
   printf '[log]\nlevel = "warn"\nformat = "json"\n[runtime]\nthreads = 1\n'
+}
+
+web_service() {
+  printf '[[services]]\nnamespace = "bench"\nname = "web"\nports = [{ port = 80 }]\nendpoints = ["127.0.0.1:%s"]\n' "$1"
+  [ -z "${2:-}" ] || printf 'export = true\n'
 }

@@ -168,12 +168,8 @@ isthmus_pair() { # bin, file id, row name, log level, list (CASES or COUNT_CASES
     cat <<TOML
 [listeners]
 outbound = "127.0.0.1:$pa"
-[[services]]
-namespace = "bench"
-name = "web"
-ports = [{ port = 80 }]
-endpoints = ["127.0.0.1:$ORIGIN"]
 TOML
+    web_service "$ORIGIN"
   } > "$WORK/$tag-a.toml"
   pb_ew=$(free_port); pb_admin=$(free_port); pa2=$(free_port); pa2_admin=$(free_port)
   {
@@ -184,13 +180,8 @@ trust_domain = "a.example"
 bundle = "$WORK/ca-a/bundle.pem"
 [listeners]
 east_west = "127.0.0.1:$pb_ew"
-[[services]]
-namespace = "bench"
-name = "web"
-ports = [{ port = 80 }]
-endpoints = ["127.0.0.1:$ORIGIN"]
-export = true
 TOML
+    web_service "$ORIGIN" export
   } > "$WORK/$tag-b2.toml"
   {
     gateway_toml gw-a a a.example "$pa2_admin" "$WORK/a" "$WORK/ca-a/bundle.pem" | sed "s/^level = .*/level = \"$level\"/"
