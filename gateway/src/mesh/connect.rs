@@ -13,10 +13,8 @@ use std::hash::{Hash, Hasher};
 use std::io;
 use std::net::SocketAddr as InetSocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -32,7 +30,6 @@ use pingora_core::protocols::l4::virt::{VirtualSockOpt, VirtualSocket, VirtualSo
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::broadcast;
 use tokio_rustls::client::TlsStream;
@@ -256,17 +253,7 @@ struct MeshStream {
     _registration: Registration,
 }
 
-impl AsyncRead for MeshStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_read(cx, buf)
-    }
-}
-
-delegate_async_write!([] MeshStream, tls, vectored);
+delegate_async_io!(MeshStream, tls);
 
 impl VirtualSocket for MeshStream {
     fn set_socket_option(&self, opt: VirtualSockOpt) -> io::Result<()> {

@@ -71,6 +71,23 @@ macro_rules! delegate_async_write {
     };
 }
 
+/// Implements tokio's `AsyncRead` and `AsyncWrite` (vectored writes too) for
+/// `$ty` by handing every call to its field `$field`.
+macro_rules! delegate_async_io {
+    ($ty:ty, $field:ident) => {
+        impl ::tokio::io::AsyncRead for $ty {
+            fn poll_read(
+                mut self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+                buf: &mut ::tokio::io::ReadBuf<'_>,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                ::tokio::io::AsyncRead::poll_read(::std::pin::Pin::new(&mut self.$field), cx, buf)
+            }
+        }
+        delegate_async_write!([] $ty, $field, vectored);
+    };
+}
+
 mod connect;
 mod hello;
 mod stream;

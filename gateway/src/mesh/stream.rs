@@ -1,10 +1,7 @@
 //! [`MeshTlsStream`]: an accepted, SPIFFE-authenticated TLS stream that Pingora's
 //! HTTP server can run on.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use isthmus_federation::SpiffeId;
@@ -13,7 +10,7 @@ use pingora_core::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, IO, Peek, Shutdown, SocketDigest, Ssl,
     TimingDigest, UniqueID, UniqueIDType,
 };
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio_rustls::server::TlsStream;
 
 use super::HelloRecorder;
@@ -76,17 +73,7 @@ impl MeshTlsStream {
     }
 }
 
-impl AsyncRead for MeshTlsStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_read(cx, buf)
-    }
-}
-
-delegate_async_write!([] MeshTlsStream, tls, vectored);
+delegate_async_io!(MeshTlsStream, tls);
 
 #[async_trait]
 impl Shutdown for MeshTlsStream {
