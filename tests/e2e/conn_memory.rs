@@ -11,10 +11,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is how a test reports failure
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use isthmus_tests::{Gateway, free_addr, minimal_config};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -22,20 +21,6 @@ const CONNECTIONS: usize = 2_000;
 /// Three times the target of 4 KiB per idle connection.
 const BOUND_KIB: u64 = 3 * 4 * CONNECTIONS as u64;
 const HOST: &str = "web.shop.svc.clusterset.local";
-
-/// The gateway under test: `$ISTHMUS_BIN` when set (the instrumented build
-/// under coverage), else the one Cargo built for this package's tests.
-fn isthmus_bin() -> PathBuf {
-    std::env::var_os("ISTHMUS_BIN").map_or_else(
-        || PathBuf::from(env!("CARGO_BIN_EXE_isthmus")),
-        PathBuf::from,
-    )
-}
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
 
 /// Raises this process's soft RLIMIT_NOFILE to its hard limit (the gateway
 /// inherits it); fails the test when that is too low for the connections.
@@ -52,87 +37,32 @@ fn raise_nofile() {
     );
 }
 
-struct Gateway {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Gateway {
-    fn start(admin: SocketAddr, outbound: SocketAddr, origin: SocketAddr) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let config = format!(
-            r#"[gateway]
-name = "gw-mem"
-cluster = "mem"
-trust_domain = "mem.example"
-[gateway.locality]
-region = "test"
-[admin]
-listen = "{admin}"
-[log]
-format = "json"
-level = "warn"
-[runtime]
-threads = 1
-[listeners]
+/// Starts the gateway under test: one thread, warnings only (no access
+/// log), its outbound listener on `outbound` proxying shop/web to `origin`.
+fn start_gateway(admin: SocketAddr, outbound: SocketAddr, origin: SocketAddr) -> Gateway {
+    let config = format!(
+        r#"{head}[listeners]
 outbound = "{outbound}"
 [[services]]
 namespace = "shop"
 name = "web"
 ports = [{{ port = 80 }}]
 endpoints = ["{origin}"]
-"#
-        );
-        let path = dir.path().join("isthmus.toml");
-        std::fs::write(&path, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("isthmus.log")).unwrap();
-        let child = Command::new(isthmus_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(&path)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawning isthmus");
-        Self { child, dir }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("isthmus.log")).unwrap_or_default()
-    }
-
-    /// The gateway's resident set, in KiB.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .expect("VmRSS in /proc/<pid>/status")
-    }
+"#,
+        head = minimal_config("gw-mem", admin),
+    );
+    Gateway::start(&config, admin, &[("ISTHMUS__LOG__LEVEL", "warn")]).unwrap()
 }
 
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        // Under coverage the gateway writes its profile when it exits by itself.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `pid`'s resident set, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
 }
 
 /// An origin answering every request on a kept-alive connection with `ok`.
@@ -211,7 +141,7 @@ async fn idle_keepalive_connections_cost_a_few_kib_each() {
     raise_nofile();
     let origin = origin().await;
     let (admin, outbound) = (free_addr(), free_addr());
-    let gateway = Gateway::start(admin, outbound, origin);
+    let gateway = start_gateway(admin, outbound, origin);
 
     // Ready once it proxies; a few requests warm it up (pools, metrics).
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -226,7 +156,7 @@ async fn idle_keepalive_connections_cost_a_few_kib_each() {
     for _ in 0..20 {
         assert!(answers(outbound).await);
     }
-    let idle = gateway.rss_kib();
+    let idle = rss_kib(gateway.pid());
 
     // 2,000 connections, each with one request answered, then left open; a
     // few at a time, so the gateway's upstream connections stay few.
@@ -251,7 +181,7 @@ async fn idle_keepalive_connections_cost_a_few_kib_each() {
     // may still be winding down when the first reading is taken.
     let mut growth = u64::MAX;
     for _ in 0..20 {
-        growth = growth.min(gateway.rss_kib().saturating_sub(idle));
+        growth = growth.min(rss_kib(gateway.pid()).saturating_sub(idle));
         if growth < BOUND_KIB {
             break;
         }
