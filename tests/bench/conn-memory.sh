@@ -52,31 +52,15 @@ if [[ " $PROXIES " == *" floor "* ]] && [ ! -x "$FLOOR_BIN" ]; then
   PROXIES=${PROXIES//floor/}
 fi
 
-wait_port() { for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 
-nginx_conf() { # name, worker_connections, server block
-  mkdir -p "$WORK/$1"
-  cat > "$WORK/$1/nginx.conf" <<NGX
-worker_processes 1;
-worker_rlimit_nofile $FDS;
-daemon off;
-pid $WORK/$1/nginx.pid;
-error_log $WORK/$1/error.log warn;
-events { worker_connections $2; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  keepalive_timeout 300s;
-  client_body_temp_path $WORK/$1; proxy_temp_path $WORK/$1; fastcgi_temp_path $WORK/$1;
-  uwsgi_temp_path $WORK/$1; scgi_temp_path $WORK/$1;
-  $3
-}
-NGX
-  echo "$WORK/$1/nginx.conf"
+# Every NGINX here may hold every connection, and keeps idle ones long.
+nginx_here() { # name, worker_connections, server block
+  nginx_conf "$1" "$2" "keepalive_timeout 300s;
+  $3" "worker_rlimit_nofile $FDS;"
 }
 
 ORIGIN=$(free_port)
-start ORIGIN_PID nginx -c "$(nginx_conf origin 4096 "server { listen 127.0.0.1:$ORIGIN; location / { return 200 \"ok\n\"; } }")"
+start ORIGIN_PID nginx -c "$(nginx_here origin 4096 "server { listen 127.0.0.1:$ORIGIN; location / { return 200 \"ok\n\"; } }")"
 wait_port "$ORIGIN"
 
 # The client: opens N connections through the proxy (at most 64 requests in
@@ -212,7 +196,7 @@ HAP
     nginx)
       # NGINX closes idle keep-alive connections when it runs short of
       # worker connections: leave it plenty.
-      start PROXY_PID nginx -c "$(nginx_conf nginx-proxy $((2 * max + 1000)) "upstream origin { server 127.0.0.1:$ORIGIN; keepalive 64; }
+      start PROXY_PID nginx -c "$(nginx_here nginx-proxy $((2 * max + 1000)) "upstream origin { server 127.0.0.1:$ORIGIN; keepalive 64; }
   server { listen 127.0.0.1:$PORT; location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }")"
       ;;
   esac

@@ -25,8 +25,6 @@ bench_need haproxy:haproxy nginx:nginx-light python3:python3 curl:curl
 bench_isthmus
 bench_workdir handshake-bench
 
-wait_port() { for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
-
 "$ISTHMUS" ca init --trust-domain a.example --out "$WORK/ca-a" >/dev/null
 "$ISTHMUS" ca init --trust-domain b.example --out "$WORK/ca-b" >/dev/null
 "$ISTHMUS" ca issue --ca "$WORK/ca-a" --spiffe-id spiffe://a.example/isthmus/gateway/gw-a --out "$WORK/a" >/dev/null
@@ -35,21 +33,7 @@ cat "$WORK/b/svid.crt" "$WORK/b/svid.key" > "$WORK/b/combined.pem"
 SNI=outbound_.80_._.web.bench.svc.cluster.local
 
 ORIGIN=$(free_port)
-mkdir -p "$WORK/origin"
-cat > "$WORK/origin/nginx.conf" <<NGX
-worker_processes 1;
-daemon off;
-pid $WORK/origin/nginx.pid;
-error_log $WORK/origin/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/origin; proxy_temp_path $WORK/origin; fastcgi_temp_path $WORK/origin;
-  uwsgi_temp_path $WORK/origin; scgi_temp_path $WORK/origin;
-  server { listen 127.0.0.1:$ORIGIN; location / { return 200 "ok\n"; } }
-}
-NGX
-start ORIGIN_PID nginx -c "$WORK/origin/nginx.conf"
+start ORIGIN_PID nginx -c "$(nginx_conf origin 1024 "server { listen 127.0.0.1:$ORIGIN; location / { return 200 \"ok\n\"; } }")"
 
 # Isthmus: gateway B's east-west listener, exporting one service.
 IB_EW=$(free_port); IB_ADMIN=$(free_port)
@@ -84,29 +68,14 @@ HAP
 start HAPROXY_PID haproxy -db -f "$WORK/haproxy.cfg"
 
 NG=$(free_port)
-mkdir -p "$WORK/nginx"
-cat > "$WORK/nginx/nginx.conf" <<NGX
-worker_processes 1;
-daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/nginx; proxy_temp_path $WORK/nginx; fastcgi_temp_path $WORK/nginx;
-  uwsgi_temp_path $WORK/nginx; scgi_temp_path $WORK/nginx;
-  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 16; }
+start NGINX_PID nginx -c "$(nginx_conf nginx 1024 "upstream origin { server 127.0.0.1:$ORIGIN; keepalive 16; }
   server { listen 127.0.0.1:$NG ssl; ssl_certificate $WORK/b/svid.crt; ssl_certificate_key $WORK/b/svid.key;
     ssl_client_certificate $WORK/ca-a/ca.crt; ssl_verify_client on; ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:s:1m;
-    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; } }
-}
-NGX
-start NGINX_PID nginx -c "$WORK/nginx/nginx.conf"
+    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }")"
 
 for p in $ORIGIN $IB_EW $HP $NG; do wait_port "$p"; done
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$IB_ADMIN/readyz" >/dev/null && break; sleep 0.1; done
 
-pids_of() { for p in "$@"; do echo "$p"; pgrep -P "$p" || true; done; }
 cpu_s() { python3 - $(pids_of "$@") <<'PY'
 import os, sys
 t = 0

@@ -7,6 +7,12 @@
 #   start VAR CMD...           runs CMD in the background, logs to $WORK/VAR.log,
 #                              records its pid in VAR and in PIDS
 #   free_port                  a loopback TCP port the kernel has just handed out
+#   wait_port PORT             waits (up to 10 s) until a loopback PORT accepts
+#   pids_of PID...             each PID and its children (NGINX masters fork workers)
+#   nginx_conf NAME WORKER_CONNECTIONS HTTP_BLOCK [MAIN_DIRECTIVES]
+#                              writes $WORK/NAME/nginx.conf (one worker, foreground,
+#                              no access log, keep-alive without a request limit,
+#                              HTTP_BLOCK inside http {}) and prints its path
 #   gateway_toml NAME CLUSTER TD ADMIN_PORT [SVID_DIR BUNDLE [ZONE]]
 #                              prints the tables every bench gateway starts with:
 #                              [gateway] (region "bench", zone ZONE if given),
@@ -56,6 +62,34 @@ start() {
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+  for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
+  echo "port $1 never opened" >&2
+  return 1
+}
+
+pids_of() { for p in "$@"; do echo "$p"; pgrep -P "$p" || true; done; }
+
+nginx_conf() {
+  mkdir -p "$WORK/$1"
+  cat > "$WORK/$1/nginx.conf" <<NGX
+worker_processes 1;
+${4:-}
+daemon off;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/error.log warn;
+events { worker_connections $2; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/$1; proxy_temp_path $WORK/$1; fastcgi_temp_path $WORK/$1;
+  uwsgi_temp_path $WORK/$1; scgi_temp_path $WORK/$1;
+  $3
+}
+NGX
+  echo "$WORK/$1/nginx.conf"
 }
 
 gateway_toml() {

@@ -66,7 +66,6 @@ bench_workdir proxy-bench
 
 # perf opens one event per system call and thread.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-wait_port() { for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 
 # --- the floor: built here, outside the workspace, on the workspace's lock ---
 FLOOR_DIR=$ROOT/tests/bench/floor
@@ -116,25 +115,6 @@ cat "$WORK/a/svid.crt" "$WORK/a/svid.key" > "$WORK/a/combined.pem"
 cat "$WORK/b/svid.crt" "$WORK/b/svid.key" > "$WORK/b/combined.pem"
 SNI=outbound_.80_._.web.bench.svc.cluster.local
 
-nginx_conf() { # name, server block
-  mkdir -p "$WORK/$1"
-  cat > "$WORK/$1/nginx.conf" <<NGX
-worker_processes 1;
-daemon off;
-pid $WORK/$1/nginx.pid;
-error_log $WORK/$1/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $WORK/$1; proxy_temp_path $WORK/$1; fastcgi_temp_path $WORK/$1;
-  uwsgi_temp_path $WORK/$1; scgi_temp_path $WORK/$1;
-  $2
-}
-NGX
-  echo "$WORK/$1/nginx.conf"
-}
-
 haproxy_head() { # the global and defaults sections every HAProxy here shares
   cat <<HAP
 global
@@ -149,7 +129,7 @@ HAP
 }
 
 ORIGIN=$(free_port)
-start ORIGIN_PID nginx -c "$(nginx_conf origin "server { listen 127.0.0.1:$ORIGIN; location / { return 200 \"ok\n\"; } }")"
+start ORIGIN_PID nginx -c "$(nginx_conf origin 4096 "server { listen 127.0.0.1:$ORIGIN; location / { return 200 \"ok\n\"; } }")"
 wait_port "$ORIGIN"
 
 # Every case: "path name port admin-or-stats-port pid..." (admin: Isthmus's admin
@@ -291,16 +271,16 @@ case_add b haproxy "$HPA2" - "$HAPROXY_A2_PID" "$HAPROXY_B2_PID"
 
 # --- NGINX ---
 NGA=$(free_port)
-start NGINX_A_PID nginx -c "$(nginx_conf nginx-a "upstream origin { server 127.0.0.1:$ORIGIN; keepalive 64; }
+start NGINX_A_PID nginx -c "$(nginx_conf nginx-a 4096 "upstream origin { server 127.0.0.1:$ORIGIN; keepalive 64; }
   server { listen 127.0.0.1:$NGA; location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }")"
 NGB_EW=$(free_port); NGA2=$(free_port)
 # NGINX cannot check a URI-SAN-only certificate (it verifies host names), so
 # its A side verifies nothing about B; B still requires and verifies A's SVID.
-start NGINX_B2_PID nginx -c "$(nginx_conf nginx-b2 "upstream origin { server 127.0.0.1:$ORIGIN; keepalive 64; }
+start NGINX_B2_PID nginx -c "$(nginx_conf nginx-b2 4096 "upstream origin { server 127.0.0.1:$ORIGIN; keepalive 64; }
   server { listen 127.0.0.1:$NGB_EW ssl; ssl_certificate $WORK/b/svid.crt; ssl_certificate_key $WORK/b/svid.key;
     ssl_client_certificate $WORK/ca-a/ca.crt; ssl_verify_client on;
     location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }")"
-start NGINX_A2_PID nginx -c "$(nginx_conf nginx-a2 "upstream peer { server 127.0.0.1:$NGB_EW; keepalive 64; }
+start NGINX_A2_PID nginx -c "$(nginx_conf nginx-a2 4096 "upstream peer { server 127.0.0.1:$NGB_EW; keepalive 64; }
   server { listen 127.0.0.1:$NGA2; location / { proxy_pass https://peer; proxy_http_version 1.1; proxy_set_header Connection \"\";
     proxy_ssl_certificate $WORK/a/svid.crt; proxy_ssl_certificate_key $WORK/a/svid.key;
     proxy_ssl_server_name on; proxy_ssl_name $SNI; proxy_ssl_session_reuse on; } }")"
@@ -323,7 +303,6 @@ for c in "${CASES[@]}" "${COUNT_CASES[@]}"; do
 done
 
 # All pids of a proxy (nginx masters fork workers).
-pids_of() { for p in "$@"; do echo "$p"; pgrep -P "$p" || true; done; }
 # "utime stime ctxsw rss_kb" summed over the pids, every thread of each.
 sample() {
   python3 - $(pids_of "$@") <<'PY'
