@@ -13,7 +13,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use isthmus_tests::{Gateway, free_addr, minimal_config};
+use isthmus_tests::{Gateway, free_addr, solo_config};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -40,18 +40,12 @@ fn raise_nofile() {
 /// Starts the gateway under test: one thread, warnings only (no access
 /// log), its outbound listener on `outbound` proxying shop/web to `origin`.
 fn start_gateway(admin: SocketAddr, outbound: SocketAddr, origin: SocketAddr) -> Gateway {
-    let config = format!(
-        r#"{head}[listeners]
-outbound = "{outbound}"
-[[services]]
-namespace = "shop"
-name = "web"
-ports = [{{ port = 80 }}]
-endpoints = ["{origin}"]
-"#,
-        head = minimal_config("gw-mem", admin),
-    );
-    Gateway::start(&config, admin, &[("ISTHMUS__LOG__LEVEL", "warn")]).unwrap()
+    let config = solo_config(admin, outbound, &format!("\"{origin}\""), "");
+    let env = [
+        ("ISTHMUS__RUNTIME__THREADS", "1"),
+        ("ISTHMUS__LOG__LEVEL", "warn"),
+    ];
+    Gateway::start(&config, admin, &env).unwrap()
 }
 
 /// `pid`'s resident set, in KiB.
