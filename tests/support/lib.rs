@@ -199,7 +199,8 @@ drain_timeout = "3s"
 
 /// An HTTP/1.1 upstream on loopback that answers every request with JSON
 /// describing it: `served_by`, `method`, `path`, `headers` (lowercase names) and
-/// `body_len`. Keep-alive is honoured. It runs until the test process ends.
+/// `body_len`. Keep-alive is honoured; `Expect: 100-continue` gets a `100
+/// Continue` first, and paths under `/early-hints` a `103 Early Hints`. It runs until the test process ends.
 pub struct EchoServer {
     /// Its address.
     pub addr: SocketAddr,
@@ -276,6 +277,21 @@ fn echo_connection(conn: std::net::TcpStream, name: &str, behaviour: &Mutex<Beha
             .get("content-length")
             .and_then(|v| v.as_str()?.parse().ok())
             .unwrap_or(0);
+        // Interim responses as origins send them: 100 Continue to a client that
+        // waits for it before its body (RFC 9110 §10.1.1), and 103 Early Hints
+        // on /early-hints (RFC 8297).
+        if headers.get("expect").and_then(|v| v.as_str()) == Some("100-continue")
+            && writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err()
+        {
+            return;
+        }
+        if path.starts_with("/early-hints")
+            && writer
+                .write_all(b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n")
+                .is_err()
+        {
+            return;
+        }
         let mut body = vec![0; body_len];
         if reader.read_exact(&mut body).is_err() {
             return;

@@ -1116,10 +1116,18 @@ pub(crate) async fn pipe_up_to_down_response(
     tx: mpsc::Sender<HttpTask>,
     pipe_state: Arc<AtomicU8>,
 ) -> Result<()> {
-    client
-        .read_response_header()
+    // ISTHMUS PATCH (interim responses): 1xx responses (100 Continue, 103
+    // Early Hints) go downstream ahead of the final one, as from an h1 upstream.
+    while let Some(interim) = client
+        .read_interim_or_response_header()
         .await
-        .map_err(|e| e.into_up())?; // should we send the error as an HttpTask?
+        .map_err(|e| e.into_up())?
+    // should we send the error as an HttpTask?
+    {
+        tx.send(HttpTask::Header(interim, false))
+            .await
+            .or_err(InternalError, "sending h2 interim headers to pipe")?;
+    }
 
     let resp_header = Box::new(client.response_header().expect("just read").clone());
 

@@ -207,13 +207,59 @@ impl Http2Session {
                 .map_err(|e| self.handle_err(e))?,
             None => std::future::poll_fn(|cx| self.poll_response_header(cx)).await,
         };
-        let (resp, body_reader) = res.map_err(handle_read_header_error)?.into_parts();
+        self.store_response(res.map_err(handle_read_header_error)?)
+    }
+
+    fn store_response(&mut self, resp: http::Response<RecvStream>) -> Result<()> {
+        let (resp, body_reader) = resp.into_parts();
         let response_header = ResponseHeader::from(resp);
         validate_response_header(&response_header)?;
         self.response_header = Some(response_header);
         self.response_body_reader = Some(body_reader);
 
         Ok(())
+    }
+
+    /// ISTHMUS PATCH (interim responses): read the next response header
+    /// block. An interim (1xx) one is returned, and more may follow; the final
+    /// one is stored as [`Self::read_response_header`] stores it, and `None`
+    /// returned. [`Self::read_response_header`] skips interim responses.
+    pub async fn read_interim_or_response_header(
+        &mut self,
+    ) -> Result<Option<Box<ResponseHeader>>> {
+        let res = match self.read_timeout {
+            Some(t) => timeout(
+                t,
+                std::future::poll_fn(|cx| self.poll_interim_or_response(cx)),
+            )
+            .await
+            .map_err(|_| Error::explain(ReadTimedout, "while reading h2 response header"))
+            .map_err(|e| self.handle_err(e))?,
+            None => std::future::poll_fn(|cx| self.poll_interim_or_response(cx)).await,
+        };
+        match res.map_err(handle_read_header_error)? {
+            Interim::Informational(resp) => {
+                let header = ResponseHeader::from(resp.into_parts().0);
+                validate_response_header(&header)?;
+                Ok(Some(Box::new(header)))
+            }
+            Interim::Final(resp) => self.store_response(resp).map(|()| None),
+        }
+    }
+
+    fn poll_interim_or_response(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::result::Result<Interim, h2::Error>> {
+        // Interim responses queue ahead of the final one in the stream;
+        // `poll_informational` yields them in order, and nothing once the
+        // final response is next.
+        if let Some(resp_fut) = self.resp_fut.as_mut() {
+            if let Poll::Ready(Some(info)) = resp_fut.poll_informational(cx) {
+                return Poll::Ready(info.map(Interim::Informational));
+            }
+        }
+        self.poll_response_header(cx).map_ok(Interim::Final)
     }
 
     #[doc(hidden)]
@@ -512,6 +558,12 @@ impl Http2Session {
         }
         e
     }
+}
+
+/// A response header block as [`Http2Session::read_interim_or_response_header`] reads it.
+enum Interim {
+    Informational(http::Response<()>),
+    Final(http::Response<RecvStream>),
 }
 
 /* helper functions */

@@ -626,10 +626,13 @@ impl HttpSession {
             return Ok(());
         }
 
-        if header.status.is_informational() {
-            // ignore informational response 1xx header because send_response() can only be called once
-            // https://github.com/hyperium/h2/issues/167
-            debug!("ignoring informational headers");
+        // ISTHMUS PATCH (interim responses): h2 0.4.20 sends 1xx headers
+        // (hyperium/h2#865), so an interim response is relayed (RFC 9113
+        // §8.1) and leaves the stream ready for the final one. 101 has no
+        // meaning in HTTP/2 (§8.6) and is still dropped.
+        let informational = header.status.is_informational();
+        if header.status == StatusCode::SWITCHING_PROTOCOLS {
+            debug!("ignoring 101 on h2");
             return Ok(());
         }
 
@@ -639,7 +642,9 @@ impl HttpSession {
         }
 
         /* update headers */
-        header.insert_header(header::DATE, get_cached_date())?;
+        if !informational {
+            header.insert_header(header::DATE, get_cached_date())?;
+        }
 
         // remove other h1 hop headers that cannot be present in H2
         // https://httpwg.org/specs/rfc7540.html#n-connection-specific-header-fields
@@ -650,6 +655,13 @@ impl HttpSession {
         header.remove_header(&HeaderName::from_static("proxy-connection"));
 
         let resp = Response::from_parts(header.as_owned_parts(), ());
+
+        if informational {
+            return self.send_response.send_informational(resp).or_err(
+                ErrorType::WriteError,
+                "while writing h2 interim response to downstream",
+            );
+        }
 
         let body_writer = self.send_response.send_response(resp, end).or_err(
             ErrorType::WriteError,
