@@ -445,10 +445,8 @@ fn add_data_plane(
             outbound = outbound.with_clusterset(allocations);
         }
         let mut proxy = pingora_proxy::http_proxy(&conf, outbound);
-        let mut options = HttpServerOptions::default();
-        options.h2c = true;
-        proxy.server_options = Some(options);
-        proxy.h2_options = Some(h2_options(limits));
+        proxy.server_options = Some(server_options(limits, Hop::First, true));
+        proxy.h2_options = Some(h2_options(limits, Hop::First));
         proxy
     };
     if let Some(addr) = config.listeners.outbound {
@@ -523,7 +521,8 @@ fn add_data_plane(
             &conf,
             EastWestProxy::new(runtime.clone(), peer_clusters, callers.clone(), registry),
         );
-        proxy.h2_options = Some(h2_options(limits));
+        proxy.server_options = Some(server_options(limits, Hop::EastWest, false));
+        proxy.h2_options = Some(h2_options(limits, Hop::EastWest));
         let app = EastWestApp::new(
             acceptor,
             proxy,
@@ -560,10 +559,48 @@ fn add_data_plane(
     Ok(clusterset_listeners)
 }
 
-/// Pingora's bounded HTTP/2 defaults with `limits.h2_max_concurrent_streams`.
-fn h2_options(limits: &LimitsConfig) -> H2Options {
+/// What the east-west listener allows over `limits.max_request_header_bytes`:
+/// the calling gateway held the request to the limit and then added its own
+/// headers (request id, trace context, subset), and HTTP/2 counts 32 bytes
+/// more per field than HTTP/1 does. A request under the limit at the first
+/// hop is then under it at the second.
+const EAST_WEST_HEADER_ALLOWANCE: u32 = 16 * 1024;
+
+/// Which hop a proxy listener is, for its request-header limit.
+#[derive(Clone, Copy)]
+enum Hop {
+    /// Outbound and clusterset listeners: workloads' requests.
+    First,
+    /// East-west: requests another gateway already checked.
+    EastWest,
+}
+
+impl Hop {
+    fn max_request_header_bytes(self, limits: &LimitsConfig) -> u32 {
+        match self {
+            Self::First => limits.max_request_header_bytes,
+            Self::EastWest => limits.max_request_header_bytes + EAST_WEST_HEADER_ALLOWANCE,
+        }
+    }
+}
+
+/// Pingora's bounded HTTP/2 defaults with `limits.h2_max_concurrent_streams`
+/// and the request-header limit (counted as RFC 9113 §6.5.2 counts a header
+/// list: each field 32 bytes over its name and value). The h2 crate answers a
+/// header block over it with 431.
+fn h2_options(limits: &LimitsConfig, hop: Hop) -> H2Options {
     let mut options = default_h2_options();
     options.max_concurrent_streams(limits.h2_max_concurrent_streams);
+    options.max_header_list_size(hop.max_request_header_bytes(limits));
+    options
+}
+
+/// HTTP/1 options of a proxy listener: h2c or not, and the request-header
+/// limit (the request line and fields as sent; over it, 431).
+fn server_options(limits: &LimitsConfig, hop: Hop, h2c: bool) -> HttpServerOptions {
+    let mut options = HttpServerOptions::default();
+    options.h2c = h2c;
+    options.max_request_header_bytes = Some(hop.max_request_header_bytes(limits) as usize);
     options
 }
 

@@ -20,6 +20,13 @@ use super::parse::{Check, int, parse_duration_between};
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const MIN_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_HEADER_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default most bytes of one request's headers: what Envoy allows (60 KiB)
+/// and the HTTP/2 limit Pingora sets, rounded to 64 KiB; large enough for
+/// several JWTs and cookies.
+pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: i64 = 64 * 1024;
+const MIN_MAX_REQUEST_HEADER_BYTES: i64 = 4 * 1024;
+/// Pingora's own HTTP/1 ceiling (1 MiB less a byte).
+const MAX_MAX_REQUEST_HEADER_BYTES: i64 = 1024 * 1024 - 1;
 /// Default concurrent streams on one downstream HTTP/2 connection (Pingora's
 /// own default, and what most servers advertise).
 pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: i64 = 100;
@@ -56,6 +63,8 @@ pub struct RawLimits {
     pub header_timeout: Option<String>,
     /// `limits.h2_max_concurrent_streams`
     pub h2_max_concurrent_streams: Option<i64>,
+    /// `limits.max_request_header_bytes`
+    pub max_request_header_bytes: Option<i64>,
     /// `[limits.outbound]`
     pub outbound: Option<RawConnectionLimits>,
     /// `[limits.east_west]`
@@ -97,6 +106,8 @@ pub struct LimitsConfig {
     pub header_timeout: Duration,
     /// Concurrent streams per downstream HTTP/2 connection.
     pub h2_max_concurrent_streams: u32,
+    /// Most bytes of one request's headers, on every HTTP listener.
+    pub max_request_header_bytes: u32,
     /// `[limits.outbound]`
     pub outbound: ConnectionLimits,
     /// `[limits.east_west]` connections.
@@ -114,6 +125,7 @@ impl Default for LimitsConfig {
         Self {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS as u32,
+            max_request_header_bytes: DEFAULT_MAX_REQUEST_HEADER_BYTES as u32,
             outbound: DEFAULT_OUTBOUND,
             east_west: DEFAULT_EAST_WEST,
             east_west_handshakes: DEFAULT_EAST_WEST_HANDSHAKES,
@@ -149,12 +161,13 @@ impl Serialize for LimitsConfig {
     /// In the file's shape, so the effective configuration reads back.
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("LimitsConfig", 6)?;
+        let mut st = s.serialize_struct("LimitsConfig", 7)?;
         st.serialize_field(
             "header_timeout",
             &humantime::format_duration(self.header_timeout).to_string(),
         )?;
         st.serialize_field("h2_max_concurrent_streams", &self.h2_max_concurrent_streams)?;
+        st.serialize_field("max_request_header_bytes", &self.max_request_header_bytes)?;
         st.serialize_field("outbound", &Caps::of(self.outbound))?;
         st.serialize_field(
             "east_west",
@@ -231,6 +244,14 @@ pub(super) fn limits(check: &mut Check, raw: &RawLimits) -> Option<LimitsConfig>
         1,
         MAX_H2_MAX_CONCURRENT_STREAMS,
     );
+    let max_request_header_bytes = int(
+        check,
+        "limits.max_request_header_bytes",
+        raw.max_request_header_bytes,
+        DEFAULT_MAX_REQUEST_HEADER_BYTES,
+        MIN_MAX_REQUEST_HEADER_BYTES,
+        MAX_MAX_REQUEST_HEADER_BYTES,
+    );
     let outbound = listener(
         check,
         "limits.outbound",
@@ -267,6 +288,7 @@ pub(super) fn limits(check: &mut Check, raw: &RawLimits) -> Option<LimitsConfig>
     Some(LimitsConfig {
         header_timeout: header_timeout?,
         h2_max_concurrent_streams: h2_max_concurrent_streams?,
+        max_request_header_bytes: max_request_header_bytes?,
         outbound: outbound?,
         east_west: east_west?,
         east_west_handshakes: east_west_handshakes?,

@@ -1446,11 +1446,14 @@ fn limits_have_production_defaults_and_round_trip() {
     assert_eq!(c.limits.outbound, DEFAULT_OUTBOUND);
     assert_eq!(c.limits.admin, DEFAULT_ADMIN);
     assert_eq!(c.limits.h2_max_concurrent_streams, 100);
-    let text = with("limits", "header_timeout = \"3s\"");
+    assert_eq!(c.limits.max_request_header_bytes, 64 * 1024);
+    let text = with("limits", "header_timeout = \"3s\"")
+        .replace("[limits]\n", "[limits]\nmax_request_header_bytes = 262144\n");
     let text = text
         + "\n[limits.east_west]\nconnections = 50\nconnections_per_source = 5\nhandshakes = 8\nhandshakes_per_source = 2\n[limits.admin]\nconnections_per_source = 3\n";
     let c = parse_with_env(&text, "t", NO_ENV).expect("valid");
     assert_eq!(c.limits.header_timeout, Duration::from_secs(3));
+    assert_eq!(c.limits.max_request_header_bytes, 262_144);
     assert_eq!(
         (c.limits.east_west.total, c.limits.east_west.per_source),
         (50, 5)
@@ -1489,6 +1492,15 @@ fn limits_mistakes_are_named() {
         "h2_max_concurrent_streams = 0",
         "limits.h2_max_concurrent_streams",
     );
+    // Pingora's HTTP/1 ceiling is 1 MiB less a byte; under 4 KiB, ordinary
+    // browser requests would fail.
+    for bytes in ["1048576", "1024"] {
+        assert_rejects(
+            "limits",
+            &format!("max_request_header_bytes = {bytes}"),
+            "limits.max_request_header_bytes",
+        );
+    }
     assert_rejects(
         "limits.outbound",
         "connections = 0",

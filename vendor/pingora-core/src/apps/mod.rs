@@ -89,6 +89,10 @@ pub struct HttpServerOptions {
     ///
     /// Default: `None`
     pub h2_idle_timeout: Option<Duration>,
+
+    /// ISTHMUS PATCH (header limit): the most bytes an HTTP/1 request header
+    /// may take (at most, and by default, 1 MiB); over it the proxy answers 431.
+    pub max_request_header_bytes: Option<usize>,
 }
 
 /// Settings persisted across HTTP/1.x keepalive requests on the same downstream connection.
@@ -373,6 +377,12 @@ where
             if let Some(bytes) = first {
                 session.set_pipelined_prefix(bytes);
             }
+            let max_header = self
+                .server_options()
+                .and_then(|opts| opts.max_request_header_bytes);
+            if let Some(max) = max_header {
+                session.set_max_request_header_bytes(max);
+            }
 
             let mut result = self.process_new_http(session, shutdown).await;
             while let Some((mut stream, persistent_settings)) = result.map(|r| r.consume()) {
@@ -398,6 +408,9 @@ where
                 }
                 if let Some(bytes) = next {
                     session.set_pipelined_prefix(bytes);
+                }
+                if let Some(max) = max_header {
+                    session.set_max_request_header_bytes(max);
                 }
 
                 result = self.process_new_http(session, shutdown).await;

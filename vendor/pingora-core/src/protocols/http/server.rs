@@ -333,6 +333,15 @@ impl Session {
         }
     }
 
+    /// ISTHMUS PATCH (header limit): the most bytes an HTTP/1 request header
+    /// may take; see [`SessionV1::set_max_request_header_bytes`]. HTTP/2 has
+    /// its own limit, in the connection's settings.
+    pub fn set_max_request_header_bytes(&mut self, bytes: usize) {
+        if let Self::H1(s) = self {
+            s.set_max_request_header_bytes(bytes);
+        }
+    }
+
     /// Set the number of times the upstream connection connection for this
     /// session can be reused via keepalive. Noop for h2 and subrequest
     pub fn set_keepalive_reuses_remaining(&mut self, reuses: Option<u32>) {

@@ -23,7 +23,7 @@ use http::{header, header::AsHeaderName, Method, Version};
 use log::{debug, trace, warn};
 use once_cell::sync::Lazy;
 use percent_encoding::{percent_encode, AsciiSet, CONTROLS};
-use pingora_error::{Error, ErrorType::*, OrErr, Result};
+use pingora_error::{Error, ErrorType, ErrorType::*, OrErr, Result};
 use pingora_http::{IntoCaseHeaderName, RequestHeader, ResponseHeader};
 use pingora_timeout::timeout;
 use regex::bytes::Regex;
@@ -72,6 +72,10 @@ impl ProxyTaskState {
         self.header_writer.get_or_insert_with(HeaderWriter::new)
     }
 }
+
+/// ISTHMUS PATCH (header limit): the error of a request header over its limit
+/// in bytes or fields; the proxy answers it with 431 (RFC 6585 §5).
+pub const REQUEST_HEADER_TOO_LARGE: ErrorType = ErrorType::Custom("RequestHeaderTooLarge");
 
 /// The HTTP 1.x server session
 pub struct HttpSession {
@@ -158,6 +162,8 @@ pub struct HttpSession {
     /// [`super::super::HttpPersistentSettings`] into the next session.
     /// Scoped narrowly so it cannot affect FIN / `abort_on_close` semantics.
     pipelined_idle_bytes_stashed: bool,
+    /// ISTHMUS PATCH (header limit): the most bytes a request header may take.
+    max_request_header_bytes: usize,
 }
 
 impl HttpSession {
@@ -206,7 +212,15 @@ impl HttpSession {
             pipelining_enabled: false,
             pipelined_prefix: None,
             pipelined_idle_bytes_stashed: false,
+            max_request_header_bytes: MAX_HEADER_SIZE,
         }
+    }
+
+    /// ISTHMUS PATCH (header limit): refuse request headers over `bytes`
+    /// (request line and fields as sent; at most [`MAX_HEADER_SIZE`]) with
+    /// [`REQUEST_HEADER_TOO_LARGE`], which the proxy answers with 431.
+    pub fn set_max_request_header_bytes(&mut self, bytes: usize) {
+        self.max_request_header_bytes = bytes.min(MAX_HEADER_SIZE);
     }
 
     async fn read_request_buf(
@@ -305,13 +319,13 @@ impl HttpSession {
         let mut skip_next_read = already_read != 0;
         let mut detached_suffix = None;
         loop {
-            if already_read > MAX_HEADER_SIZE {
+            if already_read > self.max_request_header_bytes {
                 /* NOTE: this check only blocks second read. The first large read is allowed
                 since the buf is already allocated. The goal is to avoid slowly bloating
                 this buffer */
                 return Error::e_explain(
-                    InvalidHTTPHeader,
-                    format!("Request header larger than {MAX_HEADER_SIZE}"),
+                    REQUEST_HEADER_TOO_LARGE,
+                    format!("Request header larger than {}", self.max_request_header_bytes),
                 );
             }
 
@@ -335,6 +349,17 @@ impl HttpSession {
                 let mut req = httparse::Request::new(&mut headers);
                 let parsed = parse_req_buffer(&mut req, &buf);
                 match parsed {
+                    // ISTHMUS PATCH (header limit): a header that arrived whole in
+                    // one read is held to the limit too.
+                    HeaderParseState::Complete(s) if s > self.max_request_header_bytes => {
+                        return Error::e_explain(
+                            REQUEST_HEADER_TOO_LARGE,
+                            format!(
+                                "Request header of {s} bytes, over {}",
+                                self.max_request_header_bytes
+                            ),
+                        );
+                    }
                     HeaderParseState::Complete(s) => {
                         self.raw_header = Some(BufRef(0, s));
 
@@ -461,6 +486,15 @@ impl HttpSession {
                                     e,
                                 );
                             }
+                        }
+                        // ISTHMUS PATCH (header limit): too many fields is too large a
+                        // header (RFC 6585 §5), not a malformed one.
+                        httparse::Error::TooManyHeaders => {
+                            return Error::e_because(
+                                REQUEST_HEADER_TOO_LARGE,
+                                format!("more than {MAX_HEADERS} request header fields"),
+                                e,
+                            );
                         }
                         _ => {
                             debug!("Invalid request header from {:?}", self.underlying_stream);
