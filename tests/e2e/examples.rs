@@ -19,8 +19,8 @@ use isthmus_tests::dns::dig;
 use isthmus_tests::mesh::remote_clusters;
 use isthmus_tests::two_clusters::tcp_exchange;
 use isthmus_tests::{
-    DevPki, EchoServer, Gateway, curl, free_addr, isthmus, served_by, tcp_echo, wait_for,
-    workspace_root,
+    DevPki, EchoServer, Gateway, curl, free_addr, isthmus, metric_sum, served_by, tcp_echo,
+    wait_for, workspace_root,
 };
 
 const START: Duration = Duration::from_secs(40);
@@ -103,7 +103,10 @@ impl Site {
             env.push(var(key, addr));
         }
         if get(&self.doc, "federation.advertise").is_some() {
-            env.push(var("federation.advertise", self.addr("listeners.east_west")));
+            env.push(var(
+                "federation.advertise",
+                self.addr("listeners.east_west"),
+            ));
         }
         for key in ["federation.state_file", "dns.state_file"] {
             if get(&self.doc, key).is_some() {
@@ -149,12 +152,7 @@ impl Site {
     /// Starts the gateway on the shipped file itself, with `env`.
     fn start(&self, env: &[(String, String)]) -> Gateway {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        Gateway::start_file(
-            &examples().join(self.file),
-            self.addr("admin.listen"),
-            &env,
-        )
-        .unwrap()
+        Gateway::start_file(&examples().join(self.file), self.addr("admin.listen"), &env).unwrap()
     }
 }
 
@@ -214,7 +212,11 @@ fn assert_all_loopback(file: &str, env: &[(String, String)]) {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let out = isthmus(&["print-config", "--config", path.to_str().unwrap()], &env);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{file}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for quoted in text.split('"').skip(1).step_by(2) {
         let ip = quoted
             .parse::<SocketAddr>()
@@ -251,7 +253,10 @@ fn shipped_examples_federate_two_clusters_and_a_vm() {
             let name = service_name(&service);
             let tcp = service["ports"].as_array().unwrap()[0].get("protocol")
                 == Some(&toml::Value::from("tcp"));
-            let count = service.get("endpoints").and_then(|e| e.as_array()).map_or(0, Vec::len);
+            let count = service
+                .get("endpoints")
+                .and_then(|e| e.as_array())
+                .map_or(0, Vec::len);
             for j in 0..count {
                 let addr = if tcp {
                     tcp_echo()
@@ -282,19 +287,35 @@ fn shipped_examples_federate_two_clusters_and_a_vm() {
     for gw in &mut gateways {
         gw.wait_ready(START).unwrap();
     }
-    let (east_gw, vm_gw) = (&gateways[0], &gateways[2]);
+    let (east_gw, west_gw, vm_gw) = (&gateways[0], &gateways[1], &gateways[2]);
 
     // Peering brought each side the others' exports, with no [[services]]
     // entry for them.
     for (gw, service, cluster) in [
         (east_gw, "shop/catalog", "prod-west"),
         (east_gw, "billing/ledger", "vm-fleet"),
+        (west_gw, "shop/web", "prod-east"),
+        (west_gw, "billing/ledger", "vm-fleet"),
         (vm_gw, "shop/web", "prod-east"),
+        (vm_gw, "shop/catalog", "prod-west"),
     ] {
         wait_for(CONVERGE, &format!("{service} from {cluster}"), || {
             (remote_clusters(gw, service)? == [cluster]).then_some(())
         })
         .unwrap_or_else(|e| panic!("{e}:\n{}", gw.admin_json("/debug/catalog")));
+    }
+
+    // The VM follows both clusters' bundles at their bundle endpoints.
+    for td in ["prod-east.example.org", "prod-west.example.org"] {
+        wait_for(CONVERGE, &format!("a fetch of {td}'s bundle"), || {
+            let metrics = vm_gw.admin_get("/metrics").body;
+            let fetched = |result| {
+                let labels = [("trust_domain", td), ("result", result)];
+                metric_sum(&metrics, "isthmus_trust_bundle_fetches_total", &labels)
+            };
+            (fetched("updated") + fetched("unchanged") > 0.0).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}:\n{}", vm_gw.log()));
     }
 
     // A workload in east calls west's HTTP service through east's outbound listener.
@@ -314,7 +335,10 @@ fn shipped_examples_federate_two_clusters_and_a_vm() {
     );
 
     // ...and the VM's TCP service at the clusterset IP east's DNS gives it.
-    let ledger = resolve(east.addr("dns.listen"), "ledger.billing.svc.clusterset.local");
+    let ledger = resolve(
+        east.addr("dns.listen"),
+        "ledger.billing.svc.clusterset.local",
+    );
     assert!(ledger.to_string().starts_with("127.250.1."), "{ledger}");
     let srv = dig(
         east.addr("dns.listen"),
@@ -327,9 +351,11 @@ fn shipped_examples_federate_two_clusters_and_a_vm() {
         srv.raw
     );
     let ledger = SocketAddr::new(ledger, 5432);
-    wait_for(CONVERGE, "east's clusterset listener for billing/ledger", || {
-        TcpStream::connect(ledger).ok()
-    })
+    wait_for(
+        CONVERGE,
+        "east's clusterset listener for billing/ledger",
+        || TcpStream::connect(ledger).ok(),
+    )
     .unwrap();
     tcp_exchange(ledger, 3);
 
