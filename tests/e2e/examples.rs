@@ -138,11 +138,10 @@ impl Site {
             let addr = other.addr("federation.listen");
             env.push(var(&format!("federation.peers[{i}].address"), addr));
         }
+        // The test started one backend for each endpoint the file lists.
         for (i, service) in tables(&self.doc, "services").iter().enumerate() {
-            let name = service_name(service);
-            let endpoints = service.get("endpoints").and_then(|e| e.as_array());
-            for j in 0..endpoints.map_or(0, Vec::len) {
-                let addr = backends[&name][j];
+            let mine = backends.get(&service_name(service)).into_iter().flatten();
+            for (j, addr) in mine.enumerate() {
                 env.push(var(&format!("services[{i}].endpoints[{j}]"), addr));
             }
         }
