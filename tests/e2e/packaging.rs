@@ -81,6 +81,8 @@ fn packages_hold_the_gateway_and_pass_lintian_and_systemd_analyze() {
         "./usr/share/doc/isthmus/changelog.Debian.gz",
         "./usr/share/doc/isthmus/README.md",
         "./usr/share/doc/isthmus/operations.md",
+        "./usr/share/doc/isthmus/examples/cluster-east.toml",
+        "./usr/share/doc/isthmus/examples/cluster-west.toml",
         "./usr/share/doc/isthmus/examples/edge-vm.toml",
         "./usr/share/lintian/overrides/isthmus",
     ];
@@ -131,6 +133,9 @@ fn packages_hold_the_gateway_and_pass_lintian_and_systemd_analyze() {
         "/usr/share/man/man1/isthmus.1",
         "/usr/share/doc/isthmus/README.md",
         "/usr/share/doc/isthmus/operations.md",
+        "/usr/share/doc/isthmus/examples/cluster-east.toml",
+        "/usr/share/doc/isthmus/examples/cluster-west.toml",
+        "/usr/share/doc/isthmus/examples/edge-vm.toml",
     ];
     assert_listed(&list, &rpm_paths, |line, path| line == path);
     let info = run("rpm", &["-qpi", &rpm]);

@@ -641,6 +641,7 @@ pub fn send_signal(pid: u32, signal: &str) -> Result<()> {
 pub struct Gateway {
     child: Option<Child>,
     dir: tempfile::TempDir,
+    config: PathBuf,
     /// The admin API address.
     pub admin: SocketAddr,
 }
@@ -651,6 +652,21 @@ impl Gateway {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("isthmus.toml");
         std::fs::write(&config_path, config)?;
+        Self::spawn(dir, config_path, admin, env)
+    }
+
+    /// Starts `isthmus run` on the file `config` as it is (a shipped
+    /// example, say: never written to) with `env` added.
+    pub fn start_file(config: &Path, admin: SocketAddr, env: &[(&str, &str)]) -> Result<Self> {
+        Self::spawn(tempfile::tempdir()?, config.to_owned(), admin, env)
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        admin: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let log = std::fs::File::create(dir.path().join("isthmus.log"))?;
         let mut cmd = Command::new(isthmus_bin());
         cmd.arg("run")
@@ -668,6 +684,7 @@ impl Gateway {
         Ok(Self {
             child: Some(child),
             dir,
+            config: config_path,
             admin,
         })
     }
@@ -679,7 +696,7 @@ impl Gateway {
 
     /// The configuration file the gateway runs on.
     pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("isthmus.toml")
+        self.config.clone()
     }
 
     /// Everything the gateway logged so far.
