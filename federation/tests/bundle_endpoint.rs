@@ -55,6 +55,7 @@ fn bundle_json(cas: &[&CaMaterial], sequence: u64, hint_secs: u64) -> String {
     TrustBundle::parse(td("remote.example"), pem.as_bytes())
         .unwrap()
         .to_spiffe_json(sequence, Some(Duration::from_secs(hint_secs)))
+        .unwrap()
 }
 
 #[tokio::test]
