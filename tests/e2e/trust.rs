@@ -1,15 +1,17 @@
 //! Identity and trust with real processes: PKI from `isthmus ca`, two gateways
 //! federating through a SPIFFE bundle endpoint, `openssl s_client` as an outside
-//! client, rotation through files, and bad files rejected while serving goes on.
+//! client, rotation through files, bad files rejected while serving goes on, and
+//! our SPIFFE bundles read by an independent JWK implementation (jwcrypto).
 #![allow(clippy::unwrap_used)] // a panic is how a test reports failure
 
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use isthmus_tests::two_clusters::{GW_A, TwoDomains, federated};
 use isthmus_tests::{
     DevPki, Gateway, check_config, free_addr, gateway_config, isthmus, metric_value,
-    openssl_s_client, replace_file, wait_for,
+    openssl_s_client, python_client, replace_file, wait_for,
 };
 
 const START: Duration = Duration::from_secs(20);
@@ -249,4 +251,117 @@ fn bad_identity_files_are_configuration_errors() {
     let out = isthmus(&["run", "--config", file.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(78));
     std::net::TcpListener::bind(admin).expect("admin port still free");
+}
+
+/// Reads each SPIFFE bundle named in argv[2:] (a file, or an https URL fetched
+/// with the chain checked against the CA file argv[1]) with jwcrypto: the whole
+/// document as a JWK Set, then each key as a JWK, which checks its members for
+/// its `kty` (RFC 7518 §6). Prints, per key, the members as written and the
+/// public key jwcrypto made of them, as PEM.
+const JWCRYPTO_READ: &str = r#"
+import json, ssl, sys, urllib.request
+from jwcrypto import jwk
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+ctx.check_hostname = False  # an SVID names a SPIFFE ID, not a host
+out = []
+for source in sys.argv[2:]:
+    if source.startswith("https://"):
+        text = urllib.request.urlopen(source, context=ctx, timeout=10).read().decode()
+    else:
+        text = open(source).read()
+    jwk.JWKSet.from_json(text)
+    for raw in json.loads(text)["keys"]:
+        key = jwk.JWK(**raw)
+        out.append({"source": source, "raw": raw, "pem": key.export_to_pem().decode()})
+print(json.dumps(out))
+"#;
+
+/// The public key of the certificate `x5c` (standard base64 DER) as openssl
+/// reads it, PEM.
+fn openssl_public_key(x5c: &str) -> String {
+    use std::io::Write;
+    let lines: Vec<&str> = x5c
+        .as_bytes()
+        .chunks(64)
+        .map(|l| std::str::from_utf8(l).unwrap())
+        .collect();
+    let pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    );
+    let mut child = Command::new("openssl")
+        .args(["x509", "-noout", "-pubkey"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("openssl is installed");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(pem.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The bundles we publish, `isthmus ca init`'s `bundle.json` and the bundle
+/// endpoint's document (here with two roots, as during a rotation), are JWK
+/// Sets a standard JWK library reads: each `x509-svid` key has `kty` and the
+/// members of its key (`crv`, `x`, `y`), exactly one certificate in `x5c` and
+/// no `kid`, and the key jwcrypto builds from those members is the one openssl
+/// reads from the certificate.
+#[test]
+fn published_bundles_are_jwk_sets_that_jwcrypto_reads() {
+    let pki = DevPki::new();
+    let ca = pki.ca("ca", "a.example");
+    let ca2 = pki.ca("ca2", "a.example");
+    let tls = pki.issue(&ca, "spiffe://a.example/isthmus/gateway/gw-a", "tls");
+    let bundle = pki.path().join("a-bundle.pem");
+    let mut both = std::fs::read(ca.join("bundle.pem")).unwrap();
+    both.extend(std::fs::read(ca2.join("bundle.pem")).unwrap());
+    std::fs::write(&bundle, both).unwrap();
+    let (admin, endpoint) = (free_addr(), free_addr());
+    let config = gateway_config(
+        "gw-a",
+        "a.example",
+        admin,
+        &tls,
+        &bundle,
+        &format!("[trust.bundle_endpoint]\nlisten = \"{endpoint}\"\n"),
+    );
+    let mut gw = Gateway::start(&config, admin, &[]).unwrap();
+    gw.wait_ready(START).unwrap();
+
+    let url = format!("https://{endpoint}/");
+    let bundle_json = ca.join("bundle.json");
+    let out = python_client()
+        .args(["-c", JWCRYPTO_READ])
+        .arg(ca.join("ca.crt"))
+        .args([bundle_json.to_str().unwrap(), &url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "jwcrypto refused our bundle: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let keys: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let from = |source: &str| keys.iter().filter(|k| k["source"] == source).count();
+    assert_eq!((from(bundle_json.to_str().unwrap()), from(&url)), (1, 2));
+    for key in &keys {
+        let raw = &key["raw"];
+        assert_eq!(raw["use"], "x509-svid", "{raw}");
+        assert_eq!((&raw["kty"], &raw["crv"]), (&"EC".into(), &"P-256".into()));
+        assert!(raw.get("kid").is_none(), "X509-SVID §6.1: no kid: {raw}");
+        let x5c = raw["x5c"].as_array().unwrap();
+        assert_eq!(x5c.len(), 1, "{raw}");
+        let from_x5c = openssl_public_key(x5c[0].as_str().unwrap());
+        assert_eq!(key["pem"].as_str().unwrap(), from_x5c, "{raw}");
+    }
+
+    gw.signal("TERM").unwrap();
+    let (status, _) = gw.wait_exit(Duration::from_secs(5)).unwrap();
+    assert_eq!(status.code(), Some(0));
 }

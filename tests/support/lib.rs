@@ -497,6 +497,22 @@ pub fn openssl_s_client(addr: SocketAddr, ca_file: &Path) -> String {
     )
 }
 
+/// Python of the tools virtualenv (`target/tools`), where `make deps-test`
+/// installs the pinned `PYPI_TEST_CLIENTS` (independent implementations our
+/// output is checked with), ready for arguments. Panics, saying what to run,
+/// when the virtualenv is missing.
+pub fn python_client() -> Command {
+    let python = workspace_root().join("target/tools/bin/python3");
+    assert!(
+        python.exists(),
+        "{} is missing: `make deps-test` installs the Python test clients",
+        python.display()
+    );
+    let mut cmd = Command::new(python);
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
 /// The value of the Prometheus series `series` (name with labels) in `metrics`.
 pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
     metrics

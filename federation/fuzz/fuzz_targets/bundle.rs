@@ -11,7 +11,9 @@ fuzz_target!(|data: &[u8]| {
     let td: TrustDomain = "fuzz.example".parse().expect("valid trust domain");
     if let Ok(bundle) = TrustBundle::parse(td.clone(), data) {
         assert!(!bundle.authorities.is_empty());
-        let json = bundle.to_spiffe_json(bundle.sequence.unwrap_or(1), bundle.refresh_hint);
+        let json = bundle
+            .to_spiffe_json(bundle.sequence.unwrap_or(1), bundle.refresh_hint)
+            .expect("a parsed bundle serialises");
         let again = TrustBundle::parse(td.clone(), json.as_bytes()).expect("own output parses");
         assert_eq!(again.authorities, bundle.authorities);
         let pem = TrustBundle::parse(td, bundle.to_pem().as_bytes()).expect("own PEM parses");

@@ -98,9 +98,18 @@ impl LeafSpec {
 /// cRLSign, and the URI SAN `spiffe://<td>` as X509-SVID §3.2 allows for signing
 /// certificates.
 pub fn create_ca(trust_domain: &TrustDomain, validity: Duration) -> Result<CaMaterial, CaError> {
-    let key = KeyPair::generate()?;
+    create_ca_with_key(trust_domain, validity, &KeyPair::generate()?)
+}
+
+/// [`create_ca`] with the given key (P-384, RSA, ... for tests that need
+/// authorities of every key type).
+pub fn create_ca_with_key(
+    trust_domain: &TrustDomain,
+    validity: Duration,
+    key: &KeyPair,
+) -> Result<CaMaterial, CaError> {
     let params = ca_params(trust_domain, SystemTime::now(), validity)?;
-    let cert = params.self_signed(&key)?;
+    let cert = params.self_signed(key)?;
     Ok(CaMaterial {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),

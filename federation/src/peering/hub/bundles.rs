@@ -69,13 +69,12 @@ impl Hub {
         let material = self.material.as_ref()?;
         let store = material.trust();
         let domain = store.get(self.me.spiffe_id.trust_domain_str())?;
-        Some((
-            domain.revision,
-            domain
-                .bundle
-                .to_spiffe_json(domain.bundle.sequence.unwrap_or(domain.revision), None)
-                .into_bytes(),
-        ))
+        let json = domain
+            .bundle
+            .to_spiffe_json(domain.bundle.sequence.unwrap_or(domain.revision), None)
+            .inspect_err(|e| warn!(error = %e, "own trust bundle not sent to peers"))
+            .ok()?;
+        Some((domain.revision, json.into_bytes()))
     }
 
     /// A bundle `peer` sent for `trust_domain`. Taken only where the
