@@ -83,6 +83,10 @@ fn interim_responses_cross_both_hops_over_http1_and_h2() {
         let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(echo["path"], "/early-hints", "{proto}");
     }
+    // HTTP/1.0 has no interim responses: that client gets the final one only.
+    let early = format!("http://{}/early-hints", c.outbound_a);
+    let (statuses, _, trace) = curl_statuses(&["--http1.0", "-H", HOST, &early]);
+    assert_eq!(statuses, [200], "{trace}");
     for gw in [&c.a, &c.b] {
         let log = gw.log();
         assert!(

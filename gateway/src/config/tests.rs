@@ -1447,8 +1447,10 @@ fn limits_have_production_defaults_and_round_trip() {
     assert_eq!(c.limits.admin, DEFAULT_ADMIN);
     assert_eq!(c.limits.h2_max_concurrent_streams, 100);
     assert_eq!(c.limits.max_request_header_bytes, 64 * 1024);
-    let text = with("limits", "header_timeout = \"3s\"")
-        .replace("[limits]\n", "[limits]\nmax_request_header_bytes = 262144\n");
+    let text = with("limits", "header_timeout = \"3s\"").replace(
+        "[limits]\n",
+        "[limits]\nmax_request_header_bytes = 262144\n",
+    );
     let text = text
         + "\n[limits.east_west]\nconnections = 50\nconnections_per_source = 5\nhandshakes = 8\nhandshakes_per_source = 2\n[limits.admin]\nconnections_per_source = 3\n";
     let c = parse_with_env(&text, "t", NO_ENV).expect("valid");

@@ -75,6 +75,11 @@ impl ProxyHttp for OutboundProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         crate::limits::headers_read(session.as_ref().stream());
+        // HTTP/1.0 has no 1xx responses (RFC 9110 §15.2): an origin's 103 or
+        // 100 is not relayed to such a client.
+        if session.req_header().version == http::Version::HTTP_10 {
+            session.as_downstream_mut().set_ignore_info_resp(true);
+        }
         // Workloads never set the gateways' own headers: dropped before routing
         // sees them, so they reach neither local endpoints nor peers.
         let forged = headers::strip_internal(session.req_header_mut());
