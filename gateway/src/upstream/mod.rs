@@ -677,6 +677,23 @@ impl Upstreams {
         lease_lost || self.health.read().get(id).is_some_and(|h| !h.is_healthy())
     }
 
+    /// Whether the endpoint here at `addr` takes `service`'s traffic now:
+    /// active health checks pass and outlier detection does not hold it out.
+    /// (A backend never used has no state: it is up.)
+    pub fn endpoint_up(&self, service: &ServiceKey, addr: SocketAddr) -> bool {
+        let id = BackendRef::endpoint(addr);
+        if self.health.read().get(id).is_some_and(|h| !h.is_healthy()) {
+            return false;
+        }
+        let now = Instant::now();
+        !self.services.read().get(service).is_some_and(|s| {
+            s.backends
+                .load()
+                .get(id)
+                .is_some_and(|b| b.is_ejected(self.epoch, now))
+        })
+    }
+
     /// `id` came back: slow start from now, and no ejection holds it out.
     fn recovered(&self, id: BackendRef<'_>, now: Instant) {
         mark_recovered(&self.health_of(id), self.epoch, now);
@@ -940,6 +957,13 @@ impl Upstreams {
             .collect();
         services.sort_by(|a, b| a.service.cmp(&b.service));
         UpstreamsSnapshot { services }
+    }
+}
+
+/// DNS publishes a headless service's endpoints here only while they are up.
+impl isthmus_federation::dns::EndpointHealth for Upstreams {
+    fn is_up(&self, service: &ServiceKey, endpoint: SocketAddr) -> bool {
+        self.endpoint_up(service, endpoint)
     }
 }
 
