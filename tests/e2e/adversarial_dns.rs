@@ -588,7 +588,9 @@ fn ptr_for_an_address_outside_the_clusterset_ranges_is_not_answered_from_the_cat
     let (gw, dns, _web) = start(
         "127.248.0.0/16",
         &format!(
-            "upstreams = [\"{}\"]\n[discovery.kubernetes]\nkubeconfig = \"{}\"\n",
+            // No health checks: they would probe 192.0.2.10, outside
+            // loopback, and hold both claims out of DNS.
+            "upstreams = [\"{}\"]\n[upstream.health_check]\ninterval = \"0s\"\n[discovery.kubernetes]\nkubeconfig = \"{}\"\n",
             upstream.addr,
             kubeconfig.display()
         ),
