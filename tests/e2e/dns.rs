@@ -135,7 +135,7 @@ endpoints = [{db}]
         "{}",
         ptr.raw
     );
-    // Headless: every endpoint, and SRV has no target without hostnames.
+    // Headless: every endpoint (health checks are off).
     let headless = dig(dns, &["+tcp", "db.data.svc.clusterset.local", "A"]).data("A");
     assert_eq!(headless.len(), 40, "{headless:?}");
     // NXDOMAIN for unknown names and for a service nobody exports, with the SOA.
@@ -466,6 +466,21 @@ endpoints = ["{first_addr}", "{}"]
     let addresses = || dig(dns, &[db, "A"]).data("A");
     assert_eq!(addresses(), ["127.0.29.1", "127.0.29.2"]);
     assert_eq!(kdig_short(dns, &[db, "A"])?, ["127.0.29.1", "127.0.29.2"]);
+    // Endpoints without a hostname are named by their address: one SRV
+    // record per ready endpoint and named port, each target resolving.
+    let srv_name = "_postgres._tcp.db.data.svc.clusterset.local";
+    let own = |ip: &str| format!("{ip}.test-cluster.db.data.svc.clusterset.local.");
+    assert_eq!(
+        kdig_short(dns, &[srv_name, "SRV"])?,
+        [
+            format!("0 100 5432 {}", own("127-0-29-1")),
+            format!("0 100 5432 {}", own("127-0-29-2"))
+        ]
+    );
+    assert_eq!(
+        dig(dns, &[&own("127-0-29-2"), "A"]).data("A"),
+        ["127.0.29.2"]
+    );
 
     // The second endpoint stops listening: its probes fail, and DNS stops
     // publishing it (the MCS DNS spec publishes ready endpoints only).
@@ -475,6 +490,11 @@ endpoints = ["{first_addr}", "{}"]
     })
     .with_context(|| gw.log())?;
     assert_eq!(kdig_short(dns, &["+tcp", db, "A"])?, ["127.0.29.1"]);
+    assert_eq!(
+        dig(dns, &[&own("127-0-29-2"), "A"]).status,
+        "NXDOMAIN",
+        "a held-out endpoint's own name goes too"
+    );
 
     // No ready endpoint at all: NXDOMAIN with the zone's SOA, for the
     // service's SRV name too (its names do not exist).
@@ -495,7 +515,7 @@ endpoints = ["{first_addr}", "{}"]
         "{}",
         nx.raw
     );
-    let srv = dig(dns, &["_postgres._tcp.db.data.svc.clusterset.local", "SRV"]);
+    let srv = dig(dns, &[srv_name, "SRV"]);
     assert_eq!(srv.status, "NXDOMAIN", "{}", srv.raw);
 
     // The first comes back: published again after one passing probe.

@@ -6,7 +6,7 @@
 //! | `dns-version.clusterset.local` | TXT `"1.0.0"` |
 //! | `<svc>.<ns>.svc.clusterset.local` | A/AAAA: the clusterset IP, or every endpoint of a headless service |
 //! | `_<port>._tcp.<svc>.<ns>.svc.clusterset.local` | SRV for each named port |
-//! | `<hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local` | A/AAAA of one headless endpoint |
+//! | `<hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local` | A/AAAA of one headless endpoint (an endpoint without a hostname is named by its address, `10-1-0-5`) |
 //! | reverse names of clusterset IPs (and named endpoints inside the clusterset ranges) | PTR |
 //!
 //! A zone is immutable and rebuilt whole when the catalog (or the health of
@@ -303,7 +303,10 @@ impl ClusterSetZone {
                 if seen.insert(ep.address) {
                     self.add(address(&svc, ep.address));
                 }
-                let Some(host) = &ep.hostname else { continue };
+                let host = ep
+                    .hostname
+                    .as_ref()
+                    .map_or_else(|| address_label(ep.address), ToString::to_string);
                 let own = name(&format!("{host}.{}.{svc}", ep.cluster));
                 self.add(address(&own, ep.address));
                 self.add_ptr(ep.address, &own, ttl);
@@ -483,6 +486,17 @@ impl ClusterSetZone {
             }
         }
         out
+    }
+}
+
+/// The hostname of an endpoint that has none: its address with dashes
+/// (`10-1-0-5`, `fd00-1-0-0-0-0-0-5`), the system-assigned identifier the
+/// Kubernetes DNS specification asks for (as CoreDNS does it, IPv6 written out
+/// in full so that no label starts or ends with a dash).
+fn address_label(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => a.octets().map(|o| o.to_string()).join("-"),
+        IpAddr::V6(a) => a.segments().map(|s| format!("{s:x}")).join("-"),
     }
 }
 
@@ -687,12 +701,30 @@ pub(crate) mod tests {
             )),
             ["10.1.0.5"]
         );
+        // N ready endpoints x M named ports: the endpoint without a hostname
+        // is named by its address.
+        let mut srv = rdata(zone.lookup(
+            &lower("_http._tcp.db.data.svc.clusterset.local."),
+            RecordType::SRV,
+        ));
+        srv.sort();
+        assert_eq!(
+            srv,
+            [
+                "0 100 8080 10-2-0-7.west.db.data.svc.clusterset.local.",
+                "0 100 8080 db-0.east.db.data.svc.clusterset.local."
+            ]
+        );
         assert_eq!(
             rdata(zone.lookup(
-                &lower("_http._tcp.db.data.svc.clusterset.local."),
-                RecordType::SRV
+                &lower("10-2-0-7.west.db.data.svc.clusterset.local."),
+                RecordType::A
             )),
-            ["0 100 8080 db-0.east.db.data.svc.clusterset.local."]
+            ["10.2.0.7"]
+        );
+        assert_eq!(
+            address_label("fd00:1::5".parse().unwrap()),
+            "fd00-1-0-0-0-0-0-5"
         );
         // 10.1.0.5 is outside the clusterset ranges: its reverse name is not
         // ours, whatever the catalog says about the address.
@@ -965,7 +997,10 @@ pub(crate) mod tests {
         let zone = build(&east);
         assert_eq!(rdata(zone.lookup(&name, RecordType::A)), ["10.2.0.7"]);
         assert_eq!(negative(zone.lookup(&own, RecordType::A)).0, "nxdomain");
-        assert_eq!(negative(zone.lookup(&srv, RecordType::SRV)).0, "nodata");
+        assert_eq!(
+            rdata(zone.lookup(&srv, RecordType::SRV)),
+            ["0 100 8080 10-2-0-7.west.db.data.svc.clusterset.local."]
+        );
         assert_eq!(negative(zone.lookup(&ptr, RecordType::PTR)).0, "nxdomain");
         // In west, the same address names east's endpoint: east's to say.
         let mut west = Unready::new("west".parse().unwrap());
