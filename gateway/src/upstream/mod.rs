@@ -1191,6 +1191,39 @@ mod tests {
     }
 
     #[test]
+    fn dns_publishes_an_endpoint_until_health_checks_fail_or_the_service_ejects_it() {
+        let u = upstreams();
+        let web: ServiceKey = "shop/web".parse().unwrap();
+        let db: ServiceKey = "data/db".parse().unwrap();
+        let a: SocketAddr = "127.0.0.1:5432".parse().unwrap();
+        let b: SocketAddr = "127.0.0.2:5432".parse().unwrap();
+        // Never used nor probed: up.
+        assert!(u.endpoint_up(&db, a));
+        // Ejected by db's outlier detection: down for db only.
+        let backends = u.service(&db);
+        let backend = u.backend(&backends, BackendRef::endpoint(a));
+        for _ in 0..u.policy().outlier_detection.consecutive_failures {
+            u.record(&backends, &backend, Outcome::Failure, 3);
+        }
+        assert!(!u.endpoint_up(&db, a));
+        assert!(u.endpoint_up(&web, a));
+        // Failing active health checks: down for every service.
+        let hc = u.policy().health_check.clone();
+        for _ in 0..hc.unhealthy_threshold {
+            u.health_checked(
+                BackendRef::endpoint(b),
+                false,
+                hc.unhealthy_threshold,
+                hc.healthy_threshold,
+            );
+        }
+        assert!(!u.endpoint_up(&db, b));
+        assert!(!u.endpoint_up(&web, b));
+        u.health_checked(BackendRef::endpoint(b), true, 1, 1);
+        assert!(u.endpoint_up(&db, b));
+    }
+
+    #[test]
     fn ejecting_a_peer_at_an_endpoints_address_leaves_the_endpoint_in_and_vice_versa() {
         let u = upstreams();
         let entry = shared_address_entry();
