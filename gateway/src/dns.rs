@@ -24,7 +24,7 @@ use isthmus_federation::catalog::Protocol;
 use isthmus_federation::dns::server::{serve_tcp, serve_udp};
 use isthmus_federation::dns::{Allocations, Allocator, ClusterSet, DnsMetrics, DnsServer};
 use isthmus_federation::peering::Hub;
-use isthmus_federation::{Catalog, ServiceKey};
+use isthmus_federation::{Catalog, ClusterName, ServiceKey};
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::GetSocketDigest;
 use pingora_core::protocols::SocketDigest;
@@ -40,6 +40,7 @@ use tracing::{error, info, warn};
 
 use crate::config::dns::DnsConfig;
 use crate::health::Readiness;
+use crate::upstream::Upstreams;
 
 /// The DNS server's sockets, bound before start-up so that a taken port is
 /// an error at once, not a silent gap.
@@ -75,8 +76,14 @@ pub struct DnsParts {
 impl DnsParts {
     /// The parts for `config` when `dns.listen` is set: the sockets are bound
     /// now (so a taken port fails start-up, naming `dns.listen`) and the saved
-    /// allocations are read.
-    pub fn new(config: &DnsConfig, registry: &Registry) -> Result<Option<Self>, String> {
+    /// allocations are read. Headless services publish only the endpoints of
+    /// `cluster` (this one) that `upstreams` holds up.
+    pub fn new(
+        config: &DnsConfig,
+        cluster: &ClusterName,
+        upstreams: Arc<Upstreams>,
+        registry: &Registry,
+    ) -> Result<Option<Self>, String> {
         let Some(addr) = config.listen else {
             return Ok(None);
         };
@@ -88,12 +95,10 @@ impl DnsParts {
             config.state_file.clone(),
         )
         .map_err(|e| format!("dns.state_file: {e}"))?;
-        let cluster_set = Arc::new(ClusterSet::new(
-            allocator,
-            config.ranges(),
-            config.ttl,
-            metrics,
-        ));
+        let cluster_set = Arc::new(
+            ClusterSet::new(allocator, config.ranges(), config.ttl, metrics)
+                .with_endpoint_health(cluster.clone(), upstreams),
+        );
         let server = DnsServer::new(
             cluster_set.zone().clone(),
             config.forward().as_ref(),

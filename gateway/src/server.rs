@@ -205,8 +205,14 @@ pub fn build(
 
     let (hub, discovery, discovery_runner) =
         federation_hub(&config.load(), trust.as_deref(), &registry)?;
-    let dns = crate::dns::DnsParts::new(&config.load().dns, &registry).map_err(StartError::Dns)?;
     let upstreams = upstreams(&mut server, &config.load(), &hub, &registry);
+    let dns = crate::dns::DnsParts::new(
+        &config.load().dns,
+        &config.load().gateway.cluster,
+        upstreams.clone(),
+        &registry,
+    )
+    .map_err(StartError::Dns)?;
     let limit_metrics = LimitMetrics::new(&registry);
     let clusterset_listeners = add_data_plane(
         &mut server,

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use isthmus_tests::dns::{DigOutput, Nsd, dig, upstream_zone};
+use isthmus_tests::dns::{DigOutput, Nsd, dig, kdig, upstream_zone};
 use isthmus_tests::{EchoServer, Gateway, free_addr, metric_sum, minimal_config, wait_for};
 
 /// The upstream's zone, with records an ANY query would amplify.
@@ -352,8 +352,31 @@ fn any_is_answered_minimally_and_zone_transfers_are_refused() -> Result<()> {
             failures.push(a.raw);
         }
     }
+    // Every zone this server answers for, and a forwarded one, over both
+    // transports, with kdig: AXFR and IXFR (with its SOA in the authority
+    // section) are REFUSED, never an empty NOERROR.
+    let reverse_apex = "246.127.in-addr.arpa";
+    for zone in [
+        "clusterset.local",
+        WEB,
+        reverse_apex,
+        "www.upstream.test",
+        "upstream.test",
+    ] {
+        for transport in ["+tcp", "+notcp"] {
+            for qtype in ["AXFR", "IXFR=1"] {
+                let out = kdig(dns, &["-b", "127.0.0.2", transport, zone, qtype])?;
+                if !out.contains("'REFUSED'") {
+                    failures.push(format!("{zone} {qtype} {transport}: {out}"));
+                }
+            }
+        }
+    }
+    // The reverse zone is ours: its SOA is answered, authoritatively.
+    let soa = dig_from("127.0.0.2", dns, &[reverse_apex, "SOA"]);
+    assert!(soa.has_flag("aa") && soa.answers.len() == 1, "{}", soa.raw);
     assert!(failures.is_empty(), "{failures:?}");
-    assert!(metric(&gw, "isthmus_dns_refused_total", &[("reason", "transfer")]) >= 5.0);
+    assert!(metric(&gw, "isthmus_dns_refused_total", &[("reason", "transfer")]) >= 25.0);
     assert_eq!(
         metric(
             &gw,
@@ -588,7 +611,9 @@ fn ptr_for_an_address_outside_the_clusterset_ranges_is_not_answered_from_the_cat
     let (gw, dns, _web) = start(
         "127.248.0.0/16",
         &format!(
-            "upstreams = [\"{}\"]\n[discovery.kubernetes]\nkubeconfig = \"{}\"\n",
+            // No health checks: they would probe 192.0.2.10, outside
+            // loopback, and hold both claims out of DNS.
+            "upstreams = [\"{}\"]\n[upstream.health_check]\ninterval = \"0s\"\n[discovery.kubernetes]\nkubeconfig = \"{}\"\n",
             upstream.addr,
             kubeconfig.display()
         ),

@@ -7,7 +7,9 @@
 //! same clusterset IP and port.
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -45,8 +47,12 @@ fn clusterset_local_answers_per_the_mcs_spec_forwards_the_rest_and_survives_garb
         state.path().join("clusterset-ips.json").display(),
         upstream.addr
     );
+    // Nothing listens at db's endpoints: with health checks off, DNS still
+    // publishes every one of them.
     let services = format!(
-        r#"[[services]]
+        r#"[upstream.health_check]
+interval = "0s"
+[[services]]
 namespace = "shop"
 name = "web"
 ports = [{{ port = 8080, name = "http" }}]
@@ -129,7 +135,7 @@ endpoints = [{db}]
         "{}",
         ptr.raw
     );
-    // Headless: every endpoint, and SRV has no target without hostnames.
+    // Headless: every endpoint (health checks are off).
     let headless = dig(dns, &["+tcp", "db.data.svc.clusterset.local", "A"]).data("A");
     assert_eq!(headless.len(), 40, "{headless:?}");
     // NXDOMAIN for unknown names and for a service nobody exports, with the SOA.
@@ -297,5 +303,226 @@ fn a_service_exported_by_a_peer_resolves_and_is_reachable_at_its_clusterset_ip()
             .is_err()
             .then_some(())
     })?;
+    Ok(())
+}
+
+#[test]
+fn reverse_answers_carry_the_soa_of_the_reverse_zone_and_other_reverse_names_are_refused()
+-> Result<()> {
+    // A /20: not on an octet boundary, so its reverse zones are the sixteen
+    // /24 zones it covers (127.251.16.0 to 127.251.31.255).
+    let web = EchoServer::start("web");
+    let dns = free_addr();
+    let services = format!(
+        "[[services]]\nnamespace = \"shop\"\nname = \"web\"\nports = [{{ port = 8080 }}]\nendpoints = [\"{}\"]\nexport = true\n",
+        web.addr
+    );
+    let (config, admin) = dns_gateway(
+        dns,
+        "clusterset_ipv4_range = \"127.251.16.0/20\"\nclusterset_ipv6_range = \"fd00:251::/112\"",
+        &services,
+    );
+    let mut gw = Gateway::start(&config, admin, &[])?;
+    gw.wait_ready(Duration::from_secs(20))?;
+    let ip = dig(dns, &["web.shop.svc.clusterset.local", "A"])
+        .data("A")
+        .first()
+        .cloned()
+        .context("shop/web's clusterset IP")?;
+    let ptr = dig(dns, &["-x", &ip]);
+    assert_eq!(
+        ptr.data("PTR"),
+        ["web.shop.svc.clusterset.local."],
+        "{}",
+        ptr.raw
+    );
+    assert!(ptr.has_flag("aa"), "{}", ptr.raw);
+
+    // An address of the range nobody has (127.251.31.254 is the last usable
+    // one; web got another): NXDOMAIN, authoritative, with the SOA of the
+    // reverse zone the name is in, not clusterset.local's.
+    let free = if ip == "127.251.31.254" {
+        "127.251.31.253"
+    } else {
+        "127.251.31.254"
+    };
+    let nx = dig(dns, &["-x", free]);
+    assert_eq!(nx.status, "NXDOMAIN", "{}", nx.raw);
+    assert!(nx.has_flag("aa"), "{}", nx.raw);
+    let soa: Vec<&str> = nx
+        .authority
+        .iter()
+        .filter(|r| r.rtype == "SOA")
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(soa, ["31.251.127.in-addr.arpa."], "{}", nx.raw);
+    // The zone's apex answers its SOA (dig and kdig).
+    let apex = dig(dns, &["31.251.127.in-addr.arpa", "SOA"]);
+    assert_eq!(apex.status, "NOERROR", "{}", apex.raw);
+    assert_eq!(apex.answers.len(), 1, "{}", apex.raw);
+    assert_eq!(apex.answers[0].name, "31.251.127.in-addr.arpa.");
+    let kdig_soa = kdig_short(dns, &["16.251.127.in-addr.arpa", "SOA"])?;
+    assert!(
+        kdig_soa.len() == 1 && kdig_soa[0].starts_with("ns.dns.clusterset.local. "),
+        "{kdig_soa:?}"
+    );
+    // IPv6: the /112 is one zone of 28 nibbles.
+    let nx6 = dig(dns, &["-x", "fd00:251::ffff"]);
+    assert_eq!(nx6.status, "NXDOMAIN", "{}", nx6.raw);
+    let v6_apex = format!("{}d.f.ip6.arpa.", "0.".repeat(20) + "1.5.2.0.0.0.");
+    assert!(
+        nx6.authority
+            .iter()
+            .any(|r| r.rtype == "SOA" && r.name == v6_apex),
+        "{v6_apex}: {}",
+        nx6.raw
+    );
+
+    // Outside every zone we are authoritative for (the /20's parent, an
+    // address past its end): REFUSED, as any name is without upstreams.
+    for (name, rtype) in [
+        ("251.127.in-addr.arpa", "SOA"),
+        ("1.32.251.127.in-addr.arpa", "PTR"),
+        ("1.15.251.127.in-addr.arpa", "PTR"),
+    ] {
+        let out = dig(dns, &[name, rtype]);
+        assert_eq!(out.status, "REFUSED", "{name}: {}", out.raw);
+    }
+    Ok(())
+}
+
+/// A TCP endpoint that accepts (and closes) connections until dropped,
+/// when it stops listening.
+struct Endpoint {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Endpoint {
+    fn start(addr: &str) -> Result<Self> {
+        let listener = TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                if listener.accept().is_err() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        });
+        Ok(Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn headless_answers_leave_out_endpoints_the_gateways_health_checks_mark_down() -> Result<()> {
+    // Two endpoints at addresses of their own; the gateway probes them every
+    // 200 ms and needs one failure to mark one down, one success to bring it
+    // back.
+    let first = Endpoint::start("127.0.29.1:0")?;
+    let second = Endpoint::start("127.0.29.2:0")?;
+    let first_addr = first.addr;
+    let dns = free_addr();
+    let services = format!(
+        r#"[upstream.health_check]
+interval = "200ms"
+timeout = "500ms"
+unhealthy_threshold = 1
+healthy_threshold = 1
+[[services]]
+namespace = "data"
+name = "db"
+headless = true
+export = true
+ports = [{{ port = 5432, name = "postgres", protocol = "tcp" }}]
+endpoints = ["{first_addr}", "{}"]
+"#,
+        second.addr
+    );
+    let (config, admin) = dns_gateway(
+        dns,
+        "clusterset_ipv4_range = \"127.252.0.0/16\"\nttl = \"1s\"",
+        &services,
+    );
+    let mut gw = Gateway::start(&config, admin, &[])?;
+    gw.wait_ready(Duration::from_secs(20))?;
+    let db = "db.data.svc.clusterset.local";
+    let addresses = || dig(dns, &[db, "A"]).data("A");
+    assert_eq!(addresses(), ["127.0.29.1", "127.0.29.2"]);
+    assert_eq!(kdig_short(dns, &[db, "A"])?, ["127.0.29.1", "127.0.29.2"]);
+    // Endpoints without a hostname are named by their address: one SRV
+    // record per ready endpoint and named port, each target resolving.
+    let srv_name = "_postgres._tcp.db.data.svc.clusterset.local";
+    let own = |ip: &str| format!("{ip}.test-cluster.db.data.svc.clusterset.local.");
+    assert_eq!(
+        kdig_short(dns, &[srv_name, "SRV"])?,
+        [
+            format!("0 100 5432 {}", own("127-0-29-1")),
+            format!("0 100 5432 {}", own("127-0-29-2"))
+        ]
+    );
+    assert_eq!(
+        dig(dns, &[&own("127-0-29-2"), "A"]).data("A"),
+        ["127.0.29.2"]
+    );
+
+    // The second endpoint stops listening: its probes fail, and DNS stops
+    // publishing it (the MCS DNS spec publishes ready endpoints only).
+    drop(second);
+    wait_for(Duration::from_secs(10), "127.0.29.2 out of DNS", || {
+        (addresses() == ["127.0.29.1"]).then_some(())
+    })
+    .with_context(|| gw.log())?;
+    assert_eq!(kdig_short(dns, &["+tcp", db, "A"])?, ["127.0.29.1"]);
+    assert_eq!(
+        dig(dns, &[&own("127-0-29-2"), "A"]).status,
+        "NXDOMAIN",
+        "a held-out endpoint's own name goes too"
+    );
+
+    // No ready endpoint at all: NXDOMAIN with the zone's SOA, for the
+    // service's SRV name too (its names do not exist).
+    drop(first);
+    let nx = wait_for(
+        Duration::from_secs(10),
+        "NXDOMAIN with no ready endpoint",
+        || {
+            let out = dig(dns, &[db, "A"]);
+            (out.status == "NXDOMAIN").then_some(out)
+        },
+    )
+    .with_context(|| gw.log())?;
+    assert!(
+        nx.authority
+            .iter()
+            .any(|r| r.rtype == "SOA" && r.name == "clusterset.local."),
+        "{}",
+        nx.raw
+    );
+    let srv = dig(dns, &[srv_name, "SRV"]);
+    assert_eq!(srv.status, "NXDOMAIN", "{}", srv.raw);
+
+    // The first comes back: published again after one passing probe.
+    let _back = Endpoint::start(&first_addr.to_string())?;
+    wait_for(Duration::from_secs(10), "127.0.29.1 back in DNS", || {
+        (addresses() == ["127.0.29.1"]).then_some(())
+    })
+    .with_context(|| gw.log())?;
     Ok(())
 }

@@ -175,6 +175,23 @@ pub fn kdig_short(server: SocketAddr, args: &[&str]) -> Result<Vec<String>> {
     Ok(lines)
 }
 
+/// Runs `kdig @server -p port ARGS` (one try, 2 s timeout); returns what it
+/// printed, on stdout and stderr (where it reports an error rcode), whatever
+/// its exit status.
+pub fn kdig(server: SocketAddr, args: &[&str]) -> Result<String> {
+    let out = Command::new("kdig")
+        .arg(format!("@{}", server.ip()))
+        .args(["-p", &server.port().to_string(), "+retry=0", "+time=2"])
+        .args(args)
+        .output()
+        .context("kdig is installed (Debian package knot-dnsutils)")?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
 fn parse_dig(text: &str) -> DigOutput {
     let mut out = DigOutput {
         raw: text.to_owned(),

@@ -11,7 +11,7 @@ use hickory_proto::op::{Message, MessageType};
 use isthmus_federation::catalog::{HeadlessEndpoint, Protocol, ServiceEntry, ServicePort};
 use isthmus_federation::dns::server::{MAX_UDP_PAYLOAD, Step};
 use isthmus_federation::dns::{
-    Allocator, ClusterSetZone, DnsMetrics, DnsPolicy, DnsServer, IpRange, Transport,
+    Allocator, ClusterSetZone, DnsMetrics, DnsPolicy, DnsServer, IpRange, Transport, Unready,
     ZoneSettings,
 };
 use isthmus_federation::{Catalog, ServiceKey};
@@ -52,6 +52,7 @@ fn server() -> &'static DnsServer {
             &allocations,
             &[v4, v6],
             ZoneSettings { ttl: 5, serial: 1 },
+            &Unready::default(),
         );
         let metrics = DnsMetrics::new(&prometheus::Registry::new()).expect("metrics");
         // No rate limit: every input reaches the answering code.

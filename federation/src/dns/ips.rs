@@ -109,6 +109,16 @@ impl IpRange {
         }
     }
 
+    /// Its network address.
+    pub fn network(self) -> IpAddr {
+        self.network
+    }
+
+    /// Its prefix length.
+    pub fn prefix(self) -> u8 {
+        self.prefix
+    }
+
     /// Whether it is an IPv4 range.
     pub fn is_ipv4(self) -> bool {
         self.network.is_ipv4()

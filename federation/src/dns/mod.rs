@@ -8,7 +8,9 @@
 //! - [`guard`] decides who is answered and how much: allowed sources,
 //!   response-rate limiting, zone transfers, ANY.
 //! - [`ClusterSet`] ties them to the catalog: on every catalog change it
-//!   brings the allocations up to date and publishes a new zone.
+//!   brings the allocations up to date and publishes a new zone, and it
+//!   follows the health of this cluster's headless endpoints
+//!   ([`EndpointHealth`]) so that only ready ones are published.
 
 pub mod guard;
 pub mod ips;
@@ -17,6 +19,8 @@ pub mod server;
 pub mod zone;
 
 use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,9 +34,22 @@ pub use metrics::{DnsMetrics, QueryType, Rcode};
 pub use server::{
     AnswerSource, DnsServer, ForwardConfig, PolicyRefusal, RateLimitAction, TcpRefusal, Transport,
 };
-pub use zone::{ClusterSetZone, ZoneSettings};
+pub use zone::{ClusterSetZone, Unready, ZoneSettings};
 
 use crate::catalog::Catalog;
+use crate::{ClusterName, ServiceKey};
+
+/// How often the health of headless endpoints is looked at: a health check
+/// or an ejection shows in DNS within this long (plus the records' TTL).
+pub const READINESS_POLL: Duration = Duration::from_secs(1);
+
+/// What this cluster's gateway knows of its own endpoints: whether one takes
+/// traffic now (its active health checks pass and outlier detection does not
+/// hold it out).
+pub trait EndpointHealth: Send + Sync {
+    /// Whether `endpoint` of `service` is up.
+    fn is_up(&self, service: &ServiceKey, endpoint: SocketAddr) -> bool;
+}
 
 /// Keeps the clusterset IPs and the zone in step with the catalog.
 pub struct ClusterSet {
@@ -43,6 +60,11 @@ pub struct ClusterSet {
     zone: Arc<ArcSwap<ClusterSetZone>>,
     allocations: watch::Sender<Arc<Allocations>>,
     metrics: DnsMetrics,
+    /// This cluster, and the health of its endpoints; `None`: every endpoint
+    /// is published.
+    health: Option<(ClusterName, Arc<dyn EndpointHealth>)>,
+    /// The endpoints held out of the zone published last.
+    unready: Mutex<Unready>,
 }
 
 impl ClusterSet {
@@ -67,6 +89,7 @@ impl ClusterSet {
             &Allocations::default(),
             &ranges,
             settings,
+            &Unready::default(),
         );
         Self {
             allocator: Mutex::new(allocator),
@@ -76,7 +99,42 @@ impl ClusterSet {
             zone: Arc::new(ArcSwap::from_pointee(zone)),
             allocations,
             metrics,
+            health: None,
+            unready: Mutex::default(),
         }
+    }
+
+    /// Publishes only the headless endpoints of `cluster` (this one) that
+    /// `health` holds up; other clusters' endpoints are published as their
+    /// cluster exported them.
+    #[must_use]
+    pub fn with_endpoint_health(
+        mut self,
+        cluster: ClusterName,
+        health: Arc<dyn EndpointHealth>,
+    ) -> Self {
+        self.health = Some((cluster, health));
+        self
+    }
+
+    /// The headless endpoints of this cluster in `catalog` that are not
+    /// ready. An address is ready while any of its ports is up: DNS names
+    /// addresses, and a port that fails takes only its own traffic away.
+    fn unready(&self, catalog: &Catalog) -> Unready {
+        let Some((cluster, health)) = &self.health else {
+            return Unready::default();
+        };
+        let mut unready = Unready::new(cluster.clone());
+        for entry in catalog.iter().filter(|e| e.headless) {
+            let mut up: BTreeMap<IpAddr, bool> = BTreeMap::new();
+            for endpoint in &entry.endpoints {
+                *up.entry(endpoint.ip()).or_default() |= health.is_up(&entry.key, *endpoint);
+            }
+            for (address, _) in up.into_iter().filter(|(_, up)| !up) {
+                unready.insert(entry.key.clone(), address);
+            }
+        }
+        unready
     }
 
     /// The zone the DNS server answers from.
@@ -115,6 +173,7 @@ impl ClusterSet {
                 "the clusterset IP range is full; these services have no clusterset IP");
         }
         let serial = self.serial.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        let unready = self.unready(catalog);
         let zone = ClusterSetZone::build(
             catalog,
             &allocations,
@@ -123,7 +182,9 @@ impl ClusterSet {
                 ttl: ttl_secs(self.ttl),
                 serial,
             },
+            &unready,
         );
+        *self.unready.lock() = unready;
         self.metrics
             .zone_names
             .set(i64::try_from(zone.len()).unwrap_or(i64::MAX));
@@ -143,18 +204,38 @@ impl ClusterSet {
         });
     }
 
+    /// Whether the readiness of this cluster's headless endpoints in
+    /// `catalog` differs from the zone published last.
+    fn readiness_changed(&self, catalog: &Catalog) -> bool {
+        self.health.is_some() && self.unready(catalog) != *self.unready.lock()
+    }
+
     /// Follows the catalog until `stop`: `changes` ticks on every new
-    /// snapshot in `catalog`.
+    /// snapshot in `catalog`. With endpoint health, it is looked at every
+    /// [`READINESS_POLL`] too (ejections end with no event to wait for).
     pub async fn run(
         self: Arc<Self>,
         catalog: Arc<ArcSwap<Catalog>>,
         mut changes: watch::Receiver<u64>,
         mut stop: watch::Receiver<bool>,
     ) {
+        let mut poll = tokio::time::interval(READINESS_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.update(&catalog.load());
         loop {
-            self.update(&catalog.load());
             tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return },
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.update(&catalog.load());
+                }
+                _ = poll.tick(), if self.health.is_some() => {
+                    let snapshot = catalog.load();
+                    if self.readiness_changed(&snapshot) {
+                        self.update(&snapshot);
+                    }
+                }
                 _ = stop.changed() => return,
             }
         }

@@ -283,15 +283,19 @@ impl DnsServer {
         let answer = zone.lookup(query.name(), query.query_type());
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = answer.is_authoritative();
-        let soa = [zone.soa()];
+        // A negative answer carries the SOA of the zone it comes from.
+        let soa = match &answer {
+            Answer::NoData(soa) | Answer::NxDomain(soa) => vec![*soa],
+            _ => Vec::new(),
+        };
         let (rcode, answers, authorities, additionals): (_, &[&Record], &[&Record], &[&Record]) =
             match &answer {
                 Answer::Found {
                     answers,
                     additionals,
                 } => (ResponseCode::NoError, answers, &[], additionals),
-                Answer::NoData => (ResponseCode::NoError, &[], &soa, &[]),
-                Answer::NxDomain => (ResponseCode::NXDomain, &[], &soa, &[]),
+                Answer::NoData(_) => (ResponseCode::NoError, &[], &soa, &[]),
+                Answer::NxDomain(_) => (ResponseCode::NXDomain, &[], &soa, &[]),
                 Answer::NotOurs if self.forwarder.is_some() => {
                     if query.query_type() == RecordType::ANY {
                         return self.any_hinfo(
@@ -1077,6 +1081,7 @@ mod tests {
             &super::super::Allocations::default(),
             &[],
             super::super::ZoneSettings { ttl: 5, serial: 1 },
+            &super::super::Unready::default(),
         );
         let metrics = DnsMetrics::new(&prometheus::Registry::new()).unwrap();
         let s = DnsServer::new(

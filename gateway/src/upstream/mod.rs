@@ -677,6 +677,23 @@ impl Upstreams {
         lease_lost || self.health.read().get(id).is_some_and(|h| !h.is_healthy())
     }
 
+    /// Whether the endpoint here at `addr` takes `service`'s traffic now:
+    /// active health checks pass and outlier detection does not hold it out.
+    /// (A backend never used has no state: it is up.)
+    pub fn endpoint_up(&self, service: &ServiceKey, addr: SocketAddr) -> bool {
+        let id = BackendRef::endpoint(addr);
+        if self.health.read().get(id).is_some_and(|h| !h.is_healthy()) {
+            return false;
+        }
+        let now = Instant::now();
+        !self.services.read().get(service).is_some_and(|s| {
+            s.backends
+                .load()
+                .get(id)
+                .is_some_and(|b| b.is_ejected(self.epoch, now))
+        })
+    }
+
     /// `id` came back: slow start from now, and no ejection holds it out.
     fn recovered(&self, id: BackendRef<'_>, now: Instant) {
         mark_recovered(&self.health_of(id), self.epoch, now);
@@ -943,6 +960,13 @@ impl Upstreams {
     }
 }
 
+/// DNS publishes a headless service's endpoints here only while they are up.
+impl isthmus_federation::dns::EndpointHealth for Upstreams {
+    fn is_up(&self, service: &ServiceKey, endpoint: SocketAddr) -> bool {
+        self.endpoint_up(service, endpoint)
+    }
+}
+
 /// `/debug/upstreams`
 #[derive(Debug, Serialize)]
 pub struct UpstreamsSnapshot {
@@ -1164,6 +1188,39 @@ mod tests {
         assert!(ramp_of(&u, a) < 0.2);
         assert_eq!(ramp_of(&u, Slot::Gateway(1).backend(&entry)), 1.0);
         endpoint_is_whole(&u, &entry);
+    }
+
+    #[test]
+    fn dns_publishes_an_endpoint_until_health_checks_fail_or_the_service_ejects_it() {
+        let u = upstreams();
+        let web: ServiceKey = "shop/web".parse().unwrap();
+        let db: ServiceKey = "data/db".parse().unwrap();
+        let a: SocketAddr = "127.0.0.1:5432".parse().unwrap();
+        let b: SocketAddr = "127.0.0.2:5432".parse().unwrap();
+        // Never used nor probed: up.
+        assert!(u.endpoint_up(&db, a));
+        // Ejected by db's outlier detection: down for db only.
+        let backends = u.service(&db);
+        let backend = u.backend(&backends, BackendRef::endpoint(a));
+        for _ in 0..u.policy().outlier_detection.consecutive_failures {
+            u.record(&backends, &backend, Outcome::Failure, 3);
+        }
+        assert!(!u.endpoint_up(&db, a));
+        assert!(u.endpoint_up(&web, a));
+        // Failing active health checks: down for every service.
+        let hc = u.policy().health_check.clone();
+        for _ in 0..hc.unhealthy_threshold {
+            u.health_checked(
+                BackendRef::endpoint(b),
+                false,
+                hc.unhealthy_threshold,
+                hc.healthy_threshold,
+            );
+        }
+        assert!(!u.endpoint_up(&db, b));
+        assert!(!u.endpoint_up(&web, b));
+        u.health_checked(BackendRef::endpoint(b), true, 1, 1);
+        assert!(u.endpoint_up(&db, b));
     }
 
     #[test]
