@@ -40,7 +40,7 @@ fn curl_statuses(args: &[&str]) -> (Vec<u16>, String, String) {
 }
 
 #[test]
-fn interim_responses_cross_both_hops_over_http1_and_h2() {
+fn interim_responses_cross_both_hops_and_hop_by_hop_fields_stop_at_the_first() {
     let upstream = EchoServer::start("pod-in-b");
     let c = TwoClusters::builder().shop_web(upstream.addr).start();
     let url = format!("http://{}/upload", c.outbound_a);
@@ -83,6 +83,26 @@ fn interim_responses_cross_both_hops_over_http1_and_h2() {
         let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(echo["path"], "/early-hints", "{proto}");
     }
+    // RFC 9110 §7.6.1: an intermediary removes the fields Connection names
+    // (they are for this hop only) and forwards the rest.
+    let r = isthmus_tests::curl(&[
+        "--http1.1",
+        "-H",
+        HOST,
+        "-H",
+        "Connection: keep-alive, x-hop-secret",
+        "-H",
+        "x-hop-secret: for-a-only",
+        "-H",
+        "x-end-to-end: kept",
+        &format!("http://{}/", c.outbound_a),
+    ]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let echo: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let headers = &echo["headers"];
+    assert_eq!(headers["x-end-to-end"], "kept", "{headers}");
+    assert!(headers.get("x-hop-secret").is_none(), "{headers}");
+
     // HTTP/1.0 has no interim responses: that client gets the final one only.
     let early = format!("http://{}/early-hints", c.outbound_a);
     let (statuses, _, trace) = curl_statuses(&["--http1.0", "-H", HOST, &early]);
