@@ -138,10 +138,10 @@ fn http1_and_h2c_cross_two_gateways_over_spiffe_mtls() {
 
     // Both sides counted, labelled with source and destination clusters.
     let metrics_a = c.a.admin_get("/metrics").body;
-    let series_a = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"outbound\",namespace=\"shop\",service=\"web\",source_cluster=\"gw-a-cluster\"}";
+    let series_a = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"outbound\",namespace=\"shop\",service=\"web\",source_cluster=\"gw-a-cluster\",source_trust_domain=\"a.example\"}";
     assert_eq!(metric_value(&metrics_a, series_a), Some(4.0), "{metrics_a}");
     let metrics_b = c.b.admin_get("/metrics").body;
-    let series_b = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"east_west\",namespace=\"shop\",service=\"web\",source_cluster=\"gw-a-cluster\"}";
+    let series_b = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"east_west\",namespace=\"shop\",service=\"web\",source_cluster=\"gw-a-cluster\",source_trust_domain=\"a.example\"}";
     assert_eq!(metric_value(&metrics_b, series_b), Some(4.0), "{metrics_b}");
     let denied =
         "isthmus_authz_denied_total{caller_trust_domain=\"a.example\",service=\"shop/admin\"}";
@@ -329,7 +329,7 @@ fn grpc_unary_and_streaming_cross_two_gateways() {
     });
 
     let metrics = c.b.admin_get("/metrics").body;
-    let grpc = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"east_west\",namespace=\"shop\",service=\"grpc\",source_cluster=\"gw-a-cluster\"}";
+    let grpc = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"east_west\",namespace=\"shop\",service=\"grpc\",source_cluster=\"gw-a-cluster\",source_trust_domain=\"a.example\"}";
     assert!(metric_value(&metrics, grpc) >= Some(2.0), "{metrics}");
 }
 

@@ -498,6 +498,7 @@ impl Common {
         e: Option<&Error>,
         ctx: &mut RequestCtx,
         source_cluster: &str,
+        source_trust_domain: &str,
     ) {
         let status = session
             .response_written()
@@ -527,6 +528,7 @@ impl Common {
             service,
             namespace,
             source_cluster,
+            source_trust_domain,
             destination_cluster: destination,
         };
         self.runtime
@@ -554,6 +556,7 @@ impl Common {
             service,
             namespace,
             source_cluster,
+            source_trust_domain,
             destination_cluster = destination,
             upstream = ctx.target.as_ref().map(|t| display(t.addr())),
             attempts = ctx.tried.len(),

@@ -28,7 +28,7 @@ use prometheus::IntCounterVec;
 use tracing::{debug, warn};
 
 use super::common::{Common, RequestCtx};
-use super::metrics::L4Result;
+use super::metrics::{L4Result, UNKNOWN_CLUSTER};
 use super::{Runtime, headers, tcp};
 use crate::config::Config;
 use crate::limits::{ListenerGuard, RefusalReason};
@@ -121,15 +121,12 @@ pub struct EastWestProxy {
     common: Common,
     denied: IntCounterVec,
     callers: Arc<Callers>,
-    /// Cluster of each peer gateway, for metrics.
-    peer_clusters: HashMap<SpiffeId, ClusterName>,
 }
 
 impl EastWestProxy {
     /// A proxy to endpoints of exported services in `runtime`'s catalog.
     pub fn new(
         runtime: Arc<Runtime>,
-        peer_clusters: HashMap<SpiffeId, ClusterName>,
         callers: Arc<Callers>,
         registry: &prometheus::Registry,
     ) -> Self {
@@ -143,7 +140,6 @@ impl EastWestProxy {
             common: Common::new(runtime),
             denied,
             callers,
-            peer_clusters,
         }
     }
 
@@ -293,12 +289,18 @@ impl ProxyHttp for EastWestProxy {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         crate::limits::request_done(session.as_ref().stream());
         let caller = self.caller(session);
-        let source = caller.as_ref().map_or("", |c| {
-            self.peer_clusters
-                .get(&c.id)
-                .map_or(c.id.trust_domain_str(), ClusterName::as_str)
+        // The catalog names the peer gateways (configured, or admitted by
+        // their hello) and follows their changes; anyone else is unknown.
+        let catalog = self.common.runtime.catalog.load();
+        let (cluster, trust_domain) = caller.as_ref().map_or((UNKNOWN_CLUSTER, ""), |c| {
+            let cluster = catalog.gateway_cluster(&c.id);
+            (
+                cluster.map_or(UNKNOWN_CLUSTER, ClusterName::as_str),
+                c.id.trust_domain_str(),
+            )
         });
-        self.common.log(Listener::EastWest, session, e, ctx, source);
+        self.common
+            .log(Listener::EastWest, session, e, ctx, cluster, trust_domain);
     }
 }
 

@@ -68,8 +68,13 @@ const LABELS: &[&str] = &[
     "service",
     "namespace",
     "source_cluster",
+    "source_trust_domain",
     "destination_cluster",
 ];
+
+/// The `source_cluster` of an east-west caller that is no known peer
+/// gateway: a label value, so the series stay bounded by the peers.
+pub(crate) const UNKNOWN_CLUSTER: &str = "unknown";
 
 /// `isthmus_requests_total`, `isthmus_request_duration_seconds` and
 /// `isthmus_request_errors_total`.
@@ -86,7 +91,10 @@ pub(crate) struct RequestLabels<'a> {
     pub(crate) listener: Listener,
     pub(crate) service: &'a str,
     pub(crate) namespace: &'a str,
+    /// The caller's cluster name, or [`UNKNOWN_CLUSTER`].
     pub(crate) source_cluster: &'a str,
+    /// The caller's trust domain.
+    pub(crate) source_trust_domain: &'a str,
     pub(crate) destination_cluster: &'a str,
 }
 
@@ -98,13 +106,13 @@ impl ProxyMetrics {
         let requests = metrics::counter_vec(
             registry,
             "requests_total",
-            "HTTP requests by listener, service, namespace, source and destination cluster, and status code.",
+            "HTTP requests by listener, service, namespace, source cluster and trust domain, destination cluster, and status code.",
             &labels,
         );
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "request_duration_seconds",
-                "Time from request to the end of the response, by listener, service, namespace, source and destination cluster.",
+                "Time from request to the end of the response, by listener, service, namespace, source cluster and trust domain, and destination cluster.",
             )
             .namespace(metrics::NAMESPACE)
             .buckets(vec![
@@ -162,12 +170,13 @@ impl ProxyMetrics {
             labels.service,
             labels.namespace,
             labels.source_cluster,
+            labels.source_trust_domain,
             labels.destination_cluster,
         ];
         let mut digits = [0u8; 3];
-        let [b0, b1, b2, b3, b4] = base;
+        let [b0, b1, b2, b3, b4, b5] = base;
         self.requests
-            .with_label_values(&[b0, b1, b2, b3, b4, status_label(code, &mut digits)])
+            .with_label_values(&[b0, b1, b2, b3, b4, b5, status_label(code, &mut digits)])
             .inc();
         self.duration.with_label_values(&base).observe(seconds);
     }

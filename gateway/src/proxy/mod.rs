@@ -28,7 +28,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use isthmus_federation::trust::SpiffeConnector;
-use isthmus_federation::{Catalog, ClusterName};
+use isthmus_federation::{Catalog, ClusterName, TrustDomain};
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
@@ -47,8 +47,12 @@ pub struct Runtime {
     pub upstreams: Arc<Upstreams>,
     /// Requests and TCP streams in flight, waited for on stop.
     pub drain: Arc<Drain>,
-    /// This gateway's cluster (the destination of requests served here).
+    /// This gateway's cluster (the destination of requests served here, and
+    /// the source of those from local workloads).
     pub cluster: ClusterName,
+    /// This gateway's trust domain (the source trust domain of requests from
+    /// local workloads).
+    pub trust_domain: TrustDomain,
     /// HTTP request metrics.
     pub metrics: ProxyMetrics,
     /// L4 connection metrics.

@@ -173,13 +173,15 @@ impl ProxyHttp for OutboundProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         crate::limits::request_done(session.as_ref().stream());
-        let common = &self.common;
-        common.log(
+        // Local workloads: this cluster, this trust domain.
+        let runtime = &self.common.runtime;
+        self.common.log(
             Listener::Outbound,
             session,
             e,
             ctx,
-            common.runtime.cluster.as_str(),
+            runtime.cluster.as_str(),
+            runtime.trust_domain.as_str(),
         );
     }
 }
