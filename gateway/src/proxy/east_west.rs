@@ -27,7 +27,7 @@ use pingora_proxy::{HttpProxy, ProxyHttp, Session};
 use prometheus::IntCounterVec;
 use tracing::{debug, warn};
 
-use super::common::{Common, RequestCtx};
+use super::common::{self, Common, RequestCtx};
 use super::metrics::{L4Result, UNKNOWN_CLUSTER};
 use super::{Runtime, headers, tcp};
 use crate::config::Config;
@@ -284,6 +284,10 @@ impl ProxyHttp for EastWestProxy {
         ctx: &mut RequestCtx,
     ) -> pingora_proxy::FailToProxy {
         self.common.fail(session, e, ctx).await
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        common::quiet_error(e)
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

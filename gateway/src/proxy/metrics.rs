@@ -23,7 +23,9 @@ isthmus_federation::label_enum! {
         Overloaded => "overloaded",
         /// No backend to try.
         NoRoute => "no_route",
-        /// The client went away.
+        /// The client went away before the response was complete: it closed
+        /// the connection, reset the HTTP/2 stream (a gRPC deadline, say) or
+        /// stopped reading or sending. Not a failure of the gateway.
         ClientClosed => "client_closed",
         /// The client sent something the gateway could not take.
         ClientError => "client_error",
