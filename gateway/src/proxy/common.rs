@@ -22,7 +22,7 @@ use tracing::info;
 
 use super::Runtime;
 use super::headers::{self, SUBSET as SUBSET_HEADER};
-use super::metrics::{RequestError, RequestLabels};
+use super::metrics::{RequestError, RequestLabels, Source};
 use super::routing::{NoRoute, Routed, resolve};
 use crate::config::traffic::{RouteConfig, SplitTarget};
 use crate::config::upstream::UpstreamConfig;
@@ -510,8 +510,7 @@ impl Common {
         session: &Session,
         e: Option<&Error>,
         ctx: &mut RequestCtx,
-        source_cluster: &str,
-        source_trust_domain: &str,
+        source: Source<'_>,
     ) {
         let status = match (session.response_written(), e) {
             (Some(r), _) => r.status.as_u16(),
@@ -542,8 +541,7 @@ impl Common {
             listener,
             service,
             namespace,
-            source_cluster,
-            source_trust_domain,
+            source,
             destination_cluster: destination,
         };
         self.runtime
@@ -570,8 +568,8 @@ impl Common {
             status,
             service,
             namespace,
-            source_cluster,
-            source_trust_domain,
+            source_cluster = source.cluster,
+            source_trust_domain = source.trust_domain,
             destination_cluster = destination,
             upstream = ctx.target.as_ref().map(|t| display(t.addr())),
             attempts = ctx.tried.len(),

@@ -78,6 +78,25 @@ const LABELS: &[&str] = &[
 /// gateway: a label value, so the series stay bounded by the peers.
 pub(crate) const UNKNOWN_CLUSTER: &str = "unknown";
 
+/// Who sent a request or opened an L4 connection: the `source_cluster` and
+/// `source_trust_domain` labels.
+#[derive(Clone, Copy)]
+pub(crate) struct Source<'a> {
+    /// The caller's cluster name, or [`UNKNOWN_CLUSTER`].
+    pub(crate) cluster: &'a str,
+    /// The caller's trust domain; empty when no identity was verified.
+    pub(crate) trust_domain: &'a str,
+}
+
+impl Source<'static> {
+    /// A caller not identified: a passthrough connection, whose TLS is the
+    /// workload's and not terminated here.
+    pub(crate) const UNKNOWN: Self = Self {
+        cluster: UNKNOWN_CLUSTER,
+        trust_domain: "",
+    };
+}
+
 /// `isthmus_requests_total`, `isthmus_request_duration_seconds` and
 /// `isthmus_request_errors_total`.
 #[derive(Clone)]
@@ -93,10 +112,7 @@ pub(crate) struct RequestLabels<'a> {
     pub(crate) listener: Listener,
     pub(crate) service: &'a str,
     pub(crate) namespace: &'a str,
-    /// The caller's cluster name, or [`UNKNOWN_CLUSTER`].
-    pub(crate) source_cluster: &'a str,
-    /// The caller's trust domain.
-    pub(crate) source_trust_domain: &'a str,
+    pub(crate) source: Source<'a>,
     pub(crate) destination_cluster: &'a str,
 }
 
@@ -171,8 +187,8 @@ impl ProxyMetrics {
             labels.listener.label(),
             labels.service,
             labels.namespace,
-            labels.source_cluster,
-            labels.source_trust_domain,
+            labels.source.cluster,
+            labels.source.trust_domain,
             labels.destination_cluster,
         ];
         let mut digits = [0u8; 3];
@@ -217,9 +233,16 @@ impl TcpMetrics {
         let connections = metrics::counter_vec(
             registry,
             "tcp_connections_total",
-            "L4 connections by listener, service, namespace and result (ok, connect_error, no_route, \
-             overloaded, source_not_allowed, denied).",
-            &["listener", "service", "namespace", "result"],
+            "L4 connections by listener, service, namespace, source cluster and trust domain, and \
+             result (ok, connect_error, no_route, overloaded, source_not_allowed, denied).",
+            &[
+                "listener",
+                "service",
+                "namespace",
+                "source_cluster",
+                "source_trust_domain",
+                "result",
+            ],
         );
         let bytes = metrics::counter_vec(
             registry,
@@ -234,12 +257,20 @@ impl TcpMetrics {
         }
     }
 
-    pub(crate) fn connection(&self, listener: Listener, key: &ServiceKey, result: L4Result) {
+    pub(crate) fn connection(
+        &self,
+        listener: Listener,
+        key: &ServiceKey,
+        source: Source<'_>,
+        result: L4Result,
+    ) {
         self.connections
             .with_label_values(&[
                 listener.label(),
                 key.name.as_str(),
                 key.namespace.as_str(),
+                source.cluster,
+                source.trust_domain,
                 result.label(),
             ])
             .inc();

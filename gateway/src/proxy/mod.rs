@@ -70,6 +70,17 @@ pub struct Runtime {
     pub config: Arc<ArcSwap<Config>>,
 }
 
+impl Runtime {
+    /// The source of requests and connections from local workloads: this
+    /// cluster and trust domain.
+    pub(crate) fn local_source(&self) -> metrics::Source<'_> {
+        metrics::Source {
+            cluster: self.cluster.as_str(),
+            trust_domain: self.trust_domain.as_str(),
+        }
+    }
+}
+
 /// How long idle HTTP/1.1 keep-alive connections stay open after the
 /// listeners close (on stop and on upgrade). A client's next request on one
 /// is still served, with `Connection: close`; closing it at once instead races

@@ -177,15 +177,7 @@ impl ProxyHttp for OutboundProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         crate::limits::request_done(session.as_ref().stream());
-        // Local workloads: this cluster, this trust domain.
-        let runtime = &self.common.runtime;
-        self.common.log(
-            Listener::Outbound,
-            session,
-            e,
-            ctx,
-            runtime.cluster.as_str(),
-            runtime.trust_domain.as_str(),
-        );
+        let source = self.common.runtime.local_source();
+        self.common.log(Listener::Outbound, session, e, ctx, source);
     }
 }
