@@ -438,6 +438,7 @@ fn add_data_plane(
         upstreams: upstreams.clone(),
         drain: drain.clone(),
         cluster: config.gateway.cluster.clone(),
+        trust_domain: config.gateway.trust_domain.clone(),
         metrics,
         tcp_metrics,
         mesh,
@@ -517,15 +518,10 @@ fn add_data_plane(
             trust.handshake_metrics.clone(),
             EAST_WEST_HANDSHAKE_TIMEOUT,
         );
-        let peer_clusters = config
-            .peers
-            .iter()
-            .map(|p| (p.spiffe_id.clone(), p.cluster.clone()))
-            .collect();
         let callers = Arc::new(Callers::new(config.spiffe_id()));
         let mut proxy = pingora_proxy::http_proxy(
             &conf,
-            EastWestProxy::new(runtime.clone(), peer_clusters, callers.clone(), registry),
+            EastWestProxy::new(runtime.clone(), callers.clone(), registry),
         );
         proxy.server_options = Some(server_options(limits, Hop::EastWest, false));
         proxy.h2_options = Some(h2_options(limits, Hop::EastWest));

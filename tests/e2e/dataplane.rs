@@ -138,10 +138,10 @@ fn http1_and_h2c_cross_two_gateways_over_spiffe_mtls() {
 
     // Both sides counted, labelled with source and destination clusters.
     let metrics_a = c.a.admin_get("/metrics").body;
-    let series_a = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"outbound\",namespace=\"shop\",service=\"web\",source_cluster=\"gw-a-cluster\"}";
+    let series_a = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"outbound\",namespace=\"shop\",service=\"web\",source_cluster=\"gw-a-cluster\",source_trust_domain=\"a.example\"}";
     assert_eq!(metric_value(&metrics_a, series_a), Some(4.0), "{metrics_a}");
     let metrics_b = c.b.admin_get("/metrics").body;
-    let series_b = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"east_west\",namespace=\"shop\",service=\"web\",source_cluster=\"gw-a-cluster\"}";
+    let series_b = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"east_west\",namespace=\"shop\",service=\"web\",source_cluster=\"gw-a-cluster\",source_trust_domain=\"a.example\"}";
     assert_eq!(metric_value(&metrics_b, series_b), Some(4.0), "{metrics_b}");
     let denied =
         "isthmus_authz_denied_total{caller_trust_domain=\"a.example\",service=\"shop/admin\"}";
@@ -239,7 +239,8 @@ mode = "passthrough"
     assert!(!out.contains("sumhtsi"), "{out}");
 
     let metrics = b.admin_get("/metrics").body;
-    let ok = "isthmus_tcp_connections_total{listener=\"east_west\",namespace=\"shop\",result=\"ok\",service=\"ledger\"}";
+    // The TLS is the workload's: the gateway never sees who called.
+    let ok = "isthmus_tcp_connections_total{listener=\"east_west\",namespace=\"shop\",result=\"ok\",service=\"ledger\",source_cluster=\"unknown\",source_trust_domain=\"\"}";
     assert_eq!(metric_value(&metrics, ok), Some(1.0), "{metrics}");
     let passthrough = "isthmus_tls_handshakes_total{result=\"passthrough\",side=\"server\"}";
     assert_eq!(metric_value(&metrics, passthrough), Some(1.0), "{metrics}");
@@ -329,7 +330,7 @@ fn grpc_unary_and_streaming_cross_two_gateways() {
     });
 
     let metrics = c.b.admin_get("/metrics").body;
-    let grpc = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"east_west\",namespace=\"shop\",service=\"grpc\",source_cluster=\"gw-a-cluster\"}";
+    let grpc = "isthmus_requests_total{code=\"200\",destination_cluster=\"gw-b-cluster\",listener=\"east_west\",namespace=\"shop\",service=\"grpc\",source_cluster=\"gw-a-cluster\",source_trust_domain=\"a.example\"}";
     assert!(metric_value(&metrics, grpc) >= Some(2.0), "{metrics}");
 }
 
@@ -534,6 +535,7 @@ fn tcp_ports_cross_two_gateways_one_tls_connection_per_stream() {
     let TwoClusters { a, b, .. } = TwoClusters::builder()
         .without_outbound()
         .shop_db(db_listen, remote_echo)
+        .b_peers_a()
         .a(&format!(
             r#"[[services]]
 namespace = "shop"
@@ -551,12 +553,13 @@ endpoints = ["{local_echo}"]
     // A local TCP service stays local.
     tcp_exchange(cache_listen, 2);
 
+    // On both sides the source is A's cluster and trust domain.
     let ok = |gw: &Gateway, listener: &str, service: &str| {
         let m = gw.admin_get("/metrics").body;
         metric_value(
             &m,
             &format!(
-                "isthmus_tcp_connections_total{{listener=\"{listener}\",namespace=\"shop\",result=\"ok\",service=\"{service}\"}}"
+                "isthmus_tcp_connections_total{{listener=\"{listener}\",namespace=\"shop\",result=\"ok\",service=\"{service}\",source_cluster=\"gw-a-cluster\",source_trust_domain=\"a.example\"}}"
             ),
         )
     };

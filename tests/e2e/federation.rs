@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use isthmus_tests::mesh::{Mesh, peer, reload, remote_clusters, shop_service, web_service};
-use isthmus_tests::{EchoServer, Gateway, curl, metric_value, wait_for};
+use isthmus_tests::{
+    DevPki, EchoServer, Gateway, curl, metric_value, undocumented_metrics, wait_for,
+};
 
 #[test]
 fn three_gateways_federate_withdraw_resync_and_expire() -> Result<()> {
@@ -128,6 +130,98 @@ fn three_gateways_federate_withdraw_resync_and_expire() -> Result<()> {
         metric_value(&metrics, "isthmus_federation_peers{state=\"expired\"}"),
         Some(1.0)
     );
+    Ok(())
+}
+
+/// A request through two federated gateways is labelled, on both, with the
+/// caller's cluster name (on the east-west side learnt from the peer's hello)
+/// and, apart, its trust domain; a caller that is no known peer gateway is
+/// `unknown`, never its trust domain.
+#[test]
+fn both_sides_label_requests_with_the_callers_cluster_and_trust_domain() -> Result<()> {
+    let mesh = Mesh::new(&["a", "b"]);
+    let web = EchoServer::start("web-in-a");
+    let (ma, mb) = (&mesh.members[0], &mesh.members[1]);
+    let mut a = Gateway::start(
+        &mesh.full_config(0, &web_service(web.addr, true)),
+        ma.admin,
+        &[],
+    )?;
+    let mut b = Gateway::start(&mesh.full_config(1, ""), mb.admin, &[])?;
+    for gw in [&mut a, &mut b] {
+        gw.wait_ready(Duration::from_secs(20))?;
+    }
+    wait_for(Duration::from_secs(5), "shop/web on B", || {
+        (remote_clusters(&b, "shop/web")? == ["gw-a-cluster"]).then_some(())
+    })?;
+    let host = "Host: web.shop.svc.clusterset.local:8080";
+    let via_b = format!("http://{}/", mb.outbound);
+    let r = curl(&["-H", host, "-H", "x-request-id: from-b", &via_b]);
+    assert_eq!(r.status, 200, "{r:?}");
+
+    let series = |listener: &str, cluster: &str| {
+        format!(
+            "isthmus_requests_total{{code=\"200\",destination_cluster=\"gw-a-cluster\",listener=\"{listener}\",namespace=\"shop\",service=\"web\",source_cluster=\"{cluster}\",source_trust_domain=\"b.example\"}}"
+        )
+    };
+    let requests = |gw: &Gateway| -> String {
+        let metrics = gw.admin_get("/metrics").body;
+        let lines = metrics
+            .lines()
+            .filter(|l| l.starts_with("isthmus_requests_total"));
+        lines.collect::<Vec<_>>().join("\n")
+    };
+    for (gw, listener) in [(&a, "east_west"), (&b, "outbound")] {
+        let counted = requests(gw);
+        assert_eq!(
+            metric_value(&counted, &series(listener, "gw-b-cluster")),
+            Some(1.0),
+            "{counted}"
+        );
+    }
+    for (gw, listener) in [(&b, "outbound"), (&a, "east_west")] {
+        let line = &gw.access_lines(&["from-b"])?[0];
+        assert_eq!(line["listener"], listener, "{line}");
+        assert_eq!(line["source_cluster"], "gw-b-cluster", "{line}");
+        assert_eq!(line["source_trust_domain"], "b.example", "{line}");
+    }
+
+    // A gateway of B's trust domain that is no peer of A's: A serves it
+    // (its trust domain's gateways may call), and knows no cluster for it.
+    let pki = DevPki::new();
+    let stranger = pki.issue(
+        &mb.ca,
+        "spiffe://b.example/isthmus/gateway/stranger",
+        "stranger",
+    );
+    let r = curl(&[
+        "-k",
+        "--cert",
+        &stranger.join("svid.crt").to_string_lossy(),
+        "--key",
+        &stranger.join("svid.key").to_string_lossy(),
+        "-H",
+        host,
+        "-H",
+        "x-request-id: from-stranger",
+        &format!("https://{}/", ma.east_west),
+    ]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let counted = requests(&a);
+    assert_eq!(
+        metric_value(&counted, &series("east_west", "unknown")),
+        Some(1.0),
+        "{counted}"
+    );
+    let line = &a.access_lines(&["from-stranger"])?[0];
+    assert_eq!(line["source_cluster"], "unknown", "{line}");
+    assert_eq!(line["source_trust_domain"], "b.example", "{line}");
+
+    // Every label of every series either gateway exports is documented.
+    for gw in [&a, &b] {
+        let missing = undocumented_metrics(&gw.admin_get("/metrics").body);
+        assert!(missing.is_empty(), "docs/metrics.md lacks:\n{missing:#?}");
+    }
     Ok(())
 }
 

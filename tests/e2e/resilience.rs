@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use isthmus_tests::two_clusters::{TwoDomains, peer};
 use isthmus_tests::{
-    Behaviour, EchoServer, Gateway, HttpResponse, curl, free_addr, metric_value, served_by,
-    solo_gateway, upstream_backends, wait_for,
+    Behaviour, EchoServer, Gateway, HttpResponse, curl, free_addr, metric_sum, metric_value,
+    served_by, solo_gateway, undocumented_metrics, upstream_backends, wait_for,
 };
 
 const START: Duration = Duration::from_secs(20);
@@ -204,6 +204,148 @@ max_attempts = 1"#,
     let metrics = gw.admin_get("/metrics").body;
     let timeouts = "isthmus_request_errors_total{listener=\"outbound\",namespace=\"shop\",reason=\"upstream_timeout\",service=\"web\"}";
     assert_eq!(metric_value(&metrics, timeouts), Some(1.0), "{metrics}");
+}
+
+/// Clients that give up are not gateway failures: curl's `--max-time` over
+/// HTTP/1.1 and h2c before the slow backend answers, and a gRPC client that
+/// cancels its stream (`RST_STREAM` `CANCEL`) once it has what it wanted.
+/// Each is logged at INFO with its reason, counted as `client_closed` (status
+/// 499 when no response had started), and never held against the backend;
+/// the gateway logs no ERROR for them.
+#[test]
+fn a_client_that_gives_up_is_logged_at_info_and_not_held_against_the_backend() {
+    use tonic_health::ServingStatus;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus as Status;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let slow = EchoServer::start("slow");
+    slow.set(Behaviour::Delay(Duration::from_secs(2)));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let grpc_addr = listener.local_addr().unwrap();
+    rt.block_on(reporter.set_service_status("shop.Ledger", ServingStatus::Serving));
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    // Two failures in a row would eject the only backend: the aborts must
+    // not count as failures.
+    let (gw, url) = gateway(
+        &[slow.addr],
+        &format!(
+            r#"[upstream.outlier_detection]
+consecutive_failures = 2
+[upstream.health_check]
+interval = "0s"
+[[services]]
+namespace = "shop"
+name = "grpc"
+ports = [{{ port = 9090, protocol = "grpc" }}]
+endpoints = ["{grpc_addr}"]"#
+        ),
+    );
+
+    for (id, extra) in [
+        ("abort-h1", None),
+        ("abort-h2c", Some("--http2-prior-knowledge")),
+    ] {
+        let header = format!("x-request-id: {id}");
+        let mut args = vec!["--max-time", "0.5", "-H", HOST, "-H", &header];
+        args.extend(extra);
+        args.push(&url);
+        let r = curl(&args);
+        assert_eq!(r.status, 0, "{id}: curl gave up before any answer: {r:?}");
+    }
+    rt.block_on(async {
+        let outbound = url.trim_end_matches('/');
+        let channel = tonic::transport::Endpoint::from_shared(outbound.to_owned())
+            .unwrap()
+            .origin(
+                "http://grpc.shop.svc.clusterset.local:9090"
+                    .parse()
+                    .unwrap(),
+            )
+            .connect()
+            .await
+            .unwrap();
+        let mut client = HealthClient::new(channel);
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: "shop.Ledger".into(),
+        });
+        request
+            .metadata_mut()
+            .insert("x-request-id", "abort-grpc".parse().unwrap());
+        let mut stream = client.watch(request).await.unwrap().into_inner();
+        assert!(stream.message().await.unwrap().is_some());
+        // Dropping the stream cancels the call: RST_STREAM(CANCEL).
+        drop(stream);
+        // The connection stays up and serves the next call.
+        let reply = client
+            .check(HealthCheckRequest {
+                service: "shop.Ledger".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(reply.get_ref().status(), Status::Serving);
+    });
+
+    let ids = ["abort-h1", "abort-h2c", "abort-grpc"];
+    let access = gw.access_lines(&ids).unwrap();
+    let statuses: Vec<_> = access.iter().map(|l| l["status"].clone()).collect();
+    assert_eq!(statuses, [499, 499, 200], "{access:?}");
+    for (id, line) in ids.iter().zip(&access) {
+        assert!(line["error"].is_string(), "{id}: {line}");
+    }
+    wait_for(Duration::from_secs(5), "an INFO line per abort", || {
+        let lines: Vec<serde_json::Value> = gw
+            .log_json()
+            .into_iter()
+            .filter(|l| l["message"] == "request ended by the client")
+            .collect();
+        ids.iter()
+            .all(|id| {
+                lines.iter().any(|l| {
+                    l["request_id"] == *id && l["level"] == "INFO" && l["reason"] == "client_closed"
+                })
+            })
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", gw.log()));
+    let loud: Vec<serde_json::Value> = gw
+        .log_json()
+        .into_iter()
+        .filter(|l| l["level"] == "ERROR" || l["level"] == "WARN")
+        .collect();
+    assert!(
+        loud.is_empty(),
+        "no WARN or ERROR for a client abort: {loud:#?}"
+    );
+
+    let metrics = gw.admin_get("/metrics").body;
+    let closed = |service: &str| {
+        metric_sum(
+            &metrics,
+            "isthmus_request_errors_total",
+            &[("service", service), ("reason", "client_closed")],
+        )
+    };
+    assert_eq!((closed("web"), closed("grpc")), (2.0, 1.0), "{metrics}");
+    let requests = |code: &str| {
+        metric_sum(
+            &metrics,
+            "isthmus_requests_total",
+            &[("service", "web"), ("code", code)],
+        )
+    };
+    assert_eq!((requests("499"), requests("502")), (2.0, 0.0), "{metrics}");
+    assert_eq!(backend_state(&gw, slow.addr)["ejected"], false);
+    let missing = undocumented_metrics(&metrics);
+    assert!(missing.is_empty(), "docs/metrics.md lacks:\n{missing:#?}");
 }
 
 /// A serves shop/web through two peer gateways, B1 and B2. Killing B1: requests

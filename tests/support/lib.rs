@@ -543,6 +543,74 @@ pub fn metric_sum(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .fold(0.0, |sum, v| sum + v)
 }
 
+/// What `docs/metrics.md` leaves out of the series in `metrics` (a
+/// `/metrics` page): each metric needs a row whose first cell names it, and
+/// that row must name each of its labels in backquotes (a histogram's
+/// `_bucket`, `_sum` and `_count` series are its own, `le` aside).
+pub fn undocumented_metrics(metrics: &str) -> Vec<String> {
+    let doc = std::fs::read_to_string(workspace_root().join("docs/metrics.md"))
+        .expect("docs/metrics.md is readable");
+    let row = |metric: &str| {
+        let name = format!("`{metric}`");
+        doc.lines()
+            .find(|line| {
+                line.strip_prefix('|')
+                    .and_then(|rest| rest.split('|').next())
+                    .is_some_and(|cell| cell.split(',').any(|m| m.trim() == name))
+            })
+            .map(str::to_owned)
+    };
+    let histograms: Vec<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" histogram"))
+        .collect();
+    let mut missing = std::collections::BTreeSet::new();
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        let end = line.find(['{', ' ']).unwrap_or(line.len());
+        let name = &line[..end];
+        let metric = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                name.strip_suffix(suffix)
+                    .filter(|base| histograms.contains(base))
+            })
+            .unwrap_or(name);
+        let Some(row) = row(metric) else {
+            missing.insert(format!("{metric}: no row"));
+            continue;
+        };
+        for label in label_names(&line[end..]) {
+            if label != "le" && !row.contains(&format!("`{label}`")) {
+                missing.insert(format!("{metric}: label `{label}`"));
+            }
+        }
+    }
+    missing.into_iter().collect()
+}
+
+/// The label names of a series' `{name="value",...}` part (values may hold
+/// escaped quotes, commas and braces).
+fn label_names(set: &str) -> Vec<&str> {
+    let Some(mut rest) = set.strip_prefix('{') else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    while let Some((name, after)) = rest.split_once("=\"") {
+        names.push(name.trim_start_matches(','));
+        let mut escaped = false;
+        let close = after
+            .char_indices()
+            .find(|&(_, c)| {
+                let end = c == '"' && !escaped;
+                escaped = c == '\\' && !escaped;
+                end
+            })
+            .map_or(after.len(), |(i, _)| i + 1);
+        rest = &after[close..];
+    }
+    names
+}
+
 /// An exclusive lock shared by every test process on the machine, held
 /// until the returned file is dropped: for tests whose measurements must not
 /// compete for the CPU with each other.

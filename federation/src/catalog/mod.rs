@@ -11,7 +11,7 @@ mod merge;
 
 pub use merge::{Conflict, Export, LocalService, PeerCatalog, export_set, merge};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
@@ -310,6 +310,10 @@ pub struct Catalog {
     services: BTreeMap<ServiceKey, Arc<ServiceEntry>>,
     /// Definitions that disagreed across clusters, and which one won.
     conflicts: Vec<Conflict>,
+    /// The cluster of each peer gateway known when the snapshot was made
+    /// (configured, or admitted by its hello): who an east-west caller is.
+    #[serde(skip)]
+    gateways: HashMap<SpiffeId, ClusterName>,
 }
 
 impl Catalog {
@@ -321,7 +325,24 @@ impl Catalog {
                 .map(|e| (e.key.clone(), Arc::new(e)))
                 .collect(),
             conflicts: Vec::new(),
+            gateways: HashMap::new(),
         }
+    }
+
+    /// This catalog knowing `gateways`: peer gateways' SPIFFE IDs and the
+    /// cluster each speaks for.
+    #[must_use]
+    pub fn with_gateways(
+        mut self,
+        gateways: impl IntoIterator<Item = (SpiffeId, ClusterName)>,
+    ) -> Self {
+        self.gateways = gateways.into_iter().collect();
+        self
+    }
+
+    /// The cluster of the peer gateway `id`; `None` when it is no known peer.
+    pub fn gateway_cluster(&self, id: &SpiffeId) -> Option<&ClusterName> {
+        self.gateways.get(id)
     }
 
     /// The entry for `key`.

@@ -22,7 +22,7 @@ use tracing::info;
 
 use super::Runtime;
 use super::headers::{self, SUBSET as SUBSET_HEADER};
-use super::metrics::{RequestError, RequestLabels};
+use super::metrics::{RequestError, RequestLabels, Source};
 use super::routing::{NoRoute, Routed, resolve};
 use crate::config::traffic::{RouteConfig, SplitTarget};
 use crate::config::upstream::UpstreamConfig;
@@ -403,6 +403,12 @@ impl Common {
         e: Box<Error>,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        if client_side(&e) {
+            // The client went away (or misbehaved): nothing to hold against
+            // the backend, and nobody to retry for.
+            e.set_retry(false);
+            return e;
+        }
         self.record(ctx, Outcome::Failure);
         let eligible = session.response_written().is_none()
             && session.req_header().method.is_idempotent()
@@ -442,7 +448,9 @@ impl Common {
 
     /// Answers the client when proxying failed for good: 503 with
     /// `x-isthmus-overloaded` when circuit breakers refused, 504 when the
-    /// upstream went silent, 502 for other upstream failures.
+    /// upstream went silent, 502 for other upstream failures; nothing to a
+    /// client that went away. The client's own failures are logged here at
+    /// INFO (see [`quiet_error`]).
     pub(crate) async fn fail(
         &self,
         session: &mut Session,
@@ -455,13 +463,18 @@ impl Common {
             (ErrorType::ConnectNoRoute, _) => 503,
             (ErrorType::ReadTimedout | ErrorType::WriteTimedout, ErrorSource::Upstream) => 504,
             (_, ErrorSource::Upstream) => 502,
-            (
-                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
-                ErrorSource::Downstream,
-            ) => 0,
+            _ if client_aborted(e) => 0,
             (_, ErrorSource::Downstream) => 400,
             _ => 500,
         };
+        if client_side(e) {
+            info!(
+                request_id = ctx.request_id.as_str(),
+                reason = error_reason(e).label(),
+                error = %e,
+                "request ended by the client"
+            );
+        }
         if code > 0 && session.response_written().is_none() {
             let body = serde_json::json!({
                 "error": e.to_string(),
@@ -497,12 +510,14 @@ impl Common {
         session: &Session,
         e: Option<&Error>,
         ctx: &mut RequestCtx,
-        source_cluster: &str,
+        source: Source<'_>,
     ) {
-        let status = session
-            .response_written()
-            .map(|r| r.status.as_u16())
-            .unwrap_or(if e.is_some() { 502 } else { 0 });
+        let status = match (session.response_written(), e) {
+            (Some(r), _) => r.status.as_u16(),
+            (None, Some(e)) if client_aborted(e) => CLIENT_CLOSED_STATUS,
+            (None, Some(_)) => 502,
+            (None, None) => 0,
+        };
         let outcome = match (ctx.upstream_status, e) {
             (Some(s), _) if s >= 500 => Some(Outcome::Failure),
             (Some(_), _) => Some(Outcome::Success),
@@ -526,7 +541,7 @@ impl Common {
             listener,
             service,
             namespace,
-            source_cluster,
+            source,
             destination_cluster: destination,
         };
         self.runtime
@@ -553,7 +568,8 @@ impl Common {
             status,
             service,
             namespace,
-            source_cluster,
+            source_cluster = source.cluster,
+            source_trust_domain = source.trust_domain,
             destination_cluster = destination,
             upstream = ctx.target.as_ref().map(|t| display(t.addr())),
             attempts = ctx.tried.len(),
@@ -599,6 +615,34 @@ fn choose_destination(
         .cloned()
 }
 
+/// The status logged and counted for a request whose client went away before
+/// a response header was sent (nginx's "client closed request"); never sent.
+pub(crate) const CLIENT_CLOSED_STATUS: u16 = 499;
+
+/// Whether `e` is the client's doing (it went away, or sent what the gateway
+/// could not take) rather than a failure of the gateway or the backend.
+fn client_side(e: &Error) -> bool {
+    *e.esource() == ErrorSource::Downstream
+}
+
+/// Whether the client went away before its response was complete: it closed
+/// the connection, reset its HTTP/2 stream (`RST_STREAM`, e.g. `CANCEL` on a
+/// gRPC deadline) or stopped reading or sending until a timeout.
+fn client_aborted(e: &Error) -> bool {
+    use ErrorType::*;
+    client_side(e)
+        && matches!(
+            e.etype(),
+            ReadError | WriteError | ConnectionClosed | H2Error | ReadTimedout | WriteTimedout
+        )
+}
+
+/// Whether Pingora's ERROR line for `e` is left out: the client's failures
+/// are not the gateway's, and [`Common::fail`] logs them at INFO instead.
+pub(crate) fn quiet_error(e: &Error) -> bool {
+    client_side(e)
+}
+
 /// The `reason` label of `isthmus_request_errors_total` for `e`.
 fn error_reason(e: &Error) -> RequestError {
     use ErrorType::*;
@@ -612,9 +656,7 @@ fn error_reason(e: &Error) -> RequestError {
         }
         (ReadTimedout | WriteTimedout, ErrorSource::Upstream) => RequestError::UpstreamTimeout,
         (_, ErrorSource::Upstream) => RequestError::UpstreamClosed,
-        (ReadError | WriteError | ConnectionClosed, ErrorSource::Downstream) => {
-            RequestError::ClientClosed
-        }
+        _ if client_aborted(e) => RequestError::ClientClosed,
         (_, ErrorSource::Downstream) => RequestError::ClientError,
         _ => RequestError::Internal,
     }

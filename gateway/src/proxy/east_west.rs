@@ -27,8 +27,8 @@ use pingora_proxy::{HttpProxy, ProxyHttp, Session};
 use prometheus::IntCounterVec;
 use tracing::{debug, warn};
 
-use super::common::{Common, RequestCtx};
-use super::metrics::L4Result;
+use super::common::{self, Common, RequestCtx};
+use super::metrics::{L4Result, Source};
 use super::{Runtime, headers, tcp};
 use crate::config::Config;
 use crate::limits::{ListenerGuard, RefusalReason};
@@ -121,15 +121,12 @@ pub struct EastWestProxy {
     common: Common,
     denied: IntCounterVec,
     callers: Arc<Callers>,
-    /// Cluster of each peer gateway, for metrics.
-    peer_clusters: HashMap<SpiffeId, ClusterName>,
 }
 
 impl EastWestProxy {
     /// A proxy to endpoints of exported services in `runtime`'s catalog.
     pub fn new(
         runtime: Arc<Runtime>,
-        peer_clusters: HashMap<SpiffeId, ClusterName>,
         callers: Arc<Callers>,
         registry: &prometheus::Registry,
     ) -> Self {
@@ -143,7 +140,6 @@ impl EastWestProxy {
             common: Common::new(runtime),
             denied,
             callers,
-            peer_clusters,
         }
     }
 
@@ -290,16 +286,29 @@ impl ProxyHttp for EastWestProxy {
         self.common.fail(session, e, ctx).await
     }
 
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        common::quiet_error(e)
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         crate::limits::request_done(session.as_ref().stream());
         let caller = self.caller(session);
-        let source = caller.as_ref().map_or("", |c| {
-            self.peer_clusters
-                .get(&c.id)
-                .map_or(c.id.trust_domain_str(), ClusterName::as_str)
-        });
+        let catalog = self.common.runtime.catalog.load();
+        let source = caller_source(&catalog, caller.as_ref().map(|c| &c.id));
         self.common.log(Listener::EastWest, session, e, ctx, source);
     }
+}
+
+/// The source of a verified east-west `caller`: its trust domain, and the
+/// cluster the catalog names for it (the peer gateways, configured or admitted
+/// by their hello, followed as they change); anyone else is unknown.
+fn caller_source<'a>(catalog: &'a Catalog, caller: Option<&'a SpiffeId>) -> Source<'a> {
+    caller.map_or(Source::UNKNOWN, |id| Source {
+        cluster: catalog
+            .gateway_cluster(id)
+            .map_or(Source::UNKNOWN.cluster, ClusterName::as_str),
+        trust_domain: id.trust_domain_str(),
+    })
 }
 
 /// The exported service port of `catalog` that a ClientHello's `sni` names,
@@ -367,10 +376,16 @@ impl EastWestApp {
         }
     }
 
-    /// Splices `client` to the first endpoint of `entry` that accepts, after
-    /// sending `prefix` (a replayed ClientHello for passthrough).
-    async fn to_endpoint<C>(&self, entry: &Arc<ServiceEntry>, client: C, prefix: &[u8])
-    where
+    /// Splices `client`, opened by `caller` (none: passthrough), to the first
+    /// endpoint of `entry` that accepts, after sending `prefix` (a replayed
+    /// ClientHello for passthrough).
+    async fn to_endpoint<C>(
+        &self,
+        entry: &Arc<ServiceEntry>,
+        caller: Option<&SpiffeId>,
+        client: C,
+        prefix: &[u8],
+    ) where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let runtime = &self.runtime;
@@ -380,11 +395,17 @@ impl EastWestApp {
             tcp::dial(t.addr())
         })
         .await;
+        // The catalog snapshot is not held for the connection's lifetime.
+        let count = |result| {
+            let catalog = runtime.catalog.load();
+            let source = caller_source(&catalog, caller);
+            runtime
+                .tcp_metrics
+                .connection(Listener::EastWest, &entry.key, source, result);
+        };
         match connected {
             Ok((upstream, _lease)) => {
-                runtime
-                    .tcp_metrics
-                    .connection(Listener::EastWest, &entry.key, L4Result::Ok);
+                count(L4Result::Ok);
                 let idle = runtime.upstreams.policy().idle_timeout;
                 tcp::splice(
                     Listener::EastWest,
@@ -399,9 +420,7 @@ impl EastWestApp {
             }
             Err(refusal) => {
                 warn!(service = %entry.key, result = refusal.result().label(), "no endpoint took the east-west connection");
-                runtime
-                    .tcp_metrics
-                    .connection(Listener::EastWest, &entry.key, refusal.result());
+                count(refusal.result());
             }
         }
     }
@@ -450,6 +469,7 @@ impl ServerApp for EastWestApp {
                 self.runtime.tcp_metrics.connection(
                     Listener::EastWest,
                     &entry.key,
+                    Source::UNKNOWN,
                     L4Result::SourceNotAllowed,
                 );
                 return None;
@@ -458,7 +478,7 @@ impl ServerApp for EastWestApp {
                 .metrics()
                 .record(HandshakeSide::Server, HandshakeResult::Passthrough);
             let (hello, client) = start.io.into_parts();
-            self.to_endpoint(entry, client, &hello).await;
+            self.to_endpoint(entry, None, client, &hello).await;
             return None;
         }
         start.io.stop_recording();
@@ -479,14 +499,16 @@ impl ServerApp for EastWestApp {
         {
             if let Err(reason) = authorize(entry.allowed_callers.as_ref(), Some(&caller)) {
                 warn!(%caller, service = %entry.key, reason, "east-west TCP connection denied");
+                let catalog = self.runtime.catalog.load();
                 self.runtime.tcp_metrics.connection(
                     Listener::EastWest,
                     &entry.key,
+                    caller_source(&catalog, Some(&caller)),
                     L4Result::Denied,
                 );
                 return None;
             }
-            self.to_endpoint(entry, tls, &[]).await;
+            self.to_endpoint(entry, Some(&caller), tls, &[]).await;
             return None;
         }
         let mesh = MeshTlsStream::new(tls, caller.clone());

@@ -23,7 +23,9 @@ isthmus_federation::label_enum! {
         Overloaded => "overloaded",
         /// No backend to try.
         NoRoute => "no_route",
-        /// The client went away.
+        /// The client went away before the response was complete: it closed
+        /// the connection, reset the HTTP/2 stream (a gRPC deadline, say) or
+        /// stopped reading or sending. Not a failure of the gateway.
         ClientClosed => "client_closed",
         /// The client sent something the gateway could not take.
         ClientError => "client_error",
@@ -68,8 +70,32 @@ const LABELS: &[&str] = &[
     "service",
     "namespace",
     "source_cluster",
+    "source_trust_domain",
     "destination_cluster",
 ];
+
+/// The `source_cluster` of an east-west caller that is no known peer
+/// gateway: a label value, so the series stay bounded by the peers.
+pub(crate) const UNKNOWN_CLUSTER: &str = "unknown";
+
+/// Who sent a request or opened an L4 connection: the `source_cluster` and
+/// `source_trust_domain` labels.
+#[derive(Clone, Copy)]
+pub(crate) struct Source<'a> {
+    /// The caller's cluster name, or [`UNKNOWN_CLUSTER`].
+    pub(crate) cluster: &'a str,
+    /// The caller's trust domain; empty when no identity was verified.
+    pub(crate) trust_domain: &'a str,
+}
+
+impl Source<'static> {
+    /// A caller not identified: a passthrough connection, whose TLS is the
+    /// workload's and not terminated here.
+    pub(crate) const UNKNOWN: Self = Self {
+        cluster: UNKNOWN_CLUSTER,
+        trust_domain: "",
+    };
+}
 
 /// `isthmus_requests_total`, `isthmus_request_duration_seconds` and
 /// `isthmus_request_errors_total`.
@@ -86,7 +112,7 @@ pub(crate) struct RequestLabels<'a> {
     pub(crate) listener: Listener,
     pub(crate) service: &'a str,
     pub(crate) namespace: &'a str,
-    pub(crate) source_cluster: &'a str,
+    pub(crate) source: Source<'a>,
     pub(crate) destination_cluster: &'a str,
 }
 
@@ -98,13 +124,13 @@ impl ProxyMetrics {
         let requests = metrics::counter_vec(
             registry,
             "requests_total",
-            "HTTP requests by listener, service, namespace, source and destination cluster, and status code.",
+            "HTTP requests by listener, service, namespace, source cluster and trust domain, destination cluster, and status code.",
             &labels,
         );
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "request_duration_seconds",
-                "Time from request to the end of the response, by listener, service, namespace, source and destination cluster.",
+                "Time from request to the end of the response, by listener, service, namespace, source cluster and trust domain, and destination cluster.",
             )
             .namespace(metrics::NAMESPACE)
             .buckets(vec![
@@ -161,13 +187,14 @@ impl ProxyMetrics {
             labels.listener.label(),
             labels.service,
             labels.namespace,
-            labels.source_cluster,
+            labels.source.cluster,
+            labels.source.trust_domain,
             labels.destination_cluster,
         ];
         let mut digits = [0u8; 3];
-        let [b0, b1, b2, b3, b4] = base;
+        let [b0, b1, b2, b3, b4, b5] = base;
         self.requests
-            .with_label_values(&[b0, b1, b2, b3, b4, status_label(code, &mut digits)])
+            .with_label_values(&[b0, b1, b2, b3, b4, b5, status_label(code, &mut digits)])
             .inc();
         self.duration.with_label_values(&base).observe(seconds);
     }
@@ -206,9 +233,16 @@ impl TcpMetrics {
         let connections = metrics::counter_vec(
             registry,
             "tcp_connections_total",
-            "L4 connections by listener, service, namespace and result (ok, connect_error, no_route, \
-             overloaded, source_not_allowed, denied).",
-            &["listener", "service", "namespace", "result"],
+            "L4 connections by listener, service, namespace, source cluster and trust domain, and \
+             result (ok, connect_error, no_route, overloaded, source_not_allowed, denied).",
+            &[
+                "listener",
+                "service",
+                "namespace",
+                "source_cluster",
+                "source_trust_domain",
+                "result",
+            ],
         );
         let bytes = metrics::counter_vec(
             registry,
@@ -223,12 +257,20 @@ impl TcpMetrics {
         }
     }
 
-    pub(crate) fn connection(&self, listener: Listener, key: &ServiceKey, result: L4Result) {
+    pub(crate) fn connection(
+        &self,
+        listener: Listener,
+        key: &ServiceKey,
+        source: Source<'_>,
+        result: L4Result,
+    ) {
         self.connections
             .with_label_values(&[
                 listener.label(),
                 key.name.as_str(),
                 key.namespace.as_str(),
+                source.cluster,
+                source.trust_domain,
                 result.label(),
             ])
             .inc();

@@ -28,7 +28,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use isthmus_federation::trust::SpiffeConnector;
-use isthmus_federation::{Catalog, ClusterName};
+use isthmus_federation::{Catalog, ClusterName, TrustDomain};
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
@@ -47,8 +47,12 @@ pub struct Runtime {
     pub upstreams: Arc<Upstreams>,
     /// Requests and TCP streams in flight, waited for on stop.
     pub drain: Arc<Drain>,
-    /// This gateway's cluster (the destination of requests served here).
+    /// This gateway's cluster (the destination of requests served here, and
+    /// the source of those from local workloads).
     pub cluster: ClusterName,
+    /// This gateway's trust domain (the source trust domain of requests from
+    /// local workloads).
+    pub trust_domain: TrustDomain,
     /// HTTP request metrics.
     pub metrics: ProxyMetrics,
     /// L4 connection metrics.
@@ -64,6 +68,17 @@ pub struct Runtime {
     /// The configuration in force (swapped on reload): the access log's
     /// `log.access_sample`.
     pub config: Arc<ArcSwap<Config>>,
+}
+
+impl Runtime {
+    /// The source of requests and connections from local workloads: this
+    /// cluster and trust domain.
+    pub(crate) fn local_source(&self) -> metrics::Source<'_> {
+        metrics::Source {
+            cluster: self.cluster.as_str(),
+            trust_domain: self.trust_domain.as_str(),
+        }
+    }
 }
 
 /// How long idle HTTP/1.1 keep-alive connections stay open after the

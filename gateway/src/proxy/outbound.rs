@@ -13,7 +13,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tokio::sync::watch;
 
 use super::Runtime;
-use super::common::{Common, RequestCtx};
+use super::common::{self, Common, RequestCtx};
 use super::headers::{self, SUBSET as SUBSET_HEADER};
 use crate::metrics::Listener;
 use crate::upstream::balance::Target;
@@ -176,15 +176,13 @@ impl ProxyHttp for OutboundProxy {
         self.common.fail(session, e, ctx).await
     }
 
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        common::quiet_error(e)
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         crate::limits::request_done(session.as_ref().stream());
-        let common = &self.common;
-        common.log(
-            Listener::Outbound,
-            session,
-            e,
-            ctx,
-            common.runtime.cluster.as_str(),
-        );
+        let source = self.common.runtime.local_source();
+        self.common.log(Listener::Outbound, session, e, ctx, source);
     }
 }

@@ -288,6 +288,7 @@ impl ServerApp for TcpOutboundApp {
             runtime.tcp_metrics.connection(
                 Listener::Outbound,
                 &self.key,
+                runtime.local_source(),
                 L4Refusal::NoRoute.result(),
             );
             return None;
@@ -312,9 +313,12 @@ impl ServerApp for TcpOutboundApp {
         let idle = runtime.upstreams.policy().idle_timeout;
         match connected {
             Ok((upstream, _lease)) => {
-                runtime
-                    .tcp_metrics
-                    .connection(Listener::Outbound, &self.key, L4Result::Ok);
+                runtime.tcp_metrics.connection(
+                    Listener::Outbound,
+                    &self.key,
+                    runtime.local_source(),
+                    L4Result::Ok,
+                );
                 let (key, m) = (&self.key, &runtime.tcp_metrics);
                 match upstream {
                     Upstream::Endpoint(u) => {
@@ -325,11 +329,12 @@ impl ServerApp for TcpOutboundApp {
                     }
                 }
             }
-            Err(refusal) => {
-                runtime
-                    .tcp_metrics
-                    .connection(Listener::Outbound, &self.key, refusal.result())
-            }
+            Err(refusal) => runtime.tcp_metrics.connection(
+                Listener::Outbound,
+                &self.key,
+                runtime.local_source(),
+                refusal.result(),
+            ),
         }
         None
     }

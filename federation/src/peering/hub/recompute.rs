@@ -65,7 +65,15 @@ impl Hub {
                 .filter(|r| r.state != LeaseState::Expired && r.hello.east_west.is_some())
                 .map(|r| r.catalog.as_ref()),
         );
-        let catalog = merge(&self.me.cluster, &inner.local, &peers);
+        // Every peer the hub knows may call the east-west listener, also one
+        // that serves nothing (no east-west listener, or lapsed).
+        let gateways = inner
+            .static_peers
+            .iter()
+            .map(|p| &p.gateway)
+            .chain(inner.peers.values().map(|r| &r.catalog.gateway))
+            .map(|g| (g.spiffe_id.clone(), g.cluster.clone()));
+        let catalog = merge(&self.me.cluster, &inner.local, &peers).with_gateways(gateways);
         let exports = export_set(&inner.local);
         drop(inner);
         self.metrics
