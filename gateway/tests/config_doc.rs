@@ -203,6 +203,7 @@ tcp_idle_timeout = "10s"
 [limits]
 header_timeout = "10s"
 h2_max_concurrent_streams = 100
+max_request_header_bytes = 65536
 [limits.outbound]
 connections = 16384
 connections_per_source = 4096
