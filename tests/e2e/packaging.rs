@@ -1,6 +1,7 @@
 //! `packaging/build.sh` checked from the outside: what the .deb and the .rpm
-//! hold (`dpkg-deb -c/-I`, `rpm -qpl/-qpi/-qpc/--scripts`), lintian, and the
-//! packaged unit through `systemd-analyze verify` and `security`. It packages
+//! hold (`dpkg-deb -c/-I`, `rpm -qpl/-qpi/-qpc/--scripts`), lintian, the
+//! packaged unit through `systemd-analyze verify` and `security`, and the
+//! packaged Prometheus rules through `promtool`. It packages
 //! the debug binary the other tests use (`--profile dev --no-build`).
 #![allow(clippy::unwrap_used)] // a panic is how a test reports failure
 
@@ -85,6 +86,10 @@ fn packages_hold_the_gateway_and_pass_lintian_and_systemd_analyze() {
         "./usr/share/doc/isthmus/examples/cluster-west.toml",
         "./usr/share/doc/isthmus/examples/edge-vm.toml",
         "./usr/share/lintian/overrides/isthmus",
+        "./usr/share/isthmus/monitoring/README.md",
+        "./usr/share/isthmus/monitoring/isthmus.rules.yml",
+        "./usr/share/isthmus/monitoring/isthmus.rules.test.yml",
+        "./usr/share/isthmus/monitoring/grafana/isthmus.json",
     ];
     assert_listed(&contents, &deb_paths, |line, path| {
         line.ends_with(&format!(" {path}"))
@@ -136,6 +141,10 @@ fn packages_hold_the_gateway_and_pass_lintian_and_systemd_analyze() {
         "/usr/share/doc/isthmus/examples/cluster-east.toml",
         "/usr/share/doc/isthmus/examples/cluster-west.toml",
         "/usr/share/doc/isthmus/examples/edge-vm.toml",
+        "/usr/share/isthmus/monitoring/README.md",
+        "/usr/share/isthmus/monitoring/isthmus.rules.yml",
+        "/usr/share/isthmus/monitoring/isthmus.rules.test.yml",
+        "/usr/share/isthmus/monitoring/grafana/isthmus.json",
     ];
     assert_listed(&list, &rpm_paths, |line, path| line == path);
     let info = run("rpm", &["-qpi", &rpm]);
@@ -167,6 +176,23 @@ fn packages_hold_the_gateway_and_pass_lintian_and_systemd_analyze() {
         ],
     );
     assert!(checked.contains("configuration is valid"), "{checked}");
+    // The packaged rules load and pass their unit tests where they are
+    // installed (the tests name the rules file beside them).
+    let monitoring = format!("{root_path}/usr/share/isthmus/monitoring");
+    let rules = run(
+        "promtool",
+        &["check", "rules", &format!("{monitoring}/isthmus.rules.yml")],
+    );
+    assert!(rules.contains("SUCCESS"), "{rules}");
+    let tested = run(
+        "promtool",
+        &[
+            "test",
+            "rules",
+            &format!("{monitoring}/isthmus.rules.test.yml"),
+        ],
+    );
+    assert!(tested.contains("SUCCESS"), "{tested}");
     assert_unit_verifies(root.path());
     let security = run(
         "systemd-analyze",
