@@ -218,7 +218,11 @@ fn dashboard_exprs(dashboard: &Value) -> Vec<Expr> {
         panels.extend(panel["panels"].as_array().into_iter().flatten());
         for target in panel["targets"].as_array().into_iter().flatten() {
             exprs.push(Expr {
-                origin: format!("panel {:?} {}", panel["title"], target["refId"]),
+                origin: format!(
+                    "panel {:?} {}",
+                    panel["title"].as_str().unwrap_or_default(),
+                    target["refId"].as_str().unwrap_or_default()
+                ),
                 expr: substitute(target["expr"].as_str().unwrap()),
                 alert: false,
             });
