@@ -43,8 +43,9 @@ fn statuses(clients: Vec<Child>) -> Vec<String> {
         .collect()
 }
 
-/// Starts `n` concurrent `curl`s of `url` with `host`.
-fn curls(n: usize, host: &'static str, url: &str) -> Vec<Child> {
+/// Starts `n` concurrent `curl`s of `url` with `host`, each giving up after
+/// `max_time` seconds.
+fn curls(n: usize, host: &'static str, url: &str, max_time: &str) -> Vec<Child> {
     (0..n)
         .map(|_| {
             Command::new("curl")
@@ -55,7 +56,7 @@ fn curls(n: usize, host: &'static str, url: &str) -> Vec<Child> {
                     "-w",
                     "%{http_code}",
                     "--max-time",
-                    "20",
+                    max_time,
                 ])
                 .args(["-H", host, url])
                 .stdout(Stdio::piped())
@@ -109,7 +110,7 @@ connect_timeout = "2s"
     assert_eq!(gauge(&gw, waiting, "outbound"), 0);
 
     // Four requests held by the upstream: in flight, connected (not waiting).
-    let clients = curls(4, HOST, &url);
+    let clients = curls(4, HOST, &url, "20");
     wait_for(Duration::from_secs(3), "4 requests in flight", || {
         (gauge(&gw, in_flight, "outbound") == 4).then_some(())
     })
@@ -118,9 +119,22 @@ connect_timeout = "2s"
     assert_eq!(statuses(clients), ["200"; 4]);
     assert_eq!(gauge(&gw, in_flight, "outbound"), 0);
 
+    // Clients that give up before the upstream answers: counted until the
+    // gateway is done with them, then given back.
+    let quitters = curls(2, HOST, &url, "1");
+    wait_for(Duration::from_secs(3), "2 requests in flight", || {
+        (gauge(&gw, in_flight, "outbound") == 2).then_some(())
+    })
+    .unwrap();
+    assert_eq!(statuses(quitters), ["000"; 2], "curl gave up");
+    wait_for(Duration::from_secs(10), "aborted requests to end", || {
+        (gauge(&gw, in_flight, "outbound") == 0).then_some(())
+    })
+    .unwrap();
+
     // Three requests whose connects hang: waiting, then failed at the
     // connect timeout, and no longer counted anywhere.
-    let clients = curls(3, STUCK_HOST, &url);
+    let clients = curls(3, STUCK_HOST, &url, "20");
     wait_for(Duration::from_secs(3), "3 requests waiting", || {
         let counts = (
             gauge(&gw, waiting, "outbound"),
