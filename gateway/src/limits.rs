@@ -24,8 +24,8 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -41,18 +41,53 @@ use pingora_core::protocols::{
     TimingDigest, UniqueID, UniqueIDType,
 };
 use pingora_core::server::ShutdownWatch;
-use prometheus::{IntCounter, IntCounterVec, Registry};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tracing::warn;
 
 use crate::metrics::{self, Listener};
 
-/// The refusal and cut counters every listener shares.
+/// The refusal and cut counters every listener shares, and the count of
+/// connections each holds.
 #[derive(Clone)]
 pub struct LimitMetrics {
     refused: IntCounterVec,
     header_timeouts: IntCounterVec,
+    open: Arc<OpenConnections>,
+}
+
+/// `isthmus_connections_open{listener}`: read from the listeners' limiters
+/// when gathered, so the count is the one the caps use and admitting a
+/// connection costs nothing more.
+struct OpenConnections {
+    gauges: IntGaugeVec,
+    /// Every listener's limiter; one that is gone (its listener removed)
+    /// takes its series with it.
+    limiters: parking_lot::Mutex<Vec<(Listener, Weak<ConnectionLimiter>)>>,
+}
+
+impl Collector for OpenConnections {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauges.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        // Held throughout, so that concurrent scrapes never see the reset.
+        let mut limiters = self.limiters.lock();
+        limiters.retain(|(_, l)| l.strong_count() > 0);
+        self.gauges.reset();
+        for (listener, limiter) in limiters.iter() {
+            if let Some(limiter) = limiter.upgrade() {
+                self.gauges
+                    .with_label_values(&[listener.label()])
+                    .add(limiter.open_total() as i64);
+            }
+        }
+        self.gauges.collect()
+    }
 }
 
 impl LimitMetrics {
@@ -73,10 +108,38 @@ impl LimitMetrics {
              limits.header_timeout, by listener.",
             &["listener"],
         );
+        let open = Arc::new(OpenConnections {
+            gauges: IntGaugeVec::new(
+                Opts::new(
+                    "connections_open",
+                    "Connections a listener holds open now (what its connection caps count), by \
+                     listener.",
+                )
+                .namespace(metrics::NAMESPACE),
+                &["listener"],
+            )
+            .expect("static metric definition is valid"),
+            limiters: Default::default(),
+        });
+        metrics::register(registry, SharedCollector(open.clone()));
         Self {
             refused,
             header_timeouts,
+            open,
         }
+    }
+}
+
+/// Registers a collector that is also held elsewhere.
+struct SharedCollector(Arc<OpenConnections>);
+
+impl Collector for SharedCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
     }
 }
 
@@ -138,9 +201,15 @@ impl ListenerGuard {
         header_timeout: Duration,
         metrics: &LimitMetrics,
     ) -> Self {
+        let limiter = ConnectionLimiter::new(limits);
+        metrics
+            .open
+            .limiters
+            .lock()
+            .push((listener, Arc::downgrade(&limiter)));
         Self {
             listener,
-            limiter: ConnectionLimiter::new(limits),
+            limiter,
             header_timeout,
             cut: metrics
                 .header_timeouts
@@ -628,6 +697,38 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const T: Duration = Duration::from_millis(300);
+
+    #[test]
+    fn open_connections_are_the_limiters_counts_per_listener() {
+        let registry = Registry::new();
+        let m = LimitMetrics::new(&registry);
+        let open = |listener: &str| {
+            let text = String::from_utf8(metrics::render(&registry)).unwrap();
+            let series = format!("isthmus_connections_open{{listener=\"{listener}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .map(|v| v.parse::<i64>().unwrap())
+        };
+        let caps = ConnectionLimits {
+            total: 10,
+            per_source: 10,
+        };
+        let outbound = ListenerGuard::new(Listener::Outbound, caps, T, &m);
+        let admin = ListenerGuard::new(Listener::Admin, caps, T, &m);
+        let ip = |last| IpAddr::V4(Ipv4Addr::new(127, 0, 0, last));
+        let permits: Vec<_> = (1..=3)
+            .map(|i| outbound.admit_from(ip(i)).unwrap())
+            .collect();
+        let one = admin.admit_from(ip(1)).unwrap();
+        assert_eq!((open("outbound"), open("admin")), (Some(3), Some(1)));
+        drop(permits);
+        assert_eq!((open("outbound"), open("admin")), (Some(0), Some(1)));
+        drop(one);
+        assert_eq!(open("admin"), Some(0));
+        // A listener that is gone has no series.
+        drop(admin);
+        assert_eq!((open("outbound"), open("admin")), (Some(0), None));
+    }
 
     /// A deadline-wrapped server stream and its client, over loopback TCP.
     /// Asserts a read on `stream` is still waiting after three deadlines:

@@ -31,8 +31,9 @@ isthmus_federation::label_enum! {
     /// A listener that accepts connections from outside: the `listener` label
     /// of the data-plane and connection-cap metrics. The clusterset listeners
     /// serve through the outbound proxy, so their requests and L4 connections
-    /// count under `outbound`; only their connection caps and header deadline
-    /// count under `clusterset`.
+    /// count under `outbound`; only their connection caps, header deadline and
+    /// load gauges (open connections, requests in flight and waiting) count
+    /// under `clusterset`.
     pub enum Listener {
         /// `outbound.listen` and the outbound `tcp` ports.
         Outbound => "outbound",
@@ -151,6 +152,14 @@ pub fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str])
 /// Creates and registers a gauge named `isthmus_<name>`.
 pub fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::with_opts(Opts::new(name, help).namespace(NAMESPACE))
+        .expect("static metric definition is valid");
+    register(registry, g.clone());
+    g
+}
+
+/// Creates and registers a gauge vector named `isthmus_<name>`.
+pub fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help).namespace(NAMESPACE), labels)
         .expect("static metric definition is valid");
     register(registry, g.clone());
     g

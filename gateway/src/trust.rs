@@ -4,7 +4,7 @@
 //! `isthmus_federation::trust`; this module wires them to the configuration.
 
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -16,7 +16,9 @@ use isthmus_federation::trust::{
 };
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use prometheus::Registry;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -25,6 +27,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::config::model::{EndpointProfileConfig, IdentityConfig};
+use crate::metrics::{self, NAMESPACE};
 
 /// How long one bundle endpoint fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -199,6 +202,7 @@ pub fn load(config: &Config, registry: &Registry) -> Result<Option<Trust>, Vec<M
             return Err(errors);
         }
     };
+    metrics::register(registry, Expiry::new(files.material().clone()));
     Ok(Some(Trust {
         files,
         policy: Arc::new(ArcSwap::from_pointee(peer_policy(config))),
@@ -243,11 +247,94 @@ impl BackgroundService for TrustService {
     }
 }
 
-fn unix(t: std::time::SystemTime) -> u64 {
+/// `isthmus_tls_svid_expiry_seconds` and
+/// `isthmus_trust_bundle_expiry_seconds{trust_domain}`: computed from the
+/// material in use when gathered, so they count down between reloads and
+/// follow every bundle source (files, endpoints, peers).
+struct Expiry {
+    material: Arc<TlsMaterial>,
+    svid: IntGauge,
+    bundles: IntGaugeVec,
+    /// Concurrent scrapes take turns: each resets the bundle series.
+    collecting: parking_lot::Mutex<()>,
+}
+
+impl Expiry {
+    fn new(material: Arc<TlsMaterial>) -> Self {
+        let svid = IntGauge::with_opts(
+            Opts::new(
+                "tls_svid_expiry_seconds",
+                "Seconds until the SVID in use expires; negative once it has.",
+            )
+            .namespace(NAMESPACE),
+        )
+        .expect("static metric definition is valid");
+        let bundles = IntGaugeVec::new(
+            Opts::new(
+                "trust_bundle_expiry_seconds",
+                "Seconds until the earliest authority in each trust domain's bundle in use \
+                 expires; negative once it has.",
+            )
+            .namespace(NAMESPACE),
+            &["trust_domain"],
+        )
+        .expect("static metric definition is valid");
+        Self {
+            material,
+            svid,
+            bundles,
+            collecting: parking_lot::Mutex::new(()),
+        }
+    }
+}
+
+/// Whole seconds from `now` to `t`, negative when `t` is past.
+fn seconds_until(t: SystemTime, now: SystemTime) -> i64 {
+    match t.duration_since(now) {
+        Ok(ahead) => i64::try_from(ahead.as_secs()).unwrap_or(i64::MAX),
+        Err(past) => -i64::try_from(past.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+impl Collector for Expiry {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut desc = self.svid.desc();
+        desc.extend(self.bundles.desc());
+        desc
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let _turn = self.collecting.lock();
+        let now = SystemTime::now();
+        self.svid
+            .set(seconds_until(self.material.svid().not_after, now));
+        // Only the trust domains in use now: one removed loses its series.
+        self.bundles.reset();
+        for (td, domain) in self.material.trust().iter() {
+            let earliest = domain
+                .bundle
+                .authorities
+                .iter()
+                .filter_map(|der| CertInfo::parse(der).ok())
+                .map(|info| info.not_after)
+                .min();
+            if let Some(earliest) = earliest {
+                self.bundles
+                    .with_label_values(&[td.as_str()])
+                    .set(seconds_until(earliest, now));
+            }
+        }
+        let mut families = self.svid.collect();
+        families.extend(self.bundles.collect());
+        families
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn rfc3339(t: std::time::SystemTime) -> String {
+fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
@@ -303,4 +390,74 @@ pub fn debug_json(trust: Option<&Trust>) -> Value {
             },
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_federation::TrustDomain;
+    use isthmus_federation::trust::ca::{create_ca, dev_material};
+    use isthmus_federation::trust::{BundleSource, DomainTrust, TrustBundle};
+
+    const DAY: u64 = 86_400;
+
+    fn rendered(registry: &Registry) -> String {
+        String::from_utf8(metrics::render(registry)).unwrap()
+    }
+
+    fn value(text: &str, series: &str) -> Option<i64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.parse().unwrap())
+    }
+
+    #[test]
+    fn expiry_counts_down_to_the_svid_and_each_domains_earliest_authority() {
+        let (own, peer): (TrustDomain, TrustDomain) =
+            ("own.test".parse().unwrap(), "peer.test".parse().unwrap());
+        let own_ca = create_ca(&own, Duration::from_secs(10 * DAY)).unwrap();
+        let peer_old = create_ca(&peer, Duration::from_secs(2 * DAY)).unwrap();
+        let peer_new = create_ca(&peer, Duration::from_secs(30 * DAY)).unwrap();
+        let id = "spiffe://own.test/gw".parse().unwrap();
+        let material = dev_material(
+            &own_ca,
+            &id,
+            &[("own.test", &own_ca)],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        // The peer's bundle during a root rotation: old and new root.
+        let both = format!("{}{}", peer_old.cert_pem, peer_new.cert_pem);
+        let bundle = TrustBundle::parse(peer.clone(), both.as_bytes()).unwrap();
+        let domain =
+            DomainTrust::new(bundle, BundleSource::File("t".into()), material.provider()).unwrap();
+        material.update_trust(|s| s.with(domain.clone()));
+
+        let registry = Registry::new();
+        metrics::register(&registry, Expiry::new(material));
+        let text = rendered(&registry);
+        let near = |series: &str, want: u64| {
+            let got = value(&text, series).unwrap_or_else(|| panic!("{series} in {text}"));
+            assert!(
+                (got - want as i64).abs() <= 5,
+                "{series} = {got}, want {want}"
+            );
+        };
+        near("isthmus_tls_svid_expiry_seconds", 3600);
+        near(
+            "isthmus_trust_bundle_expiry_seconds{trust_domain=\"own.test\"}",
+            10 * DAY,
+        );
+        near(
+            "isthmus_trust_bundle_expiry_seconds{trust_domain=\"peer.test\"}",
+            2 * DAY,
+        );
+    }
+
+    #[test]
+    fn seconds_until_is_negative_once_past() {
+        let now = SystemTime::now();
+        assert_eq!(seconds_until(now + Duration::from_secs(90), now), 90);
+        assert_eq!(seconds_until(now - Duration::from_secs(90), now), -90);
+    }
 }

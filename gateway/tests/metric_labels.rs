@@ -62,6 +62,7 @@ fn every_vocabulary() -> Vec<Vocabulary> {
         ("isthmus_connections_refused_total", "listener", Listener),
         ("isthmus_connections_refused_total", "reason", RefusalReason),
         ("isthmus_header_timeouts_total", "listener", Listener),
+        ("isthmus_connections_open", "listener", Listener),
         ("isthmus_upstream_retries_total", "reason", RetryReason),
         (
             "isthmus_upstream_health_checks_total",

@@ -22,7 +22,7 @@ use tracing::info;
 
 use super::Runtime;
 use super::headers::{self, SUBSET as SUBSET_HEADER};
-use super::metrics::{RequestError, RequestLabels, Source};
+use super::metrics::{Held, ListenerLoad, RequestError, RequestLabels, Source};
 use super::routing::{NoRoute, Routed, resolve};
 use crate::config::traffic::{RouteConfig, SplitTarget};
 use crate::config::upstream::UpstreamConfig;
@@ -67,6 +67,12 @@ pub struct RequestCtx {
     pub(super) authority_override: Option<String>,
     /// Holds the stop (and the old process of an upgrade) until the request ends.
     _in_flight: InFlight,
+    /// Counts the request in `isthmus_requests_in_flight` until it is logged
+    /// (or dropped, however it ends).
+    counted: Option<Held>,
+    /// Counts the current attempt in `isthmus_upstream_requests_waiting`
+    /// from choosing its upstream until connected or failed.
+    waiting: Option<Held>,
 }
 
 impl RequestCtx {
@@ -85,6 +91,8 @@ impl RequestCtx {
 /// [`Runtime`] and the request phases they run alike.
 pub struct Common {
     pub(crate) runtime: Arc<Runtime>,
+    /// The load gauges of the listener this proxy serves.
+    load: ListenerLoad,
     /// Numbers this listener's requests, spreading their draws (see
     /// [`Draws`]).
     spread: AtomicUsize,
@@ -92,12 +100,18 @@ pub struct Common {
 
 impl Common {
     /// Proxy phases over `runtime`'s catalog and backends; every request is
-    /// in flight in its drain until it ends.
-    pub fn new(runtime: Arc<Runtime>) -> Self {
+    /// in flight in its drain until it ends, and in `listener`'s load gauges.
+    pub fn new(runtime: Arc<Runtime>, listener: Listener) -> Self {
         Self {
+            load: runtime.metrics.load(listener),
             runtime,
             spread: AtomicUsize::new(0),
         }
+    }
+
+    /// Counts this proxy's requests under `listener` from now on.
+    pub(crate) fn set_listener(&mut self, listener: Listener) {
+        self.load = self.runtime.metrics.load(listener);
     }
 
     pub(crate) fn new_ctx(&self) -> RequestCtx {
@@ -116,6 +130,8 @@ impl Common {
             destination: None,
             authority_override: None,
             _in_flight: self.runtime.drain.track(),
+            counted: Some(Held::new(&self.load.in_flight)),
+            waiting: None,
         }
     }
 
@@ -301,6 +317,8 @@ impl Common {
         // The previous attempt's lease, if any, ends before this one starts.
         ctx.lease = None;
         ctx.lease = Some(self.runtime.upstreams.lease_request(backend));
+        // Replaces (and so ends) the previous attempt's wait, if any.
+        ctx.waiting = Some(Held::new(&self.load.waiting));
         ctx.recorded = false;
         ctx.upstream_status = None;
         ctx.tried.push(slot);
@@ -350,6 +368,7 @@ impl Common {
 
     /// The current attempt has its connection.
     pub(crate) fn connected(&self, ctx: &mut RequestCtx) {
+        ctx.waiting = None;
         if let Some(lease) = ctx.lease.as_mut() {
             lease.connected();
         }
@@ -380,6 +399,7 @@ impl Common {
     /// retried, and the retry budget (which guards backends against load)
     /// does not apply.
     pub(crate) fn connect_failed(&self, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
+        ctx.waiting = None;
         self.record(ctx, Outcome::Failure);
         let retry = ctx.tried.len() < ctx.policy.max_attempts;
         if let (true, Some(r)) = (retry, &ctx.routed) {
@@ -402,6 +422,7 @@ impl Common {
         ctx: &mut RequestCtx,
         e: Box<Error>,
     ) -> Box<Error> {
+        ctx.waiting = None;
         let mut e = e.more_context(format!("Peer: {peer}"));
         if client_side(&e) {
             // The client went away (or misbehaved): nothing to hold against
@@ -512,6 +533,9 @@ impl Common {
         ctx: &mut RequestCtx,
         source: Source<'_>,
     ) {
+        // Logged: no longer in flight, nor waiting for anything.
+        ctx.waiting = None;
+        ctx.counted = None;
         let status = match (session.response_written(), e) {
             (Some(r), _) => r.status.as_u16(),
             (None, Some(e)) if client_aborted(e) => CLIENT_CLOSED_STATUS,

@@ -137,7 +137,7 @@ impl EastWestProxy {
             &["service", "caller_trust_domain"],
         );
         Self {
-            common: Common::new(runtime),
+            common: Common::new(runtime, Listener::EastWest),
             denied,
             callers,
         }

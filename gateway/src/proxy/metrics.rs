@@ -1,7 +1,7 @@
 //! Request metrics of the data plane.
 
 use isthmus_federation::ServiceKey;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
 use crate::metrics::{self, Listener};
 
@@ -97,14 +97,45 @@ impl Source<'static> {
     };
 }
 
-/// `isthmus_requests_total`, `isthmus_request_duration_seconds` and
-/// `isthmus_request_errors_total`.
+/// `isthmus_requests_total`, `isthmus_request_duration_seconds`,
+/// `isthmus_request_errors_total` and the load gauges
+/// `isthmus_requests_in_flight` and `isthmus_upstream_requests_waiting`.
 #[derive(Clone)]
 pub struct ProxyMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     errors: IntCounterVec,
     forged: IntCounterVec,
+    in_flight: IntGaugeVec,
+    waiting: IntGaugeVec,
+}
+
+/// One listener's load gauges, resolved once so that a request only touches
+/// atomics (see [`Held`]).
+#[derive(Clone)]
+pub(crate) struct ListenerLoad {
+    /// `isthmus_requests_in_flight{listener}`.
+    pub(crate) in_flight: IntGauge,
+    /// `isthmus_upstream_requests_waiting{listener}`.
+    pub(crate) waiting: IntGauge,
+}
+
+/// One unit of a gauge, held until dropped: whatever way a request ends
+/// (error, retry, client gone, panic), what it added is taken back.
+pub(crate) struct Held(IntGauge);
+
+impl Held {
+    /// Adds one to `gauge` until the result is dropped.
+    pub(crate) fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// The labels of one request.
@@ -155,11 +186,34 @@ impl ProxyMetrics {
              (x-forwarded-client-cert, x-isthmus-*), by listener; the headers were stripped.",
             &["listener"],
         );
+        let in_flight = metrics::gauge_vec(
+            registry,
+            "requests_in_flight",
+            "HTTP requests being proxied now, from their arrival to their log line, by listener.",
+            &["listener"],
+        );
+        let waiting = metrics::gauge_vec(
+            registry,
+            "upstream_requests_waiting",
+            "HTTP requests that chose an upstream and wait for a connection to it, by listener.",
+            &["listener"],
+        );
         Self {
             requests,
             duration,
             errors,
             forged,
+            in_flight,
+            waiting,
+        }
+    }
+
+    /// The load gauges of `listener`.
+    pub(crate) fn load(&self, listener: Listener) -> ListenerLoad {
+        let label = [listener.label()];
+        ListenerLoad {
+            in_flight: self.in_flight.with_label_values(&label),
+            waiting: self.waiting.with_label_values(&label),
         }
     }
 
@@ -312,5 +366,24 @@ mod tests {
         assert_eq!(status_label(0, &mut digits), "0");
         assert_eq!(status_label(42, &mut digits), "other");
         assert_eq!(status_label(1000, &mut digits), "other");
+    }
+
+    #[test]
+    fn held_gauges_go_back_when_dropped() {
+        let registry = Registry::new();
+        let m = ProxyMetrics::new(&registry);
+        let load = m.load(Listener::EastWest);
+        let (a, b) = (Held::new(&load.in_flight), Held::new(&load.in_flight));
+        let mut waiting = Some(Held::new(&load.waiting));
+        assert_eq!(load.in_flight.get(), 2);
+        assert!(waiting.is_some());
+        // A retry replaces the attempt's place in the queue.
+        waiting = Some(Held::new(&load.waiting));
+        assert_eq!(load.waiting.get(), 1);
+        drop((a, waiting));
+        assert_eq!((load.in_flight.get(), load.waiting.get()), (1, 0));
+        drop(b);
+        assert_eq!(m.load(Listener::EastWest).in_flight.get(), 0);
+        assert_eq!(m.load(Listener::Outbound).in_flight.get(), 0);
     }
 }

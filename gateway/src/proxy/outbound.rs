@@ -42,15 +42,17 @@ impl OutboundProxy {
     /// through `runtime`'s mesh relay, when there is one.
     pub fn new(runtime: Arc<Runtime>) -> Self {
         Self {
-            common: Common::new(runtime),
+            common: Common::new(runtime, Listener::Outbound),
             clusterset: None,
         }
     }
 
     /// Also routes a request by the clusterset IP its connection reached,
     /// when its authority names no service (`curl http://127.240.0.7:8080/`).
+    /// Its load gauges count under `clusterset`.
     pub fn with_clusterset(mut self, allocations: watch::Receiver<Arc<Allocations>>) -> Self {
         self.clusterset = Some(allocations);
+        self.common.set_listener(Listener::Clusterset);
         self
     }
 
