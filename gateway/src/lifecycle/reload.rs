@@ -30,6 +30,7 @@ pub struct Reloader {
     trust: Option<Arc<crate::trust::Trust>>,
     federation: crate::federation::Reconfigure,
     upstreams: Arc<crate::upstream::Upstreams>,
+    telemetry: Arc<crate::telemetry::Telemetry>,
     reloads: IntCounterVec,
     last_success: IntGauge,
 }
@@ -43,6 +44,7 @@ impl Reloader {
         trust: Option<Arc<crate::trust::Trust>>,
         federation: crate::federation::Reconfigure,
         upstreams: Arc<crate::upstream::Upstreams>,
+        telemetry: Arc<crate::telemetry::Telemetry>,
         registry: &Registry,
     ) -> Self {
         let reloads = metrics::counter_vec(
@@ -64,6 +66,7 @@ impl Reloader {
             trust,
             federation,
             upstreams,
+            telemetry,
             reloads,
             last_success,
         }
@@ -181,6 +184,13 @@ impl Reloader {
         if next.routes != current.routes {
             self.upstreams.set_routes(&next.routes);
             info!(routes = next.routes.len(), "routes updated");
+        }
+        if next.tracing != current.tracing {
+            // A new exporter; the old one sends what it holds and ends.
+            self.telemetry.apply(next.tracing.as_ref());
+            if next.tracing.is_none() {
+                info!("tracing off");
+            }
         }
         if next.log.format != current.log.format {
             warn!("log.format changed; it takes effect on restart");
