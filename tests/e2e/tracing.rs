@@ -208,6 +208,8 @@ fn one_trace_crosses_both_gateways_parented_hop_by_hop() {
             "headers = { x-tenant = \"isthmus\" }",
         ))
         .b(&tracing_toml(&endpoint, "grpc", ""))
+        // B names A's cluster (the source on its spans, as on its metrics).
+        .b_peers_a()
         .start();
     let url = format!("http://{}/cart", c.outbound_a);
     let host = "Host: web.shop.svc.clusterset.local:8080";

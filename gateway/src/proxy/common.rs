@@ -18,7 +18,7 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, Session};
 use rustls::pki_types::ServerName;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::Runtime;
 use super::headers::{self, SUBSET as SUBSET_HEADER, TraceContext};
@@ -383,6 +383,14 @@ impl Common {
                 self.runtime
                     .upstreams
                     .failed_over(&routed.entry.key, from, to);
+                debug!(
+                    request_id = ctx.request_id.as_str(),
+                    trace_id = ctx.trace.trace_id(),
+                    service = %routed.entry.key,
+                    from,
+                    to,
+                    "request fails over to another cluster"
+                );
                 failover_from = Some(from);
             }
         }
@@ -500,6 +508,12 @@ impl Common {
             self.runtime
                 .upstreams
                 .retried(&r.entry.key, RetryReason::Connect);
+            debug!(
+                request_id = ctx.request_id.as_str(),
+                trace_id = ctx.trace.trace_id(),
+                error = %e,
+                "connect failed; the request is retried"
+            );
         }
         e.set_retry(retry);
         e
@@ -558,6 +572,14 @@ impl Common {
                 }
             };
             self.runtime.upstreams.retried(key, reason);
+            debug!(
+                request_id = ctx.request_id.as_str(),
+                trace_id = ctx.trace.trace_id(),
+                reason = reason.label(),
+                retry,
+                error = %e,
+                "upstream failed after the request was sent"
+            );
         }
         e.set_retry(retry);
         e
