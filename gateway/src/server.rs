@@ -291,9 +291,9 @@ pub fn build(
             discovery,
         },
         upstreams,
-        telemetry,
         &registry,
-    );
+    )
+    .with_telemetry(telemetry);
     let upgrade_socket = PathBuf::from(&server.configuration.upgrade_sock);
     Ok(Gateway {
         server,

@@ -1625,10 +1625,10 @@ fn tracing_is_on_with_an_endpoint_and_checked_key_by_key() {
     let on = with("tracing", r#"endpoint = "http://127.0.0.1:4317""#);
     let t = parse_with_env(&on, "t", NO_ENV).unwrap().tracing.unwrap();
     assert_eq!(t.protocol, model::OtlpProtocol::Grpc);
-    assert_eq!(t.sample_ratio, super::tracing::DEFAULT_SAMPLE_RATIO);
-    assert_eq!(t.batch_size, super::tracing::DEFAULT_BATCH_SIZE);
-    assert_eq!(t.queue_size, super::tracing::DEFAULT_QUEUE_SIZE);
-    assert_eq!(t.export_timeout, super::tracing::DEFAULT_EXPORT_TIMEOUT);
+    assert_eq!(t.sample_ratio, tracing::DEFAULT_SAMPLE_RATIO);
+    assert_eq!(t.batch_size, tracing::DEFAULT_BATCH_SIZE);
+    assert_eq!(t.queue_size, tracing::DEFAULT_QUEUE_SIZE);
+    assert_eq!(t.export_timeout, tracing::DEFAULT_EXPORT_TIMEOUT);
     let full = format!(
         "{on}protocol = \"http/protobuf\"\nsample_ratio = 0.25\nbatch_size = 8\nqueue_size = 64\n\
          export_timeout = \"2s\"\nheaders = {{ authorization = \"Bearer s3cret\" }}\n"

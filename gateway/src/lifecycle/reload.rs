@@ -30,7 +30,7 @@ pub struct Reloader {
     trust: Option<Arc<crate::trust::Trust>>,
     federation: crate::federation::Reconfigure,
     upstreams: Arc<crate::upstream::Upstreams>,
-    telemetry: Arc<crate::telemetry::Telemetry>,
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
     reloads: IntCounterVec,
     last_success: IntGauge,
 }
@@ -44,7 +44,6 @@ impl Reloader {
         trust: Option<Arc<crate::trust::Trust>>,
         federation: crate::federation::Reconfigure,
         upstreams: Arc<crate::upstream::Upstreams>,
-        telemetry: Arc<crate::telemetry::Telemetry>,
         registry: &Registry,
     ) -> Self {
         let reloads = metrics::counter_vec(
@@ -66,10 +65,16 @@ impl Reloader {
             trust,
             federation,
             upstreams,
-            telemetry,
+            telemetry: None,
             reloads,
             last_success,
         }
+    }
+
+    /// Applies `[tracing]` on reload to `telemetry`.
+    pub fn with_telemetry(mut self, telemetry: Arc<crate::telemetry::Telemetry>) -> Self {
+        self.telemetry = Some(telemetry);
+        self
     }
 
     /// Re-reads the configuration file, then every certificate, key and bundle
@@ -185,9 +190,11 @@ impl Reloader {
             self.upstreams.set_routes(&next.routes);
             info!(routes = next.routes.len(), "routes updated");
         }
-        if next.tracing != current.tracing {
+        if next.tracing != current.tracing
+            && let Some(telemetry) = &self.telemetry
+        {
             // A new exporter; the old one sends what it holds and ends.
-            self.telemetry.apply(next.tracing.as_ref());
+            telemetry.apply(next.tracing.as_ref());
             if next.tracing.is_none() {
                 info!("tracing off");
             }
