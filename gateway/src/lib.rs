@@ -22,6 +22,7 @@
 //! - [`limits`]: connection caps and the header deadline of every HTTP listener;
 //! - [`health`]: readiness conditions and in-flight tracking;
 //! - [`admin`]: the admin HTTP API; [`metrics`]: the Prometheus registry;
+//!   [`telemetry`]: request spans exported over OTLP;
 //! - [`logging`]: JSON / text / journald output for `tracing` and `log`;
 //! - [`net`]: listening sockets made by hand (SO_REUSEPORT, freebind).
 #![forbid(unsafe_code)]
@@ -45,5 +46,6 @@ pub mod metrics;
 pub mod net;
 pub mod proxy;
 pub mod server;
+pub mod telemetry;
 pub mod trust;
 pub mod upstream;

@@ -214,6 +214,18 @@ pub fn build(
     )
     .map_err(StartError::Dns)?;
     let limit_metrics = LimitMetrics::new(&registry);
+    let telemetry = {
+        let c = config.load();
+        crate::telemetry::Telemetry::new(
+            c.tracing.as_ref(),
+            &crate::telemetry::Origin {
+                gateway: c.gateway.name.to_string(),
+                cluster: c.gateway.cluster.to_string(),
+                trust_domain: c.gateway.trust_domain.to_string(),
+            },
+            &registry,
+        )
+    };
     let clusterset_listeners = add_data_plane(
         &mut server,
         &config.load(),
@@ -224,6 +236,7 @@ pub fn build(
             drain: &drain,
             config: &config,
             limits: &limit_metrics,
+            telemetry: &telemetry,
         },
         dns.as_ref().map(|d| d.cluster_set.allocations()),
         &registry,
@@ -279,7 +292,8 @@ pub fn build(
         },
         upstreams,
         &registry,
-    );
+    )
+    .with_telemetry(telemetry);
     let upgrade_socket = PathBuf::from(&server.configuration.upgrade_sock);
     Ok(Gateway {
         server,
@@ -375,6 +389,8 @@ struct DataPlane<'a> {
     config: &'a Arc<ArcSwap<Config>>,
     /// Refusals and header deadline cuts.
     limits: &'a LimitMetrics,
+    /// Request spans.
+    telemetry: &'a Arc<crate::telemetry::Telemetry>,
 }
 
 /// Adds the outbound and east-west listeners and the mesh connector; returns the
@@ -394,6 +410,7 @@ fn add_data_plane(
         drain,
         config: live_config,
         limits: limit_metrics,
+        telemetry,
     } = shared;
     let limits = &config.limits;
     let guard = |listener: Listener, caps| {
@@ -444,6 +461,7 @@ fn add_data_plane(
         mesh,
         peers: l4_connector,
         config: live_config.clone(),
+        telemetry: telemetry.clone(),
     });
 
     let outbound_proxy = |clusterset: Option<_>| {

@@ -218,6 +218,15 @@ connections_per_source = 64
 [limits.bundle_endpoint]
 connections = 1024
 connections_per_source = 64
+
+[tracing]
+endpoint = "http://127.0.0.1:4317"
+protocol = "grpc"
+headers = {}
+sample_ratio = 0.01
+batch_size = 512
+queue_size = 4096
+export_timeout = "10s"
 "#;
 
 /// Walks `value`, pushing each leaf's dotted path into `keys` and each key

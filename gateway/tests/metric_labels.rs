@@ -25,6 +25,7 @@ use isthmus_gateway::lifecycle::ReloadResult;
 use isthmus_gateway::limits::RefusalReason;
 use isthmus_gateway::metrics::{Listener, Profile};
 use isthmus_gateway::proxy::{Direction, L4Result, RequestError};
+use isthmus_gateway::telemetry::DropReason;
 use isthmus_gateway::upstream::{CutReason, HealthCheckResult, RetryReason};
 
 /// One closed label of one metric: the metric, the label's name and every
@@ -64,6 +65,7 @@ fn every_vocabulary() -> Vec<Vocabulary> {
         ("isthmus_header_timeouts_total", "listener", Listener),
         ("isthmus_connections_open", "listener", Listener),
         ("isthmus_upstream_retries_total", "reason", RetryReason),
+        ("isthmus_tracing_spans_dropped_total", "reason", DropReason),
         (
             "isthmus_upstream_health_checks_total",
             "result",

@@ -8,8 +8,12 @@
 #        HAProxy and the floor multiplex HTTP/2 between the hops, NGINX speaks
 #        HTTP/1.1 upstream; only Isthmus's A side verifies B's SVID, see below)
 #
-# Rows: isthmus (access log off: log.level "warn"), isthmus+log (the same with the
-# access log on: "warn,isthmus::access=info", JSON lines to a file), floor (a
+# Rows: isthmus (access log off: log.level "warn"; tracing off), isthmus+log (the
+# same with the access log on: "warn,isthmus::access=info", JSON lines to a file),
+# isthmus+tr1% and isthmus+tr100% (access log off, [tracing] on with
+# sample_ratio 0.01 and 1.0, spans exported over OTLP/HTTP to a Python sink
+# answering 200 to every POST /v1/traces; h2load sends no traceparent, so every
+# request is a new trace sampled at that ratio), floor (a
 # bare Pingora proxy on the same Pingora version, allocator and release profile:
 # tests/bench/floor/), floor+patches (the floor built against the workspace's
 # vendored Pingora crates, vendor/pingora-*, with FLOOR_PATCHED=1), haproxy,
@@ -139,8 +143,8 @@ COUNT_CASES=()
 case_add() { CASES+=("$*"); }
 
 # --- Isthmus: one gateway for (a), A -> B for (b); BIN, tag, log level ---
-isthmus_pair() { # bin, file id, row name, log level, list (CASES or COUNT_CASES)
-  local bin=$1 tag=$2 name=$3 level=$4 list=$5
+isthmus_pair() { # bin, file id, row name, log level, list (CASES or COUNT_CASES), [extra TOML]
+  local bin=$1 tag=$2 name=$3 level=$4 list=$5 extra=${6:-}
   local pa padmin pb_ew pb_admin pa2 pa2_admin
   pa=$(free_port); padmin=$(free_port)
   {
@@ -150,6 +154,7 @@ isthmus_pair() { # bin, file id, row name, log level, list (CASES or COUNT_CASES
 outbound = "127.0.0.1:$pa"
 TOML
     web_service "$ORIGIN"
+    printf '%s' "$extra"
   } > "$WORK/$tag-a.toml"
   pb_ew=$(free_port); pb_admin=$(free_port); pa2=$(free_port); pa2_admin=$(free_port)
   {
@@ -162,6 +167,7 @@ bundle = "$WORK/ca-a/bundle.pem"
 east_west = "127.0.0.1:$pb_ew"
 TOML
     web_service "$ORIGIN" export
+    printf '%s' "$extra"
   } > "$WORK/$tag-b2.toml"
   {
     gateway_toml gw-a a a.example "$pa2_admin" "$WORK/a" "$WORK/ca-a/bundle.pem" | sed "s/^level = .*/level = \"$level\"/"
@@ -182,6 +188,7 @@ address = "127.0.0.1:$pb_ew"
 locality = "bench"
 services = ["bench/web"]
 TOML
+    printf '%s' "$extra"
   } > "$WORK/$tag-a2.toml"
   local v=${tag//[^a-zA-Z0-9]/_}
   start "${v}_A" "$bin" run --config "$WORK/$tag-a.toml"
@@ -208,13 +215,36 @@ floor_pair() { # bin, file id, row name, list
   PORTS+=("$pa" "$pb" "$pa2")
 }
 
+# The span sink of the tracing rows: an OTLP/HTTP endpoint that takes every
+# batch (a collector that keeps up, so the rows measure the gateway's side).
+SINK=$(free_port)
+start SINK_PID python3 -c '
+import http.server, sys
+class Sink(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+' "$SINK"
+wait_port "$SINK"
+tracing_toml() { # sample ratio
+  printf '[tracing]\nendpoint = "http://127.0.0.1:%s"\nprotocol = "http/protobuf"\nsample_ratio = %s\n' "$SINK" "$1"
+}
+
 READY=()
 PORTS=()
 isthmus_pair "$ISTHMUS" isthmus isthmus warn CASES
 isthmus_pair "$ISTHMUS" isthmus-log isthmus+log "warn,isthmus::access=info" CASES
+isthmus_pair "$ISTHMUS" isthmus-trace1 "isthmus+tr1%" warn CASES "$(tracing_toml 0.01)"
+isthmus_pair "$ISTHMUS" isthmus-trace100 "isthmus+tr100%" warn CASES "$(tracing_toml 1.0)"
 floor_pair "$FLOOR" floor floor CASES
 [ -z "${FLOOR_P:-}" ] || floor_pair "$FLOOR_P" floor-patched floor+patches CASES
-NAMES="isthmus isthmus+log"
+NAMES="isthmus isthmus+log isthmus+tr1% isthmus+tr100%"
 for c in $COMPARE; do isthmus_pair "${c#*=}" "cmp-${c%%=*}" "${c%%=*}" warn CASES; NAMES="$NAMES ${c%%=*}"; done
 NAMES="$NAMES floor floor+patches"
 for c in $FLOOR_COMPARE; do floor_pair "${c#*=}" "cmp-${c%%=*}" "${c%%=*}" CASES; NAMES="$NAMES ${c%%=*}"; done

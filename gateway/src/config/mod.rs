@@ -8,7 +8,7 @@
 //! Each section has one file holding its raw struct, its typed struct and its
 //! checks ([`gateway`], [`admin`], [`log`], [`runtime`], [`shutdown`],
 //! [`identity`], [`trust`], [`listeners`], [`services`], [`peers`], [`routes`],
-//! [`upstream`], [`federation`], [`discovery`], [`dns`], [`limits`]). The
+//! [`upstream`], [`federation`], [`discovery`], [`dns`], [`limits`], [`tracing`]). The
 //! parsers and checks they share (addresses, durations and their bounds, paths,
 //! ports, counts, networks, labels, keywords) are in `parse`; sections import
 //! from it and never from each other, except [`discovery`], whose entries are
@@ -41,6 +41,7 @@ pub mod routes;
 pub mod runtime;
 pub mod services;
 pub mod shutdown;
+pub mod tracing;
 pub mod trust;
 pub mod upstream;
 

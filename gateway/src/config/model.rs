@@ -36,6 +36,7 @@ pub use super::routes::RouteConfig;
 pub use super::runtime::{DEFAULT_UPGRADE_SOCKET, MAX_THREADS, RuntimeConfig};
 pub use super::services::{EastWestMode, EndpointConfig, PortConfig, ServiceConfig};
 pub use super::shutdown::{DEFAULT_DRAIN_TIMEOUT, MAX_DRAIN_TIMEOUT, ShutdownConfig};
+pub use super::tracing::{OtlpProtocol, TracingConfig};
 pub use super::trust::{
     BundleEndpointConfig, DEFAULT_REFRESH_HINT, DEFAULT_REFRESH_INTERVAL, EndpointProfileConfig,
     FederatedDomain, FederationEndpoint, REFRESH_BOUNDS, TrustConfig,
@@ -45,7 +46,7 @@ pub use super::upstream::{
 };
 use super::{
     admin, discovery, dns, federation, gateway, identity, limits, listeners, log, peers, routes,
-    runtime, services, shutdown, trust, upstream,
+    runtime, services, shutdown, tracing, trust, upstream,
 };
 
 /// The validated configuration.
@@ -85,6 +86,9 @@ pub struct Config {
     pub dns: DnsConfig,
     /// `[limits]`
     pub limits: LimitsConfig,
+    /// `[tracing]`: off (`None`) without an endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingConfig>,
 }
 
 impl Config {
@@ -97,6 +101,7 @@ impl Config {
         let log = log::log(&mut check, &raw.log);
         let runtime = runtime::runtime(&mut check, &raw.runtime);
         let shutdown = shutdown::shutdown(&mut check, &raw.shutdown);
+        let tracing = tracing::tracing(&mut check, &raw.tracing);
         let upstream = upstream::upstream(&mut check, &raw.upstream);
         let identity = raw
             .identity
@@ -149,11 +154,18 @@ impl Config {
             }
         }
         match (
-            (gateway, admin, log, runtime, shutdown),
+            (gateway, admin, log, runtime, shutdown, tracing),
             (trust, listeners, upstream, federation, dns, limits),
         ) {
             (
-                (Some(gateway), Some(admin), Some(log), Some(runtime), Some(shutdown)),
+                (
+                    Some(gateway),
+                    Some(admin),
+                    Some(log),
+                    Some(runtime),
+                    Some(shutdown),
+                    Some(tracing),
+                ),
                 (
                     Some(trust),
                     Some(listeners),
@@ -179,6 +191,7 @@ impl Config {
                 discovery,
                 dns,
                 limits,
+                tracing,
             }),
             _ => Err(ConfigErrors(check.errors)),
         }

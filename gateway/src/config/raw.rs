@@ -25,6 +25,7 @@ pub use super::routes::{RawHeaderMatch, RawRoute, RawRouteRule, RawSplit};
 pub use super::runtime::RawRuntime;
 pub use super::services::{RawEndpoint, RawEndpointTable, RawPort, RawService, RawSubset};
 pub use super::shutdown::RawShutdown;
+pub use super::tracing::RawTracing;
 pub use super::trust::{RawBundleEndpoint, RawFederated, RawTrust};
 pub use super::upstream::{
     RawCircuitBreaker, RawHealthCheck, RawLocalityPolicy, RawOutlierDetection, RawUpstream,
@@ -78,4 +79,7 @@ pub struct RawConfig {
     /// `[limits]`: what clients can make the listeners hold open.
     #[serde(default)]
     pub limits: RawLimits,
+    /// `[tracing]`: spans exported over OTLP.
+    #[serde(default)]
+    pub tracing: RawTracing,
 }

@@ -1617,3 +1617,55 @@ fn sections_import_only_the_shared_parsers() {
         }
     }
 }
+
+#[test]
+fn tracing_is_on_with_an_endpoint_and_checked_key_by_key() {
+    let c = parse_with_env(MINIMAL, "t", NO_ENV).unwrap();
+    assert_eq!(c.tracing, None, "off without an endpoint");
+    let on = with("tracing", r#"endpoint = "http://127.0.0.1:4317""#);
+    let t = parse_with_env(&on, "t", NO_ENV).unwrap().tracing.unwrap();
+    assert_eq!(t.protocol, model::OtlpProtocol::Grpc);
+    assert_eq!(t.sample_ratio, tracing::DEFAULT_SAMPLE_RATIO);
+    assert_eq!(t.batch_size, tracing::DEFAULT_BATCH_SIZE);
+    assert_eq!(t.queue_size, tracing::DEFAULT_QUEUE_SIZE);
+    assert_eq!(t.export_timeout, tracing::DEFAULT_EXPORT_TIMEOUT);
+    let full = format!(
+        "{on}protocol = \"http/protobuf\"\nsample_ratio = 0.25\nbatch_size = 8\nqueue_size = 64\n\
+         export_timeout = \"2s\"\nheaders = {{ authorization = \"Bearer s3cret\" }}\n"
+    );
+    let t = parse_with_env(&full, "t", NO_ENV).unwrap().tracing.unwrap();
+    assert_eq!(t.protocol, model::OtlpProtocol::HttpProtobuf);
+    assert_eq!((t.sample_ratio, t.batch_size, t.queue_size), (0.25, 8, 64));
+    assert_eq!(t.export_timeout, Duration::from_secs(2));
+    assert_eq!(t.headers[0].1, "Bearer s3cret");
+    // The effective configuration names the headers, never their values.
+    let shown = serde_json::to_string(&t).unwrap();
+    assert!(
+        shown.contains("authorization") && !shown.contains("s3cret"),
+        "{shown}"
+    );
+
+    for (line, path) in [
+        (r#"endpoint = "127.0.0.1:4317""#, "tracing.endpoint"),
+        (r#"endpoint = "https://collector:4317""#, "tracing.endpoint"),
+        (r#"endpoint = "http://collector""#, "tracing.endpoint"),
+        (r#"protocol = "http/json""#, "tracing.protocol"),
+        ("sample_ratio = 1.5", "tracing.sample_ratio"),
+        ("sample_ratio = -0.5", "tracing.sample_ratio"),
+        ("batch_size = 0", "tracing.batch_size"),
+        ("queue_size = 0", "tracing.queue_size"),
+        ("queue_size = 100000000", "tracing.queue_size"),
+        (r#"export_timeout = "5""#, "tracing.export_timeout"),
+        (r#"export_timeout = "2h""#, "tracing.export_timeout"),
+        (
+            r#"headers = { "bad name" = "x" }"#,
+            "tracing.headers.bad name",
+        ),
+        (
+            r#"headers = { x-key = "line\nbreak" }"#,
+            "tracing.headers.x-key",
+        ),
+    ] {
+        assert_rejects("tracing", line, path);
+    }
+}

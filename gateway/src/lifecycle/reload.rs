@@ -30,6 +30,7 @@ pub struct Reloader {
     trust: Option<Arc<crate::trust::Trust>>,
     federation: crate::federation::Reconfigure,
     upstreams: Arc<crate::upstream::Upstreams>,
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
     reloads: IntCounterVec,
     last_success: IntGauge,
 }
@@ -64,9 +65,16 @@ impl Reloader {
             trust,
             federation,
             upstreams,
+            telemetry: None,
             reloads,
             last_success,
         }
+    }
+
+    /// Applies `[tracing]` on reload to `telemetry`.
+    pub fn with_telemetry(mut self, telemetry: Arc<crate::telemetry::Telemetry>) -> Self {
+        self.telemetry = Some(telemetry);
+        self
     }
 
     /// Re-reads the configuration file, then every certificate, key and bundle
@@ -181,6 +189,15 @@ impl Reloader {
         if next.routes != current.routes {
             self.upstreams.set_routes(&next.routes);
             info!(routes = next.routes.len(), "routes updated");
+        }
+        if next.tracing != current.tracing
+            && let Some(telemetry) = &self.telemetry
+        {
+            // A new exporter; the old one sends what it holds and ends.
+            telemetry.apply(next.tracing.as_ref());
+            if next.tracing.is_none() {
+                info!("tracing off");
+            }
         }
         if next.log.format != current.log.format {
             warn!("log.format changed; it takes effect on restart");

@@ -18,10 +18,10 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, Session};
 use rustls::pki_types::ServerName;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::Runtime;
-use super::headers::{self, SUBSET as SUBSET_HEADER};
+use super::headers::{self, SUBSET as SUBSET_HEADER, TraceContext};
 use super::metrics::{Held, ListenerLoad, RequestError, RequestLabels, Source};
 use super::routing::{NoRoute, Routed, resolve};
 use crate::config::traffic::{RouteConfig, SplitTarget};
@@ -30,6 +30,7 @@ use crate::health::InFlight;
 use crate::logging;
 use crate::mesh::{MeshAlpn, MeshConnector};
 use crate::metrics::Listener;
+use crate::telemetry::{self, Sampling, Tracer};
 use crate::upstream::balance::{
     Draws, NoTarget, PlanRequest, Scope, Slot, Target, plan_or_fall_back,
 };
@@ -65,6 +66,10 @@ pub struct RequestCtx {
     /// The service's name, sent upstream as the authority when the client
     /// addressed it by clusterset IP (peers route by name, not by our IPs).
     pub(super) authority_override: Option<String>,
+    /// The request's W3C trace context, adopted or started when routed.
+    trace: TraceContext,
+    /// The request's spans, when it is sampled (none otherwise: free).
+    span: Option<Box<RequestSpan>>,
     /// Holds the stop (and the old process of an upgrade) until the request ends.
     _in_flight: InFlight,
     /// Counts the request in `isthmus_requests_in_flight` until it is logged
@@ -73,6 +78,32 @@ pub struct RequestCtx {
     /// Counts the current attempt in `isthmus_upstream_requests_waiting`
     /// from choosing its upstream until connected or failed.
     waiting: Option<Held>,
+}
+
+/// A sampled request's server span and its upstream attempts' client spans,
+/// sent when the request ends.
+struct RequestSpan {
+    tracer: Arc<Tracer>,
+    id: u64,
+    start: u64,
+    /// The verified east-west caller.
+    caller: Option<String>,
+    attempts: Vec<AttemptSpan>,
+}
+
+/// One upstream attempt: a client span, the parent of the next hop's server span.
+struct AttemptSpan {
+    id: u64,
+    start: u64,
+    end: u64,
+    address: SocketAddr,
+    cluster: String,
+    /// The peer gateway's SPIFFE ID, when the attempt went through the mesh.
+    peer: Option<String>,
+    /// The cluster of the attempt before, when this one failed over from it.
+    failover_from: Option<String>,
+    status: Option<u16>,
+    error: Option<RequestError>,
 }
 
 impl RequestCtx {
@@ -84,6 +115,23 @@ impl RequestCtx {
     /// The routed service, once routed.
     pub fn routed(&self) -> Option<&Routed> {
         self.routed.as_ref()
+    }
+
+    /// The trace id logged with the request (zeros before it is routed).
+    pub fn trace_id(&self) -> &str {
+        self.trace.trace_id()
+    }
+
+    /// Names the verified east-west caller on the request's span, if sampled.
+    pub(crate) fn note_caller(&mut self, caller: &dyn std::fmt::Display) {
+        if let Some(span) = self.span.as_mut() {
+            span.caller = Some(caller.to_string());
+        }
+    }
+
+    /// The current attempt's span, if the request is sampled.
+    fn attempt_span(&mut self) -> Option<&mut AttemptSpan> {
+        self.span.as_mut().and_then(|s| s.attempts.last_mut())
     }
 }
 
@@ -129,6 +177,8 @@ impl Common {
             spread: self.spread.fetch_add(1, Ordering::Relaxed),
             destination: None,
             authority_override: None,
+            trace: TraceContext::UNSET,
+            span: None,
             _in_flight: self.runtime.drain.track(),
             counted: Some(Held::new(&self.load.in_flight)),
             waiting: None,
@@ -153,6 +203,7 @@ impl Common {
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map_or_else(headers::new_request_id, str::to_owned);
+        self.start_trace(req, ctx);
         let authority = req
             .uri
             .authority()
@@ -231,17 +282,52 @@ impl Common {
         }
     }
 
-    /// Adds `x-request-id` and a valid `traceparent` to the upstream request.
-    pub(crate) fn stamp(&self, upstream: &mut RequestHeader, ctx: &RequestCtx) -> Result<()> {
-        upstream.insert_header("x-request-id", &ctx.request_id)?;
-        let valid = upstream
+    /// Adopts the request's `traceparent` or starts a trace, and decides
+    /// whether it is sampled: parent-based, with the configured ratio for
+    /// new traces. Only a sampled request gets a span.
+    fn start_trace(&self, req: &RequestHeader, ctx: &mut RequestCtx) {
+        let incoming = req
             .headers
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
-            .and_then(headers::trace_id)
-            .is_some();
-        if !valid {
-            upstream.insert_header("traceparent", headers::new_traceparent())?;
+            .and_then(TraceContext::parse);
+        ctx.trace = incoming.unwrap_or_else(TraceContext::root);
+        let sampling = if ctx.trace.adopted {
+            Sampling::Parent(ctx.trace.sampled())
+        } else {
+            Sampling::Root(ctx.trace.low_bits())
+        };
+        match self.runtime.telemetry.sample(sampling) {
+            telemetry::Sampled::Yes(tracer) => {
+                let age = ctx.started.elapsed().as_nanos() as u64;
+                ctx.span = Some(Box::new(RequestSpan {
+                    tracer,
+                    id: headers::new_span_id(),
+                    start: telemetry::unix_nanos().saturating_sub(age),
+                    caller: None,
+                    attempts: Vec::new(),
+                }));
+            }
+            // A new trace this gateway does not sample says so downstream.
+            telemetry::Sampled::No if !ctx.trace.adopted => ctx.trace.set_sampled(false),
+            // Tracing off: new traces are marked sampled, as they always were.
+            telemetry::Sampled::No | telemetry::Sampled::Off => {}
+        }
+    }
+
+    /// Adds `x-request-id` and a valid `traceparent` to the upstream request:
+    /// the caller's when this gateway adds no span, else naming the current
+    /// attempt's span as the parent of the next hop's.
+    pub(crate) fn stamp(&self, upstream: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<()> {
+        upstream.insert_header("x-request-id", &ctx.request_id)?;
+        if !ctx.trace.is_set() {
+            ctx.trace = TraceContext::root();
+        }
+        let trace = ctx.trace;
+        if let Some(attempt) = ctx.attempt_span() {
+            upstream.insert_header("traceparent", trace.traceparent(Some(attempt.id)))?;
+        } else if !trace.adopted {
+            upstream.insert_header("traceparent", trace.traceparent(None))?;
         }
         Ok(())
     }
@@ -306,13 +392,43 @@ impl Common {
         peer.options.write_timeout = Some(policy.request_timeout);
         peer.options.idle_timeout = Some(policy.idle_timeout);
         let backend = self.runtime.upstreams.backend(backends, target.backend());
+        let mut failover_from = None;
         if let Some(previous) = &ctx.target {
             let (from, to) = (self.cluster_of(previous), self.cluster_of(&target));
             if from != to {
                 self.runtime
                     .upstreams
                     .failed_over(&routed.entry.key, from, to);
+                debug!(
+                    request_id = ctx.request_id.as_str(),
+                    trace_id = ctx.trace.trace_id(),
+                    service = %routed.entry.key,
+                    from,
+                    to,
+                    "request fails over to another cluster"
+                );
+                failover_from = Some(from);
             }
+        }
+        if let Some(span) = ctx.span.as_mut() {
+            let now = telemetry::unix_nanos();
+            if let Some(previous) = span.attempts.last_mut() {
+                previous.end = now;
+            }
+            span.attempts.push(AttemptSpan {
+                id: headers::new_span_id(),
+                start: now,
+                end: 0,
+                address: target.addr(),
+                cluster: self.cluster_of(&target).to_owned(),
+                peer: match &target {
+                    Target::Remote(g) => Some(g.spiffe_id.to_string()),
+                    Target::Local(_) => None,
+                },
+                failover_from: failover_from.map(str::to_owned),
+                status: None,
+                error: None,
+            });
         }
         // The previous attempt's lease, if any, ends before this one starts.
         ctx.lease = None;
@@ -377,6 +493,9 @@ impl Common {
     /// Notes the upstream's status for outlier detection.
     pub(crate) fn upstream_responded(&self, ctx: &mut RequestCtx, status: u16) {
         ctx.upstream_status = Some(status);
+        if let Some(attempt) = ctx.attempt_span() {
+            attempt.status = Some(status);
+        }
     }
 
     /// Feeds the current attempt's outcome to outlier detection, once.
@@ -401,11 +520,20 @@ impl Common {
     pub(crate) fn connect_failed(&self, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
         ctx.waiting = None;
         self.record(ctx, Outcome::Failure);
+        if let Some(attempt) = ctx.attempt_span() {
+            attempt.error = Some(error_reason(&e));
+        }
         let retry = ctx.tried.len() < ctx.policy.max_attempts;
         if let (true, Some(r)) = (retry, &ctx.routed) {
             self.runtime
                 .upstreams
                 .retried(&r.entry.key, RetryReason::Connect);
+            debug!(
+                request_id = ctx.request_id.as_str(),
+                trace_id = ctx.trace.trace_id(),
+                error = %e,
+                "connect failed; the request is retried"
+            );
         }
         e.set_retry(retry);
         e
@@ -424,6 +552,9 @@ impl Common {
     ) -> Box<Error> {
         ctx.waiting = None;
         let mut e = e.more_context(format!("Peer: {peer}"));
+        if let Some(attempt) = ctx.attempt_span() {
+            attempt.error = Some(error_reason(&e));
+        }
         if client_side(&e) {
             // The client went away (or misbehaved): nothing to hold against
             // the backend, and nobody to retry for.
@@ -462,6 +593,14 @@ impl Common {
                 }
             };
             self.runtime.upstreams.retried(key, reason);
+            debug!(
+                request_id = ctx.request_id.as_str(),
+                trace_id = ctx.trace.trace_id(),
+                reason = reason.label(),
+                retry,
+                error = %e,
+                "upstream failed after the request was sent"
+            );
         }
         e.set_retry(retry);
         e
@@ -491,6 +630,7 @@ impl Common {
         if client_side(e) {
             info!(
                 request_id = ctx.request_id.as_str(),
+                trace_id = ctx.trace.trace_id(),
                 reason = error_reason(e).label(),
                 error = %e,
                 "request ended by the client"
@@ -574,6 +714,17 @@ impl Common {
         if let Some(e) = e {
             self.runtime.metrics.error(&labels, error_reason(e));
         }
+        if let Some(span) = ctx.span.take() {
+            send_spans(
+                *span,
+                &ctx.trace,
+                session,
+                &labels,
+                status,
+                e,
+                &ctx.request_id,
+            );
+        }
         // Failed requests are always logged; the others as `log.access_sample` says.
         let failed = status >= 500 || e.is_some();
         let sample = self.runtime.config.load().log.access_sample_ppm;
@@ -586,6 +737,7 @@ impl Common {
         info!(
             target: "isthmus::access",
             request_id = ctx.request_id.as_str(),
+            trace_id = ctx.trace.trace_id(),
             listener = listener.label(),
             method = req.method.as_str(),
             path = req.uri.path(),
@@ -601,6 +753,113 @@ impl Common {
             error = e.map(display),
             "request"
         );
+    }
+}
+
+/// Sends a sampled request's server span and its attempts' client spans,
+/// with OpenTelemetry's HTTP attribute names where they exist.
+fn send_spans(
+    span: RequestSpan,
+    trace: &TraceContext,
+    session: &Session,
+    labels: &RequestLabels<'_>,
+    status: u16,
+    e: Option<&Error>,
+    request_id: &str,
+) {
+    use opentelemetry_proto::tonic::trace::v1::{Span, Status, span::SpanKind, status::StatusCode};
+    use telemetry::{kv, kv_int};
+    let end = telemetry::unix_nanos();
+    let trace_id = trace.trace_id_bytes();
+    let req = session.req_header();
+    let method = req.method.as_str();
+    let error_status = |failed: bool, message: String| {
+        Some(Status {
+            code: if failed {
+                StatusCode::Error
+            } else {
+                StatusCode::Unset
+            } as i32,
+            message,
+        })
+    };
+    let mut attributes = vec![
+        kv("http.request.method", method),
+        kv("url.path", req.uri.path()),
+        kv("isthmus.listener", labels.listener.label()),
+        kv("isthmus.request_id", request_id),
+        kv("isthmus.service", labels.service),
+        kv("isthmus.namespace", labels.namespace),
+        kv("isthmus.source_cluster", labels.source.cluster),
+        kv("isthmus.source_trust_domain", labels.source.trust_domain),
+        kv("isthmus.destination_cluster", labels.destination_cluster),
+        kv_int("isthmus.attempts", span.attempts.len() as i64),
+    ];
+    if let Some(authority) = req
+        .uri
+        .authority()
+        .map(|a| a.host())
+        .or_else(|| header_str(req, "host").map(|h| h.split(':').next().unwrap_or(h)))
+    {
+        attributes.push(kv("server.address", authority));
+    }
+    if status > 0 {
+        attributes.push(kv_int("http.response.status_code", i64::from(status)));
+    }
+    if let Some(caller) = &span.caller {
+        attributes.push(kv("isthmus.peer.spiffe_id", caller));
+    }
+    if let Some(e) = e {
+        attributes.push(kv("error.type", error_reason(e).label()));
+    }
+    let failed = status >= 500 || e.is_some_and(|e| !client_side(e));
+    span.tracer.submit(Span {
+        trace_id: trace_id.clone(),
+        span_id: span.id.to_be_bytes().to_vec(),
+        parent_span_id: trace.parent_id_bytes(),
+        name: method.to_owned(),
+        kind: SpanKind::Server as i32,
+        start_time_unix_nano: span.start,
+        end_time_unix_nano: end,
+        attributes,
+        status: error_status(failed, e.map(ToString::to_string).unwrap_or_default()),
+        ..Default::default()
+    });
+    for (n, attempt) in span.attempts.iter().enumerate() {
+        let mut attributes = vec![
+            kv("http.request.method", method),
+            kv("server.address", &attempt.address.ip().to_string()),
+            kv_int("server.port", i64::from(attempt.address.port())),
+            kv_int("isthmus.attempt", n as i64 + 1),
+            kv("isthmus.service", labels.service),
+            kv("isthmus.namespace", labels.namespace),
+            kv("isthmus.destination_cluster", &attempt.cluster),
+        ];
+        if let Some(peer) = &attempt.peer {
+            attributes.push(kv("isthmus.peer.spiffe_id", peer));
+        }
+        if let Some(from) = &attempt.failover_from {
+            attributes.push(kv("isthmus.failover_from", from));
+        }
+        if let Some(status) = attempt.status {
+            attributes.push(kv_int("http.response.status_code", i64::from(status)));
+        }
+        if let Some(error) = attempt.error {
+            attributes.push(kv("error.type", error.label()));
+        }
+        let failed = attempt.error.is_some() || attempt.status.is_some_and(|s| s >= 500);
+        span.tracer.submit(Span {
+            trace_id: trace_id.clone(),
+            span_id: attempt.id.to_be_bytes().to_vec(),
+            parent_span_id: span.id.to_be_bytes().to_vec(),
+            name: method.to_owned(),
+            kind: SpanKind::Client as i32,
+            start_time_unix_nano: attempt.start,
+            end_time_unix_nano: if attempt.end == 0 { end } else { attempt.end },
+            attributes,
+            status: error_status(failed, String::new()),
+            ..Default::default()
+        });
     }
 }
 

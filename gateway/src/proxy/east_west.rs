@@ -164,6 +164,9 @@ impl ProxyHttp for EastWestProxy {
         }
         let caller = self.caller(session);
         let caller = caller.as_ref().map(|c| &c.id);
+        if let Some(id) = caller {
+            ctx.note_caller(id);
+        }
         let policy = ctx.routed().and_then(|r| r.entry.allowed_callers.as_ref());
         match authorize(policy, caller) {
             Ok(()) => Ok(false),
@@ -174,6 +177,7 @@ impl ProxyHttp for EastWestProxy {
                     .unwrap_or_default();
                 warn!(
                     request_id = %ctx.request_id(),
+                    trace_id = ctx.trace_id(),
                     caller = caller.map(ToString::to_string),
                     service,
                     reason,

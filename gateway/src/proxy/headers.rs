@@ -121,13 +121,123 @@ pub(crate) fn trace_id(traceparent: &str) -> Option<&str> {
     valid.then_some(trace)
 }
 
-/// A new `traceparent` starting a sampled trace:
-/// `00-<32 hex trace id>-<16 hex parent id>-01`.
-pub(crate) fn new_traceparent() -> String {
-    let mut tp = *b"00-________________________________-________________-01";
-    fill_random_hex(&mut tp[3..35]);
-    fill_random_hex(&mut tp[36..52]);
-    ascii(&tp).to_owned()
+/// A request's W3C trace context: adopted from a valid `traceparent`, or a
+/// new trace started here. Kept as the hex the header carries (no allocation).
+#[derive(Clone, Copy)]
+pub(crate) struct TraceContext {
+    trace_id: [u8; 32],
+    parent_id: [u8; 16],
+    sampled: bool,
+    /// Whether it came from the request (its parent id is the caller's span).
+    pub(crate) adopted: bool,
+}
+
+impl TraceContext {
+    /// No trace yet (the request was not routed).
+    pub(crate) const UNSET: Self = Self {
+        trace_id: [b'0'; 32],
+        parent_id: [b'0'; 16],
+        sampled: false,
+        adopted: false,
+    };
+
+    /// The context of a valid `traceparent`.
+    pub(crate) fn parse(traceparent: &str) -> Option<Self> {
+        let trace = trace_id(traceparent)?.as_bytes();
+        let rest = &traceparent.as_bytes()[36..];
+        let flags = u8::from_str_radix(traceparent.get(53..55)?, 16).ok()?;
+        Some(Self {
+            trace_id: trace.try_into().ok()?,
+            parent_id: rest.get(..16)?.try_into().ok()?,
+            sampled: flags & 1 == 1,
+            adopted: true,
+        })
+    }
+
+    /// A new trace, with a random parent id for the next hop when no span
+    /// of this gateway takes its place.
+    pub(crate) fn root() -> Self {
+        let mut ctx = Self::UNSET;
+        fill_random_hex(&mut ctx.trace_id);
+        fill_random_hex(&mut ctx.parent_id);
+        ctx.sampled = true;
+        ctx
+    }
+
+    pub(crate) fn is_set(&self) -> bool {
+        self.trace_id != Self::UNSET.trace_id
+    }
+
+    /// The trace id, 32 lowercase hex digits (zeros when unset).
+    pub(crate) fn trace_id(&self) -> &str {
+        ascii(&self.trace_id)
+    }
+
+    /// The trace id's low 64 bits: what the ratio sampler compares.
+    pub(crate) fn low_bits(&self) -> u64 {
+        u64::from_str_radix(ascii(&self.trace_id[16..]), 16).unwrap_or(0)
+    }
+
+    /// The sampled flag.
+    pub(crate) fn sampled(&self) -> bool {
+        self.sampled
+    }
+
+    pub(crate) fn set_sampled(&mut self, sampled: bool) {
+        self.sampled = sampled;
+    }
+
+    /// The trace id as bytes (for spans).
+    pub(crate) fn trace_id_bytes(&self) -> Vec<u8> {
+        hex_bytes(&self.trace_id)
+    }
+
+    /// The caller's span id as bytes, when adopted (for spans).
+    pub(crate) fn parent_id_bytes(&self) -> Vec<u8> {
+        if self.adopted {
+            hex_bytes(&self.parent_id)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The `traceparent` sent upstream: this context's own parent id, or
+    /// `span` (a span of this gateway, which is then sampled).
+    pub(crate) fn traceparent(&self, span: Option<u64>) -> String {
+        let mut tp = *b"00-________________________________-________________-00";
+        tp[3..35].copy_from_slice(&self.trace_id);
+        match span {
+            Some(id) => {
+                hex_into(&mut tp[36..52], &id.to_be_bytes());
+                tp[54] = b'1';
+            }
+            None => {
+                tp[36..52].copy_from_slice(&self.parent_id);
+                if self.sampled {
+                    tp[54] = b'1';
+                }
+            }
+        }
+        ascii(&tp).to_owned()
+    }
+}
+
+/// A new span id: 64 random bits, never zero.
+pub(crate) fn new_span_id() -> u64 {
+    next_u64().max(1)
+}
+
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0x0f)];
+    }
+}
+
+fn hex_bytes(hex: &[u8]) -> Vec<u8> {
+    hex.chunks_exact(2)
+        .map(|pair| u8::from_str_radix(ascii(pair), 16).unwrap_or(0))
+        .collect()
 }
 
 #[cfg(test)]
@@ -172,7 +282,7 @@ mod tests {
         ] {
             assert_eq!(trace_id(bad), None, "{bad}");
         }
-        let fresh = new_traceparent();
+        let fresh = TraceContext::root().traceparent(None);
         assert!(trace_id(&fresh).is_some(), "{fresh}");
         assert_ne!(new_request_id(), new_request_id());
         assert_eq!(new_request_id().len(), 32);
@@ -186,6 +296,36 @@ mod tests {
                 .join()
                 .unwrap();
         assert!(other.iter().all(|id| !seen.contains(id)));
+    }
+
+    #[test]
+    fn trace_contexts_carry_the_callers_ids_or_this_gateways_span() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let ctx = TraceContext::parse(tp).unwrap();
+        assert!(ctx.adopted && ctx.sampled() && ctx.is_set());
+        assert_eq!(ctx.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(ctx.traceparent(None), tp);
+        assert_eq!(
+            ctx.parent_id_bytes(),
+            [0, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+        );
+        assert_eq!(ctx.low_bits(), 0xa3ce_929d_0e0e_4736);
+        assert_eq!(
+            ctx.traceparent(Some(0x0102_0304_0506_0708)),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0102030405060708-01"
+        );
+        let unsampled = TraceContext::parse(&tp.replace("-01", "-00")).unwrap();
+        assert!(!unsampled.sampled());
+        let mut root = TraceContext::root();
+        assert!(!root.adopted && root.parent_id_bytes().is_empty());
+        root.set_sampled(false);
+        let sent = root.traceparent(None);
+        assert!(
+            sent.ends_with("-00") && trace_id(&sent) == Some(root.trace_id()),
+            "{sent}"
+        );
+        assert!(!TraceContext::UNSET.is_set());
+        assert_ne!(new_span_id(), 0);
     }
 
     /// The same draws written with `format!`: what the table must reproduce.
@@ -206,7 +346,7 @@ mod tests {
         for seed in [0, 1, 0x0123_4567_89ab_cdef, u64::MAX] {
             STATE.with(|s| s.set(seed));
             let id = new_request_id();
-            let tp = new_traceparent();
+            let tp = TraceContext::root().traceparent(None);
             STATE.with(|s| s.set(seed));
             assert_eq!(id, formatted_hex(16));
             let expected = format!("00-{}-{}-01", formatted_hex(16), formatted_hex(8));

@@ -68,6 +68,8 @@ pub struct Runtime {
     /// The configuration in force (swapped on reload): the access log's
     /// `log.access_sample`.
     pub config: Arc<ArcSwap<Config>>,
+    /// Request spans: the sampler and export queue in force.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 impl Runtime {
