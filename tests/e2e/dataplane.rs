@@ -272,17 +272,7 @@ fn grpc_unary_and_streaming_cross_two_gateways() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     // A real gRPC server in B's cluster: grpc.health.v1 (unary Check, streaming Watch).
-    let (reporter, health) = tonic_health::server::health_reporter();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let grpc_addr = listener.local_addr().unwrap();
-    rt.block_on(reporter.set_service_status("shop.Ledger", ServingStatus::Serving));
-    rt.spawn(
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (grpc_addr, reporter) = isthmus_tests::grpc_health_server(&rt, "shop.Ledger");
     let http = EchoServer::start("pod-in-b");
     let c = two_clusters(http.addr, grpc_addr);
 

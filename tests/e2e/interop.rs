@@ -17,26 +17,30 @@ const CLIENT_PROTOCOLS: [(&str, &[&str]); 2] = [
     ("h2c", &["--http2-prior-knowledge"]),
 ];
 
-/// curl `args` with `-v`: (status line codes it saw, in order, the body).
-/// The verbose trace on stderr lists every response header block, interim
-/// ones included (`< HTTP/1.1 100 Continue`, `< HTTP/2 103`).
-fn curl_statuses(args: &[&str]) -> (Vec<u16>, String, String) {
+/// curl `args` with `-v`: (its output, its verbose trace).
+fn curl_verbose(args: &[&str]) -> (String, String) {
     let out = Command::new("curl")
         .args(["-sS", "-v", "--max-time", "30"])
         .args(args)
         .output()
         .expect("curl is installed");
-    let trace = String::from_utf8_lossy(&out.stderr).into_owned();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// curl `args` with `-v`: (status line codes it saw, in order, the body, the
+/// trace). The verbose trace lists every response header block, interim
+/// ones included (`< HTTP/1.1 100 Continue`, `< HTTP/2 103`).
+fn curl_statuses(args: &[&str]) -> (Vec<u16>, String, String) {
+    let (body, trace) = curl_verbose(args);
     let statuses = trace
         .lines()
         .filter_map(|l| l.strip_prefix("< HTTP/"))
         .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
         .collect();
-    (
-        statuses,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        trace,
-    )
+    (statuses, body, trace)
 }
 
 #[test]
@@ -135,17 +139,8 @@ fn curl_with_header_of(size: usize, flags: &[&str], url: &str) -> (u16, String) 
         "%{http_code}",
         url,
     ]);
-    let out = Command::new("curl")
-        .args(["-sS", "-v", "--max-time", "30"])
-        .args(args)
-        .output()
-        .expect("curl is installed");
-    let trace = String::from_utf8_lossy(&out.stderr).into_owned();
-    let status = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    (status, trace)
+    let (out, trace) = curl_verbose(&args);
+    (out.trim().parse().unwrap_or(0), trace)
 }
 
 /// `size` KiB as bytes.

@@ -214,7 +214,6 @@ max_attempts = 1"#,
 /// the gateway logs no ERROR for them.
 #[test]
 fn a_client_that_gives_up_is_logged_at_info_and_not_held_against_the_backend() {
-    use tonic_health::ServingStatus;
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus as Status;
     use tonic_health::pb::health_client::HealthClient;
@@ -222,17 +221,7 @@ fn a_client_that_gives_up_is_logged_at_info_and_not_held_against_the_backend() {
     let slow = EchoServer::start("slow");
     slow.set(Behaviour::Delay(Duration::from_secs(2)));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (reporter, health) = tonic_health::server::health_reporter();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let grpc_addr = listener.local_addr().unwrap();
-    rt.block_on(reporter.set_service_status("shop.Ledger", ServingStatus::Serving));
-    rt.spawn(
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (grpc_addr, _reporter) = isthmus_tests::grpc_health_server(&rt, "shop.Ledger");
     // Two failures in a row would eject the only backend: the aborts must
     // not count as failures.
     let (gw, url) = gateway(

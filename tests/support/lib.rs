@@ -893,3 +893,24 @@ impl Drop for Gateway {
 pub fn measuring_coverage() -> bool {
     std::env::var_os("LLVM_PROFILE_FILE").is_some()
 }
+
+/// Starts a real gRPC server (grpc.health.v1: unary `Check`, streaming
+/// `Watch`) on loopback in `rt`, reporting `service` as serving; returns its
+/// address and the reporter that changes the status. It runs as long as `rt`.
+pub fn grpc_health_server(
+    rt: &tokio::runtime::Runtime,
+    service: &str,
+) -> (SocketAddr, tonic_health::server::HealthReporter) {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind the gRPC server");
+    let addr = listener.local_addr().expect("local address");
+    rt.block_on(reporter.set_service_status(service, tonic_health::ServingStatus::Serving));
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (addr, reporter)
+}
