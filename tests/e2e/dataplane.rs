@@ -277,16 +277,11 @@ fn grpc_unary_and_streaming_cross_two_gateways() {
     let c = two_clusters(http.addr, grpc_addr);
 
     rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.outbound_a))
-            .unwrap()
-            .origin(
-                "http://grpc.shop.svc.clusterset.local:9090"
-                    .parse()
-                    .unwrap(),
-            )
-            .connect()
-            .await
-            .unwrap();
+        let channel = isthmus_tests::grpc_channel_via(
+            &format!("http://{}", c.outbound_a),
+            "http://grpc.shop.svc.clusterset.local:9090",
+        )
+        .await;
         let mut client = HealthClient::new(channel);
         let request = || HealthCheckRequest {
             service: "shop.Ledger".into(),

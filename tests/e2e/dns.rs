@@ -28,6 +28,14 @@ fn dns_gateway(dns: SocketAddr, dns_keys: &str, services: &str) -> (String, Sock
     (config, admin)
 }
 
+/// [`dns_gateway`] started and ready.
+fn ready_dns_gateway(dns: SocketAddr, dns_keys: &str, services: &str) -> Result<Gateway> {
+    let (config, admin) = dns_gateway(dns, dns_keys, services);
+    let mut gw = Gateway::start(&config, admin, &[])?;
+    gw.wait_ready(Duration::from_secs(20))?;
+    Ok(gw)
+}
+
 fn db_endpoints(n: u8) -> String {
     (1..=n)
         .map(|i| format!("\"127.0.1.{i}:5432\""))
@@ -248,9 +256,7 @@ endpoints = [{db}]
 #[test]
 fn without_upstreams_other_names_are_refused() -> Result<()> {
     let dns = free_addr();
-    let (config, admin) = dns_gateway(dns, "clusterset_ipv4_range = \"127.243.0.0/16\"", "");
-    let mut gw = Gateway::start(&config, admin, &[])?;
-    gw.wait_ready(Duration::from_secs(20))?;
+    let _gw = ready_dns_gateway(dns, "clusterset_ipv4_range = \"127.243.0.0/16\"", "")?;
     assert_eq!(dig(dns, &["example.com", "A"]).status, "REFUSED");
     assert_eq!(
         dig(dns, &["dns-version.clusterset.local", "TXT"]).status,
@@ -317,13 +323,11 @@ fn reverse_answers_carry_the_soa_of_the_reverse_zone_and_other_reverse_names_are
         "[[services]]\nnamespace = \"shop\"\nname = \"web\"\nports = [{{ port = 8080 }}]\nendpoints = [\"{}\"]\nexport = true\n",
         web.addr
     );
-    let (config, admin) = dns_gateway(
+    let _gw = ready_dns_gateway(
         dns,
         "clusterset_ipv4_range = \"127.251.16.0/20\"\nclusterset_ipv6_range = \"fd00:251::/112\"",
         &services,
-    );
-    let mut gw = Gateway::start(&config, admin, &[])?;
-    gw.wait_ready(Duration::from_secs(20))?;
+    )?;
     let ip = dig(dns, &["web.shop.svc.clusterset.local", "A"])
         .data("A")
         .first()
@@ -455,13 +459,11 @@ endpoints = ["{first_addr}", "{}"]
 "#,
         second.addr
     );
-    let (config, admin) = dns_gateway(
+    let gw = ready_dns_gateway(
         dns,
         "clusterset_ipv4_range = \"127.252.0.0/16\"\nttl = \"1s\"",
         &services,
-    );
-    let mut gw = Gateway::start(&config, admin, &[])?;
-    gw.wait_ready(Duration::from_secs(20))?;
+    )?;
     let db = "db.data.svc.clusterset.local";
     let addresses = || dig(dns, &[db, "A"]).data("A");
     assert_eq!(addresses(), ["127.0.29.1", "127.0.29.2"]);

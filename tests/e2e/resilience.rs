@@ -252,16 +252,9 @@ endpoints = ["{grpc_addr}"]"#
     }
     rt.block_on(async {
         let outbound = url.trim_end_matches('/');
-        let channel = tonic::transport::Endpoint::from_shared(outbound.to_owned())
-            .unwrap()
-            .origin(
-                "http://grpc.shop.svc.clusterset.local:9090"
-                    .parse()
-                    .unwrap(),
-            )
-            .connect()
-            .await
-            .unwrap();
+        let channel =
+            isthmus_tests::grpc_channel_via(outbound, "http://grpc.shop.svc.clusterset.local:9090")
+                .await;
         let mut client = HealthClient::new(channel);
         let mut request = tonic::Request::new(HealthCheckRequest {
             service: "shop.Ledger".into(),

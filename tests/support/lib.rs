@@ -914,3 +914,15 @@ pub fn grpc_health_server(
     );
     (addr, reporter)
 }
+
+/// A gRPC channel to `authority` (e.g. `http://grpc.shop.svc.clusterset.local:9090`)
+/// through the gateway listening at `base` (`http://host:port`): h2c to the
+/// gateway, with `authority` as each request's `:authority`.
+pub async fn grpc_channel_via(base: &str, authority: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(base.to_owned())
+        .expect("a gateway URL")
+        .origin(authority.parse().expect("an authority URI"))
+        .connect()
+        .await
+        .expect("connect to the gateway")
+}
