@@ -3,7 +3,9 @@
 //! and its macros are banned (clippy.toml).
 
 use prometheus::core::Collector;
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// Prefix of every metric this process exports.
 pub const NAMESPACE: &str = "isthmus";
@@ -144,6 +146,14 @@ pub fn register<C: Collector + 'static>(registry: &Registry, collector: C) {
 /// Creates and registers a counter vector named `isthmus_<name>`.
 pub fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help).namespace(NAMESPACE), labels)
+        .expect("static metric definition is valid");
+    register(registry, c.clone());
+    c
+}
+
+/// Creates and registers a counter named `isthmus_<name>`.
+pub fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::with_opts(Opts::new(name, help).namespace(NAMESPACE))
         .expect("static metric definition is valid");
     register(registry, c.clone());
     c

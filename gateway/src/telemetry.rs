@@ -56,20 +56,16 @@ impl TracingMetrics {
         for reason in DropReason::ALL {
             dropped.with_label_values(&[reason.label()]);
         }
-        let exported = metrics::counter_vec(
+        let exported = metrics::counter(
             registry,
             "tracing_spans_exported_total",
             "Spans the OTLP collector accepted.",
-            &[],
-        )
-        .with_label_values::<&str>(&[]);
-        let failures = metrics::counter_vec(
+        );
+        let failures = metrics::counter(
             registry,
             "tracing_export_failures_total",
             "OTLP export requests that failed or timed out (their spans are dropped).",
-            &[],
-        )
-        .with_label_values::<&str>(&[]);
+        );
         Self {
             dropped,
             exported,
