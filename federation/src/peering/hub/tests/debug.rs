@@ -63,6 +63,7 @@ fn hub_in_several_states() -> (Arc<Hub>, Vec<SessionGuard>) {
             locality: "eu/eu-1a".parse().unwrap(),
             labels: Default::default(),
             live: true,
+            weight: 1,
             subsets: Vec::new(),
         },
         services: [("shop/legacy".parse().unwrap(), export("shop/legacy"))].into(),
