@@ -20,7 +20,11 @@
 //!   health is ignored and every target shares traffic by weight (failing
 //!   checks are then more likely wrong than every backend dead);
 //! - a target that just came back weighs less for a while (slow start), which
-//!   also lowers its level's health: traffic fails back gradually.
+//!   also lowers its level's health: traffic fails back gradually;
+//! - replicas (several peer gateways of one cluster) share their cluster's
+//!   traffic by weight, but count as one for their level's health: the cluster
+//!   is whole while any replica is available, so a lost replica's traffic
+//!   moves to the others, not to the next level.
 //!
 //! A request may be confined to a [`Scope`]: one subset (endpoints with its
 //! labels here; gateways that announce it elsewhere) and/or one cluster.
@@ -253,6 +257,10 @@ pub struct Member {
     pub addr: SocketAddr,
     /// Its configured weight.
     pub weight: u32,
+    /// For a peer gateway, its cluster, as the index in the entry's `remote`
+    /// of that cluster's first gateway: members with the same value are
+    /// replicas of one cluster. `None` for an endpoint here.
+    pub cluster: Option<usize>,
     /// How it stands.
     pub rated: Rated,
     /// This request tried it (this identity) already.
@@ -300,6 +308,37 @@ impl Level {
             .filter(|m| m.available())
             .map(Member::effective_weight)
             .sum()
+    }
+
+    /// The weight its health counts as available: an endpoint's effective
+    /// weight when available; a cluster's whole weight (all its replicas')
+    /// while any replica is available, at the pace of the furthest ramped
+    /// one. A replica is one way into its cluster's endpoints, not a share of
+    /// them: losing one loses none of the cluster's capacity. (A cluster with
+    /// one gateway counts exactly as that gateway.)
+    fn available_capacity(&self) -> f64 {
+        let mut capacity = 0.0;
+        // A cluster's replicas in this level are adjacent (plan keeps the
+        // entry's order, which sorts gateways by cluster).
+        let mut members = self.members.iter().peekable();
+        while let Some(first) = members.next() {
+            let Some(cluster) = first.cluster else {
+                if first.available() {
+                    capacity += first.effective_weight();
+                }
+                continue;
+            };
+            let mut weight = f64::from(first.weight);
+            let mut ramp = first.available().then_some(first.rated.ramp);
+            while let Some(replica) = members.next_if(|m| m.cluster == Some(cluster)) {
+                weight += f64::from(replica.weight);
+                if replica.available() {
+                    ramp = Some(ramp.map_or(replica.rated.ramp, |r| r.max(replica.rated.ramp)));
+                }
+            }
+            capacity += weight * ramp.unwrap_or(0.0);
+        }
+        capacity
     }
 
     /// Share of the next attempts `member` gets, 0 to 1.
@@ -387,12 +426,13 @@ pub fn plan(
                 load: 0.0,
             }),
         };
-    let member = |slot: Slot, addr, weight| {
+    let member = |slot: Slot, addr, weight, cluster| {
         let who = slot.backend(entry);
         Member {
             slot,
             addr,
             weight,
+            cluster,
             rated: rate(who),
             tried: tried.iter().any(|t| t.backend(entry) == who),
         }
@@ -429,12 +469,18 @@ pub fn plan(
                 rank,
                 proximity,
                 false,
-                member(Slot::Endpoint(i), *addr, weight),
+                member(Slot::Endpoint(i), *addr, weight, None),
             );
         }
     }
     if !local_only {
+        // The catalog sorts an entry's gateways by cluster: replicas of one
+        // cluster are a run, named by its first index.
+        let mut cluster_at = 0;
         for (i, gw) in entry.remote.iter().enumerate() {
+            if entry.remote[cluster_at].cluster != gw.cluster {
+                cluster_at = i;
+            }
             if !in_scope(gw, scope) {
                 continue;
             }
@@ -444,7 +490,7 @@ pub fn plan(
                 |k| gw.labels.get(k).map(String::as_str),
                 &policy.failover_priority,
             );
-            let mut m = member(Slot::Gateway(i), gw.address, 1);
+            let mut m = member(Slot::Gateway(i), gw.address, 1, Some(cluster_at));
             if !gw.live {
                 // Its session closed or its lease lapsed: a last resort only.
                 m.rated.availability = Availability::Down;
@@ -458,7 +504,7 @@ pub fn plan(
     for level in &mut levels {
         let total = level.total_weight();
         level.health = if total > 0.0 {
-            (overprovisioning * level.available_weight() / total).min(1.0)
+            (overprovisioning * level.available_capacity() / total).min(1.0)
         } else {
             0.0
         };
