@@ -553,7 +553,10 @@ mod tests {
         // The union of the replicas' ports; the oldest replica names port 80.
         assert_eq!(
             entry.ports,
-            [port(80, Protocol::Http, None), port(81, Protocol::Grpc, None)]
+            [
+                port(80, Protocol::Http, None),
+                port(81, Protocol::Grpc, None)
+            ]
         );
         // Each replica is a target of its own.
         let ids: Vec<&str> = entry.remote.iter().map(|g| g.spiffe_id.as_str()).collect();
@@ -567,7 +570,10 @@ mod tests {
 
         // Another cluster still conflicts with the cluster, once, against
         // the cluster's oldest export time (b-1's 5, older than c's 7).
-        let c = peer("c", vec![export("shop/web", 7, vec![port(80, Protocol::Tcp, None)])]);
+        let c = peer(
+            "c",
+            vec![export("shop/web", 7, vec![port(80, Protocol::Tcp, None)])],
+        );
         let catalog = merge(&here, &[], &[&b2, &c, &b1]);
         let conflicts: Vec<(&str, &str, Vec<&str>)> = catalog
             .conflicts()

@@ -632,10 +632,7 @@ mod tests {
         );
         let mut bad = wire.clone();
         bad.weight = MAX_WEIGHT + 1;
-        assert_eq!(
-            PeerHello::from_proto(&bad, &id).unwrap_err().path,
-            "weight"
-        );
+        assert_eq!(PeerHello::from_proto(&bad, &id).unwrap_err().path, "weight");
         // A sender that predates the weight counts once.
         let mut old = wire.clone();
         old.weight = 0;

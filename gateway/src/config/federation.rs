@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use isthmus_federation::peering::convert::{MAX_LEASE, MAX_WEIGHT as MAX_GATEWAY_WEIGHT, MIN_LEASE};
+use isthmus_federation::peering::convert::{
+    MAX_LEASE, MAX_WEIGHT as MAX_GATEWAY_WEIGHT, MIN_LEASE,
+};
 use isthmus_federation::peering::{Grant, PeerAuthority, PeeringLimits, ServicePatterns};
 use isthmus_federation::trust::tls::GATEWAY_PATH_PREFIX;
 use isthmus_federation::{ClusterName, Locality, SpiffeId, TrustDomain};

@@ -519,7 +519,10 @@ fn share_by_cluster(members: &mut [Member], entry: &ServiceEntry) {
         Slot::Endpoint(_) => None,
     };
     for i in 0..members.len() {
-        if members[..i].iter().any(|m| cluster(m) == cluster(&members[i])) {
+        if members[..i]
+            .iter()
+            .any(|m| cluster(m) == cluster(&members[i]))
+        {
             continue; // its cluster is done
         }
         let c = cluster(&members[i]);

@@ -351,11 +351,18 @@ fn replicas_share_their_level_by_weight_and_cover_for_each_other_before_it_is_le
     // back, by slow start, from a-2; still nothing to b.
     let p = plan_all(&e, |b| Rated {
         availability: Availability::Up,
-        ramp: if b.addr == addr("127.0.1.1:15443") { 0.1 } else { 1.0 },
+        ramp: if b.addr == addr("127.0.1.1:15443") {
+            0.1
+        } else {
+            1.0
+        },
     });
     let s = shares(&p, &e, 10_000);
     let returning = 0.3 / (0.3 + 1.0);
-    assert!((share(&s, "127.0.1.1:15443") - returning).abs() < 0.01, "{s:?}");
+    assert!(
+        (share(&s, "127.0.1.1:15443") - returning).abs() < 0.01,
+        "{s:?}"
+    );
     assert_eq!(share(&s, "127.0.1.3:15443"), 0.0, "{s:?}");
     // Both replicas down: the cluster is, and b takes over.
     let p = plan_all(&e, down_at(&["127.0.1.1:15443", "127.0.1.2:15443"]));
