@@ -40,6 +40,7 @@ pub fn hub(
         incarnation: incarnation(),
         lease: config.federation.lease,
         labels: config.gateway.labels.clone(),
+        weight: config.federation.weight,
     };
     let hub = Hub::new(
         me,

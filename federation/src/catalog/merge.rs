@@ -11,10 +11,14 @@
 //!   can add its gateways as targets, but never change the ports, protocols
 //!   or headlessness of a service this cluster serves (its disagreements are
 //!   reported as conflicts, and its extra ports are left out);
+//! - the gateways of one cluster (replicas) are one participant: their
+//!   definitions are joined first (see [`cluster_definitions`]), so replicas
+//!   never conflict with each other, only clusters do;
 //! - each remote gateway entry names its cluster of origin, and only services
 //!   with endpoints in this cluster are exported, so nothing learned from a
 //!   peer is ever passed on (no loops).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
@@ -24,8 +28,8 @@ use super::{
     Catalog, EndpointInfo, HeadlessEndpoint, RemoteGateway, ServiceEntry, ServiceKey, ServicePort,
     Subset, served_subsets,
 };
-use crate::ClusterName;
 use crate::trust::PeerPolicy;
+use crate::{ClusterName, SpiffeId};
 
 /// One cluster's definition of a service: what a peer exported, or what a
 /// discovery source found here.
@@ -130,15 +134,16 @@ pub fn merge(cluster: &ClusterName, local: &[LocalService], peers: &[&PeerCatalo
 
     let mut catalog = Catalog::default();
     for (key, (here, remote)) in by_key {
+        let replicas = cluster_definitions(&remote);
         let mut participants: Vec<Participant<'_>> = here
             .map(|s| Participant {
                 cluster,
                 export: &s.export,
             })
             .into_iter()
-            .chain(remote.iter().map(|(p, e)| Participant {
-                cluster: &p.gateway.cluster,
-                export: e,
+            .chain(replicas.iter().map(|(c, e)| Participant {
+                cluster: c,
+                export: e.as_ref(),
             }))
             .collect();
         // The local definition, when there is one, goes first whatever its
@@ -189,6 +194,51 @@ pub fn merge(cluster: &ClusterName, local: &[LocalService], peers: &[&PeerCatalo
             .insert(key.clone(), std::sync::Arc::new(entry));
     }
     catalog
+}
+
+/// One definition per cluster from the exports of its gateways: a cluster
+/// fronted by several replicas says one thing, not one thing per replica.
+/// The cluster exported the service when its first replica did (the oldest
+/// export time); its ports are the union of the replicas' (a port one
+/// replica already serves, during a rolling change, is the cluster's);
+/// where replicas disagree on a port or on headlessness, the replica with the
+/// oldest export (then the lowest SPIFFE ID) decides, and nothing is reported:
+/// replicas converge on their own, clusters do not. A cluster with one gateway
+/// borrows its export as it is.
+fn cluster_definitions<'a>(
+    remote: &[(&'a PeerCatalog, &'a Export)],
+) -> Vec<(&'a ClusterName, Cow<'a, Export>)> {
+    let mut by_cluster: BTreeMap<&ClusterName, Vec<(&SpiffeId, &Export)>> = BTreeMap::new();
+    for (peer, export) in remote {
+        by_cluster
+            .entry(&peer.gateway.cluster)
+            .or_default()
+            .push((&peer.gateway.spiffe_id, export));
+    }
+    by_cluster
+        .into_iter()
+        .map(|(cluster, mut replicas)| {
+            if let [(_, only)] = replicas[..] {
+                return (cluster, Cow::Borrowed(only));
+            }
+            replicas.sort_by_key(|(id, e)| (e.export_time_millis, *id));
+            let mut joined = replicas[0].1.clone();
+            for (_, other) in &replicas[1..] {
+                for port in &other.ports {
+                    if !joined.ports.iter().any(|p| p.port == port.port) {
+                        joined.ports.push(port.clone());
+                    }
+                }
+                if other.headless == joined.headless {
+                    joined.endpoints.extend(other.endpoints.iter().cloned());
+                }
+            }
+            joined.ports.sort_by_key(|p| p.port);
+            joined.endpoints.sort();
+            joined.endpoints.dedup();
+            (cluster, Cow::Owned(joined))
+        })
+        .collect()
 }
 
 /// The union of the participants' ports and their headless flag, the first
@@ -323,6 +373,7 @@ mod tests {
                 locality: "r1".parse().unwrap(),
                 labels: Default::default(),
                 live: true,
+                weight: 1,
                 subsets: vec![],
             },
             services: exports.into_iter().map(|e| (e.key.clone(), e)).collect(),
@@ -459,6 +510,77 @@ mod tests {
                 ("headless", "a")
             ]
         );
+    }
+
+    /// Gateway `name` of `cluster`, one of several replicas.
+    fn replica(cluster: &str, name: &str, exports: Vec<Export>) -> PeerCatalog {
+        let mut p = peer(cluster, exports);
+        p.gateway.spiffe_id = format!("spiffe://{cluster}.example/isthmus/gateway/{name}")
+            .parse()
+            .unwrap();
+        p
+    }
+
+    #[test]
+    fn replicas_of_one_cluster_are_one_participant_and_never_conflict() {
+        let here: ClusterName = "a".parse().unwrap();
+        // Mid-rollout: b-2 already serves a new port 81 and names port 80;
+        // b-1 was exported earlier (another state file) and does not yet.
+        let b1 = replica(
+            "b",
+            "b-1",
+            vec![export("shop/web", 5, vec![port(80, Protocol::Http, None)])],
+        );
+        let b2 = replica(
+            "b",
+            "b-2",
+            vec![export(
+                "shop/web",
+                9,
+                vec![
+                    port(80, Protocol::Http, Some("web")),
+                    port(81, Protocol::Grpc, None),
+                ],
+            )],
+        );
+        let catalog = merge(&here, &[], &[&b2, &b1]);
+        assert!(
+            catalog.conflicts().is_empty(),
+            "replicas conflicted: {:?}",
+            catalog.conflicts()
+        );
+        let entry = catalog.get(&key("shop/web")).unwrap();
+        // The union of the replicas' ports; the oldest replica names port 80.
+        assert_eq!(
+            entry.ports,
+            [port(80, Protocol::Http, None), port(81, Protocol::Grpc, None)]
+        );
+        // Each replica is a target of its own.
+        let ids: Vec<&str> = entry.remote.iter().map(|g| g.spiffe_id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "spiffe://b.example/isthmus/gateway/b-1",
+                "spiffe://b.example/isthmus/gateway/b-2"
+            ]
+        );
+
+        // Another cluster still conflicts with the cluster, once, against
+        // the cluster's oldest export time (b-1's 5, older than c's 7).
+        let c = peer("c", vec![export("shop/web", 7, vec![port(80, Protocol::Tcp, None)])]);
+        let catalog = merge(&here, &[], &[&b2, &c, &b1]);
+        let conflicts: Vec<(&str, &str, Vec<&str>)> = catalog
+            .conflicts()
+            .iter()
+            .map(|c| {
+                (
+                    c.field.as_str(),
+                    c.chosen_from.as_str(),
+                    c.rejected.iter().map(|(r, _)| r.as_str()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(conflicts, [("port 80 protocol", "b", vec!["c"])]);
     }
 
     #[test]

@@ -231,6 +231,9 @@ pub struct RemoteGateway {
     /// its lease lapsed (its services are then served only as a last resort,
     /// until they expire). Statically configured peers are always live.
     pub live: bool,
+    /// Its share of its cluster's traffic relative to the cluster's other
+    /// gateways (replicas), as announced in its hello; 1 for a static peer.
+    pub weight: u32,
     /// The subsets of this service it has endpoints for.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub subsets: Vec<String>,

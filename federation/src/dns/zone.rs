@@ -578,6 +578,7 @@ pub(crate) mod tests {
                 locality: "eu/eu-1".parse().unwrap(),
                 labels: Default::default(),
                 live: true,
+                weight: 1,
                 subsets: vec![],
             }],
             exported: false,

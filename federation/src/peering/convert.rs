@@ -25,6 +25,9 @@ pub const MIN_LEASE: Duration = Duration::from_millis(500);
 pub const MAX_LEASE: Duration = Duration::from_secs(600);
 /// Most labels a hello may carry.
 pub const MAX_LABELS: usize = 64;
+/// Largest weight a gateway may announce (the same bound as endpoint
+/// weights).
+pub const MAX_WEIGHT: u32 = 10_000;
 /// Most subsets one exported service may announce (a handful in practice:
 /// versions, canaries).
 pub const MAX_SUBSETS: usize = 64;
@@ -72,6 +75,9 @@ pub struct PeerHello {
     pub lease: Duration,
     /// Its labels.
     pub labels: Labels,
+    /// Its share of its cluster's traffic, relative to the cluster's other
+    /// gateways (replicas); 1 to [`MAX_WEIGHT`].
+    pub weight: u32,
 }
 
 impl PeerHello {
@@ -91,6 +97,7 @@ impl PeerHello {
             incarnation: self.incarnation,
             lease_millis: millis(self.lease),
             labels: self.labels.clone().into_iter().collect(),
+            weight: self.weight,
         }
     }
 
@@ -178,6 +185,16 @@ impl PeerHello {
             }
             labels.insert(k.clone(), v.clone());
         }
+        let weight = match hello.weight {
+            0 => 1,
+            w if w <= MAX_WEIGHT => w,
+            w => {
+                return Err(ConvertError::new(
+                    "weight",
+                    format!("{w} is outside 1..={MAX_WEIGHT}"),
+                ));
+            }
+        };
         Ok(Self {
             spiffe_id,
             cluster,
@@ -186,6 +203,7 @@ impl PeerHello {
             incarnation: hello.incarnation,
             lease,
             labels,
+            weight,
         })
     }
 }
@@ -528,6 +546,7 @@ mod tests {
             incarnation: 1,
             lease: Duration::from_secs(10),
             labels: Labels::new(),
+            weight: 1,
         }
         .to_proto();
         wire.spiffe_id = id.to_string();
@@ -547,6 +566,7 @@ mod tests {
             incarnation: 7,
             lease: Duration::from_secs(10),
             labels: [("network".to_owned(), "n1".to_owned())].into(),
+            weight: 3,
         };
         let wire = hello.to_proto();
         assert_eq!(PeerHello::from_proto(&wire, &id).unwrap(), hello);
@@ -575,6 +595,16 @@ mod tests {
             PeerHello::from_proto(&bad, &id).unwrap_err().path,
             "lease_millis"
         );
+        let mut bad = wire.clone();
+        bad.weight = MAX_WEIGHT + 1;
+        assert_eq!(
+            PeerHello::from_proto(&bad, &id).unwrap_err().path,
+            "weight"
+        );
+        // A sender that predates the weight counts once.
+        let mut old = wire.clone();
+        old.weight = 0;
+        assert_eq!(PeerHello::from_proto(&old, &id).unwrap().weight, 1);
         let mut bad = wire;
         bad.locality = None;
         assert_eq!(

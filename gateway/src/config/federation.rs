@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use isthmus_federation::peering::convert::{MAX_LEASE, MIN_LEASE};
+use isthmus_federation::peering::convert::{MAX_LEASE, MAX_WEIGHT as MAX_GATEWAY_WEIGHT, MIN_LEASE};
 use isthmus_federation::peering::{Grant, PeerAuthority, PeeringLimits, ServicePatterns};
 use isthmus_federation::trust::tls::GATEWAY_PATH_PREFIX;
 use isthmus_federation::{ClusterName, Locality, SpiffeId, TrustDomain};
@@ -38,6 +38,8 @@ pub struct RawFederation {
     pub advertise: Option<String>,
     /// `federation.lease`
     pub lease: Option<String>,
+    /// `federation.weight`
+    pub weight: Option<i64>,
     /// `federation.grace`
     pub grace: Option<String>,
     /// `federation.accept_peer_bundles`: replaced by
@@ -129,6 +131,9 @@ pub struct FederationConfig {
     /// This gateway renews its lease with each peer at a third of this.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
+    /// This gateway's share of its cluster's traffic relative to the other
+    /// replicas of the cluster, announced to peers in its hello.
+    pub weight: u32,
     /// A peer whose lease lapsed keeps its services this long.
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
@@ -282,6 +287,14 @@ pub(super) fn federation(
         DEFAULT_GRACE,
         |s| parse_duration(s, MAX_GRACE),
     );
+    let weight: Option<u32> = int(
+        check,
+        "federation.weight",
+        raw.weight,
+        1,
+        1,
+        i64::from(MAX_GATEWAY_WEIGHT),
+    );
     let export = patterns(check, "federation.export", raw.export.as_deref());
     if raw.accept_peer_bundles == Some(true) {
         check.fail(
@@ -392,13 +405,15 @@ pub(super) fn federation(
             other => other,
         },
     };
-    let (Some(lease), Some(grace), Some(limits)) = (lease, grace, limits) else {
+    let (Some(lease), Some(grace), Some(limits), Some(weight)) = (lease, grace, limits, weight)
+    else {
         return None;
     };
     (check.errors.len() == before).then_some(FederationConfig {
         listen,
         advertise,
         lease,
+        weight,
         grace,
         export,
         state_file,

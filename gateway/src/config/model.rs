@@ -224,6 +224,7 @@ impl Config {
                     labels: Default::default(),
                     // No lease: only health checks and outlier detection speak for it.
                     live: true,
+                    weight: 1,
                     subsets: Vec::new(),
                 },
                 services: p

@@ -889,6 +889,7 @@ fn federation_section_parses_with_defaults_and_round_trips() {
         "east_west by default"
     );
     assert_eq!(f.lease, Duration::from_secs(5));
+    assert_eq!(f.weight, 1, "one replica's share by default");
     assert_eq!(f.grace, Duration::from_secs(60));
     assert_eq!(f.peers[0].grant.export.as_deref().unwrap().len(), 2);
     assert_eq!(f.peers[0].grant.clusters, ["west".parse().unwrap()]);
@@ -967,6 +968,8 @@ fn federation_mistakes_are_named() {
             "listen = \"127.0.0.1:15443\"",
             "federation.listen",
         ),
+        ("lease = \"5s\"", "weight = 0", "federation.weight"),
+        ("lease = \"5s\"", "weight = 10001", "federation.weight"),
         (
             "clusters = [\"west\"]\n",
             "",

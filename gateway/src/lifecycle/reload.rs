@@ -152,12 +152,13 @@ impl Reloader {
         if next.federation.listen != current.federation.listen
             || next.federation.advertise != current.federation.advertise
             || next.federation.lease != current.federation.lease
+            || next.federation.weight != current.federation.weight
             || next.federation.grace != current.federation.grace
             || next.federation.limits != current.federation.limits
             || next.federation.state_file != current.federation.state_file
         {
             warn!(
-                "federation listen, advertise, lease, grace, limits or state_file changed; they take effect on restart"
+                "federation listen, advertise, lease, weight, grace, limits or state_file changed; they take effect on restart"
             );
             let (peers, accept, export) = (
                 next.federation.peers.clone(),

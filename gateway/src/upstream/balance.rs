@@ -20,7 +20,13 @@
 //!   health is ignored and every target shares traffic by weight (failing
 //!   checks are then more likely wrong than every backend dead);
 //! - a target that just came back weighs less for a while (slow start), which
-//!   also lowers its level's health: traffic fails back gradually.
+//!   also lowers its level's health: traffic fails back gradually;
+//! - the gateways of one cluster (replicas) in a level count as one target
+//!   of the level, their announced weights sharing the cluster's part
+//!   between them: the cluster stays wholly available while any replica is
+//!   (its endpoints are all still there), so losing a replica moves its
+//!   traffic to the other replicas, not to the next level, and a returning
+//!   replica takes its share back by slow start.
 //!
 //! A request may be confined to a [`Scope`]: one subset (endpoints with its
 //! labels here; gateways that announce it elsewhere) and/or one cluster.
@@ -251,12 +257,18 @@ pub struct Member {
     pub slot: Slot,
     /// Its address.
     pub addr: SocketAddr,
-    /// Its configured weight.
+    /// Its configured weight (a peer gateway's announced weight).
     pub weight: u32,
     /// How it stands.
     pub rated: Rated,
     /// This request tried it (this identity) already.
     pub tried: bool,
+    /// Its part of its level's weight: its weight, or for a peer gateway
+    /// its share of its cluster's one part ([`share_by_cluster`]).
+    counted: f64,
+    /// Its part of its level's available weight now: 0 when not available,
+    /// and slow start applied.
+    effective: f64,
 }
 
 impl Member {
@@ -265,9 +277,10 @@ impl Member {
         self.rated.availability == Availability::Up && !self.tried
     }
 
-    /// Its weight now (slow start applied).
+    /// Its part of its level's available weight now (slow start applied; 0
+    /// when not available).
     pub fn effective_weight(&self) -> f64 {
-        f64::from(self.weight) * self.rated.ramp
+        self.effective
     }
 }
 
@@ -291,15 +304,11 @@ pub struct Level {
 
 impl Level {
     fn total_weight(&self) -> f64 {
-        self.members.iter().map(|m| f64::from(m.weight)).sum()
+        self.members.iter().map(|m| m.counted).sum()
     }
 
     fn available_weight(&self) -> f64 {
-        self.members
-            .iter()
-            .filter(|m| m.available())
-            .map(Member::effective_weight)
-            .sum()
+        self.members.iter().map(|m| m.effective).sum()
     }
 
     /// Share of the next attempts `member` gets, 0 to 1.
@@ -308,12 +317,12 @@ impl Level {
             return if member.rated.availability == Availability::Full || panic_total == 0.0 {
                 0.0
             } else {
-                f64::from(member.weight) / panic_total
+                member.counted / panic_total
             };
         }
         let available = self.available_weight();
-        if member.available() && available > 0.0 {
-            self.load * member.effective_weight() / available
+        if available > 0.0 {
+            self.load * member.effective / available
         } else {
             0.0
         }
@@ -395,6 +404,8 @@ pub fn plan(
             weight,
             rated: rate(who),
             tried: tried.iter().any(|t| t.backend(entry) == who),
+            counted: 0.0,
+            effective: 0.0,
         }
     };
 
@@ -444,7 +455,7 @@ pub fn plan(
                 |k| gw.labels.get(k).map(String::as_str),
                 &policy.failover_priority,
             );
-            let mut m = member(Slot::Gateway(i), gw.address, 1);
+            let mut m = member(Slot::Gateway(i), gw.address, gw.weight);
             if !gw.live {
                 // Its session closed or its lease lapsed: a last resort only.
                 m.rated.availability = Availability::Down;
@@ -453,6 +464,20 @@ pub fn plan(
         }
     }
     levels.sort_by_key(|l| (l.label_rank, l.proximity, l.remote));
+    for level in &mut levels {
+        if level.remote {
+            share_by_cluster(&mut level.members, entry);
+        } else {
+            for m in &mut level.members {
+                m.counted = f64::from(m.weight);
+                m.effective = if m.available() {
+                    m.counted * m.rated.ramp
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
 
     let overprovisioning = f64::from(policy.overprovisioning_percent) / 100.0;
     for level in &mut levels {
@@ -480,6 +505,45 @@ pub fn plan(
         }
     }
     Plan { levels, panic }
+}
+
+/// Weighs the peer gateways of one level by cluster: each cluster is one part
+/// of the level, shared among its replicas by their weights. The cluster is
+/// as available as its most available replica (a replica that is up carries
+/// the cluster alone, its endpoints being the same), and the available
+/// replicas share that by weight with slow start applied, so a returning
+/// replica ramps up against the one that stood in for it.
+fn share_by_cluster(members: &mut [Member], entry: &ServiceEntry) {
+    let cluster = |m: &Member| match m.slot {
+        Slot::Gateway(i) => Some(&entry.remote[i].cluster),
+        Slot::Endpoint(_) => None,
+    };
+    for i in 0..members.len() {
+        if members[..i].iter().any(|m| cluster(m) == cluster(&members[i])) {
+            continue; // its cluster is done
+        }
+        let c = cluster(&members[i]);
+        let (mut total, mut available, mut best_ramp) = (0.0, 0.0, 0.0_f64);
+        for m in members[i..].iter().filter(|m| cluster(m) == c) {
+            total += f64::from(m.weight);
+            if m.available() {
+                available += f64::from(m.weight) * m.rated.ramp;
+                best_ramp = best_ramp.max(m.rated.ramp);
+            }
+        }
+        for m in members[i..].iter_mut().filter(|m| cluster(m) == c) {
+            m.counted = if total > 0.0 {
+                f64::from(m.weight) / total
+            } else {
+                0.0
+            };
+            m.effective = if m.available() && available > 0.0 {
+                f64::from(m.weight) * m.rated.ramp / available * best_ramp
+            } else {
+                0.0
+            };
+        }
+    }
 }
 
 /// Plans with `plan` within `scope`, or over the whole service when nothing
@@ -515,7 +579,7 @@ impl Plan {
             .iter()
             .flat_map(|l| &l.members)
             .filter(|m| m.rated.availability != Availability::Full)
-            .map(|m| f64::from(m.weight))
+            .map(|m| m.counted)
             .sum()
     }
 
@@ -570,7 +634,7 @@ impl Plan {
                 .flat_map(|l| &l.members)
                 .filter(|m| m.rated.availability != Availability::Full && also(m)),
             u,
-            |m| f64::from(m.weight),
+            |m| m.counted,
         )
     }
 }

@@ -1085,6 +1085,7 @@ mod tests {
             locality: "r".parse().unwrap(),
             labels: Default::default(),
             live: true,
+            weight: 1,
             subsets: vec![],
         };
         ServiceEntry {
@@ -1376,6 +1377,7 @@ mod tests {
             locality: locality.parse().unwrap(),
             labels: Default::default(),
             live,
+            weight: 1,
             subsets: vec![],
         };
         let entry = ServiceEntry {

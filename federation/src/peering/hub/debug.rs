@@ -60,6 +60,8 @@ pub struct PeerView {
     pub incarnation: u64,
     /// Its lease, in milliseconds.
     pub lease_ms: u64,
+    /// Its share of its cluster's traffic among the cluster's replicas.
+    pub weight: u32,
     /// Milliseconds since it was last heard from.
     pub last_heard_ms_ago: u64,
     /// A snapshot of its current incarnation was applied.
@@ -98,6 +100,7 @@ impl PeerView {
             sessions: r.sessions,
             incarnation: r.hello.incarnation,
             lease_ms: u64::try_from(r.hello.lease.as_millis()).unwrap_or(u64::MAX),
+            weight: r.hello.weight,
             last_heard_ms_ago: u64::try_from(
                 now.saturating_duration_since(r.last_heard).as_millis(),
             )
@@ -173,6 +176,8 @@ pub struct RemoteGatewayView {
     pub address: SocketAddr,
     /// Its locality, as written in configuration.
     pub locality: String,
+    /// Its share of its cluster's traffic among the cluster's replicas.
+    pub weight: u32,
 }
 
 impl From<&RemoteGateway> for RemoteGatewayView {
@@ -182,6 +187,7 @@ impl From<&RemoteGateway> for RemoteGatewayView {
             gateway: g.spiffe_id.clone(),
             address: g.address,
             locality: g.locality.to_string(),
+            weight: g.weight,
         }
     }
 }

@@ -114,6 +114,7 @@ pub(super) fn gateway_of(hello: &PeerHello) -> RemoteGateway {
         locality: hello.locality.clone(),
         labels: hello.labels.clone(),
         live: true,
+        weight: hello.weight,
         subsets: Vec::new(),
     }
 }

@@ -34,6 +34,7 @@ fn gateway(cluster: &str, locality: &str, n: u8) -> RemoteGateway {
         locality: loc(locality),
         labels: Labels::new(),
         live: true,
+        weight: 1,
         subsets: vec![],
     }
 }
@@ -306,6 +307,69 @@ fn weights_share_a_level() {
     let p = plan_all(&e, |_| Rated::UP);
     let s = shares(&p, &e, 10_000);
     assert!((share(&s, "127.0.0.1:80") - 0.75).abs() < 0.01, "{s:?}");
+}
+
+/// Replicas a-1 (weight 3) and a-2 (weight 1) of cluster a in this zone, and
+/// cluster b in another zone of this region.
+fn two_replicas_and_a_neighbour() -> ServiceEntry {
+    let replica = |name: &str, n: u8, weight: u32| RemoteGateway {
+        spiffe_id: format!("spiffe://a.example/isthmus/gateway/{name}")
+            .parse()
+            .unwrap(),
+        weight,
+        ..gateway("a", "us-east/us-east-1a", n)
+    };
+    entry(
+        &[],
+        vec![
+            replica("a-1", 1, 3),
+            replica("a-2", 2, 1),
+            gateway("b", "us-east/us-east-1b", 3),
+        ],
+    )
+}
+
+#[test]
+fn replicas_share_their_level_by_weight_and_cover_for_each_other_before_it_is_left() {
+    let e = two_replicas_and_a_neighbour();
+    let s = shares(&plan_all(&e, |_| Rated::UP), &e, 10_000);
+    assert!((share(&s, "127.0.1.1:15443") - 0.75).abs() < 0.01, "{s:?}");
+    assert!((share(&s, "127.0.1.2:15443") - 0.25).abs() < 0.01, "{s:?}");
+    assert_eq!(share(&s, "127.0.1.3:15443"), 0.0, "{s:?}");
+    // A retry after a failure on a-1 goes to a-2, not to the next zone.
+    let tried = [Slot::Gateway(0)];
+    let p = plan_up(PlanRequest {
+        tried: &tried,
+        ..PlanRequest::whole(&e)
+    });
+    assert_eq!(share(&shares(&p, &e, 100), "127.0.1.2:15443"), 1.0);
+    // a-1 down: a-2 carries the whole cluster, nothing spills to b (the
+    // cluster's endpoints are all still there).
+    let p = plan_all(&e, down_at(&["127.0.1.1:15443"]));
+    assert_eq!(share(&shares(&p, &e, 1000), "127.0.1.2:15443"), 1.0);
+    // a-1 back and ramping up: it takes a slice of the cluster's traffic
+    // back, by slow start, from a-2; still nothing to b.
+    let p = plan_all(&e, |b| Rated {
+        availability: Availability::Up,
+        ramp: if b.addr == addr("127.0.1.1:15443") { 0.1 } else { 1.0 },
+    });
+    let s = shares(&p, &e, 10_000);
+    let returning = 0.3 / (0.3 + 1.0);
+    assert!((share(&s, "127.0.1.1:15443") - returning).abs() < 0.01, "{s:?}");
+    assert_eq!(share(&s, "127.0.1.3:15443"), 0.0, "{s:?}");
+    // Both replicas down: the cluster is, and b takes over.
+    let p = plan_all(&e, down_at(&["127.0.1.1:15443", "127.0.1.2:15443"]));
+    assert_eq!(share(&shares(&p, &e, 1000), "127.0.1.3:15443"), 1.0);
+}
+
+#[test]
+fn a_cluster_counts_once_in_its_level_however_many_replicas_it_has() {
+    let mut e = two_replicas_and_a_neighbour();
+    // b moves into a's zone: two clusters in one level, half each.
+    e.remote[2].locality = loc("us-east/us-east-1a");
+    let s = shares(&plan_all(&e, |_| Rated::UP), &e, 10_000);
+    assert!((share(&s, "127.0.1.3:15443") - 0.5).abs() < 0.01, "{s:?}");
+    assert!((share(&s, "127.0.1.1:15443") - 0.375).abs() < 0.01, "{s:?}");
 }
 
 #[test]

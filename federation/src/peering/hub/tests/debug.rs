@@ -63,6 +63,7 @@ fn hub_in_several_states() -> (Arc<Hub>, Vec<SessionGuard>) {
             locality: "eu/eu-1a".parse().unwrap(),
             labels: Default::default(),
             live: true,
+            weight: 1,
             subsets: Vec::new(),
         },
         services: [("shop/legacy".parse().unwrap(), export("shop/legacy"))].into(),
@@ -155,6 +156,7 @@ fn debug_peers_keeps_its_shape() {
               "sessions": 1,
               "incarnation": 3,
               "lease_ms": 3600000,
+              "weight": 1,
               "last_heard_ms_ago": 5000,
               "synced": false,
               "version": 0,
@@ -178,6 +180,7 @@ fn debug_peers_keeps_its_shape() {
               "sessions": 0,
               "incarnation": 8,
               "lease_ms": 20000,
+              "weight": 1,
               "last_heard_ms_ago": 5000,
               "synced": true,
               "version": 1,
@@ -203,6 +206,7 @@ fn debug_peers_keeps_its_shape() {
               "sessions": 0,
               "incarnation": 9,
               "lease_ms": 500,
+              "weight": 1,
               "last_heard_ms_ago": 5000,
               "synced": false,
               "version": 2,
@@ -226,6 +230,7 @@ fn debug_peers_keeps_its_shape() {
               "sessions": 1,
               "incarnation": 7,
               "lease_ms": 3600000,
+              "weight": 1,
               "last_heard_ms_ago": 5000,
               "synced": true,
               "version": 4,
@@ -282,7 +287,8 @@ fn debug_catalog_keeps_its_shape() {
                   "cluster": "west",
                   "gateway": "spiffe://west.example/isthmus/gateway/gw",
                   "address": "127.0.0.9:15443",
-                  "locality": "r"
+                  "locality": "r",
+                  "weight": 1
                 }
               ],
               "headless_endpoints": [
@@ -309,7 +315,8 @@ fn debug_catalog_keeps_its_shape() {
                   "cluster": "west",
                   "gateway": "spiffe://west.example/isthmus/gateway/gw",
                   "address": "127.0.0.9:15443",
-                  "locality": "r"
+                  "locality": "r",
+                  "weight": 1
                 }
               ],
               "headless_endpoints": []
@@ -346,7 +353,8 @@ fn debug_catalog_keeps_its_shape() {
                   "cluster": "legacy",
                   "gateway": "spiffe://legacy.example/isthmus/gateway/gw",
                   "address": "127.0.0.30:15443",
-                  "locality": "eu/eu-1a"
+                  "locality": "eu/eu-1a",
+                  "weight": 1
                 }
               ],
               "headless_endpoints": []
@@ -369,7 +377,8 @@ fn debug_catalog_keeps_its_shape() {
                   "cluster": "west",
                   "gateway": "spiffe://west.example/isthmus/gateway/gw",
                   "address": "127.0.0.9:15443",
-                  "locality": "r"
+                  "locality": "r",
+                  "weight": 1
                 }
               ],
               "headless_endpoints": []

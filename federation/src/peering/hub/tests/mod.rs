@@ -21,6 +21,7 @@ fn hello(name: &str, incarnation: u64) -> PeerHello {
         incarnation,
         lease: Duration::from_millis(500),
         labels: Default::default(),
+        weight: 1,
     }
 }
 
