@@ -83,7 +83,6 @@ GATEWAYS=${GATEWAYS:-20}
 SERVICES=${SERVICES:-5000}
 ENDPOINTS=${ENDPOINTS:-2}
 TOPOLOGY=${TOPOLOGY:-full}
-TIMEOUT=${TIMEOUT:-300}
 LEASE=${LEASE:-1.5s}
 GRACE=${GRACE:-30s}
 # Polls and timeouts grow with the fleet: every poll is a /metrics render on a
