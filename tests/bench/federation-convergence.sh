@@ -72,6 +72,8 @@
 #   PLUS_POLL=0.01 (GATEWAYS/2000 above 20; the polls of the +1 phase)
 #   STAGGER=0 (0.02 above 20 gateways) RESYNC=1 PARTITION=5
 #   KEEP=1 (keeps the work directory and the logs)
+#   PERF=DIR (perf record -g of gw-1, a receiving gateway, during convergence
+#   and during the +1 phase: DIR/converge.data, DIR/plus-one.data)
 #   e.g. GATEWAYS=100 SERVICES=10000 tests/bench/federation-convergence.sh
 # Needs a release build (cargo build --release -p isthmus-gateway --bin isthmus)
 # or ISTHMUS_BIN, and python3. Exits non-zero, naming the gateways that lag and
@@ -608,6 +610,20 @@ for (( i = 0; i < GATEWAYS; i++ )); do
   GWS+=("$(admin "$i"):${!pid_var}")
 done
 printf '%s\n%s\n' "$(date +%s.%N)" "${GWS[*]}" > "$WORK/t0.tmp" && mv "$WORK/t0.tmp" "$WORK/t0"
+# perf_start NAME / perf_stop: a profile of gw-1 while a phase runs.
+perf_start() {
+  [ -n "${PERF:-}" ] || return 0
+  mkdir -p "$PERF"
+  perf record -F 499 -g -o "$PERF/$1.data" -p "${GW_PIDS[1]}" 2>"$PERF/$1.log" &
+  PERF_PID=$!
+  PIDS+=("$PERF_PID")
+}
+perf_stop() {
+  [ -n "${PERF:-}" ] || return 0
+  kill -INT "$PERF_PID"
+  wait "$PERF_PID" 2>/dev/null || true
+}
+perf_start converge
 wait "$POLLER" || {
   for (( i = 0; i < GATEWAYS; i++ )); do
     # Leaves out the warning every session logs in a shared trust domain.
@@ -616,6 +632,7 @@ wait "$POLLER" || {
   done
   exit 1
 }
+perf_stop
 echo "converged; measuring RSS after 2 s" >&2
 sleep 2
 py measure "$WORK/rss.json" "${GWS[@]}"
@@ -625,7 +642,10 @@ py counters "$WORK/refused.json" "${GWS[@]}"
 
 # --- one more service on gateway 0 ---
 config 0 1 | write_config "$WORK/gw-0.toml"
+perf_start plus-one
+sleep "$([ -n "${PERF:-}" ] && echo 0.5 || echo 0)"
 py converge "hup:${GW_PIDS[0]}" $(( SERVICES + 1 )) 60 0 "$WORK/plus-one.json" "$PLUS_POLL" "${GWS[@]}"
+perf_stop
 
 # --- a reconnect's resync: gateway K cut off, one export changed, healed ---
 if [ "$RESYNC" = 1 ]; then

@@ -254,7 +254,10 @@ pub fn changed_exports(before: &PeerCatalog, after: &PeerCatalog, into: &mut BTr
         into.extend(after.services.keys().cloned());
         return;
     }
-    let (mut a, mut b) = (before.services.iter().peekable(), after.services.iter().peekable());
+    let (mut a, mut b) = (
+        before.services.iter().peekable(),
+        after.services.iter().peekable(),
+    );
     loop {
         match (a.peek(), b.peek()) {
             (None, None) => return,
@@ -709,7 +712,10 @@ mod tests {
         // The union of the replicas' ports; the oldest replica names port 80.
         assert_eq!(
             entry.ports,
-            [port(80, Protocol::Http, None), port(81, Protocol::Grpc, None)]
+            [
+                port(80, Protocol::Http, None),
+                port(81, Protocol::Grpc, None)
+            ]
         );
         // Each replica is a target of its own.
         let ids: Vec<&str> = entry.remote.iter().map(|g| g.spiffe_id.as_str()).collect();
@@ -723,7 +729,10 @@ mod tests {
 
         // Another cluster still conflicts with the cluster, once, against
         // the cluster's oldest export time (b-1's 5, older than c's 7).
-        let c = peer("c", vec![export("shop/web", 7, vec![port(80, Protocol::Tcp, None)])]);
+        let c = peer(
+            "c",
+            vec![export("shop/web", 7, vec![port(80, Protocol::Tcp, None)])],
+        );
         let catalog = merge(&here, &[], &[&b2, &c, &b1]);
         let conflicts: Vec<(&str, &str, Vec<&str>)> = catalog
             .conflicts()
@@ -857,7 +866,11 @@ mod tests {
                     }
                     1 | 2 => {
                         let e = random_export(&mut rng, k);
-                        let endpoints: &[&str] = if rng.below(4) == 0 { &[] } else { &["10.1.0.1:80"] };
+                        let endpoints: &[&str] = if rng.below(4) == 0 {
+                            &[]
+                        } else {
+                            &["10.1.0.1:80"]
+                        };
                         here_now.insert(key(k), local(e, endpoints, rng.below(4) != 0));
                     }
                     3 | 4 => {
@@ -902,14 +915,23 @@ mod tests {
             assert_eq!(incremental, full, "step {step}, changed {changed:?}");
             for (k, entry) in &incremental.services {
                 if !changed.contains(k) {
-                    assert!(Arc::ptr_eq(entry, &previous.services[k]), "step {step}: {k} copied");
+                    assert!(
+                        Arc::ptr_eq(entry, &previous.services[k]),
+                        "step {step}: {k} copied"
+                    );
                 }
             }
             with_conflicts += usize::from(!incremental.conflicts().is_empty());
             previous = incremental;
         }
         // Neither every key merged again each time, nor no conflicts to order.
-        assert!(merged_keys < 2_000 * keys.len() / 2, "{merged_keys} keys merged");
-        assert!(with_conflicts > 500, "conflicts in only {with_conflicts} steps");
+        assert!(
+            merged_keys < 2_000 * keys.len() / 2,
+            "{merged_keys} keys merged"
+        );
+        assert!(
+            with_conflicts > 500,
+            "conflicts in only {with_conflicts} steps"
+        );
     }
 }

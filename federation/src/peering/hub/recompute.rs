@@ -11,8 +11,8 @@ use super::leases::LeaseState;
 use super::{Hub, Inner, state, unix_millis};
 use crate::SpiffeId;
 use crate::catalog::{
-    Catalog, LocalService, PeerCatalog, ServiceKey, changed_exports, changed_services,
-    export_set, merge, merge_changed,
+    Catalog, LocalService, PeerCatalog, ServiceKey, changed_exports, changed_services, export_set,
+    merge, merge_changed,
 };
 
 impl Hub {
