@@ -19,6 +19,9 @@
 #   - propagation of one change: one more exported service on gateway 0 (its
 #     configuration rewritten, then SIGHUP), until all gateways hold SERVICES+1,
 #     and the CPU all gateways spent on it;
+#   - the CPU all gateways spend once converged with nothing changing (5 s:
+#     every session's lease renewals, lease/3 apart on each side, and the
+#     mTLS health probes of every peer gateway);
 #   - memory: VmRSS of every gateway 2 s after convergence (min/median/max),
 #     against the RSS of an idle gateway (same configuration shape: identity,
 #     listeners, federation listener, no services, no peers; started and
@@ -71,6 +74,7 @@
 #   TIMEOUT=300 (GATEWAYS*6 above 50) POLL=0.1 (GATEWAYS/200 above 20)
 #   PLUS_POLL=0.01 (GATEWAYS/2000 above 20; the polls of the +1 phase)
 #   STAGGER=0 (0.02 above 20 gateways) RESYNC=1 PARTITION=5
+#   HEALTH_INTERVAL (upstream.health_check.interval; the gateway's default 5s)
 #   KEEP=1 (keeps the work directory and the logs)
 #   PERF=DIR (perf record -g of gw-1, a receiving gateway, during convergence
 #   and during the +1 phase: DIR/converge.data, DIR/plus-one.data)
@@ -389,16 +393,28 @@ def measure(out, gws):
                "threads": [int(next(l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("Threads:"))) for _, pid in gws]},
               open(out, "w"))
 
+def idle_cpu(out, seconds, gws):
+    """CPU all gateways spend with nothing changing: lease renewals of every
+    session (each side renews every lease/3), health checks, timers."""
+    c0, t0 = sum(cpu_ticks(pid) for _, pid in gws), time.time()
+    time.sleep(seconds)
+    json.dump({"ticks": sum(cpu_ticks(pid) for _, pid in gws) - c0, "seconds": time.time() - t0},
+              open(out, "w"))
+
 def endpoints(out, gws):
-    """Catalog routes of every gateway, from /debug/catalog."""
+    """Catalog routes from /debug/catalog: of every gateway, or of ten
+    evenly spread ones above 20 gateways (a loaded gateway takes seconds
+    to render 10,000 services)."""
     res = []
-    for port, _pid in gws:
+    step = max(1, len(gws) // 10) if len(gws) > 20 else 1
+    for i in range(0, len(gws), step):
+        port, _pid = gws[i]
         status, body = get(port, "/debug/catalog", timeout=30)
         doc = json.loads(body)
         svcs = doc["services"]
         local = sum(len(s.get("local_endpoints") or []) for s in svcs)
         remote = sum(len(s.get("remote") or []) for s in svcs)
-        res.append({"services": len(svcs), "local": local, "remote": remote,
+        res.append({"gw": i, "services": len(svcs), "local": local, "remote": remote,
                     "conflicts": len(doc.get("conflicts") or []), "json_bytes": len(body)})
     json.dump(res, open(out, "w"))
 
@@ -439,6 +455,9 @@ def summary(work, gateways, services, endpoints_per, topology, sessions, hz, k):
     t_started_conv = max(c["done"])
     t_ready_all = max(c["ready"])
     eps = [x["local"] + x["remote"] for x in e]
+    # The gateways whose routes were counted (every one, or a sample).
+    rss_all, rss = rss, [rss[x["gw"]] for x in e]
+    anon_kib = [m["anon_kib"][x["gw"]] for x in e]
     per_gw = [r * 1024 / n for r, n in zip(rss, eps)]
     marginal = [(r - base) * 1024 / n for r, n in zip(rss, eps)]
     print()
@@ -446,7 +465,8 @@ def summary(work, gateways, services, endpoints_per, topology, sessions, hz, k):
     print(f"gateways                         {gateways} ({topology} mesh, {sessions} peering sessions, one trust domain)")
     print(f"services                         {services} exported in total ({services // gateways}-{-(-services // gateways)} per gateway), "
           f"{endpoints_per} endpoint(s) each")
-    print(f"catalog routes per gateway       {min(eps)}-{max(eps)} (local endpoints + remote gateways)")
+    print(f"catalog routes per gateway       {min(eps)}-{max(eps)} (local endpoints + remote gateways;"
+          f" {'every gateway' if len(e) == gateways else f'{len(e)} gateways counted'})")
     print(f"catalog conflicts                {sum(x['conflicts'] for x in e)}")
     print()
     between = lambda xs, bs: f"{max(bs):.2f}-{max(xs):.2f} s"
@@ -464,16 +484,20 @@ def summary(work, gateways, services, endpoints_per, topology, sessions, hz, k):
     print(f"CPU for the +1 change, all gws   {c1['cpu_ticks'] / hz * 1000:8.0f} CPU-ms (SIGHUP until all converged)")
     print(f"  (from SIGHUP with the new configuration to /metrics; one gateway's poll took {rnd(c1)})")
     print()
+    ic = json.load(open(f"{work}/idle-cpu.json"))
+    print(f"CPU converged, nothing changing  {ic['ticks'] / hz / ic['seconds']:8.2f} CPUs in all"
+          f"   ({ic['ticks'] / hz / ic['seconds'] / sessions * 1e6:.0f} CPU-us a second per session: lease renewals, health probes of peers)")
+    print()
     print(f"RSS idle gateway (empty catalog) {base / 1024:8.1f} MiB")
-    print(f"RSS converged  min/median/max    {min(rss) / 1024:.1f} / {med(rss) / 1024:.1f} / {max(rss) / 1024:.1f} MiB"
-          f"   (total {sum(rss) / 1024:.1f} MiB; threads {med(m['threads']):.0f} per gateway)")
-    print(f"RSS over idle  median            {(med(rss) - base) / 1024:8.1f} MiB"
+    print(f"RSS converged  min/median/max    {min(rss_all) / 1024:.1f} / {med(rss_all) / 1024:.1f} / {max(rss_all) / 1024:.1f} MiB"
+          f"   (total {sum(rss_all) / 1024:.1f} MiB; threads {med(m['threads']):.0f} per gateway)")
+    print(f"RSS over idle  median            {(med(rss_all) - base) / 1024:8.1f} MiB"
           f"   (anonymous {(med(m['anon_kib']) - base_anon) / 1024:.1f} MiB, file-backed {(med(m['file_kib']) - base_file) / 1024:.1f} MiB;"
           f" idle: {base_anon / 1024:.1f} + {base_file / 1024:.1f} MiB)")
-    print(f"RSS per catalog route, all gws   {sum(rss) * 1024 / sum(eps):8.0f} B    (total RSS / sum of routes)")
+    print(f"RSS per catalog route            {sum(rss) * 1024 / sum(eps):8.0f} B    (total RSS / sum of routes, counted gws)")
     print(f"RSS per route, per gw min/med/max {min(per_gw):.0f} / {med(per_gw):.0f} / {max(per_gw):.0f} B")
     print(f"marginal B per route min/med/max {min(marginal):.0f} / {med(marginal):.0f} / {max(marginal):.0f} B   ((RSS - idle RSS) / routes)")
-    anon = [(a - base_anon) * 1024 / n for a, n in zip(m["anon_kib"], eps)]
+    anon = [(a - base_anon) * 1024 / n for a, n in zip(anon_kib, eps)]
     print(f"  anonymous memory only          {min(anon):.0f} / {med(anon):.0f} / {max(anon):.0f} B   ((RssAnon - idle RssAnon) / routes)")
     print(f"/debug/catalog size per gateway  {med([x['json_bytes'] for x in e]) / 1024:8.0f} KiB")
     refused = json.load(open(f"{work}/refused.json"))["refused"]
@@ -494,6 +518,8 @@ elif cmd == "converge":
     converge(start, target, timeout, track, out, ports_pids(args[6:]), float(args[5]))
 elif cmd == "measure":
     measure(args[0], ports_pids(args[1:]))
+elif cmd == "idle-cpu":
+    idle_cpu(args[0], float(args[1]), ports_pids(args[2:]))
 elif cmd == "counters":
     counters(args[0], ports_pids(args[1:]))
 elif cmd == "endpoints":
@@ -555,6 +581,8 @@ grace = "$GRACE"
 # GATEWAYS sources, each far under the default cap of 16.
 max_connections_per_source = $(( GATEWAYS * 2 + 16 ))
 TOML
+  # Each gateway probes every peer gateway with an mTLS handshake per interval.
+  [ -z "${HEALTH_INTERVAL:-}" ] || printf '[upstream.health_check]\ninterval = "%s"\n' "$HEALTH_INTERVAL"
   [ "$mode" = none ] && return 0
   local j
   for (( j = 0; j < GATEWAYS; j++ )); do
@@ -636,6 +664,7 @@ perf_stop
 echo "converged; measuring RSS after 2 s" >&2
 sleep 2
 py measure "$WORK/rss.json" "${GWS[@]}"
+py idle-cpu "$WORK/idle-cpu.json" 5 "${GWS[@]}"
 # Routes per catalog, after the RSS (this asks each gateway for a large document).
 py endpoints "$WORK/endpoints.json" "${GWS[@]}"
 py counters "$WORK/refused.json" "${GWS[@]}"
