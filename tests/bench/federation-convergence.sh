@@ -22,7 +22,7 @@
 #   - the CPU all gateways spend once converged with nothing changing (5 s:
 #     every session's lease renewals, lease/3 apart on each side, and the
 #     mTLS health probes of every peer gateway);
-#   - memory: VmRSS of every gateway 2 s after convergence (min/median/max),
+#   - memory: VmRSS of every gateway RSS_WAIT (2) s after convergence (min/median/max),
 #     against the RSS of an idle gateway (same configuration shape: identity,
 #     listeners, federation listener, no services, no peers; started and
 #     measured alone before the others), and per catalog endpoint. A catalog
@@ -75,6 +75,8 @@
 #   PLUS_POLL=0.01 (GATEWAYS/2000 above 20; the polls of the +1 phase)
 #   STAGGER=0 (0.02 above 20 gateways) RESYNC=1 PARTITION=5
 #   HEALTH_INTERVAL (upstream.health_check.interval; the gateway's default 5s)
+#   RSS_WAIT=2 (seconds from convergence to the RSS reading; jemalloc returns
+#   the pages of replaced catalogs over some 10 s)
 #   KEEP=1 (keeps the work directory and the logs)
 #   PERF=DIR (perf record -g of gw-1, a receiving gateway, during convergence
 #   and during the +1 phase: DIR/converge.data, DIR/plus-one.data)
@@ -661,8 +663,8 @@ wait "$POLLER" || {
   exit 1
 }
 perf_stop
-echo "converged; measuring RSS after 2 s" >&2
-sleep 2
+echo "converged; measuring RSS after ${RSS_WAIT:-2} s" >&2
+sleep "${RSS_WAIT:-2}"
 py measure "$WORK/rss.json" "${GWS[@]}"
 py idle-cpu "$WORK/idle-cpu.json" 5 "${GWS[@]}"
 # Routes per catalog, after the RSS (this asks each gateway for a large document).
