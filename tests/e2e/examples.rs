@@ -22,6 +22,10 @@ use isthmus_tests::{
     DevPki, EchoServer, Gateway, curl, free_addr, isthmus, metric_sum, served_by, tcp_echo,
     wait_for, workspace_root,
 };
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Probe, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 const START: Duration = Duration::from_secs(40);
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -370,4 +374,168 @@ fn shipped_examples_federate_two_clusters_and_a_vm() {
         served_by(&answer).starts_with("cluster-east.toml:shop/web#"),
         "{answer:?}"
     );
+}
+
+/// `config/examples/kubernetes/prod-east-borders.yaml`'s objects, parsed as
+/// the Kubernetes types they declare (not applied: no API server runs here).
+struct BorderManifests {
+    config: ConfigMap,
+    deployment: Deployment,
+    budget: PodDisruptionBudget,
+}
+
+fn border_manifests() -> BorderManifests {
+    let path = examples().join("kubernetes/prod-east-borders.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let (mut config, mut deployment, mut budget) = (None, None, None);
+    // Documents are separated by `---` lines; the first holds only comments.
+    for doc in text.split("\n---\n") {
+        let doc: serde_json::Value = serde_yaml::from_str(doc).unwrap();
+        if doc.is_null() {
+            continue;
+        }
+        let kind = doc["kind"].as_str().unwrap().to_owned();
+        let what = format!("{kind} {} of {}", doc["metadata"]["name"], path.display());
+        match kind.as_str() {
+            "ConfigMap" => config = Some(typed(doc, &what)),
+            "Deployment" => deployment = Some(typed(doc, &what)),
+            "PodDisruptionBudget" => budget = Some(typed(doc, &what)),
+            "Service" => {
+                let _: Service = typed(doc, &what);
+            }
+            other => panic!("{}: unexpected kind {other}", path.display()),
+        }
+    }
+    BorderManifests {
+        config: config.expect("a ConfigMap"),
+        deployment: deployment.expect("a Deployment"),
+        budget: budget.expect("a PodDisruptionBudget"),
+    }
+}
+
+/// `doc` as the Kubernetes type `T`; `what` names it when it is not one.
+fn typed<T: k8s_openapi::serde::de::DeserializeOwned>(doc: serde_json::Value, what: &str) -> T {
+    serde_json::from_value(doc).unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// `value` with `$(NAME)` replaced from `vars`, as the kubelet expands a
+/// container's environment.
+fn expand(value: &str, vars: &[(String, String)]) -> String {
+    vars.iter().fold(value.to_owned(), |v, (name, val)| {
+        v.replace(&format!("$({name})"), val)
+    })
+}
+
+#[test]
+fn kubernetes_example_runs_replicas_each_with_its_own_identity_and_address() {
+    let m = border_manifests();
+    let spec = m.deployment.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(2), "two replicas");
+    let pod = spec.template.spec.as_ref().unwrap();
+    let labels = spec.template.metadata.as_ref().unwrap().labels.clone();
+    // Replicas on separate nodes, and a drain takes one at a time.
+    let anti = pod
+        .affinity
+        .as_ref()
+        .unwrap()
+        .pod_anti_affinity
+        .as_ref()
+        .unwrap();
+    let required = anti
+        .required_during_scheduling_ignored_during_execution
+        .as_ref();
+    assert!(
+        required
+            .unwrap()
+            .iter()
+            .any(|t| t.topology_key == "kubernetes.io/hostname"),
+        "one replica per node"
+    );
+    let budget = m.budget.spec.unwrap();
+    assert_eq!(budget.min_available, Some(IntOrString::Int(1)));
+    assert_eq!(budget.selector.unwrap().match_labels, labels);
+    let container = &pod.containers[0];
+    let probe = |p: &Option<Probe>| {
+        let exec = p.as_ref().unwrap().exec.as_ref().unwrap();
+        exec.command.clone().unwrap().join(" ")
+    };
+    assert!(
+        probe(&container.readiness_probe).ends_with("isthmus probe http://127.0.0.1:15000/readyz")
+    );
+    assert!(
+        probe(&container.liveness_probe).ends_with("isthmus probe http://127.0.0.1:15000/healthz")
+    );
+    // Each replica is reached at its own node's address: hostPorts.
+    let host_ports: Vec<i32> = container
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.host_port)
+        .collect();
+    assert_eq!(host_ports, [15443, 15012]);
+    let toml_text = m.config.data.as_ref().unwrap()["isthmus.toml"].clone();
+
+    // Two pods as the Deployment makes them: the downward API gives each its
+    // name and its node's IP; the container's ISTHMUS__ variables follow.
+    // What differs between their hosts and this one (file paths, the PKI)
+    // comes from further overrides, as in the test above.
+    let pki = DevPki::new();
+    let td = "prod-east.example.org";
+    let ca = pki.ca("prod-east-ca", td);
+    let west_ca = pki.ca("prod-west-ca", "prod-west.example.org");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("isthmus.toml");
+    std::fs::write(&config, &toml_text).unwrap();
+    let config = config.to_str().unwrap();
+    for (pod_name, host_ip) in [
+        ("isthmus-border-6b7f9c5d4-x2k8p", "127.0.0.1"),
+        ("isthmus-border-6b7f9c5d4-q9w4z", "127.0.0.2"),
+    ] {
+        let mut vars: Vec<(String, String)> = Vec::new();
+        for e in container.env.iter().flatten() {
+            let value = match e.value_from.as_ref().and_then(|v| v.field_ref.as_ref()) {
+                Some(f) if f.field_path == "metadata.name" => pod_name.to_owned(),
+                Some(f) if f.field_path == "status.hostIP" => host_ip.to_owned(),
+                Some(f) => panic!("no downward API value here for {}", f.field_path),
+                None => expand(e.value.as_deref().unwrap_or(""), &vars),
+            };
+            vars.push((e.name.clone(), value));
+        }
+        let id = format!("spiffe://{td}/isthmus/gateway/{pod_name}");
+        let tls = pki.issue(&ca, &id, pod_name);
+        let state = dir.path().join(format!("{pod_name}-state.json"));
+        let mut env: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("ISTHMUS__"))
+            .collect();
+        env.extend([
+            var("identity.cert", tls.join("svid.crt").display()),
+            var("identity.key", tls.join("svid.key").display()),
+            var("identity.bundle", ca.join("bundle.pem").display()),
+            var(
+                "trust.federated[0].bundle",
+                west_ca.join("bundle.pem").display(),
+            ),
+            var("federation.state_file", state.display()),
+        ]);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let out = isthmus(&["check-config", "--config", config], &env);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{pod_name}: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            said.contains(&format!("gateway {pod_name}, cluster prod-east, {id}")),
+            "{said}"
+        );
+        let out = isthmus(&["print-config", "--config", config], &env);
+        let printed: toml::Table = String::from_utf8_lossy(&out.stdout).parse().unwrap();
+        assert_eq!(
+            get(&printed, "federation.advertise").and_then(toml::Value::as_str),
+            Some(format!("{host_ip}:15443").as_str()),
+            "{printed}"
+        );
+    }
 }

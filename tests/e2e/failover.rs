@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use isthmus_tests::load::{Load, LoadSpec, Report};
 use isthmus_tests::mesh::{Mesh, remote_clusters};
 use isthmus_tests::netns::{self, Partition, Reach};
-use isthmus_tests::{EchoServer, Gateway, curl, machine_lock, metric_sum, wait_for};
+use isthmus_tests::{EchoServer, Gateway, Verdicts, curl, machine_lock, metric_sum, wait_for};
 use serde_json::Value;
 
 const A: usize = 0;
@@ -173,37 +173,6 @@ fn explained_target<'a>(doc: &'a Value, cluster: &str) -> Option<(&'a Value, &'a
         .find(|(_, t)| t["cluster"] == cluster)
 }
 
-/// Assertions that are all evaluated, then reported together.
-#[derive(Default)]
-struct Verdicts {
-    failed: Vec<String>,
-}
-
-impl Verdicts {
-    fn check(&mut self, ok: bool, what: impl Into<String>) {
-        let what = what.into();
-        eprintln!("[{}] {what}", if ok { " ok " } else { "FAIL" });
-        if !ok {
-            self.failed.push(what);
-        }
-    }
-
-    fn finish(self) {
-        assert!(
-            self.failed.is_empty(),
-            "{} check(s) failed:\n  {}",
-            self.failed.len(),
-            self.failed.join("\n  ")
-        );
-    }
-}
-
-fn sleep_until(load: &Load, at: Duration) {
-    if let Some(left) = at.checked_sub(load.elapsed()) {
-        std::thread::sleep(left);
-    }
-}
-
 /// How A is taken away and brought back.
 enum Fault {
     /// SIGKILL, later a restart on the same config and ports.
@@ -288,7 +257,7 @@ fn scenario(fed: &mut Federation, mut fault: Fault) -> Result<()> {
     let mut v = Verdicts::default();
     let load = Load::start(fed.load_spec());
 
-    sleep_until(&load, FAULT_AT);
+    load.sleep_until(FAULT_AT);
     let handshakes_before = fed.client_handshakes_metric();
     let fault_at = load.elapsed();
     fault.inflict(fed)?;
@@ -329,7 +298,7 @@ fn scenario(fed: &mut Federation, mut fault: Fault) -> Result<()> {
         );
     }
 
-    sleep_until(&load, fault_at + FAULT_FOR);
+    load.sleep_until(fault_at + FAULT_FOR);
     let recover_at = load.elapsed();
     fault.recover(fed, &mut v)?;
     let recovered_at = load.elapsed();
@@ -482,7 +451,7 @@ fn scenario(fed: &mut Federation, mut fault: Fault) -> Result<()> {
             "failback is gradual: A's share of the first second after it is back: {first_share:?}"
         ),
     );
-    if !v.failed.is_empty() {
+    if !v.all_passed() {
         eprintln!(
             "last explain, {:.1?} after the fault: {explain:#}",
             MOVE_WITHIN * 2

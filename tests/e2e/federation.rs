@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use isthmus_tests::mesh::{Mesh, peer, reload, remote_clusters, shop_service, web_service};
+use isthmus_tests::netns::{self, Partition};
 use isthmus_tests::{
-    DevPki, EchoServer, Gateway, curl, metric_value, undocumented_metrics, wait_for,
+    DevPki, EchoServer, Gateway, curl, metric_sum, metric_value, undocumented_metrics, wait_for,
 };
 
 #[test]
@@ -257,6 +258,125 @@ fn a_peer_of_an_unknown_trust_domain_is_refused() -> Result<()> {
     assert!(d_peers["peers"].as_array().unwrap().is_empty(), "{d_peers}");
     // D never syncs, so it stays unready until its grace period is over.
     assert_eq!(d.admin_get("/readyz").status, 503);
+    Ok(())
+}
+
+/// A session that breaks while both gateways keep running resumes: B holds
+/// A's catalog at some version, so after a partition longer than the lease
+/// (the sessions end) A sends B a delta of what it changed meanwhile, not
+/// its 100-service snapshot again.
+#[test]
+fn a_reconnect_after_a_partition_resends_only_what_changed() {
+    netns::run_isolated(
+        "resync",
+        "a_reconnect_after_a_partition_resends_only_what_changed",
+        || reconnect_after_partition().unwrap(),
+    );
+}
+
+fn reconnect_after_partition() -> Result<()> {
+    let mut mesh = Mesh::new(&["a", "b"]);
+    // Leases end the sessions within a second or so; a long grace keeps A's
+    // services on B meanwhile.
+    mesh.leases = Some(("1s", "60s"));
+    let (am, bm) = (&mesh.members[0], &mesh.members[1]);
+    let upstream = EchoServer::start("svc-in-a");
+    let services = |n: usize| -> String {
+        (0..n)
+            .map(|i| shop_service(&format!("svc-{i:03}"), upstream.addr))
+            .collect()
+    };
+    // A dials no one: B's dials reach A's federation port, which the
+    // partition catches in both directions.
+    let mut a = Gateway::start(&mesh.config(0, &[], &services(100)), am.admin, &[])?;
+    let mut b = Gateway::start(&mesh.config(1, &[0], ""), bm.admin, &[])?;
+    a.wait_ready(Duration::from_secs(20))?;
+    b.wait_ready(Duration::from_secs(20))?;
+    let held = |n: usize| {
+        let peers = b.admin_json("/debug/peers");
+        let p = peer(&peers, &am.spiffe_id())?;
+        (p["synced"] == true && p["services"].as_array()?.len() == n).then_some(())
+    };
+    wait_for(Duration::from_secs(10), "B holds A's 100 services", || {
+        held(100)
+    })?;
+    // What A sent B so far, by kind: (messages, bytes).
+    let sent = |kind: &str| {
+        let metrics = a.admin_get("/metrics").body;
+        let labels = [
+            ("peer", bm.spiffe_id()),
+            ("kind", kind.into()),
+            ("direction", "sent".into()),
+        ];
+        let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        (
+            metric_sum(&metrics, "isthmus_federation_syncs_total", &labels),
+            metric_sum(&metrics, "isthmus_federation_sync_bytes_total", &labels),
+        )
+    };
+    let (snapshots, snapshot_bytes) = sent("snapshot");
+    assert_eq!(snapshots, 1.0);
+    let up = |gw: &Gateway, peer: &str| {
+        metric_sum(
+            &gw.admin_get("/metrics").body,
+            "isthmus_federation_peer_up",
+            &[("peer", peer)],
+        )
+    };
+
+    // Partitioned past the lease: both sessions end, both processes stay.
+    let mut partition = Partition::drop_tcp_ports("isthmus_resync", &[am.federation.port()])?;
+    wait_for(Duration::from_secs(10), "the sessions ended", || {
+        (up(&a, &bm.spiffe_id()) == 0.0 && up(&b, &am.spiffe_id()) == 0.0).then_some(())
+    })?;
+    // Meanwhile A exports one more service.
+    reload(&a, &mesh.config(0, &[], &services(101)))?;
+    wait_for(Duration::from_secs(5), "A exports 101", || {
+        let metrics = a.admin_get("/metrics").body;
+        (metric_value(&metrics, "isthmus_catalog_exported_services") == Some(101.0)).then_some(())
+    })?;
+    wait_for(Duration::from_secs(5), "A lapsed on B", || {
+        let peers = b.admin_json("/debug/peers");
+        (peer(&peers, &am.spiffe_id())?["state"] == "lapsed").then_some(())
+    })?;
+    partition.heal()?;
+
+    wait_for(Duration::from_secs(20), "B holds A's 101 services", || {
+        held(101)
+    })?;
+    wait_for(Duration::from_secs(5), "B's resume ACKed", || {
+        let (on_a, on_b) = (a.admin_json("/debug/peers"), b.admin_json("/debug/peers"));
+        let version = &peer(&on_b, &am.spiffe_id())?["version"];
+        (&peer(&on_a, &bm.spiffe_id())?["acked_by_peer"] == version).then_some(())
+    })?;
+    let (resumes, resume_bytes) = sent("resume");
+    assert_eq!(sent("snapshot").0, 1.0, "a snapshot again");
+    assert!(resumes >= 1.0, "no resume");
+    let b_metrics = b.admin_get("/metrics").body;
+    let received = |kind: &str| {
+        metric_sum(
+            &b_metrics,
+            "isthmus_federation_sync_bytes_total",
+            &[
+                ("peer", &am.spiffe_id()),
+                ("kind", kind),
+                ("direction", "received"),
+            ],
+        )
+    };
+    assert_eq!(received("resume"), resume_bytes);
+    assert_eq!(received("snapshot"), snapshot_bytes);
+    eprintln!(
+        "snapshot of 100 services: {snapshot_bytes} bytes; resume after one more: {resume_bytes} bytes"
+    );
+    assert!(
+        resume_bytes * 20.0 < snapshot_bytes,
+        "resume {resume_bytes} bytes vs snapshot {snapshot_bytes}"
+    );
+    assert_eq!(
+        remote_clusters(&b, "shop/svc-100").context("the new service on B")?,
+        [am.cluster()]
+    );
     Ok(())
 }
 

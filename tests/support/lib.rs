@@ -513,6 +513,39 @@ pub fn python_client() -> Command {
     cmd
 }
 
+/// Assertions that are all evaluated, then reported together: a run under
+/// load shows every measurement, not just the first that missed.
+#[derive(Default)]
+pub struct Verdicts {
+    failed: Vec<String>,
+}
+
+impl Verdicts {
+    /// Logs `what` as passed or failed, and remembers a failure.
+    pub fn check(&mut self, ok: bool, what: impl Into<String>) {
+        let what = what.into();
+        eprintln!("[{}] {what}", if ok { " ok " } else { "FAIL" });
+        if !ok {
+            self.failed.push(what);
+        }
+    }
+
+    /// Whether every check so far passed.
+    pub fn all_passed(&self) -> bool {
+        self.failed.is_empty()
+    }
+
+    /// Panics, listing them, when any check failed.
+    pub fn finish(self) {
+        assert!(
+            self.failed.is_empty(),
+            "{} check(s) failed:\n  {}",
+            self.failed.len(),
+            self.failed.join("\n  ")
+        );
+    }
+}
+
 /// The value of the Prometheus series `series` (name with labels) in `metrics`.
 pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
     metrics

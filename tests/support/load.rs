@@ -37,6 +37,11 @@ pub struct LoadSpec {
     pub rate: f64,
     /// Longest wait for one complete response.
     pub timeout: Duration,
+    /// When set, a success is attributed to `<served_by> via <value>`, the
+    /// value of this request header as the upstream echoed it (an
+    /// [`EchoServer`](crate::EchoServer) behind several gateways, told apart
+    /// by the `x-forwarded-client-cert` each sends).
+    pub via_header: Option<String>,
 }
 
 impl LoadSpec {
@@ -49,6 +54,7 @@ impl LoadSpec {
             connections: 20,
             rate: 250.0,
             timeout: Duration::from_secs(10),
+            via_header: None,
         }
     }
 }
@@ -129,6 +135,13 @@ impl Load {
     /// Time since the load started.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// Sleeps until `at` after the load started (at once when past).
+    pub fn sleep_until(&self, at: Duration) {
+        if let Some(left) = at.checked_sub(self.elapsed()) {
+            std::thread::sleep(left);
+        }
     }
 
     /// The requests that ended so far.
@@ -276,14 +289,20 @@ async fn request(spec: &LoadSpec, pool: &Pool, opened: &AtomicUsize) -> Result<S
     if !closing {
         pool.lock().push_back(sender);
     }
-    Ok(served_by(&body))
+    Ok(served_by(&body, spec.via_header.as_deref()))
 }
 
-fn served_by(body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["served_by"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| body.trim().to_owned())
+fn served_by(body: &str, via_header: Option<&str>) -> String {
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(body) else {
+        return body.trim().to_owned();
+    };
+    let Some(name) = doc["served_by"].as_str() else {
+        return body.trim().to_owned();
+    };
+    match via_header.and_then(|h| doc["headers"][h].as_str()) {
+        Some(via) => format!("{name} via {via}"),
+        None => name.to_owned(),
+    }
 }
 
 /// One second of load, by request start.

@@ -10,11 +10,14 @@ use serde_json::Value;
 use crate::two_clusters::federated;
 use crate::{DevPki, Gateway, free_addr, gateway_config};
 
-/// One gateway of a test federation; cluster `<name>-cluster`, trust domain
-/// `<name>.example`.
+/// One gateway of a test federation; cluster `gw-<domain>-cluster`, trust
+/// domain `<domain>.example`.
 pub struct Member {
-    /// Its name: gateway `gw-<name>`, cluster `gw-<name>-cluster`.
+    /// Its name: gateway `gw-<name>`.
     pub name: String,
+    /// Its trust domain's and cluster's name: its own name, or for a replica
+    /// ([`Mesh::add_replica`]) the name of the member it is a replica of.
+    pub domain: String,
     /// Its trust domain's CA directory.
     pub ca: PathBuf,
     /// Its SVID directory.
@@ -32,13 +35,13 @@ pub struct Member {
 }
 
 impl Member {
-    /// Its trust domain, `<name>.example`.
+    /// Its trust domain, `<domain>.example`.
     pub fn td(&self) -> String {
-        format!("{}.example", self.name)
+        format!("{}.example", self.domain)
     }
-    /// Its cluster, `gw-<name>-cluster`.
+    /// Its cluster, `gw-<domain>-cluster`.
     pub fn cluster(&self) -> String {
-        format!("gw-{}-cluster", self.name)
+        format!("gw-{}-cluster", self.domain)
     }
     /// Its SPIFFE ID.
     pub fn spiffe_id(&self) -> String {
@@ -73,6 +76,7 @@ impl Mesh {
                 );
                 Member {
                     name: (*name).to_owned(),
+                    domain: (*name).to_owned(),
                     ca,
                     tls,
                     admin: free_addr(),
@@ -90,6 +94,32 @@ impl Mesh {
         }
     }
 
+    /// Adds gateway `gw-<name>`, a replica of member `of`: another gateway of
+    /// its cluster, with its trust domain, locality and exports, but its own
+    /// SPIFFE ID (issued by the same CA) and addresses. Replicas of one
+    /// cluster do not peer with each other. Returns its index.
+    pub fn add_replica(&mut self, of: usize, name: &str) -> usize {
+        let original = &self.members[of];
+        let tls = self._pki.issue(
+            &original.ca,
+            &format!("spiffe://{}/isthmus/gateway/gw-{name}", original.td()),
+            &format!("tls-{name}"),
+        );
+        let replica = Member {
+            name: name.to_owned(),
+            domain: original.domain.clone(),
+            ca: original.ca.clone(),
+            tls,
+            admin: free_addr(),
+            outbound: free_addr(),
+            east_west: free_addr(),
+            federation: free_addr(),
+            locality: original.locality.clone(),
+        };
+        self.members.push(replica);
+        self.members.len() - 1
+    }
+
     /// Puts member `i` in `region` and, when given, `zone`.
     pub fn set_locality(&mut self, i: usize, region: &str, zone: Option<&str>) {
         self.members[i].locality = (region.to_owned(), zone.map(str::to_owned));
@@ -100,10 +130,15 @@ impl Mesh {
     pub fn config(&self, i: usize, dials: &[usize], services: &str) -> String {
         let me = &self.members[i];
         let mut extra = String::new();
-        for (j, other) in self.members.iter().enumerate() {
-            if j != i {
-                extra.push_str(&federated(&other.td(), &other.ca.join("bundle.pem")));
+        // Other clusters, once each however many replicas they have.
+        let mut others: Vec<&Member> = Vec::new();
+        for other in &self.members {
+            if other.domain != me.domain && others.iter().all(|o| o.domain != other.domain) {
+                others.push(other);
             }
+        }
+        for other in &others {
+            extra.push_str(&federated(&other.td(), &other.ca.join("bundle.pem")));
         }
         extra.push_str(&format!(
             "[listeners]\noutbound = \"{}\"\neast_west = \"{}\"\n[federation]\nlisten = \"{}\"\n",
@@ -122,9 +157,12 @@ impl Mesh {
             ));
         }
         // The members it does not dial may dial it: each is granted its own
-        // cluster name, as gateways of its trust domain.
-        for (j, other) in self.members.iter().enumerate() {
-            if j != i && !dials.contains(&j) {
+        // cluster name, as gateways of its trust domain (any of its replicas).
+        for other in &others {
+            let all_dialled = (0..self.members.len())
+                .filter(|j| self.members[*j].domain == other.domain)
+                .all(|j| dials.contains(&j));
+            if !all_dialled {
                 extra.push_str(&format!(
                     "[[federation.accept]]\ntrust_domain = \"{}\"\nclusters = [\"{}\"]\n",
                     other.td(),
@@ -148,12 +186,20 @@ impl Mesh {
         }
         let default = "[gateway.locality]\nregion = \"test\"\n";
         assert!(config.contains(default), "gateway_config's locality moved");
-        config.replacen(default, &locality, 1)
+        let config = config.replacen(default, &locality, 1);
+        // gateway_config names the cluster after the gateway; a replica's is
+        // its original's.
+        let named = format!("cluster = \"gw-{}-cluster\"\n", me.name);
+        assert!(config.contains(&named), "gateway_config's cluster moved");
+        config.replacen(&named, &format!("cluster = \"{}\"\n", me.cluster()), 1)
     }
 
-    /// Every member dials every other.
+    /// Every member dials every other (but not its own replicas).
     pub fn full_config(&self, i: usize, services: &str) -> String {
-        let others: Vec<usize> = (0..self.members.len()).filter(|j| *j != i).collect();
+        let domain = &self.members[i].domain;
+        let others: Vec<usize> = (0..self.members.len())
+            .filter(|j| self.members[*j].domain != *domain)
+            .collect();
         self.config(i, &others, services)
     }
 }

@@ -48,6 +48,7 @@ pub fn hello(member: &Member, cluster: &str, east_west: &str) -> proto::Hello {
         incarnation: 7,
         lease_millis: 60_000,
         labels: Default::default(),
+        ..Default::default()
     }
 }
 

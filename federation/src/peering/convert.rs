@@ -98,6 +98,9 @@ impl PeerHello {
             lease_millis: millis(self.lease),
             labels: self.labels.clone().into_iter().collect(),
             weight: self.weight,
+            // Per session: see [`Resume::stamp`].
+            resume_incarnation: 0,
+            resume_version: 0,
         }
     }
 
@@ -205,6 +208,38 @@ impl PeerHello {
             labels,
             weight,
         })
+    }
+}
+
+/// What the sender of a hello holds of the receiver's catalog from an
+/// earlier session (the hello's `resume_*` fields): a version within one of
+/// the receiver's incarnations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    /// The receiver's incarnation.
+    pub incarnation: u64,
+    /// The version applied.
+    pub version: u64,
+}
+
+impl Resume {
+    /// What `hello` says its sender holds; `None`: nothing (0, as peers
+    /// that predate resuming send).
+    pub fn of(hello: &proto::Hello) -> Option<Self> {
+        (hello.resume_incarnation != 0 && hello.resume_version != 0).then_some(Self {
+            incarnation: hello.resume_incarnation,
+            version: hello.resume_version,
+        })
+    }
+
+    /// Writes `held` into `hello`.
+    pub fn stamp(held: Option<Self>, hello: &mut proto::Hello) {
+        let held = held.unwrap_or(Self {
+            incarnation: 0,
+            version: 0,
+        });
+        hello.resume_incarnation = held.incarnation;
+        hello.resume_version = held.version;
     }
 }
 

@@ -2,6 +2,10 @@
 
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
+/// The `kind` label of the sync metrics: a snapshot, a delta, or a delta
+/// in place of the snapshot that starts a session (a resume).
+const SYNC_KINDS: [&str; 3] = ["snapshot", "delta", "resume"];
+
 /// `isthmus_federation_*` and `isthmus_catalog_*`.
 #[derive(Debug, Clone)]
 pub struct PeeringMetrics {
@@ -13,6 +17,8 @@ pub struct PeeringMetrics {
     pub sessions: IntCounterVec,
     /// Snapshots and deltas, by peer, kind and direction.
     pub syncs: IntCounterVec,
+    /// Their encoded bytes, by the same labels.
+    pub sync_bytes: IntCounterVec,
     /// NACKs, by peer and direction.
     pub nacks: IntCounterVec,
     /// Trust bundles received from peers, by trust domain and result.
@@ -68,7 +74,12 @@ impl PeeringMetrics {
             )?,
             syncs: counter_vec(
                 "isthmus_federation_syncs_total",
-                "Catalog snapshots and deltas, by peer, kind (snapshot, delta) and direction (sent, received).",
+                "Catalog snapshots and deltas, by peer, kind (snapshot, delta, resume: the delta that starts a session in place of a snapshot) and direction (sent, received).",
+                &["peer", "kind", "direction"],
+            )?,
+            sync_bytes: counter_vec(
+                "isthmus_federation_sync_bytes_total",
+                "Encoded bytes of catalog snapshots and deltas (the protobuf messages), by peer, kind (snapshot, delta, resume) and direction (sent, received).",
                 &["peer", "kind", "direction"],
             )?,
             nacks: counter_vec(
@@ -112,9 +123,12 @@ impl PeeringMetrics {
     /// Drops the series of a forgotten peer.
     pub fn forget_peer(&self, peer: &str, cluster: &str) {
         let _ = self.peer_up.remove_label_values(&[peer, cluster]);
-        for kind in ["snapshot", "delta"] {
+        for kind in SYNC_KINDS {
             for direction in ["sent", "received"] {
                 let _ = self.syncs.remove_label_values(&[peer, kind, direction]);
+                let _ = self
+                    .sync_bytes
+                    .remove_label_values(&[peer, kind, direction]);
             }
         }
         for direction in ["sent", "received"] {

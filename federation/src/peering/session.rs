@@ -5,12 +5,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, StreamExt};
 use tracing::{debug, info, warn};
 
-use super::convert::{self, ConvertError, PeerHello};
-use super::hub::{DeltaOutcome, ExportSet, Hub};
+use super::authority::ServicePatterns;
+use super::convert::{self, ConvertError, PeerHello, Resume};
+use super::hub::{DeltaOutcome, ExportSet, Hub, SentView};
 use super::proto::{self, peer_message::Kind};
 use crate::SpiffeId;
 use crate::catalog::{Export, ServiceKey};
@@ -63,18 +65,16 @@ fn message(kind: Kind) -> proto::PeerMessage {
     proto::PeerMessage { kind: Some(kind) }
 }
 
-/// The session's view of the exports it has sent.
-struct Sent {
-    version: u64,
-    services: BTreeMap<ServiceKey, Export>,
-}
-
 struct Session<'a> {
     hub: &'a Arc<Hub>,
     peer: PeerHello,
     out: &'a mpsc::Sender<proto::PeerMessage>,
-    sent: Sent,
+    /// What the peer has of this gateway's exports, as far as this session
+    /// knows.
+    sent: SentView,
     bundle_revision: Option<u64>,
+    /// No snapshot or delta received yet: a delta now is a resume.
+    first_catalog: bool,
 }
 
 /// Runs a session until the stream ends, the peer goes silent for its lease,
@@ -91,11 +91,9 @@ pub async fn run<S>(
 where
     S: Stream<Item = Result<proto::PeerMessage, tonic::Status>> + Unpin,
 {
-    if out
-        .send(message(Kind::Hello(hub.me().to_proto())))
-        .await
-        .is_err()
-    {
+    let mut mine = hub.me().to_proto();
+    Resume::stamp(hub.held_of(&authenticated), &mut mine);
+    if out.send(message(Kind::Hello(mine))).await.is_err() {
         return end("send_failed", "stream closed before hello", false);
     }
     let first = tokio::select! {
@@ -139,69 +137,22 @@ where
             return end("hello_rejected", refused.message, false);
         }
     };
+    let kept = hub.resumable(&peer.spiffe_id, Resume::of(&hello));
     info!(peer = %peer.spiffe_id, cluster = %peer.cluster, locality = %peer.locality,
-        role = role.label(), "peering session established");
-    let mut exports = hub.exports();
+        role = role.label(), resume_from = kept.as_ref().map(|k| k.version),
+        "peering session established");
     let mut session = Session {
         hub: &hub,
         peer,
         out: &out,
-        sent: Sent {
-            version: 0,
-            services: BTreeMap::new(),
-        },
+        sent: SentView::default(),
         bundle_revision: None,
+        first_catalog: true,
     };
-    let current = exports.borrow_and_update().clone();
-    if let Err(e) = session.send_snapshot(&current).await {
-        return e;
-    }
-    if let Err(e) = session.send_bundle_if_changed().await {
-        return e;
-    }
-
-    let mut renew = tokio::time::interval(hub.me().lease / 3);
-    renew.tick().await;
-    let mut last_heard = Instant::now();
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return end("shutdown", "", true),
-            next = inbound.next() => match next {
-                None => return end("closed", "peer closed the stream", true),
-                Some(Err(status)) => return end("stream_error", status.to_string(), true),
-                Some(Ok(msg)) => {
-                    last_heard = Instant::now();
-                    hub.heard(&session.peer.spiffe_id);
-                    if let Err(e) = session.handle(msg, &exports).await {
-                        return e;
-                    }
-                }
-            },
-            changed = exports.changed() => {
-                if changed.is_err() {
-                    return end("shutdown", "hub gone", true);
-                }
-                let current = exports.borrow_and_update().clone();
-                if let Err(e) = session.send_delta(&current).await {
-                    return e;
-                }
-            }
-            _ = renew.tick() => {
-                if last_heard.elapsed() > session.peer.lease {
-                    return end("silent", format!(
-                        "nothing heard for {} (the peer's lease)",
-                        humantime::format_duration(session.peer.lease)), true);
-                }
-                let lease = u64::try_from(hub.me().lease.as_millis()).unwrap_or(u64::MAX);
-                if let Err(e) = session.send(Kind::Lease(proto::LeaseRenewal { lease_millis: lease })).await {
-                    return e;
-                }
-                if let Err(e) = session.send_bundle_if_changed().await {
-                    return e;
-                }
-            }
-        }
-    }
+    let ended = session.serve(inbound, kept, stop).await;
+    // Moved, not copied: the next session with this peer may resume from it.
+    hub.keep_sent(&session.peer.spiffe_id, session.sent);
+    ended
 }
 
 fn nack(version: u64, reason: &str, resync: bool) -> proto::PeerMessage {
@@ -213,6 +164,79 @@ fn nack(version: u64, reason: &str, resync: bool) -> proto::PeerMessage {
 }
 
 impl Session<'_> {
+    /// The established session: the catalog (a snapshot, or a delta from
+    /// the `kept` view of an earlier session the peer still holds), then
+    /// changes, renewals and the peer's messages until the end.
+    async fn serve<S>(
+        &mut self,
+        mut inbound: S,
+        kept: Option<SentView>,
+        mut stop: watch::Receiver<bool>,
+    ) -> SessionEnd
+    where
+        S: Stream<Item = Result<proto::PeerMessage, tonic::Status>> + Unpin,
+    {
+        let hub = self.hub;
+        let mut exports = hub.exports();
+        let current = exports.borrow_and_update().clone();
+        let first = match kept {
+            Some(kept) => {
+                self.sent = kept;
+                self.send_delta(&current, true).await
+            }
+            None => self.send_snapshot(&current).await,
+        };
+        if let Err(e) = first {
+            return e;
+        }
+        if let Err(e) = self.send_bundle_if_changed().await {
+            return e;
+        }
+
+        let mut renew = tokio::time::interval(hub.me().lease / 3);
+        renew.tick().await;
+        let mut last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return end("shutdown", "", true),
+                next = inbound.next() => match next {
+                    None => return end("closed", "peer closed the stream", true),
+                    Some(Err(status)) => return end("stream_error", status.to_string(), true),
+                    Some(Ok(msg)) => {
+                        last_heard = Instant::now();
+                        hub.heard(&self.peer.spiffe_id);
+                        if let Err(e) = self.handle(msg, &exports).await {
+                            return e;
+                        }
+                    }
+                },
+                changed = exports.changed() => {
+                    if changed.is_err() {
+                        return end("shutdown", "hub gone", true);
+                    }
+                    let current = exports.borrow_and_update().clone();
+                    if let Err(e) = self.send_delta(&current, false).await {
+                        return e;
+                    }
+                }
+                _ = renew.tick() => {
+                    if last_heard.elapsed() > self.peer.lease {
+                        return end("silent", format!(
+                            "nothing heard for {} (the peer's lease)",
+                            humantime::format_duration(self.peer.lease)), true);
+                    }
+                    let lease = u64::try_from(hub.me().lease.as_millis()).unwrap_or(u64::MAX);
+                    if let Err(e) = self.send(Kind::Lease(proto::LeaseRenewal { lease_millis: lease })).await {
+                        return e;
+                    }
+                    if let Err(e) = self.send_bundle_if_changed().await {
+                        return e;
+                    }
+                }
+            }
+        }
+    }
+
     async fn send(&self, kind: Kind) -> Result<(), SessionEnd> {
         self.out
             .send(message(kind))
@@ -224,14 +248,20 @@ impl Session<'_> {
         self.peer.spiffe_id.as_str()
     }
 
-    /// What `set` holds for this peer, after its export filter.
-    fn view(&self, set: &ExportSet) -> BTreeMap<ServiceKey, Export> {
+    /// What `set` holds for this peer, after its export filter: the set's
+    /// own map, shared, when the filter lets everything through.
+    fn view(&self, set: &ExportSet) -> Arc<BTreeMap<ServiceKey, Export>> {
         let filter = self.hub.exports_for(&self.peer.spiffe_id);
-        set.services
+        if filter == ServicePatterns::default() {
+            return set.services.clone();
+        }
+        let view = set
+            .services
             .iter()
             .filter(|(k, _)| filter.allows(k))
             .map(|(k, e)| (k.clone(), e.clone()))
-            .collect()
+            .collect();
+        Arc::new(view)
     }
 
     async fn send_snapshot(&mut self, set: &ExportSet) -> Result<(), SessionEnd> {
@@ -249,7 +279,10 @@ impl Session<'_> {
             .await
     }
 
-    async fn send_delta(&mut self, set: &ExportSet) -> Result<(), SessionEnd> {
+    /// Sends what changed since `self.sent`; nothing when nothing did,
+    /// unless it `resume`s a session: then the peer learns that what it
+    /// holds is current, and ACKs it.
+    async fn send_delta(&mut self, set: &ExportSet, resume: bool) -> Result<(), SessionEnd> {
         let view = self.view(set);
         let cluster = &self.hub.me().cluster;
         let upserts: Vec<proto::ExportedService> = view
@@ -267,8 +300,15 @@ impl Session<'_> {
                 name: k.name.to_string(),
             })
             .collect();
-        if upserts.is_empty() && removals.is_empty() {
+        let unchanged = upserts.is_empty() && removals.is_empty();
+        if unchanged && !resume {
             return Ok(());
+        }
+        if !unchanged && set.version <= self.sent.version {
+            // Other services under the same version (an export filter
+            // changed while this set was read): a delta would be taken for
+            // a duplicate.
+            return self.send_snapshot(set).await;
         }
         let delta = Kind::Delta(proto::CatalogDelta {
             base_version: self.sent.version,
@@ -276,7 +316,8 @@ impl Session<'_> {
             upserts,
             removals,
         });
-        self.send_sync(delta, "delta", set.version, view).await
+        let kind = if resume { "resume" } else { "delta" };
+        self.send_sync(delta, kind, set.version, view).await
     }
 
     /// Sends `sync` (counted as a `kind`) and remembers `services` at
@@ -286,11 +327,16 @@ impl Session<'_> {
         sync: Kind,
         kind: &str,
         version: u64,
-        services: BTreeMap<ServiceKey, Export>,
+        services: Arc<BTreeMap<ServiceKey, Export>>,
     ) -> Result<(), SessionEnd> {
-        self.send(sync).await?;
-        self.count_sync(kind, "sent");
-        self.sent = Sent { version, services };
+        let sync = message(sync);
+        let bytes = sync.encoded_len();
+        self.out
+            .send(sync)
+            .await
+            .map_err(|_| end("send_failed", "stream closed", true))?;
+        self.count_sync(kind, "sent", bytes);
+        self.sent = SentView { version, services };
         Ok(())
     }
 
@@ -310,12 +356,15 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn count_sync(&self, kind: &str, direction: &str) {
-        self.hub
-            .metrics()
-            .syncs
-            .with_label_values(&[self.peer_id(), kind, direction])
-            .inc();
+    /// Counts a snapshot or delta of `bytes` (encoded).
+    fn count_sync(&self, kind: &str, direction: &str, bytes: usize) {
+        let labels = [self.peer_id(), kind, direction];
+        let metrics = self.hub.metrics();
+        metrics.syncs.with_label_values(&labels).inc();
+        metrics
+            .sync_bytes
+            .with_label_values(&labels)
+            .inc_by(u64::try_from(bytes).unwrap_or(u64::MAX));
     }
 
     /// Refuses (part of) message `version`, logging every problem.
@@ -358,15 +407,24 @@ impl Session<'_> {
         }
     }
 
-    /// Counts a received `kind` and converts its `services` (the message's
-    /// `field`): the good exports, the first of each key, and what was wrong.
+    /// Counts a received `kind` of `bytes` and converts its `services` (the
+    /// message's `field`): the good exports, the first of each key, and what
+    /// was wrong.
     fn received(
-        &self,
+        &mut self,
         kind: &str,
+        bytes: usize,
         services: &[proto::ExportedService],
         field: &str,
     ) -> (Vec<Export>, Vec<ConvertError>) {
-        self.count_sync(kind, "received");
+        // A delta before any snapshot resumes what an earlier session sent.
+        let kind = if kind == "delta" && self.first_catalog {
+            "resume"
+        } else {
+            kind
+        };
+        self.first_catalog = false;
+        self.count_sync(kind, "received", bytes);
         let (good, mut bad) =
             convert::exports_from_proto(services, field, &self.peer.cluster, self.hub.limits());
         let good = dedup(good, &mut bad, field);
@@ -378,16 +436,20 @@ impl Session<'_> {
         msg: proto::PeerMessage,
         exports: &watch::Receiver<ExportSet>,
     ) -> Result<(), SessionEnd> {
+        let bytes = match &msg.kind {
+            Some(Kind::Snapshot(_) | Kind::Delta(_)) => msg.encoded_len(),
+            _ => 0,
+        };
         match msg.kind {
             Some(Kind::Snapshot(s)) => {
-                let (good, mut bad) = self.received("snapshot", &s.services, "services");
+                let (good, mut bad) = self.received("snapshot", bytes, &s.services, "services");
                 debug!(peer = %self.peer.spiffe_id, version = s.version, services = good.len(), "snapshot received");
                 let refused = self.hub.apply_snapshot(&self.peer, s.version, good);
                 bad.extend(refused.into_iter().map(|r| r.error));
                 self.ack_or_refuse(s.version, "snapshot", bad).await
             }
             Some(Kind::Delta(d)) => {
-                let (good, mut bad) = self.received("delta", &d.upserts, "upserts");
+                let (good, mut bad) = self.received("delta", bytes, &d.upserts, "upserts");
                 let mut removals = Vec::with_capacity(d.removals.len());
                 for (i, r) in d.removals.iter().enumerate() {
                     match convert::service_key(&r.namespace, &r.name) {

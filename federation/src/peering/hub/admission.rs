@@ -9,10 +9,10 @@ use tracing::{info, warn};
 
 use super::leases::LeaseState;
 use super::record::{PeerRecord, gateway_of};
-use super::{Hub, Inner};
+use super::{Hub, Inner, SentView};
 use crate::SpiffeId;
 use crate::catalog::PeerCatalog;
-use crate::peering::convert::PeerHello;
+use crate::peering::convert::{PeerHello, Resume};
 
 impl Hub {
     /// A session with the peer that sent `hello` began. The returned guard
@@ -118,6 +118,48 @@ impl Hub {
             ));
         }
         Ok(())
+    }
+
+    /// What this gateway holds of `peer`'s catalog, for the hello of a new
+    /// session with it: the version applied, while a snapshot of its
+    /// incarnation is.
+    pub fn held_of(&self, peer: &SpiffeId) -> Option<Resume> {
+        let inner = self.inner();
+        let record = inner.peers.get(peer)?;
+        record.synced.then_some(Resume {
+            incarnation: record.hello.incarnation,
+            version: record.version,
+        })
+    }
+
+    /// What a new session with `peer` may send a delta against, given what
+    /// its hello says it `held`: the view an earlier session left, when it
+    /// is of exactly that version of this incarnation. `None`: send a
+    /// snapshot.
+    pub fn resumable(&self, peer: &SpiffeId, held: Option<Resume>) -> Option<SentView> {
+        let held = held?;
+        if held.incarnation != self.me.incarnation {
+            return None;
+        }
+        let inner = self.inner();
+        let kept = inner.peers.get(peer)?.sent.as_ref()?;
+        (kept.version == held.version).then(|| kept.clone())
+    }
+
+    /// A session with `peer` is ending, having sent it `sent`. Kept (the
+    /// newest of the sessions') until the peer is forgotten.
+    pub fn keep_sent(&self, peer: &SpiffeId, sent: SentView) {
+        if sent.version == 0 {
+            return; // sent nothing
+        }
+        if let Some(record) = self.inner().peers.get_mut(peer)
+            && record
+                .sent
+                .as_ref()
+                .is_none_or(|k| k.version <= sent.version)
+        {
+            record.sent = Some(sent);
+        }
     }
 
     fn session_closed(&self, peer: &SpiffeId) {

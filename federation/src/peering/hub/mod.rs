@@ -63,6 +63,19 @@ pub struct ExportSet {
     pub services: Arc<BTreeMap<ServiceKey, Export>>,
 }
 
+/// What a session sent one peer: the export set's version and, at that
+/// version, the services the peer's export filter let through (the set's
+/// own map, shared, when the filter lets everything through). A session
+/// leaves it with the hub when it ends, so that the next session with the
+/// peer can send only what changed since (a resume).
+#[derive(Debug, Clone, Default)]
+pub struct SentView {
+    /// The [`ExportSet::version`].
+    pub version: u64,
+    /// The services.
+    pub services: Arc<BTreeMap<ServiceKey, Export>>,
+}
+
 /// The hub's mutable state, behind its one mutex ([`Hub::inner`]). The
 /// mutex is held briefly and never across an `.await`; while it is held the
 /// hub updates metrics and may read the export set (`/debug/peers`), but

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use super::SentView;
 use super::exports::Refusal;
 use super::leases::LeaseState;
 use crate::catalog::{Export, PeerCatalog, RemoteGateway, ServiceKey};
@@ -37,6 +38,8 @@ pub(super) struct PeerRecord {
     pub(super) refused_total: u64,
     /// When its lease expired; it is forgotten a retention time later.
     pub(super) expired_at: Option<Instant>,
+    /// What the last session to end sent it, for the next to resume from.
+    pub(super) sent: Option<SentView>,
 }
 
 /// Refused exports `/debug/peers` lists per peer; the count has them all.
@@ -66,6 +69,7 @@ impl PeerRecord {
             refused: BTreeMap::new(),
             refused_total: 0,
             expired_at: None,
+            sent: None,
         }
     }
 

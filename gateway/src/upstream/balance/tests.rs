@@ -625,3 +625,80 @@ fn an_endpoint_down_or_slow_leaves_a_peer_sharing_its_address_whole() {
     });
     assert_eq!(p.pick(0.5, 0.5), Ok(Slot::Gateway(0)));
 }
+
+/// Replica `name` of `cluster`'s gateways: its own SPIFFE ID and address.
+fn replica(cluster: &str, name: &str, locality: &str, n: u8) -> RemoteGateway {
+    RemoteGateway {
+        spiffe_id: format!("spiffe://{cluster}.example/isthmus/gateway/{name}")
+            .parse()
+            .unwrap(),
+        ..gateway(cluster, locality, n)
+    }
+}
+
+/// a's two replicas in this zone (a1, a2), c in another region; sorted by
+/// cluster and SPIFFE ID, as the catalog keeps them.
+fn replicated_cluster() -> ServiceEntry {
+    entry(
+        &[],
+        vec![
+            replica("a", "a1", "us-east/us-east-1a", 1),
+            replica("a", "a2", "us-east/us-east-1a", 2),
+            gateway("c", "eu-west/eu-west-1a", 3),
+        ],
+    )
+}
+
+#[test]
+fn replicas_of_a_cluster_cover_for_each_other_before_traffic_leaves_its_level() {
+    let (a1, a2, c) = ("127.0.1.1:15443", "127.0.1.2:15443", "127.0.1.3:15443");
+    let e = replicated_cluster();
+    // Both up: they share a's traffic, c gets none.
+    let s = shares(&plan_all(&e, |_| Rated::UP), &e, 10_000);
+    assert!((share(&s, a1) - 0.5).abs() < 0.01, "{s:?}");
+    assert!((share(&s, a2) - 0.5).abs() < 0.01, "{s:?}");
+    assert_eq!(share(&s, c), 0.0);
+    // a1 down: a is still whole behind a2 (a replica is a way in, not a
+    // share of a's endpoints), so its level keeps everything.
+    let p = plan_all(&e, down_at(&["127.0.1.1:15443"]));
+    assert_eq!(p.levels[0].load, 1.0, "{p:?}");
+    let s = shares(&p, &e, 1000);
+    assert_eq!(
+        (share(&s, a1), share(&s, a2), share(&s, c)),
+        (0.0, 1.0, 0.0)
+    );
+    // A retry after a1 failed (not yet known down) goes to a2, not to c.
+    let tried = [Slot::Gateway(0)];
+    let p = plan_up(PlanRequest {
+        tried: &tried,
+        ..PlanRequest::whole(&e)
+    });
+    assert_eq!(share(&shares(&p, &e, 100), a2), 1.0);
+    // a1 back, ramping at 10 %: a2 carries a's level meanwhile, a1 gets its
+    // slowly growing share of it.
+    let returning = |b: BackendRef<'_>| Rated {
+        availability: Availability::Up,
+        ramp: if b.addr == addr(a1) { 0.1 } else { 1.0 },
+    };
+    let p = plan_all(&e, returning);
+    assert_eq!(p.levels[0].load, 1.0);
+    let s = shares(&p, &e, 10_000);
+    assert!((share(&s, a1) - 0.1 / 1.1).abs() < 0.01, "{s:?}");
+    assert_eq!(share(&s, c), 0.0);
+    // a1 ramping and a2 down: a is back at a1's pace, like a cluster with
+    // one gateway (1.4 × 0.25 = 35 % to a).
+    let only_a1_ramping = |b: BackendRef<'_>| Rated {
+        availability: if b.addr == addr(a2) {
+            Availability::Down
+        } else {
+            Availability::Up
+        },
+        ramp: if b.addr == addr(a1) { 0.25 } else { 1.0 },
+    };
+    let p = plan_all(&e, only_a1_ramping);
+    assert!((p.levels[0].load - 0.35).abs() < 1e-9, "{p:?}");
+    // Both down: c takes everything.
+    let p = plan_all(&e, down_at(&["127.0.1.1:15443", "127.0.1.2:15443"]));
+    assert!(!p.panic);
+    assert_eq!(share(&shares(&p, &e, 100), c), 1.0);
+}

@@ -67,7 +67,20 @@ fn expired_peers_are_forgotten_after_the_retention_time() {
     };
     assert!(up(&hub));
     assert_eq!(families(&hub), 1);
+    let syncs = [&hub.metrics().syncs, &hub.metrics().sync_bytes];
+    for (counter, kind) in syncs.iter().zip(["snapshot", "resume"]) {
+        counter
+            .with_label_values(&[west.spiffe_id.as_str(), kind, "sent"])
+            .inc();
+    }
+    let sync_series = |hub: &Hub| {
+        use prometheus::core::Collector;
+        let m = hub.metrics();
+        m.syncs.collect()[0].get_metric().len() + m.sync_bytes.collect()[0].get_metric().len()
+    };
+    assert_eq!(sync_series(&hub), 2);
     hub.check_leases(t0 + Duration::from_secs(120));
     assert!(hub.debug_peers().peers.is_empty());
     assert_eq!(families(&hub), 0, "its metric series are gone");
+    assert_eq!(sync_series(&hub), 0);
 }

@@ -6,6 +6,7 @@ mod exports;
 mod labels;
 mod leases;
 mod recompute;
+mod resume;
 
 use super::*;
 use crate::peering::authority::Grant;
@@ -66,9 +67,14 @@ fn local(key: &str, endpoint: std::net::SocketAddr, export_time_millis: u64) -> 
 /// A hub for `me` with no authority set yet; `state_file` keeps its export
 /// times across restarts.
 fn hub(limits: PeeringLimits, state_file: Option<PathBuf>) -> Arc<Hub> {
+    hub_as(me(), limits, state_file)
+}
+
+/// A hub for the gateway `me`.
+fn hub_as(me: PeerHello, limits: PeeringLimits, state_file: Option<PathBuf>) -> Arc<Hub> {
     let metrics = PeeringMetrics::new(&prometheus::Registry::new()).unwrap();
     Hub::new(
-        me(),
+        me,
         Duration::from_secs(30),
         Arc::new(ArcSwap::default()),
         None,
@@ -82,6 +88,13 @@ fn hub(limits: PeeringLimits, state_file: Option<PathBuf>) -> Arc<Hub> {
 /// the peer) and `imports`.
 fn hub_with(peers: &[&PeerHello], imports: &[&str], limits: PeeringLimits) -> Arc<Hub> {
     let hub = hub(limits, None);
+    grant(&hub, peers, imports);
+    hub
+}
+
+/// Grants each of `peers` its own cluster (named as the peer) and
+/// `imports`, replacing `hub`'s authority.
+fn grant(hub: &Hub, peers: &[&PeerHello], imports: &[&str]) {
     hub.set_authority(PeerAuthority {
         peers: peers
             .iter()
@@ -99,7 +112,6 @@ fn hub_with(peers: &[&PeerHello], imports: &[&str], limits: PeeringLimits) -> Ar
             .collect(),
         ..PeerAuthority::default()
     });
-    hub
 }
 
 /// Why `hub` refuses `hello`'s session.
