@@ -19,8 +19,10 @@
 //!   peer is ever passed on (no loops).
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -134,66 +136,223 @@ pub fn merge(cluster: &ClusterName, local: &[LocalService], peers: &[&PeerCatalo
 
     let mut catalog = Catalog::default();
     for (key, (here, remote)) in by_key {
-        let replicas = cluster_definitions(&remote);
-        let mut participants: Vec<Participant<'_>> = here
-            .map(|s| Participant {
-                cluster,
-                export: &s.export,
-            })
-            .into_iter()
-            .chain(replicas.iter().map(|(c, e)| Participant {
-                cluster: c,
-                export: e.as_ref(),
-            }))
-            .collect();
-        // The local definition, when there is one, goes first whatever its
-        // age: what this cluster serves is not a peer's to redefine.
-        participants.sort_by(|a, b| {
-            (a.cluster != cluster, a.export.export_time_millis, a.cluster).cmp(&(
-                b.cluster != cluster,
-                b.export.export_time_millis,
-                b.cluster,
-            ))
-        });
-        let (ports, headless) =
-            merge_definition(key, &participants, here.is_some(), &mut catalog.conflicts);
-        let headless_endpoints = if headless {
-            let mut all: Vec<HeadlessEndpoint> = participants
-                .iter()
-                .flat_map(|p| p.export.endpoints.iter().cloned())
-                .collect();
-            all.sort();
-            all.dedup();
-            all
-        } else {
-            Vec::new()
-        };
-        let mut gateways: Vec<RemoteGateway> = remote
-            .iter()
-            .map(|(p, e)| RemoteGateway {
-                subsets: e.subsets.clone(),
-                ..p.gateway.clone()
-            })
-            .collect();
-        gateways.sort_by(|a, b| (&a.cluster, &a.spiffe_id).cmp(&(&b.cluster, &b.spiffe_id)));
-        let entry = ServiceEntry {
-            key: key.clone(),
-            ports,
-            endpoints: here.map(|s| s.endpoints.clone()).unwrap_or_default(),
-            endpoint_info: here.map(|s| s.endpoint_info.clone()).unwrap_or_default(),
-            subsets: here.map(|s| s.subsets.clone()).unwrap_or_default(),
-            remote: gateways,
-            exported: here.is_some_and(|s| s.exported),
-            allowed_callers: here.and_then(|s| s.allowed_callers.clone()),
-            passthrough: here.is_some_and(|s| s.passthrough),
-            headless,
-            headless_endpoints,
-        };
-        catalog
-            .services
-            .insert(key.clone(), std::sync::Arc::new(entry));
+        let entry = merge_service(cluster, key, here, &remote, &mut catalog.conflicts);
+        catalog.services.insert(key.clone(), Arc::new(entry));
     }
     catalog
+}
+
+/// The catalog `merge(cluster, local, peers)` would build, from `previous`
+/// (what it built from the inputs before) and the keys whose inputs changed
+/// since ([`changed_services`], [`changed_exports`], and every key of a peer
+/// that came or went): only those services are merged again, every other
+/// entry is `previous`'s own `Arc`, and so is a changed key's entry when it
+/// comes out the same (consumers can tell what changed by pointer). `local`
+/// is sorted by key, as the hub keeps it. One service's change costs about
+/// one service's merge instead of the whole catalog's.
+pub fn merge_changed(
+    previous: &Catalog,
+    cluster: &ClusterName,
+    local: &[LocalService],
+    peers: &[&PeerCatalog],
+    changed: &BTreeSet<ServiceKey>,
+) -> Catalog {
+    debug_assert!(local.is_sorted_by(|a, b| a.export.key < b.export.key));
+    let mut catalog = Catalog {
+        services: previous.services.clone(),
+        conflicts: previous
+            .conflicts
+            .iter()
+            .filter(|c| !changed.contains(&c.service))
+            .cloned()
+            .collect(),
+        gateways: HashMap::new(),
+    };
+    let others: Vec<&PeerCatalog> = peers
+        .iter()
+        .copied()
+        .filter(|p| &p.gateway.cluster != cluster)
+        .collect();
+    let retained = catalog.conflicts.len();
+    for key in changed {
+        let here = local
+            .binary_search_by(|s| s.export.key.cmp(key))
+            .ok()
+            .map(|i| &local[i]);
+        let remote: Vec<(&PeerCatalog, &Export)> = others
+            .iter()
+            .filter_map(|p| p.services.get(key).map(|e| (*p, e)))
+            .collect();
+        if here.is_none() && remote.is_empty() {
+            catalog.services.remove(key);
+            continue;
+        }
+        let entry = merge_service(cluster, key, here, &remote, &mut catalog.conflicts);
+        match previous.services.get(key) {
+            Some(old) if **old == entry => {}
+            _ => {
+                catalog.services.insert(key.clone(), Arc::new(entry));
+            }
+        }
+    }
+    // In key order, as the full merge reports them (a stable sort keeps
+    // each service's own order).
+    if catalog.conflicts.len() > retained {
+        catalog.conflicts.sort_by(|a, b| a.service.cmp(&b.service));
+    }
+    catalog
+}
+
+/// Adds to `into` the keys of this cluster's services that differ between
+/// `before` and `after` (both sorted by key): new, gone or changed.
+pub fn changed_services(
+    before: &[LocalService],
+    after: &[LocalService],
+    into: &mut BTreeSet<ServiceKey>,
+) {
+    let key = |s: &LocalService| s.export.key.clone();
+    let (mut a, mut b) = (before.iter().peekable(), after.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return,
+            (Some(x), None) => {
+                into.insert(key(x));
+                a.next();
+            }
+            (None, Some(y)) => {
+                into.insert(key(y));
+                b.next();
+            }
+            (Some(x), Some(y)) => match x.export.key.cmp(&y.export.key) {
+                Ordering::Less => {
+                    into.insert(key(x));
+                    a.next();
+                }
+                Ordering::Greater => {
+                    into.insert(key(y));
+                    b.next();
+                }
+                Ordering::Equal => {
+                    if x != y {
+                        into.insert(key(x));
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+}
+
+/// Adds to `into` the keys whose part in the merge differs between two
+/// versions of one peer's catalog: every key it exports when the gateway
+/// itself changed (its lease, locality, labels, weight or address are in
+/// every entry it serves), else the exports added, removed or changed.
+pub fn changed_exports(before: &PeerCatalog, after: &PeerCatalog, into: &mut BTreeSet<ServiceKey>) {
+    if before.gateway != after.gateway {
+        into.extend(before.services.keys().cloned());
+        into.extend(after.services.keys().cloned());
+        return;
+    }
+    let (mut a, mut b) = (
+        before.services.iter().peekable(),
+        after.services.iter().peekable(),
+    );
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return,
+            (Some((k, _)), None) => {
+                into.insert((*k).clone());
+                a.next();
+            }
+            (None, Some((k, _))) => {
+                into.insert((*k).clone());
+                b.next();
+            }
+            (Some((ka, ea)), Some((kb, eb))) => match ka.cmp(kb) {
+                Ordering::Less => {
+                    into.insert((*ka).clone());
+                    a.next();
+                }
+                Ordering::Greater => {
+                    into.insert((*kb).clone());
+                    b.next();
+                }
+                Ordering::Equal => {
+                    if ea != eb {
+                        into.insert((*ka).clone());
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+}
+
+/// One service's entry from its definition here (if any) and the peers
+/// exporting it (none of this cluster); its conflicts go to `conflicts`.
+fn merge_service(
+    cluster: &ClusterName,
+    key: &ServiceKey,
+    here: Option<&LocalService>,
+    remote: &[(&PeerCatalog, &Export)],
+    conflicts: &mut Vec<Conflict>,
+) -> ServiceEntry {
+    let replicas = cluster_definitions(remote);
+    let mut participants: Vec<Participant<'_>> = here
+        .map(|s| Participant {
+            cluster,
+            export: &s.export,
+        })
+        .into_iter()
+        .chain(replicas.iter().map(|(c, e)| Participant {
+            cluster: c,
+            export: e.as_ref(),
+        }))
+        .collect();
+    // The local definition, when there is one, goes first whatever its
+    // age: what this cluster serves is not a peer's to redefine.
+    participants.sort_by(|a, b| {
+        (a.cluster != cluster, a.export.export_time_millis, a.cluster).cmp(&(
+            b.cluster != cluster,
+            b.export.export_time_millis,
+            b.cluster,
+        ))
+    });
+    let (ports, headless) = merge_definition(key, &participants, here.is_some(), conflicts);
+    let headless_endpoints = if headless {
+        let mut all: Vec<HeadlessEndpoint> = participants
+            .iter()
+            .flat_map(|p| p.export.endpoints.iter().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    } else {
+        Vec::new()
+    };
+    let mut gateways: Vec<RemoteGateway> = remote
+        .iter()
+        .map(|(p, e)| RemoteGateway {
+            subsets: e.subsets.clone(),
+            ..p.gateway.clone()
+        })
+        .collect();
+    gateways.sort_by(|a, b| (&a.cluster, &a.spiffe_id).cmp(&(&b.cluster, &b.spiffe_id)));
+    ServiceEntry {
+        key: key.clone(),
+        ports,
+        endpoints: here.map(|s| s.endpoints.clone()).unwrap_or_default(),
+        endpoint_info: here.map(|s| s.endpoint_info.clone()).unwrap_or_default(),
+        subsets: here.map(|s| s.subsets.clone()).unwrap_or_default(),
+        remote: gateways,
+        exported: here.is_some_and(|s| s.exported),
+        allowed_callers: here.and_then(|s| s.allowed_callers.clone()),
+        passthrough: here.is_some_and(|s| s.passthrough),
+        headless,
+        headless_endpoints,
+    }
 }
 
 /// One definition per cluster from the exports of its gateways: a cluster
@@ -624,5 +783,155 @@ mod tests {
         let sibling = peer("a", vec![export("shop/web", 1, vec![])]);
         let catalog = merge(&here, &local, &[&sibling]);
         assert!(catalog.get(&key("shop/web")).unwrap().remote.is_empty());
+    }
+
+    /// A small deterministic generator (xorshift64*), so that a failing
+    /// step can be replayed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+        }
+    }
+
+    /// An export of `k` of random age, ports and headlessness: often in
+    /// conflict with other clusters' definitions.
+    fn random_export(rng: &mut Rng, k: &str) -> Export {
+        let choices = [
+            port(80, Protocol::Http, None),
+            port(80, Protocol::Tcp, Some("web")),
+            port(81, Protocol::Grpc, None),
+            port(82, Protocol::Http, Some("admin")),
+        ];
+        let mut ports: Vec<ServicePort> = Vec::new();
+        for p in choices {
+            if rng.below(2) == 0 && !ports.iter().any(|q| q.port == p.port) {
+                ports.push(p);
+            }
+        }
+        let mut e = export(k, rng.below(4), ports);
+        e.headless = rng.below(4) == 0;
+        if e.headless {
+            e.endpoints = vec![HeadlessEndpoint {
+                cluster: "x".parse().unwrap(),
+                hostname: None,
+                address: format!("10.0.0.{}", rng.below(3)).parse().unwrap(),
+            }];
+        }
+        if rng.below(3) == 0 {
+            e.subsets = vec!["v2".into()];
+        }
+        e
+    }
+
+    /// Random changes to this cluster's services, to peers' exports and
+    /// gateways, and peers coming and going: after each, merging only the
+    /// changed keys gives the full merge's catalog (entries and conflicts,
+    /// in order), and every unchanged key keeps its entry's `Arc`.
+    #[test]
+    fn merging_only_the_changed_keys_equals_the_full_merge() {
+        let here: ClusterName = "a".parse().unwrap();
+        let keys: Vec<String> = (0..10).map(|i| format!("ns-{}/svc-{i}", i % 3)).collect();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut here_now: BTreeMap<ServiceKey, LocalService> = BTreeMap::new();
+        // Two replicas of b, c, d, and a sibling gateway of this cluster.
+        let gateways = [
+            replica("b", "b-1", vec![]),
+            replica("b", "b-2", vec![]),
+            peer("c", vec![]),
+            peer("d", vec![]),
+            peer("a", vec![]),
+        ];
+        let mut peers: Vec<Option<PeerCatalog>> = gateways.iter().cloned().map(Some).collect();
+        let refs = |peers: &[Option<PeerCatalog>]| -> Vec<PeerCatalog> {
+            peers.iter().flatten().cloned().collect()
+        };
+        let locals = |local: &BTreeMap<ServiceKey, LocalService>| -> Vec<LocalService> {
+            local.values().cloned().collect()
+        };
+        let mut previous = merge(&here, &[], &[]);
+        let (mut merged_keys, mut with_conflicts) = (0, 0);
+        for step in 0..2_000 {
+            let (local_before, peers_before) = (locals(&here_now), peers.clone());
+            for _ in 0..=rng.below(3) {
+                let k = keys[usize::try_from(rng.below(10)).unwrap()].as_str();
+                let i = usize::try_from(rng.below(5)).unwrap();
+                match rng.below(8) {
+                    0 => {
+                        here_now.remove(&key(k));
+                    }
+                    1 | 2 => {
+                        let e = random_export(&mut rng, k);
+                        let endpoints: &[&str] = if rng.below(4) == 0 {
+                            &[]
+                        } else {
+                            &["10.1.0.1:80"]
+                        };
+                        here_now.insert(key(k), local(e, endpoints, rng.below(4) != 0));
+                    }
+                    3 | 4 => {
+                        let e = random_export(&mut rng, k);
+                        if let Some(p) = &mut peers[i] {
+                            p.services.insert(key(k), e);
+                        }
+                    }
+                    5 => {
+                        if let Some(p) = &mut peers[i] {
+                            p.services.remove(&key(k));
+                        }
+                    }
+                    6 => {
+                        if let Some(p) = &mut peers[i] {
+                            p.gateway.live = !p.gateway.live;
+                            p.gateway.weight = 1 + u32::try_from(rng.below(3)).unwrap();
+                        }
+                    }
+                    _ => {
+                        peers[i] = match peers[i].take() {
+                            Some(_) => None,
+                            None => Some(gateways[i].clone()),
+                        };
+                    }
+                }
+            }
+            let mut changed = BTreeSet::new();
+            changed_services(&local_before, &locals(&here_now), &mut changed);
+            for (before, after) in peers_before.iter().zip(&peers) {
+                match (before, after) {
+                    (Some(b), Some(a)) => changed_exports(b, a, &mut changed),
+                    (Some(p), None) | (None, Some(p)) => changed.extend(p.services.keys().cloned()),
+                    (None, None) => {}
+                }
+            }
+            merged_keys += changed.len();
+            let (local_now, peers_now) = (locals(&here_now), refs(&peers));
+            let peer_refs: Vec<&PeerCatalog> = peers_now.iter().collect();
+            let full = merge(&here, &local_now, &peer_refs);
+            let incremental = merge_changed(&previous, &here, &local_now, &peer_refs, &changed);
+            assert_eq!(incremental, full, "step {step}, changed {changed:?}");
+            for (k, entry) in &incremental.services {
+                if !changed.contains(k) {
+                    assert!(
+                        Arc::ptr_eq(entry, &previous.services[k]),
+                        "step {step}: {k} copied"
+                    );
+                }
+            }
+            with_conflicts += usize::from(!incremental.conflicts().is_empty());
+            previous = incremental;
+        }
+        // Neither every key merged again each time, nor no conflicts to order.
+        assert!(
+            merged_keys < 2_000 * keys.len() / 2,
+            "{merged_keys} keys merged"
+        );
+        assert!(
+            with_conflicts > 500,
+            "conflicts in only {with_conflicts} steps"
+        );
     }
 }

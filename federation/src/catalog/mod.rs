@@ -9,7 +9,10 @@
 
 mod merge;
 
-pub use merge::{Conflict, Export, LocalService, PeerCatalog, export_set, merge};
+pub use merge::{
+    Conflict, Export, LocalService, PeerCatalog, changed_exports, changed_services, export_set,
+    merge, merge_changed,
+};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

@@ -93,6 +93,8 @@ struct Inner {
     static_peers: Vec<Arc<PeerCatalog>>,
     peers: BTreeMap<SpiffeId, PeerRecord>,
     authority: Arc<PeerAuthority>,
+    /// What the last recompute merged, for the next to redo only changes.
+    merged: recompute::Merged,
 }
 
 /// This gateway's side of the federation; see the module docs.
@@ -150,6 +152,7 @@ impl Hub {
                 static_peers: Vec::new(),
                 peers: BTreeMap::new(),
                 authority: Arc::default(),
+                merged: recompute::Merged::default(),
             }),
             exports,
             catalog_version: watch::channel(0).0,

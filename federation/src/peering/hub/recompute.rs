@@ -3,13 +3,17 @@
 //! peers' exports merged into the catalog the data plane reads, and the
 //! export set the sessions send.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::leases::LeaseState;
 use super::{Hub, Inner, state, unix_millis};
-use crate::catalog::{LocalService, PeerCatalog, ServiceKey, export_set, merge};
+use crate::SpiffeId;
+use crate::catalog::{
+    Catalog, LocalService, PeerCatalog, ServiceKey, changed_exports, changed_services, export_set,
+    merge, merge_changed,
+};
 
 impl Hub {
     /// Replaces the services found by discovery source `name` and publishes
@@ -18,14 +22,16 @@ impl Hub {
         let save = {
             let mut inner = self.inner();
             inner.sources.insert(name.to_owned(), services);
-            inner.local = join_sources(&inner.sources);
+            let joined = join_sources(&inner.sources);
+            let before = std::mem::replace(&mut inner.local, joined);
             let now = unix_millis(SystemTime::now());
             let Inner {
                 local,
                 first_exported,
+                merged,
                 ..
             } = &mut *inner;
-            let before = first_exported.clone();
+            let times_before = first_exported.clone();
             // Only what is exported now is kept: a service exported again
             // later is a new export.
             first_exported.retain(|key, _| {
@@ -40,7 +46,10 @@ impl Hub {
                         .or_insert(now);
                 }
             }
-            (*first_exported != before).then(|| first_exported.clone())
+            if let Some(changed) = &mut merged.local_changed {
+                changed_services(&before, local, changed);
+            }
+            (*first_exported != times_before).then(|| first_exported.clone())
         };
         if let (Some(times), Some(path)) = (save, &self.state_file) {
             state::save_export_times(path, &times);
@@ -50,31 +59,55 @@ impl Hub {
 
     /// Replaces the statically configured peers (gateways that do not peer).
     pub fn set_static_peers(&self, peers: Vec<PeerCatalog>) {
-        self.inner().static_peers = peers.into_iter().map(Arc::new).collect();
+        let mut inner = self.inner();
+        inner.static_peers = peers.into_iter().map(Arc::new).collect();
+        // Rare (configuration reloads): merged again in full.
+        inner.merged.local_changed = None;
+        drop(inner);
         self.recompute();
     }
 
     /// Rebuilds and publishes the catalog and the export set.
     pub fn recompute(&self) {
-        let inner = self.inner();
-        let mut peers: Vec<&PeerCatalog> = inner.static_peers.iter().map(AsRef::as_ref).collect();
-        peers.extend(
-            inner
-                .peers
-                .values()
-                .filter(|r| r.state != LeaseState::Expired && r.hello.east_west.is_some())
-                .map(|r| r.catalog.as_ref()),
-        );
+        let mut inner = self.inner();
+        let Inner {
+            local,
+            static_peers,
+            peers: records,
+            merged,
+            ..
+        } = &mut *inner;
+        // The peers that serve: neither expired nor without an east-west
+        // listener.
+        let serving: BTreeMap<&SpiffeId, &Arc<PeerCatalog>> = records
+            .iter()
+            .filter(|(_, r)| r.state != LeaseState::Expired && r.hello.east_west.is_some())
+            .map(|(id, r)| (id, &r.catalog))
+            .collect();
+        let mut peers: Vec<&PeerCatalog> = static_peers.iter().map(AsRef::as_ref).collect();
+        peers.extend(serving.values().map(|c| c.as_ref()));
+        let changed = merged.changed(&serving);
+        let merged_catalog = match (&merged.catalog, changed) {
+            (Some(previous), Some(changed)) => {
+                merge_changed(previous, &self.me.cluster, local, &peers, &changed)
+            }
+            _ => merge(&self.me.cluster, local, &peers),
+        };
+        merged.peers = serving
+            .iter()
+            .map(|(id, c)| ((*id).clone(), Arc::clone(c)))
+            .collect();
+        merged.local_changed = Some(BTreeSet::new());
         // Every peer the hub knows may call the east-west listener, also one
         // that serves nothing (no east-west listener, or lapsed).
-        let gateways = inner
-            .static_peers
+        let gateways = static_peers
             .iter()
             .map(|p| &p.gateway)
-            .chain(inner.peers.values().map(|r| &r.catalog.gateway))
+            .chain(records.values().map(|r| &r.catalog.gateway))
             .map(|g| (g.spiffe_id.clone(), g.cluster.clone()));
-        let catalog = merge(&self.me.cluster, &inner.local, &peers).with_gateways(gateways);
-        let exports = export_set(&inner.local);
+        let catalog = Arc::new(merged_catalog.with_gateways(gateways));
+        merged.catalog = Some(catalog.clone());
+        let exports = export_set(local);
         drop(inner);
         self.metrics
             .catalog_services
@@ -86,7 +119,7 @@ impl Hub {
             .catalog_exported
             .set(i64::try_from(exports.len()).unwrap_or(i64::MAX));
         self.metrics.catalog_updates.inc();
-        self.catalog.store(Arc::new(catalog));
+        self.catalog.store(catalog);
         self.catalog_version.send_modify(|v| *v += 1);
         self.exports.send_if_modified(|current| {
             if *current.services == exports {
@@ -96,6 +129,69 @@ impl Hub {
             current.services = Arc::new(exports);
             true
         });
+    }
+}
+
+/// What the last recompute merged, so that the next one merges again only
+/// the services whose inputs changed ([`merge_changed`]).
+#[derive(Default)]
+pub(super) struct Merged {
+    /// The catalog it published (its peer gateways are rebuilt every time).
+    catalog: Option<Arc<Catalog>>,
+    /// The serving peers' catalogs it merged. Holding them makes the next
+    /// change to one copy it (`Arc::make_mut`), so that both versions can be
+    /// compared: a peer's change costs that peer's catalog, not everyone's.
+    peers: BTreeMap<SpiffeId, Arc<PeerCatalog>>,
+    /// The keys of this cluster's services changed since; `None` merges
+    /// everything again (the first time, and after static peers changed).
+    local_changed: Option<BTreeSet<ServiceKey>>,
+}
+
+impl Merged {
+    /// The keys to merge again for the peers now `serving`, or `None` for a
+    /// full merge: none was made yet, or so much changed that redoing it
+    /// key by key would cost more.
+    fn changed(
+        &mut self,
+        serving: &BTreeMap<&SpiffeId, &Arc<PeerCatalog>>,
+    ) -> Option<BTreeSet<ServiceKey>> {
+        let mut changed = self.local_changed.take()?;
+        let previous = self.catalog.as_ref()?;
+        let mut before = self.peers.iter().peekable();
+        let mut after = serving.iter().peekable();
+        loop {
+            match (before.peek(), after.peek()) {
+                (None, None) => break,
+                (Some((_, old)), None) => {
+                    changed.extend(old.services.keys().cloned());
+                    before.next();
+                }
+                (None, Some((_, new))) => {
+                    changed.extend(new.services.keys().cloned());
+                    after.next();
+                }
+                (Some((a, old)), Some((b, new))) => match (*a).cmp(**b) {
+                    std::cmp::Ordering::Less => {
+                        changed.extend(old.services.keys().cloned());
+                        before.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        changed.extend(new.services.keys().cloned());
+                        after.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if !Arc::ptr_eq(old, new) {
+                            changed_exports(old, new, &mut changed);
+                        }
+                        before.next();
+                        after.next();
+                    }
+                },
+            }
+        }
+        // Key by key costs a few lookups per peer for each key: past a
+        // quarter of the catalog the full merge is cheaper.
+        (changed.len() <= previous.len() / 4 + 16).then_some(changed)
     }
 }
 
