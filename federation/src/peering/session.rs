@@ -149,10 +149,7 @@ where
         bundle_revision: None,
         first_catalog: true,
     };
-    let ended = session.serve(inbound, kept, stop).await;
-    // Moved, not copied: the next session with this peer may resume from it.
-    hub.keep_sent(&session.peer.spiffe_id, session.sent);
-    ended
+    session.serve(inbound, kept, stop).await
 }
 
 fn nack(version: u64, reason: &str, resync: bool) -> proto::PeerMessage {
@@ -337,6 +334,10 @@ impl Session<'_> {
             .map_err(|_| end("send_failed", "stream closed", true))?;
         self.count_sync(kind, "sent", bytes);
         self.sent = SentView { version, services };
+        // Kept in the hub at once, not when this session ends: the peer may
+        // reconnect before this side notices the old connection is gone,
+        // and the new session resumes from here.
+        self.hub.keep_sent(&self.peer.spiffe_id, self.sent.clone());
         Ok(())
     }
 

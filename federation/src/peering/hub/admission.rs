@@ -146,8 +146,9 @@ impl Hub {
         (kept.version == held.version).then(|| kept.clone())
     }
 
-    /// A session with `peer` is ending, having sent it `sent`. Kept (the
-    /// newest of the sessions') until the peer is forgotten.
+    /// A session with `peer` sent it `sent` (a version and a view shared
+    /// with the session, not a copy). Kept (the newest of the sessions')
+    /// until the peer is forgotten, for the next session to resume from.
     pub fn keep_sent(&self, peer: &SpiffeId, sent: SentView) {
         if sent.version == 0 {
             return; // sent nothing

@@ -66,8 +66,9 @@ pub struct ExportSet {
 /// What a session sent one peer: the export set's version and, at that
 /// version, the services the peer's export filter let through (the set's
 /// own map, shared, when the filter lets everything through). A session
-/// leaves it with the hub when it ends, so that the next session with the
-/// peer can send only what changed since (a resume).
+/// leaves it with the hub each time it sends, so that the next session with
+/// the peer can send only what changed since (a resume), also when it starts
+/// before the old one noticed its connection was gone.
 #[derive(Debug, Clone, Default)]
 pub struct SentView {
     /// The [`ExportSet::version`].

@@ -176,6 +176,46 @@ async fn a_reconnect_resends_only_what_changed_from_the_version_the_peer_holds()
     second.cut().await;
 }
 
+/// A peer may reconnect before this side has noticed the old connection is
+/// gone (its silence check runs at renewals): the new session resumes from
+/// what the old one sent, not from a snapshot.
+#[tokio::test]
+async fn a_reconnect_before_the_old_session_ended_still_resumes() {
+    let (a, b) = pair();
+    let old = link(&a, &b);
+    assert_eq!(in_sync(&a, &b).await, ["shop/cart", "shop/web"]);
+    a.set_source("config", vec![web()]);
+    assert_eq!(in_sync(&a, &b).await, ["shop/web"]);
+    // The old sessions are still up when the new ones start.
+    let new = link(&a, &b);
+    // Until each new session has sent its first catalog message.
+    let catalogs_sent = |from: &Hub, to: &Hub| {
+        ["snapshot", "resume"]
+            .map(|kind| syncs(from, to, kind, "sent"))
+            .iter()
+            .sum::<u64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while catalogs_sent(&a, &b) < 2 || catalogs_sent(&b, &a) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the new sessions sent no catalog"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(in_sync(&a, &b).await, ["shop/web"]);
+    assert_eq!(
+        syncs(&a, &b, "snapshot", "sent"),
+        1,
+        "one snapshot, the first"
+    );
+    assert_eq!(syncs(&a, &b, "resume", "sent"), 1);
+    assert_eq!(syncs(&b, &a, "snapshot", "sent"), 1);
+    assert_eq!(syncs(&b, &a, "resume", "sent"), 1);
+    old.cut().await;
+    new.cut().await;
+}
+
 #[tokio::test]
 async fn an_expired_peer_and_a_restarted_gateway_get_snapshots() {
     let (a, b) = pair();
