@@ -130,6 +130,7 @@ slow_start_window = "10s"
 listen = "0.0.0.0:15012"
 advertise = "192.0.2.5:15443"
 lease = "1.5s"
+weight = 2
 grace = "30s"
 accept_peer_bundles = false
 export = ["*/*"]
