@@ -210,38 +210,13 @@ pub fn changed_services(
     after: &[LocalService],
     into: &mut BTreeSet<ServiceKey>,
 ) {
-    let key = |s: &LocalService| s.export.key.clone();
-    let (mut a, mut b) = (before.iter().peekable(), after.iter().peekable());
-    loop {
-        match (a.peek(), b.peek()) {
-            (None, None) => return,
-            (Some(x), None) => {
-                into.insert(key(x));
-                a.next();
-            }
-            (None, Some(y)) => {
-                into.insert(key(y));
-                b.next();
-            }
-            (Some(x), Some(y)) => match x.export.key.cmp(&y.export.key) {
-                Ordering::Less => {
-                    into.insert(key(x));
-                    a.next();
-                }
-                Ordering::Greater => {
-                    into.insert(key(y));
-                    b.next();
-                }
-                Ordering::Equal => {
-                    if x != y {
-                        into.insert(key(x));
-                    }
-                    a.next();
-                    b.next();
-                }
-            },
+    let before = before.iter().map(|s| (&s.export.key, s));
+    let after = after.iter().map(|s| (&s.export.key, s));
+    zip_by_key(before, after, |key, a, b| {
+        if a != b {
+            into.insert(key.clone());
         }
-    }
+    });
 }
 
 /// Adds to `into` the keys whose part in the merge differs between two
@@ -254,38 +229,44 @@ pub fn changed_exports(before: &PeerCatalog, after: &PeerCatalog, into: &mut BTr
         into.extend(after.services.keys().cloned());
         return;
     }
-    let (mut a, mut b) = (
-        before.services.iter().peekable(),
-        after.services.iter().peekable(),
-    );
+    zip_by_key(&before.services, &after.services, |key, a, b| {
+        if a != b {
+            into.insert(key.clone());
+        }
+    });
+}
+
+/// Walks two sequences sorted by key in step, calling `each` once per key
+/// with its value on either side (`None` where the key is absent).
+pub(crate) fn zip_by_key<K: Ord, A, B>(
+    before: impl IntoIterator<Item = (K, A)>,
+    after: impl IntoIterator<Item = (K, B)>,
+    mut each: impl FnMut(K, Option<A>, Option<B>),
+) {
+    let (mut a, mut b) = (before.into_iter().peekable(), after.into_iter().peekable());
     loop {
-        match (a.peek(), b.peek()) {
+        let order = match (a.peek(), b.peek()) {
             (None, None) => return,
-            (Some((k, _)), None) => {
-                into.insert((*k).clone());
-                a.next();
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+        };
+        match order {
+            Ordering::Less => {
+                if let Some((key, x)) = a.next() {
+                    each(key, Some(x), None);
+                }
             }
-            (None, Some((k, _))) => {
-                into.insert((*k).clone());
-                b.next();
+            Ordering::Greater => {
+                if let Some((key, y)) = b.next() {
+                    each(key, None, Some(y));
+                }
             }
-            (Some((ka, ea)), Some((kb, eb))) => match ka.cmp(kb) {
-                Ordering::Less => {
-                    into.insert((*ka).clone());
-                    a.next();
+            Ordering::Equal => {
+                if let (Some((key, x)), Some((_, y))) = (a.next(), b.next()) {
+                    each(key, Some(x), Some(y));
                 }
-                Ordering::Greater => {
-                    into.insert((*kb).clone());
-                    b.next();
-                }
-                Ordering::Equal => {
-                    if ea != eb {
-                        into.insert((*ka).clone());
-                    }
-                    a.next();
-                    b.next();
-                }
-            },
+            }
         }
     }
 }

@@ -9,6 +9,7 @@
 
 mod merge;
 
+pub(crate) use merge::zip_by_key;
 pub use merge::{
     Conflict, Export, LocalService, PeerCatalog, changed_exports, changed_services, export_set,
     merge, merge_changed,

@@ -12,7 +12,7 @@ use super::{Hub, Inner, state, unix_millis};
 use crate::SpiffeId;
 use crate::catalog::{
     Catalog, LocalService, PeerCatalog, ServiceKey, changed_exports, changed_services, export_set,
-    merge, merge_changed,
+    merge, merge_changed, zip_by_key,
 };
 
 impl Hub {
@@ -157,38 +157,20 @@ impl Merged {
     ) -> Option<BTreeSet<ServiceKey>> {
         let mut changed = self.local_changed.take()?;
         let previous = self.catalog.as_ref()?;
-        let mut before = self.peers.iter().peekable();
-        let mut after = serving.iter().peekable();
-        loop {
-            match (before.peek(), after.peek()) {
-                (None, None) => break,
-                (Some((_, old)), None) => {
-                    changed.extend(old.services.keys().cloned());
-                    before.next();
+        let serving = serving.iter().map(|(id, c)| (*id, *c));
+        zip_by_key(&self.peers, serving, |_, old, new| match (old, new) {
+            (Some(old), Some(new)) => {
+                if !Arc::ptr_eq(old, new) {
+                    changed_exports(old, new, &mut changed);
                 }
-                (None, Some((_, new))) => {
-                    changed.extend(new.services.keys().cloned());
-                    after.next();
-                }
-                (Some((a, old)), Some((b, new))) => match (*a).cmp(**b) {
-                    std::cmp::Ordering::Less => {
-                        changed.extend(old.services.keys().cloned());
-                        before.next();
-                    }
-                    std::cmp::Ordering::Greater => {
-                        changed.extend(new.services.keys().cloned());
-                        after.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        if !Arc::ptr_eq(old, new) {
-                            changed_exports(old, new, &mut changed);
-                        }
-                        before.next();
-                        after.next();
-                    }
-                },
             }
-        }
+            // A peer that came or went: all its services.
+            (old, new) => {
+                for peer in old.into_iter().chain(new) {
+                    changed.extend(peer.services.keys().cloned());
+                }
+            }
+        });
         // Key by key costs a few lookups per peer for each key: past a
         // quarter of the catalog the full merge is cheaper.
         (changed.len() <= previous.len() / 4 + 16).then_some(changed)
