@@ -235,8 +235,12 @@ impl Session<'_> {
     }
 
     async fn send(&self, kind: Kind) -> Result<(), SessionEnd> {
+        self.send_message(message(kind)).await
+    }
+
+    async fn send_message(&self, msg: proto::PeerMessage) -> Result<(), SessionEnd> {
         self.out
-            .send(message(kind))
+            .send(msg)
             .await
             .map_err(|_| end("send_failed", "stream closed", true))
     }
@@ -328,10 +332,7 @@ impl Session<'_> {
     ) -> Result<(), SessionEnd> {
         let sync = message(sync);
         let bytes = sync.encoded_len();
-        self.out
-            .send(sync)
-            .await
-            .map_err(|_| end("send_failed", "stream closed", true))?;
+        self.send_message(sync).await?;
         self.count_sync(kind, "sent", bytes);
         self.sent = SentView { version, services };
         // Kept in the hub at once, not when this session ends: the peer may
@@ -388,10 +389,8 @@ impl Session<'_> {
             reason.push_str(&format!("; and {} more", problems.len() - NACK_REASONS));
         }
         self.hub.nacked(&self.peer.spiffe_id, true, &reason);
-        self.out
-            .send(nack(version, &format!("{what}: {reason}"), resync))
+        self.send_message(nack(version, &format!("{what}: {reason}"), resync))
             .await
-            .map_err(|_| end("send_failed", "stream closed", true))
     }
 
     async fn ack_or_refuse(

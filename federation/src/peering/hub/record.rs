@@ -38,7 +38,8 @@ pub(super) struct PeerRecord {
     pub(super) refused_total: u64,
     /// When its lease expired; it is forgotten a retention time later.
     pub(super) expired_at: Option<Instant>,
-    /// What the last session to end sent it, for the next to resume from.
+    /// What a session last sent it (the newest version), for the next
+    /// session to resume from.
     pub(super) sent: Option<SentView>,
 }
 
