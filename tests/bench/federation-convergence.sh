@@ -243,13 +243,12 @@ def counters(out, gws):
         if status != 200:
             res["live"].append(None)
             continue
-        for labels, v in series(body, "isthmus_federation_syncs_total"):
-            k = f"{labels.get('kind')}/{labels.get('direction')}"
-            res["syncs"][k] = res["syncs"].get(k, 0) + v
-        for labels, v in series(body, "isthmus_federation_sync_bytes_total"):
-            res["sync_bytes"] = res["sync_bytes"] or {}
-            k = f"{labels.get('kind')}/{labels.get('direction')}"
-            res["sync_bytes"][k] = res["sync_bytes"][k] + v if k in res["sync_bytes"] else v
+        for key, name in [("syncs", "isthmus_federation_syncs_total"),
+                          ("sync_bytes", "isthmus_federation_sync_bytes_total")]:
+            for labels, v in series(body, name):
+                sums = res[key] = res[key] or {}
+                k = f"{labels.get('kind')}/{labels.get('direction')}"
+                sums[k] = sums.get(k, 0) + v
         for labels, v in series(body, "isthmus_federation_refused_total"):
             res["refused"][labels.get("reason")] = res["refused"].get(labels.get("reason"), 0) + v
         live = [v for labels, v in series(body, "isthmus_federation_peers") if labels.get("state") == "live"]
@@ -431,7 +430,7 @@ def resync_summary(work, k, hz):
     wire_bytes = sum(e["counter"]["bytes"] for expr in wire for e in expr if "counter" in e)
     wire_packets = sum(e["counter"]["packets"] for expr in wire for e in expr if "counter" in e)
     cut = float(open(f"{work}/resync-cut-seconds").read())
-    d = lambda key: {k: a[key][k] - b[key].get(k, 0) for k in a[key] if a[key][k] - b[key].get(k, 0)}
+    d = lambda key: {k: int(v - (b[key] or {}).get(k, 0)) for k, v in a[key].items() if v - (b[key] or {}).get(k, 0)}
     print(f"resync: gw-{k} cut off (nftables drop of its federation traffic) for {cut:.1f} s in all, one export added meanwhile, healed")
     print(f"  healed -> all gws hold it      {max(r['done']) * 1000:8.0f} ms  (median {statistics.median(r['done']) * 1000:.0f} ms;"
           f" CPU {r['cpu_ticks'] / hz * 1000:.0f} CPU-ms, all gws)")
@@ -439,8 +438,7 @@ def resync_summary(work, k, hz):
           f" gw-{k} holds a live lease with every peer, +2 s)")
     print(f"  syncs in the resync, all gws   {json.dumps(d('syncs'), sort_keys=True)}   (kind/direction: count)")
     if a["sync_bytes"] is not None:
-        sb = {k: a["sync_bytes"][k] - (b["sync_bytes"] or {}).get(k, 0) for k in a["sync_bytes"]}
-        print(f"  sync bytes in the resync       {json.dumps({k: int(v) for k, v in sb.items() if v}, sort_keys=True)}"
+        print(f"  sync bytes in the resync       {json.dumps(d('sync_bytes'), sort_keys=True)}"
               "   (isthmus_federation_sync_bytes_total, kind/direction)")
     else:
         print("  sync bytes                     (isthmus_federation_sync_bytes_total not in this build: wire bytes only)")
